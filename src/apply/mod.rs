@@ -1,0 +1,283 @@
+//! The applier: checks the source, rebuilds every target layer as a stream, verifies every
+//! digest and commits the rebuilt image by rename.
+
+pub mod patch;
+pub mod source;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{self, Read, Write};
+
+use rayon::prelude::*;
+use serde_json::Value;
+
+use crate::digest::{verify, Digest, HashingWriter};
+use crate::error::{Error, IoContext, Result};
+use crate::format::plan::{LayerPlan, Method};
+use crate::format::records::RecordReader;
+use crate::format::MAX_RECORD_STREAM_WINDOW_LOG;
+use crate::image::manifest::BlobRef;
+use crate::image::{load_image, Image, ImageRef, Layer, LayoutWriter};
+use crate::layer::compression::copy_hashed;
+use crate::layer::Compression;
+use crate::package::DeltaImage;
+use crate::progress::Progress;
+use source::{materialize, SourceLayer};
+
+/// How rebuilt layers are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LayerOutput {
+    /// With the target's compression (blobs carried or copied whole keep their digest;
+    /// recompressed ones get a new digest, with the same verified diff_id).
+    #[default]
+    Original,
+    /// Uncompressed tars: the fast path for stores that keep diff_ids.
+    Uncompressed,
+}
+
+/// Options of [`apply`].
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// How rebuilt layers are stored.
+    pub layers: LayerOutput,
+    /// The target manifest digest the caller expects: refuses a delta for another target.
+    pub expect_target: Option<Digest>,
+    /// Largest uncompressed layer accepted.
+    pub max_layer_bytes: u64,
+    /// Layers rebuilt at once (each needs at most about 24 MiB).
+    pub jobs: usize,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions { layers: LayerOutput::Original, expect_target: None, max_layer_bytes: 64 << 30, jobs: 2 }
+    }
+}
+
+/// What happened to one target layer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LayerOutcome {
+    /// Target layer index.
+    pub index: u32,
+    /// How it was rebuilt.
+    pub method: Method,
+    /// The diff_id, verified.
+    pub diff_id: Digest,
+    /// The blob in the target manifest.
+    pub original: Digest,
+    /// The blob written.
+    pub written: Digest,
+    /// Whether the written blob is byte-identical to the original one.
+    pub identical: bool,
+}
+
+/// What [`apply`] produced.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ApplyReport {
+    /// The target manifest digest.
+    pub target_manifest: Digest,
+    /// The manifest written (equal to the target's when every layer blob is identical).
+    pub written_manifest: Digest,
+    /// The config digest (always the target's).
+    pub config: Digest,
+    /// Per layer.
+    pub layers: Vec<LayerOutcome>,
+}
+
+impl ApplyReport {
+    /// Whether the rebuilt image has exactly the target's manifest digest.
+    pub fn identical(&self) -> bool {
+        self.target_manifest == self.written_manifest
+    }
+}
+
+/// Rebuilds the target image of `delta` from `source`, writing it to `output`.
+pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &ApplyOptions, progress: &dyn Progress) -> Result<ApplyReport> {
+    let delta = DeltaImage::open(delta)?;
+    if let Some(expected) = &options.expect_target {
+        verify(|| "target manifest of the delta".into(), expected, None, &delta.target.manifest.digest, 0)?;
+    }
+    let (source_layout, source_image) = load_image(source)?;
+    if source_image.config.digest != delta.plan.source.config {
+        return Err(Error::WrongSource {
+            reason: format!("its config is {}, the delta needs {}", source_image.config.digest, delta.plan.source.config),
+        });
+    }
+    let ImageRef::Layout { dir: out_dir, .. } = output;
+    let writer = LayoutWriter::create(out_dir)?;
+    let scratch = writer.scratch()?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(options.jobs.max(1)).build().map_err(|e| Error::io("starting workers", io::Error::other(e)))?;
+
+    let needed: BTreeSet<u32> = delta.plan.layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
+    progress.stage("preparing source layers", needed.len() as u64);
+    let sources: HashMap<u32, SourceLayer> = pool.install(|| {
+        needed
+            .par_iter()
+            .map(|i| {
+                let s = materialize(&source_layout, &source_image, *i, scratch.path(), options.max_layer_bytes)?;
+                progress.advance(1);
+                Ok((*i, s))
+            })
+            .collect::<Result<_>>()
+    })?;
+
+    progress.stage("rebuilding layers", delta.plan.layers.len() as u64);
+    let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options };
+    let outcomes: Vec<(LayerOutcome, BlobRef)> = pool.install(|| {
+        delta
+            .plan
+            .layers
+            .par_iter()
+            .map(|l| {
+                let r = ctx.layer(l);
+                progress.advance(1);
+                r
+            })
+            .collect::<Result<_>>()
+    })?;
+    drop(sources);
+    drop(scratch);
+
+    let target = &delta.target;
+    let (config_digest, _) = writer.put_blob(&target.config.raw)?;
+    verify(|| "target config".into(), &target.config.digest, None, &config_digest, 0)?;
+    let manifest_bytes = if outcomes.iter().all(|(o, _)| o.identical) {
+        target.manifest.raw.clone()
+    } else {
+        rewrite_manifest(&target.manifest.raw, outcomes.iter().map(|(_, b)| b))?
+    };
+    let (manifest_digest, manifest_size) = writer.put_blob(&manifest_bytes)?;
+    let manifest = BlobRef { media_type: target.manifest.media_type.clone(), digest: manifest_digest, size: manifest_size };
+    writer.commit(&manifest, output.tag_or_default())?;
+    progress.finish();
+    Ok(ApplyReport {
+        target_manifest: target.manifest.digest,
+        written_manifest: manifest_digest,
+        config: config_digest,
+        layers: outcomes.into_iter().map(|(o, _)| o).collect(),
+    })
+}
+
+/// Replaces the layer descriptors' digest, size and media type, keeping everything else.
+fn rewrite_manifest<'a>(raw: &[u8], layers: impl Iterator<Item = &'a BlobRef>) -> Result<Vec<u8>> {
+    let mut manifest: Value = serde_json::from_slice(raw).map_err(|e| Error::malformed("target manifest", e.to_string()))?;
+    let descriptors = manifest.get_mut("layers").and_then(Value::as_array_mut).ok_or_else(|| Error::malformed("target manifest", "no layers"))?;
+    for (d, blob) in descriptors.iter_mut().zip(layers) {
+        d["mediaType"] = Value::from(blob.media_type.clone());
+        d["digest"] = Value::from(blob.digest.to_string());
+        d["size"] = Value::from(blob.size);
+    }
+    Ok(serde_json::to_vec(&manifest).expect("JSON values serialize"))
+}
+
+struct Rebuild<'a> {
+    delta: &'a DeltaImage,
+    source_layout: &'a crate::image::Layout,
+    source: &'a Image,
+    sources: &'a HashMap<u32, SourceLayer>,
+    writer: &'a LayoutWriter,
+    options: &'a ApplyOptions,
+}
+
+impl Rebuild<'_> {
+    fn output_compression(&self, target: &Layer) -> Compression {
+        match self.options.layers {
+            LayerOutput::Original => target.compression,
+            LayerOutput::Uncompressed => Compression::None,
+        }
+    }
+
+    /// Writes a layer blob from its uncompressed tar, verifying the diff_id on the way.
+    fn write_tar(&self, target: &Layer, what: &str, body: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<BlobRef> {
+        let compression = self.output_compression(target);
+        let mut out = HashingWriter::new(compression.encoder(self.writer.blob()?)?);
+        body(&mut out)?;
+        let (encoder, diff_id, len) = out.finish();
+        verify(|| format!("{what} (rebuilt, uncompressed)"), &target.diff_id, None, &diff_id, len)?;
+        let blob = encoder.finish().ctx(|| format!("compressing {what}"))?;
+        let (digest, size) = blob.finish(None)?;
+        Ok(BlobRef { media_type: compression.media_type_like(&target.blob.media_type), digest, size })
+    }
+
+    fn layer(&self, plan: &LayerPlan) -> Result<(LayerOutcome, BlobRef)> {
+        let target = &self.delta.target.layers[plan.index as usize];
+        let what = format!("target layer {} ({})", plan.index, target.blob.digest);
+        let written = match plan.method {
+            Method::Source => self.from_source(plan, target, &what)?,
+            Method::Patch => self.from_patch(plan, target, &what)?,
+            Method::Blob => self.from_blob(plan, target, &what)?,
+        };
+        let outcome = LayerOutcome {
+            index: plan.index,
+            method: plan.method,
+            diff_id: target.diff_id,
+            original: target.blob.digest,
+            written: written.digest,
+            identical: written.digest == target.blob.digest,
+        };
+        Ok((outcome, written))
+    }
+
+    fn from_source(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
+        let index = plan.source_layer.expect("validated plan");
+        let source = self.source.layers.get(index as usize).ok_or_else(|| Error::malformed("delta.json", format!("source layer {index} does not exist")))?;
+        if source.diff_id != target.diff_id {
+            return Err(Error::malformed("delta.json", format!("{what} is said to equal source layer {index}, whose diff_id differs")));
+        }
+        let blob = self.source_layout.open_blob(&source.blob)?;
+        if source.blob.digest == target.blob.digest && self.options.layers == LayerOutput::Original {
+            let mut w = self.writer.blob()?;
+            io::copy(&mut io::BufReader::new(blob), &mut w).ctx(|| format!("copying {what}"))?;
+            let (digest, size) = w.finish(Some((&target.blob.digest, what)))?;
+            return Ok(BlobRef { media_type: target.blob.media_type.clone(), digest, size });
+        }
+        self.write_tar(target, what, |out| {
+            copy_hashed(source.compression.decoder(blob)?, out, self.options.max_layer_bytes, what)?;
+            Ok(())
+        })
+    }
+
+    fn from_patch(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
+        let payload = self.delta.open_payload(plan)?;
+        let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
+        decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
+        let mut payload_slot = None;
+        let blob = self.write_tar(target, what, |out| {
+            let records = RecordReader::new(decoder, self.options.max_layer_bytes)?;
+            if records.header().target_layer != plan.index {
+                return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
+            }
+            let mut records = records;
+            patch::run_patch(&mut records, self.sources, out)?;
+            let mut decoder = records.into_inner();
+            let mut trailing = [0u8; 1];
+            if decoder.read(&mut trailing).map_err(|e| Error::malformed(what, format!("patch stream: {e}")))? != 0 {
+                return Err(Error::malformed(what, "data after the end of the patch"));
+            }
+            payload_slot = Some(decoder.finish().into_inner());
+            Ok(())
+        })?;
+        payload_slot.expect("set by a successful rebuild").finish()?;
+        Ok(blob)
+    }
+
+    fn from_blob(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
+        let mut payload = self.delta.open_payload(plan)?;
+        if self.options.layers == LayerOutput::Uncompressed && target.compression != Compression::None {
+            let blob = self.write_tar(target, what, |out| {
+                copy_hashed(target.compression.decoder(&mut payload)?, out, self.options.max_layer_bytes, what)?;
+                Ok(())
+            })?;
+            payload.finish()?;
+            return Ok(blob);
+        }
+        let mut w = self.writer.blob()?;
+        io::copy(&mut payload, &mut w).ctx(|| format!("copying {what}"))?;
+        payload.finish()?;
+        let (digest, size) = w.finish(Some((&target.blob.digest, what)))?;
+        // The blob matches the manifest; check that it also holds the tar the config names.
+        let staged = self.writer.open_staged_blob(&digest)?;
+        let (diff_id, len) = copy_hashed(target.compression.decoder(staged)?, io::sink(), self.options.max_layer_bytes, what)?;
+        verify(|| format!("{what} (uncompressed)"), &target.diff_id, None, &diff_id, len)?;
+        Ok(BlobRef { media_type: target.blob.media_type.clone(), digest, size })
+    }
+}

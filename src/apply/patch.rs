@@ -1,0 +1,62 @@
+//! Executing a patch record stream: source copies and chunk literals, written in order.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+
+use zstd::zstd_safe;
+
+use crate::apply::source::SourceLayer;
+use crate::error::{Error, IoContext, Result};
+use crate::format::records::{Record, RecordReader};
+
+const COPY_BUFFER_BYTES: usize = 1 << 20;
+
+/// Rebuilds a tar from `records` into `out`, reading source layers from `sources`.
+/// Memory is bounded by the format limits: one chunk, its prefix and its frame at a time.
+pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, SourceLayer>, out: &mut dyn Write) -> Result<u64> {
+    let source = |layer: u32| sources.get(&layer).ok_or_else(|| Error::malformed("patch", format!("reads source layer {layer}, which delta.json does not list")));
+    let mut copy_buf = vec![0u8; COPY_BUFFER_BYTES];
+    let mut prefix = Vec::new();
+    let mut chunk: Vec<u8> = Vec::new();
+    let mut chunk_pos = 0usize;
+    let mut written = 0u64;
+    loop {
+        match records.next_record()? {
+            Record::Copy(r) => {
+                let layer = source(r.layer)?;
+                let mut done = 0;
+                while done < r.len {
+                    let n = (r.len - done).min(COPY_BUFFER_BYTES as u64) as usize;
+                    layer.read_at(r.offset + done, &mut copy_buf[..n])?;
+                    out.write_all(&copy_buf[..n]).ctx(|| "writing rebuilt layer".into())?;
+                    done += n as u64;
+                }
+                written += r.len;
+            }
+            Record::Chunk { prefix: ranges, raw_len, frame } => {
+                prefix.clear();
+                for r in &ranges {
+                    let start = prefix.len();
+                    prefix.resize(start + r.len as usize, 0);
+                    source(r.layer)?.read_at(r.offset, &mut prefix[start..])?;
+                }
+                chunk = Vec::with_capacity(raw_len as usize);
+                let zstd_err = |code: usize| Error::malformed("patch chunk", zstd_safe::get_error_name(code).to_string());
+                let mut dctx = zstd_safe::DCtx::create();
+                dctx.ref_prefix(&prefix).map_err(zstd_err)?;
+                let n = dctx.decompress(&mut chunk, &frame).map_err(zstd_err)?;
+                if n as u64 != raw_len {
+                    return Err(Error::malformed("patch chunk", format!("decompressed to {n} bytes, {raw_len} declared")));
+                }
+                chunk_pos = 0;
+            }
+            Record::Literal(n) => {
+                let end = chunk_pos + n as usize;
+                out.write_all(&chunk[chunk_pos..end]).ctx(|| "writing rebuilt layer".into())?;
+                chunk_pos = end;
+                written += n;
+            }
+            Record::End => return Ok(written),
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Source material for the applier: the uncompressed source layers a delta reads, as files
+//! that are read with positioned reads (never mapped, so memory stays bounded).
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::digest::{verify, HashingReader};
+use crate::error::{Error, IoContext, Result};
+use crate::image::{Image, Layout};
+use crate::layer::compression::copy_hashed;
+use crate::layer::Compression;
+
+/// One uncompressed source layer on disk.
+#[derive(Debug)]
+pub struct SourceLayer {
+    file: File,
+    len: u64,
+    index: u32,
+}
+
+impl SourceLayer {
+    /// Length of the uncompressed tar.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the tar is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, refusing ranges outside the layer.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.len) {
+            return Err(Error::malformed("patch", format!("range {offset}+{} is outside source layer {} ({} bytes)", buf.len(), self.index, self.len)));
+        }
+        self.file.read_exact_at(buf, offset).ctx(|| format!("reading source layer {}", self.index))
+    }
+}
+
+/// Makes source layer `index` available uncompressed: a plain-tar blob is used in place;
+/// a compressed one is decompressed into `dir`. Either way its diff_id is verified, so a
+/// damaged source is caught before it can spoil the output.
+pub fn materialize(layout: &Layout, image: &Image, index: u32, dir: &Path, limit: u64) -> Result<SourceLayer> {
+    let layer = image.layers.get(index as usize).ok_or_else(|| Error::malformed("patch", format!("source layer {index} does not exist")))?;
+    let what = format!("source layer {index} ({})", layer.blob.digest);
+    let blob = layout.open_blob(&layer.blob)?;
+    if layer.compression == Compression::None {
+        let (diff_id, len) = copy_hashed(&blob, std::io::sink(), limit, &what)?;
+        verify(|| what.clone(), &layer.diff_id, None, &diff_id, len)?;
+        return Ok(SourceLayer { file: blob, len, index });
+    }
+    let path = dir.join(format!("source-{index}.tar"));
+    let mut hashed = HashingReader::new(blob);
+    let out = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
+    let mut out = BufWriter::with_capacity(256 << 10, out);
+    let (diff_id, len) = copy_hashed(layer.compression.decoder(&mut hashed)?, &mut out, limit, &what)?;
+    std::io::copy(&mut hashed, &mut std::io::sink()).ctx(|| format!("reading {what}"))?;
+    let (blob_digest, blob_len) = hashed.finish();
+    verify(|| what.clone(), &layer.blob.digest, Some(layer.blob.size), &blob_digest, blob_len)?;
+    verify(|| format!("{what} (uncompressed)"), &layer.diff_id, None, &diff_id, len)?;
+    out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
+    let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
+    Ok(SourceLayer { file, len, index })
+}

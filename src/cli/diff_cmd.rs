@@ -1,0 +1,36 @@
+//! `fleetdelta diff`.
+
+use anyhow::Context;
+use fleetdelta::{diff, DiffOptions, ImageRef, Level, Progress};
+
+use super::{human_bytes, LevelArg};
+
+pub fn run(level: LevelArg, max_layer_size: u64, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
+    let level = match level {
+        LevelArg::Fast => Level::Fast,
+        LevelArg::Default => Level::Default,
+        LevelArg::Max => Level::Max,
+    };
+    let (source, target, delta) = (ImageRef::parse(source)?, ImageRef::parse(target)?, ImageRef::parse(delta)?);
+    let options = DiffOptions { level, max_layer_bytes: max_layer_size };
+    let report = diff(&source, &target, &delta, &options, progress).with_context(|| format!("diff {source} -> {target}"))?;
+    if json {
+        let out = serde_json::json!({
+            "delta": delta.to_string(),
+            "deltaManifest": report.delta_manifest,
+            "deltaBytes": report.delta_bytes,
+            "fullPullBytes": report.full_pull_bytes,
+            "plan": report.plan,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "wrote {delta} ({}): {} to download instead of {} ({:.1}% of a pull of the missing layers)",
+            report.delta_manifest,
+            human_bytes(report.delta_bytes),
+            human_bytes(report.full_pull_bytes),
+            100.0 * report.delta_bytes as f64 / report.full_pull_bytes.max(1) as f64
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! `fleetdelta info`.
+
+use anyhow::Context;
+use fleetdelta::{info, ImageRef};
+
+use super::human_bytes;
+
+pub fn run(delta: &str, json: bool) -> anyhow::Result<()> {
+    let delta = ImageRef::parse(delta)?;
+    let info = info(&delta).with_context(|| format!("info {delta}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("delta {} (format {}, level {}, {})", info.delta_manifest, info.format_version, info.level, info.created_by);
+    println!("source manifest {} config {}", info.source_manifest, info.source_config);
+    println!("target manifest {} config {}", info.target_manifest, info.target_config);
+    println!(
+        "payload {} for a {} target image ({:.1}%)",
+        human_bytes(info.payload_bytes),
+        human_bytes(info.target_bytes),
+        100.0 * info.payload_bytes as f64 / info.target_bytes.max(1) as f64
+    );
+    println!("{:>5}  {:<6}  {:>10}  {:>10}  {:>7}  detail", "layer", "method", "blob", "payload", "ratio");
+    for l in &info.layers {
+        let detail = match (&l.source_layer, &l.stats) {
+            (Some(s), _) => format!("equals source layer {s}"),
+            (_, Some(st)) => format!(
+                "{} files: {} unchanged, {} similar, {} new; {} copied, {} literal in {} chunks",
+                st.files,
+                st.files_unchanged,
+                st.files_similar,
+                st.files_new,
+                human_bytes(st.copied_bytes),
+                human_bytes(st.literal_bytes),
+                st.chunks
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "{:>5}  {:<6}  {:>10}  {:>10}  {:>6.1}%  {detail}",
+            l.index,
+            format!("{:?}", l.method).to_lowercase(),
+            human_bytes(l.blob_bytes),
+            human_bytes(l.payload_bytes),
+            100.0 * l.payload_bytes as f64 / l.blob_bytes.max(1) as f64
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! Encoding one target layer as a patch: plan copies and literals, group literals into
+//! chunks whose zstd reference prefix is made of their partners in the same order, compress
+//! the chunks in parallel, then write the record stream.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::ops::Range;
+
+use rayon::prelude::*;
+use zstd::zstd_safe::{self, CParameter};
+
+use crate::diff::material::Unpacked;
+use crate::diff::pair::{Partner, SourceIndex};
+use crate::error::{Error, IoContext, Result};
+use crate::format::plan::PatchStats;
+use crate::format::records::{PatchHeader, Record, RecordWriter, SourceRange};
+use crate::format::{MAX_CHUNK_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
+
+/// How hard the encoder works.
+#[derive(Clone, Copy, Debug)]
+pub struct EncodeParams {
+    /// zstd level of the literal chunks.
+    pub zstd_level: i32,
+    /// Target literal bytes per chunk (at most [`MAX_CHUNK_BYTES`]).
+    pub chunk_bytes: u64,
+    /// Prefix bytes per chunk (at most [`MAX_PREFIX_BYTES`]).
+    pub prefix_bytes: u64,
+    /// Extra partner bytes on each side of a piece of a file split across chunks.
+    pub window_slack: u64,
+}
+
+/// A planned operation on the output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Op {
+    Copy(SourceRange),
+    Literal { chunk: usize, len: u64 },
+}
+
+#[derive(Debug, Default)]
+struct ChunkPlan {
+    literals: Vec<Range<u64>>,
+    literal_len: u64,
+    prefix: Vec<SourceRange>,
+    prefix_len: u64,
+}
+
+/// Accumulates operations and chunks in output order.
+struct Planner {
+    params: EncodeParams,
+    ops: Vec<Op>,
+    chunks: Vec<ChunkPlan>,
+    stats: PatchStats,
+}
+
+impl Planner {
+    fn new(params: EncodeParams) -> Self {
+        Planner { params, ops: Vec::new(), chunks: vec![ChunkPlan::default()], stats: PatchStats::default() }
+    }
+
+    fn copy(&mut self, r: SourceRange) {
+        if r.len == 0 {
+            return;
+        }
+        self.stats.copied_bytes += r.len;
+        if let Some(Op::Copy(last)) = self.ops.last_mut() {
+            if last.layer == r.layer && last.end() == r.offset {
+                last.len += r.len;
+                return;
+            }
+        }
+        self.ops.push(Op::Copy(r));
+    }
+
+    /// Emits target bytes `range` as literals, coded against `partner` if any.
+    fn literal(&mut self, range: Range<u64>, partner: Option<SourceRange>) {
+        let total = range.end - range.start;
+        let mut offset = 0;
+        while offset < total {
+            let len = (total - offset).min(self.params.chunk_bytes);
+            let window = partner.filter(|p| p.len > 0).map(|p| self.partner_window(p, offset, len, total));
+            self.piece(range.start + offset..range.start + offset + len, window);
+            offset += len;
+        }
+    }
+
+    /// The part of a partner worth referencing for bytes `offset..offset+len` of a `total`-byte
+    /// target: all of it when it fits, else a window at the proportional position.
+    fn partner_window(&self, p: SourceRange, offset: u64, len: u64, total: u64) -> SourceRange {
+        let max = self.params.prefix_bytes;
+        if total <= self.params.chunk_bytes && p.len <= max {
+            return p;
+        }
+        let width = p.len.min(max).min(len + 2 * self.params.window_slack);
+        let center = p.offset + ((offset + len / 2) as u128 * p.len as u128 / total.max(1) as u128) as u64;
+        let start = center.saturating_sub(width / 2).clamp(p.offset, p.end() - width);
+        SourceRange { layer: p.layer, offset: start, len: width }
+    }
+
+    fn piece(&mut self, range: Range<u64>, partner: Option<SourceRange>) {
+        let len = range.end - range.start;
+        let partner_len = partner.map_or(0, |p| p.len);
+        let current = self.chunks.last().expect("there is always a current chunk");
+        if current.literal_len > 0
+            && (current.literal_len + len > self.params.chunk_bytes
+                || current.prefix_len + partner_len > self.params.prefix_bytes
+                || current.prefix.len() as u64 >= MAX_PREFIX_RANGES)
+        {
+            self.chunks.push(ChunkPlan::default());
+        }
+        let chunk_index = self.chunks.len() - 1;
+        let chunk = self.chunks.last_mut().expect("just ensured");
+        chunk.literal_len += len;
+        match chunk.literals.last_mut() {
+            Some(last) if last.end == range.start => last.end = range.end,
+            _ => chunk.literals.push(range),
+        }
+        if let Some(p) = partner {
+            let covered = chunk.prefix.last().is_some_and(|l| l.layer == p.layer && l.offset <= p.offset && p.end() <= l.end());
+            if !covered {
+                chunk.prefix_len += p.len;
+                match chunk.prefix.last_mut() {
+                    Some(l) if l.layer == p.layer && l.end() == p.offset => l.len += p.len,
+                    _ => chunk.prefix.push(p),
+                }
+            }
+        }
+        self.stats.literal_bytes += len;
+        match self.ops.last_mut() {
+            Some(Op::Literal { chunk, len: n }) if *chunk == chunk_index => *n += len,
+            _ => self.ops.push(Op::Literal { chunk: chunk_index, len }),
+        }
+    }
+}
+
+fn range_of(layer: u32, r: Range<u64>) -> SourceRange {
+    SourceRange { layer, offset: r.start, len: r.end - r.start }
+}
+
+/// Encodes target layer `target_index` (unpacked in `target`) against `source`, writing the
+/// patch to `out`. Returns its statistics and the source layers it reads.
+pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'_>, params: &EncodeParams, out: impl Write) -> Result<(PatchStats, BTreeSet<u32>)> {
+    debug_assert!(params.chunk_bytes <= MAX_CHUNK_BYTES && params.prefix_bytes <= MAX_PREFIX_BYTES);
+    let mut planner = Planner::new(*params);
+    let mut layer_uses: HashMap<u32, u64> = HashMap::new();
+    let mut meta_from = 0u64;
+    for (i, e) in target.index.entries.iter().enumerate() {
+        if !e.has_content() {
+            continue;
+        }
+        let digest = target.content_digests[i].as_ref().expect("entries with contents have digests");
+        let partner = source.partner(&e.path, digest, e.data_len);
+        planner.stats.files += 1;
+        let partner_loc = match partner {
+            Partner::Same(l) => {
+                planner.stats.files_unchanged += 1;
+                Some(l)
+            }
+            Partner::Similar(l) => {
+                planner.stats.files_similar += 1;
+                Some(l)
+            }
+            Partner::None => {
+                planner.stats.files_new += 1;
+                None
+            }
+        };
+        // Headers and padding before the contents, against the partner's.
+        let meta = meta_from..e.data_start;
+        let meta_partner = partner_loc.or_else(|| source.at_path(&e.path)).map(|l| range_of(l.layer, source.entry(l).meta_range()));
+        emit_bytes(&mut planner, source, target, meta, meta_partner);
+        let content = e.content_range();
+        match (partner, partner_loc) {
+            (Partner::Same(l), _) => planner.copy(range_of(l.layer, source.entry(l).content_range())),
+            (_, Some(l)) => planner.literal(content, Some(range_of(l.layer, source.entry(l).content_range()))),
+            _ => planner.literal(content, None),
+        }
+        if let Some(l) = partner_loc {
+            *layer_uses.entry(l.layer).or_default() += e.data_len;
+        }
+        meta_from = e.data_start + e.data_len;
+    }
+    // The trailing headers and end-of-archive blocks, against the tail of the source layer
+    // this layer draws most from.
+    let tail_partner = layer_uses.iter().max_by_key(|(l, n)| (**n, std::cmp::Reverse(**l))).map(|(l, _)| *l).or((!source.layers.is_empty()).then_some(0)).map(|l| {
+        let layer = &source.layers[l as usize];
+        let start = layer.index.entries.iter().filter(|e| e.has_content()).map(|e| e.data_start + e.data_len).last().unwrap_or(0);
+        range_of(l, start..layer.index.len)
+    });
+    emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner);
+
+    let Planner { ops, chunks, mut stats, .. } = planner;
+    let frames: Vec<Vec<u8>> = chunks
+        .par_iter()
+        .filter(|c| c.literal_len > 0)
+        .map(|c| compress_chunk(c, target, source, params.zstd_level))
+        .collect::<Result<_>>()?;
+    stats.chunks = frames.len() as u64;
+    stats.tar_bytes = target.index.len;
+
+    let mut used = BTreeSet::new();
+    let mut w = RecordWriter::new(out, PatchHeader { target_layer: target_index, tar_len: target.index.len }).ctx(|| "writing patch".into())?;
+    let mut frames = frames.into_iter();
+    let mut current_chunk = None;
+    for op in &ops {
+        match op {
+            Op::Copy(r) => {
+                used.insert(r.layer);
+                w.write(&Record::Copy(*r)).ctx(|| "writing patch".into())?;
+            }
+            Op::Literal { chunk, len } => {
+                if current_chunk != Some(*chunk) {
+                    let plan = &chunks[*chunk];
+                    let frame = frames.next().ok_or_else(|| Error::malformed("patch plan", "more chunks referenced than compressed"))?;
+                    used.extend(plan.prefix.iter().map(|p| p.layer));
+                    w.write(&Record::Chunk { prefix: plan.prefix.clone(), raw_len: plan.literal_len, frame }).ctx(|| "writing patch".into())?;
+                    current_chunk = Some(*chunk);
+                }
+                w.write(&Record::Literal(*len)).ctx(|| "writing patch".into())?;
+            }
+        }
+    }
+    w.write(&Record::End).ctx(|| "writing patch".into())?;
+    Ok((stats, used))
+}
+
+/// Emits target bytes that are not file contents: a copy when they equal the partner's.
+fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, range: Range<u64>, partner: Option<SourceRange>) {
+    if range.is_empty() {
+        return;
+    }
+    if let Some(p) = partner {
+        if source.layers[p.layer as usize].bytes(p.offset..p.end()) == target.bytes(range.clone()) {
+            planner.copy(p);
+            return;
+        }
+    }
+    planner.literal(range, partner);
+}
+
+/// Compresses one chunk's literals with its prefix as zstd reference.
+fn compress_chunk(chunk: &ChunkPlan, target: &Unpacked, source: &SourceIndex<'_>, level: i32) -> Result<Vec<u8>> {
+    let mut prefix = Vec::with_capacity(chunk.prefix_len as usize);
+    for p in &chunk.prefix {
+        prefix.extend_from_slice(source.layers[p.layer as usize].bytes(p.offset..p.end()));
+    }
+    let mut literals = Vec::with_capacity(chunk.literal_len as usize);
+    for r in &chunk.literals {
+        literals.extend_from_slice(target.bytes(r.clone()));
+    }
+    let zstd_err = |code: usize| Error::malformed("zstd compression", zstd_safe::get_error_name(code).to_string());
+    let window_log = ((prefix.len() + literals.len()).max(1 << 10) as u64).next_power_of_two().trailing_zeros().clamp(10, 27);
+    let mut cctx = zstd_safe::CCtx::create();
+    cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(zstd_err)?;
+    cctx.set_parameter(CParameter::WindowLog(window_log)).map_err(zstd_err)?;
+    cctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(zstd_err)?;
+    // Long-distance matching finds the long runs shared with the prefix cheaply, as
+    // `zstd --patch-from` does; it matters most at fast levels whose hash tables are small.
+    cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(zstd_err)?;
+    cctx.ref_prefix(&prefix).map_err(zstd_err)?;
+    let mut frame = Vec::with_capacity(zstd_safe::compress_bound(literals.len()));
+    cctx.compress2(&mut frame, &literals).map_err(zstd_err)?;
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> EncodeParams {
+        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10 }
+    }
+
+    #[test]
+    fn copies_merge_when_contiguous() {
+        let mut p = Planner::new(params());
+        p.copy(SourceRange { layer: 0, offset: 0, len: 10 });
+        p.copy(SourceRange { layer: 0, offset: 10, len: 5 });
+        p.copy(SourceRange { layer: 1, offset: 15, len: 5 });
+        assert_eq!(p.ops, vec![Op::Copy(SourceRange { layer: 0, offset: 0, len: 15 }), Op::Copy(SourceRange { layer: 1, offset: 15, len: 5 })]);
+    }
+
+    #[test]
+    fn large_literals_split_into_bounded_chunks_with_proportional_partner_windows() {
+        let mut p = Planner::new(params());
+        p.literal(0..350, Some(SourceRange { layer: 2, offset: 1000, len: 700 }));
+        assert_eq!(p.chunks.len(), 4);
+        for c in &p.chunks {
+            assert!(c.literal_len <= 100 && c.prefix_len <= 150, "{c:?}");
+            for r in &c.prefix {
+                assert!(r.offset >= 1000 && r.end() <= 1700, "{r:?}");
+            }
+        }
+        let lits: u64 = p.ops.iter().map(|o| match o { Op::Literal { len, .. } => *len, _ => 0 }).sum();
+        assert_eq!(lits, 350);
+        // The last piece (bytes 300..350 of 350) maps to the last part of the partner.
+        assert!(p.chunks[3].prefix[0].offset >= 1500, "{:?}", p.chunks[3].prefix);
+    }
+
+    #[test]
+    fn small_literals_share_a_chunk_until_a_bound_is_reached() {
+        let mut p = Planner::new(params());
+        for i in 0..5u64 {
+            p.literal(i * 40..i * 40 + 40, Some(SourceRange { layer: 0, offset: i * 60, len: 60 }));
+        }
+        let sizes: Vec<_> = p.chunks.iter().map(|c| (c.literal_len, c.prefix_len)).collect();
+        assert_eq!(sizes, vec![(80, 120), (80, 120), (40, 60)]);
+        assert_eq!(p.chunks[0].prefix, vec![SourceRange { layer: 0, offset: 0, len: 120 }], "adjacent partners merge");
+    }
+}

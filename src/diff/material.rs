@@ -1,0 +1,63 @@
+//! Layers unpacked for the differ: uncompressed tars on disk, memory-mapped and indexed,
+//! with the digest of every file's contents.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::digest::{verify, Digest, HashingReader};
+use crate::error::{IoContext, Result};
+use crate::image::{Layer, Layout};
+use crate::layer::compression::copy_hashed;
+use crate::layer::TarIndex;
+
+/// One uncompressed, indexed layer.
+#[derive(Debug)]
+pub struct Unpacked {
+    /// The uncompressed tar.
+    pub map: Mmap,
+    /// Its entries.
+    pub index: TarIndex,
+    /// SHA-256 of each entry's contents, for entries with contents.
+    pub content_digests: Vec<Option<Digest>>,
+}
+
+impl Unpacked {
+    /// The bytes of a range of the tar.
+    pub fn bytes(&self, range: std::ops::Range<u64>) -> &[u8] {
+        &self.map[range.start as usize..range.end as usize]
+    }
+}
+
+/// Decompresses `layer` from `layout` into `dir/name`, verifying the blob digest and the
+/// diff_id, refusing to write more than `limit` bytes; then maps and indexes it.
+pub fn unpack(layout: &Layout, layer: &Layer, dir: &Path, name: &str, limit: u64, what: &str) -> Result<Unpacked> {
+    let path = dir.join(name);
+    let blob = layout.open_blob(&layer.blob)?;
+    let mut hashed = HashingReader::new(blob);
+    {
+        let out = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        let (diff_id, len) = copy_hashed(layer.compression.decoder(&mut hashed)?, &mut out, limit, what)?;
+        std::io::copy(&mut hashed, &mut std::io::sink()).ctx(|| format!("reading {what}"))?;
+        verify(|| format!("{what} (uncompressed)"), &layer.diff_id, None, &diff_id, len)?;
+        out.into_inner().map_err(|e| crate::Error::io(format!("writing {}", path.display()), e.into_error()))?;
+    }
+    let (digest, len) = hashed.finish();
+    verify(|| format!("{what} blob"), &layer.blob.digest, Some(layer.blob.size), &digest, len)?;
+    let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
+    // SAFETY: the file is a private temporary file we just wrote; nothing else writes to it
+    // while it is mapped, so the mapping cannot change under us.
+    let map = unsafe { Mmap::map(&file) }.ctx(|| format!("mapping {}", path.display()))?;
+    let index = TarIndex::parse(&map, what)?;
+    let content_digests = index
+        .entries
+        .par_iter()
+        .map(|e| e.has_content().then(|| Digest::of(&map[e.data_start as usize..(e.data_start + e.data_len) as usize])))
+        .collect();
+    Ok(Unpacked { map, index, content_digests })
+}

@@ -1,0 +1,213 @@
+//! The differ: reads both images, pairs and matches their files, encodes each changed layer
+//! and packages the result as an OCI image.
+
+pub mod encode;
+pub mod material;
+pub mod pair;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::str::FromStr;
+
+use rayon::prelude::*;
+
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::format::plan::{DeltaPlan, LayerPlan, Method, SourceIdentity, TargetIdentity};
+use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
+use crate::image::{load_image, ImageRef, LayoutWriter};
+use crate::package::{write_delta, Payload};
+use crate::progress::Progress;
+use encode::{encode_layer, EncodeParams};
+use material::{unpack, Unpacked};
+use pair::SourceIndex;
+
+/// A patch must be smaller than this fraction of the target blob to be used: otherwise the
+/// blob itself is carried, which keeps the layer's digest (and the manifest's) unchanged.
+pub const BLOB_PREFERENCE: f64 = 0.9;
+
+/// How much effort the differ spends for a smaller delta.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Level {
+    /// Quick: zstd level 3 chunks.
+    Fast,
+    /// Balanced.
+    #[default]
+    Default,
+    /// The smallest payload, whatever it costs.
+    Max,
+}
+
+impl Level {
+    /// The encoder parameters for this level.
+    pub fn params(self) -> EncodeParams {
+        let base = EncodeParams { zstd_level: 3, chunk_bytes: 4 << 20, prefix_bytes: MAX_PREFIX_BYTES, window_slack: 1 << 20 };
+        match self {
+            Level::Fast => base,
+            Level::Default => EncodeParams { zstd_level: 12, ..base },
+            Level::Max => EncodeParams { zstd_level: 19, ..base },
+        }
+    }
+
+    /// The name used on the command line and in `delta.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Fast => "fast",
+            Level::Default => "default",
+            Level::Max => "max",
+        }
+    }
+}
+
+impl FromStr for Level {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fast" => Ok(Level::Fast),
+            "default" => Ok(Level::Default),
+            "max" => Ok(Level::Max),
+            other => Err(Error::unsupported("level", format!("{other:?} (expected fast, default or max)"))),
+        }
+    }
+}
+
+/// Options of [`diff`].
+#[derive(Clone, Debug)]
+pub struct DiffOptions {
+    /// Effort level.
+    pub level: Level,
+    /// Largest uncompressed layer accepted (guards against decompression bombs).
+    pub max_layer_bytes: u64,
+}
+
+impl Default for DiffOptions {
+    fn default() -> Self {
+        DiffOptions { level: Level::Default, max_layer_bytes: 64 << 30 }
+    }
+}
+
+/// What [`diff`] produced.
+#[derive(Clone, Debug)]
+pub struct DiffReport {
+    /// Digest of the delta image manifest.
+    pub delta_manifest: Digest,
+    /// Bytes a device downloads for the delta (manifest, config, layers).
+    pub delta_bytes: u64,
+    /// Bytes a device downloads for the target without a delta, given the source: manifest,
+    /// config and the layer blobs whose diff_id the source lacks.
+    pub full_pull_bytes: u64,
+    /// The plan written into the delta.
+    pub plan: DeltaPlan,
+}
+
+/// Computes the delta from `source` to `target` and writes it as an image at `delta`.
+pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &DiffOptions, progress: &dyn Progress) -> Result<DiffReport> {
+    let (source_layout, source_image) = load_image(source)?;
+    let (target_layout, target_image) = load_image(target)?;
+    let ImageRef::Layout { dir: delta_dir, .. } = delta;
+    let writer = LayoutWriter::create(delta_dir)?;
+    let scratch = writer.scratch()?;
+
+    let source_by_diff_id: HashMap<Digest, u32> =
+        source_image.layers.iter().enumerate().rev().map(|(i, l)| (l.diff_id, i as u32)).collect();
+    let to_encode: Vec<u32> = (0..target_image.layers.len() as u32)
+        .filter(|i| !source_by_diff_id.contains_key(&target_image.layers[*i as usize].diff_id))
+        .collect();
+
+    let mut unpacked_source: Vec<Unpacked> = Vec::new();
+    let mut unpacked_target: HashMap<u32, Unpacked> = HashMap::new();
+    if !to_encode.is_empty() {
+        let total: u64 = source_image.layers.iter().map(|l| l.blob.size).sum::<u64>()
+            + to_encode.iter().map(|i| target_image.layers[*i as usize].blob.size).sum::<u64>();
+        progress.stage("unpacking layers", total);
+        let jobs: Vec<(bool, u32)> = (0..source_image.layers.len() as u32).map(|i| (true, i)).chain(to_encode.iter().map(|i| (false, *i))).collect();
+        let results: Vec<Unpacked> = jobs
+            .par_iter()
+            .map(|(is_source, i)| {
+                let (layout, image, side) = if *is_source { (&source_layout, &source_image, "source") } else { (&target_layout, &target_image, "target") };
+                let layer = &image.layers[*i as usize];
+                let u = unpack(layout, layer, scratch.path(), &format!("{side}-{i}.tar"), options.max_layer_bytes, &format!("{side} layer {i} ({})", layer.blob.digest))?;
+                progress.advance(layer.blob.size);
+                Ok(u)
+            })
+            .collect::<Result<_>>()?;
+        let mut results = results.into_iter();
+        unpacked_source.extend(results.by_ref().take(source_image.layers.len()));
+        unpacked_target.extend(to_encode.iter().copied().zip(results));
+    }
+    let index = SourceIndex::build(&unpacked_source);
+
+    let params = options.level.params();
+    progress.stage("encoding layers", unpacked_target.values().map(|u| u.index.len).sum());
+    let encoded: Vec<(LayerPlan, Payload)> = to_encode
+        .par_iter()
+        .map(|i| {
+            let target = &unpacked_target[i];
+            let path = scratch.path().join(format!("patch-{i}"));
+            let file = BufWriter::with_capacity(1 << 20, File::create(&path).ctx(|| format!("creating {}", path.display()))?);
+            let mut outer = zstd::stream::write::Encoder::new(file, if options.level == Level::Fast { 3 } else { 9 }).ctx(|| "starting zstd".into())?;
+            outer.window_log(RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
+            outer.include_checksum(true).ctx(|| "configuring zstd".into())?;
+            let (mut stats, used) = encode_layer(*i, target, &index, &params, &mut outer)?;
+            outer.finish().ctx(|| "finishing patch".into())?.into_inner().map_err(|e| Error::io("writing patch", e.into_error()))?;
+            stats.payload_bytes = std::fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?.len();
+            progress.advance(target.index.len);
+            let blob = &target_image.layers[*i as usize].blob;
+            let (method, path) = if stats.payload_bytes as f64 >= BLOB_PREFERENCE * blob.size as f64 {
+                (Method::Blob, target_layout.blob_path(&blob.digest))
+            } else {
+                (Method::Patch, path)
+            };
+            let plan = LayerPlan {
+                index: *i,
+                method,
+                source_layer: None,
+                delta_layer: None,
+                source_layers_used: if method == Method::Patch { used.into_iter().collect() } else { Vec::new() },
+                stats: Some(stats),
+            };
+            Ok((plan, Payload { target_layer: *i, method, path }))
+        })
+        .collect::<Result<_>>()?;
+
+    let mut encoded: HashMap<u32, (LayerPlan, Payload)> = encoded.into_iter().map(|e| (e.0.index, e)).collect();
+    let mut layers = Vec::new();
+    let mut payloads = Vec::new();
+    for (i, layer) in target_image.layers.iter().enumerate() {
+        match source_by_diff_id.get(&layer.diff_id) {
+            Some(s) => layers.push(LayerPlan {
+                index: i as u32,
+                method: Method::Source,
+                source_layer: Some(*s),
+                delta_layer: None,
+                source_layers_used: Vec::new(),
+                stats: None,
+            }),
+            None => {
+                let (plan, payload) = encoded.remove(&(i as u32)).ok_or_else(|| Error::NotFound(format!("encoded layer {i}")))?;
+                layers.push(plan);
+                payloads.push(payload);
+            }
+        }
+    }
+    let mut plan = DeltaPlan {
+        format_version: FORMAT_VERSION,
+        features: Vec::new(),
+        created_by: format!("fleetdelta {}", env!("CARGO_PKG_VERSION")),
+        level: options.level.name().to_string(),
+        source: SourceIdentity { manifest: source_image.manifest.digest, config: source_image.config.digest },
+        target: TargetIdentity { manifest: target_image.manifest.digest, config: target_image.config.digest },
+        layers,
+    };
+    let (manifest, delta_bytes) = write_delta(&writer, &mut plan, &target_image, &payloads)?;
+    drop(unpacked_source);
+    drop(unpacked_target);
+    drop(scratch);
+    writer.commit(&manifest, delta.tag_or_default())?;
+    progress.finish();
+    let full_pull_bytes = target_image.manifest.raw.len() as u64
+        + target_image.manifest.config.size
+        + target_image.layers.iter().filter(|l| !source_by_diff_id.contains_key(&l.diff_id)).map(|l| l.blob.size).sum::<u64>();
+    Ok(DiffReport { delta_manifest: manifest.digest, delta_bytes, full_pull_bytes, plan })
+}

@@ -1,0 +1,144 @@
+//! `delta.json`: what the delta holds and how each target layer is rebuilt.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::format::FORMAT_VERSION;
+
+/// Features a delta may require of the applier, beyond the base format. An applier refuses a
+/// delta that requires a feature it does not know (none are defined yet; this is where
+/// bit-exact recompression data will be announced).
+pub const KNOWN_FEATURES: &[&str] = &[];
+
+/// The contents of `delta.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeltaPlan {
+    /// Always [`FORMAT_VERSION`] for deltas this build writes.
+    pub format_version: u32,
+    /// Features the applier must understand (see [`KNOWN_FEATURES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+    /// The program that wrote the delta.
+    pub created_by: String,
+    /// The level it was computed at.
+    pub level: String,
+    /// The image the delta applies to.
+    pub source: SourceIdentity,
+    /// The image the delta rebuilds.
+    pub target: TargetIdentity,
+    /// One entry per target layer, in target order.
+    pub layers: Vec<LayerPlan>,
+}
+
+/// Identity of the source image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceIdentity {
+    /// Manifest digest (informative: the applier accepts any manifest of the same config).
+    pub manifest: Digest,
+    /// Config digest: fixes the diff_ids of every source layer, so the applier requires it.
+    pub config: Digest,
+}
+
+/// Identity of the target image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetIdentity {
+    /// Manifest digest.
+    pub manifest: Digest,
+    /// Config digest.
+    pub config: Digest,
+}
+
+/// How one target layer is rebuilt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The same uncompressed layer exists in the source image: no payload.
+    Source,
+    /// Rebuilt from source material by a patch record stream.
+    Patch,
+    /// The original compressed blob is carried whole.
+    Blob,
+}
+
+/// The plan for one target layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerPlan {
+    /// Index of the target layer.
+    pub index: u32,
+    /// How it is rebuilt.
+    pub method: Method,
+    /// For [`Method::Source`]: the index of the source layer with the same diff_id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_layer: Option<u32>,
+    /// For [`Method::Patch`] and [`Method::Blob`]: the index, among the delta image's layers,
+    /// of the layer carrying the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_layer: Option<u32>,
+    /// For [`Method::Patch`]: the source layers whose contents the patch reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_layers_used: Vec<u32>,
+    /// For [`Method::Patch`]: what the patch is made of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<PatchStats>,
+}
+
+/// Informative figures about a patch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PatchStats {
+    /// Length of the rebuilt tar.
+    pub tar_bytes: u64,
+    /// Bytes copied verbatim from source layers.
+    pub copied_bytes: u64,
+    /// Bytes coded as compressed literals.
+    pub literal_bytes: u64,
+    /// Number of literal chunks.
+    pub chunks: u64,
+    /// Regular files with contents in the target layer.
+    pub files: u64,
+    /// ... of which found unchanged somewhere in the source.
+    pub files_unchanged: u64,
+    /// ... of which coded against a similar source file.
+    pub files_similar: u64,
+    /// ... of which coded with no source partner.
+    pub files_new: u64,
+    /// Size of the payload file (the compressed record stream).
+    pub payload_bytes: u64,
+}
+
+impl DeltaPlan {
+    /// Checks the version, required features and internal consistency; `target_layers` and
+    /// `source_layers` are the layer counts of the images.
+    pub fn validate(&self, target_layers: usize, delta_layers: usize) -> Result<()> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(Error::UnsupportedFormatVersion { found: self.format_version.to_string(), supported: FORMAT_VERSION });
+        }
+        if let Some(f) = self.features.iter().find(|f| !KNOWN_FEATURES.contains(&f.as_str())) {
+            return Err(Error::unsupported("delta", format!("it requires feature {f:?}, unknown to this build")));
+        }
+        let bad = |reason: String| Error::malformed("delta.json", reason);
+        if self.layers.len() != target_layers {
+            return Err(bad(format!("{} layer plans for a target of {target_layers} layers", self.layers.len())));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.index as usize != i {
+                return Err(bad(format!("layer plan {i} has index {}", l.index)));
+            }
+            let ok = match l.method {
+                Method::Source => l.source_layer.is_some() && l.delta_layer.is_none(),
+                Method::Patch | Method::Blob => {
+                    l.source_layer.is_none() && l.delta_layer.is_some_and(|d| d != 0 && (d as usize) < delta_layers)
+                }
+            };
+            if !ok {
+                return Err(bad(format!("layer plan {i} ({:?}) names no valid payload or source layer", l.method)));
+            }
+        }
+        Ok(())
+    }
+}

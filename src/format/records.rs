@@ -1,0 +1,407 @@
+//! The patch record stream: how one target layer tar is rebuilt from source material.
+//!
+//! A patch is a header followed by records. `COPY` records copy a byte range of an
+//! uncompressed source layer; `CHUNK` records carry one zstd frame of literal bytes,
+//! compressed against a prefix assembled from source ranges (the partners of the literal
+//! bytes, in the same order); `LITERAL` records take the next bytes of the current chunk.
+//! The stream ends with `END`. Integers are unsigned LEB128; copy and prefix offsets are
+//! zigzag deltas from the end of the previous range read from the same source layer.
+//!
+//! The reader treats its input as hostile: every length is checked against the format limits
+//! and the declared tar length before anything is allocated or read.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+
+use crate::error::{Error, Result};
+use crate::format::{MAX_CHUNK_BYTES, MAX_FRAME_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
+
+/// The first bytes of every patch.
+pub const PATCH_MAGIC: &[u8; 8] = b"FDPATCH\x01";
+
+const TAG_END: u8 = 0;
+const TAG_COPY: u8 = 1;
+const TAG_LITERAL: u8 = 2;
+const TAG_CHUNK: u8 = 3;
+
+/// A byte range of an uncompressed source layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceRange {
+    /// Index of the source layer.
+    pub layer: u32,
+    /// Offset in its uncompressed tar.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl SourceRange {
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// What a patch says about the tar it rebuilds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchHeader {
+    /// Index of the target layer.
+    pub target_layer: u32,
+    /// Length of the tar the patch rebuilds.
+    pub tar_len: u64,
+}
+
+/// One record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Copy a source range to the output.
+    Copy(SourceRange),
+    /// Copy the next `n` bytes of the current chunk to the output.
+    Literal(u64),
+    /// A new chunk replaces the current one (which must have been consumed whole).
+    Chunk {
+        /// The ranges whose concatenation is the zstd reference prefix.
+        prefix: Vec<SourceRange>,
+        /// Decompressed length.
+        raw_len: u64,
+        /// The zstd frame.
+        frame: Vec<u8>,
+    },
+    /// The end of the patch.
+    End,
+}
+
+/// Writes a patch.
+#[derive(Debug)]
+pub struct RecordWriter<W: Write> {
+    out: W,
+    cursors: HashMap<u32, u64>,
+}
+
+impl<W: Write> RecordWriter<W> {
+    /// Starts a patch with its header.
+    pub fn new(mut out: W, header: PatchHeader) -> io::Result<Self> {
+        out.write_all(PATCH_MAGIC)?;
+        write_varint(&mut out, header.target_layer as u64)?;
+        write_varint(&mut out, header.tar_len)?;
+        Ok(RecordWriter { out, cursors: HashMap::new() })
+    }
+
+    fn range(&mut self, r: &SourceRange) -> io::Result<()> {
+        let cursor = self.cursors.entry(r.layer).or_insert(0);
+        let delta = r.offset as i128 - *cursor as i128;
+        *cursor = r.end();
+        write_varint(&mut self.out, r.layer as u64)?;
+        write_varint(&mut self.out, zigzag(delta as i64))?;
+        write_varint(&mut self.out, r.len)
+    }
+
+    /// Writes one record.
+    pub fn write(&mut self, record: &Record) -> io::Result<()> {
+        match record {
+            Record::Copy(r) => {
+                self.out.write_all(&[TAG_COPY])?;
+                self.range(r)
+            }
+            Record::Literal(n) => {
+                self.out.write_all(&[TAG_LITERAL])?;
+                write_varint(&mut self.out, *n)
+            }
+            Record::Chunk { prefix, raw_len, frame } => {
+                self.out.write_all(&[TAG_CHUNK])?;
+                write_varint(&mut self.out, prefix.len() as u64)?;
+                for r in prefix {
+                    self.range(r)?;
+                }
+                write_varint(&mut self.out, *raw_len)?;
+                write_varint(&mut self.out, frame.len() as u64)?;
+                self.out.write_all(frame)
+            }
+            Record::End => self.out.write_all(&[TAG_END]),
+        }
+    }
+
+    /// Returns the output.
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+/// Reads a patch, enforcing the format limits and the declared tar length.
+#[derive(Debug)]
+pub struct RecordReader<R: Read> {
+    input: R,
+    header: PatchHeader,
+    cursors: HashMap<u32, u64>,
+    produced: u64,
+    chunk_left: u64,
+    ended: bool,
+}
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::malformed("patch", reason)
+}
+
+impl<R: Read> RecordReader<R> {
+    /// Reads the header. `max_tar_len` bounds the declared tar length.
+    pub fn new(mut input: R, max_tar_len: u64) -> Result<Self> {
+        let mut magic = [0u8; 8];
+        read_exact(&mut input, &mut magic)?;
+        if &magic != PATCH_MAGIC {
+            return Err(bad("not a fleetdelta patch (bad magic)"));
+        }
+        let target_layer = u32::try_from(read_varint(&mut input)?).map_err(|_| bad("target layer index out of range"))?;
+        let tar_len = read_varint(&mut input)?;
+        if tar_len > max_tar_len {
+            return Err(Error::TooLarge { what: format!("patch for target layer {target_layer}"), limit: max_tar_len });
+        }
+        Ok(RecordReader {
+            input,
+            header: PatchHeader { target_layer, tar_len },
+            cursors: HashMap::new(),
+            produced: 0,
+            chunk_left: 0,
+            ended: false,
+        })
+    }
+
+    /// Returns the input, positioned after the last record read.
+    pub fn into_inner(self) -> R {
+        self.input
+    }
+
+    /// The header.
+    pub fn header(&self) -> PatchHeader {
+        self.header
+    }
+
+    fn range(&mut self) -> Result<SourceRange> {
+        let layer = u32::try_from(read_varint(&mut self.input)?).map_err(|_| bad("source layer index out of range"))?;
+        let delta = unzigzag(read_varint(&mut self.input)?);
+        let len = read_varint(&mut self.input)?;
+        let cursor = self.cursors.entry(layer).or_insert(0);
+        let offset = u64::try_from(*cursor as i128 + delta as i128).map_err(|_| bad("source offset out of range"))?;
+        let end = offset.checked_add(len).ok_or_else(|| bad("source range overflows"))?;
+        *cursor = end;
+        Ok(SourceRange { layer, offset, len })
+    }
+
+    fn produce(&mut self, n: u64) -> Result<()> {
+        self.produced = self.produced.checked_add(n).filter(|p| *p <= self.header.tar_len).ok_or_else(|| {
+            bad(format!("records produce more than the declared {} bytes", self.header.tar_len))
+        })?;
+        Ok(())
+    }
+
+    /// The next record. After [`Record::End`] the output length has been checked.
+    pub fn next_record(&mut self) -> Result<Record> {
+        if self.ended {
+            return Err(bad("read past the end record"));
+        }
+        let mut tag = [0u8; 1];
+        read_exact(&mut self.input, &mut tag)?;
+        match tag[0] {
+            TAG_END => {
+                if self.produced != self.header.tar_len {
+                    return Err(bad(format!("records produce {} bytes, {} declared", self.produced, self.header.tar_len)));
+                }
+                if self.chunk_left != 0 {
+                    return Err(bad(format!("{} bytes of the last chunk unused", self.chunk_left)));
+                }
+                self.ended = true;
+                Ok(Record::End)
+            }
+            TAG_COPY => {
+                let r = self.range()?;
+                self.produce(r.len)?;
+                Ok(Record::Copy(r))
+            }
+            TAG_LITERAL => {
+                let n = read_varint(&mut self.input)?;
+                if n > self.chunk_left {
+                    return Err(bad(format!("literal of {n} bytes but only {} left in the chunk", self.chunk_left)));
+                }
+                self.chunk_left -= n;
+                self.produce(n)?;
+                Ok(Record::Literal(n))
+            }
+            TAG_CHUNK => {
+                if self.chunk_left != 0 {
+                    return Err(bad(format!("new chunk while {} bytes of the previous one are unused", self.chunk_left)));
+                }
+                let count = read_varint(&mut self.input)?;
+                if count > MAX_PREFIX_RANGES {
+                    return Err(Error::TooLarge { what: "chunk prefix range count".into(), limit: MAX_PREFIX_RANGES });
+                }
+                let mut prefix = Vec::with_capacity(count.min(1024) as usize);
+                let mut prefix_len = 0u64;
+                for _ in 0..count {
+                    let r = self.range()?;
+                    prefix_len = prefix_len.saturating_add(r.len);
+                    if prefix_len > MAX_PREFIX_BYTES {
+                        return Err(Error::TooLarge { what: "chunk prefix".into(), limit: MAX_PREFIX_BYTES });
+                    }
+                    prefix.push(r);
+                }
+                let raw_len = read_varint(&mut self.input)?;
+                if raw_len > MAX_CHUNK_BYTES {
+                    return Err(Error::TooLarge { what: "chunk".into(), limit: MAX_CHUNK_BYTES });
+                }
+                let frame_len = read_varint(&mut self.input)?;
+                if frame_len > MAX_FRAME_BYTES {
+                    return Err(Error::TooLarge { what: "chunk frame".into(), limit: MAX_FRAME_BYTES });
+                }
+                let mut frame = Vec::new();
+                (&mut self.input).take(frame_len).read_to_end(&mut frame).map_err(|e| Error::io("reading patch", e))?;
+                if frame.len() as u64 != frame_len {
+                    return Err(bad("truncated chunk frame"));
+                }
+                self.chunk_left = raw_len;
+                Ok(Record::Chunk { prefix, raw_len, frame })
+            }
+            other => Err(bad(format!("unknown record tag {other}"))),
+        }
+    }
+}
+
+fn read_exact(input: &mut impl Read, buf: &mut [u8]) -> Result<()> {
+    input.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => bad("truncated"),
+        _ => Error::io("reading patch", e),
+    })
+}
+
+/// Writes an unsigned LEB128 integer.
+pub fn write_varint(out: &mut impl Write, mut v: u64) -> io::Result<()> {
+    let mut buf = [0u8; 10];
+    let mut i = 0;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            buf[i] = byte;
+            i += 1;
+            break;
+        }
+        buf[i] = byte | 0x80;
+        i += 1;
+    }
+    out.write_all(&buf[..i])
+}
+
+/// Reads an unsigned LEB128 integer, refusing overlong or overflowing encodings.
+pub fn read_varint(input: &mut impl Read) -> Result<u64> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let mut b = [0u8; 1];
+        read_exact(input, &mut b)?;
+        let byte = b[0];
+        if i == 9 && byte > 1 {
+            return Err(bad("integer overflows 64 bits"));
+        }
+        v |= ((byte & 0x7f) as u64) << (7 * i);
+        if byte & 0x80 == 0 {
+            if i > 0 && byte == 0 {
+                return Err(bad("overlong integer encoding"));
+            }
+            return Ok(v);
+        }
+    }
+    Err(bad("integer longer than 10 bytes"))
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (PatchHeader, Vec<Record>) {
+        let header = PatchHeader { target_layer: 3, tar_len: 100 + 7 + 5 };
+        let records = vec![
+            Record::Copy(SourceRange { layer: 1, offset: 5000, len: 100 }),
+            Record::Chunk { prefix: vec![SourceRange { layer: 1, offset: 10, len: 20 }, SourceRange { layer: 0, offset: 7, len: 9 }], raw_len: 12, frame: vec![1, 2, 3] },
+            Record::Literal(7),
+            Record::Literal(5),
+            Record::End,
+        ];
+        (header, records)
+    }
+
+    fn encode(header: PatchHeader, records: &[Record]) -> Vec<u8> {
+        let mut w = RecordWriter::new(Vec::new(), header).unwrap();
+        for r in records {
+            w.write(r).unwrap();
+        }
+        w.into_inner()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Vec<Record>> {
+        let mut r = RecordReader::new(bytes, u64::MAX)?;
+        let mut out = Vec::new();
+        loop {
+            let rec = r.next_record()?;
+            let end = rec == Record::End;
+            out.push(rec);
+            if end {
+                return Ok(out);
+            }
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let (h, recs) = sample();
+        let bytes = encode(h, &recs);
+        assert_eq!(RecordReader::new(&bytes[..], u64::MAX).unwrap().header(), h);
+        assert_eq!(decode(&bytes).unwrap(), recs);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let (h, recs) = sample();
+        let bytes = encode(h, &recs);
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "truncated at {cut} accepted");
+        }
+    }
+
+    #[test]
+    fn inconsistent_streams_are_refused() {
+        let h = PatchHeader { target_layer: 0, tar_len: 10 };
+        let cases: Vec<(&str, Vec<Record>)> = vec![
+            ("too long", vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 11 }), Record::End]),
+            ("too short", vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 9 }), Record::End]),
+            ("literal without chunk", vec![Record::Literal(10), Record::End]),
+            ("unused chunk", vec![Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0] }, Record::Literal(5), Record::Copy(SourceRange { layer: 0, offset: 0, len: 5 }), Record::End]),
+            ("oversized chunk", vec![Record::Chunk { prefix: vec![], raw_len: MAX_CHUNK_BYTES + 1, frame: vec![] }]),
+            ("oversized prefix", vec![Record::Chunk { prefix: vec![SourceRange { layer: 0, offset: 0, len: MAX_PREFIX_BYTES + 1 }], raw_len: 1, frame: vec![] }]),
+        ];
+        for (name, recs) in cases {
+            assert!(decode(&encode(h, &recs)).is_err(), "{name} accepted");
+        }
+        assert!(matches!(RecordReader::new(&encode(h, &[])[..], 9), Err(Error::TooLarge { .. })));
+        assert!(decode(b"NOTAPATCH").is_err());
+    }
+
+    #[test]
+    fn varints_refuse_overflow_and_overlong_forms() {
+        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+            let mut b = Vec::new();
+            write_varint(&mut b, v).unwrap();
+            assert_eq!(read_varint(&mut &b[..]).unwrap(), v);
+        }
+        assert!(read_varint(&mut &[0xff; 11][..]).is_err());
+        assert!(read_varint(&mut &[0x80, 0x00][..]).is_err());
+        assert!(read_varint(&mut &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02][..]).is_err());
+        for v in [0i64, -1, 1, i64::MIN, i64::MAX] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+}

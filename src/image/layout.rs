@@ -1,0 +1,399 @@
+//! OCI image layouts on disk: reading images with every blob verified, and writing them
+//! so that a failure leaves the destination as it was.
+//!
+//! Writing stages every blob in a temporary directory and commits by rename: into a new
+//! directory, the staging directory itself is renamed into place; into an existing layout, the
+//! verified blobs are moved in and `index.json` is replaced atomically, so the images already
+//! there are never touched.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::ImageIndex;
+use serde_json::{json, Value};
+use tempfile::{NamedTempFile, TempDir};
+
+use crate::digest::{verify, Digest, HashingWriter};
+use crate::error::{Error, IoContext, Result};
+use crate::image::manifest::{BlobRef, Config, Image, Manifest, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX};
+use crate::image::reference::{ImageRef, DEFAULT_TAG};
+
+/// The annotation that names a tag in `index.json`.
+pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+const LAYOUT_FILE: &str = "oci-layout";
+const LAYOUT_VERSION_JSON: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
+const INDEX_FILE: &str = "index.json";
+
+/// A readable OCI image layout.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// Opens a layout, checking its `oci-layout` marker.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        let marker = root.join(LAYOUT_FILE);
+        let text = read_bounded(&marker, 4096).map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Error::NotFound(format!("{} is not an OCI image layout (no {LAYOUT_FILE} file)", root.display()))
+            }
+            other => other,
+        })?;
+        let v: Value = serde_json::from_slice(&text).map_err(|e| Error::malformed(marker.display().to_string(), e.to_string()))?;
+        if v.get("imageLayoutVersion").and_then(Value::as_str).is_none() {
+            return Err(Error::malformed(marker.display().to_string(), "no imageLayoutVersion"));
+        }
+        Ok(Layout { root })
+    }
+
+    /// The layout directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob with this digest is stored.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        blob_path(&self.root, digest)
+    }
+
+    /// Reads a small blob (manifest, config) whole, checking size and digest.
+    pub fn read_blob(&self, blob: &BlobRef, limit: u64) -> Result<Vec<u8>> {
+        let what = || format!("blob {}", blob.digest);
+        if blob.size > limit {
+            return Err(Error::TooLarge { what: what(), limit });
+        }
+        let bytes = read_bounded(&self.blob_path(&blob.digest), limit)?;
+        verify(what, &blob.digest, Some(blob.size), &Digest::of(&bytes), bytes.len() as u64)?;
+        Ok(bytes)
+    }
+
+    /// Opens a blob for streaming, checking its size; the caller verifies the digest while reading.
+    pub fn open_blob(&self, blob: &BlobRef) -> Result<File> {
+        let path = self.blob_path(&blob.digest);
+        let file = File::open(&path).ctx(|| format!("opening blob {}", blob.digest))?;
+        let len = file.metadata().ctx(|| format!("reading metadata of {}", path.display()))?.len();
+        if len != blob.size {
+            return Err(Error::SizeMismatch { what: format!("blob {}", blob.digest), expected: blob.size, found: len });
+        }
+        Ok(file)
+    }
+
+    /// Finds the manifest tagged `tag` (or the only manifest when no tag is given), descending
+    /// into a multi-platform index to the entry for this machine's platform.
+    pub fn resolve(&self, tag: Option<&str>) -> Result<BlobRef> {
+        let index_path = self.root.join(INDEX_FILE);
+        let raw = read_bounded(&index_path, MAX_JSON_BYTES)?;
+        let index = ImageIndex::from_reader(&raw[..]).map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;
+        let entries = index.manifests();
+        let wanted = tag.unwrap_or(DEFAULT_TAG);
+        let found = entries.iter().find(|d| {
+            d.annotations().as_ref().and_then(|a| a.get(REF_NAME_ANNOTATION)).map(String::as_str) == Some(wanted)
+        });
+        let descriptor = match (found, tag) {
+            (Some(d), _) => d,
+            (None, None) if entries.len() == 1 => &entries[0],
+            _ => return Err(Error::NotFound(format!("tag {wanted:?} in {}", self.root.display()))),
+        };
+        let blob = BlobRef::from_descriptor(descriptor, "index.json entry")?;
+        if blob.media_type == OCI_INDEX || blob.media_type == DOCKER_MANIFEST_LIST {
+            return self.select_platform(&blob);
+        }
+        Ok(blob)
+    }
+
+    fn select_platform(&self, index_blob: &BlobRef) -> Result<BlobRef> {
+        let raw = self.read_blob(index_blob, MAX_JSON_BYTES)?;
+        let index = ImageIndex::from_reader(&raw[..]).map_err(|e| Error::malformed(format!("image index {}", index_blob.digest), e.to_string()))?;
+        let arch = host_architecture();
+        let matching: Vec<_> = index
+            .manifests()
+            .iter()
+            .filter(|d| d.platform().as_ref().is_none_or(|p| p.architecture().to_string() == arch && p.os().to_string() == "linux"))
+            .collect();
+        match matching.as_slice() {
+            [one] => BlobRef::from_descriptor(one, "image index entry"),
+            [] => Err(Error::NotFound(format!("an entry for linux/{arch} in image index {}", index_blob.digest))),
+            _ => Err(Error::unsupported(format!("image index {}", index_blob.digest), format!("several entries for linux/{arch}"))),
+        }
+    }
+
+    /// Loads the image that `tag` names, verifying manifest and config digests.
+    pub fn load_image(&self, tag: Option<&str>) -> Result<Image> {
+        let manifest_blob = self.resolve(tag)?;
+        let manifest = Manifest::parse(self.read_blob(&manifest_blob, MAX_JSON_BYTES)?, Some(&manifest_blob.media_type))?;
+        let config = Config::parse(self.read_blob(&manifest.config, MAX_JSON_BYTES)?)?;
+        Image::new(manifest, config)
+    }
+}
+
+/// Opens the layout an [`ImageRef`] names and loads its image.
+pub fn load_image(reference: &ImageRef) -> Result<(Layout, Image)> {
+    match reference {
+        ImageRef::Layout { dir, tag } => {
+            let layout = Layout::open(dir)?;
+            let image = layout.load_image(tag.as_deref())?;
+            Ok((layout, image))
+        }
+    }
+}
+
+/// The OCI name of this machine's CPU architecture.
+pub fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
+    root.join("blobs").join("sha256").join(digest.hex())
+}
+
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes).ctx(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::TooLarge { what: path.display().to_string(), limit });
+    }
+    Ok(bytes)
+}
+
+/// Writes one image into a layout directory; nothing is visible until [`LayoutWriter::commit`].
+#[derive(Debug)]
+pub struct LayoutWriter {
+    dest: PathBuf,
+    staging: TempDir,
+    into_existing: bool,
+}
+
+impl LayoutWriter {
+    /// Prepares to write into `dest`: a new directory, an empty one, or an existing layout
+    /// (whose other images are kept).
+    pub fn create(dest: &Path) -> Result<Self> {
+        let into_existing = if dest.join(LAYOUT_FILE).exists() {
+            Layout::open(dest)?;
+            true
+        } else if dest.exists() {
+            let mut entries = fs::read_dir(dest).ctx(|| format!("reading {}", dest.display()))?;
+            if entries.next().is_some() {
+                return Err(Error::unsupported(dest.display().to_string(), "exists and is neither empty nor an OCI image layout"));
+            }
+            false
+        } else {
+            false
+        };
+        let parent = if into_existing { dest.to_path_buf() } else { parent_dir(dest) };
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{name}.fleetdelta-"))
+            .tempdir_in(&parent)
+            .ctx(|| format!("creating a staging directory in {}", parent.display()))?;
+        fs::create_dir_all(staging.path().join("blobs").join("sha256")).ctx(|| "creating staging blobs directory".into())?;
+        Ok(LayoutWriter { dest: dest.to_path_buf(), staging, into_existing })
+    }
+
+    /// A scratch directory on the same file system, removed when dropped (drop it before commit).
+    pub fn scratch(&self) -> Result<TempDir> {
+        tempfile::Builder::new()
+            .prefix(".scratch-")
+            .tempdir_in(self.staging.path())
+            .ctx(|| "creating a scratch directory".into())
+    }
+
+    /// Starts writing a blob.
+    pub fn blob(&self) -> Result<BlobWriter> {
+        let dir = self.staging.path().join("blobs").join("sha256");
+        let file = NamedTempFile::with_prefix_in(".tmp-", &dir).ctx(|| format!("creating a file in {}", dir.display()))?;
+        Ok(BlobWriter { out: HashingWriter::new(BufWriter::with_capacity(256 << 10, file)), dir })
+    }
+
+    /// Opens a blob written (and finished) through this writer.
+    pub fn open_staged_blob(&self, digest: &Digest) -> Result<File> {
+        let path = blob_path(self.staging.path(), digest);
+        File::open(&path).ctx(|| format!("opening staged blob {digest}"))
+    }
+
+    /// Writes a whole blob from memory.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<(Digest, u64)> {
+        let mut w = self.blob()?;
+        w.write_all(bytes).ctx(|| "writing blob".into())?;
+        w.finish(None)
+    }
+
+    /// Makes the image visible under `tag`: the manifest blob must have been written.
+    pub fn commit(self, manifest: &BlobRef, tag: &str) -> Result<()> {
+        let staged_blobs = self.staging.path().join("blobs").join("sha256");
+        if !staged_blobs.join(manifest.digest.hex()).exists() && !(self.into_existing && blob_path(&self.dest, &manifest.digest).exists()) {
+            return Err(Error::NotFound(format!("manifest blob {} was not written", manifest.digest)));
+        }
+        let entry = json!({
+            "mediaType": manifest.media_type,
+            "digest": manifest.digest.to_string(),
+            "size": manifest.size,
+            "annotations": { REF_NAME_ANNOTATION: tag },
+        });
+        if self.into_existing {
+            let dest_blobs = self.dest.join("blobs").join("sha256");
+            fs::create_dir_all(&dest_blobs).ctx(|| format!("creating {}", dest_blobs.display()))?;
+            for item in fs::read_dir(&staged_blobs).ctx(|| "listing staged blobs".into())? {
+                let item = item.ctx(|| "listing staged blobs".into())?;
+                let target = dest_blobs.join(item.file_name());
+                if !target.exists() {
+                    fs::rename(item.path(), &target).ctx(|| format!("moving blob into {}", target.display()))?;
+                }
+            }
+            let index_path = self.dest.join(INDEX_FILE);
+            let mut index: Value = serde_json::from_slice(&read_bounded(&index_path, MAX_JSON_BYTES)?)
+                .map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;
+            let manifests = index
+                .get_mut("manifests")
+                .and_then(Value::as_array_mut)
+                .ok_or_else(|| Error::malformed(index_path.display().to_string(), "no manifests array"))?;
+            manifests.retain(|m| m.pointer(&format!("/annotations/{}", REF_NAME_ANNOTATION.replace('/', "~1"))).and_then(Value::as_str) != Some(tag));
+            manifests.push(entry);
+            write_atomically(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
+        } else {
+            let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry] });
+            fs::write(self.staging.path().join(INDEX_FILE), serde_json::to_vec(&index).expect("JSON values serialize"))
+                .ctx(|| "writing index.json".into())?;
+            fs::write(self.staging.path().join(LAYOUT_FILE), LAYOUT_VERSION_JSON).ctx(|| "writing oci-layout".into())?;
+            let staging = self.staging.keep();
+            if let Err(e) = fs::rename(&staging, &self.dest) {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(Error::io(format!("renaming the new image into {}", self.dest.display()), e));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Replaces `path` with `bytes` by writing a sibling temporary file and renaming it.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = parent_dir(path);
+    let mut tmp = NamedTempFile::with_prefix_in(".tmp-", &dir).ctx(|| format!("creating a file in {}", dir.display()))?;
+    tmp.write_all(bytes).ctx(|| format!("writing {}", path.display()))?;
+    tmp.as_file().sync_all().ctx(|| format!("syncing {}", path.display()))?;
+    tmp.persist(path).map_err(|e| Error::io(format!("replacing {}", path.display()), e.error))?;
+    Ok(())
+}
+
+/// A blob being written: hashed as it goes, moved to its content address on [`BlobWriter::finish`].
+#[derive(Debug)]
+pub struct BlobWriter {
+    out: HashingWriter<BufWriter<NamedTempFile>>,
+    dir: PathBuf,
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.out.len()
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// Completes the blob; with `expected`, fails (and discards it) unless the digest matches.
+    pub fn finish(self, expected: Option<(&Digest, &str)>) -> Result<(Digest, u64)> {
+        let (buffered, digest, len) = self.out.finish();
+        let file = buffered.into_inner().map_err(|e| Error::io("flushing blob", e.into_error()))?;
+        if let Some((expected, what)) = expected {
+            verify(|| what.to_string(), expected, None, &digest, len)?;
+        }
+        let target = self.dir.join(digest.hex());
+        file.persist(&target).map_err(|e| Error::io(format!("storing blob {digest}"), e.error))?;
+        Ok((digest, len))
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_ref(d: Digest, size: u64) -> BlobRef {
+        BlobRef { media_type: crate::image::manifest::OCI_MANIFEST.into(), digest: d, size }
+    }
+
+    #[test]
+    fn new_layout_appears_only_on_commit_and_failure_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("out");
+        {
+            let w = LayoutWriter::create(&dest).unwrap();
+            w.put_blob(b"abandoned").unwrap();
+        }
+        assert!(!dest.exists());
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0, "staging left behind");
+
+        let w = LayoutWriter::create(&dest).unwrap();
+        let (d, n) = w.put_blob(b"{}").unwrap();
+        assert!(!dest.exists());
+        w.commit(&manifest_ref(d, n), "v1").unwrap();
+        let layout = Layout::open(&dest).unwrap();
+        assert_eq!(layout.resolve(Some("v1")).unwrap().digest, d);
+        assert_eq!(layout.resolve(None).unwrap().digest, d, "single entry without tag");
+    }
+
+    #[test]
+    fn commit_into_existing_layout_keeps_other_tags_and_replaces_same_tag() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("store");
+        let w = LayoutWriter::create(&dest).unwrap();
+        let (a, an) = w.put_blob(b"a").unwrap();
+        w.commit(&manifest_ref(a, an), "v1").unwrap();
+        for content in [&b"b"[..], b"c"] {
+            let w = LayoutWriter::create(&dest).unwrap();
+            let (d, n) = w.put_blob(content).unwrap();
+            w.commit(&manifest_ref(d, n), "v2").unwrap();
+        }
+        let layout = Layout::open(&dest).unwrap();
+        assert_eq!(layout.resolve(Some("v1")).unwrap().digest, a);
+        assert_eq!(layout.resolve(Some("v2")).unwrap().digest, Digest::of(b"c"));
+        assert!(layout.resolve(None).is_err(), "no 'latest' tag among several entries");
+        let leftovers: Vec<_> = fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn refuses_a_directory_that_is_not_a_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("precious"), b"x").unwrap();
+        assert!(LayoutWriter::create(tmp.path()).is_err());
+        assert!(Layout::open(tmp.path()).is_err());
+    }
+
+    #[test]
+    fn blob_with_wrong_digest_is_discarded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let w = LayoutWriter::create(&tmp.path().join("o")).unwrap();
+        let mut b = w.blob().unwrap();
+        b.write_all(b"data").unwrap();
+        let err = b.finish(Some((&Digest::of(b"other"), "layer 0"))).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    }
+}

@@ -1,0 +1,103 @@
+//! Image references in skopeo's transport syntax.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+
+/// The tag used when a reference names none.
+pub const DEFAULT_TAG: &str = "latest";
+
+/// Where an image lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ImageRef {
+    /// `oci:DIR[:TAG]`: an OCI image layout on disk; the tag is the
+    /// `org.opencontainers.image.ref.name` annotation of an entry of its `index.json`.
+    Layout {
+        /// The layout directory.
+        dir: PathBuf,
+        /// The tag, if one was given.
+        tag: Option<String>,
+    },
+}
+
+impl ImageRef {
+    /// Parses `oci:DIR[:TAG]`. As in skopeo, the directory ends at the first `:`.
+    pub fn parse(reference: &str) -> Result<Self> {
+        let invalid = |reason: &str| Error::InvalidReference { reference: reference.to_string(), reason: reason.to_string() };
+        let (transport, rest) = reference
+            .split_once(':')
+            .ok_or_else(|| invalid("expected TRANSPORT:LOCATION, e.g. oci:DIR[:TAG]"))?;
+        match transport {
+            "oci" => {
+                let (dir, tag) = match rest.split_once(':') {
+                    Some((dir, tag)) => (dir, Some(tag)),
+                    None => (rest, None),
+                };
+                if dir.is_empty() {
+                    return Err(invalid("the layout directory is empty"));
+                }
+                if let Some(tag) = tag {
+                    if tag.is_empty() || tag.len() > 128 || tag.chars().any(|c| c.is_control() || c == '/' || c == ':') {
+                        return Err(invalid("a tag is 1 to 128 characters without '/', ':' or control characters"));
+                    }
+                }
+                Ok(ImageRef::Layout { dir: PathBuf::from(dir), tag: tag.map(str::to_string) })
+            }
+            "docker" => Err(invalid("registry references (docker://) are not supported by this build yet")),
+            other => Err(invalid(&format!("unknown transport {other:?}; supported: oci"))),
+        }
+    }
+
+    /// The tag, or [`DEFAULT_TAG`].
+    pub fn tag_or_default(&self) -> &str {
+        match self {
+            ImageRef::Layout { tag, .. } => tag.as_deref().unwrap_or(DEFAULT_TAG),
+        }
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageRef::Layout { dir, tag: Some(tag) } => write!(f, "oci:{}:{tag}", dir.display()),
+            ImageRef::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for ImageRef {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_layout_references() {
+        let cases = [
+            ("oci:dir", "dir", None),
+            ("oci:some/dir:v2", "some/dir", Some("v2")),
+            ("oci:/abs/dir:1.0-rc_1", "/abs/dir", Some("1.0-rc_1")),
+        ];
+        for (input, dir, tag) in cases {
+            let r = ImageRef::parse(input).unwrap();
+            assert_eq!(r, ImageRef::Layout { dir: dir.into(), tag: tag.map(String::from) }, "{input}");
+            assert_eq!(r.to_string(), input);
+        }
+        assert_eq!(ImageRef::parse("oci:d").unwrap().tag_or_default(), "latest");
+    }
+
+    #[test]
+    fn rejects_bad_references_with_a_reason() {
+        for bad in ["dir", "oci:", "oci:dir:", "oci:dir:a/b", "ftp:x", "docker://host/repo:tag"] {
+            let err = ImageRef::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+pub mod apply;
+pub mod diff;
+pub mod digest;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod info;
+pub mod layer;
+pub mod package;
+pub mod progress;
+
+pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};
+pub use diff::{diff, DiffOptions, DiffReport, Level};
+pub use digest::Digest;
+pub use error::{Error, Result};
+pub use image::ImageRef;
+pub use info::{info, DeltaInfo};
+pub use progress::{Progress, Silent};

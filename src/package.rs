@@ -1,0 +1,273 @@
+//! The delta as an ordinary OCI image: writing it, and opening one with every digest checked.
+//!
+//! Layer 0 of the delta image is a tar holding `delta.json`, the target manifest and the
+//! target config; each further layer is a tar holding the payload (patch or original blob)
+//! of one target layer. The manifest's `subject` is the target manifest, and annotations
+//! record the source and target digests. See `docs/format.md`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use crate::digest::{verify, Digest, HashingReader};
+use crate::error::{Error, IoContext, Result};
+use crate::format::plan::{DeltaPlan, LayerPlan, Method};
+use crate::format::*;
+use crate::image::manifest::{BlobRef, Config, Image, Manifest, OCI_CONFIG, OCI_MANIFEST};
+use crate::image::{load_image, ImageRef, Layout, LayoutWriter};
+
+/// Media type of every delta layer: a plain tar, so any OCI tool can carry and unpack it.
+pub const DELTA_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+
+const TAR_BLOCK: u64 = 512;
+
+/// A payload file produced by the differ, to be wrapped into a delta layer.
+#[derive(Debug)]
+pub struct Payload {
+    /// The target layer it rebuilds.
+    pub target_layer: u32,
+    /// Patch or blob.
+    pub method: Method,
+    /// Where the payload bytes are.
+    pub path: PathBuf,
+}
+
+fn tar_header(name: &str, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(name).expect("payload names are short ASCII");
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    h
+}
+
+/// Writes a tar of the given files as a blob; returns its descriptor.
+fn write_tar_blob(writer: &LayoutWriter, files: Vec<(String, Box<dyn Read + '_>, u64)>) -> Result<BlobRef> {
+    let mut builder = tar::Builder::new(writer.blob()?);
+    for (name, data, size) in files {
+        builder.append(&tar_header(&name, size), data).ctx(|| format!("writing delta layer entry {name}"))?;
+    }
+    let blob = builder.into_inner().ctx(|| "finishing delta layer".into())?;
+    let (digest, size) = blob.finish(None)?;
+    Ok(BlobRef { media_type: DELTA_LAYER_MEDIA_TYPE.into(), digest, size })
+}
+
+/// Writes the delta image (blobs and manifest) through `writer`; returns the manifest
+/// descriptor to commit and the bytes a device downloads for the delta (manifest, config,
+/// layers). Fills in `plan.layers[..].delta_layer`.
+pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, payloads: &[Payload]) -> Result<(BlobRef, u64)> {
+    let mut payload_layers = Vec::new();
+    for (i, p) in payloads.iter().enumerate() {
+        plan.layers[p.target_layer as usize].delta_layer = Some(i as u32 + 1);
+        let file = File::open(&p.path).ctx(|| format!("opening {}", p.path.display()))?;
+        let size = file.metadata().ctx(|| format!("reading {}", p.path.display()))?.len();
+        let blob = write_tar_blob(writer, vec![(payload_file_name(p.target_layer, p.method), Box::new(BufReader::new(file)), size)])?;
+        payload_layers.push((blob, p));
+    }
+    let plan_json = serde_json::to_vec_pretty(plan).expect("plans serialize");
+    let metadata = write_tar_blob(
+        writer,
+        vec![
+            (PLAN_FILE.into(), Box::new(&plan_json[..]), plan_json.len() as u64),
+            (TARGET_MANIFEST_FILE.into(), Box::new(&target.manifest.raw[..]), target.manifest.raw.len() as u64),
+            (TARGET_CONFIG_FILE.into(), Box::new(&target.config.raw[..]), target.config.raw.len() as u64),
+        ],
+    )?;
+
+    let mut layers = vec![json!({
+        "mediaType": DELTA_LAYER_MEDIA_TYPE, "digest": metadata.digest.to_string(), "size": metadata.size,
+        "annotations": { ANNOTATION_ROLE: "metadata" },
+    })];
+    let mut diff_ids = vec![metadata.digest.to_string()];
+    for (blob, p) in &payload_layers {
+        let role = if p.method == Method::Blob { "blob" } else { "patch" };
+        layers.push(json!({
+            "mediaType": DELTA_LAYER_MEDIA_TYPE, "digest": blob.digest.to_string(), "size": blob.size,
+            "annotations": { ANNOTATION_ROLE: role, ANNOTATION_TARGET_LAYER: p.target_layer.to_string() },
+        }));
+        diff_ids.push(blob.digest.to_string());
+    }
+    let config = json!({
+        "architecture": target.config.architecture,
+        "os": target.config.os,
+        "config": { "Labels": { ANNOTATION_VERSION: FORMAT_VERSION.to_string() } },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    });
+    let config_bytes = serde_json::to_vec(&config).expect("JSON values serialize");
+    let (config_digest, config_size) = writer.put_blob(&config_bytes)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": OCI_CONFIG, "digest": config_digest.to_string(), "size": config_size },
+        "layers": layers,
+        "subject": { "mediaType": target.manifest.media_type, "digest": target.manifest.digest.to_string(), "size": target.manifest.raw.len() },
+        "annotations": {
+            ANNOTATION_VERSION: FORMAT_VERSION.to_string(),
+            ANNOTATION_SOURCE_MANIFEST: plan.source.manifest.to_string(),
+            ANNOTATION_SOURCE_CONFIG: plan.source.config.to_string(),
+            ANNOTATION_TARGET_MANIFEST: plan.target.manifest.to_string(),
+            ANNOTATION_TARGET_CONFIG: plan.target.config.to_string(),
+        },
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).expect("JSON values serialize");
+    let (digest, size) = writer.put_blob(&manifest_bytes)?;
+    let download = size + config_size + metadata.size + payload_layers.iter().map(|(b, _)| b.size).sum::<u64>();
+    Ok((BlobRef { media_type: OCI_MANIFEST.into(), digest, size }, download))
+}
+
+/// A delta image opened for reading: its plan and the target it rebuilds, all verified.
+#[derive(Debug)]
+pub struct DeltaImage {
+    /// The layout holding the delta.
+    pub layout: Layout,
+    /// The delta image itself.
+    pub image: Image,
+    /// Its plan.
+    pub plan: DeltaPlan,
+    /// The target image's manifest and config (their layers are what the delta rebuilds).
+    pub target: Image,
+}
+
+impl DeltaImage {
+    /// Opens the delta that `reference` names, checking its version and that every digest
+    /// chains: manifest annotations, `delta.json`, embedded target manifest and config.
+    pub fn open(reference: &ImageRef) -> Result<Self> {
+        let (layout, image) = load_image(reference)?;
+        let manifest: Value = serde_json::from_slice(&image.manifest.raw).map_err(|e| Error::malformed("delta manifest", e.to_string()))?;
+        let annotation = |key: &str| manifest.pointer(&format!("/annotations/{}", key.replace('/', "~1"))).and_then(Value::as_str).map(str::to_string);
+        let version = annotation(ANNOTATION_VERSION)
+            .ok_or_else(|| Error::unsupported(reference.to_string(), format!("not a fleetdelta delta (no {ANNOTATION_VERSION} annotation)")))?;
+        if version != FORMAT_VERSION.to_string() {
+            return Err(Error::UnsupportedFormatVersion { found: version, supported: FORMAT_VERSION });
+        }
+        let metadata_blob = image.layers.first().ok_or_else(|| Error::malformed("delta", "no layers"))?;
+        let metadata = layout.read_blob(&metadata_blob.blob, 4 * MAX_METADATA_FILE_BYTES)?;
+        let mut files = read_metadata_tar(&metadata)?;
+        let mut take = |name: &str| files.remove(name).ok_or_else(|| Error::malformed("delta metadata layer", format!("no {name}")));
+        let (plan_raw, manifest_raw, config_raw) = (take(PLAN_FILE)?, take(TARGET_MANIFEST_FILE)?, take(TARGET_CONFIG_FILE)?);
+        let probe: Value = serde_json::from_slice(&plan_raw).map_err(|e| Error::malformed(PLAN_FILE, e.to_string()))?;
+        if let Some(v) = probe.get("formatVersion").and_then(Value::as_u64) {
+            if v != FORMAT_VERSION as u64 {
+                return Err(Error::UnsupportedFormatVersion { found: v.to_string(), supported: FORMAT_VERSION });
+            }
+        }
+        let plan: DeltaPlan = serde_json::from_value(probe).map_err(|e| Error::malformed(PLAN_FILE, e.to_string()))?;
+
+        let target_manifest = Manifest::parse(manifest_raw, None)?;
+        let expect = |what: &str, key: &str, found: &Digest| -> Result<()> {
+            let recorded = annotation(key).ok_or_else(|| Error::malformed("delta manifest", format!("no {key} annotation")))?;
+            let recorded: Digest = recorded.parse()?;
+            verify(|| what.to_string(), &recorded, None, found, 0)
+        };
+        expect("embedded target manifest", ANNOTATION_TARGET_MANIFEST, &target_manifest.digest)?;
+        expect("delta.json target manifest", ANNOTATION_TARGET_MANIFEST, &plan.target.manifest)?;
+        expect("delta.json target config", ANNOTATION_TARGET_CONFIG, &plan.target.config)?;
+        expect("delta.json source config", ANNOTATION_SOURCE_CONFIG, &plan.source.config)?;
+        let subject = manifest.pointer("/subject/digest").and_then(Value::as_str).ok_or_else(|| Error::malformed("delta manifest", "no subject"))?;
+        verify(|| "delta subject".into(), &subject.parse()?, None, &target_manifest.digest, 0)?;
+        let target_config = Config::parse(config_raw)?;
+        let target = Image::new(target_manifest, target_config)?;
+        plan.validate(target.layers.len(), image.layers.len())?;
+        for l in &plan.layers {
+            if let Some(d) = l.delta_layer {
+                let blob = &image.manifest.layers[d as usize];
+                if blob.media_type != DELTA_LAYER_MEDIA_TYPE {
+                    return Err(Error::malformed("delta", format!("payload layer {d} has media type {}", blob.media_type)));
+                }
+            }
+        }
+        Ok(DeltaImage { layout, image, plan, target })
+    }
+
+    /// Opens the payload of a `patch` or `blob` layer plan as a stream. The blob digest is
+    /// verified by [`PayloadReader::finish`], which the caller must call before trusting the
+    /// result.
+    pub fn open_payload(&self, layer: &LayerPlan) -> Result<PayloadReader> {
+        let index = layer.delta_layer.ok_or_else(|| Error::malformed("delta.json", format!("layer {} has no payload", layer.index)))?;
+        let blob = self.image.manifest.layers[index as usize].clone();
+        let what = format!("delta layer {index} ({})", blob.digest);
+        let mut input = HashingReader::new(BufReader::with_capacity(256 << 10, self.layout.open_blob(&blob)?));
+        let mut raw = [0u8; TAR_BLOCK as usize];
+        input.read_exact(&mut raw).map_err(|_| Error::malformed(&what, "truncated tar header"))?;
+        let header = tar::Header::from_byte_slice(&raw);
+        let checksum_ok = header.cksum().ok() == Some(raw.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32u32 } else { *b as u32 }).sum());
+        let name = payload_file_name(layer.index, layer.method);
+        let path_ok = header.path_bytes().as_ref() == name.as_bytes();
+        let size = header.size().map_err(|e| Error::malformed(&what, e.to_string()))?;
+        if !checksum_ok || !path_ok || header.entry_type() != tar::EntryType::Regular {
+            return Err(Error::malformed(&what, format!("expected a tar holding {name}")));
+        }
+        if size.checked_add(TAR_BLOCK).is_none_or(|n| n > blob.size) {
+            return Err(Error::malformed(&what, format!("entry {name} claims {size} bytes in a {}-byte blob", blob.size)));
+        }
+        Ok(PayloadReader { input, left: size, blob, what })
+    }
+}
+
+/// Reads the small metadata tar: regular files only, each bounded, no duplicates.
+fn read_metadata_tar(bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
+    let what = "delta metadata layer";
+    let mut archive = tar::Archive::new(bytes);
+    let mut files = BTreeMap::new();
+    for entry in archive.entries().map_err(|e| Error::malformed(what, e.to_string()))? {
+        let mut entry = entry.map_err(|e| Error::malformed(what, e.to_string()))?;
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        if !entry.header().entry_type().is_file() || ![PLAN_FILE, TARGET_MANIFEST_FILE, TARGET_CONFIG_FILE].contains(&name.as_str()) {
+            return Err(Error::malformed(what, format!("unexpected entry {name:?}")));
+        }
+        if entry.size() > MAX_METADATA_FILE_BYTES {
+            return Err(Error::TooLarge { what: format!("{what}: {name}"), limit: MAX_METADATA_FILE_BYTES });
+        }
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut data).map_err(|e| Error::malformed(what, e.to_string()))?;
+        if files.insert(name.clone(), data).is_some() {
+            return Err(Error::malformed(what, format!("duplicate entry {name:?}")));
+        }
+    }
+    Ok(files)
+}
+
+/// The payload bytes of one delta layer, streamed from its blob.
+#[derive(Debug)]
+pub struct PayloadReader {
+    input: HashingReader<BufReader<File>>,
+    left: u64,
+    blob: BlobRef,
+    what: String,
+}
+
+impl PayloadReader {
+    /// Reads the rest of the blob and checks its digest: call after consuming the payload.
+    pub fn finish(mut self) -> Result<()> {
+        io::copy(&mut self.input, &mut io::sink()).ctx(|| format!("reading {}", self.what))?;
+        let (digest, len) = self.input.finish();
+        verify(|| self.what.clone(), &self.blob.digest, Some(self.blob.size), &digest, len)
+    }
+}
+
+impl Read for PayloadReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.input.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{}: truncated payload", self.what)));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Total bytes a device downloads for this delta: manifest, config and every layer blob.
+pub fn delta_download_bytes(image: &Image) -> u64 {
+    image.manifest.raw.len() as u64 + image.manifest.config.size + image.layers.iter().map(|l| l.blob.size).sum::<u64>()
+}

@@ -1,0 +1,204 @@
+//! Test harness: builds OCI images from file lists, runs diff + apply, checks results
+//! independently of the library's own verification, and tampers with deltas.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use fleetdelta::image::manifest::{BlobRef, OCI_CONFIG, OCI_MANIFEST};
+use fleetdelta::image::{Layout, LayoutWriter};
+use fleetdelta::layer::Compression;
+use fleetdelta::{Digest, ImageRef};
+use serde_json::{json, Value};
+
+/// One tar entry to put into a layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    File { data: Vec<u8>, mode: u32, mtime: u64 },
+    Dir { mode: u32 },
+    Symlink { target: String },
+}
+
+pub type Tree = BTreeMap<String, Node>;
+
+pub fn file(data: impl Into<Vec<u8>>) -> Node {
+    Node::File { data: data.into(), mode: 0o644, mtime: 1_700_000_000 }
+}
+
+/// A layer tar of the tree, in path order, as most builders write it.
+pub fn layer_tar(tree: &Tree) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, node) in tree {
+        let mut h = tar::Header::new_ustar();
+        match node {
+            Node::File { data, mode, mtime } => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                h.set_mode(*mode);
+                h.set_mtime(*mtime);
+                b.append_data(&mut h, path, &data[..]).unwrap();
+            }
+            Node::Dir { mode } => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_mode(*mode);
+                b.append_data(&mut h, path, std::io::empty()).unwrap();
+            }
+            Node::Symlink { target } => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+pub fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
+    let mut e = c.encoder(Vec::new()).unwrap();
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Writes an image of the given layer tars into the layout `dir` under `tag`.
+pub fn write_image(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Compression) -> Digest {
+    let w = LayoutWriter::create(dir).unwrap();
+    let mut descriptors = Vec::new();
+    let mut diff_ids = Vec::new();
+    for tar in layers {
+        let blob = compress(compression, tar);
+        let (d, n) = w.put_blob(&blob).unwrap();
+        descriptors.push(json!({"mediaType": compression.media_type_like("application/vnd.oci.image.layer.v1.tar"), "digest": d.to_string(), "size": n}));
+        diff_ids.push(Digest::of(tar).to_string());
+    }
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
+    let (cd, cn) = w.put_blob(&config).unwrap();
+    let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors})).unwrap();
+    let (md, mn) = w.put_blob(&manifest).unwrap();
+    w.commit(&BlobRef { media_type: OCI_MANIFEST.into(), digest: md, size: mn }, tag).unwrap();
+    md
+}
+
+pub fn oci(dir: &Path) -> ImageRef {
+    ImageRef::parse(&format!("oci:{}", dir.display())).unwrap()
+}
+
+pub fn oci_tag(dir: &Path, tag: &str) -> ImageRef {
+    ImageRef::parse(&format!("oci:{}:{tag}", dir.display())).unwrap()
+}
+
+/// The uncompressed layer tars of an image, decompressed by the test itself.
+pub fn layer_tars(dir: &Path, tag: Option<&str>) -> Vec<Vec<u8>> {
+    let layout = Layout::open(dir).unwrap();
+    let image = layout.load_image(tag).unwrap();
+    image
+        .layers
+        .iter()
+        .map(|l| {
+            let mut out = Vec::new();
+            l.compression.decoder(fs::File::open(layout.blob_path(&l.blob.digest)).unwrap()).unwrap().read_to_end(&mut out).unwrap();
+            out
+        })
+        .collect()
+}
+
+/// Asserts that `out` holds exactly the layers and config of `target`.
+pub fn assert_same_image(target: &Path, out: &Path) {
+    let t = Layout::open(target).unwrap().load_image(None).unwrap();
+    let o = Layout::open(out).unwrap().load_image(None).unwrap();
+    assert_eq!(o.config.raw, t.config.raw, "config differs");
+    let (tt, ot) = (layer_tars(target, None), layer_tars(out, None));
+    assert_eq!(tt.len(), ot.len());
+    for (i, (a, b)) in tt.iter().zip(&ot).enumerate() {
+        assert!(a == b, "layer {i} differs ({} vs {} bytes)", a.len(), b.len());
+        assert_eq!(Digest::of(b), t.config.diff_ids[i]);
+    }
+}
+
+/// Every file under `dir`, with its contents: to check that a failure wrote nothing.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    if !dir.exists() {
+        return out;
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes that look a little like text.
+pub fn text(seed: u64, len: usize) -> Vec<u8> {
+    let words: [&[u8]; 12] = [b"alpha ", b"beta ", b"gamma ", b"delta\n", b"fleet ", b"image ", b"layer ", b"0x1f ", b"return ", b"{}\n", b"config ", b"zeta "];
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(words[(x % 12) as usize]);
+    }
+    out.truncate(len);
+    out
+}
+
+/// Rewrites a delta layout after `edit` changed its blobs: recomputes the digests of the
+/// layer blobs, config and manifest so that only deeper checks can catch the change.
+/// `edit` gets the delta layer tars (uncompressed) and the manifest JSON.
+pub fn reseal(delta: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>, &mut Value)) {
+    let layout = Layout::open(delta).unwrap();
+    let image = layout.load_image(None).unwrap();
+    let mut tars: Vec<Vec<u8>> = image.layers.iter().map(|l| fs::read(layout.blob_path(&l.blob.digest)).unwrap()).collect();
+    let mut manifest: Value = serde_json::from_slice(&image.manifest.raw).unwrap();
+    edit(&mut tars, &mut manifest);
+    let blobs = delta.join("blobs/sha256");
+    let mut diff_ids = Vec::new();
+    for (i, t) in tars.iter().enumerate() {
+        let d = Digest::of(t);
+        fs::write(blobs.join(d.hex()), t).unwrap();
+        manifest["layers"][i]["digest"] = Value::from(d.to_string());
+        manifest["layers"][i]["size"] = Value::from(t.len());
+        diff_ids.push(d.to_string());
+    }
+    let mut config: Value = serde_json::from_slice(&image.config.raw).unwrap();
+    config["rootfs"]["diff_ids"] = Value::from(diff_ids);
+    let config = serde_json::to_vec(&config).unwrap();
+    let cd = Digest::of(&config);
+    fs::write(blobs.join(cd.hex()), &config).unwrap();
+    manifest["config"]["digest"] = Value::from(cd.to_string());
+    manifest["config"]["size"] = Value::from(config.len());
+    let m = serde_json::to_vec(&manifest).unwrap();
+    let md = Digest::of(&m);
+    fs::write(blobs.join(md.hex()), &m).unwrap();
+    let index = json!({"schemaVersion": 2, "manifests": [{"mediaType": OCI_MANIFEST, "digest": md.to_string(), "size": m.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    fs::write(delta.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// Replaces the single file inside a one-entry tar.
+pub fn retar(tar_bytes: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut archive = tar::Archive::new(tar_bytes);
+    let mut entry = archive.entries().unwrap().next().unwrap().unwrap();
+    let name = entry.path().unwrap().into_owned();
+    let mut data = Vec::new();
+    entry.read_to_end(&mut data).unwrap();
+    edit(&mut data);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, name, &data[..]).unwrap();
+    b.into_inner().unwrap()
+}

@@ -1,0 +1,237 @@
+//! Round trips: diff then apply must rebuild the target image exactly, whatever the edits.
+
+mod common;
+
+use common::*;
+use fleetdelta::format::plan::Method;
+use fleetdelta::layer::Compression;
+use fleetdelta::{apply, diff, info, ApplyOptions, DiffOptions, LayerOutput, Level, Silent};
+use proptest::prelude::*;
+use std::path::Path;
+
+fn roundtrip(dir: &Path, source: &[Tree], target: &[Tree], sc: Compression, tc: Compression, level: Level) -> fleetdelta::ApplyReport {
+    let (s, t, d, o) = (dir.join("s"), dir.join("t"), dir.join("d"), dir.join("o"));
+    for p in [&s, &t, &d, &o] {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    write_image(&s, "latest", &source.iter().map(layer_tar).collect::<Vec<_>>(), sc);
+    write_image(&t, "latest", &target.iter().map(layer_tar).collect::<Vec<_>>(), tc);
+    diff(&oci(&s), &oci(&t), &oci(&d), &DiffOptions { level, ..Default::default() }, &Silent).unwrap();
+    let report = apply(&oci(&s), &oci(&d), &oci(&o), &ApplyOptions::default(), &Silent).unwrap();
+    assert_same_image(&t, &o);
+    let u = dir.join("u");
+    let _ = std::fs::remove_dir_all(&u);
+    let opts = ApplyOptions { layers: LayerOutput::Uncompressed, ..Default::default() };
+    apply(&oci(&s), &oci(&d), &oci(&u), &opts, &Silent).unwrap();
+    assert_same_image(&t, &u);
+    report
+}
+
+#[derive(Clone, Debug)]
+enum Edit {
+    Add { layer: usize, path: String, seed: u64, len: usize },
+    Remove { pick: usize },
+    Rename { pick: usize, to: String },
+    Modify { pick: usize, at: f64, insert: usize, delete: usize, seed: u64 },
+    Chmod { pick: usize, mode: u32 },
+    Touch { pick: usize, mtime: u64 },
+}
+
+#[derive(Clone, Debug)]
+enum LayerChange {
+    Keep,
+    Reverse,
+    DropFirst,
+    AddLayer(u64),
+}
+
+fn path_strategy() -> impl Strategy<Value = String> {
+    (0..4u8, 0..12u8, prop::sample::select(vec!["txt", "so.1", "py", "bin"])).prop_map(|(d, f, ext)| format!("dir{d}/file{f}.{ext}"))
+}
+
+fn tree_strategy() -> impl Strategy<Value = Tree> {
+    prop::collection::btree_map(path_strategy(), (any::<u64>(), 0..40_000usize), 1..16)
+        .prop_map(|m| m.into_iter().map(|(p, (seed, len))| (p, file(text(seed, len)))).collect())
+}
+
+fn edit_strategy() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (0..3usize, path_strategy(), any::<u64>(), 0..30_000usize).prop_map(|(layer, path, seed, len)| Edit::Add { layer, path, seed, len }),
+        any::<usize>().prop_map(|pick| Edit::Remove { pick }),
+        (any::<usize>(), path_strategy()).prop_map(|(pick, to)| Edit::Rename { pick, to }),
+        (any::<usize>(), 0.0..1.0f64, 0..3000usize, 0..3000usize, any::<u64>()).prop_map(|(pick, at, insert, delete, seed)| Edit::Modify { pick, at, insert, delete, seed }),
+        (any::<usize>(), prop::sample::select(vec![0o600u32, 0o755, 0o4755])).prop_map(|(pick, mode)| Edit::Chmod { pick, mode }),
+        (any::<usize>(), any::<u32>()).prop_map(|(pick, t)| Edit::Touch { pick, mtime: t as u64 }),
+    ]
+}
+
+fn pick(layers: &mut [Tree], n: usize) -> Option<(usize, String)> {
+    let all: Vec<(usize, String)> = layers.iter().enumerate().flat_map(|(i, t)| t.keys().map(move |k| (i, k.clone()))).collect();
+    (!all.is_empty()).then(|| all[n % all.len()].clone())
+}
+
+fn apply_edits(mut layers: Vec<Tree>, edits: &[Edit], change: &LayerChange) -> Vec<Tree> {
+    for e in edits {
+        match e {
+            Edit::Add { layer, path, seed, len } => {
+                let l = *layer % layers.len();
+                layers[l].insert(path.clone(), file(text(*seed, *len)));
+            }
+            Edit::Remove { pick: n } => {
+                if let Some((l, p)) = pick(&mut layers, *n) {
+                    layers[l].remove(&p);
+                }
+            }
+            Edit::Rename { pick: n, to } => {
+                if let Some((l, p)) = pick(&mut layers, *n) {
+                    let node = layers[l].remove(&p).unwrap();
+                    layers[l].insert(to.clone(), node);
+                }
+            }
+            Edit::Modify { pick: n, at, insert, delete, seed } => {
+                if let Some((l, p)) = pick(&mut layers, *n) {
+                    if let Some(Node::File { data, .. }) = layers[l].get_mut(&p) {
+                        let pos = (data.len() as f64 * at) as usize;
+                        let end = (pos + delete).min(data.len());
+                        data.splice(pos..end, text(*seed, *insert));
+                    }
+                }
+            }
+            Edit::Chmod { pick: n, mode: m } => {
+                if let Some((l, p)) = pick(&mut layers, *n) {
+                    if let Some(Node::File { mode, .. }) = layers[l].get_mut(&p) {
+                        *mode = *m;
+                    }
+                }
+            }
+            Edit::Touch { pick: n, mtime: t } => {
+                if let Some((l, p)) = pick(&mut layers, *n) {
+                    if let Some(Node::File { mtime, .. }) = layers[l].get_mut(&p) {
+                        *mtime = *t;
+                    }
+                }
+            }
+        }
+    }
+    match change {
+        LayerChange::Keep => {}
+        LayerChange::Reverse => layers.reverse(),
+        LayerChange::DropFirst if layers.len() > 1 => {
+            layers.remove(0);
+        }
+        LayerChange::DropFirst => {}
+        LayerChange::AddLayer(seed) => {
+            let mut t = Tree::new();
+            t.insert(format!("extra/{seed}.txt"), file(text(*seed, 5000)));
+            t.insert("extra".into(), Node::Dir { mode: 0o755 });
+            t.insert("extra/link".into(), Node::Symlink { target: "../dir0".into() });
+            layers.push(t);
+        }
+    }
+    layers
+}
+
+fn compression_strategy() -> impl Strategy<Value = Compression> {
+    prop::sample::select(vec![Compression::None, Compression::Gzip, Compression::Zstd])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_edits_round_trip(
+        source in prop::collection::vec(tree_strategy(), 1..4),
+        edits in prop::collection::vec(edit_strategy(), 0..12),
+        change in prop_oneof![Just(LayerChange::Keep), Just(LayerChange::Reverse), Just(LayerChange::DropFirst), any::<u64>().prop_map(LayerChange::AddLayer)],
+        sc in compression_strategy(),
+        tc in compression_strategy(),
+        level in prop::sample::select(vec![Level::Fast, Level::Default, Level::Max]),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let target = apply_edits(source.clone(), &edits, &change);
+        roundtrip(dir.path(), &source, &target, sc, tc, level);
+    }
+}
+
+#[test]
+fn unchanged_layers_cost_nothing_and_keep_their_blob_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: Tree = (0..20).map(|i| (format!("base/{i}"), file(text(i, 3000)))).collect();
+    let app1: Tree = (0..20).map(|i| (format!("app/{i}.py"), file(text(100 + i, 8000)))).collect();
+    let mut app2 = app1.clone();
+    if let Some(Node::File { data, .. }) = app2.get_mut("app/3.py") {
+        data.extend_from_slice(b"\nprint('v2')\n");
+    }
+    let report = roundtrip(dir.path(), &[base.clone(), app1], &[base, app2], Compression::Gzip, Compression::Gzip, Level::Default);
+    assert!(report.layers[0].identical, "the unchanged base layer keeps its digest");
+    let i = info(&oci(&dir.path().join("d"))).unwrap();
+    assert_eq!(i.layers[0].method, Method::Source);
+    assert_eq!(i.layers[0].payload_bytes, 0);
+    assert_eq!(i.layers[1].method, Method::Patch);
+    let stats = i.layers[1].stats.as_ref().unwrap();
+    assert_eq!((stats.files, stats.files_unchanged, stats.files_similar), (20, 19, 1));
+    assert!(i.layers[1].payload_bytes < 3_000, "a one-line change costs {} bytes", i.layers[1].payload_bytes);
+}
+
+#[test]
+fn identical_images_rebuild_with_the_same_manifest_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let t: Tree = (0..5).map(|i| (format!("f{i}"), file(text(i, 1000)))).collect();
+    let report = roundtrip(dir.path(), &[t.clone()], &[t], Compression::Gzip, Compression::Gzip, Level::Fast);
+    assert!(report.identical());
+    assert_eq!(report.written_manifest, report.target_manifest);
+}
+
+#[test]
+fn files_larger_than_a_chunk_are_split_and_still_match_their_partner() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = text(7, 11 << 20);
+    let mut changed = big.clone();
+    for k in 0..20 {
+        let at = k * (changed.len() / 20);
+        changed.splice(at..at + 100, text(k as u64 + 1000, 150));
+    }
+    let s: Tree = [("big.bin".to_string(), file(big.clone()))].into();
+    let t: Tree = [("big.bin".to_string(), file(changed))].into();
+    roundtrip(dir.path(), &[s], &[t], Compression::Zstd, Compression::Gzip, Level::Fast);
+    let i = info(&oci(&dir.path().join("d"))).unwrap();
+    let stats = i.layers[0].stats.clone().unwrap();
+    assert!(stats.chunks >= 3, "{stats:?}");
+    assert!(i.layers[0].payload_bytes < 200_000, "payload {} for 20 small edits of an 11 MiB file", i.layers[0].payload_bytes);
+}
+
+#[test]
+fn a_layer_with_nothing_in_common_is_carried_as_its_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    // Random bytes do not compress: the patch cannot beat the blob by the required margin.
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let noise: Vec<u8> = (0..50_000)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545f4914f6cdd1d) >> 56) as u8
+        })
+        .collect();
+    let s: Tree = [("a".to_string(), file(text(1, 100)))].into();
+    let t: Tree = [("b".to_string(), file(noise))].into();
+    let report = roundtrip(dir.path(), &[s], &[t], Compression::Gzip, Compression::Gzip, Level::Fast);
+    assert_eq!(report.layers[0].method, Method::Blob);
+    assert!(report.identical(), "a carried blob keeps its digest");
+}
+
+#[test]
+fn deltas_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let s: Tree = (0..30).map(|i| (format!("f{i}"), file(text(i, 20_000)))).collect();
+    let mut t = s.clone();
+    t.insert("new".into(), file(text(99, 5000)));
+    write_image(&dir.path().join("s"), "latest", &[layer_tar(&s)], Compression::Gzip);
+    write_image(&dir.path().join("t"), "latest", &[layer_tar(&t)], Compression::Gzip);
+    let mut digests = Vec::new();
+    for name in ["d1", "d2"] {
+        let r = diff(&oci(&dir.path().join("s")), &oci(&dir.path().join("t")), &oci(&dir.path().join(name)), &DiffOptions::default(), &Silent).unwrap();
+        digests.push(r.delta_manifest);
+    }
+    assert_eq!(digests[0], digests[1]);
+}
