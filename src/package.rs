@@ -12,15 +12,20 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use crate::digest::{verify, Digest, HashingReader};
+use crate::digest::{verify, Digest, HashingWriter};
+use crate::layer::compression::copy_hashed;
+use crate::layer::Compression;
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{DeltaPlan, LayerPlan, Method};
 use crate::format::*;
 use crate::image::manifest::{BlobRef, Config, Image, Manifest, OCI_CONFIG, OCI_MANIFEST};
 use crate::image::{load_image, ImageRef, Layout, LayoutWriter};
 
-/// Media type of every delta layer: a plain tar, so any OCI tool can carry and unpack it.
-pub const DELTA_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+/// Media type of the delta layers this build writes: gzip-compressed tars, like any image
+/// layer, so that every OCI tool carries them unchanged (tools such as skopeo compress plain
+/// tar layers on copy, which would change the delta's digest) and can unpack them. Readers
+/// accept any layer compression, in case a tool recompressed them anyway.
+pub const DELTA_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 const TAR_BLOCK: u64 = 512;
 
@@ -48,15 +53,17 @@ fn tar_header(name: &str, size: u64) -> tar::Header {
     h
 }
 
-/// Writes a tar of the given files as a blob; returns its descriptor.
-fn write_tar_blob(writer: &LayoutWriter, files: Vec<(String, Box<dyn Read + '_>, u64)>) -> Result<BlobRef> {
-    let mut builder = tar::Builder::new(writer.blob()?);
+/// Writes a gzip-compressed tar of the given files as a blob; returns its descriptor and
+/// diff_id.
+fn write_tar_blob(writer: &LayoutWriter, files: Vec<(String, Box<dyn Read + '_>, u64)>) -> Result<(BlobRef, Digest)> {
+    let mut builder = tar::Builder::new(HashingWriter::new(Compression::Gzip.encoder(writer.blob()?)?));
     for (name, data, size) in files {
         builder.append(&tar_header(&name, size), data).ctx(|| format!("writing delta layer entry {name}"))?;
     }
-    let blob = builder.into_inner().ctx(|| "finishing delta layer".into())?;
+    let (encoder, diff_id, _) = builder.into_inner().ctx(|| "finishing delta layer".into())?.finish();
+    let blob = encoder.finish().ctx(|| "compressing delta layer".into())?;
     let (digest, size) = blob.finish(None)?;
-    Ok(BlobRef { media_type: DELTA_LAYER_MEDIA_TYPE.into(), digest, size })
+    Ok((BlobRef { media_type: DELTA_LAYER_MEDIA_TYPE.into(), digest, size }, diff_id))
 }
 
 /// Writes the delta image (blobs and manifest) through `writer`; returns the manifest
@@ -68,11 +75,11 @@ pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, 
         plan.layers[p.target_layer as usize].delta_layer = Some(i as u32 + 1);
         let file = File::open(&p.path).ctx(|| format!("opening {}", p.path.display()))?;
         let size = file.metadata().ctx(|| format!("reading {}", p.path.display()))?.len();
-        let blob = write_tar_blob(writer, vec![(payload_file_name(p.target_layer, p.method), Box::new(BufReader::new(file)), size)])?;
-        payload_layers.push((blob, p));
+        let (blob, diff_id) = write_tar_blob(writer, vec![(payload_file_name(p.target_layer, p.method), Box::new(BufReader::new(file)), size)])?;
+        payload_layers.push((blob, diff_id, p));
     }
     let plan_json = serde_json::to_vec_pretty(plan).expect("plans serialize");
-    let metadata = write_tar_blob(
+    let (metadata, metadata_diff_id) = write_tar_blob(
         writer,
         vec![
             (PLAN_FILE.into(), Box::new(&plan_json[..]), plan_json.len() as u64),
@@ -85,14 +92,14 @@ pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, 
         "mediaType": DELTA_LAYER_MEDIA_TYPE, "digest": metadata.digest.to_string(), "size": metadata.size,
         "annotations": { ANNOTATION_ROLE: "metadata" },
     })];
-    let mut diff_ids = vec![metadata.digest.to_string()];
-    for (blob, p) in &payload_layers {
+    let mut diff_ids = vec![metadata_diff_id.to_string()];
+    for (blob, diff_id, p) in &payload_layers {
         let role = if p.method == Method::Blob { "blob" } else { "patch" };
         layers.push(json!({
             "mediaType": DELTA_LAYER_MEDIA_TYPE, "digest": blob.digest.to_string(), "size": blob.size,
             "annotations": { ANNOTATION_ROLE: role, ANNOTATION_TARGET_LAYER: p.target_layer.to_string() },
         }));
-        diff_ids.push(blob.digest.to_string());
+        diff_ids.push(diff_id.to_string());
     }
     let config = json!({
         "architecture": target.config.architecture,
@@ -118,7 +125,7 @@ pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, 
     });
     let manifest_bytes = serde_json::to_vec(&manifest).expect("JSON values serialize");
     let (digest, size) = writer.put_blob(&manifest_bytes)?;
-    let download = size + config_size + metadata.size + payload_layers.iter().map(|(b, _)| b.size).sum::<u64>();
+    let download = size + config_size + metadata.size + payload_layers.iter().map(|(b, _, _)| b.size).sum::<u64>();
     Ok((BlobRef { media_type: OCI_MANIFEST.into(), digest, size }, download))
 }
 
@@ -147,8 +154,10 @@ impl DeltaImage {
         if version != FORMAT_VERSION.to_string() {
             return Err(Error::UnsupportedFormatVersion { found: version, supported: FORMAT_VERSION });
         }
-        let metadata_blob = image.layers.first().ok_or_else(|| Error::malformed("delta", "no layers"))?;
-        let metadata = layout.read_blob(&metadata_blob.blob, 4 * MAX_METADATA_FILE_BYTES)?;
+        let metadata_layer = image.layers.first().ok_or_else(|| Error::malformed("delta", "no layers"))?;
+        let compressed = layout.read_blob(&metadata_layer.blob, 4 * MAX_METADATA_FILE_BYTES)?;
+        let mut metadata = Vec::new();
+        copy_hashed(metadata_layer.compression.decoder(&compressed[..])?, &mut metadata, 4 * MAX_METADATA_FILE_BYTES, "delta metadata layer")?;
         let mut files = read_metadata_tar(&metadata)?;
         let mut take = |name: &str| files.remove(name).ok_or_else(|| Error::malformed("delta metadata layer", format!("no {name}")));
         let (plan_raw, manifest_raw, config_raw) = (take(PLAN_FILE)?, take(TARGET_MANIFEST_FILE)?, take(TARGET_CONFIG_FILE)?);
@@ -175,39 +184,32 @@ impl DeltaImage {
         let target_config = Config::parse(config_raw)?;
         let target = Image::new(target_manifest, target_config)?;
         plan.validate(target.layers.len(), image.layers.len())?;
-        for l in &plan.layers {
-            if let Some(d) = l.delta_layer {
-                let blob = &image.manifest.layers[d as usize];
-                if blob.media_type != DELTA_LAYER_MEDIA_TYPE {
-                    return Err(Error::malformed("delta", format!("payload layer {d} has media type {}", blob.media_type)));
-                }
-            }
-        }
         Ok(DeltaImage { layout, image, plan, target })
     }
 
-    /// Opens the payload of a `patch` or `blob` layer plan as a stream. The blob digest is
-    /// verified by [`PayloadReader::finish`], which the caller must call before trusting the
-    /// result.
+    /// Opens the payload of a `patch` or `blob` layer plan as a stream. The delta layer's
+    /// blob digest is verified first, in one pass over the blob, so what streams is what the
+    /// delta manifest names.
     pub fn open_payload(&self, layer: &LayerPlan) -> Result<PayloadReader> {
         let index = layer.delta_layer.ok_or_else(|| Error::malformed("delta.json", format!("layer {} has no payload", layer.index)))?;
-        let blob = self.image.manifest.layers[index as usize].clone();
+        let delta_layer = &self.image.layers[index as usize];
+        let blob = &delta_layer.blob;
         let what = format!("delta layer {index} ({})", blob.digest);
-        let mut input = HashingReader::new(BufReader::with_capacity(256 << 10, self.layout.open_blob(&blob)?));
+        let (digest, len) = copy_hashed(self.layout.open_blob(blob)?, io::sink(), blob.size, &what)?;
+        verify(|| what.clone(), &blob.digest, Some(blob.size), &digest, len)?;
+        let file = self.layout.open_blob(blob)?;
+        let mut input = BufReader::with_capacity(256 << 10, delta_layer.compression.decoder(BufReader::with_capacity(256 << 10, file))?);
         let mut raw = [0u8; TAR_BLOCK as usize];
         input.read_exact(&mut raw).map_err(|_| Error::malformed(&what, "truncated tar header"))?;
         let header = tar::Header::from_byte_slice(&raw);
         let checksum_ok = header.cksum().ok() == Some(raw.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32u32 } else { *b as u32 }).sum());
         let name = payload_file_name(layer.index, layer.method);
         let path_ok = header.path_bytes().as_ref() == name.as_bytes();
-        let size = header.size().map_err(|e| Error::malformed(&what, e.to_string()))?;
         if !checksum_ok || !path_ok || header.entry_type() != tar::EntryType::Regular {
             return Err(Error::malformed(&what, format!("expected a tar holding {name}")));
         }
-        if size.checked_add(TAR_BLOCK).is_none_or(|n| n > blob.size) {
-            return Err(Error::malformed(&what, format!("entry {name} claims {size} bytes in a {}-byte blob", blob.size)));
-        }
-        Ok(PayloadReader { input, left: size, blob, what })
+        let size = header.size().map_err(|e| Error::malformed(&what, e.to_string()))?;
+        Ok(PayloadReader { input: input.take(size), left: size, what })
     }
 }
 
@@ -234,21 +236,26 @@ fn read_metadata_tar(bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
     Ok(files)
 }
 
-/// The payload bytes of one delta layer, streamed from its blob.
-#[derive(Debug)]
+/// The payload bytes of one delta layer, streamed from its (verified) blob.
 pub struct PayloadReader {
-    input: HashingReader<BufReader<File>>,
+    input: io::Take<BufReader<Box<dyn Read>>>,
     left: u64,
-    blob: BlobRef,
     what: String,
 }
 
+impl std::fmt::Debug for PayloadReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PayloadReader").field("left", &self.left).field("what", &self.what).finish()
+    }
+}
+
 impl PayloadReader {
-    /// Reads the rest of the blob and checks its digest: call after consuming the payload.
-    pub fn finish(mut self) -> Result<()> {
-        io::copy(&mut self.input, &mut io::sink()).ctx(|| format!("reading {}", self.what))?;
-        let (digest, len) = self.input.finish();
-        verify(|| self.what.clone(), &self.blob.digest, Some(self.blob.size), &digest, len)
+    /// Checks that the whole payload was consumed.
+    pub fn finish(self) -> Result<()> {
+        if self.left != 0 {
+            return Err(Error::malformed(&self.what, format!("{} payload bytes left unread", self.left)));
+        }
+        Ok(())
     }
 }
 
@@ -257,8 +264,7 @@ impl Read for PayloadReader {
         if self.left == 0 {
             return Ok(0);
         }
-        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        let n = self.input.read(&mut buf[..want])?;
+        let n = self.input.read(buf)?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{}: truncated payload", self.what)));
         }

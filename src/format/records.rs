@@ -36,9 +36,9 @@ pub struct SourceRange {
 }
 
 impl SourceRange {
-    /// One past the last byte.
+    /// One past the last byte (saturating: ranges read from a patch are checked separately).
     pub fn end(&self) -> u64 {
-        self.offset + self.len
+        self.offset.saturating_add(self.len)
     }
 }
 

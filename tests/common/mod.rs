@@ -155,11 +155,20 @@ pub fn text(seed: u64, len: usize) -> Vec<u8> {
 
 /// Rewrites a delta layout after `edit` changed its blobs: recomputes the digests of the
 /// layer blobs, config and manifest so that only deeper checks can catch the change.
-/// `edit` gets the delta layer tars (uncompressed) and the manifest JSON.
+/// `edit` gets the delta layer tars (uncompressed) and the manifest JSON. The layers are
+/// stored uncompressed, as a tool that recompressed a delta might.
 pub fn reseal(delta: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>, &mut Value)) {
     let layout = Layout::open(delta).unwrap();
     let image = layout.load_image(None).unwrap();
-    let mut tars: Vec<Vec<u8>> = image.layers.iter().map(|l| fs::read(layout.blob_path(&l.blob.digest)).unwrap()).collect();
+    let mut tars: Vec<Vec<u8>> = image
+        .layers
+        .iter()
+        .map(|l| {
+            let mut out = Vec::new();
+            l.compression.decoder(fs::File::open(layout.blob_path(&l.blob.digest)).unwrap()).unwrap().read_to_end(&mut out).unwrap();
+            out
+        })
+        .collect();
     let mut manifest: Value = serde_json::from_slice(&image.manifest.raw).unwrap();
     edit(&mut tars, &mut manifest);
     let blobs = delta.join("blobs/sha256");
@@ -167,6 +176,7 @@ pub fn reseal(delta: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>, &mut Value)) {
     for (i, t) in tars.iter().enumerate() {
         let d = Digest::of(t);
         fs::write(blobs.join(d.hex()), t).unwrap();
+        manifest["layers"][i]["mediaType"] = Value::from("application/vnd.oci.image.layer.v1.tar");
         manifest["layers"][i]["digest"] = Value::from(d.to_string());
         manifest["layers"][i]["size"] = Value::from(t.len());
         diff_ids.push(d.to_string());

@@ -1,0 +1,137 @@
+//! End to end through the command line, on images built by umoci and checked by skopeo
+//! (Debian's packages; `.ci/run` installs them).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::text;
+
+fn tool(name: &str) -> Command {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
+    assert!(found.status.success(), "{name} is required by this test: apt-get install {name}");
+    Command::new(name)
+}
+
+fn fleetdelta() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fleetdelta"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn write_tree(root: &Path, files: &[(&str, Vec<u8>)]) {
+    for (path, data) in files {
+        let p = root.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, data).unwrap();
+    }
+}
+
+/// `img:base` (one layer), then `img:v1` and `img:v2` each adding an app layer on top of it;
+/// v2's app is v1's with edits. Built with umoci, as a release pipeline would.
+fn build_images(dir: &Path) {
+    let img = dir.join("img");
+    run(tool("umoci").args(["init", "--layout"]).arg(&img));
+    run(tool("umoci").args(["new", "--image"]).arg(format!("{}:base", img.display())));
+    let bundle = dir.join("bundle-base");
+    run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:base", img.display())).arg(&bundle));
+    write_tree(&bundle.join("rootfs"), &(0..40).map(|i| (Box::leak(format!("usr/lib/base/{i}.so").into_boxed_str()) as &str, text(i, 20_000))).collect::<Vec<_>>());
+    run(tool("umoci").args(["repack", "--image"]).arg(format!("{}:base", img.display())).arg(&bundle));
+    for (tag, edit) in [("v1", false), ("v2", true)] {
+        let b = dir.join(format!("bundle-{tag}"));
+        run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:base", img.display())).arg(&b));
+        let mut files: Vec<(&str, Vec<u8>)> = (0..30).map(|i| (Box::leak(format!("app/module{i}.py").into_boxed_str()) as &str, text(1000 + i, 12_000))).collect();
+        if edit {
+            files[3].1.splice(500..600, text(9, 250));
+            files[17].1.extend_from_slice(b"\ndef added():\n    return 2\n");
+            files.push(("app/new_module.py", text(4242, 6000)));
+            files.remove(25);
+        }
+        write_tree(&b.join("rootfs"), &files);
+        run(tool("umoci").args(["repack", "--image"]).arg(format!("{}:{tag}", img.display())).arg(&b));
+    }
+}
+
+fn skopeo_digest(reference: &str) -> String {
+    let out = run(tool("skopeo").args(["inspect", "--format", "{{.Digest}}", reference]));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn umoci_images_round_trip_through_the_cli_and_the_delta_is_an_ordinary_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    build_images(d);
+    let img = d.join("img");
+    let (v1, v2) = (format!("oci:{}:v1", img.display()), format!("oci:{}:v2", img.display()));
+    let delta = format!("oci:{}:v1-v2", d.join("delta").display());
+
+    let out = run(fleetdelta().args(["diff", "--level", "default", &v1, &v2, &delta]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("to download instead of"));
+
+    // skopeo reads the delta as any image and can copy it; umoci can unpack it.
+    let delta_digest = skopeo_digest(&delta);
+    assert!(delta_digest.starts_with("sha256:"));
+    let copied = format!("oci:{}:copy", d.join("delta-copy").display());
+    run(tool("skopeo").args(["copy", &delta, &copied]));
+    assert_eq!(skopeo_digest(&copied), delta_digest, "skopeo copy keeps the delta bit for bit");
+    run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v1-v2", d.join("delta").display())).arg(d.join("delta-bundle")));
+    let plan: serde_json::Value = serde_json::from_slice(&fs::read(d.join("delta-bundle/rootfs/delta.json")).unwrap()).unwrap();
+    assert_eq!(plan["formatVersion"], 1);
+
+    // info, for people and as JSON.
+    let out = run(fleetdelta().args(["info", &copied, "--json"]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["layers"][0]["method"], "source");
+    assert_eq!(info["layers"][1]["method"], "patch");
+    assert!(info["payload_bytes"].as_u64().unwrap() < info["target_bytes"].as_u64().unwrap() / 4);
+    run(fleetdelta().args(["info", &copied]));
+
+    // Apply from the copy into a new layout and into the source's own layout.
+    let out_ref = format!("oci:{}:v2", d.join("out").display());
+    run(fleetdelta().args(["apply", &v1, &copied, &out_ref]));
+    let inplace = format!("oci:{}:v2-rebuilt", img.display());
+    let out = run(fleetdelta().args(["apply", "--json", &v1, &copied, &inplace]));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["layers"][0]["identical"], true);
+
+    // The rebuilt image has the target's config and unpacks to the same tree.
+    let config_of = |r: &str| {
+        let out = run(tool("skopeo").args(["inspect", "--raw", r]));
+        let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        m["config"]["digest"].as_str().unwrap().to_string()
+    };
+    assert_eq!(config_of(&out_ref), config_of(&v2));
+    assert_eq!(config_of(&inplace), config_of(&v2));
+    run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v2", d.join("out").display())).arg(d.join("check-out")));
+    run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v2", img.display())).arg(d.join("check-v2")));
+    run(Command::new("diff").arg("-r").arg(d.join("check-out/rootfs")).arg(d.join("check-v2/rootfs")));
+    assert_eq!(skopeo_digest(&v1), skopeo_digest(&format!("oci:{}:v1", img.display())), "source untouched");
+
+    // With uncompressed layers.
+    let raw_ref = format!("oci:{}:v2", d.join("raw").display());
+    run(fleetdelta().args(["apply", "--layers", "uncompressed", &v1, &delta, &raw_ref]));
+    assert_eq!(config_of(&raw_ref), config_of(&v2));
+}
+
+#[test]
+fn failures_exit_non_zero_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!("oci:{}", dir.path().join("missing").display());
+    let out = fleetdelta().args(["apply", &missing, &missing, &format!("oci:{}", dir.path().join("o").display())]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("fleetdelta: error:") && stderr.contains("missing"), "{stderr}");
+    assert!(!dir.path().join("o").exists());
+
+    let out = fleetdelta().args(["diff", "docker://example/a:1", "oci:x", "oci:y"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("docker://"));
+}
