@@ -223,13 +223,11 @@ impl Rebuild<'_> {
         if source.diff_id != target.diff_id {
             return Err(Error::malformed("delta.json", format!("{what} is said to equal source layer {index}, whose diff_id differs")));
         }
-        let blob = self.source_layout.open_blob(&source.blob)?;
         if source.blob.digest == target.blob.digest && self.options.layers == LayerOutput::Original {
-            let mut w = self.writer.blob()?;
-            io::copy(&mut io::BufReader::new(blob), &mut w).ctx(|| format!("copying {what}"))?;
-            let (digest, size) = w.finish(Some((&target.blob.digest, what)))?;
-            return Ok(BlobRef { media_type: target.blob.media_type.clone(), digest, size });
+            self.writer.add_existing_blob(&self.source_layout.blob_path(&source.blob.digest), &target.blob, what)?;
+            return Ok(target.blob.clone());
         }
+        let blob = self.source_layout.open_blob(&source.blob)?;
         self.write_tar(target, what, |out| {
             copy_hashed(source.compression.decoder(blob)?, out, self.options.max_layer_bytes, what)?;
             Ok(())

@@ -27,6 +27,10 @@ pub struct EncodeParams {
     pub prefix_bytes: u64,
     /// Extra partner bytes on each side of a piece of a file split across chunks.
     pub window_slack: u64,
+    /// Source bytes around the partners added to each chunk's prefix, so that contents
+    /// that moved between files (code moved to a neighbouring module, renamed files the
+    /// pairing missed) are still found; 0 disables it.
+    pub context_bytes: u64,
 }
 
 /// A planned operation on the output.
@@ -188,7 +192,19 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
     });
     emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner);
 
-    let Planner { ops, chunks, mut stats, .. } = planner;
+    let Planner { ops, mut chunks, mut stats, .. } = planner;
+    if params.context_bytes > 0 {
+        let lens: Vec<u64> = source.layers.iter().map(|l| l.index.len).collect();
+        for c in &mut chunks {
+            let budget = params.context_bytes.min(params.prefix_bytes.saturating_sub(c.prefix_len));
+            let room = (MAX_PREFIX_RANGES as usize).saturating_sub(c.prefix.len());
+            let mut context = context_ranges(&c.prefix, &lens, budget);
+            context.truncate(room);
+            c.prefix_len += context.iter().map(|r| r.len).sum::<u64>();
+            context.append(&mut c.prefix);
+            c.prefix = context;
+        }
+    }
     let frames: Vec<Vec<u8>> = chunks
         .par_iter()
         .filter(|c| c.literal_len > 0)
@@ -221,6 +237,78 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
     }
     w.write(&Record::End).ctx(|| "writing patch".into())?;
     Ok((stats, used))
+}
+
+/// Merges ranges (sorted by layer and offset) into disjoint ones.
+fn merge(mut ranges: Vec<SourceRange>) -> Vec<SourceRange> {
+    ranges.sort_by_key(|r| (r.layer, r.offset));
+    let mut out: Vec<SourceRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(l) if l.layer == r.layer && r.offset <= l.end() => l.len = l.len.max(r.end() - l.offset),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// The source bytes within `margin` of the partners, minus the partners themselves.
+fn surroundings(partners: &[SourceRange], merged_partners: &[SourceRange], lens: &[u64], margin: u64) -> Vec<SourceRange> {
+    let grown = merge(
+        partners
+            .iter()
+            .map(|p| {
+                let start = p.offset.saturating_sub(margin);
+                let end = p.end().saturating_add(margin).min(lens[p.layer as usize]);
+                SourceRange { layer: p.layer, offset: start, len: end.saturating_sub(start) }
+            })
+            .collect(),
+    );
+    let mut out = Vec::new();
+    let mut holes = merged_partners.iter().peekable();
+    for g in grown {
+        let mut at = g.offset;
+        while let Some(h) = holes.peek() {
+            if (h.layer, h.end()) <= (g.layer, at) {
+                holes.next();
+                continue;
+            }
+            if h.layer != g.layer || h.offset >= g.end() {
+                break;
+            }
+            if h.offset > at {
+                out.push(SourceRange { layer: g.layer, offset: at, len: h.offset - at });
+            }
+            at = at.max(h.end());
+            if h.end() > g.end() {
+                break;
+            }
+            holes.next();
+        }
+        if at < g.end() {
+            out.push(SourceRange { layer: g.layer, offset: at, len: g.end() - at });
+        }
+    }
+    out
+}
+
+/// The widest surroundings of the partners that fit in `budget` bytes.
+fn context_ranges(partners: &[SourceRange], lens: &[u64], budget: u64) -> Vec<SourceRange> {
+    if partners.is_empty() || budget == 0 {
+        return Vec::new();
+    }
+    let merged = merge(partners.to_vec());
+    let size = |ranges: &[SourceRange]| ranges.iter().map(|r| r.len).sum::<u64>();
+    let (mut lo, mut hi) = (0u64, lens.iter().copied().max().unwrap_or(0));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if size(&surroundings(partners, &merged, lens, mid)) <= budget {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    surroundings(partners, &merged, lens, lo)
 }
 
 /// Emits target bytes that are not file contents: a copy when they equal the partner's.
@@ -267,7 +355,29 @@ mod tests {
     use super::*;
 
     fn params() -> EncodeParams {
-        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10 }
+        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10, context_bytes: 0 }
+    }
+
+    fn r(layer: u32, offset: u64, len: u64) -> SourceRange {
+        SourceRange { layer, offset, len }
+    }
+
+    #[test]
+    fn context_surrounds_partners_within_budget_and_excludes_them() {
+        let lens = [1000, 1000];
+        let partners = [r(0, 100, 50), r(0, 160, 40), r(1, 500, 10)];
+        let ctx = context_ranges(&partners, &lens, 60);
+        let total: u64 = ctx.iter().map(|c| c.len).sum();
+        assert!(total <= 60 && total > 30, "{ctx:?}");
+        for c in &ctx {
+            for p in &partners {
+                assert!(c.layer != p.layer || c.end() <= p.offset || c.offset >= p.end(), "{c:?} overlaps {p:?}");
+            }
+        }
+        assert!(ctx.contains(&r(0, 150, 10)), "the gap between partners is context: {ctx:?}");
+        let all = context_ranges(&partners, &lens, u64::MAX);
+        assert_eq!(all.iter().map(|c| c.len).sum::<u64>(), 2000 - 100);
+        assert!(context_ranges(&[], &lens, 100).is_empty());
     }
 
     #[test]

@@ -42,11 +42,11 @@ pub enum Level {
 impl Level {
     /// The encoder parameters for this level.
     pub fn params(self) -> EncodeParams {
-        let base = EncodeParams { zstd_level: 3, chunk_bytes: 4 << 20, prefix_bytes: MAX_PREFIX_BYTES, window_slack: 1 << 20 };
+        let base = EncodeParams { zstd_level: 3, chunk_bytes: 4 << 20, prefix_bytes: MAX_PREFIX_BYTES, window_slack: 1 << 20, context_bytes: 0 };
         match self {
             Level::Fast => base,
-            Level::Default => EncodeParams { zstd_level: 12, ..base },
-            Level::Max => EncodeParams { zstd_level: 19, ..base },
+            Level::Default => EncodeParams { zstd_level: 12, context_bytes: 2 << 20, ..base },
+            Level::Max => EncodeParams { zstd_level: 19, window_slack: 2 << 20, context_bytes: MAX_PREFIX_BYTES, ..base },
         }
     }
 

@@ -220,6 +220,26 @@ impl LayoutWriter {
         File::open(&path).ctx(|| format!("opening staged blob {digest}"))
     }
 
+    /// Adds an existing blob file (verified against `blob` first): nothing is written when
+    /// the destination layout already has it, and a hard link is made where possible, so
+    /// unchanged layers cost neither disk space nor copying.
+    pub fn add_existing_blob(&self, path: &Path, blob: &BlobRef, what: &str) -> Result<()> {
+        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let (digest, len) = crate::layer::compression::copy_hashed(file, std::io::sink(), blob.size, what)?;
+        verify(|| what.to_string(), &blob.digest, Some(blob.size), &digest, len)?;
+        if self.into_existing && blob_path(&self.dest, &blob.digest).exists() {
+            return Ok(());
+        }
+        let staged = blob_path(self.staging.path(), &blob.digest);
+        if staged.exists() || fs::hard_link(path, &staged).is_ok() {
+            return Ok(());
+        }
+        let mut w = self.blob()?;
+        std::io::copy(&mut File::open(path).ctx(|| format!("opening {}", path.display()))?, &mut w).ctx(|| format!("copying {what}"))?;
+        w.finish(Some((&blob.digest, what)))?;
+        Ok(())
+    }
+
     /// Writes a whole blob from memory.
     pub fn put_blob(&self, bytes: &[u8]) -> Result<(Digest, u64)> {
         let mut w = self.blob()?;

@@ -67,7 +67,9 @@ impl Compression {
     pub fn encoder<W: Write>(self, output: W) -> Result<Encoder<W>> {
         Ok(match self {
             Compression::None => Encoder::None(output),
-            Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(output, flate2::Compression::default())),
+            // Fast rather than small: a recompressed layer gets a new digest whatever the
+            // level, so the applier favours speed (bit-exact re-encoding is a separate path).
+            Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(output, flate2::Compression::fast())),
             Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(output, 3).ctx(|| "starting zstd encoder".into())?),
         })
     }

@@ -1,0 +1,84 @@
+//! Regenerates the seed corpus under `fuzz/seeds/` from the library itself:
+//! `cargo run --manifest-path fuzz/Cargo.toml --example make_seeds`.
+
+use std::fs;
+use std::path::Path;
+
+use fleetdelta_fuzz::{layer_tar, pseudo_random, BoxResult, Fixture};
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> BoxResult<()> {
+    fs::create_dir_all(dir)?;
+    fs::write(dir.join(name), bytes)?;
+    println!("{} ({} bytes)", dir.join(name).display(), bytes.len());
+    Ok(())
+}
+
+/// A tar with one entry of every kind the indexer tells apart, plus a GNU long name.
+fn mixed_tar() -> BoxResult<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    b.append_data(&mut dir, "etc/", std::io::empty())?;
+    let mut file = tar::Header::new_gnu();
+    file.set_entry_type(tar::EntryType::Regular);
+    file.set_mode(0o644);
+    file.set_size(11);
+    b.append_data(&mut file, "etc/hostname", &b"fleetdelta\n"[..])?;
+    let long = format!("usr/share/{}/README", "long-directory-name".repeat(8));
+    file.set_size(5);
+    b.append_data(&mut file, &long, &b"hello"[..])?;
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    b.append_link(&mut link, "etc/localtime", "/usr/share/zoneinfo/UTC")?;
+    let mut hard = tar::Header::new_gnu();
+    hard.set_entry_type(tar::EntryType::Link);
+    hard.set_size(0);
+    b.append_link(&mut hard, "etc/hostname.bak", "etc/hostname")?;
+    let mut fifo = tar::Header::new_gnu();
+    fifo.set_entry_type(tar::EntryType::Fifo);
+    fifo.set_size(0);
+    b.append_data(&mut fifo, "run/fifo", std::io::empty())?;
+    Ok(b.into_inner()?)
+}
+
+fn main() -> BoxResult<()> {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+    let fixture = Fixture::build()?;
+
+    write(&seeds.join("patch_records"), "fixture.patch", &fixture.records)?;
+    let mut tiny = Vec::new();
+    let header = fleetdelta::format::records::PatchHeader { target_layer: 0, tar_len: 5 };
+    let mut w = fleetdelta::format::records::RecordWriter::new(&mut tiny, header)?;
+    use fleetdelta::format::records::{Record, SourceRange};
+    w.write(&Record::Copy(SourceRange { layer: 0, offset: 512, len: 2 }))?;
+    w.write(&Record::Chunk { prefix: vec![SourceRange { layer: 1, offset: 0, len: 16 }], raw_len: 3, frame: zstd::bulk::compress(b"abc", 1)? })?;
+    w.write(&Record::Literal(3))?;
+    w.write(&Record::End)?;
+    write(&seeds.join("patch_records"), "tiny.patch", &tiny)?;
+
+    let mut records = vec![0u8];
+    records.extend_from_slice(&fixture.records);
+    write(&seeds.join("delta_image"), "records", &records)?;
+    let mut payload = vec![1u8];
+    payload.extend_from_slice(&fixture.payload);
+    write(&seeds.join("delta_image"), "payload", &payload)?;
+
+    write(&seeds.join("tar_index"), "files.tar", &layer_tar(&[("a.txt", pseudo_random(1, 100, true)), ("bin/b", pseudo_random(2, 700, false))])?)?;
+    write(&seeds.join("tar_index"), "mixed.tar", &mixed_tar()?)?;
+
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus/sample/v1");
+    let image = fleetdelta::image::Layout::open(&sample)?.load_image(None)?;
+    let mut pair = image.manifest.raw.clone();
+    pair.push(0);
+    pair.extend_from_slice(&image.config.raw);
+    write(&seeds.join("manifest"), "oci-sample", &pair)?;
+    let docker = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824","size":2},"layers":[{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824","size":5}]}"#;
+    let mut pair = docker.to_vec();
+    pair.push(0);
+    pair.extend_from_slice(br#"{"architecture":"arm64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"]}}"#);
+    write(&seeds.join("manifest"), "docker", &pair)?;
+    Ok(())
+}
