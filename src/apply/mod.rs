@@ -202,9 +202,9 @@ impl Rebuild<'_> {
         let target = &self.delta.target.layers[plan.index as usize];
         let what = format!("target layer {} ({})", plan.index, target.blob.digest);
         let written = match plan.method {
-            Method::Source => self.from_source(plan, target, &what)?,
-            Method::Patch => self.from_patch(plan, target, &what)?,
-            Method::Blob => self.from_blob(plan, target, &what)?,
+            Method::Source => self.copy_source(plan, target, &what)?,
+            Method::Patch => self.run_patch(plan, target, &what)?,
+            Method::Blob => self.carry_blob(plan, target, &what)?,
         };
         let outcome = LayerOutcome {
             index: plan.index,
@@ -217,7 +217,7 @@ impl Rebuild<'_> {
         Ok((outcome, written))
     }
 
-    fn from_source(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
+    fn copy_source(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
         let index = plan.source_layer.expect("validated plan");
         let source = self.source.layers.get(index as usize).ok_or_else(|| Error::malformed("delta.json", format!("source layer {index} does not exist")))?;
         if source.diff_id != target.diff_id {
@@ -234,7 +234,7 @@ impl Rebuild<'_> {
         })
     }
 
-    fn from_patch(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
+    fn run_patch(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
         let payload = self.delta.open_payload(plan)?;
         let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
         decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
@@ -258,7 +258,7 @@ impl Rebuild<'_> {
         Ok(blob)
     }
 
-    fn from_blob(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
+    fn carry_blob(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
         let mut payload = self.delta.open_payload(plan)?;
         if self.options.layers == LayerOutput::Uncompressed && target.compression != Compression::None {
             let blob = self.write_tar(target, what, |out| {

@@ -187,7 +187,7 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
     // this layer draws most from.
     let tail_partner = layer_uses.iter().max_by_key(|(l, n)| (**n, std::cmp::Reverse(**l))).map(|(l, _)| *l).or((!source.layers.is_empty()).then_some(0)).map(|l| {
         let layer = &source.layers[l as usize];
-        let start = layer.index.entries.iter().filter(|e| e.has_content()).map(|e| e.data_start + e.data_len).last().unwrap_or(0);
+        let start = layer.index.entries.iter().filter(|e| e.has_content()).map(|e| e.data_start + e.data_len).next_back().unwrap_or(0);
         range_of(l, start..layer.index.len)
     });
     emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner);

@@ -97,7 +97,7 @@ impl Layout {
             (None, None) if entries.len() == 1 => &entries[0],
             _ => return Err(Error::NotFound(format!("tag {wanted:?} in {}", self.root.display()))),
         };
-        let blob = BlobRef::from_descriptor(descriptor, "index.json entry")?;
+        let blob = BlobRef::from_descriptor(descriptor)?;
         if blob.media_type == OCI_INDEX || blob.media_type == DOCKER_MANIFEST_LIST {
             return self.select_platform(&blob);
         }
@@ -114,7 +114,7 @@ impl Layout {
             .filter(|d| d.platform().as_ref().is_none_or(|p| p.architecture().to_string() == arch && p.os().to_string() == "linux"))
             .collect();
         match matching.as_slice() {
-            [one] => BlobRef::from_descriptor(one, "image index entry"),
+            [one] => BlobRef::from_descriptor(one),
             [] => Err(Error::NotFound(format!("an entry for linux/{arch} in image index {}", index_blob.digest))),
             _ => Err(Error::unsupported(format!("image index {}", index_blob.digest), format!("several entries for linux/{arch}"))),
         }
@@ -250,7 +250,8 @@ impl LayoutWriter {
     /// Makes the image visible under `tag`: the manifest blob must have been written.
     pub fn commit(self, manifest: &BlobRef, tag: &str) -> Result<()> {
         let staged_blobs = self.staging.path().join("blobs").join("sha256");
-        if !staged_blobs.join(manifest.digest.hex()).exists() && !(self.into_existing && blob_path(&self.dest, &manifest.digest).exists()) {
+        let written = staged_blobs.join(manifest.digest.hex()).exists() || (self.into_existing && blob_path(&self.dest, &manifest.digest).exists());
+        if !written {
             return Err(Error::NotFound(format!("manifest blob {} was not written", manifest.digest)));
         }
         let entry = json!({

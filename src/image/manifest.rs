@@ -35,10 +35,9 @@ pub struct BlobRef {
 
 impl BlobRef {
     /// Converts an oci-spec descriptor, accepting only sha256 digests and sane sizes.
-    pub fn from_descriptor(d: &Descriptor, what: &str) -> Result<Self> {
+    pub fn from_descriptor(d: &Descriptor) -> Result<Self> {
         let digest: Digest = d.digest().to_string().parse()?;
-        let size = u64::try_from(d.size()).map_err(|_| Error::malformed(what, "negative size"))?;
-        Ok(BlobRef { media_type: d.media_type().to_string(), digest, size })
+        Ok(BlobRef { media_type: d.media_type().to_string(), digest, size: d.size() })
     }
 }
 
@@ -89,12 +88,11 @@ impl Manifest {
         if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
             return Err(Error::unsupported(what, format!("media type {media_type}")));
         }
-        let config = BlobRef::from_descriptor(parsed.config(), "manifest config descriptor")?;
+        let config = BlobRef::from_descriptor(parsed.config())?;
         let layers = parsed
             .layers()
             .iter()
-            .enumerate()
-            .map(|(i, d)| BlobRef::from_descriptor(d, &format!("manifest layer {i}")))
+            .map(BlobRef::from_descriptor)
             .collect::<Result<Vec<_>>>()?;
         let digest = Digest::of(&raw);
         Ok(Manifest { raw, digest, media_type, config, layers })

@@ -156,7 +156,7 @@ mod tests {
         let mut e = Compression::Gzip.encoder(Vec::new()).unwrap();
         e.write_all(&vec![0u8; 10 << 20]).unwrap();
         let bomb = e.finish().unwrap();
-        assert!(bomb.len() < 64 << 10);
+        assert!(bomb.len() < 200 << 10, "{} bytes", bomb.len());
         let err = copy_hashed(Compression::Gzip.decoder(&bomb[..]).unwrap(), io::sink(), 1 << 20, "layer 0").unwrap_err();
         assert!(matches!(err, Error::TooLarge { .. }), "{err}");
     }
