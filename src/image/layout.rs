@@ -190,6 +190,7 @@ impl LayoutWriter {
             false
         };
         let parent = if into_existing { dest.to_path_buf() } else { parent_dir(dest) };
+        fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let staging = tempfile::Builder::new()
             .prefix(&format!(".{name}.fleetdelta-"))
