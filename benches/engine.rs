@@ -1,1 +1,287 @@
-fn main() {}
+//! Diff and apply throughput, in bytes of the target's uncompressed layers per second.
+//!
+//! Two inputs: a synthetic two-layer image (~8 MiB of text-like and code-like files,
+//! generated deterministically, gzip layers) against a target where ~5% of the files are
+//! edited and a few are added or removed; and the committed `corpus/sample` pair.
+//! Each measured call is the whole operation, from the OCI layouts on disk to the written
+//! delta or rebuilt image (unpacking, matching, encoding, packaging, verifying).
+//!
+//! `cargo bench --bench engine` (a few minutes on 2 cores).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, SamplingMode, Throughput};
+use criterion::measurement::WallTime;
+use fleetdelta::image::manifest::{BlobRef, OCI_CONFIG, OCI_MANIFEST};
+use fleetdelta::image::{Layout, LayoutWriter};
+use fleetdelta::layer::Compression;
+use fleetdelta::{apply, diff, ApplyOptions, Digest, DiffOptions, ImageRef, Level, Silent};
+use serde_json::json;
+use tempfile::TempDir;
+
+/// Path -> contents of one layer.
+type Tree = BTreeMap<String, Vec<u8>>;
+
+/// A small xorshift generator: the synthetic images must be identical on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const WORDS: [&[u8]; 24] = [
+    b"alpha ", b"beta ", b"gamma ", b"delta\n", b"fleet ", b"image ", b"layer ", b"0x1f ", b"return ", b"{}\n", b"config ", b"zeta ",
+    b"import ", b"def ", b"self.", b"    ", b"if (", b") {\n", b"None", b"true", b"  \"name\": ", b"\"value\",\n", b"#include ", b"//",
+];
+
+/// Text-like contents: source code, configuration, documentation.
+fn text(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        let w = rng.below(WORDS.len() as u64) as usize;
+        out.extend_from_slice(WORDS[w]);
+        if rng.below(16) == 0 {
+            out.extend_from_slice(format!("{:x}", rng.next() & 0xffff).as_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Code-like binary contents: instructions drawn from a small per-file vocabulary, with
+/// random immediates, so it compresses about as well as machine code does (~2x).
+fn binary(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let vocabulary: Vec<[u8; 4]> = (0..96).map(|_| (rng.next() as u32).to_le_bytes()).collect();
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&vocabulary[rng.below(vocabulary.len() as u64) as usize]);
+        if rng.below(3) == 0 {
+            out.extend_from_slice(&(rng.next() as u32).to_le_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// A layer of `files` files totalling about `bytes`, sizes skewed toward small files as in
+/// real root file systems.
+fn synthetic_layer(rng: &mut Rng, prefix: &str, files: usize, bytes: usize) -> Tree {
+    let mean = bytes / files;
+    (0..files)
+        .map(|i| {
+            let len = match rng.below(10) {
+                0..=5 => rng.below(mean as u64 / 2 + 1) as usize,
+                6..=8 => mean / 2 + rng.below(mean as u64) as usize,
+                _ => mean * 2 + rng.below(mean as u64 * 2) as usize,
+            };
+            if rng.below(2) == 0 {
+                (format!("{prefix}/dir{}/file{i}.txt", i % 17), text(rng, len))
+            } else {
+                (format!("{prefix}/lib{}/file{i}.so", i % 13), binary(rng, len))
+            }
+        })
+        .collect()
+}
+
+/// The target's version of a layer: about 5% of the files edited in place (insertions,
+/// deletions, overwrites), 1% removed and 1% new.
+fn evolve(rng: &mut Rng, layer: &Tree, prefix: &str) -> Tree {
+    let mut out = Tree::new();
+    for (path, data) in layer {
+        match rng.below(100) {
+            0 => {}
+            1..=5 if !data.is_empty() => {
+                let mut data = data.clone();
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(data.len() as u64 + 1) as usize;
+                    let n = 1 + rng.below(200) as usize;
+                    match rng.below(3) {
+                        0 => drop(data.splice(at..at, text(rng, n))),
+                        1 => drop(data.drain(at..(at + n).min(data.len()))),
+                        _ => {
+                            let end = (at + n).min(data.len());
+                            let patch = binary(rng, end - at);
+                            data[at..end].copy_from_slice(&patch);
+                        }
+                    }
+                }
+                out.insert(path.clone(), data);
+            }
+            _ => {
+                out.insert(path.clone(), data.clone());
+            }
+        }
+    }
+    for i in 0..layer.len() / 100 {
+        let len = 1 + rng.below(40 << 10) as usize;
+        out.insert(format!("{prefix}/new/file{i}.bin"), binary(rng, len));
+    }
+    out
+}
+
+fn layer_tar(tree: &Tree) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in tree {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        b.append_data(&mut h, path, &data[..]).expect("tar in memory");
+    }
+    b.into_inner().expect("tar in memory")
+}
+
+/// Writes an image of the given layer tars, gzip-compressed, as the `latest` tag of `dir`.
+fn write_image(dir: &Path, layers: &[Vec<u8>]) {
+    let w = LayoutWriter::create(dir).unwrap();
+    let mut descriptors = Vec::new();
+    let mut diff_ids = Vec::new();
+    for tar in layers {
+        let mut e = Compression::Gzip.encoder(Vec::new()).unwrap();
+        e.write_all(tar).unwrap();
+        let (d, n) = w.put_blob(&e.finish().unwrap()).unwrap();
+        descriptors.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": n}));
+        diff_ids.push(Digest::of(tar).to_string());
+    }
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
+    let (cd, cn) = w.put_blob(&config).unwrap();
+    let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors}))
+    .unwrap();
+    let (md, mn) = w.put_blob(&manifest).unwrap();
+    w.commit(&BlobRef { media_type: OCI_MANIFEST.into(), digest: md, size: mn }, "latest").unwrap();
+}
+
+fn oci(dir: &Path) -> ImageRef {
+    ImageRef::parse(&format!("oci:{}", dir.display())).unwrap()
+}
+
+/// Total uncompressed size of an image's layers: the throughput unit.
+fn uncompressed_layer_bytes(dir: &Path) -> u64 {
+    let layout = Layout::open(dir).unwrap();
+    let image = layout.load_image(None).unwrap();
+    image
+        .layers
+        .iter()
+        .map(|l| {
+            let blob = std::fs::File::open(layout.blob_path(&l.blob.digest)).unwrap();
+            std::io::copy(&mut l.compression.decoder(blob).unwrap(), &mut std::io::sink()).unwrap()
+        })
+        .sum()
+}
+
+/// A source/target pair on disk with a delta between them, made once per input.
+struct Pair {
+    work: TempDir,
+    source: PathBuf,
+    target: PathBuf,
+    delta: PathBuf,
+    target_bytes: u64,
+}
+
+impl Pair {
+    fn new(name: &str, work: TempDir, source: PathBuf, target: PathBuf) -> Pair {
+        let delta = work.path().join("delta");
+        let report = diff(&oci(&source), &oci(&target), &oci(&delta), &DiffOptions::default(), &Silent).unwrap();
+        let target_bytes = uncompressed_layer_bytes(&target);
+        eprintln!(
+            "{name}: target layers {:.2} MiB uncompressed; delta {} bytes, full pull {} bytes ({:.1}%)",
+            target_bytes as f64 / (1 << 20) as f64,
+            report.delta_bytes,
+            report.full_pull_bytes,
+            100.0 * report.delta_bytes as f64 / report.full_pull_bytes as f64
+        );
+        Pair { work, source, target, delta, target_bytes }
+    }
+
+    /// A new empty directory for one measured call's output, removed (untimed) afterwards.
+    fn output_dir(&self) -> TempDir {
+        tempfile::Builder::new().prefix("out-").tempdir_in(self.work.path()).unwrap()
+    }
+}
+
+fn synthetic() -> Pair {
+    let work = tempfile::Builder::new().prefix("fleetdelta-bench-").tempdir().unwrap();
+    let mut rng = Rng::new(2024);
+    let base = synthetic_layer(&mut rng, "usr", 600, 6 << 20);
+    let app = synthetic_layer(&mut rng, "app", 300, 7 << 19);
+    let (base2, app2) = (evolve(&mut rng, &base, "usr"), evolve(&mut rng, &app, "app"));
+    let (source, target) = (work.path().join("v1"), work.path().join("v2"));
+    write_image(&source, &[layer_tar(&base), layer_tar(&app)]);
+    write_image(&target, &[layer_tar(&base2), layer_tar(&app2)]);
+    Pair::new("synthetic", work, source, target)
+}
+
+fn sample() -> Pair {
+    let work = tempfile::Builder::new().prefix("fleetdelta-bench-").tempdir().unwrap();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sample");
+    Pair::new("sample", work, corpus.join("v1"), corpus.join("v2"))
+}
+
+/// Whole operations take from milliseconds to seconds: few samples, one call each.
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>, bytes: u64) {
+    group.sample_size(10).sampling_mode(SamplingMode::Flat).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Bytes(bytes));
+}
+
+fn bench_diff(c: &mut Criterion, name: &str, pair: &Pair, levels: &[Level]) {
+    let mut group = c.benchmark_group(format!("diff/{name}"));
+    configure(&mut group, pair.target_bytes);
+    for level in levels {
+        let options = DiffOptions { level: *level, ..DiffOptions::default() };
+        group.bench_function(level.name(), |b| {
+            b.iter_batched(
+                || pair.output_dir(),
+                |out| {
+                    diff(&oci(&pair.source), &oci(&pair.target), &oci(out.path()), &options, &Silent).unwrap();
+                    out
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn bench_apply(c: &mut Criterion, name: &str, pair: &Pair) {
+    let mut group = c.benchmark_group(format!("apply/{name}"));
+    configure(&mut group, pair.target_bytes);
+    group.bench_function("default", |b| {
+        b.iter_batched(
+            || pair.output_dir(),
+            |out| {
+                apply(&oci(&pair.source), &oci(&pair.delta), &oci(out.path()), &ApplyOptions::default(), &Silent).unwrap();
+                out
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+fn engine(c: &mut Criterion) {
+    let pair = synthetic();
+    bench_diff(c, "synthetic", &pair, &[Level::Fast, Level::Default]);
+    bench_apply(c, "synthetic", &pair);
+    let pair = sample();
+    bench_diff(c, "sample", &pair, &[Level::Default]);
+    bench_apply(c, "sample", &pair);
+}
+
+criterion_group!(benches, engine);
+criterion_main!(benches);

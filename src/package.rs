@@ -78,7 +78,7 @@ pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, 
         let (blob, diff_id) = write_tar_blob(writer, vec![(payload_file_name(p.target_layer, p.method), Box::new(BufReader::new(file)), size)])?;
         payload_layers.push((blob, diff_id, p));
     }
-    let plan_json = serde_json::to_vec_pretty(plan).expect("plans serialize");
+    let plan_json = serde_json::to_vec(plan).expect("plans serialize");
     let (metadata, metadata_diff_id) = write_tar_blob(
         writer,
         vec![

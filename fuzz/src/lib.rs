@@ -82,15 +82,35 @@ pub fn oci(dir: &Path) -> BoxResult<ImageRef> {
     Ok(ImageRef::parse(&format!("oci:{}", dir.display()))?)
 }
 
-/// A directory for per-input scratch files: RAM-backed when the machine has one.
-pub fn scratch_dir() -> std::io::Result<TempDir> {
+/// Where scratch directories go: RAM-backed when the machine has it.
+fn scratch_parent() -> PathBuf {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("fleetdelta-fuzz-").tempdir_in(shm) {
-            return Ok(d);
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// A directory for per-input scratch files.
+pub fn scratch_dir() -> std::io::Result<TempDir> {
+    tempfile::Builder::new().prefix("fleetdelta-fuzz-").tempdir_in(scratch_parent())
+}
+
+const FIXTURE_PREFIX: &str = "fleetdelta-fuzz-fixture-";
+
+/// The fixture lives in a `static` and is never dropped, so its directory outlives the fuzzer
+/// process: it carries the process id, and fixtures of processes that are gone are removed.
+fn fixture_dir() -> std::io::Result<TempDir> {
+    let parent = scratch_parent();
+    for entry in fs::read_dir(&parent)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(FIXTURE_PREFIX).and_then(|rest| rest.split('-').next()) else { continue };
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
         }
     }
-    tempfile::Builder::new().prefix("fleetdelta-fuzz-").tempdir()
+    tempfile::Builder::new().prefix(&format!("{FIXTURE_PREFIX}{}-", std::process::id())).tempdir_in(parent)
 }
 
 /// The source image and a real delta from it, with what is needed to re-seal edited copies.
@@ -114,7 +134,7 @@ impl Fixture {
     /// Builds a two-layer source, a target whose top layer is edited (so the delta holds one
     /// `source` layer and one `patch` layer), and the delta between them.
     pub fn build() -> BoxResult<Fixture> {
-        let dir = scratch_dir()?;
+        let dir = fixture_dir()?;
         let base = layer_tar(&[("etc/os-release", pseudo_random(1, 600, true)), ("usr/lib/libfoo.so", pseudo_random(2, 12 << 10, false))])?;
         let app_v1 = layer_tar(&[
             ("app/data.bin", pseudo_random(3, 10 << 10, false)),
