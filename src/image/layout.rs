@@ -221,16 +221,16 @@ impl LayoutWriter {
         File::open(&path).ctx(|| format!("opening staged blob {digest}"))
     }
 
-    /// Adds an existing blob file (verified against `blob` first): nothing is written when
-    /// the destination layout already has it, and a hard link is made where possible, so
-    /// unchanged layers cost neither disk space nor copying.
+    /// Adds an existing blob file: nothing is done when the destination layout already has
+    /// the blob; otherwise the file is verified against `blob` and hard-linked where
+    /// possible, so unchanged layers cost neither disk space nor copying.
     pub fn add_existing_blob(&self, path: &Path, blob: &BlobRef, what: &str) -> Result<()> {
-        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-        let (digest, len) = crate::layer::compression::copy_hashed(file, std::io::sink(), blob.size, what)?;
-        verify(|| what.to_string(), &blob.digest, Some(blob.size), &digest, len)?;
         if self.into_existing && blob_path(&self.dest, &blob.digest).exists() {
             return Ok(());
         }
+        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let (digest, len) = crate::layer::compression::copy_hashed(file, std::io::sink(), blob.size, what)?;
+        verify(|| what.to_string(), &blob.digest, Some(blob.size), &digest, len)?;
         let staged = blob_path(self.staging.path(), &blob.digest);
         if staged.exists() || fs::hard_link(path, &staged).is_ok() {
             return Ok(());
