@@ -94,6 +94,10 @@ pub fn oci_tag(dir: &Path, tag: &str) -> ImageRef {
 pub fn layer_tars(dir: &Path, tag: Option<&str>) -> Vec<Vec<u8>> {
     let layout = Layout::open(dir).unwrap();
     let image = layout.load_image(tag).unwrap();
+    uncompressed_layers(&layout, &image)
+}
+
+fn uncompressed_layers(layout: &Layout, image: &fleetdelta::image::Image) -> Vec<Vec<u8>> {
     image
         .layers
         .iter()
@@ -160,15 +164,7 @@ pub fn text(seed: u64, len: usize) -> Vec<u8> {
 pub fn reseal(delta: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>, &mut Value)) {
     let layout = Layout::open(delta).unwrap();
     let image = layout.load_image(None).unwrap();
-    let mut tars: Vec<Vec<u8>> = image
-        .layers
-        .iter()
-        .map(|l| {
-            let mut out = Vec::new();
-            l.compression.decoder(fs::File::open(layout.blob_path(&l.blob.digest)).unwrap()).unwrap().read_to_end(&mut out).unwrap();
-            out
-        })
-        .collect();
+    let mut tars = uncompressed_layers(&layout, &image);
     let mut manifest: Value = serde_json::from_slice(&image.manifest.raw).unwrap();
     edit(&mut tars, &mut manifest);
     let blobs = delta.join("blobs/sha256");
