@@ -236,3 +236,22 @@ fn deltas_are_deterministic() {
     }
     assert_eq!(digests[0], digests[1]);
 }
+
+#[test]
+fn docker_schema2_images_round_trip_and_keep_their_media_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: Tree = (0..8).map(|i| (format!("usr/lib/{i}.so"), file(text(i, 9000)))).collect();
+    let app1: Tree = (0..8).map(|i| (format!("srv/app/{i}.js"), file(text(40 + i, 7000)))).collect();
+    let mut app2 = app1.clone();
+    app2.insert("srv/app/new.js".into(), file(text(99, 3000)));
+    let (s, t, d, o) = (dir.path().join("s"), dir.path().join("t"), dir.path().join("d"), dir.path().join("o"));
+    write_image_as(&s, "latest", &[layer_tar(&base), layer_tar(&app1)], Compression::Gzip, true);
+    write_image_as(&t, "latest", &[layer_tar(&base), layer_tar(&app2)], Compression::Gzip, true);
+    diff(&oci(&s), &oci(&t), &oci(&d), &DiffOptions::default(), &Silent).unwrap();
+    let report = apply(&oci(&s), &oci(&d), &oci(&o), &ApplyOptions::default(), &Silent).unwrap();
+    assert_same_image(&t, &o);
+    assert!(report.layers[0].identical);
+    let image = fleetdelta::image::Layout::open(&o).unwrap().load_image(None).unwrap();
+    assert_eq!(image.manifest.media_type, fleetdelta::image::manifest::DOCKER_MANIFEST);
+    assert!(image.layers.iter().all(|l| l.blob.media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip"));
+}

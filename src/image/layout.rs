@@ -271,6 +271,9 @@ impl LayoutWriter {
                     fs::rename(item.path(), &target).ctx(|| format!("moving blob into {}", target.display()))?;
                 }
             }
+            // Serialize read-modify-write of index.json with other writers of this layout.
+            let dir = File::open(&self.dest).ctx(|| format!("opening {}", self.dest.display()))?;
+            dir.lock().ctx(|| format!("locking {}", self.dest.display()))?;
             let index_path = self.dest.join(INDEX_FILE);
             let mut index: Value = serde_json::from_slice(&read_bounded(&index_path, MAX_JSON_BYTES)?)
                 .map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;

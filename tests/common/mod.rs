@@ -64,21 +64,33 @@ pub fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
 
 /// Writes an image of the given layer tars into the layout `dir` under `tag`.
 pub fn write_image(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Compression) -> Digest {
+    write_image_as(dir, tag, layers, compression, false)
+}
+
+/// Like [`write_image`], as a Docker schema 2 image (manifest, config and layer media types)
+/// when `docker` is set.
+pub fn write_image_as(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Compression, docker: bool) -> Digest {
+    let family = if docker { "application/vnd.docker.image.rootfs.diff.tar" } else { "application/vnd.oci.image.layer.v1.tar" };
+    let (manifest_type, config_type) = if docker {
+        (fleetdelta::image::manifest::DOCKER_MANIFEST, fleetdelta::image::manifest::DOCKER_CONFIG)
+    } else {
+        (OCI_MANIFEST, OCI_CONFIG)
+    };
     let w = LayoutWriter::create(dir).unwrap();
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     for tar in layers {
         let blob = compress(compression, tar);
         let (d, n) = w.put_blob(&blob).unwrap();
-        descriptors.push(json!({"mediaType": compression.media_type_like("application/vnd.oci.image.layer.v1.tar"), "digest": d.to_string(), "size": n}));
+        descriptors.push(json!({"mediaType": compression.media_type_like(family), "digest": d.to_string(), "size": n}));
         diff_ids.push(Digest::of(tar).to_string());
     }
     let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
     let (cd, cn) = w.put_blob(&config).unwrap();
-    let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors})).unwrap();
+    let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": manifest_type,
+        "config": {"mediaType": config_type, "digest": cd.to_string(), "size": cn}, "layers": descriptors})).unwrap();
     let (md, mn) = w.put_blob(&manifest).unwrap();
-    w.commit(&BlobRef { media_type: OCI_MANIFEST.into(), digest: md, size: mn }, tag).unwrap();
+    w.commit(&BlobRef { media_type: manifest_type.into(), digest: md, size: mn }, tag).unwrap();
     md
 }
 
