@@ -2,11 +2,10 @@
 //! that are read with positioned reads (never mapped, so memory stays bounded).
 
 use std::fs::File;
-use std::io::BufWriter;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::digest::{verify, HashingReader};
+use crate::digest::verify;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Image, Layout};
 use crate::layer::compression::copy_hashed;
@@ -53,15 +52,7 @@ pub fn materialize(layout: &Layout, image: &Image, index: u32, dir: &Path, limit
         return Ok(SourceLayer { file: blob, len, index });
     }
     let path = dir.join(format!("source-{index}.tar"));
-    let mut hashed = HashingReader::new(blob);
-    let out = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
-    let mut out = BufWriter::with_capacity(256 << 10, out);
-    let (diff_id, len) = copy_hashed(layer.compression.decoder(&mut hashed)?, &mut out, limit, &what)?;
-    std::io::copy(&mut hashed, &mut std::io::sink()).ctx(|| format!("reading {what}"))?;
-    let (blob_digest, blob_len) = hashed.finish();
-    verify(|| what.clone(), &layer.blob.digest, Some(layer.blob.size), &blob_digest, blob_len)?;
-    verify(|| format!("{what} (uncompressed)"), &layer.diff_id, None, &diff_id, len)?;
-    out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
+    let len = layout.unpack_layer(layer, &path, limit, &what)?;
     let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
     Ok(SourceLayer { file, len, index })
 }

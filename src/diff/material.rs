@@ -3,16 +3,14 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::io::BufWriter;
 use std::path::Path;
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
-use crate::digest::{verify, Digest, HashingReader};
+use crate::digest::Digest;
 use crate::error::{IoContext, Result};
 use crate::image::{Layer, Layout};
-use crate::layer::compression::copy_hashed;
 use crate::layer::TarIndex;
 
 /// One uncompressed, indexed layer.
@@ -37,18 +35,7 @@ impl Unpacked {
 /// diff_id, refusing to write more than `limit` bytes; then maps and indexes it.
 pub fn unpack(layout: &Layout, layer: &Layer, dir: &Path, name: &str, limit: u64, what: &str) -> Result<Unpacked> {
     let path = dir.join(name);
-    let blob = layout.open_blob(&layer.blob)?;
-    let mut hashed = HashingReader::new(blob);
-    {
-        let out = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
-        let mut out = BufWriter::with_capacity(1 << 20, out);
-        let (diff_id, len) = copy_hashed(layer.compression.decoder(&mut hashed)?, &mut out, limit, what)?;
-        std::io::copy(&mut hashed, &mut std::io::sink()).ctx(|| format!("reading {what}"))?;
-        verify(|| format!("{what} (uncompressed)"), &layer.diff_id, None, &diff_id, len)?;
-        out.into_inner().map_err(|e| crate::Error::io(format!("writing {}", path.display()), e.into_error()))?;
-    }
-    let (digest, len) = hashed.finish();
-    verify(|| format!("{what} blob"), &layer.blob.digest, Some(layer.blob.size), &digest, len)?;
+    layout.unpack_layer(layer, &path, limit, what)?;
     let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
     // SAFETY: the file is a private temporary file we just wrote; nothing else writes to it
     // while it is mapped, so the mapping cannot change under us.

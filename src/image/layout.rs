@@ -14,9 +14,10 @@ use oci_spec::image::ImageIndex;
 use serde_json::{json, Value};
 use tempfile::{NamedTempFile, TempDir};
 
-use crate::digest::{verify, Digest, HashingWriter};
+use crate::digest::{verify, Digest, HashingReader, HashingWriter};
+use crate::layer::compression::copy_hashed;
 use crate::error::{Error, IoContext, Result};
-use crate::image::manifest::{BlobRef, Config, Image, Manifest, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX};
+use crate::image::manifest::{BlobRef, Config, Image, Layer, Manifest, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX};
 use crate::image::reference::{ImageRef, DEFAULT_TAG};
 
 /// The annotation that names a tag in `index.json`.
@@ -79,6 +80,22 @@ impl Layout {
             return Err(Error::SizeMismatch { what: format!("blob {}", blob.digest), expected: blob.size, found: len });
         }
         Ok(file)
+    }
+
+    /// Decompresses `layer` into the file `path`, verifying the blob's digest and size and the
+    /// diff_id of what it holds, and writing at most `limit` bytes (decompression bombs).
+    /// Returns the uncompressed length.
+    pub fn unpack_layer(&self, layer: &Layer, path: &Path, limit: u64, what: &str) -> Result<u64> {
+        let mut hashed = HashingReader::new(self.open_blob(&layer.blob)?);
+        let out = File::create(path).ctx(|| format!("creating {}", path.display()))?;
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        let (diff_id, len) = copy_hashed(layer.compression.decoder(&mut hashed)?, &mut out, limit, what)?;
+        std::io::copy(&mut hashed, &mut std::io::sink()).ctx(|| format!("reading {what}"))?;
+        let (blob_digest, blob_len) = hashed.finish();
+        verify(|| what.to_string(), &layer.blob.digest, Some(layer.blob.size), &blob_digest, blob_len)?;
+        verify(|| format!("{what} (uncompressed)"), &layer.diff_id, None, &diff_id, len)?;
+        out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
+        Ok(len)
     }
 
     /// Finds the manifest tagged `tag` (or the only manifest when no tag is given), descending
@@ -229,7 +246,7 @@ impl LayoutWriter {
             return Ok(());
         }
         let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-        let (digest, len) = crate::layer::compression::copy_hashed(file, std::io::sink(), blob.size, what)?;
+        let (digest, len) = copy_hashed(file, std::io::sink(), blob.size, what)?;
         verify(|| what.to_string(), &blob.digest, Some(blob.size), &digest, len)?;
         let staged = blob_path(self.staging.path(), &blob.digest);
         if staged.exists() || fs::hard_link(path, &staged).is_ok() {
