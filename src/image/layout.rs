@@ -422,6 +422,16 @@ mod tests {
     }
 
     #[test]
+    fn creates_missing_parent_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("a/b/out");
+        let w = LayoutWriter::create(&dest).unwrap();
+        let (d, n) = w.put_blob(b"{}").unwrap();
+        w.commit(&manifest_ref(d, n), "v1").unwrap();
+        assert_eq!(Layout::open(&dest).unwrap().resolve(Some("v1")).unwrap().digest, d);
+    }
+
+    #[test]
     fn refuses_a_directory_that_is_not_a_layout() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("precious"), b"x").unwrap();
