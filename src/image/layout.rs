@@ -291,6 +291,7 @@ impl LayoutWriter {
             // Serialize read-modify-write of index.json with other writers of this layout.
             let dir = File::open(&self.dest).ctx(|| format!("opening {}", self.dest.display()))?;
             dir.lock().ctx(|| format!("locking {}", self.dest.display()))?;
+            sync_dir(&dest_blobs)?;
             let index_path = self.dest.join(INDEX_FILE);
             let mut index: Value = serde_json::from_slice(&read_bounded(&index_path, MAX_JSON_BYTES)?)
                 .map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;
@@ -301,19 +302,31 @@ impl LayoutWriter {
             manifests.retain(|m| m.pointer(&format!("/annotations/{}", REF_NAME_ANNOTATION.replace('/', "~1"))).and_then(Value::as_str) != Some(tag));
             manifests.push(entry);
             write_atomically(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
+            sync_dir(&self.dest)?;
         } else {
             let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry] });
             fs::write(self.staging.path().join(INDEX_FILE), serde_json::to_vec(&index).expect("JSON values serialize"))
                 .ctx(|| "writing index.json".into())?;
             fs::write(self.staging.path().join(LAYOUT_FILE), LAYOUT_VERSION_JSON).ctx(|| "writing oci-layout".into())?;
+            for file in [INDEX_FILE, LAYOUT_FILE] {
+                File::open(self.staging.path().join(file)).and_then(|f| f.sync_all()).ctx(|| format!("syncing {file}"))?;
+            }
+            sync_dir(&self.staging.path().join("blobs").join("sha256"))?;
+            sync_dir(self.staging.path())?;
             let staging = self.staging.keep();
             if let Err(e) = fs::rename(&staging, &self.dest) {
                 let _ = fs::remove_dir_all(&staging);
                 return Err(Error::io(format!("renaming the new image into {}", self.dest.display()), e));
             }
+            sync_dir(&parent_dir(&self.dest))?;
         }
         Ok(())
     }
+}
+
+/// Makes a directory's entries (renames, new files) durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).ctx(|| format!("syncing {}", dir.display()))
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
@@ -358,6 +371,9 @@ impl BlobWriter {
         if let Some((expected, what)) = expected {
             verify(|| what.to_string(), expected, None, &digest, len)?;
         }
+        // On a device, power may fail at any moment: the data must be on disk before any
+        // index can point at it.
+        file.as_file().sync_data().ctx(|| format!("syncing blob {digest}"))?;
         let target = self.dir.join(digest.hex());
         file.persist(&target).map_err(|e| Error::io(format!("storing blob {digest}"), e.error))?;
         Ok((digest, len))
