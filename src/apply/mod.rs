@@ -186,16 +186,17 @@ impl Rebuild<'_> {
         }
     }
 
-    /// Writes a layer blob from its uncompressed tar, verifying the diff_id on the way.
-    fn write_tar(&self, target: &Layer, what: &str, body: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<BlobRef> {
+    /// Writes a layer blob from its uncompressed tar, which `body` writes, verifying the
+    /// diff_id on the way. Returns the blob and what `body` returned.
+    fn write_tar<T>(&self, target: &Layer, what: &str, body: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<(BlobRef, T)> {
         let compression = self.output_compression(target);
         let mut out = HashingWriter::new(compression.encoder(self.writer.blob()?)?);
-        body(&mut out)?;
+        let result = body(&mut out)?;
         let (encoder, diff_id, len) = out.finish();
         verify(|| format!("{what} (rebuilt, uncompressed)"), &target.diff_id, None, &diff_id, len)?;
         let blob = encoder.finish().ctx(|| format!("compressing {what}"))?;
         let (digest, size) = blob.finish(None)?;
-        Ok(BlobRef { media_type: compression.media_type_like(&target.blob.media_type), digest, size })
+        Ok((BlobRef { media_type: compression.media_type_like(&target.blob.media_type), digest, size }, result))
     }
 
     fn layer(&self, plan: &LayerPlan) -> Result<(LayerOutcome, BlobRef)> {
@@ -228,18 +229,15 @@ impl Rebuild<'_> {
             return Ok(target.blob.clone());
         }
         let blob = self.source_layout.open_blob(&source.blob)?;
-        self.write_tar(target, what, |out| {
-            copy_hashed(source.compression.decoder(blob)?, out, self.options.max_layer_bytes, what)?;
-            Ok(())
-        })
+        let (written, _) = self.write_tar(target, what, |out| copy_hashed(source.compression.decoder(blob)?, out, self.options.max_layer_bytes, what))?;
+        Ok(written)
     }
 
     fn run_patch(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
         let payload = self.delta.open_payload(plan)?;
         let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
         decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
-        let mut payload_slot = None;
-        let blob = self.write_tar(target, what, |out| {
+        let (blob, payload) = self.write_tar(target, what, |out| {
             let records = RecordReader::new(decoder, self.options.max_layer_bytes)?;
             if records.header().target_layer != plan.index {
                 return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
@@ -251,20 +249,16 @@ impl Rebuild<'_> {
             if decoder.read(&mut trailing).map_err(|e| Error::malformed(what, format!("patch stream: {e}")))? != 0 {
                 return Err(Error::malformed(what, "data after the end of the patch"));
             }
-            payload_slot = Some(decoder.finish().into_inner());
-            Ok(())
+            Ok(decoder.finish().into_inner())
         })?;
-        payload_slot.expect("set by a successful rebuild").finish()?;
+        payload.finish()?;
         Ok(blob)
     }
 
     fn carry_blob(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
         let mut payload = self.delta.open_payload(plan)?;
         if self.options.layers == LayerOutput::Uncompressed && target.compression != Compression::None {
-            let blob = self.write_tar(target, what, |out| {
-                copy_hashed(target.compression.decoder(&mut payload)?, out, self.options.max_layer_bytes, what)?;
-                Ok(())
-            })?;
+            let (blob, _) = self.write_tar(target, what, |out| copy_hashed(target.compression.decoder(&mut payload)?, out, self.options.max_layer_bytes, what))?;
             payload.finish()?;
             return Ok(blob);
         }
