@@ -114,13 +114,10 @@ impl Error {
     /// Wraps an I/O error; errors produced by our own bounded readers are unwrapped back
     /// into the [`Error`] they carry.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        if source.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-            if let Ok(inner) = source.into_inner().expect("checked above").downcast::<Error>() {
-                return *inner;
-            }
-            unreachable!("checked the type above");
+        match source.downcast::<Error>() {
+            Ok(inner) => inner,
+            Err(source) => Error::Io { context: context.into(), source },
         }
-        Error::Io { context: context.into(), source }
     }
 
     /// Turns this error into an [`std::io::Error`] that [`Error::io`] unwraps again, so that
@@ -139,5 +136,18 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(context(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_raised_inside_readers_keep_their_variant() {
+        let inner = Error::TooLarge { what: "layer 1".into(), limit: 10 };
+        assert!(matches!(Error::io("reading", inner.into_io()), Error::TooLarge { limit: 10, .. }));
+        let plain = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        assert!(matches!(Error::io("opening x", plain), Error::Io { .. }));
     }
 }
