@@ -195,8 +195,7 @@ impl DeltaImage {
         let delta_layer = &self.image.layers[index as usize];
         let blob = &delta_layer.blob;
         let what = format!("delta layer {index} ({})", blob.digest);
-        let (digest, len) = copy_hashed(self.layout.open_blob(blob)?, io::sink(), blob.size, &what)?;
-        verify(|| what.clone(), &blob.digest, Some(blob.size), &digest, len)?;
+        self.layout.verify_blob(blob, &what)?;
         let file = self.layout.open_blob(blob)?;
         let mut input = BufReader::with_capacity(256 << 10, delta_layer.compression.decoder(BufReader::with_capacity(256 << 10, file))?);
         let mut raw = [0u8; TAR_BLOCK as usize];
@@ -209,7 +208,7 @@ impl DeltaImage {
             return Err(Error::malformed(&what, format!("expected a tar holding {name}")));
         }
         let size = header.size().map_err(|e| Error::malformed(&what, e.to_string()))?;
-        Ok(PayloadReader { input: input.take(size), left: size, what })
+        Ok(PayloadReader { input: input.take(size), what })
     }
 }
 
@@ -238,22 +237,22 @@ fn read_metadata_tar(bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
 
 /// The payload bytes of one delta layer, streamed from its (verified) blob.
 pub struct PayloadReader {
+    /// Bounded by the entry's size; its remaining limit is what is left to read.
     input: io::Take<BufReader<Box<dyn Read>>>,
-    left: u64,
     what: String,
 }
 
 impl std::fmt::Debug for PayloadReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PayloadReader").field("left", &self.left).field("what", &self.what).finish()
+        f.debug_struct("PayloadReader").field("left", &self.input.limit()).field("what", &self.what).finish()
     }
 }
 
 impl PayloadReader {
     /// Checks that the whole payload was consumed.
     pub fn finish(self) -> Result<()> {
-        if self.left != 0 {
-            return Err(Error::malformed(&self.what, format!("{} payload bytes left unread", self.left)));
+        if self.input.limit() != 0 {
+            return Err(Error::malformed(&self.what, format!("{} payload bytes left unread", self.input.limit())));
         }
         Ok(())
     }
@@ -261,14 +260,13 @@ impl PayloadReader {
 
 impl Read for PayloadReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 {
+        if self.input.limit() == 0 {
             return Ok(0);
         }
         let n = self.input.read(buf)?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{}: truncated payload", self.what)));
         }
-        self.left -= n as u64;
         Ok(n)
     }
 }

@@ -225,7 +225,7 @@ impl Rebuild<'_> {
             return Err(Error::malformed("delta.json", format!("{what} is said to equal source layer {index}, whose diff_id differs")));
         }
         if source.blob.digest == target.blob.digest && self.options.layers == LayerOutput::Original {
-            self.writer.add_existing_blob(&self.source_layout.blob_path(&source.blob.digest), &target.blob, what)?;
+            self.writer.add_existing_blob(self.source_layout, &target.blob, what)?;
             return Ok(target.blob.clone());
         }
         let blob = self.source_layout.open_blob(&source.blob)?;

@@ -82,6 +82,12 @@ impl Layout {
         Ok(file)
     }
 
+    /// Checks a blob's size and digest in one pass over the file, without keeping it.
+    pub fn verify_blob(&self, blob: &BlobRef, what: &str) -> Result<()> {
+        let (digest, len) = copy_hashed(self.open_blob(blob)?, std::io::sink(), blob.size, what)?;
+        verify(|| what.to_string(), &blob.digest, Some(blob.size), &digest, len)
+    }
+
     /// Decompresses `layer` into the file `path`, verifying the blob's digest and size and the
     /// diff_id of what it holds, and writing at most `limit` bytes (decompression bombs).
     /// Returns the uncompressed length.
@@ -238,22 +244,20 @@ impl LayoutWriter {
         File::open(&path).ctx(|| format!("opening staged blob {digest}"))
     }
 
-    /// Adds an existing blob file: nothing is done when the destination layout already has
-    /// the blob; otherwise the file is verified against `blob` and hard-linked where
-    /// possible, so unchanged layers cost neither disk space nor copying.
-    pub fn add_existing_blob(&self, path: &Path, blob: &BlobRef, what: &str) -> Result<()> {
+    /// Adds a blob of another layout: nothing is done when the destination layout already
+    /// has it; otherwise it is verified and hard-linked where possible, so unchanged layers
+    /// cost neither disk space nor copying.
+    pub fn add_existing_blob(&self, from: &Layout, blob: &BlobRef, what: &str) -> Result<()> {
         if self.into_existing && blob_path(&self.dest, &blob.digest).exists() {
             return Ok(());
         }
-        let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-        let (digest, len) = copy_hashed(file, std::io::sink(), blob.size, what)?;
-        verify(|| what.to_string(), &blob.digest, Some(blob.size), &digest, len)?;
+        from.verify_blob(blob, what)?;
         let staged = blob_path(self.staging.path(), &blob.digest);
-        if staged.exists() || fs::hard_link(path, &staged).is_ok() {
+        if staged.exists() || fs::hard_link(from.blob_path(&blob.digest), &staged).is_ok() {
             return Ok(());
         }
         let mut w = self.blob()?;
-        std::io::copy(&mut File::open(path).ctx(|| format!("opening {}", path.display()))?, &mut w).ctx(|| format!("copying {what}"))?;
+        std::io::copy(&mut from.open_blob(blob)?, &mut w).ctx(|| format!("copying {what}"))?;
         w.finish(Some((&blob.digest, what)))?;
         Ok(())
     }
