@@ -87,6 +87,32 @@ pub enum Error {
     /// A tag or object that does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// A registry answered with an error status.
+    #[error("{what}: registry answered {status}: {message}")]
+    Registry {
+        /// The request, e.g. "GET manifest 127.0.0.1:5000/app:v1".
+        what: String,
+        /// The HTTP status code.
+        status: u16,
+        /// The registry's error codes and messages, or the start of its answer.
+        message: String,
+    },
+    /// A registry refused access: no credentials, or credentials it does not accept.
+    #[error("{registry}: unauthorized: {reason}")]
+    Unauthorized {
+        /// `HOST[:PORT]` of the registry.
+        registry: String,
+        /// What was missing or refused.
+        reason: String,
+    },
+    /// The network failed (connection refused or cut, timeout) and retries did not help.
+    #[error("{what}: {reason}")]
+    Network {
+        /// The request.
+        what: String,
+        /// The last failure, with how many attempts were made.
+        reason: String,
+    },
     /// A path in a tar archive that would escape the extraction root.
     #[error("{what}: unsafe path {path:?} (absolute or containing '..')")]
     UnsafePath {

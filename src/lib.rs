@@ -11,6 +11,9 @@ pub mod info;
 pub mod layer;
 pub mod package;
 pub mod progress;
+pub mod pull;
+pub mod registry;
+pub mod transfer;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};
 pub use diff::{diff, DiffOptions, DiffReport, Level};
@@ -19,3 +22,6 @@ pub use error::{Error, Result};
 pub use image::ImageRef;
 pub use info::{info, DeltaInfo};
 pub use progress::{Progress, Silent};
+pub use pull::{pull, PullOptions, PullReport};
+pub use registry::{ClientOptions, RegistryRef};
+pub use transfer::Transfer;

@@ -5,25 +5,9 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::text;
-
-fn tool(name: &str) -> Command {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
-    assert!(found.status.success(), "{name} is required by this test: apt-get install {name}");
-    Command::new(name)
-}
-
-fn fleetdelta() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fleetdelta"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    out
-}
+use common::{fleetdelta, run, text, tool};
 
 fn write_tree(root: &Path, files: &[(&str, Vec<u8>)]) {
     for (path, data) in files {

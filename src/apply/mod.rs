@@ -102,7 +102,7 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
             reason: format!("its config is {}, the delta needs {}", source_image.config.digest, delta.plan.source.config),
         });
     }
-    let ImageRef::Layout { dir: out_dir, .. } = output;
+    let (out_dir, _) = output.local()?;
     let writer = LayoutWriter::create(out_dir)?;
     let scratch = writer.scratch()?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(options.jobs.max(1)).build().map_err(|e| Error::io("starting workers", io::Error::other(e)))?;

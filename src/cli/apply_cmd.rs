@@ -1,12 +1,13 @@
 //! `fleetdelta apply`.
 
 use anyhow::Context;
-use fleetdelta::{apply, ApplyOptions, ImageRef, LayerOutput, Progress};
+use fleetdelta::{apply, ApplyOptions, ImageRef, Progress, Transfer};
 
 use super::LayersArg;
 
 #[allow(clippy::too_many_arguments)]
 pub fn run(
+    transfer: &Transfer,
     layers: LayersArg,
     expect_target: Option<&str>,
     max_layer_size: u64,
@@ -19,15 +20,19 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let (source, delta, output) = (ImageRef::parse(source)?, ImageRef::parse(delta)?, ImageRef::parse(output)?);
     let options = ApplyOptions {
-        layers: match layers {
-            LayersArg::Original => LayerOutput::Original,
-            LayersArg::Uncompressed => LayerOutput::Uncompressed,
-        },
+        layers: layers.output(),
         expect_target: expect_target.map(str::parse).transpose().context("--expect-target")?,
         max_layer_bytes: max_layer_size,
         jobs,
     };
-    let report = apply(&source, &delta, &output, &options, progress).with_context(|| format!("apply {delta} to {source}"))?;
+    let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
+    let (local_delta, fetched) = transfer.localize(&delta, progress).with_context(|| format!("fetching {delta}"))?;
+    let staged = transfer.staging_for(&output)?;
+    let report = apply(&local_source, &local_delta, &staged, &options, progress).with_context(|| format!("apply {delta} to {source}"))?;
+    transfer.publish(&staged, &output, progress).with_context(|| format!("pushing the rebuilt image to {output}"))?;
+    if let (Some(f), false) = (&fetched, json) {
+        println!("fetched {delta}: {} received, {} resumed downloads", super::human_bytes(f.received), f.resumes);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

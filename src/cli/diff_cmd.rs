@@ -1,11 +1,12 @@
 //! `fleetdelta diff`.
 
 use anyhow::Context;
-use fleetdelta::{diff, DiffOptions, ImageRef, Level, Progress};
+use fleetdelta::{diff, DiffOptions, ImageRef, Level, Progress, Transfer};
 
 use super::{human_bytes, LevelArg};
 
-pub fn run(level: LevelArg, max_layer_size: u64, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
     let level = match level {
         LevelArg::Fast => Level::Fast,
         LevelArg::Default => Level::Default,
@@ -13,13 +14,18 @@ pub fn run(level: LevelArg, max_layer_size: u64, json: bool, source: &str, targe
     };
     let (source, target, delta) = (ImageRef::parse(source)?, ImageRef::parse(target)?, ImageRef::parse(delta)?);
     let options = DiffOptions { level, max_layer_bytes: max_layer_size };
-    let report = diff(&source, &target, &delta, &options, progress).with_context(|| format!("diff {source} -> {target}"))?;
+    let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
+    let (local_target, _) = transfer.localize(&target, progress).with_context(|| format!("fetching {target}"))?;
+    let staged = transfer.staging_for(&delta)?;
+    let report = diff(&local_source, &local_target, &staged, &options, progress).with_context(|| format!("diff {source} -> {target}"))?;
+    let pushed = transfer.publish(&staged, &delta, progress).with_context(|| format!("pushing the delta to {delta}"))?;
     if json {
         let out = serde_json::json!({
             "delta": delta.to_string(),
             "deltaManifest": report.delta_manifest,
             "deltaBytes": report.delta_bytes,
             "fullPullBytes": report.full_pull_bytes,
+            "pushed": pushed,
             "plan": report.plan,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);

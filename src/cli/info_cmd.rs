@@ -1,13 +1,14 @@
 //! `fleetdelta info`.
 
 use anyhow::Context;
-use fleetdelta::{info, ImageRef};
+use fleetdelta::{info, ImageRef, Silent, Transfer};
 
 use super::human_bytes;
 
-pub fn run(delta: &str, json: bool) -> anyhow::Result<()> {
+pub fn run(transfer: &Transfer, delta: &str, json: bool) -> anyhow::Result<()> {
     let delta = ImageRef::parse(delta)?;
-    let info = info(&delta).with_context(|| format!("info {delta}"))?;
+    let (local, _) = transfer.localize(&delta, &Silent).with_context(|| format!("fetching {delta}"))?;
+    let info = info(&local).with_context(|| format!("info {delta}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());

@@ -1,11 +1,18 @@
 //! Command-line parsing and dispatch.
 
 mod apply_cmd;
+mod copy_cmd;
 mod diff_cmd;
 mod info_cmd;
 mod progress;
+mod pull_cmd;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use fleetdelta::registry::{CredentialStore, Credentials};
+use fleetdelta::{ClientOptions, Transfer};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -16,8 +23,49 @@ pub struct Cli {
     /// No progress bars.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How registries (`docker://` references) are reached.
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    /// Registry (HOST[:PORT]) spoken to over plain HTTP; loopback addresses always are. Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST", global = true)]
+    pub insecure: Vec<String>,
+    /// Credentials file (docker config.json or containers auth.json format) instead of the usual ones.
+    #[arg(long, value_name = "FILE", global = true, conflicts_with = "creds")]
+    pub authfile: Option<PathBuf>,
+    /// USER:PASSWORD for every registry.
+    #[arg(long, value_name = "USER:PASSWORD", global = true, env = "FLEETDELTA_CREDS", hide_env_values = true)]
+    pub creds: Option<String>,
+    /// Attempts after the first on network errors, 429 and 5xx.
+    #[arg(long, default_value_t = 6, global = true)]
+    pub retries: u32,
+    /// Seconds without receiving a byte before an attempt counts as failed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
+    pub idle_timeout: u64,
+}
+
+impl RegistryArgs {
+    /// The registry transport these flags describe.
+    pub fn transfer(&self) -> anyhow::Result<Transfer> {
+        let credentials = match (&self.creds, &self.authfile) {
+            (Some(c), _) => CredentialStore::explicit(Credentials::parse(c)?),
+            (None, Some(f)) => CredentialStore::from_file(f.clone()),
+            (None, None) => CredentialStore::from_environment(),
+        };
+        let options = ClientOptions {
+            credentials,
+            insecure: self.insecure.clone(),
+            retries: self.retries,
+            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+            ..ClientOptions::default()
+        };
+        Ok(Transfer::new(options)?)
+    }
 }
 
 /// Effort levels.
@@ -53,7 +101,7 @@ pub enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
-        /// The image the devices have (oci:DIR[:TAG]).
+        /// The image the devices have (oci:DIR[:TAG] or docker://HOST/REPO[:TAG|@DIGEST]).
         source: String,
         /// The image they need.
         target: String,
@@ -84,6 +132,38 @@ pub enum Command {
         /// Where to write the rebuilt image.
         output: String,
     },
+    /// Copy an image between layouts and registries (oci:DIR[:TAG], docker://HOST/REPO[:TAG|@DIGEST]).
+    Copy {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The image to copy.
+        source: String,
+        /// Where to put it.
+        destination: String,
+    },
+    /// Bring a registry image into a local layout using a delta from the image the device has.
+    Pull {
+        /// The image the device has (a local layout).
+        #[arg(long, value_name = "IMAGE")]
+        from: Option<String>,
+        /// Use this delta instead of looking among the target's referrers.
+        #[arg(long, value_name = "IMAGE")]
+        delta: Option<String>,
+        /// Never download whole layers: fail when there is no usable delta (metered links).
+        #[arg(long)]
+        no_full_download: bool,
+        /// How to store rebuilt layers.
+        #[arg(long, value_enum, default_value = "original")]
+        layers: LayersArg,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The image wanted (docker://HOST/REPO[:TAG|@DIGEST]).
+        target: String,
+        /// The local layout to write it to (oci:DIR[:TAG]).
+        output: String,
+    },
     /// Show what a delta holds, per target layer.
     Info {
         /// The delta image.
@@ -98,16 +178,31 @@ pub enum Command {
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let progress = progress::for_terminal(cli.quiet);
+    let transfer = cli.registry.transfer()?;
+    let (transfer, progress) = (&transfer, progress.as_ref());
     match cli.command {
         Command::Diff { level, max_layer_size, json, source, target, delta } => {
-            diff_cmd::run(level, max_layer_size, json, &source, &target, &delta, progress.as_ref())
+            diff_cmd::run(transfer, level, max_layer_size, json, &source, &target, &delta, progress)
         }
         Command::Apply { layers, expect_target, max_layer_size, jobs, json, source, delta, output } => {
-            apply_cmd::run(layers, expect_target.as_deref(), max_layer_size, jobs, json, &source, &delta, &output, progress.as_ref())
+            apply_cmd::run(transfer, layers, expect_target.as_deref(), max_layer_size, jobs, json, &source, &delta, &output, progress)
         }
-        Command::Info { delta, json } => info_cmd::run(&delta, json),
+        Command::Copy { json, source, destination } => copy_cmd::run(transfer, json, &source, &destination, progress),
+        Command::Pull { from, delta, no_full_download, layers, json, target, output } => {
+            pull_cmd::run(transfer, from.as_deref(), delta.as_deref(), !no_full_download, layers, json, &target, &output, progress)
+        }
+        Command::Info { delta, json } => info_cmd::run(transfer, &delta, json),
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+impl LayersArg {
+    fn output(self) -> fleetdelta::LayerOutput {
+        match self {
+            LayersArg::Original => fleetdelta::LayerOutput::Original,
+            LayersArg::Uncompressed => fleetdelta::LayerOutput::Uncompressed,
+        }
+    }
 }
 
 /// Formats a byte count for people.

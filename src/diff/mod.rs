@@ -105,7 +105,7 @@ pub struct DiffReport {
 pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &DiffOptions, progress: &dyn Progress) -> Result<DiffReport> {
     let (source_layout, source_image) = load_image(source)?;
     let (target_layout, target_image) = load_image(target)?;
-    let ImageRef::Layout { dir: delta_dir, .. } = delta;
+    let (delta_dir, _) = delta.local()?;
     let writer = LayoutWriter::create(delta_dir)?;
     let scratch = writer.scratch()?;
 

@@ -17,7 +17,7 @@ use tempfile::{NamedTempFile, TempDir};
 use crate::digest::{verify, Digest, HashingReader, HashingWriter};
 use crate::layer::compression::copy_hashed;
 use crate::error::{Error, IoContext, Result};
-use crate::image::manifest::{BlobRef, Config, Image, Layer, Manifest, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX};
+use crate::image::manifest::{select_platform, BlobRef, Config, Image, Layer, Manifest, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX};
 use crate::image::reference::{ImageRef, DEFAULT_TAG};
 
 /// The annotation that names a tag in `index.json`.
@@ -129,18 +129,7 @@ impl Layout {
 
     fn select_platform(&self, index_blob: &BlobRef) -> Result<BlobRef> {
         let raw = self.read_blob(index_blob, MAX_JSON_BYTES)?;
-        let index = ImageIndex::from_reader(&raw[..]).map_err(|e| Error::malformed(format!("image index {}", index_blob.digest), e.to_string()))?;
-        let arch = host_architecture();
-        let matching: Vec<_> = index
-            .manifests()
-            .iter()
-            .filter(|d| d.platform().as_ref().is_none_or(|p| p.architecture().to_string() == arch && p.os().to_string() == "linux"))
-            .collect();
-        match matching.as_slice() {
-            [one] => BlobRef::from_descriptor(one),
-            [] => Err(Error::NotFound(format!("an entry for linux/{arch} in image index {}", index_blob.digest))),
-            _ => Err(Error::unsupported(format!("image index {}", index_blob.digest), format!("several entries for linux/{arch}"))),
-        }
+        select_platform(&raw, &format!("image index {}", index_blob.digest), host_architecture())
     }
 
     /// Loads the image that `tag` names, verifying manifest and config digests.
@@ -154,13 +143,10 @@ impl Layout {
 
 /// Opens the layout an [`ImageRef`] names and loads its image.
 pub fn load_image(reference: &ImageRef) -> Result<(Layout, Image)> {
-    match reference {
-        ImageRef::Layout { dir, tag } => {
-            let layout = Layout::open(dir)?;
-            let image = layout.load_image(tag.as_deref())?;
-            Ok((layout, image))
-        }
-    }
+    let (dir, tag) = reference.local()?;
+    let layout = Layout::open(dir)?;
+    let image = layout.load_image(tag)?;
+    Ok((layout, image))
 }
 
 /// The OCI name of this machine's CPU architecture.
@@ -260,6 +246,11 @@ impl LayoutWriter {
         std::io::copy(&mut from.open_blob(blob)?, &mut w).ctx(|| format!("copying {what}"))?;
         w.finish(Some((&blob.digest, what)))?;
         Ok(())
+    }
+
+    /// Whether the blob is staged, or already in the destination layout.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        blob_path(self.staging.path(), digest).exists() || (self.into_existing && blob_path(&self.dest, digest).exists())
     }
 
     /// Writes a whole blob from memory.

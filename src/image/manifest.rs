@@ -1,6 +1,6 @@
 //! Image manifests and configurations: parsing separated from I/O.
 
-use oci_spec::image::{Descriptor, ImageConfiguration, ImageManifest};
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -38,6 +38,27 @@ impl BlobRef {
     pub fn from_descriptor(d: &Descriptor) -> Result<Self> {
         let digest: Digest = d.digest().to_string().parse()?;
         Ok(BlobRef { media_type: d.media_type().to_string(), digest, size: d.size() })
+    }
+}
+
+/// Whether a media type is a multi-platform index (OCI index or Docker manifest list).
+pub fn is_index(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
+}
+
+/// Picks the `linux/arch` entry of a multi-platform index (`raw`), named `what` in errors.
+/// Entries without a platform match any (some single-image indexes omit it).
+pub fn select_platform(raw: &[u8], what: &str, arch: &str) -> Result<BlobRef> {
+    let index = ImageIndex::from_reader(raw).map_err(|e| Error::malformed(what, e.to_string()))?;
+    let matching: Vec<_> = index
+        .manifests()
+        .iter()
+        .filter(|d| d.platform().as_ref().is_none_or(|p| p.architecture().to_string() == arch && p.os().to_string() == "linux"))
+        .collect();
+    match matching.as_slice() {
+        [one] => BlobRef::from_descriptor(one),
+        [] => Err(Error::NotFound(format!("an entry for linux/{arch} in {what}"))),
+        _ => Err(Error::unsupported(what, format!("several entries for linux/{arch}"))),
     }
 }
 

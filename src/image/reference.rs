@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
+use crate::registry::RegistryRef;
 
 /// The tag used when a reference names none.
 pub const DEFAULT_TAG: &str = "latest";
@@ -20,10 +21,13 @@ pub enum ImageRef {
         /// The tag, if one was given.
         tag: Option<String>,
     },
+    /// `docker://HOST[:PORT]/REPO[:TAG][@DIGEST]`: an image in a registry.
+    Registry(RegistryRef),
 }
 
 impl ImageRef {
-    /// Parses `oci:DIR[:TAG]`. As in skopeo, the directory ends at the first `:`.
+    /// Parses `oci:DIR[:TAG]` or `docker://HOST[:PORT]/REPO[:TAG][@DIGEST]`. As in skopeo, an
+    /// `oci:` directory ends at the first `:`.
     pub fn parse(reference: &str) -> Result<Self> {
         let invalid = |reason: &str| Error::InvalidReference { reference: reference.to_string(), reason: reason.to_string() };
         let (transport, rest) = reference
@@ -45,8 +49,11 @@ impl ImageRef {
                 }
                 Ok(ImageRef::Layout { dir: PathBuf::from(dir), tag: tag.map(str::to_string) })
             }
-            "docker" => Err(invalid("registry references (docker://) are not supported by this build yet")),
-            other => Err(invalid(&format!("unknown transport {other:?}; supported: oci"))),
+            "docker" => match rest.strip_prefix("//") {
+                Some(name) => Ok(ImageRef::Registry(RegistryRef::parse(name)?)),
+                None => Err(invalid("expected docker://HOST[:PORT]/REPO[:TAG|@DIGEST]")),
+            },
+            other => Err(invalid(&format!("unknown transport {other:?}; supported: oci, docker"))),
         }
     }
 
@@ -54,7 +61,25 @@ impl ImageRef {
     pub fn tag_or_default(&self) -> &str {
         match self {
             ImageRef::Layout { tag, .. } => tag.as_deref().unwrap_or(DEFAULT_TAG),
+            ImageRef::Registry(r) => r.tag.as_deref().unwrap_or(DEFAULT_TAG),
         }
+    }
+
+    /// The layout directory and tag, for code that works on local layouts only; a registry
+    /// reference is an error saying so (see [`crate::transfer::Transfer::localize`]).
+    pub fn local(&self) -> Result<(&std::path::Path, Option<&str>)> {
+        match self {
+            ImageRef::Layout { dir, tag } => Ok((dir, tag.as_deref())),
+            ImageRef::Registry(_) => Err(Error::InvalidReference {
+                reference: self.to_string(),
+                reason: "a local OCI layout (oci:DIR[:TAG]) is needed here; fetch registry images first".into(),
+            }),
+        }
+    }
+
+    /// Whether the image is reached over the network.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, ImageRef::Registry(_))
     }
 }
 
@@ -63,6 +88,7 @@ impl fmt::Display for ImageRef {
         match self {
             ImageRef::Layout { dir, tag: Some(tag) } => write!(f, "oci:{}:{tag}", dir.display()),
             ImageRef::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
+            ImageRef::Registry(r) => write!(f, "docker://{r}"),
         }
     }
 }
@@ -91,11 +117,15 @@ mod tests {
             assert_eq!(r.to_string(), input);
         }
         assert_eq!(ImageRef::parse("oci:d").unwrap().tag_or_default(), "latest");
+        let remote = ImageRef::parse("docker://127.0.0.1:5000/fleet/app:v2").unwrap();
+        assert!(remote.is_remote());
+        assert_eq!(remote.to_string(), "docker://127.0.0.1:5000/fleet/app:v2");
+        assert_eq!(remote.tag_or_default(), "v2");
     }
 
     #[test]
     fn rejects_bad_references_with_a_reason() {
-        for bad in ["dir", "oci:", "oci:dir:", "oci:dir:a/b", "ftp:x", "docker://host/repo:tag"] {
+        for bad in ["dir", "oci:", "oci:dir:", "oci:dir:a/b", "ftp:x", "docker:host/repo", "docker://Host.io/Repo"] {
             let err = ImageRef::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }

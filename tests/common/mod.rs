@@ -13,6 +13,34 @@ use fleetdelta::layer::Compression;
 use fleetdelta::{Digest, ImageRef};
 use serde_json::{json, Value};
 
+pub mod registry;
+
+/// A command from Debian's packages that the test needs; fails (never skips) without it.
+pub fn tool(name: &str) -> std::process::Command {
+    let found = std::process::Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
+    assert!(found.status.success(), "{name} is required by this test: apt-get install {name}");
+    std::process::Command::new(name)
+}
+
+/// The fleetdelta binary under test.
+pub fn fleetdelta() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fleetdelta"))
+}
+
+/// Runs a command that must succeed.
+pub fn run(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Runs a command that must fail with exit code 1; returns its stderr.
+pub fn run_failing(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// One tar entry to put into a layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Node {
@@ -123,10 +151,15 @@ fn uncompressed_layers(layout: &Layout, image: &fleetdelta::image::Image) -> Vec
 
 /// Asserts that `out` holds exactly the layers and config of `target`.
 pub fn assert_same_image(target: &Path, out: &Path) {
-    let t = Layout::open(target).unwrap().load_image(None).unwrap();
-    let o = Layout::open(out).unwrap().load_image(None).unwrap();
+    assert_same_tagged_image(target, None, out, None)
+}
+
+/// [`assert_same_image`] for tagged images.
+pub fn assert_same_tagged_image(target: &Path, target_tag: Option<&str>, out: &Path, out_tag: Option<&str>) {
+    let t = Layout::open(target).unwrap().load_image(target_tag).unwrap();
+    let o = Layout::open(out).unwrap().load_image(out_tag).unwrap();
     assert_eq!(o.config.raw, t.config.raw, "config differs");
-    let (tt, ot) = (layer_tars(target, None), layer_tars(out, None));
+    let (tt, ot) = (layer_tars(target, target_tag), layer_tars(out, out_tag));
     assert_eq!(tt.len(), ot.len());
     for (i, (a, b)) in tt.iter().zip(&ot).enumerate() {
         assert!(a == b, "layer {i} differs ({} vs {} bytes)", a.len(), b.len());

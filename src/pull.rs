@@ -1,0 +1,195 @@
+//! Device-side pull: bring a registry image into a local layout, downloading as little as
+//! possible. With the image the device has (`from`), the deltas that rebuild the target
+//! are looked up among the target's referrers; the cheapest one made from the device's image
+//! is applied. Without one, only the layers the device lacks are downloaded, unless the
+//! operator forbids full downloads (metered links), in which case the pull fails and says so.
+
+use serde::Serialize;
+
+use crate::apply::{apply, ApplyOptions, ApplyReport};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::format::{ANNOTATION_SOURCE_CONFIG, ANNOTATION_VERSION, FORMAT_VERSION};
+use crate::image::manifest::{Manifest, MAX_JSON_BYTES};
+use crate::image::{load_image, Image, ImageRef, Layout, LayoutWriter};
+use crate::progress::Progress;
+use crate::registry::RegistryRef;
+use crate::transfer::{fetch_image, FetchReport, Transfer};
+
+/// Options of [`pull`].
+#[derive(Clone, Debug, Default)]
+pub struct PullOptions {
+    /// Whether downloading the missing layers is allowed when no delta exists (or when it
+    /// costs less than the delta). `false` on metered links: no delta, no update.
+    pub allow_full: bool,
+    /// Use this delta instead of looking among the target's referrers.
+    pub delta: Option<RegistryRef>,
+    /// How the delta is applied (its `expect_target` is set to the target's digest).
+    pub apply: ApplyOptions,
+}
+
+/// How the image got there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum PullMethod {
+    /// The device already has the target (same config, hence same layers' content): nothing
+    /// downloaded but its manifest.
+    Unchanged,
+    /// A delta was downloaded and applied.
+    Delta {
+        /// The delta image.
+        delta: String,
+        /// The delta manifest digest.
+        manifest: Digest,
+    },
+    /// The missing layers were downloaded.
+    Full {
+        /// Why no delta was used.
+        reason: String,
+    },
+}
+
+/// What [`pull`] did.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullReport {
+    /// The target image manifest digest in the registry.
+    pub target_manifest: Digest,
+    /// How.
+    pub method: PullMethod,
+    /// Bytes received from the registry.
+    pub received: u64,
+    /// What downloading the missing layers (and config) would have cost.
+    pub missing_layers_bytes: u64,
+    /// The manifest written to the output layout.
+    pub written_manifest: Digest,
+    /// The rebuild, when a delta was applied.
+    pub apply: Option<ApplyReport>,
+}
+
+/// A delta that rebuilds the target from the device's image.
+#[derive(Debug)]
+struct Candidate {
+    reference: RegistryRef,
+    manifest: Digest,
+    download: u64,
+}
+
+/// Pulls `target` into `output` (a layout; the device's store may be the layout of `from`),
+/// using a delta from `from` when one exists. Every blob and digest is verified before the
+/// output is committed; a failed pull leaves `output` as it was.
+pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, output: &ImageRef, options: &PullOptions, progress: &dyn Progress) -> Result<PullReport> {
+    let (out_dir, _) = output.local()?;
+    let out_tag = output.tag_or_default();
+    let client = transfer.client();
+    let fetched = transfer.block_on(client.get_image_manifest(target))?;
+    let target_manifest = Manifest::parse(fetched.raw.clone(), Some(&fetched.media_type))?;
+    let local = from.map(load_image).transpose()?;
+    let out_layout = Layout::open(out_dir).ok();
+    let have = |d: &Digest| local.as_ref().is_some_and(|(l, _)| l.blob_path(d).exists()) || out_layout.as_ref().is_some_and(|l| l.blob_path(d).exists());
+    let missing_layers_bytes =
+        std::iter::once(&target_manifest.config).chain(target_manifest.layers.iter()).filter(|b| !have(&b.digest)).map(|b| b.size).sum::<u64>();
+    let mut report = PullReport {
+        target_manifest: fetched.digest,
+        method: PullMethod::Unchanged,
+        received: fetched.raw.len() as u64,
+        missing_layers_bytes,
+        written_manifest: fetched.digest,
+        apply: None,
+    };
+
+    // The config digest is the image's identity: a device whose store recompressed the
+    // layers (a different manifest digest) has the target all the same.
+    if let (Some(from), Some((_, image))) = (from, &local) {
+        if image.config.digest == target_manifest.config.digest {
+            report.written_manifest = image.manifest.digest;
+            transfer.copy(from, output, progress)?;
+            return Ok(report);
+        }
+    }
+
+    let candidate = match (&local, &options.delta) {
+        (None, _) => None,
+        (Some(_), Some(delta)) => Some(describe_delta(transfer, delta, &mut report.received)?),
+        (Some((_, image)), None) => find_delta(transfer, target, &fetched.digest, image, &mut report.received)?,
+    };
+    let reason = match (&candidate, from) {
+        (_, None) => "no local image to start from".to_string(),
+        (None, Some(_)) => format!("no delta in {}/{} rebuilds {} from the local image", target.registry, target.repository, fetched.digest),
+        (Some(c), Some(_)) if options.allow_full && options.delta.is_none() && c.download > missing_layers_bytes => {
+            format!("the delta ({} bytes) costs more than the missing layers ({missing_layers_bytes} bytes)", c.download)
+        }
+        (Some(c), Some(from)) => {
+            match apply_delta(transfer, from, c, output, &fetched.digest, options, progress) {
+                Ok((applied, received)) => {
+                    report.received += received;
+                    report.written_manifest = applied.written_manifest;
+                    report.method = PullMethod::Delta { delta: format!("docker://{}", c.reference), manifest: c.manifest };
+                    report.apply = Some(applied);
+                    return Ok(report);
+                }
+                // A delta that fails verification is no reason to leave the device behind
+                // when the operator allows a full download; the reason is reported.
+                Err(e) if options.allow_full => format!("the delta failed: {e}"),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    if !options.allow_full {
+        return Err(Error::NotFound(format!("{reason}, and full downloads are not allowed (metered link)")));
+    }
+    let writer = LayoutWriter::create(out_dir)?;
+    let reuse: Vec<&Layout> = local.iter().map(|(l, _)| l).collect();
+    let (manifest, _, fetch): (_, Image, FetchReport) = transfer.block_on(fetch_image(client, &target.with_digest(fetched.digest), &writer, &reuse, &[], progress))?;
+    writer.commit(&manifest, out_tag)?;
+    report.received += fetch.received;
+    report.written_manifest = manifest.digest;
+    report.method = PullMethod::Full { reason };
+    Ok(report)
+}
+
+/// The cheapest delta among the target's referrers made from `image` (by config digest).
+fn find_delta(transfer: &Transfer, target: &RegistryRef, target_digest: &Digest, image: &Image, received: &mut u64) -> Result<Option<Candidate>> {
+    let referrers = transfer.block_on(transfer.client().referrers(target, target_digest))?;
+    let source_config = image.config.digest.to_string();
+    let version = FORMAT_VERSION.to_string();
+    let mut best: Option<Candidate> = None;
+    for r in referrers {
+        let made_for_us = r.annotations.get(ANNOTATION_SOURCE_CONFIG) == Some(&source_config) && r.annotations.get(ANNOTATION_VERSION) == Some(&version);
+        if !made_for_us {
+            continue;
+        }
+        let c = describe_delta(transfer, &target.with_digest(r.digest), received)?;
+        if best.as_ref().is_none_or(|b| c.download < b.download) {
+            best = Some(c);
+        }
+    }
+    Ok(best)
+}
+
+/// Reads a delta's manifest to learn what downloading it costs.
+fn describe_delta(transfer: &Transfer, delta: &RegistryRef, received: &mut u64) -> Result<Candidate> {
+    let m = transfer.block_on(transfer.client().get_image_manifest(delta))?;
+    *received += m.raw.len() as u64;
+    let manifest = Manifest::parse(m.raw.clone(), Some(&m.media_type))?;
+    if manifest.config.size > MAX_JSON_BYTES {
+        return Err(Error::TooLarge { what: format!("config of delta {delta}"), limit: MAX_JSON_BYTES });
+    }
+    let download = m.raw.len() as u64 + manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
+    Ok(Candidate { reference: delta.with_digest(m.digest), manifest: m.digest, download })
+}
+
+fn apply_delta(
+    transfer: &Transfer,
+    from: &ImageRef,
+    candidate: &Candidate,
+    output: &ImageRef,
+    target: &Digest,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<(ApplyReport, u64)> {
+    let (delta, fetched) = transfer.localize(&ImageRef::Registry(candidate.reference.clone()), progress)?;
+    let apply_options = ApplyOptions { expect_target: Some(*target), ..options.apply.clone() };
+    let report = apply(from, &delta, output, &apply_options, progress)?;
+    Ok((report, fetched.map(|f| f.received).unwrap_or(0)))
+}

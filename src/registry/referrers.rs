@@ -1,0 +1,144 @@
+//! Referrers: finding the manifests whose `subject` is a given manifest (here: the deltas that
+//! rebuild a target image).
+//!
+//! OCI distribution 1.1 registries answer `GET /v2/NAME/referrers/DIGEST` and index referrers
+//! themselves (they acknowledge a pushed `subject` with an `OCI-Subject` header). Older
+//! registries, such as distribution 2.8, do neither; for them the spec's fallback is an image
+//! index stored under the tag `sha256-HEX` of the subject, which pushers keep up to date.
+//! Both are read and, when needed, the fallback is written.
+
+use std::collections::BTreeMap;
+
+use reqwest::header::ACCEPT;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use super::client::{expect_status, read_bounded, Client, Scope};
+use super::reference::RegistryRef;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::image::manifest::{MAX_JSON_BYTES, OCI_INDEX};
+
+/// One manifest that refers to a subject.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Referrer {
+    /// The referrer's manifest digest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its manifest size.
+    pub size: u64,
+    /// Its artifact type, when it has one.
+    pub artifact_type: Option<String>,
+    /// Its manifest annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Referrer {
+    /// The index entry that lists this referrer.
+    fn descriptor(&self) -> Value {
+        let mut d = json!({ "mediaType": self.media_type, "digest": self.digest.to_string(), "size": self.size });
+        if let Some(t) = &self.artifact_type {
+            d["artifactType"] = json!(t);
+        }
+        if !self.annotations.is_empty() {
+            d["annotations"] = json!(self.annotations);
+        }
+        d
+    }
+}
+
+/// The fallback tag under which referrers of `subject` are listed.
+pub fn fallback_tag(subject: &Digest) -> String {
+    format!("sha256-{}", subject.hex())
+}
+
+impl Client {
+    /// Lists the referrers of `subject` in the repository, from the referrers API or else
+    /// from the fallback tag. Malformed entries are errors, not silently dropped.
+    pub async fn referrers(&self, r: &RegistryRef, subject: &Digest) -> Result<Vec<Referrer>> {
+        let what = format!("referrers of {subject} in {}/{}", r.registry, r.repository);
+        let url = self.url(r, &format!("{}/referrers/{subject}", r.repository))?;
+        let response = self.send(r, &[Scope::pull(&r.repository)], &what, true, |h| h.get(url.clone()).header(ACCEPT, OCI_INDEX)).await?;
+        let is_index = response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| t.starts_with(OCI_INDEX));
+        if response.status() == StatusCode::OK && is_index {
+            let raw = read_bounded(response, MAX_JSON_BYTES, &what).await?;
+            return parse_index(&raw, &what);
+        }
+        if response.status() != StatusCode::NOT_FOUND && response.status() != StatusCode::OK {
+            expect_status(response, &what, &[]).await?;
+        }
+        match self.get_manifest(r, &fallback_tag(subject)).await {
+            Ok(index) => parse_index(&index.raw, &what),
+            Err(Error::NotFound(_)) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adds `referrer` to the fallback tag index of `subject` (read, add, write). Concurrent
+    /// pushers of referrers to the same subject may race; the loser's entry is re-added by
+    /// its next push, and readers treat a missing entry as "no delta yet".
+    pub async fn add_fallback_referrer(&self, r: &RegistryRef, subject: &Digest, referrer: &Referrer) -> Result<()> {
+        let tag = fallback_tag(subject);
+        let mut entries: Vec<Value> = match self.get_manifest(r, &tag).await {
+            Ok(index) => {
+                let v: Value = serde_json::from_slice(&index.raw).map_err(|e| Error::malformed(format!("referrers index {tag}"), e.to_string()))?;
+                v.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default()
+            }
+            Err(Error::NotFound(_)) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let digest = referrer.digest.to_string();
+        entries.retain(|e| e.get("digest").and_then(Value::as_str) != Some(digest.as_str()));
+        entries.push(referrer.descriptor());
+        let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries });
+        let raw = serde_json::to_vec(&index).expect("JSON values serialize");
+        self.put_manifest(r, &tag, OCI_INDEX, &raw).await?;
+        Ok(())
+    }
+}
+
+/// Reads the entries of a referrers index.
+pub fn parse_index(raw: &[u8], what: &str) -> Result<Vec<Referrer>> {
+    let v: Value = serde_json::from_slice(raw).map_err(|e| Error::malformed(what, e.to_string()))?;
+    let entries = v.get("manifests").and_then(Value::as_array).ok_or_else(|| Error::malformed(what, "no manifests array"))?;
+    entries
+        .iter()
+        .map(|e| {
+            let digest: Digest = e.get("digest").and_then(Value::as_str).ok_or_else(|| Error::malformed(what, "an entry has no digest"))?.parse()?;
+            let annotations = match e.get("annotations") {
+                None | Some(Value::Null) => BTreeMap::new(),
+                Some(a) => serde_json::from_value(a.clone()).map_err(|err| Error::malformed(what, format!("annotations of {digest}: {err}")))?,
+            };
+            Ok(Referrer {
+                digest,
+                media_type: e.get("mediaType").and_then(Value::as_str).unwrap_or_default().to_string(),
+                size: e.get("size").and_then(Value::as_u64).ok_or_else(|| Error::malformed(what, format!("entry {digest} has no size")))?,
+                artifact_type: e.get("artifactType").and_then(Value::as_str).map(str::to_string),
+                annotations,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn referrer_index_round_trips_and_rejects_bad_entries() {
+        let r = Referrer {
+            digest: Digest::of(b"m"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: 10,
+            artifact_type: None,
+            annotations: [("io.fleetdelta.source.config".to_string(), "sha256:x".to_string())].into(),
+        };
+        let raw = serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": [r.descriptor()] })).unwrap();
+        assert_eq!(parse_index(&raw, "t").unwrap(), vec![r]);
+        for bad in [r#"{}"#, r#"{"manifests":[{"size":1}]}"#, r#"{"manifests":[{"digest":"sha256:00","size":1}]}"#] {
+            assert!(parse_index(bad.as_bytes(), "t").is_err(), "{bad}");
+        }
+        assert_eq!(fallback_tag(&Digest::of(b"")), "sha256-e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    }
+}

@@ -1,0 +1,174 @@
+//! Moving images between transports: fetching from registries, pushing to them, copying
+//! between any two references, and the bridge that lets the synchronous engine (diff, apply)
+//! read and write registry images through local scratch layouts.
+//!
+//! - [`fetch`] copies registry -> layout, skipping what the destination already holds.
+//! - [`push`] copies layout -> registry, with mounts and the referrers fallback tag.
+//! - [`Transfer`] is the synchronous front: `localize`, `staging_for`, `publish`, `copy`.
+
+pub mod fetch;
+pub mod push;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use serde::Serialize;
+use tempfile::TempDir;
+
+pub use fetch::{fetch_image, FetchReport};
+pub use push::{push_image, PushReport};
+
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::image::manifest::{BlobRef, MAX_JSON_BYTES};
+use crate::image::{ImageRef, Layout, LayoutWriter};
+use crate::progress::Progress;
+use crate::registry::{Client, ClientOptions, RegistryRef};
+
+/// What a copy did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyReport {
+    /// The manifest digest of the copied image.
+    pub manifest: Option<Digest>,
+    /// What was fetched, when the source is a registry.
+    pub fetched: Option<FetchReport>,
+    /// What was pushed, when the destination is a registry.
+    pub pushed: Option<PushReport>,
+}
+
+/// Registry access for synchronous callers: owns a tokio runtime, a [`Client`] and a scratch
+/// directory (removed on drop) where registry images are staged.
+#[derive(Debug)]
+pub struct Transfer {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    scratch: OnceLock<TempDir>,
+    counter: AtomicUsize,
+}
+
+impl Transfer {
+    /// A transfer with these client options.
+    pub fn new(options: ClientOptions) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .ctx(|| "starting the async runtime".into())?;
+        Ok(Transfer { runtime, client: Client::new(options)?, scratch: OnceLock::new(), counter: AtomicUsize::new(0) })
+    }
+
+    /// The registry client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Runs a future of the registry API to completion.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    fn scratch(&self) -> Result<PathBuf> {
+        if let Some(dir) = self.scratch.get() {
+            return Ok(dir.path().to_path_buf());
+        }
+        let dir = tempfile::Builder::new().prefix("fleetdelta-").tempdir().ctx(|| "creating a scratch directory".into())?;
+        Ok(self.scratch.get_or_init(|| dir).path().to_path_buf())
+    }
+
+    /// A local reference to `image`: itself for a layout; for a registry image, a verified
+    /// copy fetched into the scratch layout (blobs shared by several fetched images are
+    /// fetched once).
+    pub fn localize(&self, image: &ImageRef, progress: &dyn Progress) -> Result<(ImageRef, Option<FetchReport>)> {
+        let ImageRef::Registry(r) = image else { return Ok((image.clone(), None)) };
+        let dir = self.scratch()?.join("fetched");
+        let tag = format!("image-{}", self.counter.fetch_add(1, Ordering::Relaxed));
+        let writer = LayoutWriter::create(&dir)?;
+        let (manifest, _, report) = self.block_on(fetch_image(&self.client, r, &writer, &[], &[], progress))?;
+        writer.commit(&manifest, &tag)?;
+        Ok((ImageRef::Layout { dir, tag: Some(tag) }, Some(report)))
+    }
+
+    /// Where to write an image meant for `dest`: `dest` itself for a layout, a fresh scratch
+    /// layout for a registry (then [`Transfer::publish`] it).
+    pub fn staging_for(&self, dest: &ImageRef) -> Result<ImageRef> {
+        match dest {
+            ImageRef::Registry(_) => {
+                let dir = self.scratch()?.join(format!("out-{}", self.counter.fetch_add(1, Ordering::Relaxed)));
+                Ok(ImageRef::Layout { dir, tag: Some(dest.tag_or_default().to_string()) })
+            }
+            _ => Ok(dest.clone()),
+        }
+    }
+
+    /// Pushes what was written to `staged` (from [`Transfer::staging_for`]) to `dest`; nothing
+    /// to do when `dest` is a layout.
+    pub fn publish(&self, staged: &ImageRef, dest: &ImageRef, progress: &dyn Progress) -> Result<Option<PushReport>> {
+        let (ImageRef::Registry(r), ImageRef::Layout { dir, tag }) = (dest, staged) else { return Ok(None) };
+        let layout = Layout::open(dir)?;
+        let report = self.block_on(push_image(&self.client, &layout, tag.as_deref(), r, None, progress))?;
+        Ok(Some(report))
+    }
+
+    /// Copies the image `src` names to `dst`, between any two transports, verifying every
+    /// blob. Blobs the destination holds are not transferred; between repositories of one
+    /// registry, blobs are mounted instead of downloaded and uploaded again.
+    pub fn copy(&self, src: &ImageRef, dst: &ImageRef, progress: &dyn Progress) -> Result<CopyReport> {
+        match (src, dst) {
+            (ImageRef::Layout { dir, tag }, ImageRef::Layout { dir: out, .. }) => {
+                let from = Layout::open(dir)?;
+                let manifest = from.resolve(tag.as_deref())?;
+                let image = from.load_image(tag.as_deref())?;
+                let writer = LayoutWriter::create(out)?;
+                writer.add_existing_blob(&from, &image.manifest.config, "config")?;
+                for (i, layer) in image.layers.iter().enumerate() {
+                    writer.add_existing_blob(&from, &layer.blob, &format!("layer {i}"))?;
+                }
+                writer.put_blob(&from.read_blob(&manifest, MAX_JSON_BYTES)?)?;
+                writer.commit(&manifest, dst.tag_or_default())?;
+                Ok(CopyReport { manifest: Some(manifest.digest), ..CopyReport::default() })
+            }
+            (ImageRef::Registry(r), ImageRef::Layout { dir: out, .. }) => {
+                let writer = LayoutWriter::create(out)?;
+                let (manifest, _, report) = self.block_on(fetch_image(&self.client, r, &writer, &[], &[], progress))?;
+                writer.commit(&manifest, dst.tag_or_default())?;
+                Ok(CopyReport { manifest: Some(manifest.digest), fetched: Some(report), pushed: None })
+            }
+            (ImageRef::Layout { dir, tag }, ImageRef::Registry(r)) => {
+                let report = self.block_on(push_image(&self.client, &Layout::open(dir)?, tag.as_deref(), r, None, progress))?;
+                Ok(CopyReport { manifest: Some(report.manifest), fetched: None, pushed: Some(report) })
+            }
+            (ImageRef::Registry(from), ImageRef::Registry(to)) => self.copy_between_registries(from, to, progress),
+        }
+    }
+
+    fn copy_between_registries(&self, from: &RegistryRef, to: &RegistryRef, progress: &dyn Progress) -> Result<CopyReport> {
+        let dir = self.scratch()?.join(format!("copy-{}", self.counter.fetch_add(1, Ordering::Relaxed)));
+        let writer = LayoutWriter::create(&dir)?;
+        let same_registry = from.registry == to.registry;
+        // Within one registry, mount first: only blobs it refuses to mount are downloaded.
+        let mounted: Vec<BlobRef> = if same_registry {
+            self.block_on(async {
+                let fetched = self.client.get_image_manifest(from).await?;
+                let manifest = crate::image::Manifest::parse(fetched.raw, Some(&fetched.media_type))?;
+                let mut mounted = Vec::new();
+                for blob in std::iter::once(&manifest.config).chain(manifest.layers.iter()) {
+                    if self.client.blob_exists(to, blob, true).await? || self.client.mount_blob(to, blob, &from.repository).await? {
+                        mounted.push(blob.clone());
+                    }
+                }
+                Ok::<_, Error>(mounted)
+            })?
+        } else {
+            Vec::new()
+        };
+        // The scratch copy may lack the mounted layers: pushing skips blobs the destination has.
+        let skip: Vec<Digest> = mounted.iter().map(|b| b.digest).collect();
+        let (manifest, _, fetched) = self.block_on(fetch_image(&self.client, from, &writer, &[], &skip, progress))?;
+        writer.commit(&manifest, "copy")?;
+        let layout = Layout::open(&dir)?;
+        let pushed = self.block_on(push_image(&self.client, &layout, Some("copy"), to, same_registry.then_some(from.repository.as_str()), progress))?;
+        Ok(CopyReport { manifest: Some(manifest.digest), fetched: Some(fetched), pushed: Some(pushed) })
+    }
+}
