@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::registry::{Fault, Proxy, Registry};
+use common::registry::{Fault, Proxy, Registry, TokenGate};
 use common::{assert_same_image, assert_same_tagged_image, fleetdelta, layer_tars, run, run_failing, snapshot, text, tool, write_image};
 use fleetdelta::layer::Compression;
 use fleetdelta::registry::ClientOptions;
@@ -93,6 +93,22 @@ fn deltas_go_through_a_real_registry_diff_apply_and_pull() {
     assert!(received * 4 < missing, "the delta ({received} B) should be far smaller than the missing layers ({missing} B)");
     assert_same_tagged_image(&sample("v2"), None, &device, Some("v2"));
     assert_same_tagged_image(&sample("v1"), None, &device, Some("current"));
+
+    // An explicit delta is used as given.
+    let explicit = json(run(fd(home).args([
+        "pull",
+        "--json",
+        "--layers",
+        "uncompressed",
+        "--delta",
+        &format!("{repo}:delta-v1-v2"),
+        "--from",
+        &format!("oci:{}:current", device.display()),
+        &format!("{repo}:v2"),
+        &format!("oci:{}:v2-plain", device.display()),
+    ])));
+    assert_eq!(explicit["method"]["kind"], "delta", "{explicit}");
+    assert_same_tagged_image(&sample("v2"), None, &device, Some("v2-plain"));
 
     // Pulling again finds the image there (by config) and downloads nothing but the manifest.
     let again = json(run(fd(home).args(["pull", "--no-full-download", "--json", "--from", &format!("oci:{}:v2", device.display()), &format!("{repo}:v2"), &format!("oci:{}:v2", device.display())])));
@@ -320,4 +336,59 @@ fn without_a_delta_a_device_downloads_only_missing_layers_unless_the_link_is_met
     let received = report["received"].as_u64().unwrap();
     assert!(received >= app && received < app + base / 2, "only the app layer should come down: {received} B (app {app} B, base {base} B)");
     assert_same_tagged_image(&img, Some("v2"), &device, Some("v2"));
+}
+
+#[test]
+fn bearer_tokens_anonymous_pulls_and_authenticated_pushes() {
+    let reg = Registry::start();
+    let gate = TokenGate::start(&reg.addr, "fleet", "t0ken");
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let dest = format!("docker://{}/tokens/app:v1", gate.addr);
+    let src = format!("oci:{}", sample("v1").display());
+
+    let err = run_failing(fd(home).args(["copy", &src, &dest]));
+    assert!(err.contains("unauthorized") && err.contains("bad credentials") && err.contains("no credentials found"), "{err}");
+    run(fd(home).args(["--creds", "fleet:t0ken", "copy", &src, &dest]));
+
+    // Pulling needs no credentials: an anonymous token allows it.
+    let out = tmp.path().join("out");
+    run(fd(home).args(["copy", &dest, &format!("oci:{}", out.display())]));
+    assert_same_image(&sample("v1"), &out);
+    let err = run_failing(fd(home).args(["--creds", "fleet:wrong", "copy", &dest, &format!("oci:{}", tmp.path().join("out2").display())]));
+    assert!(err.contains("unauthorized"), "{err}");
+
+    let scopes = gate.scopes.lock().unwrap().clone();
+    assert!(scopes.contains(&"repository:tokens/app:pull,push".to_string()), "{scopes:?}");
+    assert!(scopes.contains(&"repository:tokens/app:pull".to_string()), "{scopes:?}");
+}
+
+#[test]
+fn image_indexes_resolve_to_the_requested_platform() {
+    use fleetdelta::image::manifest::{BlobRef, OCI_INDEX};
+    use fleetdelta::image::{Layout, LayoutWriter};
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    synthetic_image(&img, "amd", 1, 1000);
+    synthetic_image(&img, "arm", 2, 1000);
+    let layout = Layout::open(&img).unwrap();
+    let (amd, arm) = (layout.resolve(Some("amd")).unwrap(), layout.resolve(Some("arm")).unwrap());
+    let entry = |m: &BlobRef, arch: &str| serde_json::json!({"mediaType": m.media_type, "digest": m.digest.to_string(), "size": m.size, "platform": {"architecture": arch, "os": "linux"}});
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry(&amd, "amd64"), entry(&arm, "arm64")]})).unwrap();
+    let writer = LayoutWriter::create(&img).unwrap();
+    let (digest, size) = writer.put_blob(&index).unwrap();
+    writer.commit(&BlobRef { media_type: OCI_INDEX.into(), digest, size }, "multi").unwrap();
+    let remote = format!("docker://{}/multi/app:v1", reg.addr);
+    run(tool("skopeo").args(["copy", "-q", "--all", "--dest-tls-verify=false", &format!("oci:{}:multi", img.display()), &remote]));
+
+    for (arch, expected) in [("amd64", Some(amd.digest)), ("arm64", Some(arm.digest)), ("s390x", None)] {
+        let transfer = Transfer::new(ClientOptions { architecture: arch.into(), ..ClientOptions::default() }).unwrap();
+        let out = ImageRef::parse(&format!("oci:{}", tmp.path().join(arch).display())).unwrap();
+        match (transfer.copy(&ImageRef::parse(&remote).unwrap(), &out, &Silent), expected) {
+            (Ok(report), Some(d)) => assert_eq!(report.manifest, Some(d), "{arch}"),
+            (Err(e), None) => assert!(e.to_string().contains("linux/s390x"), "{e}"),
+            (other, _) => panic!("{arch}: {other:?}"),
+        }
+    }
 }

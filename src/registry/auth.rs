@@ -95,6 +95,7 @@ fn auth_params(text: &str) -> BTreeMap<String, String> {
         if chars.next() != Some('=') {
             continue;
         }
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
         let mut value = String::new();
         if chars.peek() == Some(&'"') {
             chars.next();

@@ -66,6 +66,10 @@ impl Client {
         let mut failures = 0u32;
         loop {
             let from = hasher.len();
+            if from == blob.size && from > 0 {
+                // Everything arrived but the connection broke before its end was seen.
+                break;
+            }
             let response = self
                 .send(r, &[Scope::pull(&r.repository)], &what, true, |h| {
                     let request = h.get(url.clone());
@@ -113,9 +117,11 @@ impl Client {
                 tokio::time::sleep(self.backoff(failures)).await;
                 continue;
             }
-            verify(|| what.clone(), &blob.digest, Some(blob.size), &hasher.finish(), len)?;
-            return Ok(stats);
+            break;
         }
+        let len = hasher.len();
+        verify(|| what.clone(), &blob.digest, Some(blob.size), &hasher.finish(), len)?;
+        Ok(stats)
     }
 
     /// Makes the repository hold the blob stored in the file `path`: nothing when it has it,

@@ -100,7 +100,9 @@ pub struct FetchedManifest {
 /// with exponential backoff, and bounded reads. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Client {
-    pub(crate) http: reqwest::Client,
+    http: reqwest::Client,
+    /// Without proxies, for loopback registries (as Go's `ProxyFromEnvironment` does).
+    direct: reqwest::Client,
     pub(crate) options: ClientOptions,
     /// `Authorization` values by registry and scope set.
     auth: Mutex<HashMap<String, String>>,
@@ -109,13 +111,16 @@ pub struct Client {
 impl Client {
     /// Builds a client.
     pub fn new(options: ClientOptions) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("fleetdelta/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(options.connect_timeout)
-            .read_timeout(options.idle_timeout)
-            .build()
-            .map_err(|e| Error::Network { what: "creating the HTTP client".into(), reason: e.to_string() })?;
-        Ok(Client { http, options, auth: Mutex::new(HashMap::new()) })
+        let builder = || {
+            reqwest::Client::builder()
+                .user_agent(concat!("fleetdelta/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(options.connect_timeout)
+                .read_timeout(options.idle_timeout)
+        };
+        let failed = |e: reqwest::Error| Error::Network { what: "creating the HTTP client".into(), reason: e.to_string() };
+        let http = builder().build().map_err(failed)?;
+        let direct = builder().no_proxy().build().map_err(failed)?;
+        Ok(Client { http, direct, options, auth: Mutex::new(HashMap::new()) })
     }
 
     /// The options in use.
@@ -142,10 +147,11 @@ impl Client {
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<Response> {
         let key = auth_key(r, scopes);
+        let http = if is_loopback(r.api_host()) { &self.direct } else { &self.http };
         let mut authenticated = false;
         let mut attempt = 0u32;
         loop {
-            let mut request = build(&self.http);
+            let mut request = build(http);
             if let Some(value) = self.auth.lock().expect("auth cache lock").get(&key) {
                 request = request.header(AUTHORIZATION, value);
             }
@@ -210,7 +216,8 @@ impl Client {
                         q.append_pair("scope", s);
                     }
                 }
-                let mut request = self.http.get(url);
+                let http = if url.host_str().is_some_and(is_loopback) { &self.direct } else { &self.http };
+                let mut request = http.get(url);
                 if let Some(c) = &credentials {
                     request = request.header(AUTHORIZATION, c.basic_header());
                 }

@@ -218,3 +218,122 @@ fn serve(mut client: TcpStream, upstream: &str, fault: Fault, injected: &AtomicU
     }
     let _ = client.shutdown(Shutdown::Write);
 }
+
+/// A bearer-token front for a registry, as Docker Hub and most hosted registries work: every
+/// request without a valid token gets `401` with a `Bearer` challenge naming the token
+/// endpoint `/token` served here, which hands out a token for the asked scopes: anonymous
+/// tokens may only pull, and `user`/`password` may push. Valid requests are passed through.
+pub struct TokenGate {
+    /// `127.0.0.1:PORT` to give clients.
+    pub addr: String,
+    /// Every `scope` parameter the token endpoint was asked for, in order.
+    pub scopes: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TokenGate {
+    /// Starts the gate in front of `upstream`.
+    pub fn start(upstream: &str, user: &str, password: &str) -> Self {
+        use base64::Engine;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let scopes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+        let (upstream, seen, realm) = (upstream.to_string(), scopes.clone(), format!("http://{addr}/token"));
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (upstream, seen, basic, realm) = (upstream.clone(), seen.clone(), basic.clone(), realm.clone());
+                thread::spawn(move || gate(client, &upstream, &seen, &basic, &realm));
+            }
+        });
+        TokenGate { addr, scopes }
+    }
+}
+
+const PULL_TOKEN: &str = "pull-token";
+const PUSH_TOKEN: &str = "push-token";
+
+/// Serves one connection: each request is checked, then forwarded on a fresh upstream
+/// connection (`Connection: close`), so every request is judged on its own.
+fn gate(mut client: TcpStream, upstream: &str, seen: &std::sync::Mutex<Vec<String>>, basic: &str, realm: &str) {
+    loop {
+        let Some((head, body)) = read_request(&mut client) else { return };
+        let first = head.lines().next().unwrap_or("").to_string();
+        let header = |name: &str| {
+            head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()))
+        };
+        let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+        if path.starts_with("/token") {
+            let asked: Vec<String> = path
+                .split(['?', '&'])
+                .filter_map(|p| p.strip_prefix("scope="))
+                .map(|s| s.replace("%3A", ":").replace("%2F", "/").replace("%2C", ","))
+                .collect();
+            seen.lock().unwrap().extend(asked.iter().cloned());
+            let authorized = header("authorization").as_deref() == Some(basic);
+            let wants_push = asked.iter().any(|s| s.ends_with("push"));
+            let answer = match (authorized, wants_push, header("authorization").is_some()) {
+                (true, _, _) => format!("{{\"token\":\"{PUSH_TOKEN}\",\"expires_in\":300}}"),
+                (false, false, false) => format!("{{\"access_token\":\"{PULL_TOKEN}\"}}"),
+                _ => {
+                    let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#;
+                    let _ = write!(client, "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    continue;
+                }
+            };
+            let _ = write!(client, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}", answer.len());
+            continue;
+        }
+        let method = first.split_whitespace().next().unwrap_or("");
+        let token = header("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_string));
+        let allowed = match token.as_deref() {
+            Some(PUSH_TOKEN) => true,
+            Some(PULL_TOKEN) => method == "GET" || method == "HEAD",
+            _ => false,
+        };
+        if !allowed {
+            let challenge = format!("Bearer realm=\"{realm}\",service=\"fleetdelta-tests\"");
+            let _ = write!(client, "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nContent-Length: 0\r\n\r\n");
+            continue;
+        }
+        // Forward with the token removed (the registry behind has no auth) on a new
+        // connection, and relay the whole answer.
+        let Ok(mut server) = TcpStream::connect(upstream) else { return };
+        let forwarded: String = head
+            .lines()
+            .filter(|l| !l.to_ascii_lowercase().starts_with("authorization:") && !l.to_ascii_lowercase().starts_with("connection:"))
+            .map(|l| format!("{l}\r\n"))
+            .collect::<String>()
+            + "Connection: close\r\n\r\n";
+        if server.write_all(forwarded.as_bytes()).and_then(|_| server.write_all(&body)).is_err() {
+            return;
+        }
+        let mut answer = Vec::new();
+        let _ = server.read_to_end(&mut answer);
+        if client.write_all(&answer).is_err() {
+            return;
+        }
+        // The upstream answer was delimited by closing; close ours too.
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    }
+}
+
+/// Reads one HTTP/1.1 request: head (without the final blank line) and body (Content-Length).
+fn read_request(client: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..buf.len() - 4]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.trim().parse().ok()))
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    client.read_exact(&mut body).ok()?;
+    Some((head, body))
+}
