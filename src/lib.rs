@@ -11,6 +11,7 @@ pub mod info;
 pub mod layer;
 pub mod package;
 pub mod progress;
+pub mod release;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};
 pub use diff::{diff, DiffOptions, DiffReport, Level};
