@@ -126,4 +126,8 @@ impl ReleaseError {
             reason: reason.into(),
         }
     }
+
+    pub(crate) fn catalog(what: impl Into<String>, source: crate::Error) -> Self {
+        ReleaseError::Catalog { what: what.into(), source: Box::new(source) }
+    }
 }

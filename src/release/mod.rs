@@ -77,13 +77,16 @@
 //! The overall status is the least ready service status, `pending < preparing < ready`, with
 //! `unchanged` counted as `ready`.
 
+mod catalog;
 mod contract;
 mod error;
 mod facts;
 mod file;
+mod transition;
 pub mod version;
 mod yaml;
 
+pub use catalog::{DeltaStatus, ImageCatalog, ImagePair, LayerBlob, ResolvedImage};
 pub use contract::{
     Contract, Requirement, RequirementType, Requires, Unmet, Wanted, CONTAINER_CONTRACT_TYPE, KERNEL_SLUG,
     KNOWN_ARCHES, OS_SLUG,
@@ -91,6 +94,10 @@ pub use contract::{
 pub use error::{ReleaseError, UnmetContract};
 pub use facts::DeviceFacts;
 pub use file::{Release, Service, LABEL_OPTIONAL, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY, UPDATE_STRATEGIES};
+pub use transition::{
+    plan, short_digest, Change, DeltaNeed, DroppedService, ImageInfo, Readiness, ReadyDelta, ReleaseRef, ServiceUpdate,
+    Transition, UpdateStatus,
+};
 
 /// Largest release or facts file read (far above any real one; bounds what a typo in a path
 /// can make us load).
