@@ -121,6 +121,9 @@ pub enum Error {
         /// The offending path.
         path: String,
     },
+    /// A release file, device facts file, contract check or release-update plan that failed.
+    #[error(transparent)]
+    Release(#[from] crate::release::ReleaseError),
 }
 
 /// Result with [`Error`].

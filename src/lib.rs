@@ -13,6 +13,7 @@ pub mod package;
 pub mod progress;
 pub mod pull;
 pub mod registry;
+pub mod release;
 pub mod transfer;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};

@@ -1,0 +1,98 @@
+//! What planning needs from the outside world: resolved images and the state of deltas.
+//!
+//! The registry client and the delta store implement [`ImageCatalog`]; planning itself does no
+//! I/O, so tests use an in-memory catalog.
+
+use crate::digest::Digest;
+
+/// One layer blob of an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerBlob {
+    /// The blob's digest (compressed, as the registry serves it).
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// An image reference resolved: its identity and its layers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedImage {
+    /// The manifest digest: two references with the same digest are the same image.
+    pub digest: Digest,
+    /// Its layers, base first.
+    pub layers: Vec<LayerBlob>,
+}
+
+impl ResolvedImage {
+    /// What a full download of the image costs: the sum of its layer sizes.
+    pub fn size(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
+
+    /// What pulling this image costs on a device that holds `present`: the layers of this image
+    /// that `present` does not have, with their total size.
+    pub fn missing_from(&self, present: &ResolvedImage) -> (usize, u64) {
+        let mut count = 0;
+        let mut size = 0;
+        for layer in &self.layers {
+            if !present.layers.iter().any(|p| p.digest == layer.digest) {
+                count += 1;
+                size += layer.size;
+            }
+        }
+        (count, size)
+    }
+}
+
+/// A delta's source and target images. Deltas are unique per pair: whichever services need the
+/// same pair share one delta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImagePair {
+    /// The image the device has.
+    pub from: Digest,
+    /// The image it moves to.
+    pub to: Digest,
+}
+
+/// Where the delta of an image pair stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeltaStatus {
+    /// No delta exists and none is being built.
+    Absent,
+    /// A delta is being built.
+    Building,
+    /// A delta is built and can be fetched.
+    Ready {
+        /// Where it is stored (an image reference).
+        reference: String,
+        /// What a device downloads to apply it, in bytes.
+        size: u64,
+    },
+}
+
+/// Resolves images and reports on deltas. Implemented by the registry client and delta store.
+pub trait ImageCatalog {
+    /// Resolves an image reference to its digest and layers.
+    fn resolve(&self, reference: &str) -> crate::Result<ResolvedImage>;
+
+    /// The state of the delta between two images.
+    fn delta_status(&self, pair: &ImagePair) -> crate::Result<DeltaStatus>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(n: u8, size: u64) -> LayerBlob {
+        LayerBlob { digest: Digest::from_bytes([n; 32]), size }
+    }
+
+    #[test]
+    fn missing_layers_are_those_the_source_lacks() {
+        let from = ResolvedImage { digest: Digest::of(b"a"), layers: vec![layer(1, 100), layer(2, 20)] };
+        let to = ResolvedImage { digest: Digest::of(b"b"), layers: vec![layer(1, 100), layer(3, 7), layer(4, 5)] };
+        assert_eq!(to.size(), 112);
+        assert_eq!(to.missing_from(&from), (2, 12));
+        assert_eq!(to.missing_from(&to), (0, 0));
+    }
+}

@@ -1,0 +1,301 @@
+//! Release files: a release's id, commit and services, in YAML close to docker-compose.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::contract::{Contract, RawContract};
+use super::error::ReleaseError;
+use super::yaml::{self, LabelText, Text, UniqueMap};
+use crate::digest::Digest;
+
+/// The label that marks a service optional: its unmet contract drops it instead of rejecting
+/// the release.
+pub const LABEL_OPTIONAL: &str = "io.balena.features.optional";
+/// The label choosing how the supervisor replaces a service's container.
+pub const LABEL_UPDATE_STRATEGY: &str = "io.balena.update.strategy";
+/// The update strategies balena's supervisor knows.
+pub const UPDATE_STRATEGIES: &[&str] =
+    &["download-then-kill", "kill-then-download", "delete-then-download", "hand-over"];
+/// Prefix of balena's label form of contract requirements, which this format writes in `contract`.
+pub const LABEL_REQUIRES_PREFIX: &str = "io.balena.features.requires.";
+
+/// Values that a boolean label (`io.balena.features.optional`) may take, as balena's supervisor
+/// reads them.
+const TRUE_VALUES: &[&str] = &["1", "true", "on"];
+const FALSE_VALUES: &[&str] = &["0", "false", "off", ""];
+
+/// A release: a set of services, each with its image, labels and optional contract.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    /// The release's id (a version, a number: any one word).
+    pub id: String,
+    /// The commit it was built from, if known.
+    pub commit: Option<String>,
+    /// Its services, in file order; names are unique.
+    pub services: Vec<Service>,
+}
+
+/// One service of a release.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// The service name (compose rules: letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    /// The image reference, in any transport fleetdelta knows; pinned by digest once resolved.
+    pub image: String,
+    /// Labels, as compose gives them to the container.
+    pub labels: BTreeMap<String, String>,
+    /// The service's contract, if any.
+    pub contract: Option<Contract>,
+}
+
+impl Release {
+    /// Parses a release file's text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ReleaseError> {
+        let raw: RawRelease = yaml::parse(text, file)?;
+        let invalid =
+            |service: Option<&str>, field: String, reason: String| ReleaseError::invalid(file, service, field, reason);
+        let id = raw.id.0;
+        if id.is_empty() || id.contains(char::is_whitespace) {
+            return Err(invalid(None, "id".into(), format!("{id:?}: a release id is one word, not empty")));
+        }
+        let commit = raw.commit.map(|c| c.0);
+        if let Some(commit) = &commit {
+            if commit.is_empty() || commit.contains(char::is_whitespace) {
+                return Err(invalid(None, "commit".into(), format!("{commit:?}: a commit is one word, not empty")));
+            }
+        }
+        if raw.services.0.is_empty() {
+            return Err(invalid(None, "services".into(), "a release has at least one service".into()));
+        }
+        let mut services = Vec::with_capacity(raw.services.0.len());
+        for (name, raw_service) in raw.services.0 {
+            let at = format!("services.{name}");
+            if !is_service_name(&name) {
+                return Err(invalid(
+                    Some(&name),
+                    at,
+                    format!("{name:?} is not a service name: use letters, digits, '.', '_' and '-'"),
+                ));
+            }
+            let svc = Some(name.as_str());
+            let image = raw_service.image.0;
+            if let Err(reason) = check_image_reference(&image) {
+                return Err(invalid(svc, format!("{at}.image"), reason));
+            }
+            let labels = raw_service.labels.map(|l| l.0).unwrap_or_default();
+            for (key, value) in &labels {
+                if let Err(reason) = check_label(key, value) {
+                    return Err(invalid(svc, format!("{at}.labels.{key}"), reason));
+                }
+            }
+            let contract = raw_service
+                .contract
+                .map(|c| Contract::from_raw(c, file, &name, &format!("{at}.contract")))
+                .transpose()?;
+            services.push(Service { name, image, labels, contract });
+        }
+        Ok(Release { id, commit, services })
+    }
+
+    /// Reads and parses a release file.
+    pub fn load(path: &Path) -> Result<Self, ReleaseError> {
+        Self::parse(&yaml::read(path)?, &path.display().to_string())
+    }
+
+    /// The service of that name.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+impl Service {
+    /// Whether the service is optional (`io.balena.features.optional: '1'`).
+    pub fn is_optional(&self) -> bool {
+        self.labels.get(LABEL_OPTIONAL).is_some_and(|v| TRUE_VALUES.contains(&v.to_ascii_lowercase().as_str()))
+    }
+
+    /// The image's digest when the reference is pinned (`...@sha256:...`).
+    pub fn pinned_digest(&self) -> Option<Digest> {
+        pinned_digest(&self.image).and_then(Result::ok)
+    }
+}
+
+/// Compose's rule for service names.
+fn is_service_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The digest after the last `@`, if any; `Err` when it is there but not a sha256 digest.
+fn pinned_digest(reference: &str) -> Option<Result<Digest, crate::Error>> {
+    reference.rsplit_once('@').map(|(_, digest)| digest.parse())
+}
+
+fn check_image_reference(image: &str) -> Result<(), String> {
+    if image.is_empty() {
+        return Err("the image reference is empty".into());
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{image:?}: an image reference has no spaces or control characters"));
+    }
+    match pinned_digest(image) {
+        Some(Err(e)) => Err(format!("{image:?}: pinned by an invalid digest ({e})")),
+        _ => Ok(()),
+    }
+}
+
+fn check_label(key: &str, value: &str) -> Result<(), String> {
+    if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{key:?} is not a label key"));
+    }
+    if key == LABEL_OPTIONAL && ![TRUE_VALUES, FALSE_VALUES].concat().contains(&value.to_ascii_lowercase().as_str()) {
+        return Err(format!("{value:?}: expected '1' (optional) or '0'; also true/false, on/off"));
+    }
+    if key == LABEL_UPDATE_STRATEGY && !UPDATE_STRATEGIES.contains(&value) {
+        return Err(format!("{value:?}: unknown update strategy; known: {}", UPDATE_STRATEGIES.join(", ")));
+    }
+    // Balena's CLI turns these labels into a contract; ignoring them here would let a release
+    // through that a device would refuse.
+    if key.starts_with(LABEL_REQUIRES_PREFIX) {
+        return Err("write requirements in the service's `contract.requires`, not as labels".into());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelease {
+    id: Text,
+    commit: Option<Text>,
+    services: UniqueMap<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    image: Text,
+    labels: Option<Labels>,
+    contract: Option<RawContract>,
+}
+
+/// Labels in either compose form: a mapping, or a list of `key=value` (a bare `key` has an
+/// empty value). Duplicate keys are errors in both.
+#[derive(Debug)]
+struct Labels(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct LabelsVisitor;
+        impl<'de> Visitor<'de> for LabelsVisitor {
+            type Value = Labels;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping of labels or a list of key=value")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Labels, A::Error> {
+                let entries: UniqueMap<LabelText> =
+                    Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(Labels(entries.0.into_iter().map(|(k, v)| (k, v.0)).collect()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Labels, A::Error> {
+                let mut labels = BTreeMap::new();
+                while let Some(Text(item)) = seq.next_element()? {
+                    let (key, value) = item.split_once('=').unwrap_or((item.as_str(), ""));
+                    if labels.insert(key.to_string(), value.to_string()).is_some() {
+                        return Err(de::Error::custom(format_args!("duplicate label {key:?}")));
+                    }
+                }
+                Ok(Labels(labels))
+            }
+        }
+        deserializer.deserialize_any(LabelsVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::contract::{RequirementType, Requires};
+
+    const DIGEST: &str = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    #[test]
+    fn parses_a_release_with_labels_in_both_forms_and_a_contract() {
+        let text = format!(
+            "id: 2024.06.1\ncommit: 84d3d8f4\nservices:\n  api:\n    image: registry.example.com/api@{DIGEST}\n    labels:\n      io.balena.update.strategy: download-then-kill\n      retries: 3\n  gpu:\n    image: oci:/images/gpu:1\n    labels:\n      - io.balena.features.optional=1\n      - marker\n    contract:\n      type: sw.container\n      slug: gpu-l4t\n      name: L4T 32.x\n      requires:\n        - type: sw.l4t\n          version: '>=32.2'\n"
+        );
+        let release = Release::parse(&text, "r.yaml").unwrap();
+        assert_eq!(release.id, "2024.06.1");
+        assert_eq!(release.commit.as_deref(), Some("84d3d8f4"));
+        let names: Vec<_> = release.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["api", "gpu"], "file order is kept");
+        let api = release.service("api").unwrap();
+        assert_eq!(api.labels["retries"], "3");
+        assert!(!api.is_optional());
+        assert_eq!(api.pinned_digest().unwrap().to_string(), DIGEST);
+        let gpu = release.service("gpu").unwrap();
+        assert!(gpu.is_optional());
+        assert_eq!(gpu.labels["marker"], "");
+        assert_eq!(gpu.pinned_digest(), None);
+        let contract = gpu.contract.as_ref().unwrap();
+        assert_eq!(contract.slug, "gpu-l4t");
+        assert!(matches!(&contract.requires[0], Requires::One(r) if r.kind == RequirementType::L4t));
+    }
+
+    #[test]
+    fn commit_is_optional_and_numeric_ids_are_kept_as_written() {
+        let release = Release::parse("id: 900813\nservices:\n  main: {image: oci:/x}\n", "r").unwrap();
+        assert_eq!((release.id.as_str(), release.commit), ("900813", None));
+    }
+
+    #[test]
+    fn invalid_release_files_name_file_service_and_field() {
+        let ok_service = "  main:\n    image: oci:/x\n";
+        let cases = [
+            ("services:\n  main: {image: x}\n".to_string(), "missing field `id`"),
+            ("id: 1\nservices: {}\n".to_string(), "r.yaml: services: a release has at least one service"),
+            (format!("id: 1\nversion: '2.1'\nservices:\n{ok_service}"), "unknown field `version`"),
+            (format!("id: 1\nservices:\n{ok_service}{ok_service}"), "r.yaml: services: duplicate key \"main\""),
+            ("id: 1\nservices:\n  main: {image: x, ports: []}\n".into(), "services.main: unknown field `ports`"),
+            ("id: 1\nservices:\n  main: {}\n".into(), "services.main: missing field `image`"),
+            ("id: 1\nservices:\n  main: {image: ''}\n".into(), "r.yaml: services.main.image: the image reference is empty"),
+            ("id: 1\nservices:\n  main: {image: 'a b'}\n".into(), "services.main.image: \"a b\": an image reference has no spaces"),
+            ("id: 1\nservices:\n  main: {image: 'x@sha256:00'}\n".into(), "services.main.image: \"x@sha256:00\": pinned by an invalid digest"),
+            ("id: 1\nservices:\n  'my app': {image: x}\n".into(), "services.my app: \"my app\" is not a service name"),
+            ("id: ''\nservices:\n  main: {image: x}\n".into(), "r.yaml: id: \"\": a release id is one word"),
+            ("id: 1.10\nservices:\n  main: {image: x}\n".into(), "quoted string"),
+            ("id: 1\ncommit: ''\nservices:\n  main: {image: x}\n".into(), "r.yaml: commit:"),
+            (
+                "id: 1\nservices:\n  main:\n    image: x\n    labels: {io.balena.features.optional: maybe}\n".into(),
+                "services.main.labels.io.balena.features.optional: \"maybe\"",
+            ),
+            (
+                "id: 1\nservices:\n  main:\n    image: x\n    labels: {io.balena.update.strategy: yolo}\n".into(),
+                "unknown update strategy",
+            ),
+            (
+                "id: 1\nservices:\n  main:\n    image: x\n    labels: {io.balena.features.requires.sw.l4t: '32.2'}\n".into(),
+                "contract.requires",
+            ),
+            ("id: 1\nservices:\n  main:\n    image: x\n    labels: [a=1, a=2]\n".into(), "services.main.labels: duplicate label \"a\""),
+            ("id: 1\nservices:\n  main:\n    image: x\n    labels: {a: 1, a: 2}\n".into(), "duplicate key \"a\""),
+            (
+                "id: 1\nservices:\n  main:\n    image: x\n    contract: {type: sw.container, slug: c, requires: [{type: sw.l4t, version: '>'}]}\n".into(),
+                "r.yaml: services.main.contract.requires[0].version",
+            ),
+            ("id: 1\nservices:\n  main: {image: x\n".into(), "r.yaml: "),
+        ];
+        for (text, expected) in cases {
+            let err = Release::parse(&text, "r.yaml").unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}:\n  {err}\n  does not contain {expected:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_errors_carry_the_service() {
+        let err = Release::parse("id: 1\nservices:\n  main: {image: ''}\n", "r.yaml").unwrap_err();
+        assert!(matches!(err, ReleaseError::Invalid { service: Some(s), .. } if s == "main"));
+    }
+}
