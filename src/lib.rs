@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod apply;
+pub mod delta_store;
 pub mod diff;
 pub mod digest;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod progress;
 pub mod pull;
 pub mod registry;
 pub mod release;
+pub mod release_update;
 pub mod transfer;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};

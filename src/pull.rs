@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::apply::{apply, ApplyOptions, ApplyReport};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::format::{ANNOTATION_SOURCE_CONFIG, ANNOTATION_VERSION, FORMAT_VERSION};
+use crate::delta_store::{find_in_repository, DeltaKey};
 use crate::image::manifest::{Manifest, MAX_JSON_BYTES};
 use crate::image::{load_image, Image, ImageRef, Layout, LayoutWriter};
 use crate::progress::Progress;
@@ -111,7 +111,13 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
     let candidate = match (&local, &options.delta) {
         (None, _) => None,
         (Some(_), Some(delta)) => Some(describe_delta(transfer, delta, &mut report.received)?),
-        (Some((_, image)), None) => find_delta(transfer, target, &fetched.digest, image, &mut report.received)?,
+        (Some((_, image)), None) => {
+            let key = DeltaKey { source_config: image.config.digest, target_manifest: fetched.digest };
+            find_in_repository(transfer, target, &key)?.and_then(|d| match d.reference {
+                ImageRef::Registry(reference) => Some(Candidate { reference, manifest: d.manifest, download: d.download }),
+                ImageRef::Layout { .. } => None,
+            })
+        }
     };
     let reason = match (&candidate, from) {
         (_, None) => "no local image to start from".to_string(),
@@ -146,25 +152,6 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
     report.written_manifest = manifest.digest;
     report.method = PullMethod::Full { reason };
     Ok(report)
-}
-
-/// The cheapest delta among the target's referrers made from `image` (by config digest).
-fn find_delta(transfer: &Transfer, target: &RegistryRef, target_digest: &Digest, image: &Image, received: &mut u64) -> Result<Option<Candidate>> {
-    let referrers = transfer.block_on(transfer.client().referrers(target, target_digest))?;
-    let source_config = image.config.digest.to_string();
-    let version = FORMAT_VERSION.to_string();
-    let mut best: Option<Candidate> = None;
-    for r in referrers {
-        let made_for_us = r.annotations.get(ANNOTATION_SOURCE_CONFIG) == Some(&source_config) && r.annotations.get(ANNOTATION_VERSION) == Some(&version);
-        if !made_for_us {
-            continue;
-        }
-        let c = describe_delta(transfer, &target.with_digest(r.digest), received)?;
-        if best.as_ref().is_none_or(|b| c.download < b.download) {
-            best = Some(c);
-        }
-    }
-    Ok(best)
 }
 
 /// Reads a delta's manifest to learn what downloading it costs.

@@ -1,17 +1,13 @@
 //! `fleetdelta diff`.
 
 use anyhow::Context;
-use fleetdelta::{diff, DiffOptions, ImageRef, Level, Progress, Transfer};
+use fleetdelta::{diff, DiffOptions, ImageRef, Progress, Transfer};
 
 use super::{human_bytes, LevelArg};
 
 #[allow(clippy::too_many_arguments)]
 pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
-    let level = match level {
-        LevelArg::Fast => Level::Fast,
-        LevelArg::Default => Level::Default,
-        LevelArg::Max => Level::Max,
-    };
+    let level = level.level();
     let (source, target, delta) = (ImageRef::parse(source)?, ImageRef::parse(target)?, ImageRef::parse(delta)?);
     let options = DiffOptions { level, max_layer_bytes: max_layer_size };
     let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;

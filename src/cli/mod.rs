@@ -6,6 +6,7 @@ mod diff_cmd;
 mod info_cmd;
 mod progress;
 mod pull_cmd;
+mod release_update_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,8 +51,9 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    /// The registry transport these flags describe.
-    pub fn transfer(&self) -> anyhow::Result<Transfer> {
+    /// The registry transport these flags describe, selecting `architecture` (OCI name) from
+    /// multi-platform images, or this machine's.
+    pub fn transfer(&self, architecture: Option<&str>) -> anyhow::Result<Transfer> {
         let credentials = match (&self.creds, &self.authfile) {
             (Some(c), _) => CredentialStore::explicit(Credentials::parse(c)?),
             (None, Some(f)) => CredentialStore::from_file(f.clone()),
@@ -63,6 +65,10 @@ impl RegistryArgs {
             retries: self.retries,
             idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
             ..ClientOptions::default()
+        };
+        let options = match architecture {
+            Some(a) => ClientOptions { architecture: a.to_string(), ..options },
+            None => options,
         };
         Ok(Transfer::new(options)?)
     }
@@ -164,6 +170,41 @@ pub enum Command {
         /// The local layout to write it to (oci:DIR[:TAG]).
         output: String,
     },
+    /// The update from one release to another: per service removed, added, unchanged or
+    /// delta-updated, each delta's status, the payload estimate; builds and waits for deltas.
+    ReleaseUpdate {
+        /// The release the device runs (YAML release file).
+        #[arg(long, value_name = "RELEASE")]
+        from: PathBuf,
+        /// The release it moves to.
+        #[arg(long, value_name = "RELEASE")]
+        to: PathBuf,
+        /// The device's facts (supervisor, os, l4t, kernel, device_type, arch): check contracts.
+        #[arg(long, value_name = "FACTS")]
+        device: Option<PathBuf>,
+        /// Where deltas are kept: `target` (beside each target image in its registry
+        /// repository) or oci:DIR.
+        #[arg(long, value_name = "STORE", default_value = "target")]
+        deltas: String,
+        /// Build every delta not yet built (each once per image pair).
+        #[arg(long)]
+        prepare: bool,
+        /// Wait until every delta is ready.
+        #[arg(long)]
+        wait: bool,
+        /// Give up preparing and waiting after this many seconds (exit status 1; built deltas are kept).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
+        /// Seconds between looks while waiting.
+        #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+        poll: f64,
+        /// Effort of the deltas built.
+        #[arg(long, value_enum, default_value = "default")]
+        level: LevelArg,
+        /// Print JSON (balena's release-update shape, extended) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what a delta holds, per target layer.
     Info {
         /// The delta image.
@@ -178,22 +219,37 @@ pub enum Command {
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let progress = progress::for_terminal(cli.quiet);
-    let transfer = cli.registry.transfer()?;
-    let (transfer, progress) = (&transfer, progress.as_ref());
+    let progress = progress.as_ref();
+    let registry = &cli.registry;
+    let transfer = || registry.transfer(None);
     match cli.command {
         Command::Diff { level, max_layer_size, json, source, target, delta } => {
-            diff_cmd::run(transfer, level, max_layer_size, json, &source, &target, &delta, progress)
+            diff_cmd::run(&transfer()?, level, max_layer_size, json, &source, &target, &delta, progress)
         }
         Command::Apply { layers, expect_target, max_layer_size, jobs, json, source, delta, output } => {
-            apply_cmd::run(transfer, layers, expect_target.as_deref(), max_layer_size, jobs, json, &source, &delta, &output, progress)
+            apply_cmd::run(&transfer()?, layers, expect_target.as_deref(), max_layer_size, jobs, json, &source, &delta, &output, progress)
         }
-        Command::Copy { json, source, destination } => copy_cmd::run(transfer, json, &source, &destination, progress),
+        Command::Copy { json, source, destination } => copy_cmd::run(&transfer()?, json, &source, &destination, progress),
         Command::Pull { from, delta, no_full_download, layers, json, target, output } => {
-            pull_cmd::run(transfer, from.as_deref(), delta.as_deref(), !no_full_download, layers, json, &target, &output, progress)
+            pull_cmd::run(&transfer()?, from.as_deref(), delta.as_deref(), !no_full_download, layers, json, &target, &output, progress)
         }
-        Command::Info { delta, json } => info_cmd::run(transfer, &delta, json),
+        Command::Info { delta, json } => info_cmd::run(&transfer()?, &delta, json),
+        Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, json } => {
+            let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, json };
+            return release_update_cmd::run(registry, &args, progress);
+        }
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+impl LevelArg {
+    fn level(self) -> fleetdelta::Level {
+        match self {
+            LevelArg::Fast => fleetdelta::Level::Fast,
+            LevelArg::Default => fleetdelta::Level::Default,
+            LevelArg::Max => fleetdelta::Level::Max,
+        }
+    }
 }
 
 impl LayersArg {
