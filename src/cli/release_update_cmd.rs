@@ -27,7 +27,7 @@ pub struct Args<'a> {
 }
 
 fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
-    if !value.is_finite() || value < 0.0 || value > 1e9 {
+    if !value.is_finite() || !(0.0..=1e9).contains(&value) {
         bail!("{flag} must be a number of seconds, not {value}");
     }
     Ok(Duration::from_secs_f64(value))
