@@ -20,7 +20,7 @@ use crate::format::{ANNOTATION_SOURCE_CONFIG, ANNOTATION_TARGET_MANIFEST, ANNOTA
 use crate::image::manifest::{Manifest, MAX_JSON_BYTES};
 use crate::image::{ImageRef, Layout};
 use crate::package::delta_download_bytes;
-use crate::registry::RegistryRef;
+use crate::registry::{Client, RegistryRef};
 use crate::transfer::Transfer;
 
 /// What identifies a delta: the source image's config and the target image's manifest.
@@ -88,7 +88,7 @@ impl DeltaStore {
     pub fn find(&self, transfer: &Transfer, key: &DeltaKey, target: &ImageRef) -> Result<Option<StoredDelta>> {
         match (self, target) {
             (DeltaStore::Layout(dir), _) => find_in_layout(dir, key),
-            (DeltaStore::TargetRepository, ImageRef::Registry(r)) => find_in_repository(transfer, r, key),
+            (DeltaStore::TargetRepository, ImageRef::Registry(r)) => transfer.block_on(find_in_repository(transfer.client(), r, key)),
             (DeltaStore::TargetRepository, other) => Err(Error::InvalidReference {
                 reference: other.to_string(),
                 reason: "a layout image has no registry repository to hold its deltas; name a delta store (oci:DIR)".into(),
@@ -155,7 +155,8 @@ fn manifest_annotations(raw: &[u8], what: &str) -> Result<std::collections::BTre
     }
 }
 
-fn find_in_layout(dir: &Path, key: &DeltaKey) -> Result<Option<StoredDelta>> {
+/// Looks for the delta of `key` in the layout `dir` (tagged [`delta_tag`], annotations checked).
+pub fn find_in_layout(dir: &Path, key: &DeltaKey) -> Result<Option<StoredDelta>> {
     let layout = match Layout::open(dir) {
         Ok(l) => l,
         Err(Error::NotFound(_)) => return Ok(None),
@@ -178,13 +179,12 @@ fn find_in_layout(dir: &Path, key: &DeltaKey) -> Result<Option<StoredDelta>> {
 
 /// The cheapest delta for `key` among the referrers of the target manifest in `target`'s
 /// repository.
-pub fn find_in_repository(transfer: &Transfer, target: &RegistryRef, key: &DeltaKey) -> Result<Option<StoredDelta>> {
-    let client = transfer.client();
-    let referrers = transfer.block_on(client.referrers(target, &key.target_manifest))?;
+pub async fn find_in_repository(client: &Client, target: &RegistryRef, key: &DeltaKey) -> Result<Option<StoredDelta>> {
+    let referrers = client.referrers(target, &key.target_manifest).await?;
     let mut best: Option<StoredDelta> = None;
     for r in referrers.into_iter().filter(|r| annotations_match(&r.annotations, key)) {
         let pinned = target.with_digest(r.digest);
-        let fetched = transfer.block_on(client.get_image_manifest(&pinned))?;
+        let fetched = client.get_image_manifest(&pinned).await?;
         let manifest = Manifest::parse(fetched.raw.clone(), Some(&fetched.media_type))?;
         let download = fetched.raw.len() as u64 + manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
         if best.as_ref().is_none_or(|b| download < b.download) {

@@ -113,7 +113,7 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
         (Some(_), Some(delta)) => Some(describe_delta(transfer, delta, &mut report.received)?),
         (Some((_, image)), None) => {
             let key = DeltaKey { source_config: image.config.digest, target_manifest: fetched.digest };
-            find_in_repository(transfer, target, &key)?.and_then(|d| match d.reference {
+            transfer.block_on(find_in_repository(transfer.client(), target, &key))?.and_then(|d| match d.reference {
                 ImageRef::Registry(reference) => Some(Candidate { reference, manifest: d.manifest, download: d.download }),
                 ImageRef::Layout { .. } => None,
             })

@@ -392,3 +392,23 @@ fn image_indexes_resolve_to_the_requested_platform() {
         }
     }
 }
+
+#[test]
+fn docker_schema2_images_keep_their_manifest_through_the_registry() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    let tree: common::Tree = (0..5).map(|i| (format!("etc/f{i}"), common::file(text(i, 5000)))).collect();
+    let digest = common::write_image_as(&img, "v1", &[common::layer_tar(&tree)], Compression::Gzip, true);
+    let remote = format!("docker://{}/docker/app:v1", reg.addr);
+    run(fd(tmp.path()).args(["copy", &format!("oci:{}:v1", img.display()), &remote]));
+    let raw = run(tool("skopeo").args(["inspect", "--raw", "--tls-verify=false", &remote])).stdout;
+    assert_eq!(Digest::of(&raw), digest, "the registry serves our manifest bytes");
+    assert!(String::from_utf8_lossy(&raw).contains("application/vnd.docker.distribution.manifest.v2+json"));
+    let back = tmp.path().join("back");
+    let report = json(run(fd(tmp.path()).args(["copy", "--json", &remote, &format!("oci:{}", back.display())])));
+    assert_eq!(report["manifest"], digest.to_string().as_str());
+    let index = fs::read_to_string(back.join("index.json")).unwrap();
+    assert!(index.contains("application/vnd.docker.distribution.manifest.v2+json"), "{index}");
+    assert_eq!(layer_tars(&back, None), layer_tars(&img, Some("v1")));
+}
