@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use fleetdelta::layer::exact::pgzip::UMOCI_BLOCK_SIZE;
-use fleetdelta::layer::exact::{Descriptor, Encoder, GzipHeader};
+use fleetdelta::layer::exact::{Descriptor, Encoder, GoRelease, GzipHeader};
 
 /// Runs `cmd` with `input` on stdin; returns stdout, failing loudly if the tool is missing.
 fn run(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
@@ -168,7 +168,8 @@ fn pgzip_matches_klauspost_pgzip_1_2_5() {
     for (name, input) in corpus() {
         for block in [UMOCI_BLOCK_SIZE, 1 << 20, 100_000] {
             let real = run(Command::new(exact_gen()).args(["pgzip", &block.to_string()]), &input);
-            let desc = Descriptor { encoder: Encoder::Pgzip { block_size: block }, header: GzipHeader::go_default() };
+            let desc =
+                Descriptor { encoder: Encoder::Pgzip { block_size: block }, header: GzipHeader::klauspost_default() };
             check(&desc, &input, &real, &format!("{name} block {block}"));
         }
     }
@@ -178,7 +179,19 @@ fn pgzip_matches_klauspost_pgzip_1_2_5() {
 fn klauspost_gzip_matches_klauspost_compress_1_15_12() {
     for (name, input) in corpus() {
         let real = run(Command::new(exact_gen()).arg("kpgzip"), &input);
-        let desc = Descriptor { encoder: Encoder::KlauspostGzip, header: GzipHeader::go_default() };
+        let desc = Descriptor { encoder: Encoder::KlauspostGzip, header: GzipHeader::klauspost_default() };
+        check(&desc, &input, &real, name);
+    }
+}
+
+#[test]
+fn go_gzip_matches_go_1_19_compress_gzip() {
+    for (name, input) in corpus() {
+        let real = run(Command::new(exact_gen()).arg("stdgzip"), &input);
+        let desc = Descriptor {
+            encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
+            header: GzipHeader::go_stdlib_default(),
+        };
         check(&desc, &input, &real, name);
     }
 }

@@ -59,8 +59,15 @@ pub struct GzipHeader {
 }
 
 impl GzipHeader {
-    /// The header Go's `compress/gzip` and klauspost/pgzip write at default settings.
-    pub fn go_default() -> Self {
+    /// The header the Go standard library's `compress/gzip` writes at default settings
+    /// (no modification time: MTIME 0).
+    pub fn go_stdlib_default() -> Self {
+        GzipHeader::plain(0, 0, OS_UNKNOWN)
+    }
+
+    /// The header klauspost/pgzip and klauspost/compress/gzip write at default settings
+    /// (they store Go's zero time, see [`GO_ZERO_TIME_MTIME`]).
+    pub fn klauspost_default() -> Self {
         GzipHeader::plain(GO_ZERO_TIME_MTIME, 0, OS_UNKNOWN)
     }
 
@@ -196,7 +203,10 @@ mod tests {
 
     #[test]
     fn go_default_header_is_what_umoci_writes() {
-        assert_eq!(GzipHeader::go_default().to_bytes().unwrap(), [0x1f, 0x8b, 8, 0, 0, 0x09, 0x6e, 0x88, 0, 0xff]);
+        assert_eq!(
+            GzipHeader::klauspost_default().to_bytes().unwrap(),
+            [0x1f, 0x8b, 8, 0, 0, 0x09, 0x6e, 0x88, 0, 0xff]
+        );
     }
 
     #[test]
@@ -216,13 +226,13 @@ mod tests {
         let json = serde_json::to_string(&h).unwrap();
         assert!(json.contains(r#""extra":"010203""#), "{json}");
         assert_eq!(serde_json::from_str::<GzipHeader>(&json).unwrap(), h);
-        let plain = serde_json::to_string(&GzipHeader::go_default()).unwrap();
+        let plain = serde_json::to_string(&GzipHeader::klauspost_default()).unwrap();
         assert_eq!(plain, r#"{"mtime":2288912640,"xfl":0,"os":255}"#);
     }
 
     #[test]
     fn hostile_headers_are_errors_not_panics() {
-        let good = GzipHeader::go_default().to_bytes().unwrap();
+        let good = GzipHeader::klauspost_default().to_bytes().unwrap();
         for len in 0..good.len() {
             assert!(GzipHeader::parse(&good[..len]).is_err());
         }
@@ -231,6 +241,6 @@ mod tests {
             h[3] = flags;
             assert!(GzipHeader::parse(&h).is_err(), "{flags:#x}");
         }
-        assert!(GzipHeader { name: Some("\u{100}".into()), ..GzipHeader::go_default() }.to_bytes().is_err());
+        assert!(GzipHeader { name: Some("\u{100}".into()), ..GzipHeader::klauspost_default() }.to_bytes().is_err());
     }
 }

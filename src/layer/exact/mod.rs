@@ -13,6 +13,7 @@
 //! ```
 
 mod bits;
+mod go_flate;
 pub mod gzip_header;
 mod huffman;
 mod klauspost;
@@ -40,6 +41,23 @@ pub enum Encoder {
     /// klauspost/compress 1.15.12 `gzip` (one deflate stream, no blocks),
     /// `DefaultCompression`. JSON: `{"kind": "klauspost-gzip"}`.
     KlauspostGzip,
+    /// The Go standard library's `compress/gzip` at `DefaultCompression` (flate level 6),
+    /// as in the named Go release; Docker/moby and BuildKit write layers with it.
+    /// JSON: `{"kind": "go-gzip", "release": "go1.19"}`.
+    GoGzip {
+        /// Which generation of Go's encoder.
+        release: GoRelease,
+    },
+}
+
+/// Generations of Go's standard-library deflate whose output we reproduce. A release
+/// that changes the bytes gets a new variant; the name is the first release verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum GoRelease {
+    /// Go 1.19 (verified against Debian bookworm's golang-1.19 1.19.8).
+    #[serde(rename = "go1.19")]
+    Go1_19,
 }
 
 /// Everything needed to rebuild a gzip blob from its uncompressed bytes.
@@ -57,7 +75,30 @@ impl Descriptor {
     pub fn encode<R: Read, W: Write>(&self, input: R, output: W) -> Result<u64> {
         match &self.encoder {
             Encoder::Pgzip { block_size } => pgzip::encode(input, output, *block_size, &self.header),
-            Encoder::KlauspostGzip => encode_klauspost_gzip(input, output, &self.header),
+            Encoder::KlauspostGzip => {
+                encode_single_stream(input, output, &self.header, klauspost::Deflater::new(), |d, chunk| match chunk {
+                    Some(data) => {
+                        d.write(data);
+                        d.take_output()
+                    }
+                    None => {
+                        d.close();
+                        d.take_output()
+                    }
+                })
+            }
+            Encoder::GoGzip { release: GoRelease::Go1_19 } => {
+                encode_single_stream(input, output, &self.header, go_flate::Deflater::new(), |d, chunk| match chunk {
+                    Some(data) => {
+                        d.write(data);
+                        d.take_output()
+                    }
+                    None => {
+                        d.close();
+                        d.take_output()
+                    }
+                })
+            }
         }
     }
 
@@ -72,24 +113,28 @@ impl Descriptor {
 /// Streaming read size for single-stream encoders.
 const READ_CHUNK: usize = 256 << 10;
 
-/// klauspost/compress/gzip: header, one deflate stream closed at the end, trailer.
-fn encode_klauspost_gzip<R: Read, W: Write>(mut input: R, mut output: W, header: &GzipHeader) -> Result<u64> {
+/// A single-stream gzip member: header, `step(Some(chunk))` per chunk of input, then
+/// `step(None)` to finish, then the trailer. `step` returns the compressed bytes ready.
+fn encode_single_stream<R: Read, W: Write, D>(
+    mut input: R,
+    mut output: W,
+    header: &GzipHeader,
+    mut deflater: D,
+    mut step: impl FnMut(&mut D, Option<&[u8]>) -> Vec<u8>,
+) -> Result<u64> {
     output.write_all(&header.to_bytes()?).ctx(|| "writing gzip header".into())?;
-    let mut deflater = klauspost::Deflater::new();
     let mut crc = crc32fast::Hasher::new();
     let mut total = 0u64;
     loop {
         let chunk = pgzip::read_block(&mut input, READ_CHUNK)?;
         crc.update(&chunk);
         total += chunk.len() as u64;
-        deflater.write(&chunk);
-        output.write_all(&deflater.take_output()).ctx(|| "writing deflate stream".into())?;
+        output.write_all(&step(&mut deflater, Some(&chunk))).ctx(|| "writing deflate stream".into())?;
         if chunk.len() < READ_CHUNK {
             break;
         }
     }
-    deflater.close();
-    output.write_all(&deflater.take_output()).ctx(|| "writing deflate stream".into())?;
+    output.write_all(&step(&mut deflater, None)).ctx(|| "writing deflate stream".into())?;
     output.write_all(&gzip_header::trailer(crc.finalize(), total)).ctx(|| "writing gzip trailer".into())?;
     Ok(total)
 }

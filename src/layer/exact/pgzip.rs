@@ -106,14 +106,14 @@ mod tests {
 
     fn pgzip(data: &[u8], block_size: u32) -> Vec<u8> {
         let mut out = Vec::new();
-        encode(data, &mut out, block_size, &GzipHeader::go_default()).unwrap();
+        encode(data, &mut out, block_size, &GzipHeader::klauspost_default()).unwrap();
         out
     }
 
     #[test]
     fn empty_input_matches_pgzip() {
         // header, empty block + sync marker, empty final block, CRC and size of nothing.
-        let mut expect = GzipHeader::go_default().to_bytes().unwrap();
+        let mut expect = GzipHeader::klauspost_default().to_bytes().unwrap();
         expect.extend_from_slice(&[0, 0, 0, 0xff, 0xff, 0x03, 0x00]);
         expect.extend_from_slice(&[0; 8]);
         assert_eq!(pgzip(b"", UMOCI_BLOCK_SIZE), expect);

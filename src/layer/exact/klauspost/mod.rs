@@ -7,7 +7,7 @@
 //! table across windows. Output depends only on the bytes and on where `Flush`/`Close`
 //! fall, not on how writes were chunked.
 
-mod level5;
+pub(crate) mod level5;
 mod tokens;
 mod writer;
 
