@@ -13,6 +13,7 @@
 //! ```
 
 mod bits;
+pub mod fingerprint;
 mod go_flate;
 pub mod gzip_header;
 mod huffman;
@@ -24,6 +25,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{IoContext, Result};
+pub use fingerprint::{fingerprint, fingerprint_streaming};
 pub use gzip_header::GzipHeader;
 
 /// An encoder and its parameters: the deflate stream inside the gzip member.
