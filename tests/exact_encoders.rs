@@ -253,3 +253,47 @@ fn gnu_gzip_and_pigz_blobs_are_not_misidentified() {
         }
     }
 }
+
+/// Throughput of our ports beside the Go originals on the same input. Not part of the
+/// suite (it takes minutes); run it with a ~100 MB tar:
+/// `FLEETDELTA_EXACT_BENCH=/tmp/usrlib.tar cargo test --release --test exact_encoders -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: needs FLEETDELTA_EXACT_BENCH=<tar> and a release build"]
+fn throughput_against_go() {
+    let path = std::env::var("FLEETDELTA_EXACT_BENCH").expect("set FLEETDELTA_EXACT_BENCH to a tar file");
+    let input = std::fs::read(&path).unwrap();
+    let mb = input.len() as f64 / 1e6;
+    let cases: [(&str, &[&str], Descriptor); 3] = [
+        (
+            "pgzip 256 KiB (umoci)",
+            &["pgzip", "262144"],
+            Descriptor {
+                encoder: Encoder::Pgzip { block_size: UMOCI_BLOCK_SIZE },
+                header: GzipHeader::klauspost_default(),
+            },
+        ),
+        (
+            "klauspost gzip",
+            &["kpgzip"],
+            Descriptor { encoder: Encoder::KlauspostGzip, header: GzipHeader::klauspost_default() },
+        ),
+        (
+            "Go 1.19 gzip",
+            &["stdgzip"],
+            Descriptor {
+                encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
+                header: GzipHeader::go_stdlib_default(),
+            },
+        ),
+    ];
+    for (name, args, desc) in cases {
+        let start = std::time::Instant::now();
+        let real = run(Command::new(exact_gen()).args(args), &input);
+        let go = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        let ours = desc.encode_to_vec(&input).unwrap();
+        let rust = start.elapsed().as_secs_f64();
+        assert!(ours == real, "{name}: output differs");
+        println!("{name:24} {mb:.1} MB: go {go:.2}s ({:.0} MB/s), rust {rust:.2}s ({:.0} MB/s)", mb / go, mb / rust);
+    }
+}
