@@ -9,7 +9,7 @@
 //! smallest of stored, fixed and dynamic Huffman.
 
 use crate::layer::exact::bits::BitWriter;
-use crate::layer::exact::huffman::{Code, HuffmanEncoder};
+use crate::layer::exact::huffman::{run_length_codes, Code, HuffmanEncoder, BAD_CODE};
 
 const WINDOW_SIZE: usize = 1 << 15;
 const WINDOW_MASK: usize = WINDOW_SIZE - 1;
@@ -30,7 +30,6 @@ const END_BLOCK_MARKER: u32 = 256;
 const MAX_NUM_LIT: usize = 286;
 const OFFSET_CODE_COUNT: usize = 30;
 const CODEGEN_CODE_COUNT: usize = 19;
-const BAD_CODE: u8 = 255;
 const LENGTH_CODES_START: usize = 257;
 
 static CODEGEN_ORDER: [usize; 19] = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
@@ -382,70 +381,15 @@ impl BlockWriter {
         (num_literals, num_offsets)
     }
 
-    /// Go's `generateCodegen` (identical algorithm to klauspost's).
+    /// Run-length codes for the concatenated code lengths (`generateCodegen`).
     fn generate_codegen(&mut self, num_literals: usize, num_offsets: usize) {
-        self.codegen_freq = [0; CODEGEN_CODE_COUNT];
-        let codegen = &mut self.codegen;
-        for i in 0..num_literals {
-            codegen[i] = self.literal_encoding.codes[i].len;
+        let lengths =
+            self.literal_encoding.codes[..num_literals].iter().chain(&self.offset_encoding.codes[..num_offsets]);
+        for (dst, c) in self.codegen.iter_mut().zip(lengths) {
+            *dst = c.len;
         }
-        for i in 0..num_offsets {
-            codegen[num_literals + i] = self.offset_encoding.codes[i].len;
-        }
-        codegen[num_literals + num_offsets] = BAD_CODE;
-        let freq = &mut self.codegen_freq;
-        let mut size = codegen[0];
-        let mut count: i32 = 1;
-        let mut out = 0usize;
-        let mut in_index = 1usize;
-        while size != BAD_CODE {
-            let next_size = codegen[in_index];
-            in_index += 1;
-            if next_size == size {
-                count += 1;
-                continue;
-            }
-            if size != 0 {
-                codegen[out] = size;
-                out += 1;
-                freq[usize::from(size)] += 1;
-                count -= 1;
-                while count >= 3 {
-                    let n = count.min(6);
-                    codegen[out] = 16;
-                    codegen[out + 1] = (n - 3) as u8;
-                    out += 2;
-                    freq[16] += 1;
-                    count -= n;
-                }
-            } else {
-                while count >= 11 {
-                    let n = count.min(138);
-                    codegen[out] = 18;
-                    codegen[out + 1] = (n - 11) as u8;
-                    out += 2;
-                    freq[18] += 1;
-                    count -= n;
-                }
-                if count >= 3 {
-                    codegen[out] = 17;
-                    codegen[out + 1] = (count - 3) as u8;
-                    out += 2;
-                    freq[17] += 1;
-                    count = 0;
-                }
-            }
-            count -= 1;
-            while count >= 0 {
-                codegen[out] = size;
-                out += 1;
-                freq[usize::from(size)] += 1;
-                count -= 1;
-            }
-            size = next_size;
-            count = 1;
-        }
-        codegen[out] = BAD_CODE;
+        self.codegen[num_literals + num_offsets] = BAD_CODE;
+        run_length_codes(&mut self.codegen, &mut self.codegen_freq);
     }
 
     fn dynamic_size(&self, extra_bits: i64) -> (i64, usize) {
@@ -515,8 +459,8 @@ impl BlockWriter {
                 extra_bits +=
                     i64::from(self.literal_freq[code]) * i64::from(LENGTH_EXTRA_BITS[code - LENGTH_CODES_START]);
             }
-            for code in 4..num_offsets {
-                extra_bits += i64::from(self.offset_freq[code]) * i64::from(OFFSET_EXTRA_BITS[code]);
+            for (freq, bits) in self.offset_freq[..num_offsets].iter().zip(&OFFSET_EXTRA_BITS).skip(4) {
+                extra_bits += i64::from(*freq) * i64::from(*bits);
             }
         }
         let mut size = self.fixed_size(extra_bits);

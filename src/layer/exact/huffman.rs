@@ -140,6 +140,69 @@ impl HuffmanEncoder {
     }
 }
 
+/// Marks the end of the code lengths in [`run_length_codes`]'s buffer.
+pub(crate) const BAD_CODE: u8 = 255;
+
+/// Go's `generateCodegen` (RFC 1951 3.2.7): rewrites the code lengths in `codegen`,
+/// terminated by [`BAD_CODE`], in place into run-length symbols (16-18 followed by their
+/// repeat argument) ending with [`BAD_CODE`], and counts each symbol in `freq`.
+pub(crate) fn run_length_codes(codegen: &mut [u8], freq: &mut [u32; 19]) {
+    *freq = [0; 19];
+    let mut size = codegen[0];
+    let mut count: i32 = 1;
+    let mut out = 0usize;
+    let mut in_index = 1usize;
+    // Output never overtakes input, so one buffer serves both.
+    while size != BAD_CODE {
+        let next_size = codegen[in_index];
+        in_index += 1;
+        if next_size == size {
+            count += 1;
+            continue;
+        }
+        if size != 0 {
+            codegen[out] = size;
+            out += 1;
+            freq[usize::from(size)] += 1;
+            count -= 1;
+            while count >= 3 {
+                let n = count.min(6);
+                codegen[out] = 16;
+                codegen[out + 1] = (n - 3) as u8;
+                out += 2;
+                freq[16] += 1;
+                count -= n;
+            }
+        } else {
+            while count >= 11 {
+                let n = count.min(138);
+                codegen[out] = 18;
+                codegen[out + 1] = (n - 11) as u8;
+                out += 2;
+                freq[18] += 1;
+                count -= n;
+            }
+            if count >= 3 {
+                codegen[out] = 17;
+                codegen[out + 1] = (count - 3) as u8;
+                out += 2;
+                freq[17] += 1;
+                count = 0;
+            }
+        }
+        count -= 1;
+        while count >= 0 {
+            codegen[out] = size;
+            out += 1;
+            freq[usize::from(size)] += 1;
+            count -= 1;
+        }
+        size = next_size;
+        count = 1;
+    }
+    codegen[out] = BAD_CODE;
+}
+
 /// Go's `bitCounts`: how many symbols get each code length, for `list` sorted by
 /// increasing frequency (at least 3 symbols). Returns the counts and the effective limit.
 fn bit_counts(list: &[Node], max_bits: i32) -> ([i32; MAX_BITS_LIMIT + 1], usize) {
@@ -249,6 +312,19 @@ mod tests {
         let codes: Vec<u16> = h.codes.iter().map(|c| reverse_bits(c.bits, c.len)).collect();
         assert_eq!(codes, vec![0, 1, 2, 3]);
         assert_eq!(lengths(&h), vec![2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn code_lengths_are_run_length_coded_like_go() {
+        let mut cg = vec![8u8; 7];
+        cg.extend([0u8; 20]);
+        cg.extend([5u8; 2]);
+        cg.push(BAD_CODE);
+        let mut freq = [0u32; 19];
+        run_length_codes(&mut cg, &mut freq);
+        // 8, repeat 6 (16,3); 18 with 20-11=9; 5, 5.
+        assert_eq!(&cg[..8], &[8, 16, 3, 18, 9, 5, 5, BAD_CODE]);
+        assert_eq!((freq[8], freq[16], freq[18], freq[5]), (1, 1, 1, 2));
     }
 
     #[test]

@@ -7,12 +7,11 @@ use super::tokens::{
     MAX_STORE_BLOCK_SIZE, OFFSET_BASE, OFFSET_EXTRA_BITS, OFFSET_MASK,
 };
 use crate::layer::exact::bits::BitWriter;
-use crate::layer::exact::huffman::{Code, HuffmanEncoder};
+use crate::layer::exact::huffman::{run_length_codes, Code, HuffmanEncoder, BAD_CODE};
 
 const OFFSET_CODE_COUNT: usize = 30;
 const LITERAL_COUNT: usize = 286;
 const CODEGEN_CODE_COUNT: usize = 19;
-const BAD_CODE: u8 = 255;
 /// Below this many tokens the fixed code is considered.
 const MAX_PREDEFINED_TOKENS: usize = 250;
 /// Header size assumed for a literal-only table before one is built (70 bytes).
@@ -40,7 +39,7 @@ pub(super) struct BlockWriter {
     log_new_table_penalty: u32,
     literal_freq: [u16; 257 + 32],
     offset_freq: [u16; 32],
-    codegen_freq: [u16; CODEGEN_CODE_COUNT],
+    codegen_freq: [u32; CODEGEN_CODE_COUNT],
     codegen: [u8; LITERAL_COUNT + OFFSET_CODE_COUNT + 1],
 }
 
@@ -126,72 +125,15 @@ impl BlockWriter {
         self.write_bytes(input);
     }
 
-    /// Go's `generateCodegen`: run-length codes for the concatenated code lengths.
+    /// Run-length codes for the concatenated code lengths (`generateCodegen`).
     fn generate_codegen(&mut self, num_literals: usize, num_offsets: usize, huff_only: bool) {
-        self.codegen_freq = [0; CODEGEN_CODE_COUNT];
         let offsets = if huff_only { &self.huff_offset } else { &self.offset_encoding };
-        let codegen = &mut self.codegen;
-        for i in 0..num_literals {
-            codegen[i] = self.literal_encoding.codes[i].len;
+        let lengths = self.literal_encoding.codes[..num_literals].iter().chain(&offsets.codes[..num_offsets]);
+        for (dst, c) in self.codegen.iter_mut().zip(lengths) {
+            *dst = c.len;
         }
-        for i in 0..num_offsets {
-            codegen[num_literals + i] = offsets.codes[i].len;
-        }
-        codegen[num_literals + num_offsets] = BAD_CODE;
-        let freq = &mut self.codegen_freq;
-
-        let mut size = codegen[0];
-        let mut count: i32 = 1;
-        let mut out = 0usize;
-        let mut in_index = 1usize;
-        while size != BAD_CODE {
-            let next_size = codegen[in_index];
-            in_index += 1;
-            if next_size == size {
-                count += 1;
-                continue;
-            }
-            if size != 0 {
-                codegen[out] = size;
-                out += 1;
-                freq[usize::from(size)] += 1;
-                count -= 1;
-                while count >= 3 {
-                    let n = count.min(6);
-                    codegen[out] = 16;
-                    codegen[out + 1] = (n - 3) as u8;
-                    out += 2;
-                    freq[16] += 1;
-                    count -= n;
-                }
-            } else {
-                while count >= 11 {
-                    let n = count.min(138);
-                    codegen[out] = 18;
-                    codegen[out + 1] = (n - 11) as u8;
-                    out += 2;
-                    freq[18] += 1;
-                    count -= n;
-                }
-                if count >= 3 {
-                    codegen[out] = 17;
-                    codegen[out + 1] = (count - 3) as u8;
-                    out += 2;
-                    freq[17] += 1;
-                    count = 0;
-                }
-            }
-            count -= 1;
-            while count >= 0 {
-                codegen[out] = size;
-                out += 1;
-                freq[usize::from(size)] += 1;
-                count -= 1;
-            }
-            size = next_size;
-            count = 1;
-        }
-        codegen[out] = BAD_CODE;
+        self.codegen[num_literals + num_offsets] = BAD_CODE;
+        run_length_codes(&mut self.codegen, &mut self.codegen_freq);
     }
 
     fn num_codegens(&self) -> usize {
