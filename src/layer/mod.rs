@@ -1,6 +1,7 @@
 //! Layers: compression and the structure of the tar archives inside them.
 
 pub mod compression;
+pub mod exact;
 pub mod tar_index;
 
 pub use compression::Compression;
