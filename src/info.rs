@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::error::Result;
-use crate::format::plan::{Method, PatchStats};
+use crate::format::plan::{Encoding, Method, PatchStats};
 use crate::image::ImageRef;
 use crate::package::{delta_download_bytes, DeltaImage};
 
@@ -54,6 +54,34 @@ pub struct LayerInfo {
     /// For `patch`: how it was coded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<PatchStats>,
+    /// How the blob is rebuilt from the tar (absent in deltas that predate it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+}
+
+impl LayerInfo {
+    /// How the blob comes out, in words: `exact (pgzip)`, `verbatim`, `recompressed: why`.
+    pub fn encoding_summary(&self) -> String {
+        match &self.encoding {
+            None => "recompressed unless identical (older delta)".into(),
+            Some(Encoding::Verbatim) => "verbatim".into(),
+            Some(Encoding::Exact { descriptor }) => {
+                // The encoder's JSON form names it and its parameters: {"kind": "pgzip", "block_size": 262144}.
+                let fields = match serde_json::to_value(&descriptor.encoder) {
+                    Ok(serde_json::Value::Object(map)) => map,
+                    _ => Default::default(),
+                };
+                let name = fields.get("kind").and_then(|k| k.as_str()).unwrap_or("?").to_string();
+                let params: Vec<String> = fields.iter().filter(|(k, _)| *k != "kind").map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"'))).collect();
+                if params.is_empty() {
+                    format!("exact ({name})")
+                } else {
+                    format!("exact ({name} {})", params.join(" "))
+                }
+            }
+            Some(Encoding::Recompressed { reason }) => format!("other digest: {reason}"),
+        }
+    }
 }
 
 /// Opens and verifies the delta `reference` names, and summarizes it.
@@ -74,6 +102,7 @@ pub fn info(reference: &ImageRef) -> Result<DeltaInfo> {
                 payload_bytes: l.delta_layer.map_or(0, |d| delta.image.layers[d as usize].blob.size),
                 source_layer: l.source_layer,
                 stats: l.stats.clone(),
+                encoding: l.encoding.clone(),
             }
         })
         .collect();

@@ -30,7 +30,8 @@ impl Fixture {
         }
         write_image(&root.join("s"), "latest", &[layer_tar(&base), layer_tar(&app)], Compression::Gzip);
         write_image(&root.join("t"), "latest", &[layer_tar(&base), layer_tar(&app2)], Compression::Gzip);
-        diff(&oci(&root.join("s")), &oci(&root.join("t")), &oci(&root.join("d")), &DiffOptions { level: Level::Fast, ..Default::default() }, &Silent).unwrap();
+        let options = DiffOptions { level: Level::Fast, ..Default::default() };
+        diff(&oci(&root.join("s")), &oci(&root.join("t")), &oci(&root.join("d")), &options, &Silent).unwrap();
         Fixture { _dir: dir, root }
     }
 
@@ -329,4 +330,49 @@ fn missing_images_and_tags_are_named() {
     let err = apply(&oci_tag(&f.path("s"), "v9"), &oci(&f.path("d")), &oci(&f.path("o")), &ApplyOptions::default(), &Silent).unwrap_err();
     contains(&err, "\"v9\"");
     let _ = Path::new("");
+}
+
+/// A delta of the bundled umoci-built sample pair, whose changed layer is re-encoded exactly.
+fn exact_sample_delta(dir: &Path) -> PathBuf {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sample");
+    let d = dir.join("d");
+    diff(&oci(&sample.join("v1")), &oci(&sample.join("v2")), &oci(&d), &DiffOptions::default(), &Silent).unwrap();
+    d
+}
+
+fn edit_plan(delta: &Path, edit: impl FnOnce(&mut Value)) {
+    reseal(delta, |tars, _| {
+        tars[0] = retar_file(&tars[0], "delta.json", |p| {
+            let mut plan: Value = serde_json::from_slice(p).unwrap();
+            edit(&mut plan);
+            *p = serde_json::to_vec(&plan).unwrap();
+        })
+    });
+}
+
+#[test]
+fn a_lying_encoder_descriptor_is_caught_by_the_blob_digest_and_nothing_is_written() {
+    let sample_v1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sample/v1");
+    let cases: [(&str, fn(&mut Value)); 4] = [
+        ("block size", |p| p["layers"][1]["encoding"]["descriptor"]["encoder"]["block_size"] = Value::from(131072)),
+        ("header mtime", |p| p["layers"][1]["encoding"]["descriptor"]["header"]["mtime"] = Value::from(1)),
+        ("undeclared feature", |p| p["features"] = Value::from(Vec::<String>::new())),
+        ("unknown feature", |p| p["features"] = Value::from(vec!["exact-gzip", "exact-brotli"])),
+    ];
+    for (name, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let d = exact_sample_delta(dir.path());
+        let plan: Value = serde_json::from_slice(&fleetdelta::info(&oci(&d)).map(|i| serde_json::to_vec(&i.layers[1].encoding).unwrap()).unwrap()).unwrap();
+        assert_eq!(plan["kind"], "exact", "the sample's changed layer is re-encoded exactly");
+        edit_plan(&d, edit);
+        let out = dir.path().join("o");
+        let err = apply(&oci(&sample_v1), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
+        let ok = match name {
+            "block size" | "header mtime" => matches!(&err, Error::DigestMismatch { what, .. } if what.contains("re-encoded exactly")),
+            "undeclared feature" => matches!(err, Error::Malformed { .. }),
+            _ => matches!(err, Error::Unsupported { .. }),
+        };
+        assert!(ok, "{name}: {err}");
+        assert!(!out.exists(), "{name}: output written");
+    }
 }

@@ -74,6 +74,8 @@ fn umoci_images_round_trip_through_the_cli_and_the_delta_is_an_ordinary_image() 
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["layers"][0]["method"], "source");
     assert_eq!(info["layers"][1]["method"], "patch");
+    assert_eq!(info["layers"][1]["encoding"]["kind"], "exact", "umoci writes with klauspost pgzip, which is re-encoded exactly");
+    assert_eq!(info["layers"][1]["encoding"]["descriptor"]["encoder"]["kind"], "pgzip");
     assert!(info["payload_bytes"].as_u64().unwrap() < info["target_bytes"].as_u64().unwrap() / 4);
     run(fleetdelta().args(["info", &copied]));
 
@@ -93,6 +95,10 @@ fn umoci_images_round_trip_through_the_cli_and_the_delta_is_an_ordinary_image() 
     };
     assert_eq!(config_of(&out_ref), config_of(&v2));
     assert_eq!(config_of(&inplace), config_of(&v2));
+    // Bit-exact: the rebuilt image is the registry's image, manifest digest included.
+    assert_eq!(report["written_manifest"], report["target_manifest"], "{report}");
+    assert_eq!(skopeo_digest(&out_ref), skopeo_digest(&v2));
+    assert_eq!(skopeo_digest(&inplace), skopeo_digest(&v2));
     run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v2", d.join("out").display())).arg(d.join("check-out")));
     run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v2", img.display())).arg(d.join("check-v2")));
     run(Command::new("diff").arg("-r").arg(d.join("check-out/rootfs")).arg(d.join("check-v2/rootfs")));

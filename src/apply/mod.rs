@@ -12,12 +12,13 @@ use serde_json::Value;
 
 use crate::digest::{verify, Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{LayerPlan, Method};
+use crate::format::plan::{Encoding, LayerPlan, Method};
 use crate::format::records::RecordReader;
 use crate::format::MAX_RECORD_STREAM_WINDOW_LOG;
 use crate::image::manifest::BlobRef;
 use crate::image::{load_image, Image, ImageRef, Layer, LayoutWriter};
 use crate::layer::compression::copy_hashed;
+use crate::layer::exact::Descriptor;
 use crate::layer::Compression;
 use crate::package::DeltaImage;
 use crate::progress::Progress;
@@ -187,8 +188,16 @@ impl Rebuild<'_> {
     }
 
     /// Writes a layer blob from its uncompressed tar, which `body` writes, verifying the
-    /// diff_id on the way. Returns the blob and what `body` returned.
-    fn write_tar<T>(&self, target: &Layer, what: &str, body: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<(BlobRef, T)> {
+    /// diff_id on the way. Returns the blob and what `body` returned. With an exact encoding
+    /// (and original layers), the blob is re-encoded byte for byte and must have the target's
+    /// digest.
+    fn write_tar<T>(&self, plan: &LayerPlan, target: &Layer, what: &str, body: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<(BlobRef, T)> {
+        if let (Some(Encoding::Exact { descriptor }), LayerOutput::Original) = (&plan.encoding, self.options.layers) {
+            if target.compression != Compression::Gzip {
+                return Err(Error::malformed("delta.json", format!("{what} is not gzip-compressed but its plan re-encodes it as gzip")));
+            }
+            return self.write_tar_exact(descriptor, target, what, body);
+        }
         let compression = self.output_compression(target);
         let mut out = HashingWriter::new(compression.encoder(self.writer.blob()?)?);
         let result = body(&mut out)?;
@@ -197,6 +206,32 @@ impl Rebuild<'_> {
         let blob = encoder.finish().ctx(|| format!("compressing {what}"))?;
         let (digest, size) = blob.finish(None)?;
         Ok((BlobRef { media_type: compression.media_type_like(&target.blob.media_type), digest, size }, result))
+    }
+
+    /// [`Rebuild::write_tar`] through an exact encoder. The encoder reads the tar from a pipe
+    /// on its own thread while `body` writes it, so memory stays bounded.
+    fn write_tar_exact<T>(&self, descriptor: &Descriptor, target: &Layer, what: &str, body: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<(BlobRef, T)> {
+        let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
+        let blob = self.writer.blob()?;
+        let (encoded, written) = std::thread::scope(|scope| {
+            let encoder = scope.spawn(move || {
+                let mut blob = blob;
+                descriptor.encode(io::BufReader::with_capacity(1 << 20, reader), &mut blob).map(|_| blob)
+            });
+            let mut out = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, writer));
+            let result = body(&mut out);
+            let (buffered, diff_id, len) = out.finish();
+            // Flushing and dropping our end of the pipe is the encoder's end of input.
+            let closed = buffered.into_inner().map(drop).map_err(|e| Error::io(format!("writing {what}"), e.into_error()));
+            let encoded = encoder.join().unwrap_or_else(|_| Err(Error::malformed(what, "the encoder thread panicked")));
+            (encoded, result.and_then(|r| closed.map(|()| (r, diff_id, len))))
+        });
+        // An encoder failure explains a body failure (a closed pipe), not the other way round.
+        let blob = encoded?;
+        let (result, diff_id, len) = written?;
+        verify(|| format!("{what} (rebuilt, uncompressed)"), &target.diff_id, None, &diff_id, len)?;
+        let (digest, size) = blob.finish(Some((&target.blob.digest, &format!("{what} (re-encoded exactly)"))))?;
+        Ok((BlobRef { media_type: target.blob.media_type.clone(), digest, size }, result))
     }
 
     fn layer(&self, plan: &LayerPlan) -> Result<(LayerOutcome, BlobRef)> {
@@ -229,7 +264,7 @@ impl Rebuild<'_> {
             return Ok(target.blob.clone());
         }
         let blob = self.source_layout.open_blob(&source.blob)?;
-        let (written, _) = self.write_tar(target, what, |out| copy_hashed(source.compression.decoder(blob)?, out, self.options.max_layer_bytes, what))?;
+        let (written, _) = self.write_tar(plan, target, what, |out| copy_hashed(source.compression.decoder(blob)?, out, self.options.max_layer_bytes, what))?;
         Ok(written)
     }
 
@@ -237,7 +272,7 @@ impl Rebuild<'_> {
         let payload = self.delta.open_payload(plan)?;
         let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
         decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
-        let (blob, payload) = self.write_tar(target, what, |out| {
+        let (blob, payload) = self.write_tar(plan, target, what, |out| {
             let records = RecordReader::new(decoder, self.options.max_layer_bytes)?;
             if records.header().target_layer != plan.index {
                 return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
@@ -258,7 +293,7 @@ impl Rebuild<'_> {
     fn carry_blob(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
         let mut payload = self.delta.open_payload(plan)?;
         if self.options.layers == LayerOutput::Uncompressed && target.compression != Compression::None {
-            let (blob, _) = self.write_tar(target, what, |out| copy_hashed(target.compression.decoder(&mut payload)?, out, self.options.max_layer_bytes, what))?;
+            let (blob, _) = self.write_tar(plan, target, what, |out| copy_hashed(target.compression.decoder(&mut payload)?, out, self.options.max_layer_bytes, what))?;
             payload.finish()?;
             return Ok(blob);
         }

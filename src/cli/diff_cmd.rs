@@ -3,13 +3,13 @@
 use anyhow::Context;
 use fleetdelta::{diff, DiffOptions, ImageRef, Progress, Transfer};
 
-use super::{human_bytes, LevelArg};
+use super::{human_bytes, FidelityArg, LevelArg};
 
 #[allow(clippy::too_many_arguments)]
-pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
+pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: FidelityArg, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
     let level = level.level();
     let (source, target, delta) = (ImageRef::parse(source)?, ImageRef::parse(target)?, ImageRef::parse(delta)?);
-    let options = DiffOptions { level, max_layer_bytes: max_layer_size };
+    let options = DiffOptions { level, max_layer_bytes: max_layer_size, fidelity: fidelity.fidelity() };
     let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
     let (local_target, _) = transfer.localize(&target, progress).with_context(|| format!("fetching {target}"))?;
     let staged = transfer.staging_for(&delta)?;
@@ -33,6 +33,20 @@ pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, json: bool
             human_bytes(report.full_pull_bytes),
             100.0 * report.delta_bytes as f64 / report.full_pull_bytes.max(1) as f64
         );
+        let layers = &report.plan.layers;
+        let rewritten: Vec<String> = layers
+            .iter()
+            .filter(|l| l.encoding.as_ref().is_some_and(|e| !e.keeps_digest()))
+            .map(|l| l.index.to_string())
+            .collect();
+        if rewritten.is_empty() {
+            println!("bit-exact: the rebuilt image will have the target's manifest digest ({} layers)", layers.len());
+        } else {
+            println!(
+                "content-exact: layers {} will be recompressed with other blob digests (no known encoder reproduces them); every diff_id is kept",
+                rewritten.join(", ")
+            );
+        }
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ pub fn run(transfer: &Transfer, delta: &str, json: bool) -> anyhow::Result<()> {
         human_bytes(info.target_bytes),
         100.0 * info.payload_bytes as f64 / info.target_bytes.max(1) as f64
     );
-    println!("{:>5}  {:<6}  {:>10}  {:>10}  {:>7}  detail", "layer", "method", "blob", "payload", "ratio");
+    println!("{:>5}  {:<6}  {:>10}  {:>10}  {:>7}  {:<32}  detail", "layer", "method", "blob", "payload", "ratio", "blob rebuilt");
     for l in &info.layers {
         let detail = match (&l.source_layer, &l.stats) {
             (Some(s), _) => format!("equals source layer {s}"),
@@ -39,12 +39,13 @@ pub fn run(transfer: &Transfer, delta: &str, json: bool) -> anyhow::Result<()> {
             _ => String::new(),
         };
         println!(
-            "{:>5}  {:<6}  {:>10}  {:>10}  {:>6.1}%  {detail}",
+            "{:>5}  {:<6}  {:>10}  {:>10}  {:>6.1}%  {:<32}  {detail}",
             l.index,
             format!("{:?}", l.method).to_lowercase(),
             human_bytes(l.blob_bytes),
             human_bytes(l.payload_bytes),
-            100.0 * l.payload_bytes as f64 / l.blob_bytes.max(1) as f64
+            100.0 * l.payload_bytes as f64 / l.blob_bytes.max(1) as f64,
+            l.encoding_summary()
         );
     }
     Ok(())

@@ -85,6 +85,17 @@ pub enum LevelArg {
     Max,
 }
 
+/// What the rebuilt image must preserve.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FidelityArg {
+    /// Every blob digest and so the target's manifest digest (signatures, digest pins hold);
+    /// layers no known encoder reproduces are carried whole.
+    Exact,
+    /// Layer contents (diff_ids) and config only; layers no known encoder reproduces are
+    /// patched and get another blob digest.
+    Content,
+}
+
 /// Layer storage of the rebuilt image.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LayersArg {
@@ -104,6 +115,9 @@ pub enum Command {
         /// Largest uncompressed layer accepted, in bytes.
         #[arg(long, default_value_t = 64 << 30)]
         max_layer_size: u64,
+        /// What the rebuilt image must preserve: exact (every digest) or content (diff_ids).
+        #[arg(long, value_enum, default_value = "exact")]
+        fidelity: FidelityArg,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -201,6 +215,9 @@ pub enum Command {
         /// Effort of the deltas built.
         #[arg(long, value_enum, default_value = "default")]
         level: LevelArg,
+        /// What images rebuilt from the deltas built must preserve: exact (every digest) or content (diff_ids).
+        #[arg(long, value_enum, default_value = "exact")]
+        fidelity: FidelityArg,
         /// Print JSON (balena's release-update shape, extended) instead of a table.
         #[arg(long)]
         json: bool,
@@ -223,8 +240,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let registry = &cli.registry;
     let transfer = || registry.transfer(None);
     match cli.command {
-        Command::Diff { level, max_layer_size, json, source, target, delta } => {
-            diff_cmd::run(&transfer()?, level, max_layer_size, json, &source, &target, &delta, progress)
+        Command::Diff { level, max_layer_size, fidelity, json, source, target, delta } => {
+            diff_cmd::run(&transfer()?, level, max_layer_size, fidelity, json, &source, &target, &delta, progress)
         }
         Command::Apply { layers, expect_target, max_layer_size, jobs, json, source, delta, output } => {
             apply_cmd::run(&transfer()?, layers, expect_target.as_deref(), max_layer_size, jobs, json, &source, &delta, &output, progress)
@@ -234,8 +251,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
             pull_cmd::run(&transfer()?, from.as_deref(), delta.as_deref(), !no_full_download, layers, json, &target, &output, progress)
         }
         Command::Info { delta, json } => info_cmd::run(&transfer()?, &delta, json),
-        Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, json } => {
-            let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, json };
+        Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, fidelity, json } => {
+            let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, fidelity, json };
             return release_update_cmd::run(registry, &args, progress);
         }
     }?;
@@ -248,6 +265,15 @@ impl LevelArg {
             LevelArg::Fast => fleetdelta::Level::Fast,
             LevelArg::Default => fleetdelta::Level::Default,
             LevelArg::Max => fleetdelta::Level::Max,
+        }
+    }
+}
+
+impl FidelityArg {
+    fn fidelity(self) -> fleetdelta::diff::Fidelity {
+        match self {
+            FidelityArg::Exact => fleetdelta::diff::Fidelity::Exact,
+            FidelityArg::Content => fleetdelta::diff::Fidelity::Content,
         }
     }
 }

@@ -10,7 +10,7 @@ use fleetdelta::release::{render_table, DeviceFacts, Release};
 use fleetdelta::release_update::{oci_architecture, release_update, UpdateOptions};
 use fleetdelta::{DiffOptions, Progress};
 
-use super::{human_bytes, LevelArg, RegistryArgs};
+use super::{human_bytes, FidelityArg, LevelArg, RegistryArgs};
 
 /// The command's arguments.
 pub struct Args<'a> {
@@ -23,6 +23,7 @@ pub struct Args<'a> {
     pub timeout: Option<f64>,
     pub poll: f64,
     pub level: LevelArg,
+    pub fidelity: FidelityArg,
     pub json: bool,
 }
 
@@ -42,7 +43,7 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
     let transfer = registry.transfer(arch)?;
     let options = UpdateOptions {
         store: DeltaStore::parse(args.deltas).context("--deltas")?,
-        diff: DiffOptions { level: args.level.level(), ..DiffOptions::default() },
+        diff: DiffOptions { level: args.level.level(), fidelity: args.fidelity.fidelity(), ..DiffOptions::default() },
         prepare: args.prepare,
         wait: args.wait,
         timeout: args.timeout.map(|t| seconds(t, "--timeout")).transpose()?,

@@ -2,6 +2,7 @@
 //! and packages the result as an OCI image.
 
 pub mod encode;
+pub mod encoding;
 pub mod material;
 pub mod pair;
 
@@ -14,12 +15,14 @@ use rayon::prelude::*;
 
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{DeltaPlan, LayerPlan, Method, SourceIdentity, TargetIdentity};
+use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method, SourceIdentity, TargetIdentity, FEATURE_EXACT_GZIP};
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{load_image, ImageRef, LayoutWriter};
 use crate::package::{write_delta, Payload};
 use crate::progress::Progress;
 use encode::{encode_layer, EncodeParams};
+pub use encoding::Fidelity;
+use encoding::{choose, Choice};
 use material::{unpack, Unpacked};
 use pair::SourceIndex;
 
@@ -79,11 +82,13 @@ pub struct DiffOptions {
     pub level: Level,
     /// Largest uncompressed layer accepted (guards against decompression bombs).
     pub max_layer_bytes: u64,
+    /// Whether the rebuilt image must keep every blob digest.
+    pub fidelity: Fidelity,
 }
 
 impl Default for DiffOptions {
     fn default() -> Self {
-        DiffOptions { level: Level::Default, max_layer_bytes: 64 << 30 }
+        DiffOptions { level: Level::Default, max_layer_bytes: 64 << 30, fidelity: Fidelity::Exact }
     }
 }
 
@@ -144,6 +149,16 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         .par_iter()
         .map(|i| {
             let target = &unpacked_target[i];
+            let layer = &target_image.layers[*i as usize];
+            let blob_path = target_layout.blob_path(&layer.blob.digest);
+            let encoding = match choose(&target_layout, layer, options.fidelity, || Ok(&target.map[..]))? {
+                Choice::Encode(e) => e,
+                Choice::CarryBlob => {
+                    progress.advance(target.index.len);
+                    let plan = LayerPlan { index: *i, method: Method::Blob, source_layer: None, delta_layer: None, source_layers_used: Vec::new(), stats: None, encoding: Some(Encoding::Verbatim) };
+                    return Ok((plan, Payload { target_layer: *i, method: Method::Blob, path: blob_path }));
+                }
+            };
             let path = scratch.path().join(format!("patch-{i}"));
             let file = BufWriter::with_capacity(1 << 20, File::create(&path).ctx(|| format!("creating {}", path.display()))?);
             let mut outer = zstd::stream::write::Encoder::new(file, if options.level == Level::Fast { 3 } else { 9 }).ctx(|| "starting zstd".into())?;
@@ -153,11 +168,10 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
             outer.finish().ctx(|| "finishing patch".into())?.into_inner().map_err(|e| Error::io("writing patch", e.into_error()))?;
             stats.payload_bytes = std::fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?.len();
             progress.advance(target.index.len);
-            let blob = &target_image.layers[*i as usize].blob;
-            let (method, path) = if stats.payload_bytes as f64 >= BLOB_PREFERENCE * blob.size as f64 {
-                (Method::Blob, target_layout.blob_path(&blob.digest))
+            let (method, path, encoding) = if stats.payload_bytes as f64 >= BLOB_PREFERENCE * layer.blob.size as f64 {
+                (Method::Blob, blob_path, Encoding::Verbatim)
             } else {
-                (Method::Patch, path)
+                (Method::Patch, path, encoding)
             };
             let plan = LayerPlan {
                 index: *i,
@@ -166,6 +180,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                 delta_layer: None,
                 source_layers_used: if method == Method::Patch { used.into_iter().collect() } else { Vec::new() },
                 stats: Some(stats),
+                encoding: Some(encoding),
             };
             Ok((plan, Payload { target_layer: *i, method, path }))
         })
@@ -176,14 +191,41 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     let mut payloads = Vec::new();
     for (i, layer) in target_image.layers.iter().enumerate() {
         match source_by_diff_id.get(&layer.diff_id) {
-            Some(s) => layers.push(LayerPlan {
-                index: i as u32,
-                method: Method::Source,
-                source_layer: Some(*s),
-                delta_layer: None,
-                source_layers_used: Vec::new(),
-                stats: None,
-            }),
+            Some(s) => {
+                let source_blob = &source_image.layers[*s as usize].blob;
+                let choice = if source_blob.digest == layer.blob.digest {
+                    Choice::Encode(Encoding::Verbatim)
+                } else {
+                    // Same tar, other compression: re-encode it as the target's blob was.
+                    let blob_path = target_layout.blob_path(&layer.blob.digest);
+                    choose(&target_layout, layer, options.fidelity, || {
+                        layer.compression.decoder(std::io::BufReader::new(File::open(&blob_path)?)).map_err(Error::into_io)
+                    })?
+                };
+                match choice {
+                    Choice::Encode(encoding) => layers.push(LayerPlan {
+                        index: i as u32,
+                        method: Method::Source,
+                        source_layer: Some(*s),
+                        delta_layer: None,
+                        source_layers_used: Vec::new(),
+                        stats: None,
+                        encoding: Some(encoding),
+                    }),
+                    Choice::CarryBlob => {
+                        layers.push(LayerPlan {
+                            index: i as u32,
+                            method: Method::Blob,
+                            source_layer: None,
+                            delta_layer: None,
+                            source_layers_used: Vec::new(),
+                            stats: None,
+                            encoding: Some(Encoding::Verbatim),
+                        });
+                        payloads.push(Payload { target_layer: i as u32, method: Method::Blob, path: target_layout.blob_path(&layer.blob.digest) });
+                    }
+                }
+            }
             None => {
                 let (plan, payload) = encoded.remove(&(i as u32)).ok_or_else(|| Error::NotFound(format!("encoded layer {i}")))?;
                 layers.push(plan);
@@ -191,9 +233,10 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
             }
         }
     }
+    let exact = layers.iter().any(|l| matches!(l.encoding, Some(Encoding::Exact { .. })));
     let mut plan = DeltaPlan {
         format_version: FORMAT_VERSION,
-        features: Vec::new(),
+        features: if exact { vec![FEATURE_EXACT_GZIP.to_string()] } else { Vec::new() },
         created_by: format!("fleetdelta {}", env!("CARGO_PKG_VERSION")),
         level: options.level.name().to_string(),
         source: SourceIdentity { manifest: source_image.manifest.digest, config: source_image.config.digest },

@@ -5,11 +5,15 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::FORMAT_VERSION;
+use crate::layer::exact::Descriptor;
+
+/// Feature: some layers are re-encoded byte for byte by a named gzip encoder
+/// ([`Encoding::Exact`]). An applier without it would write other blob digests.
+pub const FEATURE_EXACT_GZIP: &str = "exact-gzip";
 
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
-/// delta that requires a feature it does not know (none are defined yet; this is where
-/// bit-exact recompression data will be announced).
-pub const KNOWN_FEATURES: &[&str] = &[];
+/// delta that requires a feature it does not know.
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP];
 
 /// The contents of `delta.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +89,38 @@ pub struct LayerPlan {
     /// For [`Method::Patch`]: what the patch is made of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<PatchStats>,
+    /// How the compressed blob is obtained from the rebuilt tar. Absent in deltas that predate
+    /// it: the blob is then the source's when identical, else recompressed by the applier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+}
+
+/// How the applier turns a rebuilt layer tar into the target's compressed blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Encoding {
+    /// Nothing to encode: the blob is carried or linked as is, or the layer is a plain tar.
+    /// The blob digest is the target's.
+    Verbatim,
+    /// Re-encoded by the named encoder, byte for byte: the blob digest is the target's (the
+    /// applier checks it).
+    Exact {
+        /// The encoder, its parameters and the gzip header.
+        descriptor: Descriptor,
+    },
+    /// Compressed by the applier's own encoder: the same tar (diff_id checked) in a blob with
+    /// another digest, so the written manifest differs from the target's.
+    Recompressed {
+        /// Why no exact encoding was used.
+        reason: String,
+    },
+}
+
+impl Encoding {
+    /// Whether the rebuilt blob has the target's digest.
+    pub fn keeps_digest(&self) -> bool {
+        !matches!(self, Encoding::Recompressed { .. })
+    }
 }
 
 /// Informative figures about a patch.
@@ -137,6 +173,14 @@ impl DeltaPlan {
             };
             if !ok {
                 return Err(bad(format!("layer plan {i} ({:?}) names no valid payload or source layer", l.method)));
+            }
+            if let Some(Encoding::Exact { .. }) = &l.encoding {
+                if l.method == Method::Blob {
+                    return Err(bad(format!("layer plan {i} re-encodes a blob that is carried whole")));
+                }
+                if !self.features.iter().any(|f| f == FEATURE_EXACT_GZIP) {
+                    return Err(bad(format!("layer plan {i} re-encodes exactly but the delta does not declare {FEATURE_EXACT_GZIP:?}")));
+                }
             }
         }
         Ok(())

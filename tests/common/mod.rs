@@ -85,7 +85,28 @@ pub fn layer_tar(tree: &Tree) -> Vec<u8> {
 }
 
 pub fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
-    let mut e = c.encoder(Vec::new()).unwrap();
+    match c {
+        // As docker and buildkit write layers: Go's compress/gzip at its default level (one of
+        // the encoders the differ reproduces exactly).
+        Compression::Gzip => go_gzip().encode_to_vec(data).unwrap(),
+        _ => {
+            let mut e = c.encoder(Vec::new()).unwrap();
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+    }
+}
+
+/// Go 1.19's `compress/gzip` at `DefaultCompression`.
+pub fn go_gzip() -> fleetdelta::layer::exact::Descriptor {
+    use fleetdelta::layer::exact::{Descriptor, Encoder, GoRelease, GzipHeader};
+    Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_19 }, header: GzipHeader::go_stdlib_default() }
+}
+
+/// A gzip encoder the differ does not know (flate2 at its fast level), for the paths taken
+/// when no encoder reproduces a blob.
+pub fn unknown_gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = Compression::Gzip.encoder(Vec::new()).unwrap();
     e.write_all(data).unwrap();
     e.finish().unwrap()
 }
@@ -251,5 +272,28 @@ pub fn retar(tar_bytes: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     h.set_mode(0o644);
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, name, &data[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// Rebuilds a tar with the contents of the entry named `name` edited (the others as they are).
+pub fn retar_file(tar_bytes: &[u8], name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut archive = tar::Archive::new(tar_bytes);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut edit = Some(edit);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        if path == name {
+            (edit.take().expect("one entry of that name"))(&mut data);
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, &path, &data[..]).unwrap();
+    }
+    assert!(edit.is_none(), "no entry {name}");
     b.into_inner().unwrap()
 }
