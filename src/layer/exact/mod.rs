@@ -172,7 +172,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 == 0 && out.len() > period {
+            if x.is_multiple_of(3) && out.len() > period {
                 let start = out.len() - period;
                 let n = ((x >> 8) as usize % 300).min(len - out.len());
                 for i in 0..n {
