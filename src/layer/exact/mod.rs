@@ -19,6 +19,7 @@ pub mod gzip_header;
 mod huffman;
 mod klauspost;
 pub mod pgzip;
+mod zlib;
 
 use std::io::{Read, Write};
 
@@ -49,6 +50,13 @@ pub enum Encoder {
     GoGzip {
         /// Which generation of Go's encoder.
         release: GoRelease,
+    },
+    /// zlib 1.2.13 deflate (window 15, memLevel 8, default strategy) at `level` 1-9:
+    /// what Python's `gzip`/`zlib`, and anything else on the system zlib, write.
+    /// JSON: `{"kind": "zlib", "level": 9}`.
+    Zlib {
+        /// Compression level, 1-9.
+        level: u8,
     },
 }
 
@@ -87,6 +95,18 @@ impl Descriptor {
                         d.close();
                         d.take_output()
                     }
+                })
+            }
+            Encoder::Zlib { level } => {
+                if !(1..=9).contains(level) {
+                    return Err(crate::error::Error::unsupported("zlib level", level.to_string()));
+                }
+                encode_single_stream(input, output, &self.header, zlib::Deflater::new(*level), |d, chunk| {
+                    match chunk {
+                        Some(data) => d.write(data),
+                        None => d.finish(),
+                    }
+                    d.take_output()
                 })
             }
             Encoder::GoGzip { release: GoRelease::Go1_19 } => {
@@ -201,6 +221,7 @@ mod tests {
             r#"{"encoder":{"kind":"go-gzip","release":"go1.19"},"header":{"mtime":0,"xfl":0,"os":255}}"#
         );
         assert_eq!(serde_json::to_string(&Encoder::KlauspostGzip).unwrap(), r#"{"kind":"klauspost-gzip"}"#);
+        assert_eq!(serde_json::to_string(&Encoder::Zlib { level: 9 }).unwrap(), r#"{"kind":"zlib","level":9}"#);
         for d in all_descriptors() {
             let json = serde_json::to_string(&d).unwrap();
             assert_eq!(serde_json::from_str::<Descriptor>(&json).unwrap(), d);
