@@ -34,7 +34,8 @@ fn run(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
 fn exact_gen() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("fleetdelta-exact-gen-{}", std::process::id()));
+        // Cargo's per-target scratch directory: reused across runs, so Go's cache is too.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("exact-gen");
         std::fs::create_dir_all(&dir).unwrap();
         let bin = dir.join("exact-gen");
         let out = Command::new("go")

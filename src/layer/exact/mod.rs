@@ -5,12 +5,30 @@
 //! found in real registries, a serializable [`Descriptor`] naming one, and a
 //! [`fingerprint()`] that finds the descriptor which reproduces a given blob.
 //!
+//! | [`Encoder`] | reproduces, byte for byte | written by |
+//! |---|---|---|
+//! | `Pgzip { block_size }` | klauspost/pgzip 1.2.5 on klauspost/compress 1.15.12, default level | umoci 0.4.7 (256 KiB blocks), skopeo |
+//! | `KlauspostGzip` | klauspost/compress 1.15.12 `gzip`, default level | Go tools using klauspost's gzip |
+//! | `GoGzip { release: Go1_19 }` | Go 1.19 `compress/gzip`, default level | Docker/moby, BuildKit built with Go 1.19 |
+//! | `Zlib { level }` | zlib 1.2.13 deflate, levels 1-9 | Python's `gzip`, anything on the system zlib |
+//!
+//! Not reproduced: GNU gzip (its deflate is not zlib's: other block boundaries; a port
+//! would be a derivative of GPL-3 code), pigz (zlib in 128 KiB blocks with sync flushes
+//! and dictionaries) and flate2's default zlib-rs backend (whose bytes differ from zlib's
+//! at every level). [`fingerprint()`] returns `None` for them.
+//!
+//! Encoding streams from a `Read` into a `Write` with bounded memory; pgzip blocks are
+//! compressed in parallel (rayon), which gives the same bytes because each block depends
+//! only on its input and the previous block's last 16 KiB.
+//!
 //! The descriptor's JSON shape is stable (new encoders add new `kind`s):
 //!
 //! ```json
 //! {"encoder": {"kind": "pgzip", "block_size": 262144},
 //!  "header": {"mtime": 2288912640, "xfl": 0, "os": 255}}
 //! ```
+//! Other kinds: `{"kind": "klauspost-gzip"}`, `{"kind": "go-gzip", "release": "go1.19"}`,
+//! `{"kind": "zlib", "level": 9}`. The header's fields are described on [`GzipHeader`].
 
 mod bits;
 pub mod fingerprint;
