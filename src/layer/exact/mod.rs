@@ -150,8 +150,9 @@ impl Descriptor {
     }
 }
 
-/// Streaming read size for single-stream encoders.
-const READ_CHUNK: usize = 256 << 10;
+/// Streaming read size for single-stream encoders: small enough that a fingerprint
+/// candidate that mismatches is abandoned after about one deflate block.
+const READ_CHUNK: usize = 64 << 10;
 
 /// A single-stream gzip member: header, `step(Some(chunk))` per chunk of input, then
 /// `step(None)` to finish, then the trailer. `step` returns the compressed bytes ready.
