@@ -57,6 +57,8 @@ struct Hints {
     stored_end: bool,
     /// pgzip block sizes consistent with the first sync markers.
     block_sizes: Vec<u32>,
+    /// The header's XFL byte: zlib writes 2 at level 9, 4 at level 1.
+    xfl: u8,
 }
 
 impl Hints {
@@ -78,6 +80,7 @@ impl Hints {
         let stream_end = if tail.len() >= 8 { &tail[..tail.len() - 8] } else { &[][..] };
         let deflate = &probe[header_len.min(probe.len())..];
         Ok(Hints {
+            xfl: header.xfl,
             header: Some(header),
             pgzip_end: stream_end.ends_with(&PGZIP_END),
             stored_end: stream_end.ends_with(&SYNC_MARKER),
@@ -105,6 +108,14 @@ impl Hints {
         if !self.pgzip_end && !self.stored_end {
             out.push(Encoder::KlauspostGzip);
         }
+        // zlib streams have no telltale ending; XFL says which level if the writer set it
+        // as zlib does, otherwise the default level goes first.
+        let zlib_levels: &[u8] = match self.xfl {
+            2 => &[9, 8, 7, 6, 5, 4, 3, 2, 1],
+            4 => &[1, 2, 3, 4, 5, 6, 7, 8, 9],
+            _ => &[6, 5, 4, 7, 8, 9, 3, 2, 1],
+        };
+        out.extend(zlib_levels.iter().map(|&level| Encoder::Zlib { level }));
         out
     }
 }
@@ -212,6 +223,8 @@ mod tests {
                 encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
                 header: GzipHeader { name: Some("layer.tar".into()), ..GzipHeader::plain(1_700_000_000, 0, 3) },
             },
+            Descriptor { encoder: Encoder::Zlib { level: 9 }, header: GzipHeader::plain(0, 2, 3) },
+            Descriptor { encoder: Encoder::Zlib { level: 3 }, header: GzipHeader::plain(0, 0, 3) },
         ]
     }
 
@@ -243,7 +256,8 @@ mod tests {
     #[test]
     fn foreign_or_damaged_blobs_are_none() {
         let data = sample(100_000);
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        // Stored blocks only: no encoder we model writes that for compressible data.
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
         e.write_all(&data).unwrap();
         assert_eq!(fingerprint(&e.finish().unwrap(), &data), None);
         let mut blob = descriptors()[0].encode_to_vec(&data).unwrap();

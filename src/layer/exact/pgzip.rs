@@ -3,6 +3,9 @@
 //! 16 KiB of the previous block and ended by a sync flush; the last block also gets an
 //! empty final block. Blocks are independent given their dictionary, so we compress them
 //! in parallel, as pgzip does, and the bytes are the same.
+//!
+//! Ported from klauspost/pgzip `gzip.go`, Copyright 2010 The Go Authors and Klaus Post,
+//! BSD-3-Clause.
 
 use std::io::{Read, Write};
 

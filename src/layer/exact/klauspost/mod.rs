@@ -1,6 +1,10 @@
 //! A faithful port of klauspost/compress `flate` at its default level (1.15.12, the
 //! version Debian bookworm's umoci and skopeo were built with).
 //!
+//! Ported from klauspost/compress `flate` (deflate.go, fast_encoder.go, level5.go,
+//! huffman_bit_writer.go, huffman_code.go, token.go), Copyright 2009 The Go Authors and
+//! 2015 Klaus Post, BSD-3-Clause.
+//!
 //! `DefaultCompression` is klauspost's level 5: the input is cut into 64 KiB windows, each
 //! run through the level-5 match finder ([`level5`]) and written by [`writer`] as a
 //! stored, literal-only, fixed or dynamic block, the latter possibly sharing one Huffman

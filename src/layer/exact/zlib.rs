@@ -1,0 +1,1020 @@
+//! A faithful port of zlib 1.2.13's deflate (deflate.c, trees.c; Debian bookworm's
+//! zlib1g), levels 1-9 with the default window (15 bits), memory level (8) and strategy.
+//!
+//! Ported from zlib, Copyright (C) 1995-2022 Jean-loup Gailly and Mark Adler, under the
+//! zlib license. Levels 1-3 use `deflate_fast` (no lazy matching), 4-9 `deflate_slow`;
+//! blocks end after 16383 symbols and are coded stored, fixed or dynamic, whichever is
+//! smallest, with zlib's heap-built Huffman trees (ties broken by depth) and its
+//! bit-length overflow repair. The window is managed exactly as zlib does it, stale bytes
+//! included, because at the end of the input matches may be probed beyond the data.
+
+use crate::layer::exact::bits::BitWriter;
+
+const W_SIZE: usize = 1 << 15;
+const W_MASK: usize = W_SIZE - 1;
+const WINDOW_SIZE: usize = 2 * W_SIZE;
+const HASH_BITS: u32 = 15;
+const HASH_SIZE: usize = 1 << HASH_BITS;
+const HASH_MASK: u32 = (HASH_SIZE - 1) as u32;
+const HASH_SHIFT: u32 = HASH_BITS.div_ceil(3);
+const MIN_MATCH: usize = 3;
+const MAX_MATCH: usize = 258;
+const MIN_LOOKAHEAD: usize = MAX_MATCH + MIN_MATCH + 1;
+const MAX_DIST: usize = W_SIZE - MIN_LOOKAHEAD;
+const WIN_INIT: usize = MAX_MATCH;
+const TOO_FAR: usize = 4096;
+/// `lit_bufsize - 1` symbols end a block (memLevel 8: 16384).
+const SYM_END: usize = (1 << (8 + 6)) - 1;
+
+const LITERALS: usize = 256;
+const END_BLOCK: usize = 256;
+const L_CODES: usize = LITERALS + 1 + 29;
+const D_CODES: usize = 30;
+const BL_CODES: usize = 19;
+const HEAP_SIZE: usize = 2 * L_CODES + 1;
+const MAX_BITS: usize = 15;
+const MAX_BL_BITS: usize = 7;
+const REP_3_6: usize = 16;
+const REPZ_3_10: usize = 17;
+const REPZ_11_138: usize = 18;
+
+static EXTRA_LBITS: [u8; 29] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
+static EXTRA_DBITS: [u8; 30] =
+    [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
+static EXTRA_BLBITS: [u8; 19] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 7];
+static BL_ORDER: [usize; 19] = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
+static BASE_LENGTH: [u32; 29] =
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 0];
+static BASE_DIST: [u32; 30] = [
+    0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
+    8192, 12288, 16384, 24576,
+];
+
+/// zlib's `_length_code`: length code (0-28) of `length - 3`.
+#[inline(always)]
+fn length_code(lc: usize) -> usize {
+    usize::from(LENGTH_CODE[lc & 255])
+}
+
+/// zlib's `d_code`: distance code of `distance - 1`, via its 512-entry `_dist_code`.
+#[inline(always)]
+fn d_code(dist: usize) -> usize {
+    usize::from(if dist < 256 { DIST_CODE[dist] } else { DIST_CODE[256 + ((dist >> 7) & 255)] })
+}
+
+static LENGTH_CODE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut code = 0;
+    let mut lc = 0;
+    while lc < 256 {
+        while code < 27 && lc >= BASE_LENGTH[code + 1] as usize {
+            code += 1;
+        }
+        t[lc] = code as u8;
+        lc += 1;
+    }
+    t[255] = 28;
+    t
+};
+
+static DIST_CODE: [u8; 512] = {
+    let mut t = [0u8; 512];
+    let mut i = 0;
+    while i < 512 {
+        // Entries 0-255 code distances - 1 below 256; 256-511 code (distance - 1) >> 7.
+        let dist = if i < 256 { i } else { (i - 256) << 7 };
+        let mut code = 0;
+        while code < 29 && dist >= BASE_DIST[code + 1] as usize {
+            code += 1;
+        }
+        t[i] = code as u8;
+        i += 1;
+    }
+    t
+};
+
+/// One level's tuning (`configuration_table`).
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    good: usize,
+    lazy: usize,
+    nice: usize,
+    chain: usize,
+    slow: bool,
+}
+
+static CONFIGS: [Config; 10] = [
+    Config { good: 0, lazy: 0, nice: 0, chain: 0, slow: false },
+    Config { good: 4, lazy: 4, nice: 8, chain: 4, slow: false },
+    Config { good: 4, lazy: 5, nice: 16, chain: 8, slow: false },
+    Config { good: 4, lazy: 6, nice: 32, chain: 32, slow: false },
+    Config { good: 4, lazy: 4, nice: 16, chain: 16, slow: true },
+    Config { good: 8, lazy: 16, nice: 32, chain: 32, slow: true },
+    Config { good: 8, lazy: 16, nice: 128, chain: 128, slow: true },
+    Config { good: 8, lazy: 32, nice: 128, chain: 256, slow: true },
+    Config { good: 32, lazy: 128, nice: 258, chain: 1024, slow: true },
+    Config { good: 32, lazy: 258, nice: 258, chain: 4096, slow: true },
+];
+
+/// A Huffman tree in zlib's layout: leaves first, then internal nodes. zlib overlays
+/// `freq` with `code` and `dad` with `len`; the overlaid values are never read after being
+/// overwritten, so separate fields behave the same.
+#[derive(Clone, Debug)]
+struct Tree {
+    freq: Vec<u32>,
+    code: Vec<u16>,
+    dad: Vec<u16>,
+    len: Vec<u16>,
+    max_code: i32,
+}
+
+impl Tree {
+    fn new(size: usize) -> Self {
+        Tree { freq: vec![0; size], code: vec![0; size], dad: vec![0; size], len: vec![0; size], max_code: 0 }
+    }
+}
+
+/// The fixed trees of RFC 1951.
+#[derive(Debug)]
+struct StaticTrees {
+    lcode: Vec<u16>,
+    llen: Vec<u16>,
+    dcode: Vec<u16>,
+}
+
+fn bi_reverse(code: u32, len: u32) -> u16 {
+    (code.reverse_bits() >> (32 - len)) as u16
+}
+
+impl StaticTrees {
+    fn new() -> Self {
+        let mut llen = vec![0u16; L_CODES + 2];
+        for (n, l) in llen.iter_mut().enumerate() {
+            *l = match n {
+                0..=143 => 8,
+                144..=255 => 9,
+                256..=279 => 7,
+                _ => 8,
+            };
+        }
+        let mut bl_count = [0u16; MAX_BITS + 1];
+        for &l in &llen {
+            bl_count[usize::from(l)] += 1;
+        }
+        let lcode = gen_codes(&llen, L_CODES + 1, &bl_count);
+        let dcode = (0..D_CODES).map(|n| bi_reverse(n as u32, 5)).collect();
+        StaticTrees { lcode, llen, dcode }
+    }
+}
+
+/// zlib's `gen_codes`: canonical codes from the lengths.
+fn gen_codes(len: &[u16], max_code: usize, bl_count: &[u16; MAX_BITS + 1]) -> Vec<u16> {
+    let mut next_code = [0u32; MAX_BITS + 1];
+    let mut code = 0u32;
+    for bits in 1..=MAX_BITS {
+        code = (code + u32::from(bl_count[bits - 1])) << 1;
+        next_code[bits] = code;
+    }
+    let mut codes = vec![0u16; len.len()];
+    for n in 0..=max_code.min(len.len() - 1) {
+        let l = usize::from(len[n]);
+        if l == 0 {
+            continue;
+        }
+        codes[n] = bi_reverse(next_code[l], l as u32);
+        next_code[l] += 1;
+    }
+    codes
+}
+
+/// zlib's deflate state for one raw stream.
+#[derive(Debug)]
+pub(crate) struct Deflater {
+    cfg: Config,
+    window: Vec<u8>,
+    prev: Vec<u16>,
+    head: Vec<u16>,
+    ins_h: u32,
+    strstart: usize,
+    block_start: i64,
+    lookahead: usize,
+    insert: usize,
+    match_length: usize,
+    prev_match: usize,
+    match_available: bool,
+    match_start: usize,
+    prev_length: usize,
+    high_water: usize,
+    // Symbol buffer: (distance, literal or length - 3); distance 0 marks a literal.
+    syms: Vec<(u16, u8)>,
+    ltree: Tree,
+    dtree: Tree,
+    bltree: Tree,
+    bl_count: [u16; MAX_BITS + 1],
+    heap: [usize; 2 * L_CODES + 1],
+    heap_len: usize,
+    heap_max: usize,
+    depth: [u8; 2 * L_CODES + 1],
+    opt_len: u64,
+    static_len: u64,
+    statics: StaticTrees,
+    bits: BitWriter,
+    /// Input not yet taken into the window (zlib's `next_in`/`avail_in`).
+    input: Vec<u8>,
+    input_pos: usize,
+}
+
+enum Flush {
+    None,
+    Finish,
+}
+
+impl Deflater {
+    /// A zlib stream at `level` (1-9).
+    pub(crate) fn new(level: u8) -> Self {
+        let level = usize::from(level.clamp(1, 9));
+        let mut d = Deflater {
+            cfg: CONFIGS[level],
+            window: vec![0; WINDOW_SIZE],
+            prev: vec![0; W_SIZE],
+            head: vec![0; HASH_SIZE],
+            ins_h: 0,
+            strstart: 0,
+            block_start: 0,
+            lookahead: 0,
+            insert: 0,
+            match_length: MIN_MATCH - 1,
+            prev_match: 0,
+            match_available: false,
+            match_start: 0,
+            prev_length: MIN_MATCH - 1,
+            high_water: 0,
+            syms: Vec::with_capacity(SYM_END),
+            ltree: Tree::new(HEAP_SIZE),
+            dtree: Tree::new(2 * D_CODES + 1),
+            bltree: Tree::new(2 * BL_CODES + 1),
+            bl_count: [0; MAX_BITS + 1],
+            heap: [0; 2 * L_CODES + 1],
+            heap_len: 0,
+            heap_max: 0,
+            depth: [0; 2 * L_CODES + 1],
+            opt_len: 0,
+            static_len: 0,
+            statics: StaticTrees::new(),
+            bits: BitWriter::default(),
+            input: Vec::new(),
+            input_pos: 0,
+        };
+        d.init_block();
+        d
+    }
+
+    /// `deflate(Z_NO_FLUSH)` over `data`.
+    pub(crate) fn write(&mut self, data: &[u8]) {
+        self.input.clear();
+        self.input.extend_from_slice(data);
+        self.input_pos = 0;
+        if !data.is_empty() || self.lookahead != 0 {
+            self.run(Flush::None);
+        }
+    }
+
+    /// `deflate(Z_FINISH)`.
+    pub(crate) fn finish(&mut self) {
+        self.input.clear();
+        self.input_pos = 0;
+        self.run(Flush::Finish);
+    }
+
+    /// Compressed bytes produced so far.
+    pub(crate) fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.bits.out)
+    }
+
+    fn avail_in(&self) -> usize {
+        self.input.len() - self.input_pos
+    }
+
+    fn run(&mut self, flush: Flush) {
+        if self.cfg.slow {
+            self.deflate_slow(&flush)
+        } else {
+            self.deflate_fast(&flush)
+        }
+    }
+
+    #[inline(always)]
+    fn update_hash(&mut self, c: u8) {
+        self.ins_h = ((self.ins_h << HASH_SHIFT) ^ u32::from(c)) & HASH_MASK;
+    }
+
+    /// `INSERT_STRING`: returns the previous head of the chain.
+    #[inline(always)]
+    fn insert_string(&mut self, s: usize) -> usize {
+        self.update_hash(self.window[s + MIN_MATCH - 1]);
+        let head = self.head[self.ins_h as usize];
+        self.prev[s & W_MASK] = head;
+        self.head[self.ins_h as usize] = s as u16;
+        usize::from(head)
+    }
+
+    fn slide_hash(&mut self) {
+        let slide = |v: &mut u16| *v = if usize::from(*v) >= W_SIZE { *v - W_SIZE as u16 } else { 0 };
+        self.head.iter_mut().for_each(slide);
+        self.prev.iter_mut().for_each(slide);
+    }
+
+    fn fill_window(&mut self) {
+        loop {
+            let mut more = WINDOW_SIZE - self.lookahead - self.strstart;
+            if self.strstart >= W_SIZE + MAX_DIST {
+                self.window.copy_within(W_SIZE..W_SIZE + W_SIZE - more, 0);
+                self.match_start = self.match_start.wrapping_sub(W_SIZE);
+                self.strstart -= W_SIZE;
+                self.block_start -= W_SIZE as i64;
+                if self.insert > self.strstart {
+                    self.insert = self.strstart;
+                }
+                self.slide_hash();
+                more += W_SIZE;
+            }
+            if self.avail_in() == 0 {
+                break;
+            }
+            let n = more.min(self.avail_in());
+            let at = self.strstart + self.lookahead;
+            self.window[at..at + n].copy_from_slice(&self.input[self.input_pos..self.input_pos + n]);
+            self.input_pos += n;
+            self.lookahead += n;
+            if self.lookahead + self.insert >= MIN_MATCH {
+                let mut s = self.strstart - self.insert;
+                self.ins_h = u32::from(self.window[s]);
+                self.update_hash(self.window[s + 1]);
+                while self.insert > 0 {
+                    self.update_hash(self.window[s + MIN_MATCH - 1]);
+                    self.prev[s & W_MASK] = self.head[self.ins_h as usize];
+                    self.head[self.ins_h as usize] = s as u16;
+                    s += 1;
+                    self.insert -= 1;
+                    if self.lookahead + self.insert < MIN_MATCH {
+                        break;
+                    }
+                }
+            }
+            if !(self.lookahead < MIN_LOOKAHEAD && self.avail_in() != 0) {
+                break;
+            }
+        }
+        // Zero the bytes just past the data the first time they are reachable.
+        if self.high_water < WINDOW_SIZE {
+            let curr = self.strstart + self.lookahead;
+            if self.high_water < curr {
+                let init = (WINDOW_SIZE - curr).min(WIN_INIT);
+                self.window[curr..curr + init].fill(0);
+                self.high_water = curr + init;
+            } else if self.high_water < curr + WIN_INIT {
+                let init = (curr + WIN_INIT - self.high_water).min(WINDOW_SIZE - self.high_water);
+                self.window[self.high_water..self.high_water + init].fill(0);
+                self.high_water += init;
+            }
+        }
+    }
+
+    /// zlib's portable `longest_match` (byte 2 is not compared: equal hashes imply it).
+    fn longest_match(&mut self, mut cur_match: usize) -> usize {
+        let mut chain_length = self.cfg.chain;
+        let scan = self.strstart;
+        let mut best_len = self.prev_length;
+        let mut nice_match = self.cfg.nice;
+        let limit = self.strstart.saturating_sub(MAX_DIST);
+        let strend = scan + MAX_MATCH;
+        let w = &self.window;
+        let mut scan_end1 = w[scan + best_len - 1];
+        let mut scan_end = w[scan + best_len];
+        if self.prev_length >= self.cfg.good {
+            chain_length >>= 2;
+        }
+        if nice_match > self.lookahead {
+            nice_match = self.lookahead;
+        }
+        loop {
+            let m = cur_match;
+            if w[m + best_len] == scan_end
+                && w[m + best_len - 1] == scan_end1
+                && w[m] == w[scan]
+                && w[m + 1] == w[scan + 1]
+            {
+                // Compare from byte 3 up to MAX_MATCH.
+                let mut s = scan + 2;
+                let mut mm = m + 2;
+                loop {
+                    s += 1;
+                    mm += 1;
+                    if w[s] != w[mm] || s >= strend {
+                        break;
+                    }
+                }
+                let len = MAX_MATCH - (strend - s.min(strend));
+                if len > best_len {
+                    self.match_start = cur_match;
+                    best_len = len;
+                    if len >= nice_match {
+                        break;
+                    }
+                    scan_end1 = w[scan + best_len - 1];
+                    scan_end = w[scan + best_len];
+                }
+            }
+            cur_match = usize::from(self.prev[cur_match & W_MASK]);
+            if cur_match <= limit {
+                break;
+            }
+            chain_length -= 1;
+            if chain_length == 0 {
+                break;
+            }
+        }
+        best_len.min(self.lookahead)
+    }
+
+    #[inline(always)]
+    fn tally_lit(&mut self, c: u8) -> bool {
+        self.syms.push((0, c));
+        self.ltree.freq[usize::from(c)] += 1;
+        self.syms.len() == SYM_END
+    }
+
+    #[inline(always)]
+    fn tally_dist(&mut self, dist: usize, lc: usize) -> bool {
+        self.syms.push((dist as u16, lc as u8));
+        self.ltree.freq[length_code(lc) + LITERALS + 1] += 1;
+        self.dtree.freq[d_code(dist - 1)] += 1;
+        self.syms.len() == SYM_END
+    }
+
+    /// `FLUSH_BLOCK_ONLY`.
+    fn flush_block(&mut self, last: bool) {
+        let stored_len = (self.strstart as i64 - self.block_start) as usize;
+        let buf = (self.block_start >= 0).then_some(self.block_start as usize);
+        self.tr_flush_block(buf, stored_len, last);
+        self.block_start = self.strstart as i64;
+    }
+
+    fn deflate_fast(&mut self, flush: &Flush) {
+        loop {
+            if self.lookahead < MIN_LOOKAHEAD {
+                self.fill_window();
+                if self.lookahead < MIN_LOOKAHEAD && matches!(flush, Flush::None) {
+                    return;
+                }
+                if self.lookahead == 0 {
+                    break;
+                }
+            }
+            let mut hash_head = 0;
+            if self.lookahead >= MIN_MATCH {
+                hash_head = self.insert_string(self.strstart);
+            }
+            if hash_head != 0 && self.strstart - hash_head <= MAX_DIST {
+                self.match_length = self.longest_match(hash_head);
+            }
+            let bflush;
+            if self.match_length >= MIN_MATCH {
+                bflush = self.tally_dist(self.strstart - self.match_start, self.match_length - MIN_MATCH);
+                self.lookahead -= self.match_length;
+                if self.match_length <= self.cfg.lazy && self.lookahead >= MIN_MATCH {
+                    self.match_length -= 1;
+                    loop {
+                        self.strstart += 1;
+                        self.insert_string(self.strstart);
+                        self.match_length -= 1;
+                        if self.match_length == 0 {
+                            break;
+                        }
+                    }
+                    self.strstart += 1;
+                } else {
+                    self.strstart += self.match_length;
+                    self.match_length = 0;
+                    self.ins_h = u32::from(self.window[self.strstart]);
+                    self.update_hash(self.window[self.strstart + 1]);
+                }
+            } else {
+                bflush = self.tally_lit(self.window[self.strstart]);
+                self.lookahead -= 1;
+                self.strstart += 1;
+            }
+            if bflush {
+                self.flush_block(false);
+            }
+        }
+        self.insert = self.strstart.min(MIN_MATCH - 1);
+        if matches!(flush, Flush::Finish) {
+            self.flush_block(true);
+        } else if !self.syms.is_empty() {
+            self.flush_block(false);
+        }
+    }
+
+    fn deflate_slow(&mut self, flush: &Flush) {
+        loop {
+            if self.lookahead < MIN_LOOKAHEAD {
+                self.fill_window();
+                if self.lookahead < MIN_LOOKAHEAD && matches!(flush, Flush::None) {
+                    return;
+                }
+                if self.lookahead == 0 {
+                    break;
+                }
+            }
+            let mut hash_head = 0;
+            if self.lookahead >= MIN_MATCH {
+                hash_head = self.insert_string(self.strstart);
+            }
+            self.prev_length = self.match_length;
+            self.prev_match = self.match_start;
+            self.match_length = MIN_MATCH - 1;
+            if hash_head != 0 && self.prev_length < self.cfg.lazy && self.strstart - hash_head <= MAX_DIST {
+                self.match_length = self.longest_match(hash_head);
+                // zlib: `match_length <= 5 && (Z_FILTERED || (match_length == 3 && far))`; the
+                // strategy is the default, so only short, far matches are dropped.
+                if self.match_length == MIN_MATCH && self.strstart - self.match_start > TOO_FAR {
+                    self.match_length = MIN_MATCH - 1;
+                }
+            }
+            if self.prev_length >= MIN_MATCH && self.match_length <= self.prev_length {
+                let max_insert = self.strstart + self.lookahead - MIN_MATCH;
+                let bflush = self.tally_dist(self.strstart - 1 - self.prev_match, self.prev_length - MIN_MATCH);
+                self.lookahead -= self.prev_length - 1;
+                self.prev_length -= 2;
+                loop {
+                    self.strstart += 1;
+                    if self.strstart <= max_insert {
+                        self.insert_string(self.strstart);
+                    }
+                    self.prev_length -= 1;
+                    if self.prev_length == 0 {
+                        break;
+                    }
+                }
+                self.match_available = false;
+                self.match_length = MIN_MATCH - 1;
+                self.strstart += 1;
+                if bflush {
+                    self.flush_block(false);
+                }
+            } else if self.match_available {
+                if self.tally_lit(self.window[self.strstart - 1]) {
+                    self.flush_block(false);
+                }
+                self.strstart += 1;
+                self.lookahead -= 1;
+            } else {
+                self.match_available = true;
+                self.strstart += 1;
+                self.lookahead -= 1;
+            }
+        }
+        if self.match_available {
+            self.tally_lit(self.window[self.strstart - 1]);
+            self.match_available = false;
+        }
+        self.insert = self.strstart.min(MIN_MATCH - 1);
+        if matches!(flush, Flush::Finish) {
+            self.flush_block(true);
+        } else if !self.syms.is_empty() {
+            self.flush_block(false);
+        }
+    }
+
+    fn init_block(&mut self) {
+        self.ltree.freq[..L_CODES].fill(0);
+        self.dtree.freq[..D_CODES].fill(0);
+        self.bltree.freq[..BL_CODES].fill(0);
+        self.ltree.freq[END_BLOCK] = 1;
+        self.opt_len = 0;
+        self.static_len = 0;
+        self.syms.clear();
+    }
+
+    /// `_tr_flush_block`: `buf` is where the block's input starts in the window, if still
+    /// there.
+    fn tr_flush_block(&mut self, buf: Option<usize>, stored_len: usize, last: bool) {
+        let mut ltree = std::mem::replace(&mut self.ltree, Tree::new(0));
+        let mut dtree = std::mem::replace(&mut self.dtree, Tree::new(0));
+        self.build_tree(&mut ltree, TreeKind::Literal);
+        self.build_tree(&mut dtree, TreeKind::Distance);
+        let max_blindex = self.build_bl_tree(&mut ltree, &mut dtree);
+        let mut opt_lenb = (self.opt_len + 3 + 7) >> 3;
+        let static_lenb = (self.static_len + 3 + 7) >> 3;
+        if static_lenb <= opt_lenb {
+            opt_lenb = static_lenb;
+        }
+        match buf {
+            Some(start) if stored_len as u64 + 4 <= opt_lenb => {
+                self.bits.write_bits(u64::from(last), 3);
+                self.bits.flush();
+                self.bits.write_bits(stored_len as u64 & 0xffff, 16);
+                self.bits.write_bits(!(stored_len as u64) & 0xffff, 16);
+                let bytes = self.window[start..start + stored_len].to_vec();
+                self.bits.write_bytes(&bytes);
+            }
+            _ if static_lenb == opt_lenb => {
+                self.bits.write_bits((1 << 1) + u64::from(last), 3);
+                let (lcode, llen, dcode) = (&self.statics.lcode, &self.statics.llen, &self.statics.dcode);
+                let dlen = [5u16; D_CODES];
+                compress_block(&mut self.bits, &self.syms, lcode, llen, dcode, &dlen);
+            }
+            _ => {
+                self.bits.write_bits((2 << 1) + u64::from(last), 3);
+                self.send_all_trees(
+                    &ltree,
+                    &dtree,
+                    ltree.max_code as usize + 1,
+                    dtree.max_code as usize + 1,
+                    max_blindex + 1,
+                );
+                compress_block(&mut self.bits, &self.syms, &ltree.code, &ltree.len, &dtree.code, &dtree.len);
+            }
+        }
+        self.ltree = ltree;
+        self.dtree = dtree;
+        self.init_block();
+        if last {
+            self.bits.flush();
+        }
+    }
+
+    fn smaller(&self, tree: &Tree, n: usize, m: usize) -> bool {
+        tree.freq[n] < tree.freq[m] || (tree.freq[n] == tree.freq[m] && self.depth[n] <= self.depth[m])
+    }
+
+    fn pqdownheap(&mut self, tree: &Tree, mut k: usize) {
+        let v = self.heap[k];
+        let mut j = k << 1;
+        while j <= self.heap_len {
+            if j < self.heap_len && self.smaller(tree, self.heap[j + 1], self.heap[j]) {
+                j += 1;
+            }
+            if self.smaller(tree, v, self.heap[j]) {
+                break;
+            }
+            self.heap[k] = self.heap[j];
+            k = j;
+            j <<= 1;
+        }
+        self.heap[k] = v;
+    }
+
+    fn build_tree(&mut self, tree: &mut Tree, kind: TreeKind) {
+        let elems = kind.elems();
+        let mut max_code: i32 = -1;
+        self.heap_len = 0;
+        self.heap_max = HEAP_SIZE;
+        for n in 0..elems {
+            if tree.freq[n] != 0 {
+                self.heap_len += 1;
+                self.heap[self.heap_len] = n;
+                max_code = n as i32;
+                self.depth[n] = 0;
+            } else {
+                tree.len[n] = 0;
+            }
+        }
+        // At least two codes of non-zero frequency.
+        while self.heap_len < 2 {
+            let node = if max_code < 2 {
+                max_code += 1;
+                max_code as usize
+            } else {
+                0
+            };
+            self.heap_len += 1;
+            self.heap[self.heap_len] = node;
+            tree.freq[node] = 1;
+            self.depth[node] = 0;
+            self.opt_len = self.opt_len.wrapping_sub(1);
+            if let Some(slen) = kind.static_len(node, &self.statics) {
+                self.static_len = self.static_len.wrapping_sub(slen);
+            }
+        }
+        tree.max_code = max_code;
+        for n in (1..=self.heap_len / 2).rev() {
+            self.pqdownheap(tree, n);
+        }
+        let mut node = elems;
+        loop {
+            // pqremove
+            let n = self.heap[1];
+            self.heap[1] = self.heap[self.heap_len];
+            self.heap_len -= 1;
+            self.pqdownheap(tree, 1);
+            let m = self.heap[1];
+            self.heap_max -= 1;
+            self.heap[self.heap_max] = n;
+            self.heap_max -= 1;
+            self.heap[self.heap_max] = m;
+            tree.freq[node] = tree.freq[n] + tree.freq[m];
+            self.depth[node] = self.depth[n].max(self.depth[m]) + 1;
+            tree.dad[n] = node as u16;
+            tree.dad[m] = node as u16;
+            self.heap[1] = node;
+            node += 1;
+            self.pqdownheap(tree, 1);
+            if self.heap_len < 2 {
+                break;
+            }
+        }
+        self.heap_max -= 1;
+        self.heap[self.heap_max] = self.heap[1];
+        self.gen_bitlen(tree, kind);
+        tree.code = gen_codes(&tree.len, max_code.max(0) as usize, &self.bl_count);
+    }
+
+    fn gen_bitlen(&mut self, tree: &mut Tree, kind: TreeKind) {
+        let max_code = tree.max_code;
+        let max_length = kind.max_length();
+        let mut overflow = 0i32;
+        self.bl_count = [0; MAX_BITS + 1];
+        tree.len[self.heap[self.heap_max]] = 0;
+        let mut h = self.heap_max + 1;
+        while h < HEAP_SIZE {
+            let n = self.heap[h];
+            let mut bits = usize::from(tree.len[usize::from(tree.dad[n])]) + 1;
+            if bits > max_length {
+                bits = max_length;
+                overflow += 1;
+            }
+            tree.len[n] = bits as u16;
+            h += 1;
+            if n as i32 > max_code {
+                continue;
+            }
+            self.bl_count[bits] += 1;
+            let xbits = kind.extra_bits(n);
+            let f = u64::from(tree.freq[n]);
+            self.opt_len = self.opt_len.wrapping_add(f * (bits + xbits) as u64);
+            if let Some(slen) = kind.static_len(n, &self.statics) {
+                self.static_len = self.static_len.wrapping_add(f * (slen + xbits as u64));
+            }
+        }
+        if overflow == 0 {
+            return;
+        }
+        loop {
+            let mut bits = max_length - 1;
+            while self.bl_count[bits] == 0 {
+                bits -= 1;
+            }
+            self.bl_count[bits] -= 1;
+            self.bl_count[bits + 1] += 2;
+            self.bl_count[max_length] -= 1;
+            overflow -= 2;
+            if overflow <= 0 {
+                break;
+            }
+        }
+        let mut h = HEAP_SIZE;
+        for bits in (1..=max_length).rev() {
+            let mut n = self.bl_count[bits];
+            while n != 0 {
+                h -= 1;
+                let m = self.heap[h];
+                if m as i32 > max_code {
+                    continue;
+                }
+                if usize::from(tree.len[m]) != bits {
+                    self.opt_len = self.opt_len.wrapping_add(
+                        (bits as u64).wrapping_sub(u64::from(tree.len[m])).wrapping_mul(u64::from(tree.freq[m])),
+                    );
+                    tree.len[m] = bits as u16;
+                }
+                n -= 1;
+            }
+        }
+    }
+
+    /// `scan_tree`: bit-length code frequencies for a tree's lengths.
+    fn scan_tree(&mut self, tree: &mut Tree) {
+        let max_code = tree.max_code;
+        let mut prevlen: i32 = -1;
+        let mut nextlen = i32::from(tree.len[0]);
+        let mut count = 0;
+        let (mut max_count, mut min_count) = if nextlen == 0 { (138, 3) } else { (7, 4) };
+        tree.len[(max_code + 1) as usize] = 0xffff;
+        for n in 0..=max_code {
+            let curlen = nextlen;
+            nextlen = i32::from(tree.len[(n + 1) as usize]);
+            count += 1;
+            if count < max_count && curlen == nextlen {
+                continue;
+            } else if count < min_count {
+                self.bltree.freq[curlen as usize] += count as u32;
+            } else if curlen != 0 {
+                if curlen != prevlen {
+                    self.bltree.freq[curlen as usize] += 1;
+                }
+                self.bltree.freq[REP_3_6] += 1;
+            } else if count <= 10 {
+                self.bltree.freq[REPZ_3_10] += 1;
+            } else {
+                self.bltree.freq[REPZ_11_138] += 1;
+            }
+            count = 0;
+            prevlen = curlen;
+            (max_count, min_count) = if nextlen == 0 {
+                (138, 3)
+            } else if curlen == nextlen {
+                (6, 3)
+            } else {
+                (7, 4)
+            };
+        }
+    }
+
+    fn build_bl_tree(&mut self, ltree: &mut Tree, dtree: &mut Tree) -> usize {
+        self.scan_tree(ltree);
+        self.scan_tree(dtree);
+        let mut bltree = std::mem::replace(&mut self.bltree, Tree::new(0));
+        self.build_tree(&mut bltree, TreeKind::BitLength);
+        self.bltree = bltree;
+        let mut max_blindex = BL_CODES - 1;
+        while max_blindex >= 3 {
+            if self.bltree.len[BL_ORDER[max_blindex]] != 0 {
+                break;
+            }
+            max_blindex -= 1;
+        }
+        self.opt_len = self.opt_len.wrapping_add(3 * (max_blindex as u64 + 1) + 5 + 5 + 4);
+        max_blindex
+    }
+
+    fn send_bl_code(&mut self, c: usize) {
+        self.bits.write_bits(u64::from(self.bltree.code[c]), u32::from(self.bltree.len[c]));
+    }
+
+    fn send_tree(&mut self, tree: &Tree, max_code: usize) {
+        let mut prevlen: i32 = -1;
+        let mut nextlen = i32::from(tree.len[0]);
+        let mut count = 0;
+        let (mut max_count, mut min_count) = if nextlen == 0 { (138, 3) } else { (7, 4) };
+        for n in 0..=max_code {
+            let curlen = nextlen;
+            nextlen = i32::from(tree.len[n + 1]);
+            count += 1;
+            if count < max_count && curlen == nextlen {
+                continue;
+            } else if count < min_count {
+                while count != 0 {
+                    self.send_bl_code(curlen as usize);
+                    count -= 1;
+                }
+            } else if curlen != 0 {
+                if curlen != prevlen {
+                    self.send_bl_code(curlen as usize);
+                    count -= 1;
+                }
+                self.send_bl_code(REP_3_6);
+                self.bits.write_bits((count - 3) as u64, 2);
+            } else if count <= 10 {
+                self.send_bl_code(REPZ_3_10);
+                self.bits.write_bits((count - 3) as u64, 3);
+            } else {
+                self.send_bl_code(REPZ_11_138);
+                self.bits.write_bits((count - 11) as u64, 7);
+            }
+            count = 0;
+            prevlen = curlen;
+            (max_count, min_count) = if nextlen == 0 {
+                (138, 3)
+            } else if curlen == nextlen {
+                (6, 3)
+            } else {
+                (7, 4)
+            };
+        }
+    }
+
+    fn send_all_trees(&mut self, ltree: &Tree, dtree: &Tree, lcodes: usize, dcodes: usize, blcodes: usize) {
+        self.bits.write_bits((lcodes - 257) as u64, 5);
+        self.bits.write_bits((dcodes - 1) as u64, 5);
+        self.bits.write_bits((blcodes - 4) as u64, 4);
+        for &sym in &BL_ORDER[..blcodes] {
+            self.bits.write_bits(u64::from(self.bltree.len[sym]), 3);
+        }
+        self.send_tree(ltree, lcodes - 1);
+        self.send_tree(dtree, dcodes - 1);
+    }
+}
+
+/// Which of zlib's three trees, for its static description (`static_tree_desc`).
+#[derive(Clone, Copy, Debug)]
+enum TreeKind {
+    Literal,
+    Distance,
+    BitLength,
+}
+
+impl TreeKind {
+    fn elems(self) -> usize {
+        match self {
+            TreeKind::Literal => L_CODES,
+            TreeKind::Distance => D_CODES,
+            TreeKind::BitLength => BL_CODES,
+        }
+    }
+    fn max_length(self) -> usize {
+        match self {
+            TreeKind::BitLength => MAX_BL_BITS,
+            _ => MAX_BITS,
+        }
+    }
+    fn extra_bits(self, n: usize) -> usize {
+        match self {
+            TreeKind::Literal if n > LITERALS => usize::from(EXTRA_LBITS[n - LITERALS - 1]),
+            TreeKind::Literal => 0,
+            TreeKind::Distance => usize::from(EXTRA_DBITS[n]),
+            TreeKind::BitLength => usize::from(EXTRA_BLBITS[n]),
+        }
+    }
+    fn static_len(self, n: usize, statics: &StaticTrees) -> Option<u64> {
+        match self {
+            TreeKind::Literal => Some(u64::from(statics.llen[n])),
+            TreeKind::Distance => Some(5),
+            TreeKind::BitLength => None,
+        }
+    }
+}
+
+/// `compress_block`: the block's symbols with the given trees, then end-of-block.
+fn compress_block(bits: &mut BitWriter, syms: &[(u16, u8)], lcode: &[u16], llen: &[u16], dcode: &[u16], dlen: &[u16]) {
+    let send = |code: u16, len: u16, bits: &mut BitWriter| bits.write_bits(u64::from(code), u32::from(len));
+    for &(dist, lc) in syms {
+        if dist == 0 {
+            send(lcode[usize::from(lc)], llen[usize::from(lc)], bits);
+            continue;
+        }
+        let lc = usize::from(lc);
+        let code = length_code(lc);
+        send(lcode[code + LITERALS + 1], llen[code + LITERALS + 1], bits);
+        let extra = u32::from(EXTRA_LBITS[code]);
+        if extra != 0 {
+            bits.write_bits((lc as u32 - BASE_LENGTH[code]) as u64, extra);
+        }
+        let dist = usize::from(dist) - 1;
+        let code = d_code(dist);
+        send(dcode[code], dlen[code], bits);
+        let extra = u32::from(EXTRA_DBITS[code]);
+        if extra != 0 {
+            bits.write_bits((dist as u32 - BASE_DIST[code]) as u64, extra);
+        }
+    }
+    send(lcode[END_BLOCK], llen[END_BLOCK], bits);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn deflate(data: &[u8], level: u8) -> Vec<u8> {
+        let mut d = Deflater::new(level);
+        for chunk in data.chunks(10_000) {
+            d.write(chunk);
+        }
+        d.finish();
+        d.take_output()
+    }
+
+    #[test]
+    fn code_tables_match_zlib() {
+        assert_eq!(
+            (length_code(0), length_code(8), length_code(9), length_code(254), length_code(255)),
+            (0, 8, 8, 27, 28)
+        );
+        assert_eq!(
+            (d_code(0), d_code(4), d_code(5), d_code(6), d_code(255), d_code(256), d_code(32767)),
+            (0, 4, 4, 5, 15, 16, 29)
+        );
+        assert_eq!(d_code(24576), 29);
+        assert_eq!(d_code(24575), 28);
+    }
+
+    #[test]
+    fn empty_input_is_zlibs_empty_stream() {
+        // zlib's Z_FINISH on nothing: one final fixed block holding only end-of-block.
+        assert_eq!(deflate(b"", 6), vec![0x03, 0x00]);
+    }
+
+    #[test]
+    fn every_level_round_trips() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 28) as u8 + b'a').collect();
+        for level in 1..=9 {
+            for len in [1, 2, 3, 300, 70_000, 200_000] {
+                let mut out = Vec::new();
+                flate2::read::DeflateDecoder::new(&deflate(&data[..len], level)[..]).read_to_end(&mut out).unwrap();
+                assert_eq!(out, &data[..len], "level {level} len {len}");
+            }
+        }
+    }
+}
