@@ -6,6 +6,11 @@
 //! Each measured call is the whole operation, from the OCI layouts on disk to the written
 //! delta or rebuilt image (unpacking, matching, encoding, packaging, verifying).
 //!
+//! A third group measures the gzip encoders on the synthetic target's tar: the applier's
+//! exact re-encoders (one per encoder family it reproduces) beside flate2's fast level, which
+//! is what `--fidelity content` recompression uses. The synthetic layers are written by the
+//! Go 1.19 encoder port, as docker would, so the engine groups rebuild them bit for bit.
+//!
 //! `cargo bench --bench engine` (a few minutes on 2 cores).
 
 use std::collections::BTreeMap;
@@ -17,6 +22,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Crit
 use criterion::measurement::WallTime;
 use fleetdelta::image::manifest::{BlobRef, OCI_CONFIG, OCI_MANIFEST};
 use fleetdelta::image::{Layout, LayoutWriter};
+use fleetdelta::diff::Fidelity;
+use fleetdelta::layer::exact::{Descriptor, Encoder, GoRelease, GzipHeader};
 use fleetdelta::layer::Compression;
 use fleetdelta::{apply, diff, ApplyOptions, Digest, DiffOptions, ImageRef, Level, Silent};
 use serde_json::json;
@@ -146,15 +153,18 @@ fn layer_tar(tree: &Tree) -> Vec<u8> {
     b.into_inner().expect("tar in memory")
 }
 
+/// Go 1.19's `compress/gzip` at its default level, as docker writes layers.
+fn go_gzip() -> Descriptor {
+    Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_19 }, header: GzipHeader::go_stdlib_default() }
+}
+
 /// Writes an image of the given layer tars, gzip-compressed, as the `latest` tag of `dir`.
 fn write_image(dir: &Path, layers: &[Vec<u8>]) {
     let w = LayoutWriter::create(dir).unwrap();
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     for tar in layers {
-        let mut e = Compression::Gzip.encoder(Vec::new()).unwrap();
-        e.write_all(tar).unwrap();
-        let (d, n) = w.put_blob(&e.finish().unwrap()).unwrap();
+        let (d, n) = w.put_blob(&go_gzip().encode_to_vec(tar).unwrap()).unwrap();
         descriptors.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": n}));
         diff_ids.push(Digest::of(tar).to_string());
     }
@@ -191,6 +201,8 @@ struct Pair {
     source: PathBuf,
     target: PathBuf,
     delta: PathBuf,
+    /// The same delta at `--fidelity content`: layers recompressed by flate2, not re-encoded.
+    content_delta: PathBuf,
     target_bytes: u64,
 }
 
@@ -198,6 +210,9 @@ impl Pair {
     fn new(name: &str, work: TempDir, source: PathBuf, target: PathBuf) -> Pair {
         let delta = work.path().join("delta");
         let report = diff(&oci(&source), &oci(&target), &oci(&delta), &DiffOptions::default(), &Silent).unwrap();
+        let content_delta = work.path().join("delta-content");
+        let content_options = DiffOptions { fidelity: Fidelity::Content, ..DiffOptions::default() };
+        diff(&oci(&source), &oci(&target), &oci(&content_delta), &content_options, &Silent).unwrap();
         let target_bytes = uncompressed_layer_bytes(&target);
         eprintln!(
             "{name}: target layers {:.2} MiB uncompressed; delta {} bytes, full pull {} bytes ({:.1}%)",
@@ -206,7 +221,7 @@ impl Pair {
             report.full_pull_bytes,
             100.0 * report.delta_bytes as f64 / report.full_pull_bytes as f64
         );
-        Pair { work, source, target, delta, target_bytes }
+        Pair { work, source, target, delta, content_delta, target_bytes }
     }
 
     /// A new empty directory for one measured call's output, removed (untimed) afterwards.
@@ -261,16 +276,52 @@ fn bench_diff(c: &mut Criterion, name: &str, pair: &Pair, levels: &[Level]) {
 fn bench_apply(c: &mut Criterion, name: &str, pair: &Pair) {
     let mut group = c.benchmark_group(format!("apply/{name}"));
     configure(&mut group, pair.target_bytes);
-    group.bench_function("default", |b| {
-        b.iter_batched(
-            || pair.output_dir(),
-            |out| {
-                apply(&oci(&pair.source), &oci(&pair.delta), &oci(out.path()), &ApplyOptions::default(), &Silent).unwrap();
-                out
-            },
-            BatchSize::PerIteration,
-        )
+    for (variant, delta) in [("default", &pair.delta), ("content", &pair.content_delta)] {
+        group.bench_function(variant, |b| {
+            b.iter_batched(
+                || pair.output_dir(),
+                |out| {
+                    apply(&oci(&pair.source), &oci(delta), &oci(out.path()), &ApplyOptions::default(), &Silent).unwrap();
+                    out
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+/// The uncompressed tar of the target's last layer.
+fn last_layer_tar(dir: &Path) -> Vec<u8> {
+    let layout = Layout::open(dir).unwrap();
+    let image = layout.load_image(None).unwrap();
+    let layer = image.layers.last().unwrap();
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut layer.compression.decoder(std::fs::File::open(layout.blob_path(&layer.blob.digest)).unwrap()).unwrap(), &mut tar).unwrap();
+    tar
+}
+
+fn bench_encoders(c: &mut Criterion, pair: &Pair) {
+    let tar = last_layer_tar(&pair.target);
+    let mut group = c.benchmark_group("encode");
+    configure(&mut group, tar.len() as u64);
+    group.bench_function("flate2-fast", |b| {
+        b.iter(|| {
+            let mut e = Compression::Gzip.encoder(Vec::with_capacity(tar.len() / 2)).unwrap();
+            e.write_all(&tar).unwrap();
+            e.finish().unwrap()
+        })
     });
+    let encoders = [
+        ("pgzip-256k", Encoder::Pgzip { block_size: 256 << 10 }, GzipHeader::klauspost_default()),
+        ("klauspost-gzip", Encoder::KlauspostGzip, GzipHeader::klauspost_default()),
+        ("go1.19-gzip", Encoder::GoGzip { release: GoRelease::Go1_19 }, GzipHeader::go_stdlib_default()),
+        ("zlib-6", Encoder::Zlib { level: 6 }, GzipHeader::plain(0, 0, 3)),
+    ];
+    for (name, encoder, header) in encoders {
+        let descriptor = Descriptor { encoder, header };
+        group.bench_function(name, |b| b.iter(|| descriptor.encode_to_vec(&tar).unwrap()));
+    }
     group.finish();
 }
 
@@ -278,6 +329,7 @@ fn engine(c: &mut Criterion) {
     let pair = synthetic();
     bench_diff(c, "synthetic", &pair, &[Level::Fast, Level::Default]);
     bench_apply(c, "synthetic", &pair);
+    bench_encoders(c, &pair);
     let pair = sample();
     bench_diff(c, "sample", &pair, &[Level::Default]);
     bench_apply(c, "sample", &pair);
