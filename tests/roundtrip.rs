@@ -255,3 +255,40 @@ fn docker_schema2_images_round_trip_and_keep_their_media_types() {
     assert_eq!(image.manifest.media_type, fleetdelta::image::manifest::DOCKER_MANIFEST);
     assert!(image.layers.iter().all(|l| l.blob.media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip"));
 }
+
+#[test]
+fn a_layer_only_recompressed_is_re_encoded_exactly_or_carried_whole() {
+    use fleetdelta::diff::Fidelity;
+    use fleetdelta::format::plan::Encoding;
+    let dir = tempfile::tempdir().unwrap();
+    let tree: Tree = (0..30).map(|i| (format!("lib/{i}.so"), file(text(i, 20_000)))).collect();
+    let tars = [layer_tar(&tree)];
+    let (zstd, gzip) = (dir.path().join("zstd"), dir.path().join("gzip"));
+    // zstd at level 19: not what the applier's own zstd (level 3) would write.
+    write_image_with(&zstd, "latest", &tars, Compression::Zstd, false, |tar| zstd::encode_all(tar, 19).unwrap());
+    write_image(&gzip, "latest", &tars, Compression::Gzip);
+
+    // zstd -> Go gzip: the same tar, re-encoded exactly: nothing but the plan to download.
+    let d = dir.path().join("d1");
+    diff(&oci(&zstd), &oci(&gzip), &oci(&d), &DiffOptions::default(), &Silent).unwrap();
+    let i = info(&oci(&d)).unwrap();
+    assert_eq!(i.layers[0].method, Method::Source);
+    assert!(matches!(i.layers[0].encoding, Some(Encoding::Exact { .. })), "{:?}", i.layers[0].encoding);
+    let o = dir.path().join("o1");
+    let report = apply(&oci(&zstd), &oci(&d), &oci(&o), &ApplyOptions::default(), &Silent).unwrap();
+    assert!(report.identical(), "the rebuilt image has the target's manifest digest");
+
+    // Go gzip -> zstd: no encoder reproduces the zstd blob. Exact fidelity carries it whole;
+    // content fidelity recompresses it and says the digest will differ.
+    for (fidelity, keeps_digest) in [(Fidelity::Exact, true), (Fidelity::Content, false)] {
+        let d = dir.path().join(format!("d-{fidelity:?}"));
+        diff(&oci(&gzip), &oci(&zstd), &oci(&d), &DiffOptions { fidelity, ..Default::default() }, &Silent).unwrap();
+        let i = info(&oci(&d)).unwrap();
+        let expected = if keeps_digest { Method::Blob } else { Method::Source };
+        assert_eq!(i.layers[0].method, expected, "{fidelity:?}");
+        let o = dir.path().join(format!("o-{fidelity:?}"));
+        let report = apply(&oci(&gzip), &oci(&d), &oci(&o), &ApplyOptions::default(), &Silent).unwrap();
+        assert_eq!(report.identical(), keeps_digest, "{fidelity:?}");
+        assert_same_image(&zstd, &o);
+    }
+}

@@ -119,6 +119,12 @@ pub fn write_image(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Compr
 /// Like [`write_image`], as a Docker schema 2 image (manifest, config and layer media types)
 /// when `docker` is set.
 pub fn write_image_as(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Compression, docker: bool) -> Digest {
+    write_image_with(dir, tag, layers, compression, docker, |tar| compress(compression, tar))
+}
+
+/// Like [`write_image_as`], with the layer blobs made by `encode` (which must produce
+/// `compression`'s format).
+pub fn write_image_with(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Compression, docker: bool, encode: impl Fn(&[u8]) -> Vec<u8>) -> Digest {
     let family = if docker { "application/vnd.docker.image.rootfs.diff.tar" } else { "application/vnd.oci.image.layer.v1.tar" };
     let (manifest_type, config_type) = if docker {
         (fleetdelta::image::manifest::DOCKER_MANIFEST, fleetdelta::image::manifest::DOCKER_CONFIG)
@@ -129,7 +135,7 @@ pub fn write_image_as(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Co
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     for tar in layers {
-        let blob = compress(compression, tar);
+        let blob = encode(tar);
         let (d, n) = w.put_blob(&blob).unwrap();
         descriptors.push(json!({"mediaType": compression.media_type_like(family), "digest": d.to_string(), "size": n}));
         diff_ids.push(Digest::of(tar).to_string());
