@@ -353,7 +353,8 @@ fn edit_plan(delta: &Path, edit: impl FnOnce(&mut Value)) {
 #[test]
 fn a_lying_encoder_descriptor_is_caught_by_the_blob_digest_and_nothing_is_written() {
     let sample_v1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sample/v1");
-    let cases: [(&str, fn(&mut Value)); 4] = [
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit); 4] = [
         ("block size", |p| p["layers"][1]["encoding"]["descriptor"]["encoder"]["block_size"] = Value::from(131072)),
         ("header mtime", |p| p["layers"][1]["encoding"]["descriptor"]["header"]["mtime"] = Value::from(1)),
         ("undeclared feature", |p| p["features"] = Value::from(Vec::<String>::new())),
