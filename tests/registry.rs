@@ -89,6 +89,7 @@ fn deltas_go_through_a_real_registry_diff_apply_and_pull() {
     ])));
     assert_eq!(pulled["method"]["kind"], "delta", "{pulled}");
     assert_eq!(pulled["method"]["manifest"], delta_digest.as_str());
+    assert_eq!(pulled["writtenManifest"], pulled["targetManifest"], "bit-exact: the device holds the registry's image");
     let (received, missing) = (pulled["received"].as_u64().unwrap(), pulled["missingLayersBytes"].as_u64().unwrap());
     assert!(received * 4 < missing, "the delta ({received} B) should be far smaller than the missing layers ({missing} B)");
     assert_same_tagged_image(&sample("v2"), None, &device, Some("v2"));
