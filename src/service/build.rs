@@ -114,6 +114,12 @@ pub async fn produce(ctx: &BuildContext, job: &Job) -> Result<Built> {
     let slot = ctx.slots.acquire().await;
     ctx.metrics.queued(false);
     let _slot = slot.map_err(|_| Error::unsupported("build", "the service is shutting down"))?;
+    // Another instance may have pushed it while this build waited for a slot.
+    if let Some(found) = find_delta(&ctx.client, &job.target, key).await? {
+        ctx.metrics.delta_found();
+        tracing::info!(source_config = %key.source_config, target = %key.target_manifest, delta = %found.manifest, "delta found in the registry after waiting for a slot");
+        return built_from(found);
+    }
     ctx.metrics.build_started();
     let started = Instant::now();
     tracing::info!(source_config = %key.source_config, target = %key.target_manifest, "build started");
