@@ -194,6 +194,25 @@ pub async fn find_in_repository(client: &Client, target: &RegistryRef, key: &Del
     Ok(best)
 }
 
+/// The delta of `key` under its tag [`delta_tag`] in `target`'s repository, annotations
+/// checked. Finds a delta whose referrers entry was lost (a pusher that lost the race on the
+/// referrers fallback tag, or one stopped between pushing the manifest and listing it).
+pub async fn find_by_tag(client: &Client, target: &RegistryRef, key: &DeltaKey) -> Result<Option<StoredDelta>> {
+    let tagged = target.with_tag(&delta_tag(key));
+    let fetched = match client.get_image_manifest(&tagged).await {
+        Ok(m) => m,
+        Err(Error::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let what = format!("delta {tagged}");
+    if !annotations_match(&manifest_annotations(&fetched.raw, &what)?, key) {
+        return Ok(None);
+    }
+    let manifest = Manifest::parse(fetched.raw.clone(), Some(&fetched.media_type))?;
+    let download = fetched.raw.len() as u64 + manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
+    Ok(Some(StoredDelta { reference: ImageRef::Registry(target.with_digest(fetched.digest)), manifest: fetched.digest, download }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -113,6 +113,14 @@ pub enum Error {
         /// The last failure, with how many attempts were made.
         reason: String,
     },
+    /// The builder service answered with an error, or could not be reached.
+    #[error("builder service {url}: {reason}")]
+    Service {
+        /// The service's URL.
+        url: String,
+        /// What went wrong, with the service's own reason when it gave one.
+        reason: String,
+    },
     /// A path in a tar archive that would escape the extraction root.
     #[error("{what}: unsafe path {path:?} (absolute or containing '..')")]
     UnsafePath {

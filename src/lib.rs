@@ -16,6 +16,7 @@ pub mod pull;
 pub mod registry;
 pub mod release;
 pub mod release_update;
+pub mod service;
 pub mod transfer;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};

@@ -3,6 +3,13 @@
 //! are looked up among the target's referrers; the cheapest one made from the device's image
 //! is applied. Without one, only the layers the device lacks are downloaded, unless the
 //! operator forbids full downloads (metered links), in which case the pull fails and says so.
+//!
+//! With a builder service ([`PullOptions::service`]), the device first asks it for the delta
+//! from the image it has, waiting politely while it is built (up to a bound); a service that
+//! fails, is unreachable or is still building when the wait ends leaves the referrers lookup
+//! and the rules above.
+
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -14,6 +21,8 @@ use crate::image::manifest::{Manifest, MAX_JSON_BYTES};
 use crate::image::{load_image, Image, ImageRef, Layout, LayoutWriter};
 use crate::progress::Progress;
 use crate::registry::RegistryRef;
+use crate::service::api::DeltaRequest;
+use crate::service::client::{ServiceClient, WaitOutcome};
 use crate::transfer::{fetch_image, FetchReport, Transfer};
 
 /// Options of [`pull`].
@@ -26,6 +35,17 @@ pub struct PullOptions {
     pub delta: Option<RegistryRef>,
     /// How the delta is applied (its `expect_target` is set to the target's digest).
     pub apply: ApplyOptions,
+    /// Ask this builder service for the delta first.
+    pub service: Option<ServiceOptions>,
+}
+
+/// The builder service a device asks for its deltas.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// Its URL, `http://HOST:PORT`.
+    pub url: String,
+    /// The longest the device waits for a delta being built.
+    pub max_wait: Duration,
 }
 
 /// How the image got there.
@@ -65,6 +85,9 @@ pub struct PullReport {
     pub written_manifest: Digest,
     /// The rebuild, when a delta was applied.
     pub apply: Option<ApplyReport>,
+    /// What the builder service said, when one was asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// A delta that rebuilds the target from the device's image.
@@ -96,6 +119,7 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
         missing_layers_bytes,
         written_manifest: fetched.digest,
         apply: None,
+        service: None,
     };
 
     // The config digest is the image's identity: a device whose store recompressed the
@@ -112,16 +136,32 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
         (None, _) => None,
         (Some(_), Some(delta)) => Some(describe_delta(transfer, delta, &mut report.received)?),
         (Some((_, image)), None) => {
-            let key = DeltaKey { source_config: image.config.digest, target_manifest: fetched.digest };
-            transfer.block_on(find_in_repository(transfer.client(), target, &key))?.and_then(|d| match d.reference {
-                ImageRef::Registry(reference) => Some(Candidate { reference, manifest: d.manifest, download: d.download }),
-                ImageRef::Layout { .. } => None,
-            })
+            let from_service = match &options.service {
+                Some(service) => {
+                    let (candidate, note) = ask_service(transfer, service, target, &fetched.digest, image);
+                    report.service = Some(note);
+                    candidate
+                }
+                None => None,
+            };
+            match from_service {
+                Some(c) => Some(c),
+                None => {
+                    let key = DeltaKey { source_config: image.config.digest, target_manifest: fetched.digest };
+                    transfer.block_on(find_in_repository(transfer.client(), target, &key))?.and_then(|d| match d.reference {
+                        ImageRef::Registry(reference) => Some(Candidate { reference, manifest: d.manifest, download: d.download }),
+                        ImageRef::Layout { .. } => None,
+                    })
+                }
+            }
         }
     };
     let reason = match (&candidate, from) {
         (_, None) => "no local image to start from".to_string(),
-        (None, Some(_)) => format!("no delta in {}/{} rebuilds {} from the local image", target.registry, target.repository, fetched.digest),
+        (None, Some(_)) => match &report.service {
+            Some(note) => format!("no delta in {}/{} rebuilds {} from the local image (service: {note})", target.registry, target.repository, fetched.digest),
+            None => format!("no delta in {}/{} rebuilds {} from the local image", target.registry, target.repository, fetched.digest),
+        },
         (Some(c), Some(_)) if options.allow_full && options.delta.is_none() && c.download > missing_layers_bytes => {
             format!("the delta ({} bytes) costs more than the missing layers ({missing_layers_bytes} bytes)", c.download)
         }
@@ -152,6 +192,32 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
     report.written_manifest = manifest.digest;
     report.method = PullMethod::Full { reason };
     Ok(report)
+}
+
+/// Asks the builder service for the delta from `image` (the device's) to the target, waiting
+/// as the options allow. Returns the delta when the service has it, and what it said.
+fn ask_service(transfer: &Transfer, service: &ServiceOptions, target: &RegistryRef, target_manifest: &Digest, image: &Image) -> (Option<Candidate>, String) {
+    // The device's manifest digest is the registry's when it pulled the image whole; after a
+    // delta its layers may be recompressed, and the config digest is what identifies it.
+    let request = DeltaRequest {
+        target: format!("docker://{}", target.with_digest(*target_manifest).without_tag()),
+        source: Some(format!("docker://{}", target.with_digest(image.manifest.digest).without_tag())),
+        source_config: Some(image.config.digest),
+    };
+    let outcome = ServiceClient::new(&service.url).and_then(|client| transfer.block_on(client.wait_for_delta(&request, service.max_wait)));
+    match outcome {
+        Ok(WaitOutcome::Ready(delta)) => {
+            let parsed = match ImageRef::parse(&delta.reference) {
+                Ok(ImageRef::Registry(r)) if r.digest == Some(delta.manifest) => r,
+                _ => return (None, format!("answered an unusable delta reference {:?}", delta.reference)),
+            };
+            let note = format!("delta {} ready ({} bytes)", delta.reference, delta.download_bytes);
+            (Some(Candidate { reference: parsed, manifest: delta.manifest, download: delta.download_bytes }), note)
+        }
+        Ok(WaitOutcome::Failed(reason)) => (None, format!("could not build the delta: {reason}")),
+        Ok(WaitOutcome::TimedOut { waited }) => (None, format!("still building after {:.0} s", waited.as_secs_f64())),
+        Err(e) => (None, e.to_string()),
+    }
 }
 
 /// Reads a delta's manifest to learn what downloading it costs.

@@ -7,6 +7,7 @@ mod info_cmd;
 mod progress;
 mod pull_cmd;
 mod release_update_cmd;
+mod serve_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,11 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Registry attempts after the first, unless `--retries` says otherwise.
+const DEFAULT_RETRIES: u32 = 6;
+/// Seconds without a byte before a registry attempt fails, unless `--idle-timeout` says.
+const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 30;
+
 /// How registries (`docker://` references) are reached.
 #[derive(Debug, clap::Args)]
 pub struct RegistryArgs {
@@ -42,12 +48,12 @@ pub struct RegistryArgs {
     /// USER:PASSWORD for every registry.
     #[arg(long, value_name = "USER:PASSWORD", global = true, env = "FLEETDELTA_CREDS", hide_env_values = true)]
     pub creds: Option<String>,
-    /// Attempts after the first on network errors, 429 and 5xx.
-    #[arg(long, default_value_t = 6, global = true)]
-    pub retries: u32,
-    /// Seconds without receiving a byte before an attempt counts as failed.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, global = true)]
-    pub idle_timeout: u64,
+    /// Attempts after the first on network errors, 429 and 5xx [default: 6].
+    #[arg(long, global = true)]
+    pub retries: Option<u32>,
+    /// Seconds without receiving a byte before an attempt counts as failed [default: 30].
+    #[arg(long, value_name = "SECONDS", global = true)]
+    pub idle_timeout: Option<u64>,
 }
 
 impl RegistryArgs {
@@ -62,8 +68,8 @@ impl RegistryArgs {
         let options = ClientOptions {
             credentials,
             insecure: self.insecure.clone(),
-            retries: self.retries,
-            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+            retries: self.retries.unwrap_or(DEFAULT_RETRIES),
+            idle_timeout: Duration::from_secs(self.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECONDS).max(1)),
             ..ClientOptions::default()
         };
         let options = match architecture {
@@ -173,6 +179,12 @@ pub enum Command {
         /// Never download whole layers: fail when there is no usable delta (metered links).
         #[arg(long)]
         no_full_download: bool,
+        /// Ask this builder service (http://HOST:PORT) for the delta, and wait while it is built.
+        #[arg(long, value_name = "URL", env = "FLEETDELTA_SERVICE")]
+        service: Option<String>,
+        /// Longest wait, in seconds, for the service to build the delta.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300.0, requires = "service")]
+        service_wait: f64,
         /// How to store rebuilt layers.
         #[arg(long, value_enum, default_value = "original")]
         layers: LayersArg,
@@ -222,6 +234,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the builder service: deltas built once per image pair, ahead of the fleet, served
+    /// over HTTP (docs/api.md). Stops on SIGTERM or ctrl-c.
+    Serve(serve_cmd::ServeArgs),
     /// Show what a delta holds, per target layer.
     Info {
         /// The delta image.
@@ -247,9 +262,11 @@ pub fn run() -> anyhow::Result<ExitCode> {
             apply_cmd::run(&transfer()?, layers, expect_target.as_deref(), max_layer_size, jobs, json, &source, &delta, &output, progress)
         }
         Command::Copy { json, source, destination } => copy_cmd::run(&transfer()?, json, &source, &destination, progress),
-        Command::Pull { from, delta, no_full_download, layers, json, target, output } => {
-            pull_cmd::run(&transfer()?, from.as_deref(), delta.as_deref(), !no_full_download, layers, json, &target, &output, progress)
+        Command::Pull { from, delta, no_full_download, service, service_wait, layers, json, target, output } => {
+            let args = pull_cmd::Args { from: from.as_deref(), delta: delta.as_deref(), allow_full: !no_full_download, service: service.as_deref(), service_wait, layers, json };
+            pull_cmd::run(&transfer()?, &args, &target, &output, progress)
         }
+        Command::Serve(args) => serve_cmd::run(registry, &args),
         Command::Info { delta, json } => info_cmd::run(&transfer()?, &delta, json),
         Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, fidelity, json } => {
             let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, fidelity, json };

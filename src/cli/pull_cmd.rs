@@ -1,23 +1,31 @@
 //! `fleetdelta pull`.
 
 use anyhow::{bail, Context};
-use fleetdelta::pull::PullMethod;
+use std::time::Duration;
+
+use fleetdelta::pull::{PullMethod, ServiceOptions};
 use fleetdelta::{pull, ApplyOptions, ImageRef, Progress, PullOptions, Transfer};
 
 use super::{human_bytes, LayersArg};
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    transfer: &Transfer,
-    from: Option<&str>,
-    delta: Option<&str>,
-    allow_full: bool,
-    layers: LayersArg,
-    json: bool,
-    target: &str,
-    output: &str,
-    progress: &dyn Progress,
-) -> anyhow::Result<()> {
+/// The command's flags.
+#[derive(Clone, Copy)]
+pub struct Args<'a> {
+    pub from: Option<&'a str>,
+    pub delta: Option<&'a str>,
+    pub allow_full: bool,
+    pub service: Option<&'a str>,
+    pub service_wait: f64,
+    pub layers: LayersArg,
+    pub json: bool,
+}
+
+pub fn run(transfer: &Transfer, args: &Args, target: &str, output: &str, progress: &dyn Progress) -> anyhow::Result<()> {
+    let Args { from, delta, allow_full, service, service_wait, layers, json } = *args;
+    if !service_wait.is_finite() || !(0.0..=1e7).contains(&service_wait) {
+        bail!("--service-wait must be a number of seconds, not {service_wait}");
+    }
+    let service = service.map(|url| ServiceOptions { url: url.to_string(), max_wait: Duration::from_secs_f64(service_wait) });
     let ImageRef::Registry(target) = ImageRef::parse(target)? else { bail!("the image to pull must be a registry image (docker://...)") };
     let delta = match delta.map(ImageRef::parse).transpose()? {
         None => None,
@@ -26,7 +34,7 @@ pub fn run(
     };
     let from = from.map(ImageRef::parse).transpose()?;
     let output = ImageRef::parse(output)?;
-    let options = PullOptions { allow_full, delta, apply: ApplyOptions { layers: layers.output(), ..ApplyOptions::default() } };
+    let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers: layers.output(), ..ApplyOptions::default() } };
     let report = pull(transfer, from.as_ref(), &target, &output, &options, progress).with_context(|| format!("pull docker://{target}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -43,6 +51,9 @@ pub fn run(
         PullMethod::Full { reason } => {
             println!("downloaded the missing layers of docker://{target} ({}) into {output}: {} received ({reason})", report.target_manifest, human_bytes(report.received))
         }
+    }
+    if let Some(note) = &report.service {
+        println!("  service: {note}");
     }
     if report.written_manifest != report.target_manifest {
         println!("  written manifest {} (layers recompressed; every diff_id and the config verified)", report.written_manifest);

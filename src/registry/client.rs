@@ -311,7 +311,7 @@ fn auth_key(r: &RegistryRef, scopes: &[Scope]) -> String {
 }
 
 /// Loopback hosts need no TLS (docker and containerd treat them the same way).
-fn is_loopback(host: &str) -> bool {
+pub(crate) fn is_loopback(host: &str) -> bool {
     let name = if let Some(rest) = host.strip_prefix('[') { rest.split(']').next().unwrap_or(rest) } else { host.split(':').next().unwrap_or(host) };
     name == "localhost" || name == "::1" || name.parse::<std::net::Ipv4Addr>().is_ok_and(|a| a.is_loopback())
 }

@@ -94,6 +94,11 @@ impl RegistryRef {
     pub fn with_digest(&self, digest: Digest) -> Self {
         RegistryRef { digest: Some(digest), ..self.clone() }
     }
+
+    /// The same image without its tag (a digest names it alone).
+    pub fn without_tag(&self) -> Self {
+        RegistryRef { tag: None, ..self.clone() }
+    }
 }
 
 fn valid_component(c: &str) -> bool {

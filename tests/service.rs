@@ -1,0 +1,527 @@
+//! The builder service (`fleetdelta serve`) end to end: the real binary on loopback, the real
+//! registry (Debian's `docker-registry`), real devices (`fleetdelta pull`).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::registry::Registry;
+use common::{assert_same_tagged_image, file, fleetdelta, layer_tar, run, text, write_image, Tree};
+use fleetdelta::image::Layout;
+use fleetdelta::layer::Compression;
+use fleetdelta::service::metrics::sample;
+use fleetdelta::service::routes::ROUTES;
+use fleetdelta::Digest;
+use serde_json::{json, Value};
+
+/// A running `fleetdelta serve`, stopped (SIGKILL) on drop.
+struct Serve {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Serve {
+    /// Starts the service with `config` (YAML) plus a free loopback port.
+    fn start(home: &Path, config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("serve.yaml");
+        fs::write(&config_path, format!("listen: 127.0.0.1:0\nscratch_dir: {}\n{config}", dir.path().join("scratch").display())).unwrap();
+        let log = dir.path().join("serve.log");
+        let mut child = fd(home)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("FLEETDELTA_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let url = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {first:?}: {}", fs::read_to_string(&log).unwrap_or_default())).to_string();
+        Serve { child, url, log, _dir: dir }
+    }
+
+    /// SIGTERM, then waits for the exit (which must be a success).
+    fn stop(mut self) -> String {
+        run(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "serve exited with {status}: {}", self.log());
+                return self.log();
+            }
+            assert!(Instant::now() < deadline, "serve did not stop: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Peak resident memory of the service process, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fd(home: &Path) -> Command {
+    let mut c = fleetdelta();
+    c.env("HOME", home).env("XDG_CACHE_HOME", home.join("cache")).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE").arg("--quiet");
+    c
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// An answer: status, `Retry-After` seconds, body (JSON, or the text as a JSON string).
+struct Answer {
+    status: u16,
+    retry_after: Option<u64>,
+    body: Value,
+}
+
+async fn send(request: reqwest::RequestBuilder) -> Answer {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().parse().unwrap());
+    let bytes = response.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Answer { status, retry_after, body }
+}
+
+fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> reqwest::RequestBuilder {
+    client.post(url).header("content-type", "application/json").body(serde_json::to_vec(body).unwrap())
+}
+
+async fn ask(client: &reqwest::Client, url: &str, request: &Value) -> Answer {
+    send(post_json(client, &format!("{url}/v1/deltas"), request)).await
+}
+
+/// Asks until the answer is not 202, sleeping as Retry-After says (the device's way).
+async fn ask_until_done(client: &reqwest::Client, url: &str, request: &Value) -> (Answer, u32) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut accepted = 0;
+    loop {
+        let answer = ask(client, url, request).await;
+        if answer.status != 202 {
+            return (answer, accepted);
+        }
+        accepted += 1;
+        assert!(Instant::now() < deadline, "still building after 300 s");
+        tokio::time::sleep(Duration::from_secs(answer.retry_after.expect("202 without Retry-After"))).await;
+    }
+}
+
+fn metrics(url: &str) -> String {
+    runtime().block_on(async { send(http().get(format!("{url}/metrics"))).await.body.as_str().unwrap().to_string() })
+}
+
+fn metric(url: &str, series: &str) -> u64 {
+    let text = metrics(url);
+    sample(&text, series).unwrap_or_else(|| panic!("no {series} in {text}")) as u64
+}
+
+/// A service image: a base layer shared by every version, and an app layer whose files drift
+/// with `version`.
+fn app_image(dir: &Path, tag: &str, service: u64, version: u64, files: u64) {
+    let base: Tree = (0..15).map(|i| (format!("usr/lib/lib{i}.so"), file(text(i, 20_000)))).collect();
+    let app: Tree = (0..files)
+        .map(|i| {
+            let mut data = text(service * 1_000 + i, 16_000);
+            if i % 3 == 0 {
+                data.splice(100..200, text(version * 77 + i, 150));
+            }
+            (format!("srv/{service}/f{i}.txt"), file(data))
+        })
+        .collect();
+    write_image(dir, tag, &[layer_tar(&base), layer_tar(&app)], Compression::Gzip);
+}
+
+/// Pushes `img:tag` to `docker://REG/fleet/NAME:VERSION`; returns the manifest and config digests.
+fn push(home: &Path, img: &Path, tag: &str, reg: &Registry, name: &str, version: &str) -> (Digest, Digest) {
+    run(fd(home).args(["copy", &format!("oci:{}:{tag}", img.display()), &format!("docker://{}/fleet/{name}:{version}", reg.addr)]));
+    let image = Layout::open(img).unwrap().load_image(Some(tag)).unwrap();
+    (image.manifest.digest, image.config.digest)
+}
+
+fn pinned(reg: &Registry, name: &str, digest: &Digest) -> String {
+    format!("docker://{}/fleet/{name}@{digest}", reg.addr)
+}
+
+#[test]
+fn a_delta_is_202_while_building_then_200_applies_bit_identically_and_survives_a_restart() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    app_image(&img, "v1", 1, 1, 60);
+    app_image(&img, "v2", 1, 2, 60);
+    let (m1, _) = push(home, &img, "v1", &reg, "app", "1");
+    let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
+    let config = "retry_after_seconds: 1\nmax_concurrent_builds: 1\n";
+    let serve = Serve::start(home, config);
+    // The source named by manifest digest only: the service resolves its config.
+    let request = json!({"source": pinned(&reg, "app", &m1), "target": pinned(&reg, "app", &m2)});
+
+    let rt = runtime();
+    let client = http();
+    let first = rt.block_on(ask(&client, &serve.url, &request));
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert_eq!(first.body["status"], "building");
+    assert!(first.retry_after.is_some_and(|s| s >= 1));
+    let (done, _) = rt.block_on(ask_until_done(&client, &serve.url, &request));
+    assert_eq!(done.status, 200, "{}", done.body);
+    let delta = done.body["delta"].clone();
+    let reference = delta["reference"].as_str().unwrap().to_string();
+    assert!(reference.starts_with(&format!("docker://{}/fleet/app@sha256:", reg.addr)), "{reference}");
+    assert!(reference.ends_with(delta["manifest"].as_str().unwrap()));
+    assert!(delta["tag"].as_str().unwrap().starts_with("delta-"));
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1);
+    assert!(metric(&serve.url, "fleetdelta_bytes_saved_total") > 0);
+    let again = rt.block_on(ask(&client, &serve.url, &request));
+    assert_eq!((again.status, &again.body["delta"]), (200, &delta));
+
+    // The device applies it: bit-identical layers and config.
+    let device = tmp.path().join("device");
+    run(fd(home).args(["copy", &format!("oci:{}:v1", img.display()), &format!("oci:{}:app", device.display())]));
+    let pulled: Value = serde_json::from_slice(
+        &run(fd(home).args(["pull", "--json", "--no-full-download", "--delta", &reference, "--from", &format!("oci:{}:app", device.display()), &pinned(&reg, "app", &m2), &format!("oci:{}:app-2", device.display())])).stdout,
+    )
+    .unwrap();
+    assert_eq!(pulled["method"]["kind"], "delta", "{pulled}");
+    assert_same_tagged_image(&img, Some("v2"), &device, Some("app-2"));
+
+    // A restarted service finds the delta in the registry: 200 at once, nothing rebuilt.
+    let log = serve.stop();
+    assert!(log.contains("build finished"), "{log}");
+    let serve = Serve::start(home, config);
+    let after = rt.block_on(ask(&client, &serve.url, &json!({"source_config": done.body["source_config"], "source": pinned(&reg, "app", &m1), "target": pinned(&reg, "app", &m2)})));
+    // The lookup runs in the background like a build: the first answer may be 202 for the
+    // time of one registry round trip, never a build.
+    let after = if after.status == 202 { rt.block_on(ask_until_done(&client, &serve.url, &request)).0 } else { after };
+    assert_eq!((after.status, &after.body["delta"]), (200, &delta));
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 0);
+    assert_eq!(metric(&serve.url, "fleetdelta_deltas_found_total"), 1);
+}
+
+#[test]
+fn three_hundred_devices_asking_at_once_cause_one_build_and_three_hundred_answers() {
+    const DEVICES: usize = 300;
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    app_image(&img, "v1", 2, 1, 200);
+    app_image(&img, "v2", 2, 2, 200);
+    let (m1, c1) = push(home, &img, "v1", &reg, "app", "1");
+    let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
+    let serve = Serve::start(home, "retry_after_seconds: 1\nmax_concurrent_builds: 2\n");
+    let request = json!({"source": pinned(&reg, "app", &m1), "source_config": c1, "target": pinned(&reg, "app", &m2)});
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(DEVICES));
+    let started = Instant::now();
+    let answers: Vec<(Answer, u32, Duration)> = rt.block_on(async {
+        let tasks: Vec<_> = (0..DEVICES)
+            .map(|_| {
+                let (barrier, url, request) = (barrier.clone(), serve.url.clone(), request.clone());
+                tokio::spawn(async move {
+                    // One client (one connection) per device.
+                    let client = http();
+                    barrier.wait().await;
+                    let asked = Instant::now();
+                    let (answer, accepted) = ask_until_done(&client, &url, &request).await;
+                    (answer, accepted, asked.elapsed())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let wall = started.elapsed();
+    let references: BTreeSet<String> = answers.iter().map(|(a, _, _)| a.body["delta"]["reference"].as_str().unwrap_or_else(|| panic!("{}: {}", a.status, a.body)).to_string()).collect();
+    assert!(answers.iter().all(|(a, _, _)| a.status == 200));
+    assert_eq!(references.len(), 1, "every device gets the same delta: {references:?}");
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1, "one build for {DEVICES} devices");
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_failed_total"), 0);
+    assert!(metric(&serve.url, "fleetdelta_builds_in_flight_peak") <= 2);
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_in_flight"), 0);
+    let accepted: u64 = answers.iter().map(|(_, n, _)| *n as u64).sum();
+    let requests = metric(&serve.url, "fleetdelta_http_requests_total{route=\"/v1/deltas\",status=\"200\"}");
+    assert_eq!(requests, DEVICES as u64);
+    let mut latencies: Vec<Duration> = answers.iter().map(|(_, _, l)| *l).collect();
+    latencies.sort();
+    eprintln!(
+        "{DEVICES} devices: 1 build, {accepted} answers 202 then {DEVICES} answers 200 in {:.2} s; time to the delta: median {:.2} s, max {:.2} s; service peak RSS {} KiB",
+        wall.as_secs_f64(),
+        latencies[DEVICES / 2].as_secs_f64(),
+        latencies[DEVICES - 1].as_secs_f64(),
+        serve.peak_rss_kib()
+    );
+}
+
+#[test]
+fn a_failing_build_reports_its_reason_and_is_retried_with_growing_backoff() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    app_image(&img, "v2", 3, 2, 10);
+    let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
+    let serve = Serve::start(home, "retry_after_seconds: 1\nretry_initial_seconds: 1\nretry_max_seconds: 30\n");
+    let missing = Digest::of(b"no such image");
+    let request = json!({"source": pinned(&reg, "app", &missing), "source_config": Digest::of(b"no such config"), "target": pinned(&reg, "app", &m2)});
+    let rt = runtime();
+    let client = http();
+
+    let (failed, _) = rt.block_on(ask_until_done(&client, &serve.url, &request));
+    assert_eq!(failed.status, 422, "{}", failed.body);
+    assert_eq!(failed.body["status"], "failed");
+    assert_eq!(failed.body["failures"], 1);
+    let reason = failed.body["reason"].as_str().unwrap();
+    assert!(reason.contains("source image") && reason.contains(&missing.to_string()) && reason.contains("does not exist"), "{reason}");
+    assert!(failed.retry_after.is_some_and(|s| s >= 1));
+    // Within the backoff, asking again does not start an attempt.
+    for _ in 0..5 {
+        let again = rt.block_on(ask(&client, &serve.url, &request));
+        assert_eq!((again.status, again.body["failures"].as_u64()), (422, Some(1)));
+    }
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1);
+
+    // After it, the next request starts attempt 2, which fails with a doubled backoff.
+    std::thread::sleep(Duration::from_secs(failed.retry_after.unwrap()));
+    let (second, accepted) = rt.block_on(ask_until_done(&client, &serve.url, &request));
+    assert!(accepted >= 1, "the retry is a new attempt");
+    assert_eq!((second.status, second.body["failures"].as_u64()), (422, Some(2)), "{}", second.body);
+    assert!(second.body["retry_after_seconds"].as_u64().unwrap() >= 2 - 1, "{}", second.body);
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 2);
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_failed_total"), 2);
+    assert!(serve.log().contains("delta failed"));
+}
+
+fn write_release(dir: &Path, id: &str, services: &[(&str, String)]) -> PathBuf {
+    let mut yaml = format!("id: '{id}'\nservices:\n");
+    for (name, image) in services {
+        yaml.push_str(&format!("  {name}:\n    image: {image}\n"));
+    }
+    let path = dir.join(format!("release-{id}.yaml"));
+    fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[test]
+fn registering_a_release_builds_deltas_from_earlier_releases_and_release_update_matches_the_command() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    // api changes 1 -> 2, web changes 2 -> 3, db never changes.
+    for (name, svc, versions) in [("api", 11, vec![1, 2]), ("web", 12, vec![1, 3]), ("db", 13, vec![1])] {
+        for v in versions {
+            app_image(&img, &format!("{name}-{v}"), svc, v, 30);
+            push(home, &img, &format!("{name}-{v}"), &reg, name, &v.to_string());
+        }
+    }
+    let image = |name: &str, v: u64| format!("{}/fleet/{name}:{v}", reg.addr);
+    let r1 = write_release(tmp.path(), "1", &[("api", image("api", 1)), ("web", image("web", 1)), ("db", image("db", 1))]);
+    let r2 = write_release(tmp.path(), "2", &[("api", image("api", 2)), ("web", image("web", 1)), ("db", image("db", 1))]);
+    let r3 = write_release(tmp.path(), "3", &[("api", image("api", 2)), ("web", image("web", 3)), ("db", image("db", 1))]);
+    let serve = Serve::start(home, "previous_releases: 2\nmax_concurrent_builds: 1\n");
+    let rt = runtime();
+    let client = http();
+    let register = |path: &Path| rt.block_on(send(client.post(format!("{}/v1/releases", serve.url)).body(fs::read_to_string(path).unwrap())));
+
+    let first = register(&r1);
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert_eq!(first.body["deltas"].as_array().unwrap().len(), 0);
+    let second = register(&r2);
+    assert_eq!(second.body["previous"], json!(["1"]));
+    assert_eq!(second.body["deltas"].as_array().unwrap().len(), 1, "{}", second.body);
+    let third = register(&r3);
+    // From 2: web. From 1: api and web, and web 1 -> 3 is the pair already asked for.
+    assert_eq!(third.body["previous"], json!(["2", "1"]));
+    assert_eq!(third.body["deltas"].as_array().unwrap().len(), 3, "{}", third.body);
+    assert_eq!(register(&r3).status, 200, "registering again is idempotent");
+    let conflicting = rt.block_on(send(client.post(format!("{}/v1/releases", serve.url)).body(fs::read_to_string(&r2).unwrap().replace("db:1", "db:2"))));
+    assert_eq!(conflicting.status, 409);
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let described = loop {
+        let d = rt.block_on(send(client.get(format!("{}/v1/releases/3", serve.url))));
+        let statuses: Vec<&str> = d.body["deltas"].as_array().unwrap().iter().map(|p| p["status"].as_str().unwrap()).collect();
+        assert!(!statuses.contains(&"failed"), "{}", d.body);
+        if statuses.iter().all(|s| *s == "ready") {
+            break d.body;
+        }
+        assert!(Instant::now() < deadline, "{}", d.body);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 2, "two distinct pairs: {described}");
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_in_flight_peak"), 1, "bounded by max_concurrent_builds");
+
+    // The service's release update is the command's, byte for byte as JSON.
+    let from_service = rt.block_on(send(client.get(format!("{}/v1/release-update?from=1&to=3", serve.url))));
+    assert_eq!(from_service.status, 200, "{}", from_service.body);
+    let from_command: Value = serde_json::from_slice(&run(fd(home).args(["release-update", "--json", "--from"]).arg(&r1).arg("--to").arg(&r3)).stdout).unwrap();
+    assert_eq!(from_service.body, from_command);
+    assert_eq!(from_service.body["overall_status"], "ready");
+    let facts = rt.block_on(send(client.post(format!("{}/v1/release-update?from=2&to=3", serve.url)).body("arch: amd64\n")));
+    assert_eq!((facts.status, &facts.body["contracts_checked"]), (200, &json!(true)), "{}", facts.body);
+    assert_eq!(rt.block_on(send(client.get(format!("{}/v1/release-update?from=1&to=9", serve.url)))).status, 404);
+}
+
+#[test]
+fn pull_with_a_service_asks_waits_applies_and_falls_back_only_where_allowed() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    app_image(&img, "v1", 4, 1, 60);
+    app_image(&img, "v2", 4, 2, 60);
+    app_image(&img, "v3", 4, 3, 60);
+    push(home, &img, "v1", &reg, "app", "1");
+    push(home, &img, "v2", &reg, "app", "2");
+    push(home, &img, "v3", &reg, "app", "3");
+    let serve = Serve::start(home, "retry_after_seconds: 1\n");
+    let device = tmp.path().join("device");
+    run(fd(home).args(["copy", &format!("oci:{}:v1", img.display()), &format!("oci:{}:app", device.display())]));
+    let pull = |service: &str, target: &str, out: &str, extra: &[&str]| {
+        let mut c = fd(home);
+        c.args(["pull", "--json", "--service", service, "--service-wait", "120", "--from", &format!("oci:{}:app", device.display())]).args(extra);
+        c.arg(format!("docker://{}/fleet/app:{target}", reg.addr)).arg(format!("oci:{}:{out}", device.display()));
+        c
+    };
+
+    // Nothing is built yet: the service builds it while the device waits, then it is applied.
+    let out: Value = serde_json::from_slice(&run(&mut pull(&serve.url, "2", "app-2", &["--no-full-download"])).stdout).unwrap();
+    assert_eq!(out["method"]["kind"], "delta", "{out}");
+    assert!(out["service"].as_str().unwrap().contains("ready"), "{out}");
+    assert_same_tagged_image(&img, Some("v2"), &device, Some("app-2"));
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1);
+
+    // A service that cannot be reached: without a delta in the registry, a metered device
+    // refuses the full download, and another one falls back to the missing layers.
+    let closed = format!("http://{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
+    let refused = pull(&closed, "3", "app-3", &["--no-full-download"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("full downloads are not allowed") && err.contains("unreachable"), "{err}");
+    let out: Value = serde_json::from_slice(&run(&mut pull(&closed, "3", "app-3", &[])).stdout).unwrap();
+    assert_eq!(out["method"]["kind"], "full", "{out}");
+    assert_same_tagged_image(&img, Some("v3"), &device, Some("app-3"));
+}
+
+#[test]
+fn two_instances_asked_for_the_same_pair_answer_the_same_delta() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    app_image(&img, "v1", 5, 1, 100);
+    app_image(&img, "v2", 5, 2, 100);
+    let (m1, c1) = push(home, &img, "v1", &reg, "app", "1");
+    let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
+    let (a, b) = (Serve::start(home, ""), Serve::start(home, ""));
+    let request = json!({"source": pinned(&reg, "app", &m1), "source_config": c1, "target": pinned(&reg, "app", &m2)});
+    let rt = runtime();
+    let (x, y) = rt.block_on(async {
+        let (ca, cb) = (http(), http());
+        let wait = |url: &str| format!("{url}/v1/deltas?wait=30");
+        tokio::join!(send(post_json(&ca, &wait(&a.url), &request)), send(post_json(&cb, &wait(&b.url), &request)))
+    });
+    let (x, y) = (if x.status == 202 { rt.block_on(ask_until_done(&http(), &a.url, &request)).0 } else { x }, if y.status == 202 { rt.block_on(ask_until_done(&http(), &b.url, &request)).0 } else { y });
+    assert_eq!((x.status, y.status), (200, 200), "{} {}", x.body, y.body);
+    // Deltas are deterministic: an instance that raced the other and built too pushed the
+    // same bytes, so the answers agree whoever built.
+    assert_eq!(x.body["delta"], y.body["delta"]);
+    let builds = metric(&a.url, "fleetdelta_builds_total") + metric(&b.url, "fleetdelta_builds_total");
+    assert!((1..=2).contains(&builds));
+    eprintln!("two instances, one pair: {builds} builds, one delta {}", x.body["delta"]["manifest"]);
+}
+
+#[test]
+fn shutdown_abandons_a_build_cleanly_and_the_next_instance_builds_it() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    app_image(&img, "v1", 6, 1, 600);
+    app_image(&img, "v2", 6, 2, 600);
+    let (m1, c1) = push(home, &img, "v1", &reg, "app", "1");
+    let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
+    let config = "level: max\nshutdown_grace_seconds: 0\n";
+    let serve = Serve::start(home, config);
+    let request = json!({"source": pinned(&reg, "app", &m1), "source_config": c1, "target": pinned(&reg, "app", &m2)});
+    let rt = runtime();
+    assert_eq!(rt.block_on(ask(&http(), &serve.url, &request)).status, 202);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&serve.url, "fleetdelta_builds_in_flight") == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let log = serve.stop();
+    assert!(log.contains("abandoned"), "the build finished within the test's window: make the images larger\n{log}");
+    // Nothing visible: no delta under its tag, none among the target's referrers.
+    let tags: Value = rt.block_on(async { send(http().get(format!("http://{}/v2/fleet/app/tags/list", reg.addr))).await.body });
+    assert!(tags["tags"].as_array().unwrap().iter().all(|t| !t.as_str().unwrap().starts_with("delta-") && !t.as_str().unwrap().starts_with("sha256-")), "{tags}");
+
+    let serve = Serve::start(home, "");
+    let (done, _) = rt.block_on(ask_until_done(&http(), &serve.url, &request));
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1);
+}
+
+#[test]
+fn the_openapi_file_lists_exactly_the_routes_the_server_answers() {
+    let spec: Value = serde_norway::from_str(&fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.yaml")).unwrap()).unwrap();
+    let mut documented = BTreeSet::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys().filter(|k| ["get", "post", "put", "delete", "patch", "head"].contains(&k.as_str())) {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let served: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(documented, served);
+
+    // Every route is answered by its handler (never the not-found fallback, never 405), and
+    // the limits hold.
+    let tmp = tempfile::tempdir().unwrap();
+    let serve = Serve::start(tmp.path(), "max_request_bytes: 4096\n");
+    let rt = runtime();
+    let client = http();
+    for (method, path) in ROUTES {
+        let url = format!("{}{}", serve.url, path.replace("{id}", "nope")) + if path.contains("release-update") { "?from=a&to=b" } else { "" };
+        let request = if *method == "GET" { client.get(&url) } else { client.post(&url).body("{}") };
+        let answer = rt.block_on(send(request));
+        assert!(answer.status != 405 && answer.body["error"] != "no such route; see docs/api.md", "{method} {path}: {} {}", answer.status, answer.body);
+    }
+    let unknown = rt.block_on(send(client.get(format!("{}/v1/nothing", serve.url))));
+    assert_eq!(unknown.status, 404);
+    let not_pinned = rt.block_on(send(post_json(&client, &format!("{}/v1/deltas", serve.url), &json!({"target": "docker://127.0.0.1:1/a:latest", "source_config": Digest::of(b"x")}))));
+    assert_eq!(not_pinned.status, 400);
+    assert!(not_pinned.body["error"].as_str().unwrap().contains("digest"), "{}", not_pinned.body);
+    let huge = rt.block_on(send(client.post(format!("{}/v1/releases", serve.url)).body(vec![b'#'; 10_000])));
+    assert_eq!(huge.status, 413);
+    let health = rt.block_on(send(client.get(format!("{}/health", serve.url))));
+    assert_eq!((health.status, &health.body["status"]), (200, &json!("ok")));
+    let text = metrics(&serve.url);
+    assert!(text.contains("# TYPE fleetdelta_build_seconds histogram") && text.contains("fleetdelta_build_queue_depth 0"), "{text}");
+}
