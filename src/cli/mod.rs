@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch.
 
+mod agent_cmd;
 mod apply_cmd;
 mod copy_cmd;
 mod diff_cmd;
@@ -205,6 +206,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The device agent: update this device to a target release, service by service, each
+    /// under its lock (`agent --state DIR --target RELEASE`); or `agent status|go-ahead|defer`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Agent {
+        #[command(subcommand)]
+        action: Option<agent_cmd::Action>,
+        #[command(flatten)]
+        run: agent_cmd::RunArgs,
+    },
     /// Show what a delta holds, per target layer.
     Info {
         /// The delta image.
@@ -234,6 +244,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             pull_cmd::run(&transfer()?, from.as_deref(), delta.as_deref(), !no_full_download, layers, json, &target, &output, progress)
         }
         Command::Info { delta, json } => info_cmd::run(&transfer()?, &delta, json),
+        Command::Agent { action, run } => return agent_cmd::run(registry, action, run, progress),
         Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, json } => {
             let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, json };
             return release_update_cmd::run(registry, &args, progress);
