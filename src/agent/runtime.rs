@@ -136,6 +136,9 @@ struct ProcessRecord {
     pid: u32,
     /// Field 22 of `/proc/<pid>/stat`: tells this process from a later one with the same id.
     start_time: u64,
+    /// When it was started, in seconds since the Unix epoch (for people and staggering checks).
+    #[serde(default)]
+    started_at: f64,
 }
 
 /// Runs instances as local processes (see the module docs for what that means and lacks).
@@ -202,7 +205,8 @@ impl Runtime for ProcessRuntime {
         let pid = child.id();
         let start_time = proc_stat(pid).map(|(_, t)| t).unwrap_or(0);
         self.children.lock().unwrap_or_else(|p| p.into_inner()).insert(pid, child);
-        let record = ProcessRecord { pid, start_time };
+        let started_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let record = ProcessRecord { pid, start_time, started_at };
         write_file(&self.record_path(&spec.service, &spec.instance), &serde_json::to_vec(&record).expect("records serialize"))
     }
 
