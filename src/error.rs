@@ -132,6 +132,9 @@ pub enum Error {
     /// A release file, device facts file, contract check or release-update plan that failed.
     #[error(transparent)]
     Release(#[from] crate::release::ReleaseError),
+    /// The device agent failed: its state, journal, runtime or local API.
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
 }
 
 /// Result with [`Error`].

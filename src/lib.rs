@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod apply;
 pub mod delta_store;
 pub mod diff;

@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch.
 
+mod agent_cmd;
 mod apply_cmd;
 mod copy_cmd;
 mod diff_cmd;
@@ -237,6 +238,15 @@ pub enum Command {
     /// Run the builder service: deltas built once per image pair, ahead of the fleet, served
     /// over HTTP (docs/api.md). Stops on SIGTERM or ctrl-c.
     Serve(serve_cmd::ServeArgs),
+    /// The device agent: update this device to a target release, service by service, each
+    /// under its lock (`agent --state DIR --target RELEASE`); or `agent status|go-ahead|defer`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Agent {
+        #[command(subcommand)]
+        action: Option<agent_cmd::Action>,
+        #[command(flatten)]
+        run: agent_cmd::RunArgs,
+    },
     /// Show what a delta holds, per target layer.
     Info {
         /// The delta image.
@@ -268,6 +278,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Serve(args) => serve_cmd::run(registry, &args),
         Command::Info { delta, json } => info_cmd::run(&transfer()?, &delta, json),
+        Command::Agent { action, run } => return agent_cmd::run(registry, action, run, progress),
         Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, fidelity, json } => {
             let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, fidelity, json };
             return release_update_cmd::run(registry, &args, progress);

@@ -37,6 +37,9 @@ pub struct Release {
     pub commit: Option<String>,
     /// Its services, in file order; names are unique.
     pub services: Vec<Service>,
+    /// The host OS version the release wants, if it says; a device running another one
+    /// updates its OS, which waits for every service's lock (see [`crate::agent`]).
+    pub os: Option<String>,
 }
 
 /// One service of a release.
@@ -50,6 +53,8 @@ pub struct Service {
     pub labels: BTreeMap<String, String>,
     /// The service's contract, if any.
     pub contract: Option<Contract>,
+    /// Environment variables given to the service, over its image's `Env`.
+    pub environment: BTreeMap<String, String>,
 }
 
 impl Release {
@@ -63,6 +68,12 @@ impl Release {
             return Err(invalid(None, "id".into(), format!("{id:?}: a release id is one word, not empty")));
         }
         let commit = raw.commit.map(|c| c.0);
+        let os = raw.os.map(|o| o.0);
+        if let Some(os) = &os {
+            if os.is_empty() || os.contains(char::is_whitespace) {
+                return Err(invalid(None, "os".into(), format!("{os:?}: an OS version is one word, not empty")));
+            }
+        }
         if let Some(commit) = &commit {
             if commit.is_empty() || commit.contains(char::is_whitespace) {
                 return Err(invalid(None, "commit".into(), format!("{commit:?}: a commit is one word, not empty")));
@@ -78,7 +89,7 @@ impl Release {
                 return Err(invalid(
                     Some(&name),
                     at,
-                    format!("{name:?} is not a service name: use letters, digits, '.', '_' and '-'"),
+                    format!("{name:?} is not a service name: use letters, digits, '.', '_' and '-', starting with a letter or digit"),
                 ));
             }
             let svc = Some(name.as_str());
@@ -92,13 +103,19 @@ impl Release {
                     return Err(invalid(svc, format!("{at}.labels.{key}"), reason));
                 }
             }
+            let environment = raw_service.environment.map(|e| e.0).unwrap_or_default();
+            for (key, value) in &environment {
+                if let Err(reason) = check_environment(key, value) {
+                    return Err(invalid(svc, format!("{at}.environment.{key}"), reason));
+                }
+            }
             let contract = raw_service
                 .contract
                 .map(|c| Contract::from_raw(c, file, &name, &format!("{at}.contract")))
                 .transpose()?;
-            services.push(Service { name, image, labels, contract });
+            services.push(Service { name, image, labels, contract, environment });
         }
-        Ok(Release { id, commit, services })
+        Ok(Release { id, commit, services, os })
     }
 
     /// Reads and parses a release file.
@@ -124,9 +141,11 @@ impl Service {
     }
 }
 
-/// Compose's rule for service names.
+/// Compose's rule for service names, starting with a letter or digit: names become directory
+/// names on devices (`locks/<service>/`), so `.` and `..` must not be names.
 fn is_service_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The digest after the last `@`, if any; `Err` when it is there but not a sha256 digest.
@@ -145,6 +164,20 @@ fn check_image_reference(image: &str) -> Result<(), String> {
         Some(Err(e)) => Err(format!("{image:?}: pinned by an invalid digest ({e})")),
         _ => Ok(()),
     }
+}
+
+/// POSIX shells' rule for variable names, so that every variable reaches a shell entrypoint;
+/// values may hold anything but NUL, which an environment cannot carry.
+fn check_environment(key: &str, value: &str) -> Result<(), String> {
+    let mut bytes = key.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(format!("{key:?} is not a variable name: letters, digits and '_', not starting with a digit"));
+    }
+    if value.contains('\0') {
+        return Err("a value cannot contain NUL".into());
+    }
+    Ok(())
 }
 
 fn check_label(key: &str, value: &str) -> Result<(), String> {
@@ -170,6 +203,7 @@ fn check_label(key: &str, value: &str) -> Result<(), String> {
 struct RawRelease {
     id: Text,
     commit: Option<Text>,
+    os: Option<Text>,
     services: UniqueMap<RawService>,
 }
 
@@ -178,11 +212,12 @@ struct RawRelease {
 struct RawService {
     image: Text,
     labels: Option<Labels>,
+    environment: Option<Labels>,
     contract: Option<RawContract>,
 }
 
-/// Labels in either compose form: a mapping, or a list of `key=value` (a bare `key` has an
-/// empty value). Duplicate keys are errors in both.
+/// Labels (and environments) in either compose form: a mapping, or a list of `key=value` (a
+/// bare `key` has an empty value). Duplicate keys are errors in both.
 #[derive(Debug)]
 struct Labels(BTreeMap<String, String>);
 
@@ -264,6 +299,8 @@ mod tests {
             ("id: 1\nservices:\n  main: {image: 'a b'}\n".into(), "services.main.image: \"a b\": an image reference has no spaces"),
             ("id: 1\nservices:\n  main: {image: 'x@sha256:00'}\n".into(), "services.main.image: \"x@sha256:00\": pinned by an invalid digest"),
             ("id: 1\nservices:\n  'my app': {image: x}\n".into(), "services.my app: \"my app\" is not a service name"),
+            ("id: 1\nservices:\n  '..': {image: x}\n".into(), "services...: \"..\" is not a service name"),
+            ("id: 1\nservices:\n  _x: {image: x}\n".into(), "\"_x\" is not a service name"),
             ("id: ''\nservices:\n  main: {image: x}\n".into(), "r.yaml: id: \"\": a release id is one word"),
             ("id: 1.10\nservices:\n  main: {image: x}\n".into(), "quoted string"),
             ("id: 1\ncommit: ''\nservices:\n  main: {image: x}\n".into(), "r.yaml: commit:"),
@@ -289,6 +326,36 @@ mod tests {
         ];
         for (text, expected) in cases {
             let err = Release::parse(&text, "r.yaml").unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}:\n  {err}\n  does not contain {expected:?}");
+        }
+    }
+
+    #[test]
+    fn environment_in_both_forms_and_the_os() {
+        let text = "id: 1\nos: '2.115.18'\nservices:\n  a:\n    image: x\n    environment: {MODE: eco, RETRIES: 3, EMPTY: ''}\n  b:\n    image: y\n    environment: [MODE=fast, FLAG]\n";
+        let release = Release::parse(text, "r.yaml").unwrap();
+        assert_eq!(release.os.as_deref(), Some("2.115.18"));
+        let a = &release.service("a").unwrap().environment;
+        assert_eq!((a["MODE"].as_str(), a["RETRIES"].as_str(), a["EMPTY"].as_str()), ("eco", "3", ""));
+        let b = &release.service("b").unwrap().environment;
+        assert_eq!((b["MODE"].as_str(), b["FLAG"].as_str()), ("fast", ""));
+        assert!(Release::parse("id: 1\nservices:\n  a: {image: x}\n", "r").unwrap().service("a").unwrap().environment.is_empty());
+    }
+
+    #[test]
+    fn invalid_environments_and_os_are_refused() {
+        let cases = [
+            ("id: 1\nservices:\n  a:\n    image: x\n    environment: {1A: x}\n", "services.a.environment.1A: \"1A\" is not a variable name"),
+            ("id: 1\nservices:\n  a:\n    image: x\n    environment: {'A-B': x}\n", "is not a variable name"),
+            ("id: 1\nservices:\n  a:\n    image: x\n    environment: ['=x']\n", "is not a variable name"),
+            ("id: 1\nservices:\n  a:\n    image: x\n    environment: [A=1, A=2]\n", "duplicate label \"A\""),
+            ("id: 1\nservices:\n  a:\n    image: x\n    environment: {A: \"a\\0b\"}\n", "NUL"),
+            ("id: 1\nservices:\n  a:\n    image: x\n    environment: {A: 1.10}\n", "quoted string"),
+            ("id: 1\nos: ''\nservices:\n  a: {image: x}\n", "r.yaml: os: \"\": an OS version is one word"),
+            ("id: 1\nos: 2.10\nservices:\n  a: {image: x}\n", "quoted string"),
+        ];
+        for (text, expected) in cases {
+            let err = Release::parse(text, "r.yaml").unwrap_err().to_string();
             assert!(err.contains(expected), "{text:?}:\n  {err}\n  does not contain {expected:?}");
         }
     }

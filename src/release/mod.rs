@@ -13,11 +13,15 @@
 //! ```yaml
 //! id: 2024.06.2              # required: the release id, one word (a version, a number)
 //! commit: b2cf2db7fece36f1   # optional: what it was built from
+//! os: '2.115.18'             # optional: the host OS version the release wants (one word);
+//!                            # the device agent installs it once every service lock is free
 //! services:                  # required, at least one; names are unique and follow compose
 //!   api:                     # (letters, digits, '.', '_', '-')
 //!     image: registry.example.com/fleet/api@sha256:...   # required, non-empty
 //!     labels:                # optional: a mapping, or compose's list form `- key=value`
 //!       io.balena.update.strategy: download-then-kill
+//!     environment:           # optional: variables over the image's Env, either form too
+//!       MODE: eco            # names: letters, digits, '_', not starting with a digit
 //!   gpu:
 //!     image: oci:/var/lib/images/gpu:2024.06.2
 //!     labels:
@@ -49,6 +53,10 @@
 //!   same). `io.balena.features.optional` takes `1`/`0` (also `true`/`false`, `on`/`off`), and
 //!   `io.balena.update.strategy` one of balena's strategies. Balena's contract labels
 //!   (`io.balena.features.requires.*`) are refused in favour of `contract`.
+//! - Environment values are strings like label values (numbers and booleans read as text,
+//!   unquoted decimals refused), without NUL; duplicate names are errors. A change of
+//!   environment alone restarts the service without a download.
+//! - Service names start with a letter or digit: they name directories on devices.
 //! - Requirement types: `sw.supervisor`, `sw.os`, `sw.l4t`, `sw.kernel` take a `version`
 //!   (`sw.os` may say `slug: balena-os`, `sw.kernel` `slug: linux`); `hw.device-type` and
 //!   `arch.sw` take a `slug` (`arch.sw`: `aarch64`, `rpi`, `amd64`, `armv7hf`, `i386`), as in

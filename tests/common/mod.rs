@@ -149,6 +149,27 @@ pub fn write_image_with(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: 
     md
 }
 
+/// Writes an OCI image whose config has this `config` section (Entrypoint, Cmd, Env,
+/// WorkingDir), as a container engine would run it.
+pub fn write_runnable_image(dir: &Path, tag: &str, layers: &[Vec<u8>], config: Value) -> Digest {
+    let w = LayoutWriter::create(dir).unwrap();
+    let mut descriptors = Vec::new();
+    let mut diff_ids = Vec::new();
+    for tar in layers {
+        let blob = compress(Compression::Gzip, tar);
+        let (d, n) = w.put_blob(&blob).unwrap();
+        descriptors.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": n}));
+        diff_ids.push(Digest::of(tar).to_string());
+    }
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": config, "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
+    let (cd, cn) = w.put_blob(&config).unwrap();
+    let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors})).unwrap();
+    let (md, mn) = w.put_blob(&manifest).unwrap();
+    w.commit(&BlobRef { media_type: OCI_MANIFEST.into(), digest: md, size: mn }, tag).unwrap();
+    md
+}
+
 pub fn oci(dir: &Path) -> ImageRef {
     ImageRef::parse(&format!("oci:{}", dir.display())).unwrap()
 }

@@ -1,0 +1,54 @@
+//! What can go wrong in the device agent itself (image, registry and release errors keep their
+//! own variants of [`crate::Error`]).
+
+use std::path::PathBuf;
+
+/// A failure of the device agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Another agent runs on the same state directory.
+    #[error("{}: another agent is running on this state directory", state.display())]
+    Busy {
+        /// The state directory.
+        state: PathBuf,
+    },
+    /// A state file (installed services, release request) that cannot be read.
+    #[error("{}: {reason}", path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A journal record that cannot be read (other than a torn last line, which a power cut
+    /// leaves and which is ignored).
+    #[error("{}: line {line}: {reason}", path.display())]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A service instance that cannot be started or stopped.
+    #[error("service {service}: {reason}")]
+    Runtime {
+        /// The service.
+        service: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The target release could not be fetched.
+    #[error("target release {source_name}: {reason}")]
+    Target {
+        /// The file or URL.
+        source_name: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A request to the local API that failed or was refused.
+    #[error("local API: {0}")]
+    Api(String),
+}

@@ -1,0 +1,659 @@
+//! The device agent: updates a device from the release it runs to a target release, one
+//! service at a time, each under its own lock. See `docs/agent.md` for the state directory,
+//! the lock protocol for service authors, and the journal's recovery rules.
+//!
+//! An update ([`Agent::update`]) goes:
+//! 1. fetch the target release (file or URL) and plan against what the device runs, contracts
+//!    checked against the device facts ([`plan::plan_update`]); nothing is touched before this;
+//! 2. journal the plan, then the steps of every service that run while the old instances keep
+//!    running: downloads (a delta when the registry has one) and unpacking;
+//! 3. switch each service under its lock, in release order. A service whose lock is held gets
+//!    a `release-request` and waits; the others go on. A service may say go-ahead or defer
+//!    through the local API ([`api`]). Starts are staggered;
+//! 4. install the OS when the release asks for another one, once every lock is free;
+//! 5. commit: record the release, then remove images and root filesystems nothing uses.
+//!
+//! Every step is journaled before it is done ([`journal`]). A rerun after a crash resumes the
+//! journaled update: steps done are skipped, the step that was under way is done again (each
+//! is idempotent), and a switch that had begun goes on without waiting for its lock again (it
+//! was granted). A step that fails during a switch rolls the service back to the instance it
+//! ran, whose image stays in the store until the update commits.
+
+pub mod api;
+mod error;
+pub mod journal;
+pub mod lock;
+pub mod plan;
+pub mod rootfs;
+pub mod runtime;
+pub mod state;
+pub mod store;
+pub mod strategy;
+pub mod target;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+pub use api::{ApiRequest, ApiServer};
+pub use error::AgentError;
+pub use lock::{Reason, ReleaseRequest, ServiceLock};
+pub use plan::{plan_update, ServicePlan, UpdatePlan};
+pub use runtime::{InstanceSpec, InstanceStatus, ProcessRuntime, Runtime};
+pub use state::{Installed, InstanceRecord, StateDir};
+pub use strategy::{Step, Strategy, UpdateKind};
+
+use crate::error::{IoContext, Result};
+use crate::image::Layout;
+use crate::progress::Progress;
+use crate::release::{DeviceFacts, Release};
+use crate::transfer::Transfer;
+use api::SharedRequests;
+use journal::{Journal, Record, Replay, OS_UPDATE};
+use runtime::ImageProcess;
+
+/// Exit status of a process stopped by the `crash_after` test hook.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// How the agent behaves.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The device's facts: contracts are checked against them, and `os` says which OS runs.
+    pub facts: Option<DeviceFacts>,
+    /// Whether missing layers may be downloaded when no delta exists (`false` on metered links).
+    pub allow_full: bool,
+    /// Least time between two instance starts, so that many services do not start at once.
+    pub stagger: Duration,
+    /// How long a stopping instance has after SIGTERM before SIGKILL.
+    pub stop_timeout: Duration,
+    /// How long to wait for locks before giving up for this run (`None`: as long as it takes).
+    /// The update stays journaled, and the next run goes on with it.
+    pub lock_timeout: Option<Duration>,
+    /// How often held locks are tried again.
+    pub poll: Duration,
+    /// The command that installs an OS version (given as `FLEETDELTA_OS_VERSION`); it may
+    /// reboot the device. Without one, the version is only recorded.
+    pub os_update_command: Option<Vec<String>>,
+    /// Test hook: exit the process with [`CRASH_EXIT_CODE`], without any cleanup, right after
+    /// doing this step and before journaling it done. `SERVICE:STEP` or `STEP` (step names as
+    /// [`Step::as_str`]), or `begin` (plan journaled), `commit-release` (installed services
+    /// recorded, before pruning).
+    pub crash_after: Option<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            facts: None,
+            allow_full: true,
+            stagger: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(10),
+            lock_timeout: None,
+            poll: Duration::from_millis(200),
+            os_update_command: None,
+            crash_after: None,
+        }
+    }
+}
+
+/// What happened to a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum Outcome {
+    /// Nothing to do: not touched.
+    Unchanged,
+    /// Switched to its target instance (or removed).
+    Updated,
+    /// Its update failed and it runs its old instance.
+    RolledBack {
+        /// Why.
+        reason: String,
+    },
+    /// Its lock is still held (or it deferred): it runs its old instance, and the next run
+    /// goes on with the update.
+    Waiting,
+}
+
+/// One service in an [`UpdateReport`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceReport {
+    /// The service.
+    pub service: String,
+    /// The transition's word for its change.
+    pub change: String,
+    /// What changes.
+    pub kind: UpdateKind,
+    /// Its strategy.
+    pub strategy: Strategy,
+    /// What happened.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// How its image came (delta, missing layers, already there), when it was fetched.
+    pub fetched: Option<String>,
+}
+
+/// What [`Agent::update`] did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UpdateReport {
+    /// The release the device ran.
+    pub from_release: Option<String>,
+    /// The target release.
+    pub target_release: String,
+    /// The release of an update that a crash had interrupted and that this run finished first.
+    pub resumed: Option<String>,
+    /// Per service.
+    pub services: Vec<ServiceReport>,
+    /// The OS version installed, if any.
+    pub os_updated: Option<String>,
+    /// Whether the device now runs the whole target release.
+    pub complete: bool,
+    /// Instances started because they were not running (after a power cut, say).
+    pub restarted: Vec<String>,
+}
+
+/// The device agent on one state directory. Only one agent runs per state directory.
+pub struct Agent<'a> {
+    state: StateDir,
+    transfer: &'a Transfer,
+    runtime: Box<dyn Runtime + 'a>,
+    options: AgentOptions,
+    requests: SharedRequests,
+    progress: &'a dyn Progress,
+    last_start: Option<Instant>,
+    _api: ApiServer,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Agent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("state", &self.state).field("runtime", &self.runtime).field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+/// Per-update bookkeeping of an execution.
+struct Run<'p> {
+    plan: &'p UpdatePlan,
+    done: BTreeMap<String, usize>,
+    begun: BTreeMap<String, usize>,
+    rolled_back: BTreeMap<String, String>,
+    fetched: BTreeMap<String, String>,
+    waiting: BTreeSet<String>,
+}
+
+impl<'a> Agent<'a> {
+    /// Opens the state directory, takes the agent lock and starts the local API.
+    pub fn open(state: StateDir, transfer: &'a Transfer, runtime: Box<dyn Runtime + 'a>, options: AgentOptions, progress: &'a dyn Progress) -> Result<Self> {
+        let lock_path = state.agent_lock();
+        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).ctx(|| format!("opening {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            return Err(AgentError::Busy { state: state.root().to_path_buf() }.into());
+        }
+        let requests = SharedRequests::default();
+        let api = ApiServer::start(&state.socket(), requests.clone())?;
+        Ok(Agent { state, transfer, runtime, options, requests, progress, last_start: None, _api: api, _lock: lock })
+    }
+
+    /// The state directory.
+    pub fn state(&self) -> &StateDir {
+        &self.state
+    }
+
+    /// Updates the device to the release at `target` (a file or URL). An update a crash
+    /// interrupted is finished first.
+    pub fn update(&mut self, target: &str) -> Result<UpdateReport> {
+        let (release, text) = target::load_target(self.transfer, target)?;
+        let (mut journal, replay) = Journal::open(&self.state.journal_file())?;
+        let mut resumed = None;
+        if let Some(plan) = replay.plan.clone() {
+            let report = self.execute(&mut journal, &plan, &replay)?;
+            if !report.complete || plan.target_release == release.id {
+                return Ok(UpdateReport { resumed: Some(plan.target_release.clone()), ..report });
+            }
+            resumed = Some(plan.target_release.clone());
+        }
+        let installed = Installed::load(&self.state)?;
+        let plan = plan_update(self.transfer, &self.state, &installed, &release, self.options.facts.as_ref())?;
+        let nothing_to_do = plan.os_update.is_none()
+            && installed.release.as_deref() == Some(release.id.as_str())
+            && plan.services.iter().all(|s| s.kind == UpdateKind::Nothing);
+        if nothing_to_do {
+            let restarted = self.reconcile(&Replay::default())?;
+            let services = plan.services.iter().map(|s| self.service_report(s, Outcome::Unchanged, None)).collect();
+            return Ok(UpdateReport { from_release: installed.release, target_release: release.id, resumed, services, complete: true, restarted, os_updated: None });
+        }
+        state::write_file(&self.state.target_file(), text.as_bytes())?;
+        journal.append(&Record::Begin { plan: plan.clone() })?;
+        self.crash_point("begin");
+        let report = self.execute(&mut journal, &plan, &Replay { plan: Some(plan.clone()), ..Replay::default() })?;
+        Ok(UpdateReport { resumed, ..report })
+    }
+
+    /// Starts every installed instance that does not run, except those of services whose
+    /// switch is under way (the update goes on with them). Returns the services started.
+    pub fn reconcile(&mut self, replay: &Replay) -> Result<Vec<String>> {
+        let installed = Installed::load(&self.state)?;
+        let mut started = Vec::new();
+        for (service, record) in &installed.services {
+            let switching = replay.plan.as_ref().and_then(|p| p.services.iter().find(|s| &s.service == service)).is_some_and(|sp| {
+                replay.done.get(service).copied().unwrap_or(0) > sp.switch_at || replay.begun.get(service).is_some_and(|i| *i >= sp.switch_at)
+            });
+            if switching {
+                continue;
+            }
+            if self.runtime.status(service, &record.instance_id())? == InstanceStatus::Stopped {
+                self.ensure_rootfs(service, record)?;
+                self.start(service, record, false)?;
+                started.push(service.clone());
+            }
+        }
+        Ok(started)
+    }
+
+    fn execute(&mut self, journal: &mut Journal, plan: &UpdatePlan, replay: &Replay) -> Result<UpdateReport> {
+        api::lock(&self.requests).target_release = Some(plan.target_release.clone());
+        let restarted = self.reconcile(replay)?;
+        let mut run = Run {
+            plan,
+            done: replay.done.clone(),
+            begun: replay.begun.clone(),
+            rolled_back: replay.rolled_back.iter().map(|s| (s.clone(), "rolled back before the agent restarted".to_string())).collect(),
+            fetched: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+        };
+        for service in &plan.services {
+            if run.rolled_back.contains_key(&service.service) {
+                continue;
+            }
+            let done = run.done.get(&service.service).copied().unwrap_or(0);
+            for index in done..service.switch_at {
+                if let Err(e) = self.run_step(journal, &mut run, service, index) {
+                    self.roll_back(journal, &mut run, service, &e.to_string())?;
+                    break;
+                }
+            }
+        }
+        let complete_switches = self.switch_all(journal, &mut run)?;
+        let os_updated = match (&plan.os_update, complete_switches) {
+            (Some(version), true) if run.done.get(OS_UPDATE).copied().unwrap_or(0) == 0 => self.update_os(journal, &mut run, version)?,
+            (Some(version), true) => Some(version.clone()),
+            _ => None,
+        };
+        let complete = complete_switches && (plan.os_update.is_none() || os_updated.is_some());
+        if complete {
+            self.finish(journal, &run)?;
+        }
+        // Whatever the crash interrupted (a switch committed just before a power cut, say),
+        // every installed instance runs when the agent is done with the update.
+        let mut restarted = restarted;
+        restarted.extend(self.reconcile(&Replay::default())?);
+        let services = plan
+            .services
+            .iter()
+            .map(|s| {
+                let outcome = if let Some(reason) = run.rolled_back.get(&s.service) {
+                    Outcome::RolledBack { reason: reason.clone() }
+                } else if run.waiting.contains(&s.service) {
+                    Outcome::Waiting
+                } else if s.steps.is_empty() {
+                    Outcome::Unchanged
+                } else {
+                    Outcome::Updated
+                };
+                self.service_report(s, outcome, run.fetched.get(&s.service).cloned())
+            })
+            .collect();
+        Ok(UpdateReport {
+            from_release: plan.from_release.clone(),
+            target_release: plan.target_release.clone(),
+            resumed: None,
+            services,
+            os_updated,
+            complete: complete && run.rolled_back.is_empty(),
+            restarted,
+        })
+    }
+
+    fn service_report(&self, s: &ServicePlan, outcome: Outcome, fetched: Option<String>) -> ServiceReport {
+        ServiceReport { service: s.service.clone(), change: s.change.clone(), kind: s.kind, strategy: s.strategy, outcome, fetched }
+    }
+
+    /// Switches every service that has a switch, each as soon as its lock is free (or it said
+    /// go-ahead). Returns whether all are done; `false` when the lock timeout passed first.
+    fn switch_all(&mut self, journal: &mut Journal, run: &mut Run) -> Result<bool> {
+        let started = Instant::now();
+        let plan = run.plan;
+        loop {
+            let pending: Vec<&ServicePlan> = plan
+                .services
+                .iter()
+                .filter(|s| s.switches() && !run.rolled_back.contains_key(&s.service) && run.done.get(&s.service).copied().unwrap_or(0) < s.steps.len())
+                .collect();
+            if pending.is_empty() {
+                return Ok(true);
+            }
+            for service in pending {
+                let name = service.service.as_str();
+                let done = run.done.get(name).copied().unwrap_or(0);
+                // A switch begun before a crash was granted then: it goes on without waiting.
+                let under_way = done > service.switch_at || run.begun.get(name).is_some_and(|i| *i >= service.switch_at);
+                let lock = ServiceLock::try_acquire(&self.state, name)?;
+                let (go_ahead, deferred) = {
+                    let requests = api::lock(&self.requests);
+                    (requests.go_ahead(name), requests.deferred_until(name).is_some())
+                };
+                let may_switch = under_way || go_ahead || (lock.is_some() && !deferred);
+                if !may_switch {
+                    let request = lock::write_request(&self.state, name, service.reason, &run.plan.target_release)?;
+                    api::lock(&self.requests).waiting.insert(name.to_string(), request);
+                    run.waiting.insert(name.to_string());
+                    continue;
+                }
+                lock::remove_request(&self.state, name)?;
+                api::lock(&self.requests).waiting.remove(name);
+                run.waiting.remove(name);
+                for index in done.max(service.switch_at)..service.steps.len() {
+                    if let Err(e) = self.run_step(journal, run, service, index) {
+                        self.roll_back(journal, run, service, &e.to_string())?;
+                        break;
+                    }
+                }
+                api::lock(&self.requests).take_go_ahead(name);
+                drop(lock);
+            }
+            if run.waiting.is_empty() {
+                continue;
+            }
+            if self.options.lock_timeout.is_some_and(|t| started.elapsed() >= t) {
+                self.withdraw_requests(run)?;
+                return Ok(false);
+            }
+            std::thread::sleep(self.options.poll);
+        }
+    }
+
+    /// Removes the requests of services still waiting: this run no longer waits for them.
+    fn withdraw_requests(&mut self, run: &Run) -> Result<()> {
+        for name in &run.waiting {
+            lock::remove_request(&self.state, name)?;
+            api::lock(&self.requests).waiting.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Installs the OS once every installed service's lock is free (or the service said
+    /// go-ahead): the locks are taken all at once, so that no service is held back while the
+    /// agent waits for another.
+    fn update_os(&mut self, journal: &mut Journal, run: &mut Run, version: &str) -> Result<Option<String>> {
+        let started = Instant::now();
+        let services: Vec<String> = Installed::load(&self.state)?.services.into_keys().collect();
+        loop {
+            let mut held = Vec::new();
+            run.waiting.clear();
+            for name in &services {
+                match ServiceLock::try_acquire(&self.state, name)? {
+                    Some(lock) => held.push(lock),
+                    None if api::lock(&self.requests).go_ahead(name) => {}
+                    None => {
+                        run.waiting.insert(name.clone());
+                    }
+                }
+            }
+            if run.waiting.is_empty() {
+                for name in &services {
+                    lock::remove_request(&self.state, name)?;
+                    api::lock(&self.requests).waiting.remove(name);
+                }
+                journal.append(&Record::Begun { service: OS_UPDATE.into(), index: 0, step: Step::Commit })?;
+                if let Some(command) = &self.options.os_update_command {
+                    let status = Command::new(&command[0]).args(&command[1..]).env("FLEETDELTA_OS_VERSION", version).status();
+                    match status {
+                        Ok(s) if s.success() => {}
+                        Ok(s) => return Err(AgentError::Runtime { service: OS_UPDATE.into(), reason: format!("the OS update command exited with {s}") }.into()),
+                        Err(e) => return Err(AgentError::Runtime { service: OS_UPDATE.into(), reason: format!("starting the OS update command: {e}") }.into()),
+                    }
+                }
+                let mut installed = Installed::load(&self.state)?;
+                installed.os = Some(version.to_string());
+                installed.save(&self.state)?;
+                self.crash_point("os-update");
+                journal.append(&Record::Done { service: OS_UPDATE.into(), index: 0 })?;
+                run.done.insert(OS_UPDATE.into(), 1);
+                drop(held);
+                return Ok(Some(version.to_string()));
+            }
+            drop(held);
+            for name in &run.waiting {
+                let request = lock::write_request(&self.state, name, Reason::OsUpdate, &run.plan.target_release)?;
+                api::lock(&self.requests).waiting.insert(name.clone(), request);
+            }
+            if self.options.lock_timeout.is_some_and(|t| started.elapsed() >= t) {
+                self.withdraw_requests(run)?;
+                return Ok(None);
+            }
+            std::thread::sleep(self.options.poll);
+        }
+    }
+
+    /// Records the release, removes what nothing uses, and closes the journal.
+    fn finish(&mut self, journal: &mut Journal, run: &Run) -> Result<()> {
+        let mut installed = Installed::load(&self.state)?;
+        for service in &run.plan.services {
+            if run.rolled_back.contains_key(&service.service) {
+                continue;
+            }
+            match &service.to {
+                // Unchanged services take the target's labels and release id without a switch.
+                Some(to) => installed.services.insert(service.service.clone(), to.clone()),
+                None => installed.services.remove(&service.service),
+            };
+        }
+        if run.rolled_back.is_empty() {
+            installed.release = Some(run.plan.target_release.clone());
+        }
+        installed.save(&self.state)?;
+        if run.rolled_back.is_empty() && self.state.target_file().exists() {
+            fs::rename(self.state.target_file(), self.state.release_file()).ctx(|| "recording the release".into())?;
+            state::sync_parent(&self.state.release_file())?;
+        }
+        self.crash_point("commit-release");
+        for service in &run.plan.services {
+            if !installed.services.contains_key(&service.service) {
+                for instance in service.from.iter().map(InstanceRecord::instance_id) {
+                    let _ = fs::remove_file(self.state.instances_dir(&service.service).join(format!("{instance}.log")));
+                }
+            }
+            lock::remove_request(&self.state, &service.service)?;
+        }
+        store::prune(&self.state, &installed)?;
+        journal.append(&Record::End)?;
+        journal.clear()
+    }
+
+    /// Journals and does one step of a service.
+    fn run_step(&mut self, journal: &mut Journal, run: &mut Run, service: &ServicePlan, index: usize) -> Result<()> {
+        let step = service.steps[index];
+        let name = service.service.as_str();
+        journal.append(&Record::Begun { service: name.into(), index, step })?;
+        run.begun.insert(name.into(), index);
+        self.do_step(run, service, step)?;
+        self.crash_point(&format!("{name}:{}", step.as_str()));
+        journal.append(&Record::Done { service: name.into(), index })?;
+        run.begun.remove(name);
+        run.done.insert(name.into(), index + 1);
+        Ok(())
+    }
+
+    fn do_step(&mut self, run: &mut Run, service: &ServicePlan, step: Step) -> Result<()> {
+        let name = service.service.as_str();
+        let missing = || AgentError::State { path: self.state.journal_file(), reason: format!("step {} of {name} has no instance", step.as_str()) };
+        match step {
+            Step::Fetch => {
+                let to = service.to.as_ref().ok_or_else(missing)?;
+                let how = store::fetch(self.transfer, &self.state, service.from.as_ref(), to, self.options.allow_full, self.progress)?;
+                run.fetched.insert(name.into(), how);
+            }
+            Step::Unpack => {
+                let to = service.to.as_ref().ok_or_else(missing)?;
+                self.ensure_rootfs(name, to)?;
+            }
+            Step::StopOld => {
+                if let Some(from) = &service.from {
+                    self.runtime.stop(name, &from.instance_id(), self.options.stop_timeout)?;
+                }
+            }
+            Step::DeleteOld => {
+                if let (Some(from), Some(to)) = (&service.from, &service.to) {
+                    let old = self.state.rootfs(name, &from.digest);
+                    if from.digest != to.digest && old.exists() {
+                        fs::remove_dir_all(&old).ctx(|| format!("removing {}", old.display()))?;
+                    }
+                }
+            }
+            Step::StartNew => {
+                let to = service.to.as_ref().ok_or_else(missing)?;
+                let handover = service.strategy == Strategy::HandOver && service.from.is_some();
+                if handover {
+                    let _ = fs::remove_file(self.state.handover_file(name, &to.instance_id()));
+                }
+                self.start(name, to, handover)?;
+            }
+            Step::AwaitHandover => {
+                let to = service.to.as_ref().ok_or_else(missing)?;
+                let file = self.state.handover_file(name, &to.instance_id());
+                let deadline = Instant::now() + Strategy::handover_timeout(&to.labels);
+                while !file.exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = fs::remove_file(&file);
+            }
+            Step::Commit => {
+                let mut installed = Installed::load(&self.state)?;
+                match &service.to {
+                    Some(to) => installed.services.insert(name.into(), to.clone()),
+                    None => installed.services.remove(name),
+                };
+                installed.save(&self.state)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a service back on the instance it ran: stops the new one if it was started and
+    /// starts the old one (unpacking it again if delete-then-download removed it).
+    fn roll_back(&mut self, journal: &mut Journal, run: &mut Run, service: &ServicePlan, reason: &str) -> Result<()> {
+        let name = service.service.as_str();
+        journal.append(&Record::RolledBack { service: name.into(), reason: reason.into() })?;
+        run.begun.remove(name);
+        run.rolled_back.insert(name.into(), reason.into());
+        if let Some(to) = &service.to {
+            self.runtime.stop(name, &to.instance_id(), self.options.stop_timeout)?;
+        }
+        if let Some(from) = &service.from {
+            self.ensure_rootfs(name, from)?;
+            self.start(name, from, false)?;
+        }
+        Ok(())
+    }
+
+    fn ensure_rootfs(&self, service: &str, record: &InstanceRecord) -> Result<()> {
+        let layout = Layout::open(self.state.store())?;
+        let dest = self.state.rootfs(service, &record.digest);
+        if dest.exists() {
+            return Ok(());
+        }
+        let image = layout.load_image(Some(&record.store_tag()))?;
+        rootfs::unpack_image(&layout, &image, &dest)
+    }
+
+    /// Starts an instance, no sooner than `stagger` after the previous start.
+    fn start(&mut self, service: &str, record: &InstanceRecord, handover: bool) -> Result<()> {
+        let instance = record.instance_id();
+        if let InstanceStatus::Running { .. } = self.runtime.status(service, &instance)? {
+            return Ok(());
+        }
+        if let Some(last) = self.last_start {
+            let wait = self.options.stagger.saturating_sub(last.elapsed());
+            std::thread::sleep(wait);
+        }
+        let spec = self.instance_spec(service, record, handover)?;
+        self.runtime.start(&spec)?;
+        self.last_start = Some(Instant::now());
+        Ok(())
+    }
+
+    fn instance_spec(&self, service: &str, record: &InstanceRecord, handover: bool) -> Result<InstanceSpec> {
+        self.state.prepare_service(service)?;
+        let image = Layout::open(self.state.store())?.load_image(Some(&record.store_tag()))?;
+        let process = ImageProcess::from_config(&image.config.raw, service)?;
+        let instance = record.instance_id();
+        let rootfs = self.state.rootfs(service, &record.digest);
+        let path = |p: std::path::PathBuf| p.display().to_string();
+        let mut env = process.env;
+        env.extend(record.environment.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend([
+            ("FLEETDELTA_SERVICE".to_string(), service.to_string()),
+            ("FLEETDELTA_INSTANCE".to_string(), instance.clone()),
+            ("FLEETDELTA_RELEASE".to_string(), record.release.clone()),
+            ("FLEETDELTA_ROOTFS".to_string(), path(rootfs.clone())),
+            ("FLEETDELTA_DATA".to_string(), path(self.state.data_dir(service))),
+            ("FLEETDELTA_LOCK".to_string(), path(self.state.lock_file(service))),
+            ("FLEETDELTA_API".to_string(), path(self.state.socket())),
+        ]);
+        if handover {
+            env.push(("FLEETDELTA_HANDOVER_FILE".to_string(), path(self.state.handover_file(service, &instance))));
+        }
+        Ok(InstanceSpec { service: service.to_string(), instance, rootfs, argv: process.argv, env, working_dir: process.working_dir })
+    }
+
+    fn crash_point(&self, point: &str) {
+        let hit = self.options.crash_after.as_deref().is_some_and(|c| c == point || point.split_once(':').is_some_and(|(_, step)| step == c));
+        if hit {
+            eprintln!("fleetdelta: crash injected after {point}");
+            std::process::exit(CRASH_EXIT_CODE);
+        }
+    }
+}
+
+/// What `fleetdelta agent status` shows: what runs, the update under way, the requests.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentStatus {
+    /// What runs.
+    pub installed: Installed,
+    /// The release of the update under way, if any.
+    pub updating_to: Option<String>,
+    /// The release requests written, by service.
+    pub waiting: Vec<ReleaseRequest>,
+    /// Per installed service, whether its instance runs.
+    pub running: BTreeMap<String, bool>,
+}
+
+/// Reads the state of a device without taking the agent lock (read only).
+pub fn status(state: &StateDir, runtime: &dyn Runtime) -> Result<AgentStatus> {
+    let installed = Installed::load(state)?;
+    let updating_to = journal::read_replay(&state.journal_file())?.plan.map(|p| p.target_release);
+    let mut waiting = Vec::new();
+    if let Ok(dirs) = fs::read_dir(state.root().join("locks")) {
+        for dir in dirs.flatten() {
+            if let Some(request) = lock::read_request(&dir.path().join("release-request")) {
+                waiting.push(request);
+            }
+        }
+    }
+    let mut running = BTreeMap::new();
+    for (name, record) in &installed.services {
+        running.insert(name.clone(), runtime.status(name, &record.instance_id())? != InstanceStatus::Stopped);
+    }
+    Ok(AgentStatus { installed, updating_to, waiting, running })
+}
+
+/// Reads a release file as the agent keeps it (for callers that want the current release).
+pub fn current_release(state: &StateDir) -> Result<Option<Release>> {
+    let path = state.release_file();
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Release::load(&path)?))
+}

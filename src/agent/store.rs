@@ -1,0 +1,115 @@
+//! The image store (`<state>/images`, an OCI layout with one tag per image digest) and the
+//! unpacked root filesystems beside it.
+//!
+//! The store is only added to during an update: images come in through [`crate::pull`] (a
+//! delta from the image the service runs when the registry has one) or a layout copy, each
+//! committed atomically. Images and root filesystems that nothing installed uses are removed
+//! by [`prune`], which the agent runs only after the update is committed.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+
+use serde_json::Value;
+
+use super::state::{sync_parent, write_file, Installed, InstanceRecord, StateDir};
+use crate::error::{Error, IoContext, Result};
+use crate::image::manifest::{BlobRef, Manifest, MAX_JSON_BYTES};
+use crate::image::{ImageRef, Layout};
+use crate::progress::Progress;
+use crate::pull::{pull, PullMethod, PullOptions};
+use crate::release_update::parse_release_image;
+use crate::transfer::Transfer;
+
+/// Brings the image of `to` into the store, from its registry (with a delta from `from`'s
+/// image when one exists) or its layout. Returns how, in words. An image already in the store
+/// is not fetched again.
+pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord>, to: &InstanceRecord, allow_full: bool, progress: &dyn Progress) -> Result<String> {
+    let store = state.store();
+    if has_image(state, to) {
+        return Ok("already in the store".into());
+    }
+    let output = ImageRef::Layout { dir: store.clone(), tag: Some(to.store_tag()) };
+    match parse_release_image(&to.image)? {
+        ImageRef::Registry(reference) => {
+            // Pinned: a tag that moved since planning must not bring another image.
+            let target = reference.with_digest(to.digest);
+            let source = from.filter(|f| has_image(state, f)).map(|f| ImageRef::Layout { dir: store.clone(), tag: Some(f.store_tag()) });
+            let options = PullOptions { allow_full, ..PullOptions::default() };
+            let report = pull(transfer, source.as_ref(), &target, &output, &options, progress)?;
+            Ok(match report.method {
+                PullMethod::Unchanged => "same content as the image it had".to_string(),
+                PullMethod::Delta { delta, .. } => format!("delta {delta}, {} bytes received", report.received),
+                PullMethod::Full { reason } => format!("missing layers, {} bytes received ({reason})", report.received),
+            })
+        }
+        local @ ImageRef::Layout { .. } => {
+            let report = transfer.copy(&local, &output, progress)?;
+            match report.manifest {
+                Some(found) if found != to.digest => {
+                    Err(Error::DigestMismatch { what: format!("image {}", to.image), expected: to.digest, found })
+                }
+                _ => Ok("copied from its layout".into()),
+            }
+        }
+    }
+}
+
+/// Whether the store holds the image of `record`, complete.
+pub fn has_image(state: &StateDir, record: &InstanceRecord) -> bool {
+    Layout::open(state.store()).and_then(|l| l.load_image(Some(&record.store_tag()))).is_ok()
+}
+
+/// Removes from the store every image no installed service uses, and every root filesystem
+/// and instance record of images or services no longer installed. Service data is kept.
+pub fn prune(state: &StateDir, installed: &Installed) -> Result<()> {
+    let keep: BTreeSet<String> = installed.services.values().map(InstanceRecord::store_tag).collect();
+    prune_store(state, &keep)?;
+    let services = state.root().join("services");
+    for entry in fs::read_dir(&services).ctx(|| format!("reading {}", services.display()))? {
+        let entry = entry.ctx(|| format!("reading {}", services.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let wanted = installed.services.get(&name).map(|r| r.digest.hex());
+        let rootfs_dir = entry.path().join("rootfs");
+        if let Ok(dirs) = fs::read_dir(&rootfs_dir) {
+            for dir in dirs.flatten() {
+                if Some(dir.file_name().to_string_lossy().into_owned()) != wanted {
+                    fs::remove_dir_all(dir.path()).ctx(|| format!("removing {}", dir.path().display()))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn prune_store(state: &StateDir, keep: &BTreeSet<String>) -> Result<()> {
+    let store = state.store();
+    let Ok(layout) = Layout::open(&store) else { return Ok(()) };
+    // The same lock as writers of the layout take while they update index.json.
+    let dir = File::open(&store).ctx(|| format!("opening {}", store.display()))?;
+    dir.lock().ctx(|| format!("locking {}", store.display()))?;
+    let index_path = store.join("index.json");
+    let bad = |reason: &str| Error::malformed(index_path.display().to_string(), reason);
+    let mut index: Value = serde_json::from_slice(&fs::read(&index_path).ctx(|| format!("reading {}", index_path.display()))?)
+        .map_err(|e| bad(&e.to_string()))?;
+    let manifests = index.get_mut("manifests").and_then(Value::as_array_mut).ok_or_else(|| bad("no manifests array"))?;
+    manifests.retain(|m| {
+        m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str).is_some_and(|tag| keep.contains(tag))
+    });
+    let mut referenced = BTreeSet::new();
+    for entry in manifests.iter() {
+        let blob: BlobRef = BlobRef::from_descriptor(&serde_json::from_value(entry.clone()).map_err(|e| bad(&e.to_string()))?)?;
+        referenced.insert(blob.digest.hex());
+        let manifest = Manifest::parse(layout.read_blob(&blob, MAX_JSON_BYTES)?, Some(&blob.media_type))?;
+        referenced.insert(manifest.config.digest.hex());
+        referenced.extend(manifest.layers.iter().map(|l| l.digest.hex()));
+    }
+    write_file(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
+    let blobs = store.join("blobs").join("sha256");
+    for entry in fs::read_dir(&blobs).ctx(|| format!("reading {}", blobs.display()))? {
+        let entry = entry.ctx(|| format!("reading {}", blobs.display()))?;
+        if !referenced.contains(entry.file_name().to_string_lossy().as_ref()) {
+            fs::remove_file(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    sync_parent(&blobs.join("x"))
+}

@@ -1,0 +1,169 @@
+//! `fleetdelta agent`: run the device agent, show its status, or speak to its local API.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use fleetdelta::agent::{self, Agent, AgentOptions, ApiRequest, Outcome, ProcessRuntime, StateDir, UpdateReport};
+use fleetdelta::release::DeviceFacts;
+use fleetdelta::Progress;
+
+use super::RegistryArgs;
+
+/// Flags of the agent itself.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The state directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// The target release: a release file or an http(s) URL serving one.
+    #[arg(long, value_name = "RELEASE")]
+    pub target: Option<String>,
+    /// The device's facts (supervisor, os, l4t, kernel, device_type, arch): contracts are checked.
+    #[arg(long, value_name = "FACTS")]
+    pub device: Option<PathBuf>,
+    /// Apply the target once and exit (status 2 when locks or a rollback left it incomplete).
+    #[arg(long)]
+    pub once: bool,
+    /// Never download whole layers: an image without a delta is not updated (metered links).
+    #[arg(long)]
+    pub no_full_download: bool,
+    /// Least seconds between two service starts.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub stagger: f64,
+    /// Seconds a stopping service has after SIGTERM before SIGKILL.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub stop_timeout: f64,
+    /// Give up waiting for locks after this many seconds (the update goes on at the next run).
+    #[arg(long, value_name = "SECONDS")]
+    pub lock_timeout: Option<f64>,
+    /// Without --once: seconds between looks at the target release.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub interval: f64,
+    /// Shell command that installs the OS version in $FLEETDELTA_OS_VERSION (may reboot).
+    #[arg(long, value_name = "COMMAND")]
+    pub os_update_command: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Test hook: exit with status 86 right after this step (SERVICE:STEP, STEP, begin,
+    /// commit-release), before journaling it done.
+    #[arg(long, hide = true, value_name = "STEP")]
+    pub crash_after: Option<String>,
+}
+
+/// `fleetdelta agent status|go-ahead|defer`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// What runs, the update under way, and the release requests waiting for locks.
+    Status {
+        /// The state directory.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
+    /// Tell the running agent to update SERVICE now, even while its lock is held.
+    GoAhead {
+        /// The state directory.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// The service.
+        service: String,
+    },
+    /// Tell the running agent not to switch SERVICE for a while.
+    Defer {
+        /// The state directory.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        /// For how many seconds.
+        #[arg(long)]
+        seconds: u64,
+        /// The service.
+        service: String,
+    },
+}
+
+pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
+    match action {
+        Some(Action::Status { state }) => {
+            let state = StateDir::open(&state)?;
+            let status = agent::status(&state, &ProcessRuntime::new(state.clone()))?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Action::GoAhead { state, service }) => return api(&state, ApiRequest::GoAhead { service }),
+        Some(Action::Defer { state, seconds, service }) => return api(&state, ApiRequest::Defer { service, seconds }),
+        None => {}
+    }
+    let Some(state) = &args.state else { bail!("--state DIR is required") };
+    let Some(target) = &args.target else { bail!("--target RELEASE is required") };
+    let facts = args.device.as_deref().map(DeviceFacts::load).transpose()?;
+    let options = AgentOptions {
+        facts,
+        allow_full: !args.no_full_download,
+        stagger: seconds(args.stagger, "--stagger")?,
+        stop_timeout: seconds(args.stop_timeout, "--stop-timeout")?,
+        lock_timeout: args.lock_timeout.map(|t| seconds(t, "--lock-timeout")).transpose()?,
+        os_update_command: args.os_update_command.clone().map(|c| vec!["/bin/sh".to_string(), "-c".to_string(), c]),
+        crash_after: args.crash_after.clone(),
+        ..AgentOptions::default()
+    };
+    let arch = options.facts.as_ref().and_then(|f| f.arch.as_deref()).and_then(fleetdelta::release_update::oci_architecture);
+    let transfer = registry.transfer(arch)?;
+    let state_dir = StateDir::open(state)?;
+    let runtime = Box::new(ProcessRuntime::new(state_dir.clone()));
+    let mut agent = Agent::open(state_dir, &transfer, runtime, options, progress)?;
+    loop {
+        let result = agent.update(target).with_context(|| format!("update to {target}"));
+        if args.once {
+            let report = result?;
+            print_report(&report, args.json)?;
+            return Ok(if report.complete { ExitCode::SUCCESS } else { ExitCode::from(2) });
+        }
+        match result {
+            Ok(report) => print_report(&report, args.json)?,
+            Err(e) => eprintln!("fleetdelta: error: {e:#}"),
+        }
+        std::thread::sleep(seconds(args.interval, "--interval")?);
+    }
+}
+
+fn api(state: &Path, request: ApiRequest) -> anyhow::Result<ExitCode> {
+    let socket = StateDir::open(state)?.socket();
+    let answer = agent::api::send(&socket, &request).with_context(|| format!("agent at {}", socket.display()))?;
+    println!("{answer}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value).with_context(|| format!("{flag} {value}: not a number of seconds"))
+}
+
+fn print_report(report: &UpdateReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    if let Some(resumed) = &report.resumed {
+        println!("resumed the interrupted update to release {resumed}");
+    }
+    let from = report.from_release.as_deref().unwrap_or("none");
+    println!("release {from} -> {}: {}", report.target_release, if report.complete { "complete" } else { "incomplete" });
+    for s in &report.services {
+        let outcome = match &s.outcome {
+            Outcome::Unchanged => "unchanged (not restarted)".to_string(),
+            Outcome::Updated => "updated".to_string(),
+            Outcome::Waiting => "waiting for its lock".to_string(),
+            Outcome::RolledBack { reason } => format!("rolled back: {reason}"),
+        };
+        let fetched = s.fetched.as_deref().map(|f| format!(" [{f}]")).unwrap_or_default();
+        println!("  {:<20} {:<13} {outcome}{fetched}", s.service, s.change);
+    }
+    if let Some(os) = &report.os_updated {
+        println!("  OS {os} installed");
+    }
+    if !report.restarted.is_empty() {
+        println!("  started (were not running): {}", report.restarted.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,492 @@
+//! `fleetdelta agent` end to end with real processes: services are shell scripts inside images
+//! built here, run from their unpacked root filesystems; locks are taken by real `flock`
+//! processes; images come from layouts and from a real `docker-registry`.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::registry::Registry;
+use common::{file, fleetdelta, layer_tar, run, text, tool, write_runnable_image, Node, Tree};
+use serde_json::{json, Value};
+
+/// A service's entrypoint: logs each start and stop to its data directory (kept across
+/// updates), hands over when asked to, and runs until SIGTERM.
+const SCRIPT: &str = r#"#!/bin/sh
+version=$(cat app/version)
+echo "start $$ $(date +%s.%N) $version ${MODE:-none}" >> "$FLEETDELTA_DATA/log"
+trap 'echo "stop $$ $(date +%s.%N) $version" >> "$FLEETDELTA_DATA/log"; exit 0' TERM
+if [ -n "$FLEETDELTA_HANDOVER_FILE" ]; then
+    sleep 0.3
+    echo "handover $$ $(date +%s.%N) $version" >> "$FLEETDELTA_DATA/log"
+    touch "$FLEETDELTA_HANDOVER_FILE"
+fi
+while true; do sleep 0.05; done
+"#;
+
+/// One line of a service's log.
+#[derive(Debug, Clone, PartialEq)]
+struct Event {
+    what: String,
+    pid: u32,
+    time: f64,
+    version: String,
+    mode: String,
+}
+
+struct Device {
+    tmp: tempfile::TempDir,
+}
+
+impl Device {
+    fn new() -> Self {
+        Device { tmp: tempfile::tempdir().unwrap() }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn images(&self) -> PathBuf {
+        self.tmp.path().join("images")
+    }
+
+    /// Builds `service`'s image at `version` into the test's image layout; returns its reference.
+    fn image(&self, service: &str, version: u32) -> String {
+        let seed = service.bytes().map(u64::from).sum::<u64>();
+        let mut app: Tree = Tree::new();
+        app.insert("app/run.sh".into(), Node::File { data: SCRIPT.into(), mode: 0o755, mtime: 1_700_000_000 });
+        app.insert("app/version".into(), file(format!("{service}-v{version}")));
+        let mut data = text(seed, 40_000);
+        data.splice(100..140, text(u64::from(version) * 31, 40));
+        app.insert("app/payload.txt".into(), file(data));
+        let base: Tree = [("usr/share/base.txt".to_string(), file(text(7, 30_000)))].into();
+        let tag = format!("{service}-{version}");
+        write_runnable_image(&self.images(), &tag, &[layer_tar(&base), layer_tar(&app)], json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/usr/bin:/bin"]}));
+        format!("oci:{}:{tag}", self.images().display())
+    }
+
+    /// Writes a release file; each service is (name, image, extra YAML under the service).
+    fn release(&self, id: &str, services: &[(&str, String, &str)], top: &str) -> PathBuf {
+        let mut yaml = format!("id: '{id}'\n{top}services:\n");
+        for (name, image, extra) in services {
+            yaml.push_str(&format!("  {name}:\n    image: {image}\n{extra}"));
+        }
+        let path = self.tmp.path().join(format!("release-{id}.yaml"));
+        fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    fn agent(&self, target: &Path, extra: &[&str]) -> Command {
+        let mut c = fleetdelta();
+        c.env("HOME", self.tmp.path()).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE");
+        c.args(["--quiet", "agent", "--once", "--json", "--stop-timeout", "3", "--state"]).arg(self.state()).arg("--target").arg(target).args(extra);
+        if !extra.contains(&"--stagger") {
+            c.args(["--stagger", "0.05"]);
+        }
+        c
+    }
+
+    fn update(&self, target: &Path, extra: &[&str]) -> Value {
+        report(&run(&mut self.agent(target, extra)))
+    }
+
+    fn log(&self, service: &str) -> Vec<Event> {
+        let text = fs::read_to_string(self.state().join("services").join(service).join("data/log")).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                Event { what: f[0].into(), pid: f[1].parse().unwrap(), time: f[2].parse().unwrap(), version: f[3].into(), mode: f.get(4).unwrap_or(&"").to_string() }
+            })
+            .collect()
+    }
+
+    fn starts(&self, service: &str) -> Vec<Event> {
+        self.log(service).into_iter().filter(|e| e.what == "start").collect()
+    }
+
+    /// The version the service's running instance logged, waiting a little for it to start.
+    fn running_version(&self, service: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let last = self.starts(service).into_iter().rev().find(|e| alive(e.pid));
+            match last {
+                Some(e) => return e.version,
+                None if Instant::now() > deadline => panic!("{service} does not run: {:?}", self.log(service)),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn running_pids(&self, service: &str) -> Vec<u32> {
+        self.starts(service).into_iter().filter(|e| alive(e.pid)).map(|e| e.pid).collect()
+    }
+
+    fn installed(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.state().join("installed.json")).unwrap()).unwrap()
+    }
+
+    fn request(&self, service: &str) -> Option<Value> {
+        fs::read(self.request_path(service)).ok().map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
+    fn request_path(&self, service: &str) -> PathBuf {
+        self.state().join("locks").join(service).join("release-request")
+    }
+
+    /// A process that takes the service's lock and holds it until killed, as a service would.
+    fn hold_lock(&self, service: &str) -> Child {
+        let lock = self.state().join("locks").join(service).join("updates.lock");
+        fs::create_dir_all(lock.parent().unwrap()).unwrap();
+        // Its own process group: flock's child (sleep) inherits the locked descriptor, so
+        // releasing means killing the group.
+        let mut child = tool("flock").arg(&lock).args(["sleep", "300"]).stdin(Stdio::null()).process_group(0).spawn().unwrap();
+        // The holder has the lock once a second flock cannot take it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Command::new("flock").args(["-n"]).arg(&lock).arg("true").status().unwrap().success() {
+            assert!(Instant::now() < deadline, "flock did not take {}", lock.display());
+            assert!(child.try_wait().unwrap().is_none());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    }
+
+    /// Kills every service process, as a power cut would.
+    fn power_cut(&self) {
+        for pid in self.all_service_pids() {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.all_service_pids().iter().any(|p| alive(*p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn all_service_pids(&self) -> Vec<u32> {
+        let Ok(services) = fs::read_dir(self.state().join("services")) else { return vec![] };
+        services.flatten().flat_map(|s| self.log(&s.file_name().to_string_lossy())).filter(|e| e.what == "start" && alive(e.pid)).map(|e| e.pid).collect()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.power_cut();
+    }
+}
+
+/// Releases a lock taken by [`Device::hold_lock`].
+fn release(mut holder: Child) {
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", holder.id())]).status();
+    holder.wait().unwrap();
+}
+
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+fn report(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn outcome<'a>(report: &'a Value, service: &str) -> &'a Value {
+    report["services"].as_array().unwrap().iter().find(|s| s["service"] == service).unwrap_or_else(|| panic!("no {service} in {report}"))
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn finish(child: Child) -> Output {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "agent failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn strategy(name: &str) -> String {
+    format!("    labels:\n      io.balena.update.strategy: {name}\n")
+}
+
+#[test]
+fn unchanged_services_are_never_restarted_and_environment_changes_restart_without_a_download() {
+    let d = Device::new();
+    let r1 = d.release("1", &[("api", d.image("api", 1), ""), ("web", d.image("web", 1), ""), ("db", d.image("db", 1), "")], "");
+    let first = d.update(&r1, &["--stagger", "0.3"]);
+    assert_eq!(first["complete"], true);
+    assert!(first["services"].as_array().unwrap().iter().all(|s| s["change"] == "added" && s["outcome"] == "updated"), "{first}");
+    // When the agent started each instance (the script's own log may lag under load).
+    let mut times: Vec<f64> = ["api", "web", "db"]
+        .iter()
+        .flat_map(|s| fs::read_dir(d.state().join("services").join(s).join("instances")).unwrap().flatten())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| serde_json::from_slice::<Value>(&fs::read(e.path()).unwrap()).unwrap()["started_at"].as_f64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 3);
+    times.sort_by(f64::total_cmp);
+    assert!(times.windows(2).all(|w| w[1] - w[0] >= 0.29), "starts are staggered by 0.3 s: {times:?}");
+    let db_pid = d.running_pids("db");
+    assert_eq!(db_pid.len(), 1);
+
+    let r2 = d.release(
+        "2",
+        &[("api", d.image("api", 2), ""), ("web", d.image("web", 1), "    environment:\n      MODE: eco\n"), ("db", d.image("db", 1), "")],
+        "",
+    );
+    let second = d.update(&r2, &[]);
+    assert_eq!(second["complete"], true, "{second}");
+    assert_eq!(outcome(&second, "api")["change"], "delta-update");
+    assert_eq!(outcome(&second, "web")["kind"], "environment");
+    assert_eq!(outcome(&second, "web")["fetched"], Value::Null, "an environment change downloads nothing");
+    assert_eq!(outcome(&second, "db")["outcome"], "unchanged");
+    assert_eq!(d.running_version("api"), "api-v2");
+    assert_eq!(d.starts("web").last().unwrap().mode, "eco");
+    assert_eq!(d.starts("db").len(), 1, "db never restarted");
+    assert_eq!(d.running_pids("db"), db_pid, "db still the same process");
+    assert_eq!(d.running_pids("api").len(), 1, "one api instance");
+
+    let installed = d.installed();
+    assert_eq!(installed["release"], "2");
+    assert_eq!(installed["services"]["web"]["environment"]["MODE"], "eco");
+    assert_eq!(fs::read_to_string(d.state().join("release.yaml")).unwrap(), fs::read_to_string(&r2).unwrap());
+    assert_eq!(fs::metadata(d.state().join("journal.jsonl")).unwrap().len(), 0, "the journal is closed");
+    let store_tags = fs::read_to_string(d.state().join("images/index.json")).unwrap();
+    assert_eq!(store_tags.matches("sha256-").count(), 3, "the old api image is pruned: {store_tags}");
+    assert_eq!(fs::read_dir(d.state().join("services/api/rootfs")).unwrap().count(), 1, "the old root filesystem is pruned");
+
+    let again = d.update(&r2, &[]);
+    assert!(again["services"].as_array().unwrap().iter().all(|s| s["outcome"] == "unchanged"), "{again}");
+    assert_eq!(d.starts("db").len(), 1);
+}
+
+#[test]
+fn a_held_lock_blocks_only_its_own_service_and_the_request_says_why() {
+    let d = Device::new();
+    let r1 = d.release("1", &[("api", d.image("api", 1), ""), ("web", d.image("web", 1), "")], "");
+    d.update(&r1, &[]);
+    let api_pid = d.running_pids("api");
+    let holder = d.hold_lock("api");
+    let r2 = d.release("2", &[("api", d.image("api", 2), ""), ("web", d.image("web", 1), "    environment:\n      MODE: fast\n")], "");
+    let agent = d.agent(&r2, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+
+    wait_for("api's release request", || d.request("api").is_some());
+    let request = d.request("api").unwrap();
+    assert_eq!(request["reason"], "update_restart");
+    assert_eq!(request["target_release"], "2");
+    assert!(request["since"].as_str().unwrap().ends_with('Z'), "{request}");
+    assert_eq!(request["api"], d.state().join("agent.sock").display().to_string());
+    wait_for("web's environment change", || d.starts("web").last().is_some_and(|e| e.mode == "fast"));
+    assert!(d.request("web").is_none(), "web was not held back");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.running_pids("api"), api_pid, "the locked service keeps running, untouched");
+    assert_eq!(d.running_version("api"), "api-v1");
+
+    // The service releases its lock: the agent goes on and withdraws the request.
+    release(holder);
+    let report = report(&finish(agent));
+    assert_eq!(report["complete"], true, "{report}");
+    assert_eq!(d.running_version("api"), "api-v2");
+    assert!(!d.request_path("api").exists(), "the request is removed once the need is gone");
+}
+
+#[test]
+fn a_service_says_go_ahead_through_the_local_api_while_holding_its_lock() {
+    let d = Device::new();
+    let r1 = d.release("1", &[("api", d.image("api", 1), "")], "");
+    d.update(&r1, &[]);
+    let mut holder = d.hold_lock("api");
+    let r2 = d.release("2", &[("api", d.image("api", 2), "")], "");
+    let agent = d.agent(&r2, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("api's release request", || d.request("api").is_some());
+
+    let status = run(fleetdelta().args(["agent", "status", "--state"]).arg(d.state()));
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["updating_to"], "2");
+    assert_eq!(status["waiting"][0]["service"], "api");
+
+    // The service's maintenance window opens: it tells the agent, with its lock still held.
+    run(fleetdelta().args(["agent", "go-ahead", "--state"]).arg(d.state()).arg("api"));
+    let report = report(&finish(agent));
+    assert_eq!(report["complete"], true, "{report}");
+    assert_eq!(d.running_version("api"), "api-v2");
+    assert!(holder.try_wait().unwrap().is_none(), "the lock holder was not touched");
+    assert!(!d.request_path("api").exists());
+    release(holder);
+    let err = run_failing_status(fleetdelta().args(["agent", "go-ahead", "--state"]).arg(d.state()).arg("api"));
+    assert!(err.contains("agent.sock"), "no agent runs: {err}");
+}
+
+fn run_failing_status(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Each strategy's order, seen at the moment of a crash injected right after a step, then
+/// finished by a rerun.
+#[test]
+fn strategies_order_downloads_stops_and_starts() {
+    for (name, crash_step) in [("download-then-kill", "stop-old"), ("kill-then-download", "stop-old"), ("delete-then-download", "delete-old"), ("hand-over", "start-new")] {
+        let d = Device::new();
+        let extra = strategy(name);
+        let r1 = d.release("1", &[("svc", d.image("svc", 1), &extra)], "");
+        d.update(&r1, &[]);
+        let r2 = d.release("2", &[("svc", d.image("svc", 2), &extra)], "");
+        let out = d.agent(&r2, &["--crash-after", &format!("svc:{crash_step}")]).output().unwrap();
+        assert_eq!(out.status.code(), Some(86), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let rootfs: Vec<String> = fs::read_dir(d.state().join("services/svc/rootfs")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let old_running = !d.running_pids("svc").is_empty() && d.starts("svc").iter().any(|e| e.version == "svc-v1" && alive(e.pid));
+        match name {
+            "download-then-kill" => {
+                assert_eq!(rootfs.len(), 2, "{name}: the new image was unpacked before the old instance stopped");
+                assert!(!old_running);
+            }
+            "kill-then-download" => {
+                assert_eq!(rootfs.len(), 1, "{name}: stopped before downloading");
+                assert!(!old_running);
+            }
+            "delete-then-download" => assert_eq!(rootfs.len(), 0, "{name}: the old root filesystem is deleted before the download"),
+            _ => assert!(old_running, "{name}: the old instance runs beside the new one"),
+        }
+        let done = d.update(&r2, &[]);
+        assert_eq!(done["complete"], true, "{name}: {done}");
+        assert_eq!(done["resumed"], "2");
+        assert_eq!(d.running_version("svc"), "svc-v2", "{name}");
+        assert_eq!(d.running_pids("svc").len(), 1, "{name}: one instance in the end");
+        let log = d.log("svc");
+        let stop_old = log.iter().find(|e| e.what == "stop" && e.version == "svc-v1").unwrap_or_else(|| panic!("{name}: {log:?}"));
+        let start_new = log.iter().find(|e| e.what == "start" && e.version == "svc-v2").unwrap();
+        if name == "hand-over" {
+            let handover = log.iter().find(|e| e.what == "handover").unwrap();
+            assert!(start_new.time < handover.time && handover.time <= stop_old.time, "{name}: {log:?}");
+        } else {
+            assert!(stop_old.time < start_new.time, "{name}: {log:?}");
+        }
+    }
+}
+
+#[test]
+fn a_crash_between_any_two_steps_then_a_rerun_leaves_a_consistent_device() {
+    let points = ["begin", "fetch", "unpack", "api:stop-old", "start-new", "commit", "commit-release"];
+    for (i, point) in points.iter().enumerate() {
+        let power_cut = i % 2 == 1;
+        let d = Device::new();
+        let r1 = d.release("1", &[("api", d.image("api", 1), ""), ("db", d.image("db", 1), "")], "");
+        d.update(&r1, &[]);
+        let db_pid = d.running_pids("db");
+        let r2 = d.release("2", &[("api", d.image("api", 2), ""), ("db", d.image("db", 1), "")], "");
+        let out = d.agent(&r2, &["--crash-after", point]).output().unwrap();
+        assert_eq!(out.status.code(), Some(86), "{point}: {}", String::from_utf8_lossy(&out.stderr));
+        if power_cut {
+            d.power_cut();
+        }
+        let done = d.update(&r2, &[]);
+        assert_eq!(done["complete"], true, "{point}: {done}");
+        assert_eq!(d.running_version("api"), "api-v2", "{point}");
+        assert_eq!(d.running_pids("api").len(), 1, "{point}: one api instance");
+        assert_eq!(d.running_version("db"), "db-v1", "{point}");
+        if !power_cut {
+            assert_eq!(d.running_pids("db"), db_pid, "{point}: db untouched by the crash and the rerun");
+        }
+        let installed = d.installed();
+        assert_eq!(installed["release"], "2", "{point}");
+        assert_eq!(fs::metadata(d.state().join("journal.jsonl")).unwrap().len(), 0, "{point}");
+        assert!(!d.state().join("target.yaml").exists(), "{point}");
+        let index = fs::read_to_string(d.state().join("images/index.json")).unwrap();
+        assert_eq!(index.matches("sha256-").count(), 2, "{point}: only the images in use remain");
+    }
+}
+
+#[test]
+fn a_failed_download_rolls_the_service_back_to_the_instance_it_ran() {
+    let d = Device::new();
+    let extra = strategy("kill-then-download");
+    let r1 = d.release("1", &[("api", d.image("api", 1), &extra)], "");
+    d.update(&r1, &[]);
+    // The new image's manifest is readable (planning succeeds) but a layer is gone.
+    let v2 = d.image("api", 2);
+    let index: Value = serde_json::from_slice(&fs::read(d.images().join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "api-2").unwrap()["digest"].as_str().unwrap().to_string();
+    let manifest: Value = serde_json::from_slice(&fs::read(d.images().join("blobs/sha256").join(&manifest_digest[7..])).unwrap()).unwrap();
+    let layer = manifest["layers"][1]["digest"].as_str().unwrap();
+    fs::remove_file(d.images().join("blobs/sha256").join(&layer[7..])).unwrap();
+    let r2 = d.release("2", &[("api", v2, &extra)], "");
+    let out = d.agent(&r2, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "incomplete: {}", String::from_utf8_lossy(&out.stderr));
+    let report = report(&out);
+    assert_eq!(outcome(&report, "api")["outcome"], "rolled-back", "{report}");
+    assert_eq!(d.running_version("api"), "api-v1", "back on the old instance");
+    let installed = d.installed();
+    assert_eq!(installed["release"], "1");
+    assert_eq!(fs::metadata(d.state().join("journal.jsonl")).unwrap().len(), 0);
+}
+
+#[test]
+fn an_os_update_waits_for_every_lock_even_of_unchanged_services() {
+    let d = Device::new();
+    let r1 = d.release("1", &[("api", d.image("api", 1), ""), ("db", d.image("db", 1), "")], "");
+    d.update(&r1, &[]);
+    let marker = d.tmp.path().join("os-installed");
+    let holder = d.hold_lock("db");
+    let r2 = d.release("2", &[("api", d.image("api", 1), ""), ("db", d.image("db", 1), "")], "os: '2.0.1'\n");
+    let command = format!("echo $FLEETDELTA_OS_VERSION > {}", marker.display());
+    let agent = d.agent(&r2, &["--os-update-command", &command]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("db's release request", || d.request("db").is_some());
+    assert_eq!(d.request("db").unwrap()["reason"], "os_update");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!marker.exists(), "no OS update while a lock is held");
+    release(holder);
+    let report = report(&finish(agent));
+    assert_eq!(report["os_updated"], "2.0.1", "{report}");
+    assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "2.0.1");
+    assert!(!d.request_path("db").exists());
+    assert_eq!(d.installed()["os"], "2.0.1");
+    assert_eq!(d.starts("db").len(), 1, "an OS update by itself restarts nothing");
+}
+
+#[test]
+fn an_unmet_contract_rejects_the_release_and_changes_nothing() {
+    let d = Device::new();
+    let r1 = d.release("1", &[("api", d.image("api", 1), "")], "");
+    d.update(&r1, &[]);
+    let facts = d.tmp.path().join("device.yaml");
+    fs::write(&facts, "l4t: '32.2'\n").unwrap();
+    let contract = "    contract:\n      type: sw.container\n      slug: needs-l4t-32-4\n      requires:\n        - type: sw.l4t\n          version: '>=32.4'\n";
+    let r2 = d.release("2", &[("api", d.image("api", 2), contract)], "");
+    let out = d.agent(&r2, &["--device", facts.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs-l4t-32-4"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.installed()["release"], "1");
+    assert_eq!(d.starts("api").len(), 1);
+}
+
+#[test]
+fn images_come_from_a_registry_as_deltas_where_they_exist() {
+    let reg = Registry::start();
+    let d = Device::new();
+    let home = d.tmp.path();
+    let fd = || {
+        let mut c = fleetdelta();
+        c.env("HOME", home).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE").arg("--quiet");
+        c
+    };
+    let repo = format!("{}/fleet/api", reg.addr);
+    for v in [1, 2] {
+        let local = d.image("api", v);
+        run(fd().args(["copy", &local, &format!("docker://{repo}:{v}")]));
+    }
+    run(fd().args(["diff", &format!("docker://{repo}:1"), &format!("docker://{repo}:2"), &format!("docker://{repo}:delta-1-2")]));
+    let r1 = d.release("1", &[("api", repo.clone() + ":1", "")], "");
+    let first = d.update(&r1, &[]);
+    assert!(outcome(&first, "api")["fetched"].as_str().unwrap().starts_with("missing layers"), "{first}");
+    let r2 = d.release("2", &[("api", repo.clone() + ":2", "")], "");
+    let second = d.update(&r2, &["--no-full-download"]);
+    assert!(outcome(&second, "api")["fetched"].as_str().unwrap().starts_with("delta docker://"), "{second}");
+    assert_eq!(d.running_version("api"), "api-v2");
+}
