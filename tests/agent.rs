@@ -490,3 +490,52 @@ fn images_come_from_a_registry_as_deltas_where_they_exist() {
     assert!(outcome(&second, "api")["fetched"].as_str().unwrap().starts_with("delta docker://"), "{second}");
     assert_eq!(d.running_version("api"), "api-v2");
 }
+
+#[test]
+fn a_deferred_service_is_switched_only_when_its_deferral_ends() {
+    let d = Device::new();
+    let r1 = d.release("1", &[("api", d.image("api", 1), "")], "");
+    d.update(&r1, &[]);
+    let holder = d.hold_lock("api");
+    let r2 = d.release("2", &[("api", d.image("api", 2), "")], "");
+    let agent = d.agent(&r2, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("api's release request", || d.request("api").is_some());
+
+    // The service is busy for a while: it asks for 2 s, then frees its lock at once.
+    let deferred_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    run(fleetdelta().args(["agent", "defer", "--seconds", "2", "--state"]).arg(d.state()).arg("api"));
+    release(holder);
+    let report = report(&finish(agent));
+    assert_eq!(report["complete"], true, "{report}");
+    assert_eq!(d.running_version("api"), "api-v2");
+    let v2 = d.starts("api").into_iter().find(|e| e.version == "api-v2").expect("v2 started");
+    assert!(v2.time >= deferred_at + 2.0, "api was switched {:.2} s after it asked for 2 s", v2.time - deferred_at);
+}
+
+#[test]
+fn the_target_release_can_come_from_a_url() {
+    let d = Device::new();
+    let r1 = d.release("1", &[("api", d.image("api", 1), "")], "");
+    d.update(&r1, &[]);
+    let r2 = d.release("2", &[("api", d.image("api", 2), "")], "");
+    // A release server on loopback (python3's http.server, serving the test's directory).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = tool("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
+        .arg(r2.parent().unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the release server", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let url = format!("http://127.0.0.1:{port}/{}", r2.file_name().unwrap().to_string_lossy());
+    let report = d.update(Path::new(&url), &[]);
+    assert_eq!(report["complete"], true, "{report}");
+    assert_eq!(d.running_version("api"), "api-v2");
+
+    let missing = format!("http://127.0.0.1:{port}/no-such-release.yaml");
+    let err = run_failing_status(&mut d.agent(Path::new(&missing), &[]));
+    assert!(err.contains("no-such-release.yaml") && err.contains("404"), "{err}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
