@@ -10,27 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::registry::Registry;
-use common::{assert_same_tagged_image, file, fleetdelta, layer_tar, run, run_failing, text, write_image, Tree};
+use common::{assert_same_tagged_image, fleetdelta, run, run_failing, service_image};
 use fleetdelta::delta_store::{DeltaKey, DeltaStore};
 use fleetdelta::image::Layout;
-use fleetdelta::layer::Compression;
 use serde_json::Value;
-
-/// A service image: a base layer shared by all versions of all services, and an app layer
-/// per service whose files drift with `version`.
-fn service_image(dir: &Path, tag: &str, service: u64, version: u64, files: u64) {
-    let base: Tree = (0..15).map(|i| (format!("usr/lib/lib{i}.so"), file(text(i, 20_000)))).collect();
-    let app: Tree = (0..files)
-        .map(|i| {
-            let mut data = text(service * 1_000 + i, 16_000);
-            if i % 3 == 0 {
-                data.splice(100..200, text(version * 77 + i, 150));
-            }
-            (format!("srv/{service}/f{i}.txt"), file(data))
-        })
-        .collect();
-    write_image(dir, tag, &[layer_tar(&base), layer_tar(&app)], Compression::Gzip);
-}
 
 fn fd(home: &Path) -> Command {
     let mut c = fleetdelta();

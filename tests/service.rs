@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::registry::Registry;
-use common::{assert_same_tagged_image, file, fleetdelta, layer_tar, run, text, write_image, Tree};
+use common::{assert_same_tagged_image, fleetdelta, run, service_image};
 use fleetdelta::image::Layout;
-use fleetdelta::layer::Compression;
 use fleetdelta::service::metrics::sample;
 use fleetdelta::service::routes::ROUTES;
 use fleetdelta::Digest;
@@ -143,22 +142,6 @@ fn metric(url: &str, series: &str) -> u64 {
     sample(&text, series).unwrap_or_else(|| panic!("no {series} in {text}")) as u64
 }
 
-/// A service image: a base layer shared by every version, and an app layer whose files drift
-/// with `version`.
-fn app_image(dir: &Path, tag: &str, service: u64, version: u64, files: u64) {
-    let base: Tree = (0..15).map(|i| (format!("usr/lib/lib{i}.so"), file(text(i, 20_000)))).collect();
-    let app: Tree = (0..files)
-        .map(|i| {
-            let mut data = text(service * 1_000 + i, 16_000);
-            if i % 3 == 0 {
-                data.splice(100..200, text(version * 77 + i, 150));
-            }
-            (format!("srv/{service}/f{i}.txt"), file(data))
-        })
-        .collect();
-    write_image(dir, tag, &[layer_tar(&base), layer_tar(&app)], Compression::Gzip);
-}
-
 /// Pushes `img:tag` to `docker://REG/fleet/NAME:VERSION`; returns the manifest and config digests.
 fn push(home: &Path, img: &Path, tag: &str, reg: &Registry, name: &str, version: &str) -> (Digest, Digest) {
     run(fd(home).args(["copy", &format!("oci:{}:{tag}", img.display()), &format!("docker://{}/fleet/{name}:{version}", reg.addr)]));
@@ -175,8 +158,8 @@ fn a_delta_is_202_while_building_then_200_applies_bit_identically_and_survives_a
     let reg = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let (home, img) = (tmp.path(), tmp.path().join("img"));
-    app_image(&img, "v1", 1, 1, 60);
-    app_image(&img, "v2", 1, 2, 60);
+    service_image(&img, "v1", 1, 1, 60);
+    service_image(&img, "v2", 1, 2, 60);
     let (m1, _) = push(home, &img, "v1", &reg, "app", "1");
     let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
     let config = "retry_after_seconds: 1\nmax_concurrent_builds: 1\n";
@@ -231,8 +214,8 @@ fn three_hundred_devices_asking_at_once_cause_one_build_and_three_hundred_answer
     let reg = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let (home, img) = (tmp.path(), tmp.path().join("img"));
-    app_image(&img, "v1", 2, 1, 200);
-    app_image(&img, "v2", 2, 2, 200);
+    service_image(&img, "v1", 2, 1, 200);
+    service_image(&img, "v2", 2, 2, 200);
     let (m1, c1) = push(home, &img, "v1", &reg, "app", "1");
     let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
     let serve = Serve::start(home, "retry_after_seconds: 1\nmax_concurrent_builds: 2\n");
@@ -288,7 +271,7 @@ fn a_failing_build_reports_its_reason_and_is_retried_with_growing_backoff() {
     let reg = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let (home, img) = (tmp.path(), tmp.path().join("img"));
-    app_image(&img, "v2", 3, 2, 10);
+    service_image(&img, "v2", 3, 2, 10);
     let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
     let serve = Serve::start(home, "retry_after_seconds: 1\nretry_initial_seconds: 1\nretry_max_seconds: 30\n");
     let missing = Digest::of(b"no such image");
@@ -339,7 +322,7 @@ fn registering_a_release_builds_deltas_from_earlier_releases_and_release_update_
     // api changes 1 -> 2, web changes 2 -> 3, db never changes.
     for (name, svc, versions) in [("api", 11, vec![1, 2]), ("web", 12, vec![1, 3]), ("db", 13, vec![1])] {
         for v in versions {
-            app_image(&img, &format!("{name}-{v}"), svc, v, 30);
+            service_image(&img, &format!("{name}-{v}"), svc, v, 30);
             push(home, &img, &format!("{name}-{v}"), &reg, name, &v.to_string());
         }
     }
@@ -396,9 +379,9 @@ fn pull_with_a_service_asks_waits_applies_and_falls_back_only_where_allowed() {
     let reg = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let (home, img) = (tmp.path(), tmp.path().join("img"));
-    app_image(&img, "v1", 4, 1, 60);
-    app_image(&img, "v2", 4, 2, 60);
-    app_image(&img, "v3", 4, 3, 60);
+    service_image(&img, "v1", 4, 1, 60);
+    service_image(&img, "v2", 4, 2, 60);
+    service_image(&img, "v3", 4, 3, 60);
     push(home, &img, "v1", &reg, "app", "1");
     push(home, &img, "v2", &reg, "app", "2");
     push(home, &img, "v3", &reg, "app", "3");
@@ -436,8 +419,8 @@ fn two_instances_asked_for_the_same_pair_answer_the_same_delta() {
     let reg = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let (home, img) = (tmp.path(), tmp.path().join("img"));
-    app_image(&img, "v1", 5, 1, 100);
-    app_image(&img, "v2", 5, 2, 100);
+    service_image(&img, "v1", 5, 1, 100);
+    service_image(&img, "v2", 5, 2, 100);
     let (m1, c1) = push(home, &img, "v1", &reg, "app", "1");
     let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
     let (a, b) = (Serve::start(home, ""), Serve::start(home, ""));
@@ -463,8 +446,8 @@ fn shutdown_abandons_a_build_cleanly_and_the_next_instance_builds_it() {
     let reg = Registry::start();
     let tmp = tempfile::tempdir().unwrap();
     let (home, img) = (tmp.path(), tmp.path().join("img"));
-    app_image(&img, "v1", 6, 1, 600);
-    app_image(&img, "v2", 6, 2, 600);
+    service_image(&img, "v1", 6, 1, 600);
+    service_image(&img, "v2", 6, 2, 600);
     let (m1, c1) = push(home, &img, "v1", &reg, "app", "1");
     let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
     let config = "level: max\nshutdown_grace_seconds: 0\n";

@@ -324,3 +324,19 @@ pub fn retar_file(tar_bytes: &[u8], name: &str, edit: impl FnOnce(&mut Vec<u8>))
     assert!(edit.is_none(), "no entry {name}");
     b.into_inner().unwrap()
 }
+
+/// A service image in `dir` under `tag`: a base layer shared by every version of every
+/// service, and an app layer of `files` files per service whose contents drift with `version`.
+pub fn service_image(dir: &Path, tag: &str, service: u64, version: u64, files: u64) {
+    let base: Tree = (0..15).map(|i| (format!("usr/lib/lib{i}.so"), file(text(i, 20_000)))).collect();
+    let app: Tree = (0..files)
+        .map(|i| {
+            let mut data = text(service * 1_000 + i, 16_000);
+            if i % 3 == 0 {
+                data.splice(100..200, text(version * 77 + i, 150));
+            }
+            (format!("srv/{service}/f{i}.txt"), file(data))
+        })
+        .collect();
+    write_image(dir, tag, &[layer_tar(&base), layer_tar(&app)], Compression::Gzip);
+}
