@@ -1,11 +1,14 @@
 //! What a delta holds, per target layer, for people and for scripts.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::format::plan::{Encoding, Method, PatchStats};
 use crate::image::ImageRef;
+use crate::layer::exact::Encoder;
 use crate::package::{delta_download_bytes, DeltaImage};
 
 /// A summary of a delta.
@@ -57,6 +60,25 @@ pub struct LayerInfo {
     /// How the blob is rebuilt from the tar (absent in deltas that predate it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoding: Option<Encoding>,
+    /// gzip files inside the layer that the patch writes uncompressed, counted by the
+    /// encoder that compresses them again (as [`describe_encoder`] names it).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub repacked_members: BTreeMap<String, u64>,
+}
+
+/// An encoder in words, from its JSON form: `pgzip block_size=262144`, `gnu-gzip level=9`.
+pub fn describe_encoder(encoder: &Encoder) -> String {
+    let fields = match serde_json::to_value(encoder) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => Default::default(),
+    };
+    let name = fields.get("kind").and_then(|k| k.as_str()).unwrap_or("?").to_string();
+    let params: Vec<String> = fields.iter().filter(|(k, _)| *k != "kind").map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"'))).collect();
+    if params.is_empty() {
+        name
+    } else {
+        format!("{name} {}", params.join(" "))
+    }
 }
 
 impl LayerInfo {
@@ -65,20 +87,7 @@ impl LayerInfo {
         match &self.encoding {
             None => "recompressed unless identical (older delta)".into(),
             Some(Encoding::Verbatim) => "verbatim".into(),
-            Some(Encoding::Exact { descriptor }) => {
-                // The encoder's JSON form names it and its parameters: {"kind": "pgzip", "block_size": 262144}.
-                let fields = match serde_json::to_value(&descriptor.encoder) {
-                    Ok(serde_json::Value::Object(map)) => map,
-                    _ => Default::default(),
-                };
-                let name = fields.get("kind").and_then(|k| k.as_str()).unwrap_or("?").to_string();
-                let params: Vec<String> = fields.iter().filter(|(k, _)| *k != "kind").map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"'))).collect();
-                if params.is_empty() {
-                    format!("exact ({name})")
-                } else {
-                    format!("exact ({name} {})", params.join(" "))
-                }
-            }
+            Some(Encoding::Exact { descriptor }) => format!("exact ({})", describe_encoder(&descriptor.encoder)),
             Some(Encoding::Recompressed { reason }) => format!("other digest: {reason}"),
         }
     }
@@ -103,6 +112,10 @@ pub fn info(reference: &ImageRef) -> Result<DeltaInfo> {
                 source_layer: l.source_layer,
                 stats: l.stats.clone(),
                 encoding: l.encoding.clone(),
+                repacked_members: l.members.iter().fold(BTreeMap::new(), |mut m, r| {
+                    *m.entry(describe_encoder(&r.descriptor.encoder)).or_default() += 1;
+                    m
+                }),
             }
         })
         .collect();

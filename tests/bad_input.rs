@@ -377,3 +377,46 @@ fn a_lying_encoder_descriptor_is_caught_by_the_blob_digest_and_nothing_is_writte
         assert!(!out.exists(), "{name}: output written");
     }
 }
+
+#[test]
+fn lying_gzip_member_lists_are_refused_and_nothing_is_written() {
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit); 6] = [
+        ("source raw length", |p| {
+            let n = p["sourceMembers"][0]["members"][0]["rawLen"].as_u64().unwrap();
+            p["sourceMembers"][0]["members"][0]["rawLen"] = Value::from(n + 1);
+        }),
+        ("source offset", |p| {
+            let n = p["sourceMembers"][0]["members"][0]["offset"].as_u64().unwrap();
+            p["sourceMembers"][0]["members"][0]["offset"] = Value::from(n - 512);
+        }),
+        ("target level", |p| p["layers"][1]["members"][0]["descriptor"]["encoder"]["level"] = Value::from(1)),
+        ("target length", |p| {
+            let n = p["layers"][1]["members"][0]["compressedLen"].as_u64().unwrap();
+            p["layers"][1]["members"][0]["compressedLen"] = Value::from(n + 1);
+        }),
+        ("overlap", |p| {
+            let first = p["layers"][1]["members"][0].clone();
+            p["layers"][1]["members"].as_array_mut().unwrap().insert(0, first);
+        }),
+        ("undeclared feature", |p| p["features"] = Value::from(vec!["exact-gzip"])),
+    ];
+    for (name, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = members_pair(dir.path());
+        let d = dir.path().join("d");
+        diff(&oci(&pair.source), &oci(&pair.target), &oci(&d), &DiffOptions::default(), &Silent).unwrap();
+        edit_plan(&d, edit);
+        let out = dir.path().join("o");
+        let err = apply(&oci(&pair.source), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
+        let text = err.to_string();
+        let ok = match name {
+            "source raw length" => text.contains("inflates to"),
+            "source offset" => text.contains("gzip member at offset"),
+            "target level" | "target length" => text.contains("compressed to") || matches!(err, Error::DigestMismatch { .. }),
+            _ => matches!(err, Error::Malformed { .. }),
+        };
+        assert!(ok, "{name}: {err}");
+        assert!(!out.exists(), "{name}: output written");
+    }
+}

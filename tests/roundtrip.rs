@@ -292,3 +292,33 @@ fn a_layer_only_recompressed_is_re_encoded_exactly_or_carried_whole() {
         assert_same_image(&zstd, &o);
     }
 }
+
+#[test]
+fn gzip_files_inside_layers_are_patched_uncompressed_and_repacked_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = members_pair(dir.path());
+    let d = dir.path().join("d");
+    diff(&oci(&pair.source), &oci(&pair.target), &oci(&d), &DiffOptions::default(), &Silent).unwrap();
+    let i = info(&oci(&d)).unwrap();
+    let docs = &i.layers[1];
+    assert_eq!(docs.method, Method::Patch);
+    assert_eq!(docs.repacked_members, pair.expandable, "the changed GNU gzip files, and only those");
+    // Compressed, each changed file would cost about its size; patched as text, a fraction
+    // (beside the files that stay compressed).
+    let budget = pair.expandable_bytes / 4 + pair.other_changed_bytes;
+    assert!(docs.payload_bytes < budget, "payload {} for {} bytes of expanded and {} of other changed gzip files", docs.payload_bytes, pair.expandable_bytes, pair.other_changed_bytes);
+    for layers in [LayerOutput::Original, LayerOutput::Uncompressed] {
+        let o = dir.path().join(format!("o-{layers:?}"));
+        let report = apply(&oci(&pair.source), &oci(&d), &oci(&o), &ApplyOptions { layers, ..Default::default() }, &Silent).unwrap();
+        assert_eq!(report.identical(), layers == LayerOutput::Original);
+        assert_same_image(&pair.target, &o);
+    }
+    // The fast level leaves gzip files compressed, and still rebuilds the image exactly.
+    let fast = dir.path().join("fast");
+    diff(&oci(&pair.source), &oci(&pair.target), &oci(&fast), &DiffOptions { level: Level::Fast, ..Default::default() }, &Silent).unwrap();
+    let f = info(&oci(&fast)).unwrap();
+    assert!(f.layers[1].repacked_members.is_empty());
+    assert!(f.layers[1].payload_bytes > 2 * docs.payload_bytes, "fast {} vs default {}", f.layers[1].payload_bytes, docs.payload_bytes);
+    let o = dir.path().join("o-fast");
+    assert!(apply(&oci(&pair.source), &oci(&fast), &oci(&o), &ApplyOptions::default(), &Silent).unwrap().identical());
+}

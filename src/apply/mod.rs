@@ -19,6 +19,7 @@ use crate::image::manifest::BlobRef;
 use crate::image::{load_image, Image, ImageRef, Layer, LayoutWriter};
 use crate::layer::compression::copy_hashed;
 use crate::layer::exact::Descriptor;
+use crate::layer::members::Repacker;
 use crate::layer::Compression;
 use crate::package::DeltaImage;
 use crate::progress::Progress;
@@ -114,7 +115,8 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
         needed
             .par_iter()
             .map(|i| {
-                let s = materialize(&source_layout, &source_image, *i, scratch.path(), options.max_layer_bytes)?;
+                let members = delta.plan.source_members.iter().find(|m| m.layer == *i).map_or(&[][..], |m| &m.members[..]);
+                let s = materialize(&source_layout, &source_image, *i, scratch.path(), options.max_layer_bytes, members)?;
                 progress.advance(1);
                 Ok((*i, s))
             })
@@ -278,7 +280,14 @@ impl Rebuild<'_> {
                 return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
             }
             let mut records = records;
-            patch::run_patch(&mut records, self.sources, out)?;
+            if plan.members.is_empty() {
+                patch::run_patch(&mut records, self.sources, out)?;
+            } else {
+                // The patch writes the expanded tar; its gzip members are compressed again.
+                let mut repack = Repacker::new(out, &plan.members);
+                patch::run_patch(&mut records, self.sources, &mut repack)?;
+                repack.finish()?;
+            }
             let mut decoder = records.into_inner();
             let mut trailing = [0u8; 1];
             if decoder.read(&mut trailing).map_err(|e| Error::malformed(what, format!("patch stream: {e}")))? != 0 {

@@ -40,7 +40,10 @@ pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, 
                     prefix.resize(start + r.len as usize, 0);
                     source(r.layer)?.read_at(r.offset, &mut prefix[start..])?;
                 }
-                chunk = Vec::with_capacity(raw_len as usize);
+                // Reuse the buffer: allocating a new one before the old is freed would hold
+                // two chunks at once.
+                chunk.clear();
+                chunk.reserve_exact(raw_len as usize);
                 let zstd_err = |code: usize| Error::malformed("patch chunk", zstd_safe::get_error_name(code).to_string());
                 let mut dctx = zstd_safe::DCtx::create();
                 dctx.ref_prefix(&prefix).map_err(zstd_err)?;

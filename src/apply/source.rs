@@ -2,13 +2,16 @@
 //! that are read with positioned reads (never mapped, so memory stays bounded).
 
 use std::fs::File;
+use std::io::{BufReader, BufWriter};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::digest::verify;
 use crate::error::{Error, IoContext, Result};
+use crate::format::plan::Member;
 use crate::image::{Image, Layout};
 use crate::layer::compression::copy_hashed;
+use crate::layer::members::expand;
 use crate::layer::Compression;
 
 /// One uncompressed source layer on disk.
@@ -41,18 +44,37 @@ impl SourceLayer {
 
 /// Makes source layer `index` available uncompressed: a plain-tar blob is used in place;
 /// a compressed one is decompressed into `dir`. Either way its diff_id is verified, so a
-/// damaged source is caught before it can spoil the output.
-pub fn materialize(layout: &Layout, image: &Image, index: u32, dir: &Path, limit: u64) -> Result<SourceLayer> {
+/// damaged source is caught before it can spoil the output. With `members`, the layer is
+/// made available expanded (each member inflated; see [`crate::layer::members`]), as the
+/// delta's patches read it.
+pub fn materialize(layout: &Layout, image: &Image, index: u32, dir: &Path, limit: u64, members: &[Member]) -> Result<SourceLayer> {
     let layer = image.layers.get(index as usize).ok_or_else(|| Error::malformed("patch", format!("source layer {index} does not exist")))?;
     let what = format!("source layer {index} ({})", layer.blob.digest);
     let blob = layout.open_blob(&layer.blob)?;
-    if layer.compression == Compression::None {
+    let (plain, len) = if layer.compression == Compression::None {
         let (diff_id, len) = copy_hashed(&blob, std::io::sink(), limit, &what)?;
         verify(|| what.clone(), &layer.diff_id, None, &diff_id, len)?;
-        return Ok(SourceLayer { file: blob, len, index });
+        // Read from the start again, for the expansion.
+        (layout.open_blob(&layer.blob)?, len)
+    } else {
+        let path = dir.join(format!("source-{index}.tar"));
+        let len = layout.unpack_layer(layer, &path, limit, &what)?;
+        let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
+        if !members.is_empty() {
+            // The expanded copy replaces it; the open handle keeps the data readable.
+            std::fs::remove_file(&path).ctx(|| format!("removing {}", path.display()))?;
+        }
+        (file, len)
+    };
+    if members.is_empty() {
+        return Ok(SourceLayer { file: plain, len, index });
     }
-    let path = dir.join(format!("source-{index}.tar"));
-    let len = layout.unpack_layer(layer, &path, limit, &what)?;
+    let path = dir.join(format!("source-{index}.x.tar"));
+    let out = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let input = BufReader::with_capacity(1 << 20, &plain);
+    let len = expand(input, members, &mut out, limit, &what)?;
+    out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
     let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
     Ok(SourceLayer { file, len, index })
 }

@@ -2,15 +2,19 @@
 //! with the digest of every file's contents.
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::fs::File;
+use std::io::BufWriter;
 use std::path::Path;
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::digest::Digest;
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::format::plan::Member;
 use crate::image::{Layer, Layout};
+use crate::layer::members::{expand, expanded_offset};
 use crate::layer::TarIndex;
 
 /// One uncompressed, indexed layer.
@@ -28,6 +32,42 @@ impl Unpacked {
     /// The bytes of a range of the tar.
     pub fn bytes(&self, range: std::ops::Range<u64>) -> &[u8] {
         &self.map[range.start as usize..range.end as usize]
+    }
+
+    /// The expanded view of this layer (see [`crate::layer::members`]): written to
+    /// `dir/name`, mapped, its index moved to expanded offsets and each member entry's
+    /// contents digested anew. `members` coincide with entries' contents.
+    pub fn expanded(&self, members: &[Member], dir: &Path, name: &str, limit: u64, what: &str) -> Result<Unpacked> {
+        let path = dir.join(name);
+        let file = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let len = expand(&self.map[..], members, &mut out, limit, what)?;
+        out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
+        let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
+        // SAFETY: as in `unpack`: a private temporary file nothing else writes.
+        let map = unsafe { Mmap::map(&file) }.ctx(|| format!("mapping {}", path.display()))?;
+        let mut index = self.index.clone();
+        index.len = len;
+        let raw_len: HashMap<u64, u64> = members.iter().map(|m| (m.offset, m.raw_len)).collect();
+        for e in &mut index.entries {
+            if e.has_content() {
+                if let Some(raw) = raw_len.get(&e.data_start) {
+                    e.data_len = *raw;
+                }
+            }
+            e.meta_start = expanded_offset(members, e.meta_start);
+            e.data_start = expanded_offset(members, e.data_start);
+        }
+        let content_digests = index
+            .entries
+            .par_iter()
+            .zip(&self.content_digests)
+            .map(|(e, old)| match old {
+                Some(_) if e.has_content() => Some(Digest::of(&map[e.data_start as usize..(e.data_start + e.data_len) as usize])),
+                _ => None,
+            })
+            .collect();
+        Ok(Unpacked { map, index, content_digests })
     }
 }
 

@@ -4,9 +4,10 @@
 pub mod encode;
 pub mod encoding;
 pub mod material;
+pub mod members;
 pub mod pair;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::BufWriter;
 use std::str::FromStr;
@@ -15,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method, SourceIdentity, TargetIdentity, FEATURE_EXACT_GZIP};
+use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS};
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{load_image, ImageRef, LayoutWriter};
 use crate::package::{write_delta, Payload};
@@ -141,6 +142,26 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         unpacked_source.extend(results.by_ref().take(source_image.layers.len()));
         unpacked_target.extend(to_encode.iter().copied().zip(results));
     }
+    // gzip files inside the layers, patched uncompressed (not at the fast level).
+    let expansion = if options.level == Level::Fast || unpacked_target.is_empty() {
+        members::Expansion::default()
+    } else {
+        progress.stage("looking into gzip files", 0);
+        members::find(&unpacked_target, &SourceIndex::build(&unpacked_source))
+    };
+    for (layer, ms) in &expansion.source {
+        let u = &mut unpacked_source[*layer as usize];
+        *u = u.expanded(ms, scratch.path(), &format!("source-{layer}.x.tar"), options.max_layer_bytes, &format!("source layer {layer}"))?;
+    }
+    let expanded_target: HashMap<u32, Unpacked> = expansion
+        .target
+        .iter()
+        .map(|(layer, ms)| {
+            let plain: Vec<_> = ms.iter().map(|m| m.member).collect();
+            let u = unpacked_target[layer].expanded(&plain, scratch.path(), &format!("target-{layer}.x.tar"), options.max_layer_bytes, &format!("target layer {layer}"))?;
+            Ok((*layer, u))
+        })
+        .collect::<Result<_>>()?;
     let index = SourceIndex::build(&unpacked_source);
 
     let params = options.level.params();
@@ -155,7 +176,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                 Choice::Encode(e) => e,
                 Choice::CarryBlob => {
                     progress.advance(target.index.len);
-                    let plan = LayerPlan { index: *i, method: Method::Blob, source_layer: None, delta_layer: None, source_layers_used: Vec::new(), stats: None, encoding: Some(Encoding::Verbatim) };
+                    let plan = LayerPlan { index: *i, method: Method::Blob, source_layer: None, delta_layer: None, source_layers_used: Vec::new(), stats: None, encoding: Some(Encoding::Verbatim), members: Vec::new() };
                     return Ok((plan, Payload { target_layer: *i, method: Method::Blob, path: blob_path }));
                 }
             };
@@ -164,7 +185,11 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
             let mut outer = zstd::stream::write::Encoder::new(file, if options.level == Level::Fast { 3 } else { 9 }).ctx(|| "starting zstd".into())?;
             outer.window_log(RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
             outer.include_checksum(true).ctx(|| "configuring zstd".into())?;
-            let (mut stats, used) = encode_layer(*i, target, &index, &params, &mut outer)?;
+            // The patch rebuilds the expanded tar when the layer has gzip members.
+            let members = expansion.target.get(i).cloned().unwrap_or_default();
+            let (mut stats, used) = encode_layer(*i, expanded_target.get(i).unwrap_or(target), &index, &params, &mut outer)?;
+            stats.members = members.len() as u64;
+            stats.member_bytes = members.iter().map(|m| m.member.compressed_len).sum();
             outer.finish().ctx(|| "finishing patch".into())?.into_inner().map_err(|e| Error::io("writing patch", e.into_error()))?;
             stats.payload_bytes = std::fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?.len();
             progress.advance(target.index.len);
@@ -181,6 +206,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                 source_layers_used: if method == Method::Patch { used.into_iter().collect() } else { Vec::new() },
                 stats: Some(stats),
                 encoding: Some(encoding),
+                members: if method == Method::Patch { members } else { Vec::new() },
             };
             Ok((plan, Payload { target_layer: *i, method, path }))
         })
@@ -211,6 +237,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                         source_layers_used: Vec::new(),
                         stats: None,
                         encoding: Some(encoding),
+                        members: Vec::new(),
                     }),
                     Choice::CarryBlob => {
                         layers.push(LayerPlan {
@@ -221,6 +248,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                             source_layers_used: Vec::new(),
                             stats: None,
                             encoding: Some(Encoding::Verbatim),
+                            members: Vec::new(),
                         });
                         payloads.push(Payload { target_layer: i as u32, method: Method::Blob, path: target_layout.blob_path(&layer.blob.digest) });
                     }
@@ -234,18 +262,35 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         }
     }
     let exact = layers.iter().any(|l| matches!(l.encoding, Some(Encoding::Exact { .. })));
+    // Source members matter only in the layers the patches read.
+    let read: BTreeSet<u32> = layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
+    let source_members: Vec<SourceMembers> = expansion
+        .source
+        .into_iter()
+        .filter(|(layer, _)| read.contains(layer))
+        .map(|(layer, members)| SourceMembers { layer, members })
+        .collect();
+    let mut features = Vec::new();
+    if exact {
+        features.push(FEATURE_EXACT_GZIP.to_string());
+    }
+    if !source_members.is_empty() || layers.iter().any(|l| !l.members.is_empty()) {
+        features.push(FEATURE_GZIP_MEMBERS.to_string());
+    }
     let mut plan = DeltaPlan {
         format_version: FORMAT_VERSION,
-        features: if exact { vec![FEATURE_EXACT_GZIP.to_string()] } else { Vec::new() },
+        features,
         created_by: format!("fleetdelta {}", env!("CARGO_PKG_VERSION")),
         level: options.level.name().to_string(),
         source: SourceIdentity { manifest: source_image.manifest.digest, config: source_image.config.digest },
         target: TargetIdentity { manifest: target_image.manifest.digest, config: target_image.config.digest },
         layers,
+        source_members,
     };
     let (manifest, delta_bytes) = write_delta(&writer, &mut plan, &target_image, &payloads)?;
     drop(unpacked_source);
     drop(unpacked_target);
+    drop(expanded_target);
     drop(scratch);
     writer.commit(&manifest, delta.tag_or_default())?;
     progress.finish();

@@ -11,9 +11,17 @@ use crate::layer::exact::Descriptor;
 /// ([`Encoding::Exact`]). An applier without it would write other blob digests.
 pub const FEATURE_EXACT_GZIP: &str = "exact-gzip";
 
+/// Feature: some gzip files inside layers are patched uncompressed ([`Member`]): the
+/// applier inflates them in the source layers it reads and compresses them again, byte for
+/// byte, in the layers it rebuilds. An applier without it would misread the patches.
+pub const FEATURE_GZIP_MEMBERS: &str = "gzip-members";
+
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS];
+
+/// Largest uncompressed size of a gzip member the differ expands (and the applier accepts).
+pub const MAX_MEMBER_RAW_BYTES: u64 = 256 << 20;
 
 /// The contents of `delta.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +42,74 @@ pub struct DeltaPlan {
     pub target: TargetIdentity,
     /// One entry per target layer, in target order.
     pub layers: Vec<LayerPlan>,
+    /// Source layers whose gzip members the patches read uncompressed (feature
+    /// [`FEATURE_GZIP_MEMBERS`]): patch source ranges in these layers are offsets in the
+    /// layer tar with every listed member replaced by its contents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_members: Vec<SourceMembers>,
+}
+
+/// A gzip file inside a layer tar: a single gzip member filling a tar entry's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    /// Where the compressed bytes start in the layer tar.
+    pub offset: u64,
+    /// How many there are (the tar entry's size).
+    pub compressed_len: u64,
+    /// The length of the contents.
+    pub raw_len: u64,
+}
+
+impl Member {
+    /// The byte range of the compressed bytes in the layer tar.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.compressed_len
+    }
+}
+
+/// The members of one source layer that are read uncompressed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceMembers {
+    /// Source layer index.
+    pub layer: u32,
+    /// Its expanded members, in tar order.
+    pub members: Vec<Member>,
+}
+
+/// A member of a rebuilt layer: its patch writes the contents, which the applier
+/// compresses with `descriptor` to the original bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RepackedMember {
+    /// Where it lies in the target layer tar.
+    #[serde(flatten)]
+    pub member: Member,
+    /// The encoder that reproduces its bytes.
+    pub descriptor: Descriptor,
+}
+
+/// Checks that members are in order, do not overlap and are within the size limits.
+pub fn validate_members<'a>(members: impl IntoIterator<Item = &'a Member>, what: &str) -> Result<()> {
+    let mut end = 0u64;
+    for m in members {
+        let bad = |reason: String| Err(Error::malformed("delta.json", format!("{what}: member at offset {}: {reason}", m.offset)));
+        if m.offset < end {
+            return bad("overlaps the previous one or is out of order".into());
+        }
+        if m.compressed_len < 18 {
+            return bad(format!("{} compressed bytes cannot hold a gzip member", m.compressed_len));
+        }
+        if m.raw_len > MAX_MEMBER_RAW_BYTES {
+            return bad(format!("{} uncompressed bytes exceed the limit of {MAX_MEMBER_RAW_BYTES}", m.raw_len));
+        }
+        end = match m.offset.checked_add(m.compressed_len) {
+            Some(e) => e,
+            None => return bad("ends beyond 2^64".into()),
+        };
+    }
+    Ok(())
 }
 
 /// Identity of the source image.
@@ -93,6 +169,10 @@ pub struct LayerPlan {
     /// it: the blob is then the source's when identical, else recompressed by the applier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<Encoding>,
+    /// For [`Method::Patch`]: gzip members the patch writes uncompressed, which the applier
+    /// compresses again (feature [`FEATURE_GZIP_MEMBERS`]), in tar order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<RepackedMember>,
 }
 
 /// How the applier turns a rebuilt layer tar into the target's compressed blob.
@@ -145,6 +225,16 @@ pub struct PatchStats {
     pub files_new: u64,
     /// Size of the payload file (the compressed record stream).
     pub payload_bytes: u64,
+    /// gzip members patched uncompressed and compressed again by the applier.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub members: u64,
+    /// ... their compressed size in the target.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub member_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl DeltaPlan {
@@ -182,6 +272,24 @@ impl DeltaPlan {
                     return Err(bad(format!("layer plan {i} re-encodes exactly but the delta does not declare {FEATURE_EXACT_GZIP:?}")));
                 }
             }
+            if !l.members.is_empty() {
+                if l.method != Method::Patch {
+                    return Err(bad(format!("layer plan {i} lists gzip members but is not a patch")));
+                }
+                validate_members(l.members.iter().map(|m| &m.member), &format!("layer plan {i}"))?;
+            }
+        }
+        let members_used = !self.source_members.is_empty() || self.layers.iter().any(|l| !l.members.is_empty());
+        if members_used && !self.features.iter().any(|f| f == FEATURE_GZIP_MEMBERS) {
+            return Err(bad(format!("gzip members are listed but the delta does not declare {FEATURE_GZIP_MEMBERS:?}")));
+        }
+        let mut last = None;
+        for s in &self.source_members {
+            if last.is_some_and(|l| l >= s.layer) {
+                return Err(bad(format!("source members of layer {} are out of order or repeated", s.layer)));
+            }
+            last = Some(s.layer);
+            validate_members(&s.members, &format!("source layer {}", s.layer))?;
         }
         Ok(())
     }

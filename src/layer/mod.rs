@@ -2,6 +2,7 @@
 
 pub mod compression;
 pub mod exact;
+pub mod members;
 pub mod tar_index;
 
 pub use compression::Compression;

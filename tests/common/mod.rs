@@ -340,3 +340,91 @@ pub fn service_image(dir: &Path, tag: &str, service: u64, version: u64, files: u
         .collect();
     write_image(dir, tag, &[layer_tar(&base), layer_tar(&app)], Compression::Gzip);
 }
+
+/// Runs a Debian tool as a filter: `data` on stdin, stdout returned.
+pub fn filter(cmd: &mut std::process::Command, data: &[u8]) -> Vec<u8> {
+    use std::process::Stdio;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Images whose layers hold gzip files, as Debian's do (changelogs and manual pages
+/// compressed by `gzip -9n`), and what changed between them.
+pub struct MembersPair {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    /// The changed gzip files the differ should expand: their count by encoder name (as
+    /// `fleetdelta info` names encoders), and their compressed size in the target.
+    pub expandable: BTreeMap<String, u64>,
+    pub expandable_bytes: u64,
+    /// The compressed size of the other changed files (which stay compressed).
+    pub other_changed_bytes: u64,
+}
+
+/// Source and target images in `dir` (Go-gzip layers): one layer of docs, where each
+/// changelog gains an entry on top and a manual page changes in the middle, beside files
+/// that must stay compressed: unchanged ones, a pigz file of several blocks (no encoder
+/// reproduces it; a one-block pigz file is zlib's), two
+/// gzip members in one file, and a `.gz` that is not gzip.
+pub fn members_pair(dir: &Path) -> MembersPair {
+    let gzip = |level: u32, data: &[u8]| filter(tool("gzip").arg(format!("-{level}n")).arg("-c"), data);
+    let changelog = |seed: u64, len: usize| text(seed, len);
+    let sizes = [2_000usize, 40_000, 150_000, 400_000];
+    let (mut source, mut target) = (Tree::new(), Tree::new());
+    let mut expandable = BTreeMap::new();
+    let mut expandable_bytes = 0;
+    for (i, len) in sizes.iter().enumerate() {
+        let old = changelog(100 + i as u64, *len);
+        let mut new = changelog(900 + i as u64, 700);
+        new.extend_from_slice(&old);
+        let path = format!("usr/share/doc/pkg{i}/changelog.Debian.gz");
+        source.insert(path.clone(), file(gzip(9, &old)));
+        let gz = gzip(9, &new);
+        expandable_bytes += gz.len() as u64;
+        target.insert(path, file(gz));
+        *expandable.entry("gnu-gzip level=9".to_string()).or_default() += 1;
+    }
+    // A manual page at gzip's default level, edited in the middle.
+    let page = text(7, 90_000);
+    let mut edited = page.clone();
+    edited.splice(45_000..45_100, text(8, 300));
+    source.insert("usr/share/man/man1/tool.1.gz".into(), file(gzip(6, &page)));
+    let gz = gzip(6, &edited);
+    expandable_bytes += gz.len() as u64;
+    target.insert("usr/share/man/man1/tool.1.gz".into(), file(gz));
+    *expandable.entry("gnu-gzip level=6".to_string()).or_default() += 1;
+    // Unchanged: copied as they are.
+    let same = file(gzip(9, &text(11, 30_000)));
+    source.insert("usr/share/doc/same/changelog.gz".into(), same.clone());
+    target.insert("usr/share/doc/same/changelog.gz".into(), same);
+    // pigz: changed, but no encoder reproduces it.
+    let old = text(12, 300_000);
+    let mut new = text(13, 500);
+    new.extend_from_slice(&old);
+    source.insert("usr/share/doc/pigz/data.gz".into(), file(filter(tool("pigz").arg("-9n").arg("-c"), &old)));
+    target.insert("usr/share/doc/pigz/data.gz".into(), file(filter(tool("pigz").arg("-9n").arg("-c"), &new)));
+    // Two members in one file, and a .gz that is not gzip at all.
+    let two = |a: &[u8], b: &[u8]| [gzip(9, a), gzip(9, b)].concat();
+    source.insert("usr/share/doc/two/NEWS.gz".into(), file(two(&text(14, 5000), &text(15, 5000))));
+    target.insert("usr/share/doc/two/NEWS.gz".into(), file(two(&text(16, 5000), &text(15, 5000))));
+    source.insert("usr/share/doc/fake/x.gz".into(), file([&[0x1f, 0x8b, 0x08][..], &text(17, 3000)].concat()));
+    target.insert("usr/share/doc/fake/x.gz".into(), file([&[0x1f, 0x8b, 0x08][..], &text(18, 3000)].concat()));
+    let other_changed_bytes = ["usr/share/doc/pigz/data.gz", "usr/share/doc/two/NEWS.gz", "usr/share/doc/fake/x.gz"]
+        .iter()
+        .map(|p| match &target[*p] {
+            Node::File { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    let base: Tree = (0..5).map(|i| (format!("bin/tool{i}"), file(text(200 + i, 20_000)))).collect();
+    let (s, t) = (dir.join("members-s"), dir.join("members-t"));
+    write_image(&s, "latest", &[layer_tar(&base), layer_tar(&source)], Compression::Gzip);
+    write_image(&t, "latest", &[layer_tar(&base), layer_tar(&target)], Compression::Gzip);
+    MembersPair { source: s, target: t, expandable, expandable_bytes, other_changed_bytes }
+}

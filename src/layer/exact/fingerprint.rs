@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 
-use super::gzip_header::GzipHeader;
+use super::gzip_header::{GzipHeader, OS_UNIX};
 use super::pgzip::{DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, TAIL_SIZE, UMOCI_BLOCK_SIZE};
 use super::{Descriptor, Encoder, GoRelease};
 use crate::error::{Error, IoContext, Result};
@@ -59,6 +59,8 @@ struct Hints {
     block_sizes: Vec<u32>,
     /// The header's XFL byte: zlib writes 2 at level 9, 4 at level 1.
     xfl: u8,
+    /// The header's OS byte.
+    os: u8,
 }
 
 impl Hints {
@@ -81,6 +83,7 @@ impl Hints {
         let deflate = &probe[header_len.min(probe.len())..];
         Ok(Hints {
             xfl: header.xfl,
+            os: header.os,
             header: Some(header),
             pgzip_end: stream_end.ends_with(&PGZIP_END),
             stored_end: stream_end.ends_with(&SYNC_MARKER),
@@ -108,14 +111,21 @@ impl Hints {
         if !self.pgzip_end && !self.stored_end {
             out.push(Encoder::KlauspostGzip);
         }
-        // zlib streams have no telltale ending; XFL says which level if the writer set it
-        // as zlib does, otherwise the default level goes first.
-        let zlib_levels: &[u8] = match self.xfl {
+        // zlib and GNU gzip streams have no telltale ending; XFL says which level if the
+        // writer set it as both do, otherwise the default level goes first. GNU gzip writes
+        // OS 3 (Unix); zlib's own gzip writer and Python's write 3 or 255.
+        let levels: &[u8] = match self.xfl {
             2 => &[9, 8, 7, 6, 5, 4, 3, 2, 1],
             4 => &[1, 2, 3, 4, 5, 6, 7, 8, 9],
             _ => &[6, 5, 4, 7, 8, 9, 3, 2, 1],
         };
-        out.extend(zlib_levels.iter().map(|&level| Encoder::Zlib { level }));
+        let zlib = levels.iter().map(|&level| Encoder::Zlib { level });
+        let gnu = levels.iter().map(|&level| Encoder::GnuGzip { level });
+        if self.os == OS_UNIX {
+            out.extend(gnu.chain(zlib));
+        } else {
+            out.extend(zlib.chain(gnu));
+        }
         out
     }
 }

@@ -11,11 +11,18 @@
 //! | `KlauspostGzip` | klauspost/compress 1.15.12 `gzip`, default level | Go tools using klauspost's gzip |
 //! | `GoGzip { release: Go1_19 }` | Go 1.19 `compress/gzip`, default level | Docker/moby, BuildKit built with Go 1.19 |
 //! | `Zlib { level }` | zlib 1.2.13 deflate, levels 1-9 | Python's `gzip`, anything on the system zlib |
+//! | `GnuGzip { level }` | GNU gzip 1.12, levels 1-9 | `gzip -9n` (Debian's changelogs and manual pages), `tar \| gzip` |
 //!
-//! Not reproduced: GNU gzip (its deflate is not zlib's: other block boundaries; a port
-//! would be a derivative of GPL-3 code), pigz (zlib in 128 KiB blocks with sync flushes
-//! and dictionaries) and flate2's default zlib-rs backend (whose bytes differ from zlib's
-//! at every level). [`fingerprint()`] returns `None` for them.
+//! GNU gzip's deflate and zlib's share their origin: the same match finder, lazy
+//! evaluation and Huffman trees. They differ only in where a block ends: gzip buffers
+//! 32767 symbols instead of zlib's 16383 (memLevel 8), and at every 4096th symbol ends the
+//! block early when an estimate finds it compresses well with few matches. zlib carries
+//! that estimate too, compiled out (`TRUNCATE_BLOCK` in its trees.c); our `GnuGzip` is the
+//! zlib port with gzip's two constants, not a port of gzip's GPL-3 code.
+//!
+//! Not reproduced: pigz (zlib in 128 KiB blocks with sync flushes and dictionaries) and
+//! flate2's default zlib-rs backend (whose bytes differ from zlib's at every level).
+//! [`fingerprint()`] returns `None` for them.
 //!
 //! Encoding streams from a `Read` into a `Write` with bounded memory; pgzip blocks are
 //! compressed in parallel (rayon), which gives the same bytes because each block depends
@@ -28,7 +35,7 @@
 //!  "header": {"mtime": 2288912640, "xfl": 0, "os": 255}}
 //! ```
 //! Other kinds: `{"kind": "klauspost-gzip"}`, `{"kind": "go-gzip", "release": "go1.19"}`,
-//! `{"kind": "zlib", "level": 9}`. The header's fields are described on [`GzipHeader`].
+//! `{"kind": "zlib", "level": 9}`, `{"kind": "gnu-gzip", "level": 9}`. The header's fields are described on [`GzipHeader`].
 
 mod bits;
 pub mod fingerprint;
@@ -76,6 +83,13 @@ pub enum Encoder {
         /// Compression level, 1-9.
         level: u8,
     },
+    /// GNU gzip's deflate at `level` 1-9 (`gzip -9n` is how Debian compresses changelogs
+    /// and manual pages; `tar | gzip` layers too): zlib's match finder and trees with
+    /// gzip's block boundaries. JSON: `{"kind": "gnu-gzip", "level": 9}`.
+    GnuGzip {
+        /// Compression level, 1-9.
+        level: u8,
+    },
 }
 
 /// Generations of Go's standard-library deflate whose output we reproduce. A release
@@ -100,46 +114,42 @@ pub struct Descriptor {
 impl Descriptor {
     /// Compresses `input` into `output` as the described encoder would, in bounded memory.
     /// Returns the number of uncompressed bytes.
-    pub fn encode<R: Read, W: Write>(&self, input: R, output: W) -> Result<u64> {
-        match &self.encoder {
-            Encoder::Pgzip { block_size } => pgzip::encode(input, output, *block_size, &self.header),
-            Encoder::KlauspostGzip => {
-                encode_single_stream(input, output, &self.header, klauspost::Deflater::new(), |d, chunk| match chunk {
-                    Some(data) => {
-                        d.write(data);
-                        d.take_output()
-                    }
-                    None => {
-                        d.close();
-                        d.take_output()
-                    }
-                })
-            }
-            Encoder::Zlib { level } => {
-                if !(1..=9).contains(level) {
-                    return Err(crate::error::Error::unsupported("zlib level", level.to_string()));
-                }
-                encode_single_stream(input, output, &self.header, zlib::Deflater::new(*level), |d, chunk| {
-                    match chunk {
-                        Some(data) => d.write(data),
-                        None => d.finish(),
-                    }
-                    d.take_output()
-                })
-            }
-            Encoder::GoGzip { release: GoRelease::Go1_19 } => {
-                encode_single_stream(input, output, &self.header, go_flate::Deflater::new(), |d, chunk| match chunk {
-                    Some(data) => {
-                        d.write(data);
-                        d.take_output()
-                    }
-                    None => {
-                        d.close();
-                        d.take_output()
-                    }
-                })
+    pub fn encode<R: Read, W: Write>(&self, mut input: R, mut output: W) -> Result<u64> {
+        if let Encoder::Pgzip { block_size } = &self.encoder {
+            return pgzip::encode(input, output, *block_size, &self.header);
+        }
+        let mut member = self.member_encoder()?;
+        loop {
+            let chunk = pgzip::read_block(&mut input, READ_CHUNK)?;
+            member.write(&chunk, &mut output)?;
+            if chunk.len() < READ_CHUNK {
+                break;
             }
         }
+        member.finish(&mut output)
+    }
+
+    /// A push-driven encoder for one gzip member, for callers that produce the input as a
+    /// stream of writes (the applier re-packing gzip files inside a layer). Every encoder
+    /// but pgzip (whose blocks are compressed in parallel from a reader) is available so.
+    pub fn member_encoder(&self) -> Result<MemberEncoder> {
+        let level = |level: u8| {
+            if (1..=9).contains(&level) {
+                Ok(level)
+            } else {
+                Err(crate::error::Error::unsupported("deflate level", level.to_string()))
+            }
+        };
+        let deflater: Box<dyn RawDeflate> = match &self.encoder {
+            Encoder::Pgzip { .. } => {
+                return Err(crate::error::Error::unsupported("encoder", "pgzip only encodes from a reader"));
+            }
+            Encoder::KlauspostGzip => Box::new(klauspost::Deflater::new()),
+            Encoder::GoGzip { release: GoRelease::Go1_19 } => Box::new(go_flate::Deflater::new()),
+            Encoder::Zlib { level: l } => Box::new(zlib::Deflater::with_flavor(level(*l)?, zlib::Flavor::Zlib)),
+            Encoder::GnuGzip { level: l } => Box::new(zlib::Deflater::with_flavor(level(*l)?, zlib::Flavor::GnuGzip)),
+        };
+        Ok(MemberEncoder { header: Some(self.header.to_bytes()?), deflater, pending: Vec::with_capacity(READ_CHUNK), crc: crc32fast::Hasher::new(), total: 0 })
     }
 
     /// [`encode`](Self::encode) into memory.
@@ -154,30 +164,103 @@ impl Descriptor {
 /// candidate that mismatches is abandoned after about one deflate block.
 const READ_CHUNK: usize = 64 << 10;
 
-/// A single-stream gzip member: header, `step(Some(chunk))` per chunk of input, then
-/// `step(None)` to finish, then the trailer. `step` returns the compressed bytes ready.
-fn encode_single_stream<R: Read, W: Write, D>(
-    mut input: R,
-    mut output: W,
-    header: &GzipHeader,
-    mut deflater: D,
-    mut step: impl FnMut(&mut D, Option<&[u8]>) -> Vec<u8>,
-) -> Result<u64> {
-    output.write_all(&header.to_bytes()?).ctx(|| "writing gzip header".into())?;
-    let mut crc = crc32fast::Hasher::new();
-    let mut total = 0u64;
-    loop {
-        let chunk = pgzip::read_block(&mut input, READ_CHUNK)?;
-        crc.update(&chunk);
-        total += chunk.len() as u64;
-        output.write_all(&step(&mut deflater, Some(&chunk))).ctx(|| "writing deflate stream".into())?;
-        if chunk.len() < READ_CHUNK {
-            break;
-        }
+/// A raw deflate encoder driven by pushes.
+trait RawDeflate: Send {
+    /// Takes `data` (always [`READ_CHUNK`] bytes but for the last push).
+    fn push(&mut self, data: &[u8]);
+    /// Ends the stream.
+    fn end(&mut self);
+    /// The compressed bytes ready so far.
+    fn output(&mut self) -> Vec<u8>;
+}
+
+impl RawDeflate for zlib::Deflater {
+    fn push(&mut self, data: &[u8]) {
+        self.write(data)
     }
-    output.write_all(&step(&mut deflater, None)).ctx(|| "writing deflate stream".into())?;
-    output.write_all(&gzip_header::trailer(crc.finalize(), total)).ctx(|| "writing gzip trailer".into())?;
-    Ok(total)
+    fn end(&mut self) {
+        self.finish()
+    }
+    fn output(&mut self) -> Vec<u8> {
+        self.take_output()
+    }
+}
+
+impl RawDeflate for klauspost::Deflater {
+    fn push(&mut self, data: &[u8]) {
+        self.write(data)
+    }
+    fn end(&mut self) {
+        self.close()
+    }
+    fn output(&mut self) -> Vec<u8> {
+        self.take_output()
+    }
+}
+
+impl RawDeflate for go_flate::Deflater {
+    fn push(&mut self, data: &[u8]) {
+        self.write(data)
+    }
+    fn end(&mut self) {
+        self.close()
+    }
+    fn output(&mut self) -> Vec<u8> {
+        self.take_output()
+    }
+}
+
+/// One gzip member encoded from pushed input: [`MemberEncoder::write`] any number of
+/// times, then [`MemberEncoder::finish`]. The deflater always sees the input in chunks of
+/// the same size, however the caller splits it, so the bytes never depend on the caller.
+pub struct MemberEncoder {
+    header: Option<Vec<u8>>,
+    deflater: Box<dyn RawDeflate>,
+    pending: Vec<u8>,
+    crc: crc32fast::Hasher,
+    total: u64,
+}
+
+impl std::fmt::Debug for MemberEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberEncoder").field("total", &self.total).finish_non_exhaustive()
+    }
+}
+
+impl MemberEncoder {
+    /// Encodes `data`, writing whatever compressed bytes are ready to `output`.
+    pub fn write(&mut self, mut data: &[u8], output: &mut impl Write) -> Result<()> {
+        if let Some(header) = self.header.take() {
+            output.write_all(&header).ctx(|| "writing gzip header".into())?;
+        }
+        self.crc.update(data);
+        self.total += data.len() as u64;
+        while !data.is_empty() {
+            let n = (READ_CHUNK - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.pending.len() == READ_CHUNK {
+                self.deflater.push(&self.pending);
+                self.pending.clear();
+                output.write_all(&self.deflater.output()).ctx(|| "writing deflate stream".into())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the member: the last compressed bytes and the trailer. Returns the number of
+    /// uncompressed bytes.
+    pub fn finish(mut self, output: &mut impl Write) -> Result<u64> {
+        if let Some(header) = self.header.take() {
+            output.write_all(&header).ctx(|| "writing gzip header".into())?;
+        }
+        // The last push is shorter than a chunk (possibly empty), as a reader's last read.
+        self.deflater.push(&self.pending);
+        self.deflater.end();
+        output.write_all(&self.deflater.output()).ctx(|| "writing deflate stream".into())?;
+        output.write_all(&gzip_header::trailer(self.crc.finalize(), self.total)).ctx(|| "writing gzip trailer".into())?;
+        Ok(self.total)
+    }
 }
 
 #[cfg(test)]

@@ -222,6 +222,31 @@ pub(crate) struct Deflater {
     /// Input not yet taken into the window (zlib's `next_in`/`avail_in`).
     input: Vec<u8>,
     input_pos: usize,
+    flavor: Flavor,
+    level: usize,
+    /// Matches among `syms` (gzip's `last_dist`).
+    matches: usize,
+}
+
+/// Which program's deflate the state reproduces: the two share their match finder and
+/// trees and differ only in where blocks end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// zlib 1.2.13, memLevel 8: a block ends after 16383 symbols.
+    Zlib,
+    /// GNU gzip: a block ends after 32767 symbols, or earlier, at every 4096th symbol, when
+    /// an estimate says the block compresses well and is mostly literals (zlib's own
+    /// `TRUNCATE_BLOCK` heuristic, compiled out of zlib, with gzip's constants).
+    GnuGzip,
+}
+
+impl Flavor {
+    fn sym_end(self) -> usize {
+        match self {
+            Flavor::Zlib => SYM_END,
+            Flavor::GnuGzip => (1 << 15) - 1,
+        }
+    }
 }
 
 enum Flush {
@@ -230,8 +255,8 @@ enum Flush {
 }
 
 impl Deflater {
-    /// A zlib stream at `level` (1-9).
-    pub(crate) fn new(level: u8) -> Self {
+    /// A raw deflate stream as `flavor` writes it at `level` (1-9).
+    pub(crate) fn with_flavor(level: u8, flavor: Flavor) -> Self {
         let level = usize::from(level.clamp(1, 9));
         let mut d = Deflater {
             cfg: CONFIGS[level],
@@ -249,7 +274,7 @@ impl Deflater {
             match_start: 0,
             prev_length: MIN_MATCH - 1,
             high_water: 0,
-            syms: Vec::with_capacity(SYM_END),
+            syms: Vec::with_capacity(flavor.sym_end()),
             ltree: Tree::new(HEAP_SIZE),
             dtree: Tree::new(2 * D_CODES + 1),
             bltree: Tree::new(2 * BL_CODES + 1),
@@ -264,6 +289,9 @@ impl Deflater {
             bits: BitWriter::default(),
             input: Vec::new(),
             input_pos: 0,
+            flavor,
+            level,
+            matches: 0,
         };
         d.init_block();
         d
@@ -441,7 +469,7 @@ impl Deflater {
     fn tally_lit(&mut self, c: u8) -> bool {
         self.syms.push((0, c));
         self.ltree.freq[usize::from(c)] += 1;
-        self.syms.len() == SYM_END
+        self.block_full()
     }
 
     #[inline(always)]
@@ -449,7 +477,32 @@ impl Deflater {
         self.syms.push((dist as u16, lc as u8));
         self.ltree.freq[length_code(lc) + LITERALS + 1] += 1;
         self.dtree.freq[d_code(dist - 1)] += 1;
-        self.syms.len() == SYM_END
+        self.matches += 1;
+        self.block_full()
+    }
+
+    /// Whether the block ends after the symbol just tallied.
+    #[inline(always)]
+    fn block_full(&self) -> bool {
+        let n = self.syms.len();
+        if self.flavor == Flavor::GnuGzip && self.level > 2 && n & 0xfff == 0 && self.truncate_block() {
+            return true;
+        }
+        n == self.flavor.sym_end()
+    }
+
+    /// The `TRUNCATE_BLOCK` estimate: end the block when fewer than half its symbols are
+    /// matches and an upper bound of its coded size is under half its input.
+    #[cold]
+    fn truncate_block(&self) -> bool {
+        let n = self.syms.len();
+        let mut out_length = n as u64 * 8;
+        let in_length = (self.strstart as i64 - self.block_start) as u64;
+        for (code, extra) in EXTRA_DBITS.iter().enumerate() {
+            out_length += u64::from(self.dtree.freq[code]) * (5 + u64::from(*extra));
+        }
+        out_length >>= 3;
+        self.matches < n / 2 && out_length < in_length / 2
     }
 
     /// `FLUSH_BLOCK_ONLY`.
@@ -595,6 +648,7 @@ impl Deflater {
         self.opt_len = 0;
         self.static_len = 0;
         self.syms.clear();
+        self.matches = 0;
     }
 
     /// `_tr_flush_block`: `buf` is where the block's input starts in the window, if still
@@ -978,7 +1032,7 @@ mod tests {
     use std::io::Read;
 
     fn deflate(data: &[u8], level: u8) -> Vec<u8> {
-        let mut d = Deflater::new(level);
+        let mut d = Deflater::with_flavor(level, Flavor::Zlib);
         for chunk in data.chunks(10_000) {
             d.write(chunk);
         }
@@ -1018,3 +1072,4 @@ mod tests {
         }
     }
 }
+

@@ -1,0 +1,386 @@
+//! gzip files inside a layer tar, seen uncompressed.
+//!
+//! A changed `changelog.Debian.gz` differs from its old version in every compressed byte
+//! after the first change, though its text only gained a paragraph. The differ therefore
+//! patches an *expanded* tar, in which each listed [`Member`] (a tar entry's data that is
+//! one gzip member) is replaced by its contents: [`expand`] writes that view of a layer.
+//! The applier rebuilds the expanded target tar and [`Repacker`] turns it back into the
+//! real one, compressing each member with the encoder that reproduces its original bytes.
+//!
+//! Offsets in [`Member`] are positions in the real tar; positions in the expanded tar
+//! follow from them (see [`expanded_offset`]). Tar headers are never rewritten: a header
+//! in the expanded view still states the compressed size, which only the real tar obeys.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+
+use flate2::bufread::GzDecoder;
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::plan::{Member, RepackedMember};
+use crate::layer::exact::MemberEncoder;
+
+/// Where `offset` of the real tar lies in the expanded tar, given the members before it.
+pub fn expanded_offset(members: &[Member], offset: u64) -> u64 {
+    let before = members.partition_point(|m| m.offset + m.compressed_len <= offset);
+    members[..before].iter().fold(offset, |at, m| at - m.compressed_len + m.raw_len)
+}
+
+/// Copies the tar read from `input` to `output`, each of `members` (in order, not
+/// overlapping) inflated: each must hold exactly one gzip member, whose contents are
+/// `raw_len` bytes. Returns the expanded length, which may not exceed `limit`.
+pub fn expand(mut input: impl Read, members: &[Member], output: impl Write, limit: u64, what: &str) -> Result<u64> {
+    let mut out = Limited { inner: output, left: limit, limit, what: what.to_string() };
+    let mut at = 0u64;
+    for m in members {
+        let gap = m.offset.checked_sub(at).ok_or_else(|| Error::malformed(what, "gzip members overlap or are out of order"))?;
+        let n = io::copy(&mut (&mut input).take(gap), &mut out).map_err(|e| Error::io(format!("expanding {what}"), e))?;
+        if n != gap {
+            return Err(Error::malformed(what, format!("ends at byte {}, before the gzip member at offset {} the delta lists", at + n, m.offset)));
+        }
+        inflate_member(&mut input, m, &mut out, &format!("{what}: the gzip member at offset {}", m.offset))?;
+        at = m.offset + m.compressed_len;
+    }
+    io::copy(&mut input, &mut out).map_err(|e| Error::io(format!("expanding {what}"), e))?;
+    Ok(limit - out.left)
+}
+
+/// Whether `data` starts like a gzip member (magic and deflate method).
+pub fn looks_like_gzip(data: &[u8]) -> bool {
+    data.len() >= 18 && data.starts_with(&[0x1f, 0x8b, 0x08])
+}
+
+/// The contents of `data` if it is exactly one gzip member (what [`expand`] accepts) of
+/// at most `max_raw` bytes; `None` otherwise.
+pub fn inflate(data: &[u8], max_raw: u64) -> Option<Vec<u8>> {
+    let mut decoder = GzDecoder::new(data);
+    let mut raw = Vec::new();
+    (&mut decoder).take(max_raw + 1).read_to_end(&mut raw).ok()?;
+    if raw.len() as u64 > max_raw {
+        return None;
+    }
+    let m = Member { offset: 0, compressed_len: data.len() as u64, raw_len: raw.len() as u64 };
+    // The applier's check, so that what the differ accepts the applier accepts.
+    inflate_member(&mut &data[..], &m, &mut io::sink(), "gzip member").ok()?;
+    Some(raw)
+}
+
+/// Inflates the `m.compressed_len` bytes of `input` as one gzip member into `output`,
+/// checking that they hold exactly that member and that it holds `m.raw_len` bytes.
+fn inflate_member(input: &mut dyn Read, m: &Member, output: &mut dyn Write, what: &str) -> Result<()> {
+    let mut decoder = GzDecoder::new(BufReader::with_capacity(64 << 10, input.take(m.compressed_len)));
+    // Errors of `output` (the size limit) keep their kind; the others are the member's.
+    let n = io::copy(&mut (&mut decoder).take(m.raw_len + 1), output).map_err(|e| match e.downcast::<Error>() {
+        Ok(inner) => inner,
+        Err(e) => Error::malformed(what, format!("does not inflate: {e}")),
+    })?;
+    if n != m.raw_len {
+        return Err(Error::malformed(what, format!("inflates to {}{n} bytes, the delta says {}", if n > m.raw_len { "more than " } else { "" }, m.raw_len)));
+    }
+    // The member must end where the delta says: nothing left, buffered or not.
+    let mut probe = [0u8; 1];
+    if decoder.read(&mut probe).map_err(|e| Error::malformed(what, format!("does not inflate: {e}")))? != 0 {
+        return Err(Error::malformed(what, format!("inflates to more than {} bytes", m.raw_len)));
+    }
+    let mut rest = decoder.into_inner();
+    let buffered = rest.fill_buf().ctx(|| format!("reading {what}"))?.len();
+    let unread = rest.into_inner().limit();
+    if buffered != 0 || unread != 0 {
+        return Err(Error::malformed(what, format!("is followed by {} bytes the member does not use", buffered as u64 + unread)));
+    }
+    Ok(())
+}
+
+/// A `Write` that fails with [`Error::TooLarge`] beyond `left` bytes.
+struct Limited<W> {
+    inner: W,
+    left: u64,
+    limit: u64,
+    what: String,
+}
+
+impl<W: Write> Write for Limited<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(Error::TooLarge { what: format!("{} (with its gzip files inflated)", self.what), limit: self.limit }.into_io());
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Turns an expanded tar, written into it, back into the real tar, written to `inner`:
+/// each member's contents are compressed with its descriptor, and must come out exactly
+/// `compressed_len` bytes long (the layer's diff_id, checked after, covers the bytes).
+pub struct Repacker<'a, W: Write> {
+    inner: W,
+    members: std::slice::Iter<'a, RepackedMember>,
+    /// Expanded position of the next byte written.
+    at: u64,
+    /// Where the next member starts in the expanded tar, and the member.
+    next: Option<(u64, &'a RepackedMember)>,
+    /// The member being compressed: its encoder, contents still to come, compressed bytes
+    /// written so far.
+    current: Option<Current<'a>>,
+    /// Added to a real offset to give the expanded one, for the members passed.
+    shift: i128,
+}
+
+struct Current<'a> {
+    member: &'a RepackedMember,
+    encoder: MemberEncoder,
+    left: u64,
+    written: CountingWriter,
+}
+
+/// Counts what the encoder produces for one member, before it reaches `inner`.
+#[derive(Default)]
+struct CountingWriter {
+    buf: Vec<u8>,
+    total: u64,
+}
+
+impl Write for CountingWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        self.total += data.len() as u64;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> std::fmt::Debug for Repacker<'_, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repacker").field("at", &self.at).finish_non_exhaustive()
+    }
+}
+
+impl<'a, W: Write> Repacker<'a, W> {
+    /// Repacks `members` (validated: in order, not overlapping) into `inner`.
+    pub fn new(inner: W, members: &'a [RepackedMember]) -> Self {
+        let mut r = Repacker { inner, members: members.iter(), at: 0, next: None, current: None, shift: 0 };
+        r.advance();
+        r
+    }
+
+    fn advance(&mut self) {
+        self.next = self.members.next().map(|m| (u64::try_from(i128::from(m.member.offset) + self.shift).unwrap_or(u64::MAX), m));
+    }
+
+    /// Starts every member that begins at the current position (a member with no contents
+    /// is finished at once).
+    fn start_members(&mut self) -> Result<()> {
+        while self.current.is_none() {
+            let Some((start, member)) = self.next else { return Ok(()) };
+            if start != self.at {
+                return Ok(());
+            }
+            self.shift += i128::from(member.member.raw_len) - i128::from(member.member.compressed_len);
+            self.advance();
+            let encoder = member.descriptor.member_encoder()?;
+            self.current = Some(Current { member, encoder, left: member.member.raw_len, written: CountingWriter::default() });
+            if member.member.raw_len == 0 {
+                self.end_member()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn end_member(&mut self) -> Result<()> {
+        let Current { member, encoder, mut written, .. } = self.current.take().expect("a member is open");
+        encoder.finish(&mut written)?;
+        self.emit(&mut written)?;
+        if written.total != member.member.compressed_len {
+            return Err(Error::malformed(
+                "rebuilt layer",
+                format!("the gzip member at offset {} compressed to {} bytes, not {}", member.member.offset, written.total, member.member.compressed_len),
+            ));
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, w: &mut CountingWriter) -> Result<()> {
+        self.inner.write_all(&w.buf).ctx(|| "writing rebuilt layer".into())?;
+        w.buf.clear();
+        Ok(())
+    }
+
+    fn write_some(&mut self, data: &[u8]) -> Result<usize> {
+        self.start_members()?;
+        if let Some(mut current) = self.current.take() {
+            let n = (current.left.min(data.len() as u64)) as usize;
+            current.encoder.write(&data[..n], &mut current.written)?;
+            current.left -= n as u64;
+            self.emit(&mut current.written)?;
+            self.at += n as u64;
+            let done = current.left == 0;
+            self.current = Some(current);
+            if done {
+                self.end_member()?;
+            }
+            return Ok(n);
+        }
+        let n = match self.next {
+            Some((start, _)) => (start - self.at).min(data.len() as u64) as usize,
+            None => data.len(),
+        };
+        self.inner.write_all(&data[..n]).ctx(|| "writing rebuilt layer".into())?;
+        self.at += n as u64;
+        Ok(n)
+    }
+
+    /// Checks that every member was written whole; returns the inner writer.
+    pub fn finish(mut self) -> Result<W> {
+        self.start_members()?;
+        if let Some(c) = &self.current {
+            return Err(Error::malformed("rebuilt layer", format!("ends inside the gzip member at offset {}", c.member.member.offset)));
+        }
+        if let Some((_, m)) = self.next {
+            return Err(Error::malformed("rebuilt layer", format!("ends before the gzip member at offset {}", m.member.offset)));
+        }
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for Repacker<'_, W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        self.write_some(data).map_err(Error::into_io)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::exact::{Descriptor, Encoder, GzipHeader};
+
+    fn zlib9() -> Descriptor {
+        Descriptor { encoder: Encoder::GnuGzip { level: 9 }, header: GzipHeader::plain(0, 2, 3) }
+    }
+
+    fn text(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| b"abcdefgh ijk\n"[(i * 7 + usize::from(seed) * (i / 100)) % 13]).collect()
+    }
+
+    /// A fake tar: filler, a member, filler, an empty member, a member, filler.
+    fn sample() -> (Vec<u8>, Vec<u8>, Vec<RepackedMember>) {
+        let contents = [text(70_000, 1), Vec::new(), text(300, 2)];
+        let (mut real, mut expanded, mut members) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, c) in contents.iter().enumerate() {
+            let filler = vec![i as u8; 512 * (i + 1)];
+            real.extend_from_slice(&filler);
+            expanded.extend_from_slice(&filler);
+            let gz = zlib9().encode_to_vec(c).unwrap();
+            members.push(RepackedMember { member: Member { offset: real.len() as u64, compressed_len: gz.len() as u64, raw_len: c.len() as u64 }, descriptor: zlib9() });
+            real.extend_from_slice(&gz);
+            expanded.extend_from_slice(c);
+        }
+        real.extend_from_slice(&[9u8; 1024]);
+        expanded.extend_from_slice(&[9u8; 1024]);
+        (real, expanded, members)
+    }
+
+    fn plain(members: &[RepackedMember]) -> Vec<Member> {
+        members.iter().map(|m| m.member).collect()
+    }
+
+    #[test]
+    fn expanding_then_repacking_gives_the_tar_back_whatever_the_write_sizes() {
+        let (real, expanded, members) = sample();
+        let mut out = Vec::new();
+        let len = expand(&real[..], &plain(&members), &mut out, u64::MAX, "layer").unwrap();
+        assert_eq!(out, expanded);
+        assert_eq!(len, expanded.len() as u64);
+        for step in [1, 7, 512, 4096, 1 << 20] {
+            let mut r = Repacker::new(Vec::new(), &members);
+            for piece in expanded.chunks(step) {
+                r.write_all(piece).unwrap();
+            }
+            assert_eq!(r.finish().unwrap(), real, "writes of {step} bytes");
+        }
+    }
+
+    #[test]
+    fn expanded_offsets_follow_the_members_before() {
+        let (real, expanded, members) = sample();
+        let m = plain(&members);
+        assert_eq!(expanded_offset(&m, 0), 0);
+        assert_eq!(expanded_offset(&m, m[0].offset), m[0].offset);
+        assert_eq!(expanded_offset(&m, real.len() as u64), expanded.len() as u64);
+        let after_first = m[0].offset + m[0].compressed_len;
+        assert_eq!(expanded_offset(&m, after_first), m[0].offset + m[0].raw_len);
+    }
+
+    #[test]
+    fn lying_members_are_refused_with_the_offset() {
+        let (real, _, members) = sample();
+        let mut wrong_len = plain(&members);
+        wrong_len[0].raw_len += 1;
+        let e = expand(&real[..], &wrong_len, io::sink(), u64::MAX, "source layer 0").unwrap_err().to_string();
+        assert!(e.contains("offset") && e.contains("inflates to"), "{e}");
+        let mut short = plain(&members);
+        short[2].compressed_len -= 1;
+        let e = expand(&real[..], &short, io::sink(), u64::MAX, "source layer 0").unwrap_err().to_string();
+        assert!(e.contains("does not inflate") || e.contains("inflates to"), "{e}");
+        let mut long = plain(&members);
+        long[0].compressed_len += 1;
+        let e = expand(&real[..], &long, io::sink(), u64::MAX, "source layer 0").unwrap_err().to_string();
+        assert!(e.contains("followed by 1 bytes"), "{e}");
+        let mut not_gzip = plain(&members);
+        not_gzip[0].offset -= 512;
+        assert!(expand(&real[..], &not_gzip, io::sink(), u64::MAX, "l").is_err());
+        let mut beyond = plain(&members);
+        beyond[2].offset = real.len() as u64 + 10;
+        let e = expand(&real[..], &beyond, io::sink(), u64::MAX, "l").unwrap_err().to_string();
+        assert!(e.contains("ends at byte"), "{e}");
+    }
+
+    #[test]
+    fn a_bomb_stops_at_the_limit() {
+        let zeros = vec![0u8; 4 << 20];
+        let gz = zlib9().encode_to_vec(&zeros).unwrap();
+        let m = [Member { offset: 0, compressed_len: gz.len() as u64, raw_len: zeros.len() as u64 }];
+        let e = expand(&gz[..], &m, io::sink(), 1 << 20, "l").unwrap_err();
+        assert!(matches!(e, Error::TooLarge { limit: 1048576, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_stream_that_ends_inside_or_before_a_member_is_refused() {
+        let (_, expanded, members) = sample();
+        let mut r = Repacker::new(Vec::new(), &members);
+        r.write_all(&expanded[..members[0].member.offset as usize + 10]).unwrap();
+        assert!(r.finish().unwrap_err().to_string().contains("ends inside"));
+        let mut r = Repacker::new(Vec::new(), &members);
+        r.write_all(&expanded[..100]).unwrap();
+        assert!(r.finish().unwrap_err().to_string().contains("ends before"));
+    }
+
+    #[test]
+    fn contents_that_compress_to_another_length_are_refused() {
+        let (_, mut expanded, members) = sample();
+        let at = members[0].member.offset as usize;
+        // Incompressible bytes in place of text: another compressed length.
+        for (i, b) in expanded[at..at + 60_000].iter_mut().enumerate() {
+            *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
+        }
+        let mut r = Repacker::new(Vec::new(), &members);
+        let e = r.write_all(&expanded).map_err(|e| Error::io("w", e)).unwrap_err().to_string();
+        assert!(e.contains("compressed to"), "{e}");
+    }
+}
