@@ -8,28 +8,59 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use fleetdelta::format::plan::Encoding;
+use fleetdelta::layer::exact::pgzip::UMOCI_BLOCK_SIZE;
+use fleetdelta::layer::exact::{Descriptor, Encoder, GzipHeader};
 use fleetdelta::layer::Compression;
 use fleetdelta::{diff, DiffOptions, Level, Silent};
 
+/// How the test images store their layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layers {
+    /// Plain tars: the applier's streaming alone.
+    Plain,
+    /// umoci's pgzip blobs re-encoded exactly, and a gzip file (GNU gzip -9n) in every 16
+    /// expanded and repacked exactly.
+    ExactGzip,
+}
+
 /// Source and target images of about `mib` MiB of files, the target with edits spread
 /// through every file; then the delta; then the peak RSS of `fleetdelta apply` on it.
-fn apply_peak_kib(dir: &Path, mib: usize) -> i64 {
+fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
     let files = mib * 4;
-    let source: Tree = (0..files).map(|i| (format!("data/{i:05}.bin"), file(text(i as u64, 256 << 10)))).collect();
-    let mut target = source.clone();
-    for (i, node) in target.values_mut().enumerate() {
-        if let Node::File { data, .. } = node {
+    let gnu9 = Descriptor { encoder: Encoder::GnuGzip { level: 9 }, header: GzipHeader::plain(0, 2, 3) };
+    let member = |i: usize, data: Vec<u8>| if layers == Layers::ExactGzip && i % 16 == 0 { gnu9.encode_to_vec(&data).unwrap() } else { data };
+    let contents: Vec<Vec<u8>> = (0..files).map(|i| text(i as u64, 256 << 10)).collect();
+    let source: Tree = contents.iter().enumerate().map(|(i, c)| (format!("data/{i:05}.bin"), file(member(i, c.clone())))).collect();
+    let target: Tree = contents
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut data)| {
             let at = (i * 7919) % (data.len() - 200);
             data.splice(at..at + 100, text(i as u64 + 1_000_000, 150));
+            (format!("data/{i:05}.bin"), file(member(i, data)))
+        })
+        .collect();
+    let (s, t, d, o) = (dir.join("s"), dir.join("t"), dir.join("d"), dir.join("o"));
+    match layers {
+        Layers::Plain => {
+            write_image(&s, "latest", &[layer_tar(&source)], Compression::None);
+            write_image(&t, "latest", &[layer_tar(&target)], Compression::None);
+        }
+        Layers::ExactGzip => {
+            let pgzip = Descriptor { encoder: Encoder::Pgzip { block_size: UMOCI_BLOCK_SIZE }, header: GzipHeader::klauspost_default() };
+            write_image_with(&s, "latest", &[layer_tar(&source)], Compression::Gzip, false, |tar| pgzip.encode_to_vec(tar).unwrap());
+            write_image_with(&t, "latest", &[layer_tar(&target)], Compression::Gzip, false, |tar| pgzip.encode_to_vec(tar).unwrap());
         }
     }
-    let (s, t, d, o) = (dir.join("s"), dir.join("t"), dir.join("d"), dir.join("o"));
-    // Plain tar layers: what is measured is the applier's streaming, not an encoder (exact
-    // re-encoding's memory is bounded by its block and window sizes; tools/compare reports
-    // apply peak RSS on the umoci-built corpus, whose layers are re-encoded exactly).
-    write_image(&s, "latest", &[layer_tar(&source)], Compression::None);
-    write_image(&t, "latest", &[layer_tar(&target)], Compression::None);
-    diff(&oci(&s), &oci(&t), &oci(&d), &DiffOptions { level: Level::Fast, ..Default::default() }, &Silent).unwrap();
+    // The default level: gzip files are expanded only above the fast level.
+    let level = if layers == Layers::Plain { Level::Fast } else { Level::Default };
+    let report = diff(&oci(&s), &oci(&t), &oci(&d), &DiffOptions { level, ..Default::default() }, &Silent).unwrap();
+    if layers == Layers::ExactGzip {
+        let plan = &report.plan.layers[0];
+        assert!(matches!(plan.encoding, Some(Encoding::Exact { .. })), "{:?}", plan.encoding);
+        assert_eq!(plan.members.len(), files.div_ceil(16), "every gzip file is repacked");
+    }
     drop((source, target));
     assert!(Path::new("/usr/bin/time").exists(), "this test needs GNU time: apt-get install time");
     let out = Command::new("/usr/bin/time")
@@ -50,9 +81,19 @@ fn apply_peak_kib(dir: &Path, mib: usize) -> i64 {
 #[test]
 fn apply_peak_memory_does_not_grow_with_image_size() {
     let dir = tempfile::tempdir().unwrap();
-    let small = apply_peak_kib(&dir.path().join("small"), 16);
-    let large = apply_peak_kib(&dir.path().join("large"), 192);
+    let small = apply_peak_kib(&dir.path().join("small"), 16, Layers::Plain);
+    let large = apply_peak_kib(&dir.path().join("large"), 192, Layers::Plain);
     eprintln!("peak RSS of apply: {small} KiB for a 16 MiB image, {large} KiB for a 192 MiB image");
     assert!(large < 64 * 1024, "apply of a 192 MiB image peaked at {large} KiB");
     assert!(large < small + 16 * 1024, "peak RSS grew from {small} to {large} KiB with a 12x larger image");
+}
+
+#[test]
+fn apply_peak_memory_does_not_grow_with_image_size_when_re_encoding_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = apply_peak_kib(&dir.path().join("small"), 16, Layers::ExactGzip);
+    let large = apply_peak_kib(&dir.path().join("large"), 96, Layers::ExactGzip);
+    eprintln!("peak RSS of an exact apply: {small} KiB for a 16 MiB image, {large} KiB for a 96 MiB image");
+    assert!(large < 64 * 1024, "apply of a 96 MiB image peaked at {large} KiB");
+    assert!(large < small + 16 * 1024, "peak RSS grew from {small} to {large} KiB with a 6x larger image");
 }
