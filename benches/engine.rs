@@ -316,6 +316,7 @@ fn bench_encoders(c: &mut Criterion, pair: &Pair) {
         ("pgzip-256k", Encoder::Pgzip { block_size: 256 << 10 }, GzipHeader::klauspost_default()),
         ("klauspost-gzip", Encoder::KlauspostGzip, GzipHeader::klauspost_default()),
         ("go1.19-gzip", Encoder::GoGzip { release: GoRelease::Go1_19 }, GzipHeader::go_stdlib_default()),
+        ("go1.27-gzip", Encoder::GoGzip { release: GoRelease::Go1_27 }, GzipHeader::go_stdlib_default()),
         ("zlib-6", Encoder::Zlib { level: 6 }, GzipHeader::plain(0, 0, 3)),
     ];
     for (name, encoder, header) in encoders {

@@ -2,7 +2,9 @@
 //! by `fleetdelta::layer::exact`, and fingerprinted back to the right descriptor.
 //!
 //! Needs Debian's golang-go, golang-github-klauspost-compress-dev,
-//! golang-github-klauspost-pgzip-dev, umoci, gzip and pigz; a missing tool fails the test.
+//! golang-github-klauspost-pgzip-dev, umoci, gzip and pigz, and Go 1.27 (Debian sid's
+//! golang-1.27, which `tools/test` installs into a cache and names in
+//! `FLEETDELTA_GO127_ROOT`); a missing tool fails the test.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,29 +35,69 @@ fn run(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
 /// The Go generator, built once from tools/exact-gen with Debian's Go and -dev sources.
 fn exact_gen() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_exact_gen("exact-gen", Path::new("go"), None))
+}
+
+/// The environment variable naming Go 1.27's GOROOT (set by tools/test).
+const GO127_ROOT_VAR: &str = "FLEETDELTA_GO127_ROOT";
+
+/// The same generator built with Go 1.27 (its `stdgzip` is Go 1.27's `compress/gzip`).
+/// Go 1.27 is not packaged for bookworm: tools/test installs Debian sid's golang-1.27
+/// into a cache and passes its GOROOT in `FLEETDELTA_GO127_ROOT`. Without it the tests
+/// that need it fail rather than skip.
+fn exact_gen_go127() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        // Cargo's per-target scratch directory: reused across runs, so Go's cache is too.
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("exact-gen");
-        std::fs::create_dir_all(&dir).unwrap();
-        let bin = dir.join("exact-gen");
-        let out = Command::new("go")
-            .args(["build", "-o"])
-            .arg(&bin)
-            .arg("./tools/exact-gen")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("GO111MODULE", "off")
-            .env("GOPATH", "/usr/share/gocode")
-            .env("GOCACHE", dir.join("cache"))
+        let root = std::env::var_os(GO127_ROOT_VAR).unwrap_or_else(|| {
+            panic!(
+                "{GO127_ROOT_VAR} is not set: run tools/test, which installs Go 1.27 (Debian sid's \
+                 golang-1.27-go and golang-1.27-src) into a cache and sets it to that GOROOT"
+            )
+        });
+        let root = PathBuf::from(root);
+        let go = root.join("bin/go");
+        let version = Command::new(&go)
+            .arg("version")
+            .env("GOROOT", &root)
+            .env("GOTOOLCHAIN", "local")
             .output()
-            .unwrap_or_else(|e| panic!("cannot run go: {e} (install golang-go)"));
-        assert!(
-            out.status.success(),
-            "building tools/exact-gen failed (install golang-go golang-github-klauspost-compress-dev \
-             golang-github-klauspost-pgzip-dev): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        bin
+            .unwrap_or_else(|e| {
+                panic!("cannot run {}: {e} ({GO127_ROOT_VAR} must be a Go 1.27 GOROOT; run tools/test)", go.display())
+            });
+        let version = String::from_utf8_lossy(&version.stdout);
+        assert!(version.starts_with("go version go1.27"), "{GO127_ROOT_VAR} is not Go 1.27: {version}");
+        build_exact_gen("exact-gen-go1.27", &go, Some(&root))
     })
+}
+
+/// Builds tools/exact-gen with the `go` command given (and its GOROOT, if not the system's).
+fn build_exact_gen(name: &str, go: &Path, goroot: Option<&Path>) -> PathBuf {
+    // Cargo's per-target scratch directory: reused across runs, so Go's cache is too.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("exact-gen");
+    let mut cmd = Command::new(go);
+    cmd.args(["build", "-o"])
+        .arg(&bin)
+        .arg("./tools/exact-gen")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOCACHE", dir.join("cache"))
+        // Never fetch another toolchain: build with exactly this one.
+        .env("GOTOOLCHAIN", "local");
+    if let Some(root) = goroot {
+        cmd.env("GOROOT", root);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e} (install golang-go)", go.display()));
+    assert!(
+        out.status.success(),
+        "building tools/exact-gen with {} failed (install golang-go golang-github-klauspost-compress-dev \
+         golang-github-klauspost-pgzip-dev): {}",
+        go.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
 }
 
 /// Deterministic pseudo-random bytes.
@@ -197,6 +239,51 @@ fn go_gzip_matches_go_1_19_compress_gzip() {
     }
 }
 
+#[test]
+fn go_gzip_matches_go_1_27_compress_gzip() {
+    for (name, input) in corpus() {
+        let real = run(Command::new(exact_gen_go127()).arg("stdgzip"), &input);
+        let desc = Descriptor {
+            encoder: Encoder::GoGzip { release: GoRelease::Go1_27 },
+            header: GzipHeader::go_stdlib_default(),
+        };
+        check(&desc, &input, &real, name);
+    }
+}
+
+/// Blobs of both Go releases (and klauspost's gzip, the closest relative of Go 1.27's) are
+/// fingerprinted to a descriptor that rebuilds them; wherever the three write different
+/// bytes, to exactly the encoder that wrote the blob.
+#[test]
+fn go_releases_and_klauspost_are_fingerprinted_apart() {
+    let writers = [
+        (exact_gen(), "stdgzip", Encoder::GoGzip { release: GoRelease::Go1_19 }),
+        (exact_gen_go127(), "stdgzip", Encoder::GoGzip { release: GoRelease::Go1_27 }),
+        (exact_gen(), "kpgzip", Encoder::KlauspostGzip),
+    ];
+    let mut told_apart = Vec::new();
+    for (name, input) in corpus() {
+        let blobs: Vec<Vec<u8>> =
+            writers.iter().map(|(gen, mode, _)| run(Command::new(gen).arg(mode), &input)).collect();
+        for (i, (_, _, encoder)) in writers.iter().enumerate() {
+            let blob = &blobs[i];
+            let found =
+                fingerprint(blob, &input).unwrap_or_else(|| panic!("{name}: {encoder:?} blob not fingerprinted"));
+            assert_eq!(found.encode_to_vec(&input).unwrap(), *blob, "{name}: {encoder:?} blob -> {found:?}");
+            if blobs.iter().enumerate().all(|(j, other)| j == i || other[10..] != blob[10..]) {
+                assert_eq!(found.encoder, *encoder, "{name}: fingerprint confused {encoder:?}");
+                told_apart.push((name, encoder.clone()));
+            }
+        }
+    }
+    // The releases write different bytes on anything but tiny or incompressible input.
+    for name in ["small-text", "text-3MiB", "mixed", "tar-of-binaries"] {
+        for (_, _, encoder) in &writers {
+            assert!(told_apart.contains(&(name, encoder.clone())), "{name}: {encoder:?} not told apart");
+        }
+    }
+}
+
 /// A real umoci layer: `umoci repack` of a bundle holding text, random data and binaries.
 #[test]
 fn umoci_layers_are_reproduced_and_fingerprinted() {
@@ -324,7 +411,7 @@ fn throughput_against_the_originals() {
     let path = std::env::var("FLEETDELTA_EXACT_BENCH").expect("set FLEETDELTA_EXACT_BENCH to a tar file");
     let input = std::fs::read(&path).unwrap();
     let mb = input.len() as f64 / 1e6;
-    let cases: [(&str, Vec<String>, Descriptor); 5] = [
+    let cases: [(&str, Vec<String>, Descriptor); 6] = [
         (
             "pgzip 256 KiB (umoci)",
             vec![exact_gen().display().to_string(), "pgzip".into(), "262144".into()],
@@ -343,6 +430,14 @@ fn throughput_against_the_originals() {
             vec![exact_gen().display().to_string(), "stdgzip".into()],
             Descriptor {
                 encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
+                header: GzipHeader::go_stdlib_default(),
+            },
+        ),
+        (
+            "Go 1.27 gzip",
+            vec![exact_gen_go127().display().to_string(), "stdgzip".into()],
+            Descriptor {
+                encoder: Encoder::GoGzip { release: GoRelease::Go1_27 },
                 header: GzipHeader::go_stdlib_default(),
             },
         ),

@@ -10,6 +10,7 @@
 //! | `Pgzip { block_size }` | klauspost/pgzip 1.2.5 on klauspost/compress 1.15.12, default level | umoci 0.4.7 (256 KiB blocks), skopeo |
 //! | `KlauspostGzip` | klauspost/compress 1.15.12 `gzip`, default level | Go tools using klauspost's gzip |
 //! | `GoGzip { release: Go1_19 }` | Go 1.19 `compress/gzip`, default level | Docker/moby, BuildKit built with Go 1.19 |
+//! | `GoGzip { release: Go1_27 }` | Go 1.27 `compress/gzip`, default level (flate level 6, klauspost's design) | Docker/moby, BuildKit built with Go 1.27 |
 //! | `Zlib { level }` | zlib 1.2.13 deflate, levels 1-9 | Python's `gzip`, anything on the system zlib |
 //! | `GnuGzip { level }` | GNU gzip 1.12, levels 1-9 | `gzip -9n` (Debian's changelogs and manual pages), `tar \| gzip` |
 //!
@@ -34,11 +35,12 @@
 //! {"encoder": {"kind": "pgzip", "block_size": 262144},
 //!  "header": {"mtime": 2288912640, "xfl": 0, "os": 255}}
 //! ```
-//! Other kinds: `{"kind": "klauspost-gzip"}`, `{"kind": "go-gzip", "release": "go1.19"}`,
-//! `{"kind": "zlib", "level": 9}`, `{"kind": "gnu-gzip", "level": 9}`. The header's fields are described on [`GzipHeader`].
+//! Other kinds: `{"kind": "klauspost-gzip"}`, `{"kind": "go-gzip", "release": "go1.19"}`
+//! (or `"go1.27"`), `{"kind": "zlib", "level": 9}`, `{"kind": "gnu-gzip", "level": 9}`. The header's fields are described on [`GzipHeader`].
 
 mod bits;
 pub mod fingerprint;
+mod go127;
 mod go_flate;
 pub mod gzip_header;
 mod huffman;
@@ -70,8 +72,11 @@ pub enum Encoder {
     /// `DefaultCompression`. JSON: `{"kind": "klauspost-gzip"}`.
     KlauspostGzip,
     /// The Go standard library's `compress/gzip` at `DefaultCompression` (flate level 6),
-    /// as in the named Go release; Docker/moby and BuildKit write layers with it.
-    /// JSON: `{"kind": "go-gzip", "release": "go1.19"}`.
+    /// as in the named Go release; Docker/moby and BuildKit write layers with it. Go 1.19's
+    /// level 6 is the classic lazy matcher (zlib-like hash chains, 16K-token blocks); Go
+    /// 1.27's is klauspost/compress's level-6 encoder taken into the standard library
+    /// (64 KiB windows, Huffman tables reused across blocks).
+    /// JSON: `{"kind": "go-gzip", "release": "go1.19"}` or `"release": "go1.27"`.
     GoGzip {
         /// Which generation of Go's encoder.
         release: GoRelease,
@@ -100,6 +105,10 @@ pub enum GoRelease {
     /// Go 1.19 (verified against Debian bookworm's golang-1.19 1.19.8).
     #[serde(rename = "go1.19")]
     Go1_19,
+    /// Go 1.27, the first release verified with the rewritten `compress/flate` (Go 1.27.3,
+    /// Debian sid's golang-1.27).
+    #[serde(rename = "go1.27")]
+    Go1_27,
 }
 
 /// Everything needed to rebuild a gzip blob from its uncompressed bytes.
@@ -146,6 +155,7 @@ impl Descriptor {
             }
             Encoder::KlauspostGzip => Box::new(klauspost::Deflater::new()),
             Encoder::GoGzip { release: GoRelease::Go1_19 } => Box::new(go_flate::Deflater::new()),
+            Encoder::GoGzip { release: GoRelease::Go1_27 } => Box::new(go127::deflater()),
             Encoder::Zlib { level: l } => Box::new(zlib::Deflater::with_flavor(level(*l)?, zlib::Flavor::Zlib)),
             Encoder::GnuGzip { level: l } => Box::new(zlib::Deflater::with_flavor(level(*l)?, zlib::Flavor::GnuGzip)),
         };
@@ -186,7 +196,7 @@ impl RawDeflate for zlib::Deflater {
     }
 }
 
-impl RawDeflate for klauspost::Deflater {
+impl<F: klauspost::MatchFinder> RawDeflate for klauspost::Deflater<F> {
     fn push(&mut self, data: &[u8]) {
         self.write(data)
     }
@@ -277,6 +287,10 @@ mod tests {
                 encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
                 header: GzipHeader::go_stdlib_default(),
             },
+            Descriptor {
+                encoder: Encoder::GoGzip { release: GoRelease::Go1_27 },
+                header: GzipHeader::go_stdlib_default(),
+            },
         ]
     }
 
@@ -321,6 +335,10 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&go).unwrap(),
             r#"{"encoder":{"kind":"go-gzip","release":"go1.19"},"header":{"mtime":0,"xfl":0,"os":255}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Encoder::GoGzip { release: GoRelease::Go1_27 }).unwrap(),
+            r#"{"kind":"go-gzip","release":"go1.27"}"#
         );
         assert_eq!(serde_json::to_string(&Encoder::KlauspostGzip).unwrap(), r#"{"kind":"klauspost-gzip"}"#);
         assert_eq!(serde_json::to_string(&Encoder::Zlib { level: 9 }).unwrap(), r#"{"kind":"zlib","level":9}"#);

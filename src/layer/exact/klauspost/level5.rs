@@ -3,39 +3,43 @@
 //! a "check the end of the match" refinement, and every third position hashed inside
 //! matches. Offsets are `i32` positions biased by `cur`, exactly as in Go, so stale
 //! entries fall out of the 32 KiB window the same way.
+//!
+//! The history, the two tables and their upkeep ([`FastGen`]) and the hash and match
+//! helpers are shared with level 6 (`go127::level6`), whose tables are the same.
 
 use super::tokens::{Tokens, MAX_STORE_BLOCK_SIZE};
+use super::MatchFinder;
 
 const TABLE_BITS: u32 = 15;
 const TABLE_SIZE: usize = 1 << TABLE_BITS;
-const MAX_MATCH_OFFSET: i32 = 1 << 15;
-const MAX_MATCH_LENGTH: i32 = 258;
+pub(crate) const MAX_MATCH_OFFSET: i32 = 1 << 15;
+pub(crate) const MAX_MATCH_LENGTH: i32 = 258;
 const ALLOC_HISTORY: usize = MAX_STORE_BLOCK_SIZE * 5;
 const BUFFER_RESET: i32 = i32::MAX - ALLOC_HISTORY as i32 - MAX_STORE_BLOCK_SIZE as i32 - 1;
-const INPUT_MARGIN: i32 = 12 - 1;
-const MIN_NON_LITERAL_BLOCK_SIZE: usize = 1 + 1 + INPUT_MARGIN as usize;
+pub(crate) const INPUT_MARGIN: i32 = 12 - 1;
+pub(crate) const MIN_NON_LITERAL_BLOCK_SIZE: usize = 1 + 1 + INPUT_MARGIN as usize;
 
 const PRIME_4_BYTES: u32 = 2_654_435_761;
 const PRIME_7_BYTES: u64 = 58_295_818_150_454_627;
 
 #[inline(always)]
-fn hash4(u: u64) -> usize {
+pub(crate) fn hash4(u: u64) -> usize {
     ((u as u32).wrapping_mul(PRIME_4_BYTES) >> (32 - TABLE_BITS)) as usize
 }
 
 #[inline(always)]
-fn hash7(u: u64) -> usize {
+pub(crate) fn hash7(u: u64) -> usize {
     ((u << 8).wrapping_mul(PRIME_7_BYTES) >> (64 - TABLE_BITS)) as usize
 }
 
 #[inline(always)]
-fn load64(b: &[u8], i: i32) -> u64 {
+pub(crate) fn load64(b: &[u8], i: i32) -> u64 {
     let i = i as usize;
     u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
 }
 
 #[inline(always)]
-fn load32(b: &[u8], i: i32) -> u32 {
+pub(crate) fn load32(b: &[u8], i: i32) -> u32 {
     let i = i as usize;
     u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
 }
@@ -57,35 +61,45 @@ pub(crate) fn match_len(a: &[u8], b: &[u8]) -> usize {
 
 /// Common prefix of `src[s..]` and `src[t..]`, at most 254 bytes (`matchlen`).
 #[inline(always)]
-fn matchlen(s: i32, t: i32, src: &[u8]) -> i32 {
+pub(crate) fn matchlen(s: i32, t: i32, src: &[u8]) -> i32 {
     let s1 = (s as usize + MAX_MATCH_LENGTH as usize - 4).min(src.len());
     match_len(&src[s as usize..s1], &src[t as usize..]) as i32
 }
 
 /// Common prefix of `src[s..]` and `src[t..]`, unbounded (`matchlenLong`).
 #[inline(always)]
-fn matchlen_long(s: i32, t: i32, src: &[u8]) -> i32 {
+pub(crate) fn matchlen_long(s: i32, t: i32, src: &[u8]) -> i32 {
     match_len(&src[s as usize..], &src[t as usize..]) as i32
 }
 
+/// A long-table entry: the last two positions with that hash (`tableEntryPrev`).
 #[derive(Clone, Copy, Debug, Default)]
-struct PrevEntry {
-    cur: i32,
-    prev: i32,
+pub(crate) struct PrevEntry {
+    pub(crate) cur: i32,
+    pub(crate) prev: i32,
 }
 
-/// The level-5 encoder state that persists across 64 KiB chunks of one stream.
+impl PrevEntry {
+    /// Records `offset` as the newest position, keeping the previous newest.
+    #[inline(always)]
+    pub(crate) fn push(&mut self, offset: i32) {
+        *self = PrevEntry { cur: offset, prev: self.cur };
+    }
+}
+
+/// The state levels 5 and 6 keep across 64 KiB chunks of one stream: Go's `fastGen`
+/// (history and `cur`) plus their 4-byte `table` and two-deep 7-byte `bTable`.
 #[derive(Debug)]
-pub(super) struct FastL5 {
-    hist: Vec<u8>,
-    cur: i32,
-    table: Box<[i32; TABLE_SIZE]>,
-    b_table: Box<[PrevEntry; TABLE_SIZE]>,
+pub(crate) struct FastGen {
+    pub(crate) hist: Vec<u8>,
+    pub(crate) cur: i32,
+    pub(crate) table: Box<[i32; TABLE_SIZE]>,
+    pub(crate) b_table: Box<[PrevEntry; TABLE_SIZE]>,
 }
 
-impl FastL5 {
-    pub(super) fn new() -> Self {
-        FastL5 {
+impl FastGen {
+    pub(crate) fn new() -> Self {
+        FastGen {
             hist: Vec::with_capacity(ALLOC_HISTORY),
             cur: MAX_STORE_BLOCK_SIZE as i32,
             table: Box::new([0; TABLE_SIZE]),
@@ -94,7 +108,7 @@ impl FastL5 {
     }
 
     /// Forgets the history: pushes `cur` past every stored offset (`fastGen.Reset`).
-    pub(super) fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         if self.cur <= BUFFER_RESET {
             self.cur += MAX_MATCH_OFFSET + self.hist.len() as i32;
         }
@@ -102,7 +116,7 @@ impl FastL5 {
     }
 
     /// Appends `src` to the history, sliding it down when full; returns where `src` starts.
-    fn add_block(&mut self, src: &[u8]) -> i32 {
+    pub(crate) fn add_block(&mut self, src: &[u8]) -> i32 {
         if self.hist.len() + src.len() > ALLOC_HISTORY {
             let offset = self.hist.len() - MAX_MATCH_OFFSET as usize;
             self.hist.copy_within(offset.., 0);
@@ -115,7 +129,7 @@ impl FastL5 {
     }
 
     /// Rebases offsets before `cur` would overflow (never reached below 2 GiB per stream).
-    fn protect_wraparound(&mut self) {
+    pub(crate) fn protect_wraparound(&mut self) {
         while self.cur >= BUFFER_RESET {
             if self.hist.is_empty() {
                 self.table.fill(0);
@@ -139,17 +153,33 @@ impl FastL5 {
             self.cur = MAX_MATCH_OFFSET;
         }
     }
+}
+
+/// The level-5 encoder (`fastEncL5`).
+#[derive(Debug)]
+pub(crate) struct FastL5 {
+    g: FastGen,
+}
+
+impl MatchFinder for FastL5 {
+    fn new() -> Self {
+        FastL5 { g: FastGen::new() }
+    }
+
+    fn reset(&mut self) {
+        self.g.reset();
+    }
 
     /// Finds matches in `src` (at most 64 KiB) against the history and appends tokens.
-    pub(super) fn encode(&mut self, dst: &mut Tokens, src: &[u8]) {
-        self.protect_wraparound();
-        let mut s = self.add_block(src);
+    fn encode(&mut self, dst: &mut Tokens, src: &[u8]) {
+        self.g.protect_wraparound();
+        let mut s = self.g.add_block(src);
         if src.len() < MIN_NON_LITERAL_BLOCK_SIZE {
             // Go records the count without tokens; callers treat this as "all literals".
             dst.n = src.len();
             return;
         }
-        let Self { hist, cur, table, b_table } = self;
+        let FastGen { hist, cur, table, b_table } = &mut self.g;
         let cur = *cur;
         let src = &hist[..];
         let mut next_emit = s;

@@ -10,37 +10,63 @@
 //! stored, literal-only, fixed or dynamic block, the latter possibly sharing one Huffman
 //! table across windows. Output depends only on the bytes and on where `Flush`/`Close`
 //! fall, not on how writes were chunked.
+//!
+//! Go 1.27's standard library took this design over: [`Deflater`] is generic over the
+//! level's match finder ([`MatchFinder`]) and the block writer's [`Flavor`], and
+//! `go127` instantiates it with level 6.
 
 pub(crate) mod level5;
-mod tokens;
+pub(crate) mod tokens;
 mod writer;
 
 use level5::FastL5;
 use tokens::{Tokens, MAX_STORE_BLOCK_SIZE};
 use writer::BlockWriter;
+pub(crate) use writer::Flavor;
+
+/// A level's match finder (Go's `fastEnc`): turns each window into tokens, matching
+/// against the history it keeps.
+pub(crate) trait MatchFinder: std::fmt::Debug + Send {
+    /// A fresh encoder (`newFastEnc`).
+    fn new() -> Self;
+    /// Finds matches in `src` (at most 64 KiB) and appends tokens to `dst`. Leaves `dst`
+    /// without tokens when it found no match (`dst.n` may still be set for tiny inputs).
+    fn encode(&mut self, dst: &mut Tokens, src: &[u8]);
+    /// Forgets the history (`fastGen.Reset`).
+    fn reset(&mut self);
+}
 
 /// Largest dictionary the match finder can use (its window).
 const MAX_DICT: usize = 1 << 15;
-/// klauspost's `logNewTablePenalty` for levels 1-6.
+/// `logNewTablePenalty` for levels 1-6, in klauspost/compress and in Go 1.27.
 const FAST_LEVEL_TABLE_PENALTY: u32 = 7;
 
-/// A klauspost `flate.Writer` at `DefaultCompression`. Output accumulates in memory until
+/// A klauspost `flate.Writer` at a level 1-6 (`F` its match finder; the default is
+/// level 5, `DefaultCompression`). Output accumulates in memory until
 /// [`take_output`](Self::take_output).
 #[derive(Debug)]
-pub(crate) struct Deflater {
+pub(crate) struct Deflater<F = FastL5> {
     window: Vec<u8>,
-    fast: FastL5,
+    fast: F,
     tokens: Tokens,
     w: BlockWriter,
 }
 
-impl Deflater {
+impl Deflater<FastL5> {
+    /// klauspost/compress 1.15.12 at `DefaultCompression`.
     pub(crate) fn new() -> Self {
+        Self::with_flavor(Flavor::Klauspost1_15)
+    }
+}
+
+impl<F: MatchFinder> Deflater<F> {
+    /// A writer whose blocks are written as `flavor`'s `huffman_bit_writer.go` does.
+    pub(crate) fn with_flavor(flavor: Flavor) -> Self {
         Deflater {
             window: Vec::with_capacity(MAX_STORE_BLOCK_SIZE),
-            fast: FastL5::new(),
+            fast: F::new(),
             tokens: Tokens::new(),
-            w: BlockWriter::new(FAST_LEVEL_TABLE_PENALTY),
+            w: BlockWriter::new(FAST_LEVEL_TABLE_PENALTY, flavor),
         }
     }
 
@@ -93,7 +119,7 @@ impl Deflater {
         out.append(&mut self.w.bits.out);
     }
 
-    /// Go's `storeFast`: encode the window once full, or at a flush.
+    /// Go's `storeFast` (Go 1.27: `deflateFast`): encode the window once full, or at a flush.
     fn store_fast(&mut self, sync: bool) {
         let n = self.window.len();
         if n < MAX_STORE_BLOCK_SIZE {

@@ -1,18 +1,18 @@
 //! klauspost's token buffer (`token.go`): literals and matches with running histograms.
 
 /// Match tokens carry this bit; literals are their byte value.
-pub(super) const MATCH_TYPE: u32 = 1 << 30;
+pub(crate) const MATCH_TYPE: u32 = 1 << 30;
 /// Bits above this hold the match length minus 3.
-pub(super) const LENGTH_SHIFT: u32 = 22;
+pub(crate) const LENGTH_SHIFT: u32 = 22;
 /// Mask for the offset part (offset minus 1 in the low 16 bits, offset code above).
-pub(super) const OFFSET_MASK: u32 = (1 << LENGTH_SHIFT) - 1;
+pub(crate) const OFFSET_MASK: u32 = (1 << LENGTH_SHIFT) - 1;
 /// The end-of-block symbol, stored as a token too.
-pub(super) const END_BLOCK_MARKER: u32 = 256;
+pub(crate) const END_BLOCK_MARKER: u32 = 256;
 /// Largest input chunk the compressor hands the match finder (and largest stored block).
-pub(super) const MAX_STORE_BLOCK_SIZE: usize = 65535;
+pub(crate) const MAX_STORE_BLOCK_SIZE: usize = 65535;
 
 /// Length code (0-28) of `length - 3`.
-pub(super) static LENGTH_CODES: [u8; 256] = {
+pub(crate) static LENGTH_CODES: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut code = 0usize;
     let mut len = 0usize;
@@ -29,19 +29,19 @@ pub(super) static LENGTH_CODES: [u8; 256] = {
 };
 
 /// `length - 3` at which each length code starts.
-pub(super) static LENGTH_BASE: [u8; 29] =
+pub(crate) static LENGTH_BASE: [u8; 29] =
     [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 255];
 
 /// Extra bits after each length code.
-pub(super) static LENGTH_EXTRA_BITS: [u8; 32] =
+pub(crate) static LENGTH_EXTRA_BITS: [u8; 32] =
     [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0, 0, 0, 0];
 
 /// Extra bits after each distance code.
-pub(super) static OFFSET_EXTRA_BITS: [u8; 32] =
+pub(crate) static OFFSET_EXTRA_BITS: [u8; 32] =
     [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14];
 
 /// `offset - 1` at which each distance code starts.
-pub(super) static OFFSET_BASE: [u32; 30] = [
+pub(crate) static OFFSET_BASE: [u32; 30] = [
     0x0000, 0x0001, 0x0002, 0x0003, 0x0004, 0x0006, 0x0008, 0x000c, 0x0010, 0x0018, 0x0020, 0x0030, 0x0040, 0x0060,
     0x0080, 0x00c0, 0x0100, 0x0180, 0x0200, 0x0300, 0x0400, 0x0600, 0x0800, 0x0c00, 0x1000, 0x1800, 0x2000, 0x3000,
     0x4000, 0x6000,
@@ -49,7 +49,7 @@ pub(super) static OFFSET_BASE: [u32; 30] = [
 
 /// Distance code of `offset - 1` (< 32768).
 #[inline(always)]
-pub(super) fn offset_code(xoffset: u32) -> u32 {
+pub(crate) fn offset_code(xoffset: u32) -> u32 {
     if xoffset < 256 {
         OFFSET_CODES[xoffset as usize]
     } else {
@@ -73,19 +73,19 @@ static OFFSET_CODES: [u32; 256] = {
 
 /// Tokens of one block and their symbol histograms.
 #[derive(Clone, Debug)]
-pub(super) struct Tokens {
+pub(crate) struct Tokens {
     /// Length symbols 256.. (index 0 is end-of-block).
-    pub(super) extra_hist: [u16; 32],
-    pub(super) off_hist: [u16; 32],
-    pub(super) lit_hist: [u16; 256],
-    pub(super) tokens: Vec<u32>,
+    pub(crate) extra_hist: [u16; 32],
+    pub(crate) off_hist: [u16; 32],
+    pub(crate) lit_hist: [u16; 256],
+    pub(crate) tokens: Vec<u32>,
     /// Go's `n`; equals `tokens.len()` except after a too-short `Encode`, which sets it
     /// without filling the tokens (the caller then discards them).
-    pub(super) n: usize,
+    pub(crate) n: usize,
 }
 
 impl Tokens {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Tokens {
             extra_hist: [0; 32],
             off_hist: [0; 32],
@@ -95,7 +95,7 @@ impl Tokens {
         }
     }
 
-    pub(super) fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         if self.n == 0 {
             return;
         }
@@ -107,7 +107,7 @@ impl Tokens {
     }
 
     #[inline(always)]
-    pub(super) fn add_literal(&mut self, lit: u8) {
+    pub(crate) fn add_literal(&mut self, lit: u8) {
         self.tokens.push(u32::from(lit));
         self.lit_hist[usize::from(lit)] = self.lit_hist[usize::from(lit)].wrapping_add(1);
         self.n += 1;
@@ -115,7 +115,7 @@ impl Tokens {
 
     /// A match of any length (split into pieces of at most 258); `xoffset` is offset - 1.
     #[inline]
-    pub(super) fn add_match_long(&mut self, mut length: i32, xoffset: u32) {
+    pub(crate) fn add_match_long(&mut self, mut length: i32, xoffset: u32) {
         let oc = offset_code(xoffset);
         let xoffset = xoffset | (oc << 16);
         while length > 0 {
@@ -134,7 +134,7 @@ impl Tokens {
         }
     }
 
-    pub(super) fn add_eob(&mut self) {
+    pub(crate) fn add_eob(&mut self) {
         self.tokens.push(END_BLOCK_MARKER);
         self.extra_hist[0] = self.extra_hist[0].wrapping_add(1);
         self.n += 1;
@@ -142,7 +142,7 @@ impl Tokens {
 
     /// klauspost's estimate of an optimal coding of the block in bits (`EstimatedBits`),
     /// computed in `f32` exactly as Go does: the result decides whether to start a new table.
-    pub(super) fn estimated_bits(&self) -> i64 {
+    pub(crate) fn estimated_bits(&self) -> i64 {
         let mut shannon = 0f32;
         let mut bits = 0i64;
         let mut n_matches = 0i64;

@@ -1,6 +1,9 @@
 //! klauspost's block writer (`huffman_bit_writer.go`): chooses stored, fixed, dynamic or
 //! literal-only Huffman coding per block, and may keep a dynamic table open across
 //! blocks ("reuse") until a sync, a new table or a stored block closes it.
+//!
+//! Go 1.27 took this writer into the standard library with two changes to
+//! `writeBlockDynamic`, selected by [`Flavor`]; everything else is the same code.
 
 use super::tokens::{
     Tokens, END_BLOCK_MARKER, LENGTH_BASE, LENGTH_CODES, LENGTH_EXTRA_BITS, LENGTH_SHIFT, MATCH_TYPE,
@@ -18,6 +21,20 @@ const MAX_PREDEFINED_TOKENS: usize = 250;
 const GUESS_HEADER_SIZE_BITS: i64 = 70 * 8;
 
 static CODEGEN_ORDER: [usize; 19] = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
+
+/// Which release of the writer: they differ only in a block whose table may stay open
+/// for the next block (a dynamic block written without a sync).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// klauspost/compress 1.15.12: such a table is transmitted with all 286 literal/length
+    /// and 30 distance code lengths (`indexTokens(tokens, filled)`), and the end-of-block
+    /// code is left out of the size estimates.
+    Klauspost1_15,
+    /// Go 1.27's `compress/flate`: the table is transmitted up to its last used code, as
+    /// for any block, and the end-of-block symbol is counted once in the histogram
+    /// ("Ensure we can always write EOB": `tokens.extraHist[0] = 1`).
+    Go1_27,
+}
 
 /// Writes the blocks of one DEFLATE stream.
 #[derive(Debug)]
@@ -37,6 +54,7 @@ pub(super) struct BlockWriter {
     /// Offset code used by literal-only blocks: a single one-bit code for distance 0.
     huff_offset: HuffmanEncoder,
     log_new_table_penalty: u32,
+    flavor: Flavor,
     literal_freq: [u16; 257 + 32],
     offset_freq: [u16; 32],
     codegen_freq: [u32; CODEGEN_CODE_COUNT],
@@ -44,7 +62,7 @@ pub(super) struct BlockWriter {
 }
 
 impl BlockWriter {
-    pub(super) fn new(log_new_table_penalty: u32) -> Self {
+    pub(super) fn new(log_new_table_penalty: u32, flavor: Flavor) -> Self {
         let mut huff_offset = HuffmanEncoder::new(OFFSET_CODE_COUNT);
         let mut freq = [0u16; OFFSET_CODE_COUNT];
         freq[0] = 1;
@@ -61,6 +79,7 @@ impl BlockWriter {
             fixed_offset: HuffmanEncoder::fixed_offset(),
             huff_offset,
             log_new_table_penalty,
+            flavor,
             literal_freq: [0; 257 + 32],
             offset_freq: [0; 32],
             codegen_freq: [0; CODEGEN_CODE_COUNT],
@@ -250,6 +269,8 @@ impl BlockWriter {
         let sync = sync || eof;
         if sync {
             tokens.add_eob();
+        } else if self.flavor == Flavor::Go1_27 {
+            tokens.extra_hist[0] = 1;
         }
         // A literal-only table cannot code matches; the last block must be closed.
         if (self.last_huffman || eof) && self.last_header > 0 {
@@ -260,7 +281,8 @@ impl BlockWriter {
             self.write_owed_eob();
         }
 
-        let (num_literals, num_offsets) = self.index_tokens(tokens, !sync);
+        let filled = !sync && self.flavor == Flavor::Klauspost1_15;
+        let (num_literals, num_offsets) = self.index_tokens(tokens, filled);
         let stored = input.filter(|i| i.len() <= MAX_STORE_BLOCK_SIZE);
         let ssize = stored.map(|i| (i.len() as i64 + 5) * 8);
         let mut extra_bits = 0;
