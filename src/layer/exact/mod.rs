@@ -184,41 +184,27 @@ trait RawDeflate: Send {
     fn output(&mut self) -> Vec<u8>;
 }
 
-impl RawDeflate for zlib::Deflater {
-    fn push(&mut self, data: &[u8]) {
-        self.write(data)
-    }
-    fn end(&mut self) {
-        self.finish()
-    }
-    fn output(&mut self) -> Vec<u8> {
-        self.take_output()
-    }
+/// Implements [`RawDeflate`] over a port's own calls (`write`, `take_output`, and `finish`
+/// or `close` as its original names the end of the stream).
+macro_rules! impl_raw_deflate {
+    ([$($generics:tt)*] $deflater:ty, $end:ident) => {
+        impl<$($generics)*> RawDeflate for $deflater {
+            fn push(&mut self, data: &[u8]) {
+                self.write(data)
+            }
+            fn end(&mut self) {
+                self.$end()
+            }
+            fn output(&mut self) -> Vec<u8> {
+                self.take_output()
+            }
+        }
+    };
 }
 
-impl<F: klauspost::MatchFinder> RawDeflate for klauspost::Deflater<F> {
-    fn push(&mut self, data: &[u8]) {
-        self.write(data)
-    }
-    fn end(&mut self) {
-        self.close()
-    }
-    fn output(&mut self) -> Vec<u8> {
-        self.take_output()
-    }
-}
-
-impl RawDeflate for go_flate::Deflater {
-    fn push(&mut self, data: &[u8]) {
-        self.write(data)
-    }
-    fn end(&mut self) {
-        self.close()
-    }
-    fn output(&mut self) -> Vec<u8> {
-        self.take_output()
-    }
-}
+impl_raw_deflate!([] zlib::Deflater, finish);
+impl_raw_deflate!([F: klauspost::MatchFinder] klauspost::Deflater<F>, close);
+impl_raw_deflate!([] go_flate::Deflater, close);
 
 /// One gzip member encoded from pushed input: [`MemberEncoder::write`] any number of
 /// times, then [`MemberEncoder::finish`]. The deflater always sees the input in chunks of
