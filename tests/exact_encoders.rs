@@ -385,6 +385,18 @@ fn gnu_gzip_matches_gzip_1_12_at_every_level() {
             assert_eq!(found.encode_to_vec(&input).unwrap(), real, "{name} gzip -{level}n");
         }
     }
+    // The end of the input, where gzip's window (read whole, slid whole, two bytes zeroed
+    // past the data) differs from zlib's: text then a tar's trailing zeros, ending at many
+    // places relative to the 64 KiB window.
+    for len in [65_536usize * 5 - 1352, 65_536 * 5, 65_536 * 5 + 7, 65_536 * 6 - 300, 100_000, 5_445_632 % 65_536 + 65_536 * 4] {
+        let mut input = text(len.saturating_sub(1352), 21);
+        input.resize(len, 0);
+        for level in [6u8, 9] {
+            let real = run(Command::new("gzip").arg(format!("-{level}n")).arg("-c"), &input);
+            let (header, _) = GzipHeader::parse(&real).unwrap();
+            check(&Descriptor { encoder: Encoder::GnuGzip { level }, header }, &input, &real, &format!("text + zeros, {len} bytes, gzip -{level}n"));
+        }
+    }
 }
 
 /// pigz is a zlib-family encoder we do not reproduce: the fingerprint must say so rather

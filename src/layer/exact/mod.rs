@@ -15,11 +15,14 @@
 //! | `GnuGzip { level }` | GNU gzip 1.12, levels 1-9 | `gzip -9n` (Debian's changelogs and manual pages), `tar \| gzip` |
 //!
 //! GNU gzip's deflate and zlib's share their origin: the same match finder, lazy
-//! evaluation and Huffman trees. They differ only in where a block ends: gzip buffers
-//! 32767 symbols instead of zlib's 16383 (memLevel 8), and at every 4096th symbol ends the
-//! block early when an estimate finds it compresses well with few matches. zlib carries
-//! that estimate too, compiled out (`TRUNCATE_BLOCK` in its trees.c); our `GnuGzip` is the
-//! zlib port with gzip's two constants, not a port of gzip's GPL-3 code.
+//! evaluation and Huffman trees. They differ in where a block ends: gzip buffers 32767
+//! symbols instead of zlib's 16383 (memLevel 8), and at every 4096th symbol ends the block
+//! early when an estimate finds it compresses well with few matches. zlib carries that
+//! estimate too, compiled out (`TRUNCATE_BLOCK` in its trees.c). They also differ at the end
+//! of the input, where matches may read past the data: gzip reads whole windows from a
+//! file, slides the whole upper half, zeroes two bytes past the data, hashes strings to the
+//! very end and keeps looking for longer matches there. Our `GnuGzip` is the zlib port with
+//! those behaviours, written from their description, not a port of gzip's GPL-3 code.
 //!
 //! Not reproduced: pigz (zlib in 128 KiB blocks with sync flushes and dictionaries) and
 //! flate2's default zlib-rs backend (whose bytes differ from zlib's at every level).

@@ -226,6 +226,10 @@ pub(crate) struct Deflater {
     level: usize,
     /// Matches among `syms` (gzip's `last_dist`).
     matches: usize,
+    /// GNU gzip: the end of the input was read (gzip's `eofile`).
+    eof: bool,
+    /// The input given is the last.
+    finishing: bool,
 }
 
 /// Which program's deflate the state reproduces: the two share their match finder and
@@ -260,7 +264,9 @@ impl Deflater {
         let level = usize::from(level.clamp(1, 9));
         let mut d = Deflater {
             cfg: CONFIGS[level],
-            window: vec![0; WINDOW_SIZE],
+            // MIN_MATCH bytes of slack: GNU gzip hashes strings up to the end of its data,
+            // which may be the end of the window.
+            window: vec![0; WINDOW_SIZE + MIN_MATCH],
             prev: vec![0; W_SIZE],
             head: vec![0; HASH_SIZE],
             ins_h: 0,
@@ -292,6 +298,8 @@ impl Deflater {
             flavor,
             level,
             matches: 0,
+            eof: false,
+            finishing: false,
         };
         d.init_block();
         d
@@ -299,7 +307,8 @@ impl Deflater {
 
     /// `deflate(Z_NO_FLUSH)` over `data`.
     pub(crate) fn write(&mut self, data: &[u8]) {
-        self.input.clear();
+        // zlib takes all of its input; GNU gzip may leave some for its next read.
+        self.input.drain(..self.input_pos);
         self.input.extend_from_slice(data);
         self.input_pos = 0;
         if !data.is_empty() || self.lookahead != 0 {
@@ -309,7 +318,7 @@ impl Deflater {
 
     /// `deflate(Z_FINISH)`.
     pub(crate) fn finish(&mut self) {
-        self.input.clear();
+        self.input.drain(..self.input_pos);
         self.input_pos = 0;
         self.run(Flush::Finish);
     }
@@ -324,6 +333,7 @@ impl Deflater {
     }
 
     fn run(&mut self, flush: Flush) {
+        self.finishing = matches!(flush, Flush::Finish);
         if self.cfg.slow {
             self.deflate_slow(&flush)
         } else {
@@ -353,6 +363,9 @@ impl Deflater {
     }
 
     fn fill_window(&mut self) {
+        if self.flavor == Flavor::GnuGzip {
+            return self.fill_window_gnu();
+        }
         loop {
             let mut more = WINDOW_SIZE - self.lookahead - self.strstart;
             if self.strstart >= W_SIZE + MAX_DIST {
@@ -408,6 +421,43 @@ impl Deflater {
         }
     }
 
+    /// GNU gzip's `fill_window`: it reads a file, so each read fills the window (or reaches
+    /// the end of the input, after which it zeroes the two bytes past the data and never reads
+    /// again), and it slides the whole upper half down. What lies past the end of the data
+    /// differs from zlib's window, and matches near the end may read it.
+    fn fill_window_gnu(&mut self) {
+        while self.lookahead < MIN_LOOKAHEAD && !self.eof {
+            let mut more = WINDOW_SIZE - self.lookahead - self.strstart;
+            if self.strstart >= W_SIZE + MAX_DIST {
+                self.window.copy_within(W_SIZE..2 * W_SIZE, 0);
+                self.match_start = self.match_start.wrapping_sub(W_SIZE);
+                self.strstart -= W_SIZE;
+                self.block_start -= W_SIZE as i64;
+                self.slide_hash();
+                more += W_SIZE;
+            }
+            if self.avail_in() < more && !self.finishing {
+                // A read would return less than it asks only at the end of the file: wait.
+                return;
+            }
+            let n = more.min(self.avail_in());
+            let at = self.strstart + self.lookahead;
+            if n == 0 {
+                self.eof = true;
+                self.window[at..at + MIN_MATCH - 1].fill(0);
+                return;
+            }
+            self.window[at..at + n].copy_from_slice(&self.input[self.input_pos..self.input_pos + n]);
+            self.input_pos += n;
+            self.lookahead += n;
+            if self.strstart == 0 && self.lookahead == n {
+                // lm_init: the hash of the first two bytes.
+                self.ins_h = u32::from(self.window[0]);
+                self.update_hash(self.window[1]);
+            }
+        }
+    }
+
     /// zlib's portable `longest_match` (byte 2 is not compared: equal hashes imply it).
     fn longest_match(&mut self, mut cur_match: usize) -> usize {
         let mut chain_length = self.cfg.chain;
@@ -422,7 +472,8 @@ impl Deflater {
         if self.prev_length >= self.cfg.good {
             chain_length >>= 2;
         }
-        if nice_match > self.lookahead {
+        // zlib stops at a match reaching the end of the data; gzip looks on.
+        if nice_match > self.lookahead && self.flavor == Flavor::Zlib {
             nice_match = self.lookahead;
         }
         loop {
@@ -481,6 +532,12 @@ impl Deflater {
         self.block_full()
     }
 
+    /// GNU gzip searches for a match only with a full lookahead's room left in the window.
+    #[inline(always)]
+    fn may_match(&self) -> bool {
+        self.flavor == Flavor::Zlib || self.strstart <= WINDOW_SIZE - MIN_LOOKAHEAD
+    }
+
     /// Whether the block ends after the symbol just tallied.
     #[inline(always)]
     fn block_full(&self) -> bool {
@@ -525,17 +582,17 @@ impl Deflater {
                 }
             }
             let mut hash_head = 0;
-            if self.lookahead >= MIN_MATCH {
+            if self.lookahead >= MIN_MATCH || self.flavor == Flavor::GnuGzip {
                 hash_head = self.insert_string(self.strstart);
             }
-            if hash_head != 0 && self.strstart - hash_head <= MAX_DIST {
+            if hash_head != 0 && self.strstart - hash_head <= MAX_DIST && self.may_match() {
                 self.match_length = self.longest_match(hash_head);
             }
             let bflush;
             if self.match_length >= MIN_MATCH {
                 bflush = self.tally_dist(self.strstart - self.match_start, self.match_length - MIN_MATCH);
                 self.lookahead -= self.match_length;
-                if self.match_length <= self.cfg.lazy && self.lookahead >= MIN_MATCH {
+                if self.match_length <= self.cfg.lazy && (self.lookahead >= MIN_MATCH || self.flavor == Flavor::GnuGzip) {
                     self.match_length -= 1;
                     loop {
                         self.strstart += 1;
@@ -581,13 +638,13 @@ impl Deflater {
                 }
             }
             let mut hash_head = 0;
-            if self.lookahead >= MIN_MATCH {
+            if self.lookahead >= MIN_MATCH || self.flavor == Flavor::GnuGzip {
                 hash_head = self.insert_string(self.strstart);
             }
             self.prev_length = self.match_length;
             self.prev_match = self.match_start;
             self.match_length = MIN_MATCH - 1;
-            if hash_head != 0 && self.prev_length < self.cfg.lazy && self.strstart - hash_head <= MAX_DIST {
+            if hash_head != 0 && self.prev_length < self.cfg.lazy && self.strstart - hash_head <= MAX_DIST && self.may_match() {
                 self.match_length = self.longest_match(hash_head);
                 // zlib: `match_length <= 5 && (Z_FILTERED || (match_length == 3 && far))`; the
                 // strategy is the default, so only short, far matches are dropped.
@@ -602,7 +659,7 @@ impl Deflater {
                 self.prev_length -= 2;
                 loop {
                     self.strstart += 1;
-                    if self.strstart <= max_insert {
+                    if self.strstart <= max_insert || self.flavor == Flavor::GnuGzip {
                         self.insert_string(self.strstart);
                     }
                     self.prev_length -= 1;
