@@ -49,8 +49,12 @@ pub struct LayerInfo {
     pub digest: Digest,
     /// Target layer blob size.
     pub blob_bytes: u64,
-    /// Size of the delta layer carrying its payload (0 for `source`).
+    /// Size of the delta layers carrying its payload: patch or blob, and correction stream
+    /// (0 for `source` without corrections).
     pub payload_bytes: u64,
+    /// Of which the delta layer carrying its correction stream (corrected encodings).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corrections_bytes: u64,
     /// For `source`: the source layer it equals.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_layer: Option<u32>,
@@ -64,6 +68,26 @@ pub struct LayerInfo {
     /// encoder that compresses them again (as [`describe_encoder`] names it).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub repacked_members: BTreeMap<String, u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A byte count for people: `512 B`, `1.2 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 /// An encoder in words, from its JSON form: `pgzip block_size=262144`, `gnu-gzip level=9`.
@@ -82,12 +106,18 @@ pub fn describe_encoder(encoder: &Encoder) -> String {
 }
 
 impl LayerInfo {
-    /// How the blob comes out, in words: `exact (pgzip)`, `verbatim`, `recompressed: why`.
+    /// How the blob comes out, in words: `exact (pgzip)`, `verbatim`,
+    /// `corrected (preflate, 1.2 MiB of corrections = 3.4%)`, `other digest: why`.
     pub fn encoding_summary(&self) -> String {
         match &self.encoding {
             None => "recompressed unless identical (older delta)".into(),
             Some(Encoding::Verbatim) => "verbatim".into(),
             Some(Encoding::Exact { descriptor }) => format!("exact ({})", describe_encoder(&descriptor.encoder)),
+            Some(Encoding::Corrected { .. }) => {
+                let percent = 100.0 * self.corrections_bytes as f64 / self.blob_bytes.max(1) as f64;
+                let precision = if percent < 1.0 { 2 } else { 1 };
+                format!("corrected (preflate, {} of corrections = {percent:.precision$}%)", human_bytes(self.corrections_bytes))
+            }
             Some(Encoding::Recompressed { reason }) => format!("other digest: {reason}"),
         }
     }
@@ -103,12 +133,18 @@ pub fn info(reference: &ImageRef) -> Result<DeltaInfo> {
         .iter()
         .map(|l| {
             let t = &target.layers[l.index as usize];
+            let layer_bytes = |d: u32| delta.image.layers[d as usize].blob.size;
+            let corrections_bytes = match &l.encoding {
+                Some(Encoding::Corrected { corrections_layer, .. }) => layer_bytes(*corrections_layer),
+                _ => 0,
+            };
             LayerInfo {
                 index: l.index,
                 method: l.method,
                 digest: t.blob.digest,
                 blob_bytes: t.blob.size,
-                payload_bytes: l.delta_layer.map_or(0, |d| delta.image.layers[d as usize].blob.size),
+                payload_bytes: l.delta_layer.map_or(0, layer_bytes) + corrections_bytes,
+                corrections_bytes,
                 source_layer: l.source_layer,
                 stats: l.stats.clone(),
                 encoding: l.encoding.clone(),

@@ -1,9 +1,10 @@
 //! The delta as an ordinary OCI image: writing it, and opening one with every digest checked.
 //!
 //! Layer 0 of the delta image is a tar holding `delta.json`, the target manifest and the
-//! target config; each further layer is a tar holding the payload (patch or original blob)
-//! of one target layer. The manifest's `subject` is the target manifest, and annotations
-//! record the source and target digests. See `docs/format.md`.
+//! target config; each further layer is a tar holding one payload of one target layer: its
+//! patch, its original blob, or the correction stream that re-encodes it. The manifest's
+//! `subject` is the target manifest, and annotations record the source and target digests.
+//! See `docs/format.md`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -16,7 +17,7 @@ use crate::digest::{verify, Digest, HashingWriter};
 use crate::layer::compression::copy_hashed;
 use crate::layer::Compression;
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{DeltaPlan, LayerPlan, Method};
+use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method};
 use crate::format::*;
 use crate::image::manifest::{BlobRef, Config, Image, Manifest, OCI_CONFIG, OCI_MANIFEST};
 use crate::image::{load_image, ImageRef, Layout, LayoutWriter};
@@ -29,13 +30,43 @@ pub const DELTA_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar
 
 const TAR_BLOCK: u64 = 512;
 
+/// What a payload layer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The patch of a [`Method::Patch`] layer.
+    Patch,
+    /// The blob of a [`Method::Blob`] layer.
+    Blob,
+    /// The correction stream of an [`Encoding::Corrected`] layer.
+    Corrections,
+}
+
+impl Role {
+    /// The `io.fleetdelta.role` annotation.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Patch => "patch",
+            Role::Blob => "blob",
+            Role::Corrections => "corrections",
+        }
+    }
+
+    fn file_name(self, target_layer: u32) -> String {
+        match self {
+            Role::Patch => payload_file_name(target_layer, Method::Patch),
+            Role::Blob => payload_file_name(target_layer, Method::Blob),
+            Role::Corrections => corrections_file_name(target_layer),
+        }
+    }
+}
+
 /// A payload file produced by the differ, to be wrapped into a delta layer.
 #[derive(Debug)]
 pub struct Payload {
     /// The target layer it rebuilds.
     pub target_layer: u32,
-    /// Patch or blob.
-    pub method: Method,
+    /// What it holds.
+    pub role: Role,
     /// Where the payload bytes are.
     pub path: PathBuf,
 }
@@ -68,14 +99,20 @@ fn write_tar_blob(writer: &LayoutWriter, files: Vec<(String, Box<dyn Read + '_>,
 
 /// Writes the delta image (blobs and manifest) through `writer`; returns the manifest
 /// descriptor to commit and the bytes a device downloads for the delta (manifest, config,
-/// layers). Fills in `plan.layers[..].delta_layer`.
+/// layers). Fills in `plan.layers[..].delta_layer`, and the `corrections_layer` of
+/// corrected encodings.
 pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, payloads: &[Payload]) -> Result<(BlobRef, u64)> {
     let mut payload_layers = Vec::new();
     for (i, p) in payloads.iter().enumerate() {
-        plan.layers[p.target_layer as usize].delta_layer = Some(i as u32 + 1);
+        let layer = &mut plan.layers[p.target_layer as usize];
+        match (p.role, &mut layer.encoding) {
+            (Role::Corrections, Some(Encoding::Corrected { corrections_layer, .. })) => *corrections_layer = i as u32 + 1,
+            (Role::Corrections, _) => return Err(Error::malformed("delta plan", format!("corrections for layer {} whose encoding has none", p.target_layer))),
+            _ => layer.delta_layer = Some(i as u32 + 1),
+        }
         let file = File::open(&p.path).ctx(|| format!("opening {}", p.path.display()))?;
         let size = file.metadata().ctx(|| format!("reading {}", p.path.display()))?.len();
-        let (blob, diff_id) = write_tar_blob(writer, vec![(payload_file_name(p.target_layer, p.method), Box::new(BufReader::new(file)), size)])?;
+        let (blob, diff_id) = write_tar_blob(writer, vec![(p.role.file_name(p.target_layer), Box::new(BufReader::new(file)), size)])?;
         payload_layers.push((blob, diff_id, p));
     }
     let plan_json = serde_json::to_vec(plan).expect("plans serialize");
@@ -94,10 +131,9 @@ pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, 
     })];
     let mut diff_ids = vec![metadata_diff_id.to_string()];
     for (blob, diff_id, p) in &payload_layers {
-        let role = if p.method == Method::Blob { "blob" } else { "patch" };
         layers.push(json!({
             "mediaType": DELTA_LAYER_MEDIA_TYPE, "digest": blob.digest.to_string(), "size": blob.size,
-            "annotations": { ANNOTATION_ROLE: role, ANNOTATION_TARGET_LAYER: p.target_layer.to_string() },
+            "annotations": { ANNOTATION_ROLE: p.role.name(), ANNOTATION_TARGET_LAYER: p.target_layer.to_string() },
         }));
         diff_ids.push(diff_id.to_string());
     }
@@ -192,7 +228,21 @@ impl DeltaImage {
     /// delta manifest names.
     pub fn open_payload(&self, layer: &LayerPlan) -> Result<PayloadReader> {
         let index = layer.delta_layer.ok_or_else(|| Error::malformed("delta.json", format!("layer {} has no payload", layer.index)))?;
-        let delta_layer = &self.image.layers[index as usize];
+        self.open_file(index, &payload_file_name(layer.index, layer.method))
+    }
+
+    /// Opens the correction stream of a layer plan with a corrected encoding, as
+    /// [`DeltaImage::open_payload`] opens payloads.
+    pub fn open_corrections(&self, layer: &LayerPlan) -> Result<PayloadReader> {
+        let Some(Encoding::Corrected { corrections_layer, .. }) = &layer.encoding else {
+            return Err(Error::malformed("delta.json", format!("layer {} has no corrections", layer.index)));
+        };
+        self.open_file(*corrections_layer, &corrections_file_name(layer.index))
+    }
+
+    /// Opens the one file, `name`, of delta layer `index`.
+    fn open_file(&self, index: u32, name: &str) -> Result<PayloadReader> {
+        let delta_layer = self.image.layers.get(index as usize).ok_or_else(|| Error::malformed("delta.json", format!("delta layer {index} does not exist")))?;
         let blob = &delta_layer.blob;
         let what = format!("delta layer {index} ({})", blob.digest);
         self.layout.verify_blob(blob, &what)?;
@@ -202,7 +252,6 @@ impl DeltaImage {
         input.read_exact(&mut raw).map_err(|_| Error::malformed(&what, "truncated tar header"))?;
         let header = tar::Header::from_byte_slice(&raw);
         let checksum_ok = header.cksum().ok() == Some(raw.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32u32 } else { *b as u32 }).sum());
-        let name = payload_file_name(layer.index, layer.method);
         let path_ok = header.path_bytes().as_ref() == name.as_bytes();
         if !checksum_ok || !path_ok || header.entry_type() != tar::EntryType::Regular {
             return Err(Error::malformed(&what, format!("expected a tar holding {name}")));

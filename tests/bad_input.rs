@@ -420,3 +420,79 @@ fn lying_gzip_member_lists_are_refused_and_nothing_is_written() {
         assert!(!out.exists(), "{name}: output written");
     }
 }
+
+/// A source and a target whose changed layer `pigz` compressed (rebuilt with corrections),
+/// and the delta between them. Returns the source, the delta and the corrections' delta
+/// layer index.
+fn corrected_delta(dir: &Path) -> (PathBuf, PathBuf, usize) {
+    let app: Tree = (0..30).map(|i| (format!("app/{i}"), file(text(50 + i, 12_000)))).collect();
+    let mut app2 = app.clone();
+    app2.insert("app/new".into(), file(text(77, 9000)));
+    let pigz = |tar: &[u8]| filter(tool("pigz").arg("-6n").arg("-c"), tar);
+    let (s, t, d) = (dir.join("s"), dir.join("t"), dir.join("d"));
+    write_image_with(&s, "latest", &[layer_tar(&app)], Compression::Gzip, false, pigz);
+    write_image_with(&t, "latest", &[layer_tar(&app2)], Compression::Gzip, false, pigz);
+    diff(&oci(&s), &oci(&t), &oci(&d), &DiffOptions::default(), &Silent).unwrap();
+    let encoding = info(&oci(&d)).unwrap().layers[0].encoding.clone();
+    let Some(fleetdelta::format::plan::Encoding::Corrected { corrections_layer, .. }) = encoding else {
+        panic!("the pigz layer is not rebuilt with corrections: {encoding:?}");
+    };
+    (s, d, corrections_layer as usize)
+}
+
+#[test]
+fn tampered_corrections_are_refused_and_nothing_is_written() {
+    type Edit = fn(&mut Vec<u8>);
+    let cases: [(&str, Edit); 4] = [
+        ("flipped byte", |c| {
+            let n = c.len();
+            c[n / 2] ^= 0x10;
+        }),
+        ("truncated", |c| c.truncate(c.len() - 5)),
+        ("garbage", |c| c.iter_mut().for_each(|b| *b = b.wrapping_mul(167).wrapping_add(13))),
+        // Well-formed zstd around corrections that lie: every correction byte changed.
+        ("lying corrections", |c| {
+            let mut raw = zstd::decode_all(&c[..]).unwrap();
+            let n = raw.len();
+            for b in &mut raw[n / 3..n - 8] {
+                *b = b.rotate_left(1);
+            }
+            *c = zstd::encode_all(&raw[..], 3).unwrap();
+        }),
+    ];
+    for (name, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, d, layer) = corrected_delta(dir.path());
+        reseal(&d, |tars, _| tars[layer] = retar(&tars[layer], edit));
+        let out = dir.path().join("o");
+        let err = apply(&oci(&s), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
+        assert!(matches!(err, Error::Malformed { .. } | Error::DigestMismatch { .. }), "{name}: {err}");
+        assert!(!out.exists(), "{name}: output written");
+    }
+}
+
+#[test]
+fn lying_corrected_encodings_are_refused_and_nothing_is_written() {
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit); 5] = [
+        ("header mtime", |p| p["layers"][0]["encoding"]["header"]["mtime"] = Value::from(1)),
+        ("undeclared feature", |p| p["features"] = Value::from(Vec::<String>::new())),
+        ("other engine", |p| p["layers"][0]["encoding"]["engine"] = Value::from("preflate-rs 0.8.0")),
+        ("corrections in the patch layer", |p| p["layers"][0]["encoding"]["correctionsLayer"] = p["layers"][0]["deltaLayer"].clone()),
+        ("corrections in no layer", |p| p["layers"][0]["encoding"]["correctionsLayer"] = Value::from(9)),
+    ];
+    for (name, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, d, _) = corrected_delta(dir.path());
+        edit_plan(&d, edit);
+        let out = dir.path().join("o");
+        let err = apply(&oci(&s), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
+        let ok = match name {
+            "header mtime" => matches!(&err, Error::DigestMismatch { what, .. } if what.contains("re-encoded with corrections")),
+            "other engine" => matches!(err, Error::Unsupported { .. }),
+            _ => matches!(err, Error::Malformed { .. }),
+        };
+        assert!(ok, "{name}: {err}");
+        assert!(!out.exists(), "{name}: output written");
+    }
+}

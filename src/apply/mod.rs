@@ -18,7 +18,7 @@ use crate::format::MAX_RECORD_STREAM_WINDOW_LOG;
 use crate::image::manifest::BlobRef;
 use crate::image::{load_image, Image, ImageRef, Layer, LayoutWriter};
 use crate::layer::compression::copy_hashed;
-use crate::layer::exact::Descriptor;
+use crate::layer::corrected;
 use crate::layer::members::Repacker;
 use crate::layer::Compression;
 use crate::package::DeltaImage;
@@ -190,15 +190,33 @@ impl Rebuild<'_> {
     }
 
     /// Writes a layer blob from its uncompressed tar, which `body` writes, verifying the
-    /// diff_id on the way. Returns the blob and what `body` returned. With an exact encoding
-    /// (and original layers), the blob is re-encoded byte for byte and must have the target's
-    /// digest.
+    /// diff_id on the way. Returns the blob and what `body` returned. With an exact or a
+    /// corrected encoding (and original layers), the blob is re-encoded byte for byte and
+    /// must have the target's digest.
     fn write_tar<T>(&self, plan: &LayerPlan, target: &Layer, what: &str, body: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<(BlobRef, T)> {
-        if let (Some(Encoding::Exact { descriptor }), LayerOutput::Original) = (&plan.encoding, self.options.layers) {
-            if target.compression != Compression::Gzip {
-                return Err(Error::malformed("delta.json", format!("{what} is not gzip-compressed but its plan re-encodes it as gzip")));
+        if self.options.layers == LayerOutput::Original {
+            let gzip_only = || -> Result<()> {
+                if target.compression != Compression::Gzip {
+                    return Err(Error::malformed("delta.json", format!("{what} is not gzip-compressed but its plan re-encodes it as gzip")));
+                }
+                Ok(())
+            };
+            match &plan.encoding {
+                Some(Encoding::Exact { descriptor }) => {
+                    gzip_only()?;
+                    return self.write_tar_encoded(target, what, "re-encoded exactly", |tar, blob| descriptor.encode(tar, blob).map(drop), body);
+                }
+                Some(Encoding::Corrected { header, .. }) => {
+                    gzip_only()?;
+                    let encode = |tar: &mut dyn Read, blob: &mut dyn Write| {
+                        let mut corrections = self.delta.open_corrections(plan)?;
+                        corrected::encode(header, plan.index, target.blob.size, tar, &mut corrections, blob)?;
+                        corrections.finish()
+                    };
+                    return self.write_tar_encoded(target, what, "re-encoded with corrections", encode, body);
+                }
+                _ => {}
             }
-            return self.write_tar_exact(descriptor, target, what, body);
         }
         let compression = self.output_compression(target);
         let mut out = HashingWriter::new(compression.encoder(self.writer.blob()?)?);
@@ -210,15 +228,23 @@ impl Rebuild<'_> {
         Ok((BlobRef { media_type: compression.media_type_like(&target.blob.media_type), digest, size }, result))
     }
 
-    /// [`Rebuild::write_tar`] through an exact encoder. The encoder reads the tar from a pipe
-    /// on its own thread while `body` writes it, so memory stays bounded.
-    fn write_tar_exact<T>(&self, descriptor: &Descriptor, target: &Layer, what: &str, body: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<(BlobRef, T)> {
+    /// [`Rebuild::write_tar`] through a byte-exact `encode` (of the tar it reads into the blob
+    /// it writes), named `how` in a digest mismatch. The encoder reads the tar from a pipe on
+    /// its own thread while `body` writes it, so memory stays bounded.
+    fn write_tar_encoded<T>(
+        &self,
+        target: &Layer,
+        what: &str,
+        how: &str,
+        encode: impl FnOnce(&mut dyn Read, &mut dyn Write) -> Result<()> + Send,
+        body: impl FnOnce(&mut dyn Write) -> Result<T>,
+    ) -> Result<(BlobRef, T)> {
         let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
         let blob = self.writer.blob()?;
         let (encoded, written) = std::thread::scope(|scope| {
             let encoder = scope.spawn(move || {
                 let mut blob = blob;
-                descriptor.encode(io::BufReader::with_capacity(1 << 20, reader), &mut blob).map(|_| blob)
+                encode(&mut io::BufReader::with_capacity(1 << 20, reader), &mut blob).map(|()| blob)
             });
             let mut out = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, writer));
             let result = body(&mut out);
@@ -228,11 +254,17 @@ impl Rebuild<'_> {
             let encoded = encoder.join().unwrap_or_else(|_| Err(Error::malformed(what, "the encoder thread panicked")));
             (encoded, result.and_then(|r| closed.map(|()| (r, diff_id, len))))
         });
-        // An encoder failure explains a body failure (a closed pipe), not the other way round.
-        let blob = encoded?;
-        let (result, diff_id, len) = written?;
+        // An encoder failure explains a body failure that is a closed pipe. A body failure of
+        // its own explains an encoder failure (the tar it read ended early).
+        let blob = match (encoded, written) {
+            (Err(e), Err(Error::Io { source, .. })) if source.kind() == io::ErrorKind::BrokenPipe => return Err(e),
+            (_, Err(e)) => return Err(e),
+            (Err(e), Ok(_)) => return Err(e),
+            (Ok(blob), Ok(w)) => (blob, w),
+        };
+        let (blob, (result, diff_id, len)) = blob;
         verify(|| format!("{what} (rebuilt, uncompressed)"), &target.diff_id, None, &diff_id, len)?;
-        let (digest, size) = blob.finish(Some((&target.blob.digest, &format!("{what} (re-encoded exactly)"))))?;
+        let (digest, size) = blob.finish(Some((&target.blob.digest, &format!("{what} ({how})"))))?;
         Ok((BlobRef { media_type: target.blob.media_type.clone(), digest, size }, result))
     }
 

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use fleetdelta::{diff, DiffOptions, ImageRef, Progress, Transfer};
 
-use super::{human_bytes, FidelityArg, LevelArg};
+use super::{human_bytes, stdout_to_stderr, FidelityArg, LevelArg};
 
 #[allow(clippy::too_many_arguments)]
 pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: FidelityArg, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
@@ -13,7 +13,7 @@ pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: 
     let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
     let (local_target, _) = transfer.localize(&target, progress).with_context(|| format!("fetching {target}"))?;
     let staged = transfer.staging_for(&delta)?;
-    let report = diff(&local_source, &local_target, &staged, &options, progress).with_context(|| format!("diff {source} -> {target}"))?;
+    let report = stdout_to_stderr(|| diff(&local_source, &local_target, &staged, &options, progress)).with_context(|| format!("diff {source} -> {target}"))?;
     let pushed = transfer.publish(&staged, &delta, progress).with_context(|| format!("pushing the delta to {delta}"))?;
     if json {
         let out = serde_json::json!({

@@ -49,7 +49,8 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
         timeout: args.timeout.map(|t| seconds(t, "--timeout")).transpose()?,
         poll: seconds(args.poll, "--poll")?.max(Duration::from_millis(50)),
     };
-    let update = release_update(&transfer, &from, &to, facts.as_ref(), &options, progress)
+    // --prepare runs the differ in this process.
+    let update = super::stdout_to_stderr(|| release_update(&transfer, &from, &to, facts.as_ref(), &options, progress))
         .with_context(|| format!("release update {} -> {}", from.id, to.id))?;
     if args.json {
         let mut json = update.transition.to_json();

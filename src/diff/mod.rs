@@ -16,19 +16,20 @@ use rayon::prelude::*;
 
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS};
+use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS};
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{load_image, ImageRef, LayoutWriter};
-use crate::package::{write_delta, Payload};
+use crate::package::{write_delta, Payload, Role};
 use crate::progress::Progress;
 use encode::{encode_layer, EncodeParams};
-pub use encoding::Fidelity;
+pub use encoding::{Fidelity, CORRECTIONS_BUDGET};
 use encoding::{choose, Choice};
 use material::{unpack, Unpacked};
 use pair::SourceIndex;
 
-/// A patch must be smaller than this fraction of the target blob to be used: otherwise the
-/// blob itself is carried, which keeps the layer's digest (and the manifest's) unchanged.
+/// A patch (with its correction stream, if any) must be smaller than this fraction of the
+/// target blob to be used: otherwise the blob itself is carried, which keeps the layer's
+/// digest (and the manifest's) unchanged.
 pub const BLOB_PREFERENCE: f64 = 0.9;
 
 /// How much effort the differ spends for a smaller delta.
@@ -166,18 +167,19 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
 
     let params = options.level.params();
     progress.stage("encoding layers", unpacked_target.values().map(|u| u.index.len).sum());
-    let encoded: Vec<(LayerPlan, Payload)> = to_encode
+    let encoded: Vec<(LayerPlan, Vec<Payload>)> = to_encode
         .par_iter()
         .map(|i| {
             let target = &unpacked_target[i];
             let layer = &target_image.layers[*i as usize];
             let blob_path = target_layout.blob_path(&layer.blob.digest);
-            let encoding = match choose(&target_layout, layer, options.fidelity, || Ok(&target.map[..]))? {
-                Choice::Encode(e) => e,
+            let (encoding, corrections) = match choose(&target_layout, layer, *i, options.fidelity, scratch.path(), || Ok(&target.map[..]))? {
+                Choice::Encode(e) => (e, None),
+                Choice::Correct { encoding, path, bytes } => (encoding, Some((path, bytes))),
                 Choice::CarryBlob => {
                     progress.advance(target.index.len);
                     let plan = LayerPlan { index: *i, method: Method::Blob, source_layer: None, delta_layer: None, source_layers_used: Vec::new(), stats: None, encoding: Some(Encoding::Verbatim), members: Vec::new() };
-                    return Ok((plan, Payload { target_layer: *i, method: Method::Blob, path: blob_path }));
+                    return Ok((plan, vec![Payload { target_layer: *i, role: Role::Blob, path: blob_path }]));
                 }
             };
             let path = scratch.path().join(format!("patch-{i}"));
@@ -193,10 +195,13 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
             outer.finish().ctx(|| "finishing patch".into())?.into_inner().map_err(|e| Error::io("writing patch", e.into_error()))?;
             stats.payload_bytes = std::fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?.len();
             progress.advance(target.index.len);
-            let (method, path, encoding) = if stats.payload_bytes as f64 >= BLOB_PREFERENCE * layer.blob.size as f64 {
-                (Method::Blob, blob_path, Encoding::Verbatim)
+            let cost = stats.payload_bytes + corrections.as_ref().map_or(0, |(_, bytes)| *bytes);
+            let (method, encoding, payloads) = if cost as f64 >= BLOB_PREFERENCE * layer.blob.size as f64 {
+                (Method::Blob, Encoding::Verbatim, vec![Payload { target_layer: *i, role: Role::Blob, path: blob_path }])
             } else {
-                (Method::Patch, path, encoding)
+                let mut payloads = vec![Payload { target_layer: *i, role: Role::Patch, path }];
+                payloads.extend(corrections.map(|(path, _)| Payload { target_layer: *i, role: Role::Corrections, path }));
+                (Method::Patch, encoding, payloads)
             };
             let plan = LayerPlan {
                 index: *i,
@@ -208,11 +213,11 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                 encoding: Some(encoding),
                 members: if method == Method::Patch { members } else { Vec::new() },
             };
-            Ok((plan, Payload { target_layer: *i, method, path }))
+            Ok((plan, payloads))
         })
         .collect::<Result<_>>()?;
 
-    let mut encoded: HashMap<u32, (LayerPlan, Payload)> = encoded.into_iter().map(|e| (e.0.index, e)).collect();
+    let mut encoded: HashMap<u32, (LayerPlan, Vec<Payload>)> = encoded.into_iter().map(|e| (e.0.index, e)).collect();
     let mut layers = Vec::new();
     let mut payloads = Vec::new();
     for (i, layer) in target_image.layers.iter().enumerate() {
@@ -224,21 +229,26 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                 } else {
                     // Same tar, other compression: re-encode it as the target's blob was.
                     let blob_path = target_layout.blob_path(&layer.blob.digest);
-                    choose(&target_layout, layer, options.fidelity, || {
+                    choose(&target_layout, layer, i as u32, options.fidelity, scratch.path(), || {
                         layer.compression.decoder(std::io::BufReader::new(File::open(&blob_path)?)).map_err(Error::into_io)
                     })?
                 };
+                let source_plan = |encoding| LayerPlan {
+                    index: i as u32,
+                    method: Method::Source,
+                    source_layer: Some(*s),
+                    delta_layer: None,
+                    source_layers_used: Vec::new(),
+                    stats: None,
+                    encoding: Some(encoding),
+                    members: Vec::new(),
+                };
                 match choice {
-                    Choice::Encode(encoding) => layers.push(LayerPlan {
-                        index: i as u32,
-                        method: Method::Source,
-                        source_layer: Some(*s),
-                        delta_layer: None,
-                        source_layers_used: Vec::new(),
-                        stats: None,
-                        encoding: Some(encoding),
-                        members: Vec::new(),
-                    }),
+                    Choice::Encode(encoding) => layers.push(source_plan(encoding)),
+                    Choice::Correct { encoding, path, .. } => {
+                        layers.push(source_plan(encoding));
+                        payloads.push(Payload { target_layer: i as u32, role: Role::Corrections, path });
+                    }
                     Choice::CarryBlob => {
                         layers.push(LayerPlan {
                             index: i as u32,
@@ -250,14 +260,14 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                             encoding: Some(Encoding::Verbatim),
                             members: Vec::new(),
                         });
-                        payloads.push(Payload { target_layer: i as u32, method: Method::Blob, path: target_layout.blob_path(&layer.blob.digest) });
+                        payloads.push(Payload { target_layer: i as u32, role: Role::Blob, path: target_layout.blob_path(&layer.blob.digest) });
                     }
                 }
             }
             None => {
-                let (plan, payload) = encoded.remove(&(i as u32)).ok_or_else(|| Error::NotFound(format!("encoded layer {i}")))?;
+                let (plan, layer_payloads) = encoded.remove(&(i as u32)).ok_or_else(|| Error::NotFound(format!("encoded layer {i}")))?;
                 layers.push(plan);
-                payloads.push(payload);
+                payloads.extend(layer_payloads);
             }
         }
     }
@@ -276,6 +286,9 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     }
     if !source_members.is_empty() || layers.iter().any(|l| !l.members.is_empty()) {
         features.push(FEATURE_GZIP_MEMBERS.to_string());
+    }
+    if layers.iter().any(|l| matches!(l.encoding, Some(Encoding::Corrected { .. }))) {
+        features.push(FEATURE_GZIP_CORRECTIONS.to_string());
     }
     let mut plan = DeltaPlan {
         format_version: FORMAT_VERSION,

@@ -33,9 +33,11 @@ pub const ANNOTATION_SOURCE_CONFIG: &str = "io.fleetdelta.source.config";
 pub const ANNOTATION_TARGET_MANIFEST: &str = "io.fleetdelta.target.manifest";
 /// Manifest annotation: digest of the target image config.
 pub const ANNOTATION_TARGET_CONFIG: &str = "io.fleetdelta.target.config";
-/// Layer annotation: what the delta layer holds (`metadata`, `patch` or `blob`).
+/// Layer annotation: what the delta layer holds (`metadata`, `patch`, `blob` or
+/// `corrections`).
 pub const ANNOTATION_ROLE: &str = "io.fleetdelta.role";
-/// Layer annotation: the index of the target layer a `patch` or `blob` layer rebuilds.
+/// Layer annotation: the index of the target layer a `patch`, `blob` or `corrections` layer
+/// rebuilds.
 pub const ANNOTATION_TARGET_LAYER: &str = "io.fleetdelta.target-layer";
 
 /// File names inside the metadata layer.
@@ -51,4 +53,10 @@ pub fn payload_file_name(index: u32, method: plan::Method) -> String {
         plan::Method::Blob => format!("layer-{index:04}.blob"),
         _ => format!("layer-{index:04}.patch"),
     }
+}
+
+/// The name of the single file inside the layer carrying the correction stream of target
+/// layer `index` (see [`crate::layer::corrected`]).
+pub fn corrections_file_name(index: u32) -> String {
+    format!("layer-{index:04}.corrections")
 }

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::FORMAT_VERSION;
-use crate::layer::exact::Descriptor;
+use crate::layer::corrected::CORRECTION_ENGINE;
+use crate::layer::exact::{Descriptor, GzipHeader};
 
 /// Feature: some layers are re-encoded byte for byte by a named gzip encoder
 /// ([`Encoding::Exact`]). An applier without it would write other blob digests.
@@ -16,9 +17,14 @@ pub const FEATURE_EXACT_GZIP: &str = "exact-gzip";
 /// byte, in the layers it rebuilds. An applier without it would misread the patches.
 pub const FEATURE_GZIP_MEMBERS: &str = "gzip-members";
 
+/// Feature: some layers are re-encoded byte for byte from their tar and a correction stream
+/// carried in the delta ([`Encoding::Corrected`]). An applier without it would write other
+/// blob digests.
+pub const FEATURE_GZIP_CORRECTIONS: &str = "gzip-corrections";
+
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS, FEATURE_GZIP_CORRECTIONS];
 
 /// Largest uncompressed size of a gzip member the differ expands (and the applier accepts).
 pub const MAX_MEMBER_RAW_BYTES: u64 = 256 << 20;
@@ -188,6 +194,22 @@ pub enum Encoding {
         /// The encoder, its parameters and the gzip header.
         descriptor: Descriptor,
     },
+    /// Re-encoded byte for byte from the tar and a correction stream (feature
+    /// [`FEATURE_GZIP_CORRECTIONS`], see [`crate::layer::corrected`]): for gzip blobs that no
+    /// known encoder reproduces. The blob digest is the target's (the applier checks it).
+    Corrected {
+        /// The model the corrections are written for: [`CORRECTION_ENGINE`].
+        engine: String,
+        /// The gzip member header, byte for byte.
+        header: GzipHeader,
+        /// The index, among the delta image's layers, of the layer carrying the correction
+        /// stream.
+        #[serde(rename = "correctionsLayer")]
+        corrections_layer: u32,
+        /// The size of the correction stream (informative).
+        #[serde(rename = "correctionsBytes")]
+        corrections_bytes: u64,
+    },
     /// Compressed by the applier's own encoder: the same tar (diff_id checked) in a blob with
     /// another digest, so the written manifest differs from the target's.
     Recompressed {
@@ -270,6 +292,21 @@ impl DeltaPlan {
                 }
                 if !self.features.iter().any(|f| f == FEATURE_EXACT_GZIP) {
                     return Err(bad(format!("layer plan {i} re-encodes exactly but the delta does not declare {FEATURE_EXACT_GZIP:?}")));
+                }
+            }
+            if let Some(Encoding::Corrected { engine, corrections_layer, .. }) = &l.encoding {
+                if l.method == Method::Blob {
+                    return Err(bad(format!("layer plan {i} re-encodes a blob that is carried whole")));
+                }
+                if !self.features.iter().any(|f| f == FEATURE_GZIP_CORRECTIONS) {
+                    return Err(bad(format!("layer plan {i} re-encodes with corrections but the delta does not declare {FEATURE_GZIP_CORRECTIONS:?}")));
+                }
+                if engine != CORRECTION_ENGINE {
+                    return Err(Error::unsupported("delta", format!("layer plan {i} has corrections for {engine:?}; this build has {CORRECTION_ENGINE:?}")));
+                }
+                let c = *corrections_layer;
+                if c == 0 || c as usize >= delta_layers || l.delta_layer == Some(c) {
+                    return Err(bad(format!("layer plan {i} names delta layer {c} for its corrections")));
                 }
             }
             if !l.members.is_empty() {

@@ -1,6 +1,7 @@
 //! Layers: compression and the structure of the tar archives inside them.
 
 pub mod compression;
+pub mod corrected;
 pub mod exact;
 pub mod members;
 pub mod tar_index;
