@@ -137,25 +137,24 @@ struct Current<'a> {
     member: &'a RepackedMember,
     encoder: MemberEncoder,
     left: u64,
-    written: CountingWriter,
+    written: u64,
 }
 
-/// Counts what the encoder produces for one member, before it reaches `inner`.
-#[derive(Default)]
-struct CountingWriter {
-    buf: Vec<u8>,
-    total: u64,
+/// Passes what the encoder produces for one member on to `inner`, counting it.
+struct Counting<'w, W> {
+    inner: &'w mut W,
+    total: &'w mut u64,
 }
 
-impl Write for CountingWriter {
+impl<W: Write> Write for Counting<'_, W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        self.total += data.len() as u64;
-        Ok(data.len())
+        let n = self.inner.write(data)?;
+        *self.total += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.inner.flush()
     }
 }
 
@@ -188,7 +187,7 @@ impl<'a, W: Write> Repacker<'a, W> {
             self.shift += i128::from(member.member.raw_len) - i128::from(member.member.compressed_len);
             self.advance();
             let encoder = member.descriptor.member_encoder()?;
-            self.current = Some(Current { member, encoder, left: member.member.raw_len, written: CountingWriter::default() });
+            self.current = Some(Current { member, encoder, left: member.member.raw_len, written: 0 });
             if member.member.raw_len == 0 {
                 self.end_member()?;
             }
@@ -198,20 +197,13 @@ impl<'a, W: Write> Repacker<'a, W> {
 
     fn end_member(&mut self) -> Result<()> {
         let Current { member, encoder, mut written, .. } = self.current.take().expect("a member is open");
-        encoder.finish(&mut written)?;
-        self.emit(&mut written)?;
-        if written.total != member.member.compressed_len {
+        encoder.finish(&mut Counting { inner: &mut self.inner, total: &mut written })?;
+        if written != member.member.compressed_len {
             return Err(Error::malformed(
                 "rebuilt layer",
-                format!("the gzip member at offset {} compressed to {} bytes, not {}", member.member.offset, written.total, member.member.compressed_len),
+                format!("the gzip member at offset {} compressed to {written} bytes, not {}", member.member.offset, member.member.compressed_len),
             ));
         }
-        Ok(())
-    }
-
-    fn emit(&mut self, w: &mut CountingWriter) -> Result<()> {
-        self.inner.write_all(&w.buf).ctx(|| "writing rebuilt layer".into())?;
-        w.buf.clear();
         Ok(())
     }
 
@@ -219,9 +211,8 @@ impl<'a, W: Write> Repacker<'a, W> {
         self.start_members()?;
         if let Some(mut current) = self.current.take() {
             let n = (current.left.min(data.len() as u64)) as usize;
-            current.encoder.write(&data[..n], &mut current.written)?;
+            current.encoder.write(&data[..n], &mut Counting { inner: &mut self.inner, total: &mut current.written })?;
             current.left -= n as u64;
-            self.emit(&mut current.written)?;
             self.at += n as u64;
             let done = current.left == 0;
             self.current = Some(current);
