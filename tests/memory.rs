@@ -29,7 +29,7 @@ enum Layers {
 fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
     let files = mib * 4;
     let gnu9 = Descriptor { encoder: Encoder::GnuGzip { level: 9 }, header: GzipHeader::plain(0, 2, 3) };
-    let member = |i: usize, data: Vec<u8>| if layers == Layers::ExactGzip && i % 16 == 0 { gnu9.encode_to_vec(&data).unwrap() } else { data };
+    let member = |i: usize, data: Vec<u8>| if layers == Layers::ExactGzip && i.is_multiple_of(16) { gnu9.encode_to_vec(&data).unwrap() } else { data };
     let contents: Vec<Vec<u8>> = (0..files).map(|i| text(i as u64, 256 << 10)).collect();
     let source: Tree = contents.iter().enumerate().map(|(i, c)| (format!("data/{i:05}.bin"), file(member(i, c.clone())))).collect();
     let target: Tree = contents
