@@ -79,15 +79,13 @@ pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>) -> Expans
         })
         .collect();
     let mut out = Expansion::default();
-    let mut source: BTreeMap<u32, BTreeSet<(u64, u64, u64)>> = BTreeMap::new();
+    // A source file can partner several target files: each is listed once, in tar order.
+    let mut source: BTreeMap<u32, BTreeSet<Member>> = BTreeMap::new();
     for (c, f) in candidates.iter().zip(found) {
         let Some((target, s)) = f else { continue };
         out.target.entry(c.layer).or_default().push(target);
-        source.entry(c.partner.layer).or_default().insert((s.offset, s.compressed_len, s.raw_len));
+        source.entry(c.partner.layer).or_default().insert(s);
     }
-    out.source = source
-        .into_iter()
-        .map(|(layer, set)| (layer, set.into_iter().map(|(offset, compressed_len, raw_len)| Member { offset, compressed_len, raw_len }).collect()))
-        .collect();
+    out.source = source.into_iter().map(|(layer, set)| (layer, set.into_iter().collect())).collect();
     out
 }

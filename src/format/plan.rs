@@ -56,7 +56,8 @@ pub struct DeltaPlan {
 }
 
 /// A gzip file inside a layer tar: a single gzip member filling a tar entry's data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Ordered by offset first, which is tar order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Member {
     /// Where the compressed bytes start in the layer tar.
