@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::digest::Digest;
 use crate::error::Result;
-use crate::format::plan::{Encoding, Method, PatchStats};
+use crate::format::plan::{Encoding, Method, PatchStats, Wrapping};
 use crate::image::ImageRef;
 use crate::layer::exact::Encoder;
 use crate::package::{delta_download_bytes, DeltaImage};
@@ -64,8 +64,9 @@ pub struct LayerInfo {
     /// How the blob is rebuilt from the tar (absent in deltas that predate it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoding: Option<Encoding>,
-    /// gzip files inside the layer that the patch writes uncompressed, counted by the
-    /// encoder that compresses them again (as [`describe_encoder`] names it).
+    /// gzip files and zip entries inside the layer that the patch writes uncompressed,
+    /// counted by kind and by the encoder that compresses them again (as
+    /// [`describe_encoder`] names it): `"zip entries by zlib -6"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub repacked_members: BTreeMap<String, u64>,
 }
@@ -149,7 +150,12 @@ pub fn info(reference: &ImageRef) -> Result<DeltaInfo> {
                 stats: l.stats.clone(),
                 encoding: l.encoding.clone(),
                 repacked_members: l.members.iter().fold(BTreeMap::new(), |mut m, r| {
-                    *m.entry(describe_encoder(&r.descriptor.encoder)).or_default() += 1;
+                    let kind = match r.member.wrapping {
+                        Wrapping::Gzip => "gzip files",
+                        Wrapping::Deflate => "zip entries",
+                    };
+                    let encoder = r.encoder().map_or_else(|| "no encoder".to_string(), describe_encoder);
+                    *m.entry(format!("{kind} by {encoder}")).or_default() += 1;
                     m
                 }),
             }

@@ -315,7 +315,7 @@ impl Rebuild<'_> {
             if plan.members.is_empty() {
                 patch::run_patch(&mut records, self.sources, out)?;
             } else {
-                // The patch writes the expanded tar; its gzip members are compressed again.
+                // The patch writes the expanded tar; its members are compressed again.
                 let mut repack = Repacker::new(out, &plan.members);
                 patch::run_patch(&mut records, self.sources, &mut repack)?;
                 repack.finish()?;

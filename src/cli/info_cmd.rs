@@ -41,9 +41,9 @@ pub fn run(transfer: &Transfer, delta: &str, json: bool) -> anyhow::Result<()> {
         let detail = if l.repacked_members.is_empty() {
             detail
         } else {
-            let by: Vec<String> = l.repacked_members.iter().map(|(e, n)| format!("{n} by {e}")).collect();
+            let by: Vec<String> = l.repacked_members.iter().map(|(e, n)| format!("{n} {e}")).collect();
             let bytes = l.stats.as_ref().map_or(0, |s| s.member_bytes);
-            format!("{detail}; gzip files patched uncompressed ({}), repacked exactly: {}", human_bytes(bytes), by.join(", "))
+            format!("{detail}; compressed files patched uncompressed ({}), repacked exactly: {}", human_bytes(bytes), by.join(", "))
         };
         println!(
             "{:>5}  {:<6}  {:>10}  {:>10}  {:>6.1}%  {:<32}  {detail}",

@@ -2,7 +2,6 @@
 //! with the digest of every file's contents.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
@@ -36,7 +35,8 @@ impl Unpacked {
 
     /// The expanded view of this layer (see [`crate::layer::members`]): written to
     /// `dir/name`, mapped, its index moved to expanded offsets and each member entry's
-    /// contents digested anew. `members` coincide with entries' contents.
+    /// contents digested anew. Each member lies within one entry's contents: a gzip file
+    /// fills it, a zip entry's deflate stream is a part of it.
     pub fn expanded(&self, members: &[Member], dir: &Path, name: &str, limit: u64, what: &str) -> Result<Unpacked> {
         let path = dir.join(name);
         let file = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
@@ -48,15 +48,11 @@ impl Unpacked {
         let map = unsafe { Mmap::map(&file) }.ctx(|| format!("mapping {}", path.display()))?;
         let mut index = self.index.clone();
         index.len = len;
-        let raw_len: HashMap<u64, u64> = members.iter().map(|m| (m.offset, m.raw_len)).collect();
         for e in &mut index.entries {
-            if e.has_content() {
-                if let Some(raw) = raw_len.get(&e.data_start) {
-                    e.data_len = *raw;
-                }
-            }
+            let end = expanded_offset(members, e.data_start + e.data_len);
             e.meta_start = expanded_offset(members, e.meta_start);
             e.data_start = expanded_offset(members, e.data_start);
+            e.data_len = end - e.data_start;
         }
         let content_digests = index
             .entries

@@ -1,4 +1,4 @@
-//! Which gzip files inside the layers are patched uncompressed (see
+//! Which gzip files and zip entries inside the layers are patched uncompressed (see
 //! [`crate::layer::members`]).
 //!
 //! A target file is expanded when it is one gzip member that changed, whose source partner
@@ -6,6 +6,10 @@
 //! `gzip -9n` changelogs and manual pages are GNU gzip's). Its partner is then expanded in
 //! the source layer, so the patch codes the new text against the old text. Files without a
 //! gzip partner are left compressed: expanding them would only move work to the device.
+//!
+//! A changed zip file (jar, wheel) whose partner is a zip too is looked into entry by entry
+//! ([`crate::diff::zip_members`]): its changed deflated entries are expanded on the same
+//! terms, while its headers and unchanged entries stay as they are.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -13,12 +17,16 @@ use rayon::prelude::*;
 
 use crate::diff::material::Unpacked;
 use crate::diff::pair::{Loc, Partner, SourceIndex};
-use crate::format::plan::{Member, RepackedMember, MAX_MEMBER_RAW_BYTES};
+use crate::diff::zip_members;
+use crate::format::plan::{Member, RepackedMember, Wrapping, MAX_MEMBER_RAW_BYTES};
 use crate::layer::exact::{fingerprint, Encoder};
-use crate::layer::members::{inflate, looks_like_gzip};
+use crate::layer::members::{inflate, looks_like_gzip, looks_like_zip};
 
 /// Largest compressed gzip file considered.
 pub const MAX_MEMBER_COMPRESSED_BYTES: u64 = 64 << 20;
+
+/// Largest zip file looked into.
+pub const MAX_ZIP_BYTES: u64 = 1 << 30;
 
 /// The members chosen, by layer.
 #[derive(Debug, Default)]
@@ -41,51 +49,114 @@ struct Candidate {
     layer: u32,
     entry: usize,
     partner: Loc,
+    kind: Kind,
 }
 
+/// What a candidate file is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Gzip,
+    Zip,
+}
+
+impl Kind {
+    /// What `data` (a file's contents) is, if it is either.
+    fn of(data: &[u8]) -> Option<Kind> {
+        if data.len() as u64 <= MAX_MEMBER_COMPRESSED_BYTES && looks_like_gzip(data) {
+            Some(Kind::Gzip)
+        } else if data.len() as u64 <= MAX_ZIP_BYTES && looks_like_zip(data) {
+            Some(Kind::Zip)
+        } else {
+            None
+        }
+    }
+}
+
+/// What one candidate gives: target members and their source partners.
+type Pieces = (Vec<RepackedMember>, Vec<Member>);
+
 /// Finds the members to expand in `targets` (target layer index → unpacked layer), against
-/// the source layers of `index`.
-pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>) -> Expansion {
+/// the source layers of `index`. Members are dropped once a layer's expanded tar would
+/// exceed `limit` bytes.
+pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u64) -> Expansion {
     let mut candidates = Vec::new();
     for (&layer, target) in targets {
         for (entry, e) in target.index.entries.iter().enumerate() {
-            if !e.has_content() || e.data_len > MAX_MEMBER_COMPRESSED_BYTES || !looks_like_gzip(target.bytes(e.content_range())) {
+            if !e.has_content() {
                 continue;
             }
+            let Some(kind) = Kind::of(target.bytes(e.content_range())) else { continue };
             let digest = target.content_digests[entry].as_ref().expect("entries with contents have digests");
             let Partner::Similar(partner) = index.partner(&e.path, digest, e.data_len) else { continue };
             let p = index.entry(partner);
-            if p.data_len <= MAX_MEMBER_COMPRESSED_BYTES && looks_like_gzip(index.layers[partner.layer as usize].bytes(p.content_range())) {
-                candidates.push(Candidate { layer, entry, partner });
+            if Kind::of(index.layers[partner.layer as usize].bytes(p.content_range())) == Some(kind) {
+                candidates.push(Candidate { layer, entry, partner, kind });
             }
         }
     }
     // Each candidate costs an inflate and a few trial encodings: in parallel, in a stable
     // order so that the delta does not depend on scheduling.
     candidates.sort_by_key(|c| (c.layer, c.entry));
-    let found: Vec<Option<(RepackedMember, Member)>> = candidates
+    let found: Vec<Pieces> = candidates
         .par_iter()
         .map(|c| {
             let target = &targets[&c.layer];
             let e = &target.index.entries[c.entry];
             let data = target.bytes(e.content_range());
-            let raw = inflate(data, MAX_MEMBER_RAW_BYTES)?;
-            let descriptor = fingerprint(data, &raw).filter(|d| !matches!(d.encoder, Encoder::Pgzip { .. }))?;
             let p = index.entry(c.partner);
-            let source_raw = inflate(index.layers[c.partner.layer as usize].bytes(p.content_range()), MAX_MEMBER_RAW_BYTES)?;
-            let member = Member { offset: e.data_start, compressed_len: e.data_len, raw_len: raw.len() as u64 };
-            let source = Member { offset: p.data_start, compressed_len: p.data_len, raw_len: source_raw.len() as u64 };
-            Some((RepackedMember { member, descriptor }, source))
+            let source_data = index.layers[c.partner.layer as usize].bytes(p.content_range());
+            match c.kind {
+                Kind::Gzip => gzip_file(data, e.data_start, source_data, p.data_start).map_or_else(Default::default, |(t, s)| (vec![t], vec![s])),
+                Kind::Zip => {
+                    let found = zip_members::find(data, source_data);
+                    let target = found.target.into_iter().map(|mut m| {
+                        m.member.offset += e.data_start;
+                        m
+                    });
+                    let source = found.source.into_iter().map(|m| Member { offset: m.offset + p.data_start, ..m });
+                    (target.collect(), source.collect())
+                }
+            }
         })
         .collect();
     let mut out = Expansion::default();
     // A source file can partner several target files: each is listed once, in tar order.
     let mut source: BTreeMap<u32, BTreeSet<Member>> = BTreeMap::new();
-    for (c, f) in candidates.iter().zip(found) {
-        let Some((target, s)) = f else { continue };
-        out.target.entry(c.layer).or_default().push(target);
-        source.entry(c.partner.layer).or_default().insert(s);
+    let (mut growth, mut growth_source): (HashMap<u32, u64>, HashMap<u32, u64>) = Default::default();
+    for (c, (target, s)) in candidates.iter().zip(found) {
+        let grows = |members: &[Member]| members.iter().map(|m| m.raw_len.saturating_sub(m.compressed_len)).sum::<u64>();
+        let plain: Vec<Member> = target.iter().map(|m| m.member).collect();
+        let target_growth = growth.entry(c.layer).or_default();
+        if targets[&c.layer].index.len + *target_growth + grows(&plain) > limit {
+            continue;
+        }
+        *target_growth += grows(&plain);
+        // Source members only help: those that would not fit are left compressed.
+        let listed = source.entry(c.partner.layer).or_default();
+        let new: Vec<Member> = s.into_iter().filter(|m| !listed.contains(m)).collect();
+        let source_growth = growth_source.entry(c.partner.layer).or_default();
+        if index.layers[c.partner.layer as usize].index.len + *source_growth + grows(&new) <= limit {
+            *source_growth += grows(&new);
+            listed.extend(new);
+        }
+        if !target.is_empty() {
+            out.target.entry(c.layer).or_default().extend(target);
+        }
     }
+    for members in out.target.values_mut() {
+        members.sort_by_key(|m| m.member.offset);
+    }
+    source.retain(|_, set| !set.is_empty());
     out.source = source.into_iter().map(|(layer, set)| (layer, set.into_iter().collect())).collect();
     out
+}
+
+/// A gzip file of the target at `offset` and its partner at `source_offset`: the members
+/// to expand, if a known encoder reproduces the target's bytes.
+fn gzip_file(data: &[u8], offset: u64, source_data: &[u8], source_offset: u64) -> Option<(RepackedMember, Member)> {
+    let raw = inflate(data, Wrapping::Gzip, MAX_MEMBER_RAW_BYTES)?;
+    let descriptor = fingerprint(data, &raw).filter(|d| !matches!(d.encoder, Encoder::Pgzip { .. }))?;
+    let source_raw = inflate(source_data, Wrapping::Gzip, MAX_MEMBER_RAW_BYTES)?;
+    let member = Member::gzip(offset, data.len() as u64, raw.len() as u64);
+    Some((RepackedMember::gzip(member, descriptor), Member::gzip(source_offset, source_data.len() as u64, source_raw.len() as u64)))
 }

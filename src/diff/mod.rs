@@ -5,6 +5,7 @@ pub mod encode;
 pub mod encoding;
 pub mod material;
 pub mod members;
+pub mod zip_members;
 pub mod pair;
 
 use std::collections::{BTreeSet, HashMap};
@@ -16,7 +17,10 @@ use rayon::prelude::*;
 
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS};
+use crate::format::plan::{
+    DeltaPlan, Encoding, LayerPlan, Member, Method, SourceIdentity, SourceMembers, TargetIdentity, Wrapping, FEATURE_DEFLATE_MEMBERS, FEATURE_EXACT_GZIP,
+    FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS,
+};
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{load_image, ImageRef, LayoutWriter};
 use crate::package::{write_delta, Payload, Role};
@@ -143,12 +147,12 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         unpacked_source.extend(results.by_ref().take(source_image.layers.len()));
         unpacked_target.extend(to_encode.iter().copied().zip(results));
     }
-    // gzip files inside the layers, patched uncompressed (not at the fast level).
+    // gzip files and zip entries inside the layers, patched uncompressed (not at the fast level).
     let expansion = if options.level == Level::Fast || unpacked_target.is_empty() {
         members::Expansion::default()
     } else {
-        progress.stage("looking into gzip files", 0);
-        members::find(&unpacked_target, &SourceIndex::build(&unpacked_source))
+        progress.stage("looking into gzip and zip files", 0);
+        members::find(&unpacked_target, &SourceIndex::build(&unpacked_source), options.max_layer_bytes)
     };
     for (layer, ms) in &expansion.source {
         let u = &mut unpacked_source[*layer as usize];
@@ -187,7 +191,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
             let mut outer = zstd::stream::write::Encoder::new(file, if options.level == Level::Fast { 3 } else { 9 }).ctx(|| "starting zstd".into())?;
             outer.window_log(RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
             outer.include_checksum(true).ctx(|| "configuring zstd".into())?;
-            // The patch rebuilds the expanded tar when the layer has gzip members.
+            // The patch rebuilds the expanded tar when the layer has members.
             let members = expansion.target.get(i).cloned().unwrap_or_default();
             let (mut stats, used) = encode_layer(*i, expanded_target.get(i).unwrap_or(target), &index, &params, &mut outer)?;
             stats.members = members.len() as u64;
@@ -289,6 +293,10 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     }
     if layers.iter().any(|l| matches!(l.encoding, Some(Encoding::Corrected { .. }))) {
         features.push(FEATURE_GZIP_CORRECTIONS.to_string());
+    }
+    let deflate = |m: &Member| m.wrapping == Wrapping::Deflate;
+    if source_members.iter().any(|s| s.members.iter().any(deflate)) || layers.iter().any(|l| l.members.iter().any(|m| deflate(&m.member))) {
+        features.push(FEATURE_DEFLATE_MEMBERS.to_string());
     }
     let mut plan = DeltaPlan {
         format_version: FORMAT_VERSION,

@@ -6,7 +6,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::FORMAT_VERSION;
 use crate::layer::corrected::CORRECTION_ENGINE;
-use crate::layer::exact::{Descriptor, GzipHeader};
+use crate::layer::exact::{Descriptor, Encoder, GzipHeader};
 
 /// Feature: some layers are re-encoded byte for byte by a named gzip encoder
 /// ([`Encoding::Exact`]). An applier without it would write other blob digests.
@@ -22,11 +22,16 @@ pub const FEATURE_GZIP_MEMBERS: &str = "gzip-members";
 /// blob digests.
 pub const FEATURE_GZIP_CORRECTIONS: &str = "gzip-corrections";
 
+/// Feature: some members are raw deflate streams ([`Wrapping::Deflate`]), the deflated
+/// entries of zip files (jars, wheels) inside layers; requires [`FEATURE_GZIP_MEMBERS`] too.
+/// An applier without it would read them as gzip files and fail.
+pub const FEATURE_DEFLATE_MEMBERS: &str = "deflate-members";
+
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS, FEATURE_GZIP_CORRECTIONS];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS, FEATURE_GZIP_CORRECTIONS, FEATURE_DEFLATE_MEMBERS];
 
-/// Largest uncompressed size of a gzip member the differ expands (and the applier accepts).
+/// Largest uncompressed size of a member the differ expands (and the applier accepts).
 pub const MAX_MEMBER_RAW_BYTES: u64 = 256 << 20;
 
 /// The contents of `delta.json`.
@@ -55,20 +60,69 @@ pub struct DeltaPlan {
     pub source_members: Vec<SourceMembers>,
 }
 
-/// A gzip file inside a layer tar: a single gzip member filling a tar entry's data.
-/// Ordered by offset first, which is tar order.
+/// A compressed stream inside a layer tar: a gzip file (a single gzip member filling a tar
+/// entry's data) or one deflated entry of a zip file (a raw deflate stream somewhere in a tar
+/// entry's data). Ordered by offset first, which is tar order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Member {
     /// Where the compressed bytes start in the layer tar.
     pub offset: u64,
-    /// How many there are (the tar entry's size).
+    /// How many there are (for a gzip file, the tar entry's size).
     pub compressed_len: u64,
     /// The length of the contents.
     pub raw_len: u64,
+    /// What frames the deflate stream; absent in JSON for gzip.
+    #[serde(default, skip_serializing_if = "Wrapping::is_gzip")]
+    pub wrapping: Wrapping,
+}
+
+/// What frames a member's deflate stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Wrapping {
+    /// A whole gzip member: header, deflate stream, CRC-32 and length trailer.
+    #[default]
+    Gzip,
+    /// A bare deflate stream (a zip entry's data: its headers stay in the tar as they are).
+    Deflate,
+}
+
+impl Wrapping {
+    /// Whether this is [`Wrapping::Gzip`] (the default, left out of JSON).
+    pub fn is_gzip(&self) -> bool {
+        *self == Wrapping::Gzip
+    }
+
+    /// The fewest compressed bytes a member can have: an empty deflate stream is 2 bytes,
+    /// gzip adds a 10-byte header and an 8-byte trailer.
+    pub fn min_compressed_len(self) -> u64 {
+        match self {
+            Wrapping::Gzip => 20,
+            Wrapping::Deflate => 2,
+        }
+    }
+
+    /// How to name a member of this kind in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Wrapping::Gzip => "gzip member",
+            Wrapping::Deflate => "deflate stream",
+        }
+    }
 }
 
 impl Member {
+    /// A gzip file of `compressed_len` bytes at `offset`, holding `raw_len` bytes.
+    pub fn gzip(offset: u64, compressed_len: u64, raw_len: u64) -> Self {
+        Member { offset, compressed_len, raw_len, wrapping: Wrapping::Gzip }
+    }
+
+    /// A raw deflate stream of `compressed_len` bytes at `offset`, holding `raw_len` bytes.
+    pub fn deflate(offset: u64, compressed_len: u64, raw_len: u64) -> Self {
+        Member { offset, compressed_len, raw_len, wrapping: Wrapping::Deflate }
+    }
+
     /// The byte range of the compressed bytes in the layer tar.
     pub fn range(&self) -> std::ops::Range<u64> {
         self.offset..self.offset + self.compressed_len
@@ -86,15 +140,53 @@ pub struct SourceMembers {
 }
 
 /// A member of a rebuilt layer: its patch writes the contents, which the applier
-/// compresses with `descriptor` to the original bytes.
+/// compresses to the original bytes, with `descriptor` (a gzip member) or `encoder` (a raw
+/// deflate stream): exactly one of them, as the wrapping says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RepackedMember {
     /// Where it lies in the target layer tar.
     #[serde(flatten)]
     pub member: Member,
-    /// The encoder that reproduces its bytes.
-    pub descriptor: Descriptor,
+    /// For a gzip member: the encoder and header that reproduce its bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptor: Option<Descriptor>,
+    /// For a raw deflate stream: the encoder that reproduces its bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<Encoder>,
+}
+
+impl RepackedMember {
+    /// A gzip member rebuilt by `descriptor`.
+    pub fn gzip(member: Member, descriptor: Descriptor) -> Self {
+        RepackedMember { member: Member { wrapping: Wrapping::Gzip, ..member }, descriptor: Some(descriptor), encoder: None }
+    }
+
+    /// A raw deflate stream rebuilt by `encoder`.
+    pub fn deflate(member: Member, encoder: Encoder) -> Self {
+        RepackedMember { member: Member { wrapping: Wrapping::Deflate, ..member }, descriptor: None, encoder: Some(encoder) }
+    }
+
+    /// The encoder, whichever the wrapping.
+    pub fn encoder(&self) -> Option<&Encoder> {
+        self.descriptor.as_ref().map(|d| &d.encoder).or(self.encoder.as_ref())
+    }
+
+    /// Checks that the member names what its wrapping needs, and only that.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        let ok = match self.member.wrapping {
+            Wrapping::Gzip => self.descriptor.is_some() && self.encoder.is_none(),
+            Wrapping::Deflate => self.descriptor.is_none() && self.encoder.as_ref().is_some_and(|e| !matches!(e, Encoder::Pgzip { .. })),
+        };
+        if ok {
+            return Ok(());
+        }
+        let needs = match self.member.wrapping {
+            Wrapping::Gzip => "a descriptor and no bare encoder",
+            Wrapping::Deflate => "an encoder (not pgzip) and no gzip descriptor",
+        };
+        Err(Error::malformed("delta.json", format!("{what}: the {} at offset {} needs {needs}", self.member.wrapping.noun(), self.member.offset)))
+    }
 }
 
 /// Checks that members are in order, do not overlap and are within the size limits.
@@ -105,8 +197,8 @@ pub fn validate_members<'a>(members: impl IntoIterator<Item = &'a Member>, what:
         if m.offset < end {
             return bad("overlaps the previous one or is out of order".into());
         }
-        if m.compressed_len < 18 {
-            return bad(format!("{} compressed bytes cannot hold a gzip member", m.compressed_len));
+        if m.compressed_len < m.wrapping.min_compressed_len() {
+            return bad(format!("{} compressed bytes cannot hold a {}", m.compressed_len, m.wrapping.noun()));
         }
         if m.raw_len > MAX_MEMBER_RAW_BYTES {
             return bad(format!("{} uncompressed bytes exceed the limit of {MAX_MEMBER_RAW_BYTES}", m.raw_len));
@@ -315,11 +407,18 @@ impl DeltaPlan {
                     return Err(bad(format!("layer plan {i} lists gzip members but is not a patch")));
                 }
                 validate_members(l.members.iter().map(|m| &m.member), &format!("layer plan {i}"))?;
+                for m in &l.members {
+                    m.validate(&format!("layer plan {i}"))?;
+                }
             }
         }
         let members_used = !self.source_members.is_empty() || self.layers.iter().any(|l| !l.members.is_empty());
         if members_used && !self.features.iter().any(|f| f == FEATURE_GZIP_MEMBERS) {
             return Err(bad(format!("gzip members are listed but the delta does not declare {FEATURE_GZIP_MEMBERS:?}")));
+        }
+        let deflate_used = self.source_members.iter().flat_map(|s| &s.members).chain(self.layers.iter().flat_map(|l| l.members.iter().map(|m| &m.member))).any(|m| m.wrapping == Wrapping::Deflate);
+        if deflate_used && !self.features.iter().any(|f| f == FEATURE_DEFLATE_MEMBERS) {
+            return Err(bad(format!("deflate streams are listed as members but the delta does not declare {FEATURE_DEFLATE_MEMBERS:?}")));
         }
         let mut last = None;
         for s in &self.source_members {

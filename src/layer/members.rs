@@ -1,9 +1,11 @@
-//! gzip files inside a layer tar, seen uncompressed.
+//! gzip files and zip entries inside a layer tar, seen uncompressed.
 //!
 //! A changed `changelog.Debian.gz` differs from its old version in every compressed byte
-//! after the first change, though its text only gained a paragraph. The differ therefore
-//! patches an *expanded* tar, in which each listed [`Member`] (a tar entry's data that is
-//! one gzip member) is replaced by its contents: [`expand`] writes that view of a layer.
+//! after the first change, though its text only gained a paragraph; a jar whose classes were
+//! rebuilt differs in every deflated class. The differ therefore patches an *expanded* tar,
+//! in which each listed [`Member`] (a tar entry's data that is one gzip member, or the raw
+//! deflate stream of one zip entry) is replaced by its contents: [`expand`] writes that view
+//! of a layer. A zip's own headers and central directory stay as they are.
 //! The applier rebuilds the expanded target tar and [`Repacker`] turns it back into the
 //! real one, compressing each member with the encoder that reproduces its original bytes.
 //!
@@ -13,10 +15,10 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 
-use flate2::bufread::GzDecoder;
+use flate2::bufread::{DeflateDecoder, GzDecoder};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{Member, RepackedMember};
+use crate::format::plan::{Member, RepackedMember, Wrapping};
 use crate::layer::exact::MemberEncoder;
 
 /// Where `offset` of the real tar lies in the expanded tar, given the members before it.
@@ -26,8 +28,8 @@ pub fn expanded_offset(members: &[Member], offset: u64) -> u64 {
 }
 
 /// Copies the tar read from `input` to `output`, each of `members` (in order, not
-/// overlapping) inflated: each must hold exactly one gzip member, whose contents are
-/// `raw_len` bytes. Returns the expanded length, which may not exceed `limit`.
+/// overlapping) inflated: each must hold exactly one gzip member or deflate stream, as its
+/// wrapping says, whose contents are `raw_len` bytes. Returns the expanded length, which may not exceed `limit`.
 pub fn expand(mut input: impl Read, members: &[Member], output: impl Write, limit: u64, what: &str) -> Result<u64> {
     let mut out = Limited { inner: output, left: limit, limit, what: what.to_string() };
     let mut at = 0u64;
@@ -35,9 +37,9 @@ pub fn expand(mut input: impl Read, members: &[Member], output: impl Write, limi
         let gap = m.offset.checked_sub(at).ok_or_else(|| Error::malformed(what, "gzip members overlap or are out of order"))?;
         let n = io::copy(&mut (&mut input).take(gap), &mut out).map_err(|e| Error::io(format!("expanding {what}"), e))?;
         if n != gap {
-            return Err(Error::malformed(what, format!("ends at byte {}, before the gzip member at offset {} the delta lists", at + n, m.offset)));
+            return Err(Error::malformed(what, format!("ends at byte {}, before the {} at offset {} the delta lists", at + n, m.wrapping.noun(), m.offset)));
         }
-        inflate_member(&mut input, m, &mut out, &format!("{what}: the gzip member at offset {}", m.offset))?;
+        inflate_member(&mut input, m, &mut out, &format!("{what}: the {} at offset {}", m.wrapping.noun(), m.offset))?;
         at = m.offset + m.compressed_len;
     }
     io::copy(&mut input, &mut out).map_err(|e| Error::io(format!("expanding {what}"), e))?;
@@ -49,25 +51,61 @@ pub fn looks_like_gzip(data: &[u8]) -> bool {
     data.len() >= 18 && data.starts_with(&[0x1f, 0x8b, 0x08])
 }
 
-/// The contents of `data` if it is exactly one gzip member (what [`expand`] accepts) of
-/// at most `max_raw` bytes; `None` otherwise.
-pub fn inflate(data: &[u8], max_raw: u64) -> Option<Vec<u8>> {
-    let mut decoder = GzDecoder::new(data);
+/// Whether `data` starts like a zip archive (a local file header).
+pub fn looks_like_zip(data: &[u8]) -> bool {
+    data.len() >= 22 && data.starts_with(b"PK\x03\x04")
+}
+
+/// The contents of `data` if it is exactly one gzip member or deflate stream, as `wrapping`
+/// says (what [`expand`] accepts), of at most `max_raw` bytes; `None` otherwise.
+pub fn inflate(data: &[u8], wrapping: Wrapping, max_raw: u64) -> Option<Vec<u8>> {
     let mut raw = Vec::new();
-    (&mut decoder).take(max_raw + 1).read_to_end(&mut raw).ok()?;
+    let read = match wrapping {
+        Wrapping::Gzip => GzDecoder::new(data).take(max_raw.saturating_add(1)).read_to_end(&mut raw),
+        Wrapping::Deflate => DeflateDecoder::new(data).take(max_raw.saturating_add(1)).read_to_end(&mut raw),
+    };
+    read.ok()?;
     if raw.len() as u64 > max_raw {
         return None;
     }
-    let m = Member { offset: 0, compressed_len: data.len() as u64, raw_len: raw.len() as u64 };
+    let m = Member { offset: 0, compressed_len: data.len() as u64, raw_len: raw.len() as u64, wrapping };
     // The applier's check, so that what the differ accepts the applier accepts.
-    inflate_member(&mut &data[..], &m, &mut io::sink(), "gzip member").ok()?;
+    inflate_member(&mut &data[..], &m, &mut io::sink(), wrapping.noun()).ok()?;
     Some(raw)
 }
 
-/// Inflates the `m.compressed_len` bytes of `input` as one gzip member into `output`,
-/// checking that they hold exactly that member and that it holds `m.raw_len` bytes.
+/// A gzip or bare deflate decoder over a buffered reader, giving the reader back after.
+enum Decoder<R: BufRead> {
+    Gzip(GzDecoder<R>),
+    Deflate(DeflateDecoder<R>),
+}
+
+impl<R: BufRead> Decoder<R> {
+    fn into_inner(self) -> R {
+        match self {
+            Decoder::Gzip(d) => d.into_inner(),
+            Decoder::Deflate(d) => d.into_inner(),
+        }
+    }
+}
+
+impl<R: BufRead> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoder::Gzip(d) => d.read(buf),
+            Decoder::Deflate(d) => d.read(buf),
+        }
+    }
+}
+
+/// Inflates the `m.compressed_len` bytes of `input` as one gzip member or deflate stream
+/// into `output`, checking that they hold exactly that and that it holds `m.raw_len` bytes.
 fn inflate_member(input: &mut dyn Read, m: &Member, output: &mut dyn Write, what: &str) -> Result<()> {
-    let mut decoder = GzDecoder::new(BufReader::with_capacity(64 << 10, input.take(m.compressed_len)));
+    let buffered = BufReader::with_capacity(64 << 10, input.take(m.compressed_len));
+    let mut decoder = match m.wrapping {
+        Wrapping::Gzip => Decoder::Gzip(GzDecoder::new(buffered)),
+        Wrapping::Deflate => Decoder::Deflate(DeflateDecoder::new(buffered)),
+    };
     // Errors of `output` (the size limit) keep their kind; the others are the member's.
     let n = io::copy(&mut (&mut decoder).take(m.raw_len + 1), output).map_err(|e| match e.downcast::<Error>() {
         Ok(inner) => inner,
@@ -101,7 +139,7 @@ struct Limited<W> {
 impl<W: Write> Write for Limited<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if buf.len() as u64 > self.left {
-            return Err(Error::TooLarge { what: format!("{} (with its gzip files inflated)", self.what), limit: self.limit }.into_io());
+            return Err(Error::TooLarge { what: format!("{} (with its compressed files inflated)", self.what), limit: self.limit }.into_io());
         }
         if buf.is_empty() {
             return Ok(0);
@@ -186,7 +224,11 @@ impl<'a, W: Write> Repacker<'a, W> {
             }
             self.shift += i128::from(member.member.raw_len) - i128::from(member.member.compressed_len);
             self.advance();
-            let encoder = member.descriptor.member_encoder()?;
+            let encoder = match (&member.descriptor, &member.encoder) {
+                (Some(descriptor), None) => descriptor.member_encoder()?,
+                (None, Some(encoder)) => encoder.deflate_encoder()?,
+                _ => return Err(Error::malformed("delta.json", format!("the member at offset {} names no single encoder", member.member.offset))),
+            };
             self.current = Some(Current { member, encoder, left: member.member.raw_len, written: 0 });
             if member.member.raw_len == 0 {
                 self.end_member()?;
@@ -201,7 +243,7 @@ impl<'a, W: Write> Repacker<'a, W> {
         if written != member.member.compressed_len {
             return Err(Error::malformed(
                 "rebuilt layer",
-                format!("the gzip member at offset {} compressed to {written} bytes, not {}", member.member.offset, member.member.compressed_len),
+                format!("the {} at offset {} compressed to {written} bytes, not {}", member.member.wrapping.noun(), member.member.offset, member.member.compressed_len),
             ));
         }
         Ok(())
@@ -234,10 +276,10 @@ impl<'a, W: Write> Repacker<'a, W> {
     pub fn finish(mut self) -> Result<W> {
         self.start_members()?;
         if let Some(c) = &self.current {
-            return Err(Error::malformed("rebuilt layer", format!("ends inside the gzip member at offset {}", c.member.member.offset)));
+            return Err(Error::malformed("rebuilt layer", format!("ends inside the {} at offset {}", c.member.member.wrapping.noun(), c.member.member.offset)));
         }
         if let Some((_, m)) = self.next {
-            return Err(Error::malformed("rebuilt layer", format!("ends before the gzip member at offset {}", m.member.offset)));
+            return Err(Error::malformed("rebuilt layer", format!("ends before the {} at offset {}", m.member.wrapping.noun(), m.member.offset)));
         }
         Ok(self.inner)
     }
@@ -269,17 +311,27 @@ mod tests {
         (0..n).map(|i| b"abcdefgh ijk\n"[(i * 7 + usize::from(seed) * (i / 100)) % 13]).collect()
     }
 
-    /// A fake tar: filler, a member, filler, an empty member, a member, filler.
+    /// A fake tar: filler, then members with filler between them: gzip files (one empty) and
+    /// bare deflate streams as in a zip (one empty).
     fn sample() -> (Vec<u8>, Vec<u8>, Vec<RepackedMember>) {
-        let contents = [text(70_000, 1), Vec::new(), text(300, 2)];
+        let contents = [(text(70_000, 1), true), (Vec::new(), true), (text(300, 2), true), (text(50_000, 3), false), (Vec::new(), false)];
         let (mut real, mut expanded, mut members) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, c) in contents.iter().enumerate() {
+        for (i, (c, gzip)) in contents.iter().enumerate() {
             let filler = vec![i as u8; 512 * (i + 1)];
             real.extend_from_slice(&filler);
             expanded.extend_from_slice(&filler);
-            let gz = zlib9().encode_to_vec(c).unwrap();
-            members.push(RepackedMember { member: Member { offset: real.len() as u64, compressed_len: gz.len() as u64, raw_len: c.len() as u64 }, descriptor: zlib9() });
-            real.extend_from_slice(&gz);
+            let (packed, member) = if *gzip {
+                let gz = zlib9().encode_to_vec(c).unwrap();
+                let m = RepackedMember::gzip(Member::gzip(real.len() as u64, gz.len() as u64, c.len() as u64), zlib9());
+                (gz, m)
+            } else {
+                let zlib6 = Encoder::Zlib { level: 6 };
+                let raw = zlib6.deflate_to_vec(c).unwrap();
+                let m = RepackedMember::deflate(Member::deflate(real.len() as u64, raw.len() as u64, c.len() as u64), zlib6);
+                (raw, m)
+            };
+            members.push(member);
+            real.extend_from_slice(&packed);
             expanded.extend_from_slice(c);
         }
         real.extend_from_slice(&[9u8; 1024]);
@@ -343,10 +395,48 @@ mod tests {
     }
 
     #[test]
+    fn deflate_streams_are_checked_as_strictly_as_gzip_members() {
+        let (real, _, members) = sample();
+        let m = plain(&members);
+        let mut as_gzip = m.clone();
+        as_gzip[3].wrapping = Wrapping::Gzip;
+        let e = expand(&real[..], &as_gzip, io::sink(), u64::MAX, "l").unwrap_err().to_string();
+        assert!(e.contains("gzip member at offset") && e.contains("does not inflate"), "{e}");
+        let mut as_deflate = m.clone();
+        as_deflate[0].wrapping = Wrapping::Deflate;
+        let e = expand(&real[..], &as_deflate, io::sink(), u64::MAX, "l").unwrap_err().to_string();
+        assert!(e.contains("deflate stream at offset"), "{e}");
+        let mut long = m.clone();
+        long[3].compressed_len += 1;
+        let e = expand(&real[..], &long, io::sink(), u64::MAX, "l").unwrap_err().to_string();
+        assert!(e.contains("followed by 1 bytes"), "{e}");
+        let mut short_raw = m.clone();
+        short_raw[3].raw_len -= 1;
+        let e = expand(&real[..], &short_raw, io::sink(), u64::MAX, "l").unwrap_err().to_string();
+        assert!(e.contains("inflates to more than"), "{e}");
+        // What the differ's inflate accepts is exactly what expand accepts.
+        let d = m[3];
+        let data = &real[d.offset as usize..(d.offset + d.compressed_len) as usize];
+        assert_eq!(inflate(data, Wrapping::Deflate, u64::MAX).map(|r| r.len() as u64), Some(d.raw_len));
+        assert_eq!(inflate(data, Wrapping::Gzip, u64::MAX), None);
+        assert_eq!(inflate(&real[..d.offset as usize + d.compressed_len as usize + 1][d.offset as usize..], Wrapping::Deflate, u64::MAX), None);
+        assert_eq!(inflate(data, Wrapping::Deflate, d.raw_len - 1), None);
+    }
+
+    #[test]
+    fn a_member_naming_the_wrong_kind_of_encoder_is_refused() {
+        let (_, expanded, mut members) = sample();
+        members[3].descriptor = Some(zlib9());
+        let mut r = Repacker::new(Vec::new(), &members);
+        let e = r.write_all(&expanded).map_err(|e| Error::io("w", e)).unwrap_err().to_string();
+        assert!(e.contains("names no single encoder"), "{e}");
+    }
+
+    #[test]
     fn a_bomb_stops_at_the_limit() {
         let zeros = vec![0u8; 4 << 20];
         let gz = zlib9().encode_to_vec(&zeros).unwrap();
-        let m = [Member { offset: 0, compressed_len: gz.len() as u64, raw_len: zeros.len() as u64 }];
+        let m = [Member::gzip(0, gz.len() as u64, zeros.len() as u64)];
         let e = expand(&gz[..], &m, io::sink(), 1 << 20, "l").unwrap_err();
         assert!(matches!(e, Error::TooLarge { limit: 1048576, .. }), "{e}");
     }

@@ -46,6 +46,45 @@ pub fn fingerprint_streaming<B: Read, U: Read>(
     Ok(None)
 }
 
+/// Finds the encoder that rebuilds the bare deflate stream `compressed` (a zip entry's
+/// data) from `raw`, or `None`. `first` is tried first: the encoder that reproduced the
+/// archive's other entries. Then the writers of zip files, most common first: zlib at its
+/// default level (Python's `zipfile`, Java's `jar` and `ZipOutputStream`), Info-ZIP's `zip`
+/// (gzip's deflate), other levels, and the Go encoders, whose endings give them away.
+pub fn fingerprint_deflate(compressed: &[u8], raw: &[u8], first: Option<&Encoder>) -> Option<Encoder> {
+    let mut candidates: Vec<Encoder> = first.into_iter().cloned().collect();
+    if compressed.ends_with(&SYNC_MARKER) {
+        candidates.push(Encoder::GoGzip { release: GoRelease::Go1_19 });
+    }
+    let go = [Encoder::GoGzip { release: GoRelease::Go1_27 }, Encoder::KlauspostGzip, Encoder::GoGzip { release: GoRelease::Go1_19 }];
+    // The empty final fixed block klauspost's and Go 1.27's `Close` write ends in a zero byte.
+    if compressed.last() == Some(&0) {
+        candidates.extend(go[..2].iter().cloned());
+    }
+    for level in [6, 9, 1, 5, 4, 7, 8, 3, 2] {
+        candidates.extend([Encoder::Zlib { level }, Encoder::GnuGzip { level }]);
+    }
+    candidates.extend(go);
+    let mut tried = Vec::with_capacity(candidates.len());
+    for encoder in candidates {
+        if tried.contains(&encoder) {
+            continue;
+        }
+        if reproduces_deflate(&encoder, raw, compressed) {
+            return Some(encoder);
+        }
+        tried.push(encoder);
+    }
+    None
+}
+
+/// Whether `encoder` turns `raw` into exactly `compressed`, stopping at the first difference.
+fn reproduces_deflate(encoder: &Encoder, raw: &[u8], compressed: &[u8]) -> bool {
+    let Ok(mut member) = encoder.deflate_encoder() else { return false };
+    let mut cmp = Comparer { blob: compressed, mismatch: false, buf: Vec::new() };
+    member.write(raw, &mut cmp).is_ok() && member.finish(&mut cmp).is_ok() && cmp.blob.is_empty()
+}
+
 /// What one pass over the blob tells us.
 #[derive(Debug, Default)]
 struct Hints {

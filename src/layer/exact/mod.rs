@@ -56,7 +56,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{IoContext, Result};
-pub use fingerprint::{fingerprint, fingerprint_streaming};
+pub use fingerprint::{fingerprint, fingerprint_deflate, fingerprint_streaming};
 pub use gzip_header::GzipHeader;
 
 /// An encoder and its parameters: the deflate stream inside the gzip member.
@@ -145,6 +145,22 @@ impl Descriptor {
     /// stream of writes (the applier re-packing gzip files inside a layer). Every encoder
     /// but pgzip (whose blocks are compressed in parallel from a reader) is available so.
     pub fn member_encoder(&self) -> Result<MemberEncoder> {
+        Ok(MemberEncoder { header: Some(self.header.to_bytes()?), trailer: true, ..self.encoder.deflate_encoder()? })
+    }
+
+    /// [`encode`](Self::encode) into memory.
+    pub fn encode_to_vec(&self, input: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(input.len() / 2 + 64);
+        self.encode(input, &mut out)?;
+        Ok(out)
+    }
+}
+
+impl Encoder {
+    /// A push-driven encoder for a bare deflate stream, with no gzip header or trailer (a zip
+    /// entry's data). Every encoder but pgzip, whose streams only come whole in gzip, is
+    /// available so.
+    pub fn deflate_encoder(&self) -> Result<MemberEncoder> {
         let level = |level: u8| {
             if (1..=9).contains(&level) {
                 Ok(level)
@@ -152,9 +168,9 @@ impl Descriptor {
                 Err(crate::error::Error::unsupported("deflate level", level.to_string()))
             }
         };
-        let deflater: Box<dyn RawDeflate> = match &self.encoder {
+        let deflater: Box<dyn RawDeflate> = match self {
             Encoder::Pgzip { .. } => {
-                return Err(crate::error::Error::unsupported("encoder", "pgzip only encodes from a reader"));
+                return Err(crate::error::Error::unsupported("encoder", "pgzip only encodes whole gzip blobs from a reader"));
             }
             Encoder::KlauspostGzip => Box::new(klauspost::Deflater::new()),
             Encoder::GoGzip { release: GoRelease::Go1_19 } => Box::new(go_flate::Deflater::new()),
@@ -162,13 +178,15 @@ impl Descriptor {
             Encoder::Zlib { level: l } => Box::new(zlib::Deflater::with_flavor(level(*l)?, zlib::Flavor::Zlib)),
             Encoder::GnuGzip { level: l } => Box::new(zlib::Deflater::with_flavor(level(*l)?, zlib::Flavor::GnuGzip)),
         };
-        Ok(MemberEncoder { header: Some(self.header.to_bytes()?), deflater, pending: Vec::with_capacity(READ_CHUNK), crc: crc32fast::Hasher::new(), total: 0 })
+        Ok(MemberEncoder { header: None, trailer: false, deflater, pending: Vec::with_capacity(READ_CHUNK), crc: crc32fast::Hasher::new(), total: 0 })
     }
 
-    /// [`encode`](Self::encode) into memory.
-    pub fn encode_to_vec(&self, input: &[u8]) -> Result<Vec<u8>> {
+    /// Encodes `input` as a bare deflate stream into memory.
+    pub fn deflate_to_vec(&self, input: &[u8]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(input.len() / 2 + 64);
-        self.encode(input, &mut out)?;
+        let mut encoder = self.deflate_encoder()?;
+        encoder.write(input, &mut out)?;
+        encoder.finish(&mut out)?;
         Ok(out)
     }
 }
@@ -209,11 +227,15 @@ impl_raw_deflate!([] zlib::Deflater, finish);
 impl_raw_deflate!([F: klauspost::MatchFinder] klauspost::Deflater<F>, close);
 impl_raw_deflate!([] go_flate::Deflater, close);
 
-/// One gzip member encoded from pushed input: [`MemberEncoder::write`] any number of
-/// times, then [`MemberEncoder::finish`]. The deflater always sees the input in chunks of
-/// the same size, however the caller splits it, so the bytes never depend on the caller.
+/// One gzip member (or bare deflate stream) encoded from pushed input:
+/// [`MemberEncoder::write`] any number of times, then [`MemberEncoder::finish`]. The
+/// deflater always sees the input in chunks of the same size, however the caller splits it,
+/// so the bytes never depend on the caller.
 pub struct MemberEncoder {
+    /// The gzip header, until it is written.
     header: Option<Vec<u8>>,
+    /// Whether the stream ends with a gzip trailer.
+    trailer: bool,
     deflater: Box<dyn RawDeflate>,
     pending: Vec<u8>,
     crc: crc32fast::Hasher,
@@ -257,7 +279,9 @@ impl MemberEncoder {
         self.deflater.push(&self.pending);
         self.deflater.end();
         output.write_all(&self.deflater.output()).ctx(|| "writing deflate stream".into())?;
-        output.write_all(&gzip_header::trailer(self.crc.finalize(), self.total)).ctx(|| "writing gzip trailer".into())?;
+        if self.trailer {
+            output.write_all(&gzip_header::trailer(self.crc.finalize(), self.total)).ctx(|| "writing gzip trailer".into())?;
+        }
         Ok(self.total)
     }
 }
