@@ -421,6 +421,53 @@ fn lying_gzip_member_lists_are_refused_and_nothing_is_written() {
     }
 }
 
+#[test]
+fn lying_zip_member_lists_are_refused_and_nothing_is_written() {
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit); 7] = [
+        ("source raw length", |p| {
+            let n = p["sourceMembers"][0]["members"][0]["rawLen"].as_u64().unwrap();
+            p["sourceMembers"][0]["members"][0]["rawLen"] = Value::from(n + 1);
+        }),
+        ("source read as gzip", |p| {
+            p["sourceMembers"][0]["members"][0].as_object_mut().unwrap().remove("wrapping");
+        }),
+        ("target level", |p| p["layers"][1]["members"][0]["encoder"]["level"] = Value::from(1)),
+        ("target offset", |p| {
+            let n = p["layers"][1]["members"][0]["offset"].as_u64().unwrap();
+            p["layers"][1]["members"][0]["offset"] = Value::from(n - 30);
+        }),
+        ("no encoder", |p| {
+            p["layers"][1]["members"][0].as_object_mut().unwrap().remove("encoder");
+        }),
+        ("gzip descriptor too", |p| {
+            p["layers"][1]["members"][0]["descriptor"] = serde_json::json!({"encoder": {"kind": "zlib", "level": 6}, "header": {"mtime": 0, "xfl": 0, "os": 3}});
+        }),
+        ("undeclared feature", |p| p["features"].as_array_mut().unwrap().retain(|f| f != "deflate-members")),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let pair = zips_pair(dir.path());
+    let good = dir.path().join("good");
+    diff(&oci(&pair.source), &oci(&pair.target), &oci(&good), &DiffOptions::default(), &Silent).unwrap();
+    for (name, edit) in cases {
+        let d = dir.path().join(format!("d-{name}"));
+        run(tool("cp").arg("-r").arg(&good).arg(&d));
+        edit_plan(&d, edit);
+        let out = dir.path().join(format!("o-{name}"));
+        let err = apply(&oci(&pair.source), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
+        let text = err.to_string();
+        let ok = match name {
+            "source raw length" => text.contains("deflate stream at offset") && text.contains("inflates to"),
+            "source read as gzip" => text.contains("gzip member at offset") && text.contains("does not inflate"),
+            "target level" | "target offset" => text.contains("compressed to") || text.contains("ends inside") || matches!(err, Error::DigestMismatch { .. }),
+            "no encoder" | "gzip descriptor too" => text.contains("needs an encoder"),
+            _ => text.contains("deflate-members"),
+        };
+        assert!(ok, "{name}: {err}");
+        assert!(!out.exists(), "{name}: output written");
+    }
+}
+
 /// A source and a target whose changed layer `pigz` compressed (rebuilt with corrections),
 /// and the delta between them. Returns the source, the delta and the corrections' delta
 /// layer index.

@@ -2,7 +2,7 @@
 //! by `fleetdelta::layer::exact`, and fingerprinted back to the right descriptor.
 //!
 //! Needs Debian's golang-go, golang-github-klauspost-compress-dev,
-//! golang-github-klauspost-pgzip-dev, umoci, gzip and pigz, and Go 1.27 (Debian sid's
+//! golang-github-klauspost-pgzip-dev, umoci, gzip, pigz and zip, and Go 1.27 (Debian sid's
 //! golang-1.27, which `tools/test` installs into a cache and names in
 //! `FLEETDELTA_GO127_ROOT`); a missing tool fails the test.
 
@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use fleetdelta::layer::exact::pgzip::UMOCI_BLOCK_SIZE;
-use fleetdelta::layer::exact::{fingerprint, Descriptor, Encoder, GoRelease, GzipHeader};
+use fleetdelta::layer::exact::{fingerprint, fingerprint_deflate, Descriptor, Encoder, GoRelease, GzipHeader};
 
 /// Runs `cmd` with `input` on stdin; returns stdout, failing loudly if the tool is missing.
 fn run(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
@@ -395,6 +395,64 @@ fn gnu_gzip_matches_gzip_1_12_at_every_level() {
             let real = run(Command::new("gzip").arg(format!("-{level}n")).arg("-c"), &input);
             let (header, _) = GzipHeader::parse(&real).unwrap();
             check(&Descriptor { encoder: Encoder::GnuGzip { level }, header }, &input, &real, &format!("text + zeros, {len} bytes, gzip -{level}n"));
+        }
+    }
+}
+
+/// Writes a zip with Python's `zipfile` (the system zlib: what wheels are, and what Java's
+/// `jar` writes too, on the same zlib): `python3 -c ZIPFILE_PY LEVEL OUT FILE...`.
+const ZIPFILE_PY: &str = concat!(
+    "import sys, zipfile\n",
+    "level, out, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]\n",
+    "with zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED, compresslevel=level) as z:\n",
+    "    for f in files:\n",
+    "        z.write(f, f.rsplit('/', 1)[-1])\n",
+);
+
+/// The deflated entries of the zip file `path`: (name, compressed bytes).
+fn deflated_entries(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let data = std::fs::read(path).unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(&data[..])).unwrap();
+    let mut out = Vec::new();
+    for i in 0..archive.len() {
+        let f = archive.by_index_raw(i).unwrap();
+        if f.compression() == zip::CompressionMethod::DEFLATE {
+            let start = f.data_start().unwrap() as usize;
+            out.push((f.name().unwrap().to_string(), data[start..start + f.compressed_size() as usize].to_vec()));
+        }
+    }
+    out
+}
+
+/// Zip entries as Python's `zipfile` (wheels; zlib, like Java's `jar`) and Info-ZIP's `zip`
+/// (gzip's deflate) write them, at the default level and the extremes: every deflated entry
+/// is fingerprinted to an encoder that writes its bytes exactly.
+#[test]
+fn zip_entries_by_real_zip_writers_are_reproduced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (name, input) in corpus() {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &input).unwrap();
+        files.push((name, path, input));
+    }
+    let paths: Vec<&Path> = files.iter().map(|(_, p, _)| p.as_path()).collect();
+    for level in [6u8, 9, 1] {
+        let by_python = dir.path().join(format!("python-{level}.zip"));
+        run(Command::new("/usr/bin/python3").args(["-c", ZIPFILE_PY, &level.to_string()]).arg(&by_python).args(&paths), &[]);
+        let by_info_zip = dir.path().join(format!("info-zip-{level}.zip"));
+        run(Command::new("zip").current_dir(dir.path()).args(["-q", "-X", "-D", &format!("-{level}")]).arg(&by_info_zip).args(files.iter().map(|f| f.0)), &[]);
+        for zip in [by_python, by_info_zip] {
+            let entries = deflated_entries(&zip);
+            assert!(entries.len() >= 8, "{}: {} deflated entries", zip.display(), entries.len());
+            let mut hint = None;
+            for (name, data) in entries {
+                let (_, _, input) = files.iter().find(|f| f.0 == name).unwrap();
+                let what = format!("{name} in {}", zip.file_name().unwrap().to_string_lossy());
+                let found = fingerprint_deflate(&data, input, hint.as_ref()).unwrap_or_else(|| panic!("{what}: no encoder reproduces it"));
+                assert_eq!(found.deflate_to_vec(input).unwrap(), data, "{what}: {found:?}");
+                hint = Some(found);
+            }
         }
     }
 }

@@ -323,6 +323,39 @@ fn gzip_files_inside_layers_are_patched_uncompressed_and_repacked_exactly() {
     assert!(apply(&oci(&pair.source), &oci(&fast), &oci(&o), &ApplyOptions::default(), &Silent).unwrap().identical());
 }
 
+#[test]
+fn zip_entries_inside_layers_are_patched_uncompressed_and_repacked_exactly() {
+    use fleetdelta::format::plan::FEATURE_DEFLATE_MEMBERS;
+    let dir = tempfile::tempdir().unwrap();
+    let pair = zips_pair(dir.path());
+    let d = dir.path().join("d");
+    diff(&oci(&pair.source), &oci(&pair.target), &oci(&d), &DiffOptions::default(), &Silent).unwrap();
+    let i = info(&oci(&d)).unwrap();
+    let app = &i.layers[1];
+    assert_eq!(app.method, Method::Patch);
+    let zip_entries: u64 = app.repacked_members.iter().filter(|(k, _)| k.starts_with("zip entries by ")).map(|(_, n)| n).sum();
+    assert_eq!(zip_entries, pair.expandable, "the changed deflated entries with partners, and only those: {:?}", app.repacked_members);
+    assert_eq!(app.repacked_members.len(), 1, "all written by zlib's deflate at level 6 (or gzip's, identical on these): {:?}", app.repacked_members);
+    let plan = fleetdelta::package::DeltaImage::open(&oci(&d)).unwrap().plan;
+    assert!(plan.features.iter().any(|f| f == FEATURE_DEFLATE_MEMBERS), "{:?}", plan.features);
+    // Left compressed, the rebuilt classes would cost most of the zips' size.
+    assert!(app.payload_bytes < pair.changed_zip_bytes / 4, "payload {} for {} bytes of changed zips", app.payload_bytes, pair.changed_zip_bytes);
+    for layers in [LayerOutput::Original, LayerOutput::Uncompressed] {
+        let o = dir.path().join(format!("o-{layers:?}"));
+        let report = apply(&oci(&pair.source), &oci(&d), &oci(&o), &ApplyOptions { layers, ..Default::default() }, &Silent).unwrap();
+        assert_eq!(report.identical(), layers == LayerOutput::Original);
+        assert_same_image(&pair.target, &o);
+    }
+    // The fast level looks into no zip; it costs more and still rebuilds the image exactly.
+    let fast = dir.path().join("fast");
+    diff(&oci(&pair.source), &oci(&pair.target), &oci(&fast), &DiffOptions { level: Level::Fast, ..Default::default() }, &Silent).unwrap();
+    let f = info(&oci(&fast)).unwrap();
+    assert!(f.layers[1].repacked_members.is_empty());
+    assert!(f.layers[1].payload_bytes > 2 * app.payload_bytes, "fast {} vs default {}", f.layers[1].payload_bytes, app.payload_bytes);
+    let o = dir.path().join("o-fast");
+    assert!(apply(&oci(&pair.source), &oci(&fast), &oci(&o), &ApplyOptions::default(), &Silent).unwrap().identical());
+}
+
 /// Images of a base layer and an app layer, both compressed by `pigz -9n` (zlib's deflate in
 /// 128 KiB blocks with sync flushes, which no exact encoder reproduces), the target with
 /// edits in the app layer.

@@ -1,10 +1,11 @@
-//! The applier expands gzip members of source layers where a delta says they are, and the
-//! differ inflates any gzip file it finds in a layer: with arbitrary layer bytes and member
-//! lists, both must answer (an expanded tar or an error) without panicking and within the
-//! size limit; whatever `inflate` accepts, `expand` accepts with the same contents.
+//! The applier expands gzip members and deflate streams of source layers where a delta says
+//! they are, and the differ inflates any gzip file or zip entry it finds in a layer: with
+//! arbitrary layer bytes and member lists, both must answer (an expanded tar or an error)
+//! without panicking and within the size limit; whatever `inflate` accepts, `expand`
+//! accepts with the same contents.
 #![no_main]
 
-use fleetdelta::format::plan::{validate_members, Member};
+use fleetdelta::format::plan::{validate_members, Member, Wrapping};
 use fleetdelta::layer::members::{expand, inflate};
 use libfuzzer_sys::fuzz_target;
 
@@ -12,7 +13,7 @@ const LIMIT: u64 = 1 << 20;
 
 fuzz_target!(|data: &[u8]| {
     // Leading triples of u16 (offset, compressed length, raw length) until a zero triple,
-    // then the layer bytes.
+    // then the layer bytes. The top bit of the compressed length marks a deflate stream.
     let mut members = Vec::new();
     let mut rest = data;
     while rest.len() >= 6 && members.len() < 8 {
@@ -22,7 +23,8 @@ fuzz_target!(|data: &[u8]| {
         if offset == 0 && compressed_len == 0 && raw_len == 0 {
             break;
         }
-        members.push(Member { offset, compressed_len, raw_len });
+        let wrapping = if compressed_len & 0x8000 != 0 { Wrapping::Deflate } else { Wrapping::Gzip };
+        members.push(Member { offset, compressed_len: compressed_len & 0x7fff, raw_len, wrapping });
     }
     let layer = rest;
     if validate_members(&members, "fuzz").is_ok() {
@@ -32,10 +34,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(len <= LIMIT);
         }
     }
-    if let Some(raw) = inflate(layer, LIMIT) {
-        let m = [Member { offset: 0, compressed_len: layer.len() as u64, raw_len: raw.len() as u64 }];
-        let mut out = Vec::new();
-        expand(layer, &m, &mut out, LIMIT, "fuzz").expect("what inflate accepts, expand accepts");
-        assert_eq!(out, raw);
+    for wrapping in [Wrapping::Gzip, Wrapping::Deflate] {
+        if let Some(raw) = inflate(layer, wrapping, LIMIT) {
+            let m = [Member { offset: 0, compressed_len: layer.len() as u64, raw_len: raw.len() as u64, wrapping }];
+            let mut out = Vec::new();
+            expand(layer, &m, &mut out, LIMIT, "fuzz").expect("what inflate accepts, expand accepts");
+            assert_eq!(out, raw);
+        }
     }
 });

@@ -200,8 +200,9 @@ fn find_nested(target: &[u8], source: &[u8], target_at: u64, source_at: u64, dep
                 guess.reproduced += 1;
                 guess.encoder = Some(encoder.clone());
                 found.target.push(RepackedMember::deflate(Member::deflate(target_at + e.start, e.len, e.size), encoder));
-                if p.method == DEFLATED && p.size <= MAX_MEMBER_RAW_BYTES && inflate(p.data(source), Wrapping::Deflate, p.size).is_some() {
-                    found.source.push(Member::deflate(source_at + p.start, p.len, p.size));
+                // The source entry's real length, whatever its headers say.
+                if let Some(raw) = (p.method == DEFLATED).then(|| inflate(p.data(source), Wrapping::Deflate, MAX_MEMBER_RAW_BYTES)).flatten() {
+                    found.source.push(Member::deflate(source_at + p.start, p.len, raw.len() as u64));
                 }
             }
             (STORED, STORED) if depth < MAX_NESTING => {

@@ -428,3 +428,106 @@ pub fn members_pair(dir: &Path) -> MembersPair {
     write_image(&t, "latest", &[layer_tar(&base), layer_tar(&target)], Compression::Gzip);
     MembersPair { source: s, target: t, expandable, expandable_bytes, other_changed_bytes }
 }
+
+/// Writes a zip with Debian's Python `zipfile` (the system zlib, as wheels and Java's `jar`
+/// are written): `entries` are (name, contents, deflated or stored), in order.
+pub fn python_zip(entries: &[(String, Vec<u8>, bool)]) -> Vec<u8> {
+    const SCRIPT: &str = concat!(
+        "import sys, json, zipfile, io\n",
+        "buf = io.BytesIO()\n",
+        "with zipfile.ZipFile(buf, 'w') as z:\n",
+        "    for name, data, deflate in json.load(sys.stdin):\n",
+        "        info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))\n",
+        "        info.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED\n",
+        "        z.writestr(info, bytes.fromhex(data))\n",
+        "sys.stdout.buffer.write(buf.getvalue())\n",
+    );
+    let spec: Vec<Value> = entries.iter().map(|(n, d, deflate)| json!([n, hex::encode(d), deflate])).collect();
+    filter(tool("/usr/bin/python3").args(["-c", SCRIPT]), &serde_json::to_vec(&spec).unwrap())
+}
+
+/// Writes a zip with Info-ZIP's `zip -X -D -6` to its stdout, as a pipe gets it: every entry
+/// deflated (or stored when that is smaller) and followed by a data descriptor.
+pub fn info_zip(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, data) in entries {
+        let path = dir.path().join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, data).unwrap();
+    }
+    let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+    run(tool("zip").current_dir(dir.path()).args(["-q", "-X", "-D", "-6", "-"]).args(&names)).stdout
+}
+
+/// Images whose layers hold zip files (jars, wheels), and what changed between them.
+pub struct ZipsPair {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    /// The changed deflated entries the differ should expand.
+    pub expandable: u64,
+    /// The compressed size of the changed zip files in the target.
+    pub changed_zip_bytes: u64,
+}
+
+/// Classes of a library at `version`: most change a little in the middle at each version,
+/// some stay the same.
+fn classes(lib: u64, version: u64) -> Vec<(String, Vec<u8>)> {
+    (0..24u64)
+        .map(|i| {
+            let mut data = text(lib * 1000 + i, 3_000 + 1_500 * i as usize);
+            if i % 4 != 0 {
+                let at = data.len() / 2;
+                data.splice(at..at + 40, text(lib * 1000 + i + 100 * version, 60));
+            }
+            (format!("org/example/lib{lib}/C{i}.class"), data)
+        })
+        .collect()
+}
+
+/// Source and target images in `dir` (Go-gzip layers) whose app layer holds: a jar by
+/// Info-ZIP with a versioned name (`lib-1.0.jar` → `lib-1.1.jar`); a wheel by Python's
+/// `zipfile`; a Spring Boot style jar (Python's `zipfile`) holding an Info-ZIP jar as a
+/// stored entry; and a zip written by `pigz --zip` (an encoder nobody reproduces), which
+/// stays compressed. In each, 18 of 24 classes change; the target adds a class too.
+pub fn zips_pair(dir: &Path) -> ZipsPair {
+    let versioned = |v: u64| -> Vec<(String, Vec<u8>)> {
+        let mut c = classes(1, v);
+        c.insert(0, ("META-INF/MANIFEST.MF".into(), format!("Manifest-Version: 1.0\nImplementation-Version: 1.{v}\n").into_bytes()));
+        if v == 1 {
+            c.push(("org/example/lib1/New.class".into(), text(77, 5_000)));
+        }
+        c
+    };
+    let deflated = |c: Vec<(String, Vec<u8>)>| c.into_iter().map(|(n, d)| (n, d, true)).collect::<Vec<_>>();
+    let fat = |v: u64| {
+        let mut e = deflated(classes(3, v));
+        e.push((format!("BOOT-INF/lib/dep-2.{v}.jar"), info_zip(&classes(4, v)), false));
+        python_zip(&e)
+    };
+    let (mut source, mut target) = (Tree::new(), Tree::new());
+    for (tree, v) in [(&mut source, 0u64), (&mut target, 1)] {
+        tree.insert(format!("usr/share/java/lib-1.{v}.jar"), file(info_zip(&versioned(v))));
+        tree.insert(format!("opt/app/wheels/pkg-0.{v}-py3-none-any.whl"), file(python_zip(&deflated(classes(2, v)))));
+        tree.insert("opt/app/app.jar".into(), file(fat(v)));
+        // Several of pigz's 128 KiB blocks: no encoder reproduces it.
+        let mut data = text(5, 600_000);
+        data.splice(300_000..300_010, text(6 + v, 10));
+        tree.insert("opt/app/data.zip".into(), file(filter(tool("pigz").args(["--zip", "-6", "-c"]), &data)));
+        tree.insert("opt/app/same.jar".into(), file(info_zip(&classes(9, 0))));
+    }
+    // 18 changed classes in each of lib, pkg, app's own classes and dep.
+    let expandable = 4 * 18;
+    let changed_zip_bytes = target
+        .iter()
+        .filter(|(p, _)| !p.ends_with("same.jar"))
+        .map(|(_, n)| match n {
+            Node::File { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    let base: Tree = (0..5).map(|i| (format!("bin/tool{i}"), file(text(200 + i, 20_000)))).collect();
+    let (s, t) = (dir.join("zips-s"), dir.join("zips-t"));
+    write_image(&s, "latest", &[layer_tar(&base), layer_tar(&source)], Compression::Gzip);
+    write_image(&t, "latest", &[layer_tar(&base), layer_tar(&target)], Compression::Gzip);
+    ZipsPair { source: s, target: t, expandable, changed_zip_bytes }
+}
