@@ -36,8 +36,10 @@ pub struct SourceIndex<'a> {
     by_key: HashMap<String, Vec<Loc>>,
 }
 
-/// A path with every run of digits replaced by `#`: versioned names of one file agree
-/// (`libssl.so.3.0.11` and `libssl.so.3.0.13`, `python3.11/` and `python3.12/`).
+/// A path with every run of digits replaced by `#`, in lower case, `-` and `_` alike:
+/// versioned names of one file agree (`libssl.so.3.0.11` and `libssl.so.3.0.13`,
+/// `python3.11/` and `python3.12/`, the wheels `Flask-2.2.5-py3-none-any.whl` and
+/// `flask-3.0.3-py3-none-any.whl`, `charset-normalizer` and `charset_normalizer`).
 pub fn similarity_key(path: &str) -> String {
     let mut key = String::with_capacity(path.len());
     let mut in_digits = false;
@@ -48,7 +50,7 @@ pub fn similarity_key(path: &str) -> String {
             }
             in_digits = true;
         } else {
-            key.push(c);
+            key.push(if c == '_' { '-' } else { c.to_ascii_lowercase() });
             in_digits = false;
         }
     }
@@ -118,5 +120,7 @@ mod tests {
         assert_eq!(similarity_key("usr/lib/libssl.so.3.0.11"), similarity_key("usr/lib/libssl.so.3.0.13"));
         assert_eq!(similarity_key("usr/lib/python3.11/os.py"), "usr/lib/python#.#/os.py");
         assert_ne!(similarity_key("a/b.txt"), similarity_key("a/c.txt"));
+        assert_eq!(similarity_key("wheels/Flask-2.2.5-py3-none-any.whl"), similarity_key("wheels/flask-3.0.3-py3-none-any.whl"));
+        assert_eq!(similarity_key("charset_normalizer-3.1.0.dist-info"), similarity_key("charset-normalizer-3.3.2.dist-info"));
     }
 }

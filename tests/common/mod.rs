@@ -388,7 +388,7 @@ pub fn members_pair(dir: &Path) -> MembersPair {
         let gz = gzip(9, &new);
         expandable_bytes += gz.len() as u64;
         target.insert(path, file(gz));
-        *expandable.entry("gnu-gzip level=9".to_string()).or_default() += 1;
+        *expandable.entry("gzip files by gnu-gzip level=9".to_string()).or_default() += 1;
     }
     // A manual page at gzip's default level, edited in the middle.
     let page = text(7, 90_000);
@@ -398,7 +398,7 @@ pub fn members_pair(dir: &Path) -> MembersPair {
     let gz = gzip(6, &edited);
     expandable_bytes += gz.len() as u64;
     target.insert("usr/share/man/man1/tool.1.gz".into(), file(gz));
-    *expandable.entry("gnu-gzip level=6".to_string()).or_default() += 1;
+    *expandable.entry("gzip files by gnu-gzip level=6".to_string()).or_default() += 1;
     // Unchanged: copied as they are.
     let same = file(gzip(9, &text(11, 30_000)));
     source.insert("usr/share/doc/same/changelog.gz".into(), same.clone());
