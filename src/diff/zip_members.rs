@@ -234,7 +234,7 @@ mod tests {
             out.push(b' ');
             if w == "\n" {
                 line += 1;
-                if line % 37 == 0 {
+                if line.is_multiple_of(37) {
                     out.extend_from_slice(format!("// version {version}\n").as_bytes());
                 }
             }
