@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use fleetdelta::format::plan::Encoding;
+use fleetdelta::format::plan::{Encoding, Wrapping};
 use fleetdelta::layer::exact::pgzip::UMOCI_BLOCK_SIZE;
 use fleetdelta::layer::exact::{Descriptor, Encoder, GzipHeader};
 use fleetdelta::layer::Compression;
@@ -19,8 +19,9 @@ use fleetdelta::{diff, DiffOptions, Level, Silent};
 enum Layers {
     /// Plain tars: the applier's streaming alone.
     Plain,
-    /// umoci's pgzip blobs re-encoded exactly, and a gzip file (GNU gzip -9n) in every 16
-    /// expanded and repacked exactly.
+    /// umoci's pgzip blobs re-encoded exactly, and in every 16 files a gzip file (GNU gzip
+    /// -9n) and a zip (Python's `zipfile`, four deflated entries) expanded and repacked
+    /// exactly.
     ExactGzip,
 }
 
@@ -29,7 +30,12 @@ enum Layers {
 fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
     let files = mib * 4;
     let gnu9 = Descriptor { encoder: Encoder::GnuGzip { level: 9 }, header: GzipHeader::plain(0, 2, 3) };
-    let member = |i: usize, data: Vec<u8>| if layers == Layers::ExactGzip && i.is_multiple_of(16) { gnu9.encode_to_vec(&data).unwrap() } else { data };
+    let zipped = |data: Vec<u8>| python_zip(&data.chunks(64 << 10).enumerate().map(|(k, c)| (format!("part{k}.txt"), c.to_vec(), true)).collect::<Vec<_>>());
+    let member = |i: usize, data: Vec<u8>| match (layers, i % 16) {
+        (Layers::ExactGzip, 0) => gnu9.encode_to_vec(&data).unwrap(),
+        (Layers::ExactGzip, 8) => zipped(data),
+        _ => data,
+    };
     let contents: Vec<Vec<u8>> = (0..files).map(|i| text(i as u64, 256 << 10)).collect();
     let source: Tree = contents.iter().enumerate().map(|(i, c)| (format!("data/{i:05}.bin"), file(member(i, c.clone())))).collect();
     let target: Tree = contents
@@ -53,13 +59,16 @@ fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
             write_image_with(&t, "latest", &[layer_tar(&target)], Compression::Gzip, false, |tar| pgzip.encode_to_vec(tar).unwrap());
         }
     }
-    // The default level: gzip files are expanded only above the fast level.
+    // The default level: gzip and zip files are expanded only above the fast level.
     let level = if layers == Layers::Plain { Level::Fast } else { Level::Default };
     let report = diff(&oci(&s), &oci(&t), &oci(&d), &DiffOptions { level, ..Default::default() }, &Silent).unwrap();
     if layers == Layers::ExactGzip {
         let plan = &report.plan.layers[0];
         assert!(matches!(plan.encoding, Some(Encoding::Exact { .. })), "{:?}", plan.encoding);
-        assert_eq!(plan.members.len(), files.div_ceil(16), "every gzip file is repacked");
+        let gzip = plan.members.iter().filter(|m| m.member.wrapping == Wrapping::Gzip).count();
+        let deflate = plan.members.len() - gzip;
+        assert_eq!(gzip, files.div_ceil(16), "every gzip file is repacked");
+        assert!(deflate >= files / 16, "every zip has a changed entry repacked: {deflate}");
     }
     drop((source, target));
     assert!(Path::new("/usr/bin/time").exists(), "this test needs GNU time: apt-get install time");
