@@ -5,15 +5,16 @@
 //! and each changed class differs from its old version in every deflated byte. Given a
 //! target zip and its source partner, [`find`] picks the target entries worth expanding:
 //! deflated, changed (their compressed bytes are nowhere in the source zip), with a
-//! partner entry in the source zip (same name, or the same name but for version numbers),
-//! and reproduced byte for byte by a known encoder. Their partners are expanded in the
+//! partner entry in the source zip (same name, or the same name but for version numbers)
+//! whose bytes no unchanged target entry copies, and reproduced byte for byte by a known
+//! encoder. Their partners are expanded in the
 //! source. A stored entry that is itself a zip (a jar nested in a Spring Boot jar) is
 //! looked into the same way.
 //!
 //! Only the deflate streams change form: the zip's local headers, data descriptors and
 //! central directory stay in the tar as they are, CRCs and sizes included.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
 
 use crate::diff::pair::similarity_key;
@@ -129,18 +130,17 @@ impl<'a> SourceEntries<'a> {
         SourceEntries { zip, entries: entries.to_vec(), by_name, by_key, by_crc }
     }
 
-    /// Whether the source holds exactly these compressed bytes (the patch copies them).
-    fn holds(&self, zip: &[u8], e: &ZipEntry) -> bool {
+    /// The source entry with exactly these compressed bytes (the patch copies them), if any.
+    fn holding(&self, zip: &[u8], e: &ZipEntry) -> Option<usize> {
         let data = e.data(zip);
-        self.by_crc.get(&(e.crc, e.len)).is_some_and(|found| found.iter().any(|&i| self.entries[i].data(self.zip) == data))
+        self.by_crc.get(&(e.crc, e.len)).and_then(|found| found.iter().copied().find(|&i| self.entries[i].data(self.zip) == data))
     }
 
-    /// The source entry that is probably an earlier version of `e`.
-    fn partner(&self, e: &ZipEntry) -> Option<&ZipEntry> {
-        let i = self.by_name.get(e.name.as_str()).copied().or_else(|| {
+    /// The source entry that is probably an earlier version of `e`, by index.
+    fn partner(&self, e: &ZipEntry) -> Option<usize> {
+        self.by_name.get(e.name.as_str()).copied().or_else(|| {
             self.by_key.get(&similarity_key(&e.name)).and_then(|found| found.iter().copied().min_by_key(|&i| self.entries[i].size.abs_diff(e.size)))
-        })?;
-        Some(&self.entries[i])
+        })
     }
 }
 
@@ -178,14 +178,18 @@ fn find_nested(target: &[u8], source: &[u8], target_at: u64, source_at: u64, dep
     }
     let (Some(target_entries), Some(source_entries)) = (list(target), list(source)) else { return };
     let sources = SourceEntries::new(source, &source_entries);
+    // Source entries whose compressed bytes the target keeps: the patch copies them, so they
+    // stay compressed (a changed entry partnered with one is left compressed too).
+    let held: HashSet<usize> = target_entries.iter().filter_map(|e| sources.holding(target, e)).collect();
     for e in &target_entries {
         if guess.given_up() && e.method == DEFLATED {
             continue;
         }
-        if e.len < MIN_ENTRY_COMPRESSED_BYTES || sources.holds(target, e) {
+        if e.len < MIN_ENTRY_COMPRESSED_BYTES || sources.holding(target, e).is_some() {
             continue;
         }
-        let Some(p) = sources.partner(e) else { continue };
+        let Some(pi) = sources.partner(e).filter(|i| !held.contains(i)) else { continue };
+        let p = &sources.entries[pi];
         match (e.method, p.method) {
             (DEFLATED, _) => {
                 if e.size > MAX_MEMBER_RAW_BYTES {
@@ -335,6 +339,16 @@ mod tests {
             let data = &zip[m.offset as usize..(m.offset + m.compressed_len) as usize];
             assert_eq!(inflate(data, Wrapping::Deflate, u64::MAX).unwrap().len() as u64, m.raw_len);
         }
+    }
+
+    #[test]
+    fn a_partner_whose_bytes_the_target_keeps_stays_compressed() {
+        // The target keeps res-1.txt as it was and adds res-2.txt, whose partner by name
+        // without numbers is res-1.txt: expanding it would cost the copy of res-1.txt.
+        let old = class_text(3, 5000, 1);
+        let source = zip_with(&[("org/example/res-1.txt", old.clone(), true)], &zlib6());
+        let target = zip_with(&[("org/example/res-1.txt", old, true), ("org/example/res-2.txt", class_text(3, 5000, 2), true)], &zlib6());
+        assert_eq!(find(&target, &source), Found::default());
     }
 
     #[test]
