@@ -273,7 +273,10 @@ fn a_failing_build_reports_its_reason_and_is_retried_with_growing_backoff() {
     let (home, img) = (tmp.path(), tmp.path().join("img"));
     service_image(&img, "v2", 3, 2, 10);
     let (m2, _) = push(home, &img, "v2", &reg, "app", "2");
-    let serve = Serve::start(home, "retry_after_seconds: 1\nretry_initial_seconds: 1\nretry_max_seconds: 30\n");
+    // Devices poll every second; the first backoff is 3 s, so a poll that comes late on a busy
+    // machine still falls inside it (with equal periods, a late poll started a new attempt).
+    const INITIAL: u64 = 3;
+    let serve = Serve::start(home, &format!("retry_after_seconds: 1\nretry_initial_seconds: {INITIAL}\nretry_max_seconds: 30\n"));
     let missing = Digest::of(b"no such image");
     let request = json!({"source": pinned(&reg, "app", &missing), "source_config": Digest::of(b"no such config"), "target": pinned(&reg, "app", &m2)});
     let rt = runtime();
@@ -298,7 +301,7 @@ fn a_failing_build_reports_its_reason_and_is_retried_with_growing_backoff() {
     let (second, accepted) = rt.block_on(ask_until_done(&client, &serve.url, &request));
     assert!(accepted >= 1, "the retry is a new attempt");
     assert_eq!((second.status, second.body["failures"].as_u64()), (422, Some(2)), "{}", second.body);
-    assert!(second.body["retry_after_seconds"].as_u64().unwrap() >= 2 - 1, "{}", second.body);
+    assert!(second.body["retry_after_seconds"].as_u64().unwrap() >= 2 * INITIAL - 1, "{}", second.body);
     assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 2);
     assert_eq!(metric(&serve.url, "fleetdelta_builds_failed_total"), 2);
     assert!(serve.log().contains("delta failed"));
