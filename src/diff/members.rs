@@ -123,20 +123,21 @@ pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u6
     // A source file can partner several target files: each is listed once, in tar order.
     let mut source: BTreeMap<u32, BTreeSet<Member>> = BTreeMap::new();
     let (mut growth, mut growth_source): (HashMap<u32, u64>, HashMap<u32, u64>) = Default::default();
+    let grows = |m: &Member| m.raw_len.saturating_sub(m.compressed_len);
     for (c, (target, s)) in candidates.iter().zip(found) {
-        let grows = |members: &[Member]| members.iter().map(|m| m.raw_len.saturating_sub(m.compressed_len)).sum::<u64>();
-        let plain: Vec<Member> = target.iter().map(|m| m.member).collect();
+        let target_grows: u64 = target.iter().map(|m| grows(&m.member)).sum();
         let target_growth = growth.entry(c.layer).or_default();
-        if targets[&c.layer].index.len + *target_growth + grows(&plain) > limit {
+        if targets[&c.layer].index.len + *target_growth + target_grows > limit {
             continue;
         }
-        *target_growth += grows(&plain);
+        *target_growth += target_grows;
         // Source members only help: those that would not fit are left compressed.
         let listed = source.entry(c.partner.layer).or_default();
         let new: Vec<Member> = s.into_iter().filter(|m| !listed.contains(m)).collect();
+        let new_grows: u64 = new.iter().map(grows).sum();
         let source_growth = growth_source.entry(c.partner.layer).or_default();
-        if index.layers[c.partner.layer as usize].index.len + *source_growth + grows(&new) <= limit {
-            *source_growth += grows(&new);
+        if index.layers[c.partner.layer as usize].index.len + *source_growth + new_grows <= limit {
+            *source_growth += new_grows;
             listed.extend(new);
         }
         if !target.is_empty() {

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{
-    DeltaPlan, Encoding, LayerPlan, Member, Method, SourceIdentity, SourceMembers, TargetIdentity, Wrapping, FEATURE_DEFLATE_MEMBERS, FEATURE_EXACT_GZIP,
+    DeltaPlan, Encoding, LayerPlan, Method, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_DEFLATE_MEMBERS, FEATURE_EXACT_GZIP,
     FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
@@ -294,10 +294,6 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     if layers.iter().any(|l| matches!(l.encoding, Some(Encoding::Corrected { .. }))) {
         features.push(FEATURE_GZIP_CORRECTIONS.to_string());
     }
-    let deflate = |m: &Member| m.wrapping == Wrapping::Deflate;
-    if source_members.iter().any(|s| s.members.iter().any(deflate)) || layers.iter().any(|l| l.members.iter().any(|m| deflate(&m.member))) {
-        features.push(FEATURE_DEFLATE_MEMBERS.to_string());
-    }
     let mut plan = DeltaPlan {
         format_version: FORMAT_VERSION,
         features,
@@ -308,6 +304,9 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         layers,
         source_members,
     };
+    if plan.lists_deflate_members() {
+        plan.features.push(FEATURE_DEFLATE_MEMBERS.to_string());
+    }
     let (manifest, delta_bytes) = write_delta(&writer, &mut plan, &target_image, &payloads)?;
     drop(unpacked_source);
     drop(unpacked_target);

@@ -353,6 +353,16 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl DeltaPlan {
+    /// Every member the plan lists: the source layers' and the rebuilt layers'.
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.source_members.iter().flat_map(|s| &s.members).chain(self.layers.iter().flat_map(|l| l.members.iter().map(|m| &m.member)))
+    }
+
+    /// Whether some member is a bare deflate stream (feature [`FEATURE_DEFLATE_MEMBERS`]).
+    pub fn lists_deflate_members(&self) -> bool {
+        self.members().any(|m| m.wrapping == Wrapping::Deflate)
+    }
+
     /// Checks the version, required features and internal consistency; `target_layers` and
     /// `source_layers` are the layer counts of the images.
     pub fn validate(&self, target_layers: usize, delta_layers: usize) -> Result<()> {
@@ -416,8 +426,7 @@ impl DeltaPlan {
         if members_used && !self.features.iter().any(|f| f == FEATURE_GZIP_MEMBERS) {
             return Err(bad(format!("gzip members are listed but the delta does not declare {FEATURE_GZIP_MEMBERS:?}")));
         }
-        let deflate_used = self.source_members.iter().flat_map(|s| &s.members).chain(self.layers.iter().flat_map(|l| l.members.iter().map(|m| &m.member))).any(|m| m.wrapping == Wrapping::Deflate);
-        if deflate_used && !self.features.iter().any(|f| f == FEATURE_DEFLATE_MEMBERS) {
+        if self.lists_deflate_members() && !self.features.iter().any(|f| f == FEATURE_DEFLATE_MEMBERS) {
             return Err(bad(format!("deflate streams are listed as members but the delta does not declare {FEATURE_DEFLATE_MEMBERS:?}")));
         }
         let mut last = None;

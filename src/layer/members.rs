@@ -34,7 +34,7 @@ pub fn expand(mut input: impl Read, members: &[Member], output: impl Write, limi
     let mut out = Limited { inner: output, left: limit, limit, what: what.to_string() };
     let mut at = 0u64;
     for m in members {
-        let gap = m.offset.checked_sub(at).ok_or_else(|| Error::malformed(what, "gzip members overlap or are out of order"))?;
+        let gap = m.offset.checked_sub(at).ok_or_else(|| Error::malformed(what, "members overlap or are out of order"))?;
         let n = io::copy(&mut (&mut input).take(gap), &mut out).map_err(|e| Error::io(format!("expanding {what}"), e))?;
         if n != gap {
             return Err(Error::malformed(what, format!("ends at byte {}, before the {} at offset {} the delta lists", at + n, m.wrapping.noun(), m.offset)));
@@ -60,11 +60,7 @@ pub fn looks_like_zip(data: &[u8]) -> bool {
 /// says (what [`expand`] accepts), of at most `max_raw` bytes; `None` otherwise.
 pub fn inflate(data: &[u8], wrapping: Wrapping, max_raw: u64) -> Option<Vec<u8>> {
     let mut raw = Vec::new();
-    let read = match wrapping {
-        Wrapping::Gzip => GzDecoder::new(data).take(max_raw.saturating_add(1)).read_to_end(&mut raw),
-        Wrapping::Deflate => DeflateDecoder::new(data).take(max_raw.saturating_add(1)).read_to_end(&mut raw),
-    };
-    read.ok()?;
+    Decoder::new(wrapping, data).take(max_raw.saturating_add(1)).read_to_end(&mut raw).ok()?;
     if raw.len() as u64 > max_raw {
         return None;
     }
@@ -81,6 +77,13 @@ enum Decoder<R: BufRead> {
 }
 
 impl<R: BufRead> Decoder<R> {
+    fn new(wrapping: Wrapping, input: R) -> Self {
+        match wrapping {
+            Wrapping::Gzip => Decoder::Gzip(GzDecoder::new(input)),
+            Wrapping::Deflate => Decoder::Deflate(DeflateDecoder::new(input)),
+        }
+    }
+
     fn into_inner(self) -> R {
         match self {
             Decoder::Gzip(d) => d.into_inner(),
@@ -101,11 +104,7 @@ impl<R: BufRead> Read for Decoder<R> {
 /// Inflates the `m.compressed_len` bytes of `input` as one gzip member or deflate stream
 /// into `output`, checking that they hold exactly that and that it holds `m.raw_len` bytes.
 fn inflate_member(input: &mut dyn Read, m: &Member, output: &mut dyn Write, what: &str) -> Result<()> {
-    let buffered = BufReader::with_capacity(64 << 10, input.take(m.compressed_len));
-    let mut decoder = match m.wrapping {
-        Wrapping::Gzip => Decoder::Gzip(GzDecoder::new(buffered)),
-        Wrapping::Deflate => Decoder::Deflate(DeflateDecoder::new(buffered)),
-    };
+    let mut decoder = Decoder::new(m.wrapping, BufReader::with_capacity(64 << 10, input.take(m.compressed_len)));
     // Errors of `output` (the size limit) keep their kind; the others are the member's.
     let n = io::copy(&mut (&mut decoder).take(m.raw_len + 1), output).map_err(|e| match e.downcast::<Error>() {
         Ok(inner) => inner,
