@@ -4,6 +4,8 @@
 use std::fs;
 use std::path::Path;
 
+use fleetdelta::layer::corrected::encode;
+use fleetdelta_fuzz::corrections::{analysed, case, prefix, raw_input, TARGET_LAYER};
 use fleetdelta_fuzz::{layer_tar, pseudo_random, BoxResult, Fixture};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> BoxResult<()> {
@@ -80,5 +82,41 @@ fn main() -> BoxResult<()> {
     pair.push(0);
     pair.extend_from_slice(br#"{"architecture":"arm64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"]}}"#);
     write(&seeds.join("manifest"), "docker", &pair)?;
+
+    corrections_seeds(&seeds.join("corrections"))
+}
+
+/// Seeded inputs (a tar and an encoder) for each kind of encoder, and raw inputs holding
+/// valid correction streams, in each of the three raw modes.
+fn corrections_seeds(dir: &Path) -> BoxResult<()> {
+    let tar = layer_tar(&[("etc/motd", pseudo_random(3, 1500, true)), ("bin/tool", pseudo_random(4, 400, false))])?;
+    let seeded_tar = &tar[..tar.len().min(3000)];
+    // Encoder bytes: the low 3 bits pick flate2 (0-2), zlib (3, 4), GNU gzip (5),
+    // klauspost (6) or pgzip (7); the high 5 bits the level.
+    for (name, which) in [("flate2-1", 0x00u8), ("flate2-6", 0x28), ("flate2-9", 0x40), ("zlib-1", 0x03), ("zlib-6", 0x2b), ("gnu-9", 0x45), ("klauspost", 0x06), ("pgzip", 0x07)] {
+        let mut input = vec![3, which];
+        input.extend_from_slice(&u16::try_from(seeded_tar.len())?.to_le_bytes());
+        input.extend_from_slice(seeded_tar);
+        write(dir, &format!("seeded-{name}"), &input)?;
+    }
+    for (name, which, tar) in [("flate2-6", 0x28u8, &tar[..]), ("zlib-6", 0x2b, &tar[..]), ("flate2-6-small", 0x28, &pseudo_random(5, 200, true)[..])] {
+        let (header, blob, stream) = analysed(which, tar).ok_or("analyze found the seed blob unusable")?;
+        let records = zstd::decode_all(&stream[..])?;
+        let deflate_len = u16::try_from(blob.len() - header.to_bytes()?.len() - 8)?;
+        let raw = raw_input(deflate_len, tar, &records);
+        let case = case(&raw).ok_or("no case in a raw seed")?;
+        let mut rebuilt = Vec::new();
+        encode(&case.header, TARGET_LAYER, case.blob_len, &case.tar[..], &case.stream[..], &mut rebuilt)?;
+        assert_eq!(rebuilt[10..], blob[10..], "a raw seed rebuilds its blob (all but the header)");
+        write(dir, &format!("raw-{name}"), &raw)?;
+        if name == "flate2-6-small" {
+            let mut records_only = raw_input(deflate_len, tar, &records[prefix().len()..]);
+            records_only[0] = 0;
+            write(dir, &format!("records-{name}"), &records_only)?;
+            let mut stored = raw_input(deflate_len, tar, &stream);
+            stored[0] = 2;
+            write(dir, &format!("stored-{name}"), &stored)?;
+        }
+    }
     Ok(())
 }

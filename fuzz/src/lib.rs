@@ -3,6 +3,8 @@
 //! that delta whose patch payload is replaced and whose digests are re-sealed, so that only
 //! the applier's deeper checks stand between fuzz input and the patch executor.
 
+pub mod corrections;
+
 use std::error::Error;
 use std::fs;
 use std::io::{Read, Write};

@@ -40,6 +40,12 @@
 //! Corrections are only valid for the model that wrote them, so the stream and the plan
 //! name the engine ([`CORRECTION_ENGINE`]) and an applier refuses others.
 //!
+//! The first chunk's corrections open with the model's parameters (preflate's
+//! `ReconstructionData`: the `TokenPredictorParameters` it estimated, then the coded
+//! corrections, bitcode-encoded). preflate-rs trusts them, so the applier decodes them first
+//! and refuses values that preflate never writes and that would make it panic or loop for ever
+//! (`check_model`).
+//!
 //! Limits of the model, all of which make [`analyze`] report [`Outcome::Unusable`] (the
 //! differ then carries the blob whole), never a wrong stream: preflate estimates the
 //! encoder's parameters (hash function, match chain, which positions it indexes) on the
@@ -53,7 +59,7 @@
 use std::io::{self, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use preflate_rs::{ExitCode, PreflateConfig, PreflateStreamProcessor, RecreateStreamProcessor};
+use preflate_rs::{ExitCode, HashAlgorithm, PreflateConfig, PreflateStreamProcessor, RecreateStreamProcessor, TokenPredictorParameters};
 
 use crate::error::{Error, Result};
 use crate::format::records::write_varint;
@@ -231,6 +237,39 @@ fn analyze_in(mut blob: impl Read, target_layer: u32, max_correction_bytes: u64,
     Ok(Outcome::Written(Analysis { header, tar_bytes: tar_len, chunks, correction_bytes }))
 }
 
+/// The first chunk's corrections as preflate-rs 0.7.6 writes them: its private
+/// `ReconstructionData`, whose bitcode layout this copies (bitcode encodes fields in order,
+/// whatever their names; a test checks it against what preflate writes).
+#[derive(bitcode::Decode)]
+#[cfg_attr(test, derive(bitcode::Encode))]
+struct FirstChunk {
+    parameters: TokenPredictorParameters,
+    /// The coded corrections, which only preflate reads.
+    _corrections: Vec<u8>,
+}
+
+/// Checks the model parameters that open the first chunk's corrections (hostile input, which
+/// preflate-rs uses unchecked), refusing values its estimator never writes and that break it:
+/// a window over deflate's 2^15 bytes (preflate shifts by it), blocks of at most 0 tokens
+/// (preflate then emits empty blocks for ever, never reaching the end of the tar), or a zlib
+/// hash shifted by 16 bits or more.
+fn check_model(corrections: &[u8]) -> std::result::Result<(), String> {
+    let first: FirstChunk = bitcode::decode(corrections).map_err(|e| format!("its model parameters do not decode: {e}"))?;
+    let p = &first.parameters;
+    if p.window_bits > 15 {
+        return Err(format!("the model has a window of 2^{} bytes, over deflate's 2^15", p.window_bits));
+    }
+    if p.max_token_count == 0 {
+        return Err("the model has blocks of at most 0 tokens".into());
+    }
+    if let HashAlgorithm::Zlib { hash_shift, .. } = p.hash_algorithm {
+        if hash_shift > 15 {
+            return Err(format!("the model shifts its 16-bit hash by {hash_shift} bits"));
+        }
+    }
+    Ok(())
+}
+
 /// A reader that computes the CRC-32 and counts what passes through it.
 struct CrcReader<R> {
     inner: R,
@@ -330,6 +369,9 @@ pub fn encode(header: &GzipHeader, target_layer: u32, blob_len: u64, tar: impl R
                 (&mut input).take(corrections_len).read_to_end(&mut corrections).map_err(|e| chunk_bad(format!("reading corrections: {e}")))?;
                 if corrections.len() as u64 != corrections_len {
                     return Err(chunk_bad("truncated corrections".into()));
+                }
+                if chunk == 0 {
+                    check_model(&corrections).map_err(chunk_bad)?;
                 }
                 let mut plain = (&mut tar).take(plain_len);
                 let rebuilt = guarded(|| recreate.recompress(&mut io::BufReader::with_capacity(64 << 10, &mut plain), &corrections));
@@ -595,5 +637,81 @@ mod tests {
         assert!(rebuild(&a.header, blob.len() as u64, &[&tar[..], b"x"].concat(), &good).is_err());
         assert!(rebuild(&a.header, blob.len() as u64 + 1, &tar, &good).is_err());
         assert!(rebuild(&a.header, 5, &tar, &good).is_err());
+    }
+
+    /// Found by the `corrections` fuzz target: preflate-rs 0.7.6 panics on some hostile
+    /// corrections (here a Huffman tree size correction underflows in `decode_difference`,
+    /// with overflow checks on; elsewhere a match length correction below 3 trips an
+    /// assertion in `prefix_cmp_odd_size`, in every build). `encode` must turn the panic into
+    /// an error naming the chunk.
+    #[test]
+    fn corrections_that_make_preflate_panic_are_errors() {
+        let mut prefix = CORRECTIONS_MAGIC.to_vec();
+        write_varint(&mut prefix, CORRECTION_ENGINE.len() as u64).unwrap();
+        prefix.extend_from_slice(CORRECTION_ENGINE.as_bytes());
+        write_varint(&mut prefix, 3).unwrap();
+        // The model parameters analyze writes for an empty tar (bitcode), then two bytes of
+        // arithmetic-coded corrections.
+        let corrections = vec![
+            0x00, 0x00, 0x04, 0x00, 0x02, 0x04, 0x00, 0x00, 0x02, 0x40, 0x01, 0x04, 0x00, 0x00, 0x04, 0x00, 0x04, 0x00, 0x00, 0x02, 0x02, 0x5a, 0x00,
+        ];
+        let stream = unparse(&(prefix, vec![(0, 2, corrections)], (0, 2)));
+        let header = GzipHeader::plain(0, 0, 3);
+        match rebuild(&header, 10 + 2 + 8, b"", &stream) {
+            Err(Error::Malformed { reason, .. }) => assert!(reason.starts_with("chunk 0: preflate"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The copy of preflate's `ReconstructionData` layout decodes what preflate writes for a
+    /// first chunk, to the parameters it reports, and encodes back to the same bytes.
+    #[test]
+    fn first_chunk_layout_is_preflates() {
+        for (tar, level) in [(synth(5, 300_000), 6), (tarish(6, 300_000), 1), (Vec::new(), 6)] {
+            let blob = flate2_gzip(&tar, level);
+            let (_, header_len) = GzipHeader::parse(&blob).unwrap();
+            let config = PreflateConfig { max_chain_length: 4096, plain_text_limit: PLAIN_TEXT_LIMIT, verify_compression: false };
+            let chunk = PreflateStreamProcessor::new(&config).decompress(&blob[header_len..blob.len() - 8]).unwrap();
+            let first: FirstChunk = bitcode::decode(&chunk.corrections).unwrap();
+            assert_eq!(Some(first.parameters), chunk.parameters);
+            assert_eq!(bitcode::encode(&first), chunk.corrections);
+            check_model(&chunk.corrections).unwrap();
+        }
+    }
+
+    /// Found by the `corrections` fuzz target (a window of 2^40 bytes: a shift overflow in
+    /// preflate); the others by reading preflate (blocks of at most 0 tokens make it loop for
+    /// ever, a zlib hash shifted by 40 bits overflows).
+    #[test]
+    fn hostile_model_parameters_are_refused() {
+        let tar = tarish(7, 100_000);
+        let blob = flate2_gzip(&tar, 6);
+        let (a, good) = corrections_of(&blob, ANALYSIS_WINDOW, PLAIN_TEXT_LIMIT);
+        let parsed = parse(&good);
+        let first: FirstChunk = bitcode::decode(&parsed.1[0].2).unwrap();
+        let with = |f: &dyn Fn(&mut TokenPredictorParameters)| {
+            let mut p = parsed.clone();
+            let mut parameters = first.parameters;
+            f(&mut parameters);
+            p.1[0].2 = bitcode::encode(&FirstChunk { parameters, _corrections: first._corrections.clone() });
+            unparse(&p)
+        };
+        assert_eq!(rebuild(&a.header, blob.len() as u64, &tar, &with(&|_| ())).unwrap(), blob, "the stream re-encoded unchanged still works");
+        let cases: [(&str, Vec<u8>, &str); 4] = [
+            ("huge window", with(&|p| p.window_bits = 40), "chunk 0: the model has a window of 2^40 bytes"),
+            ("no tokens", with(&|p| p.max_token_count = 0), "chunk 0: the model has blocks of at most 0 tokens"),
+            ("hash shift", with(&|p| p.hash_algorithm = HashAlgorithm::Zlib { hash_mask: 0x7fff, hash_shift: 40 }), "chunk 0: the model shifts its 16-bit hash by 40 bits"),
+            ("not bitcode", {
+                let mut p = parsed.clone();
+                p.1[0].2.truncate(3);
+                unparse(&p)
+            }, "chunk 0: its model parameters do not decode"),
+        ];
+        for (name, stream, want) in cases {
+            match rebuild(&a.header, blob.len() as u64, &tar, &stream) {
+                Err(Error::Malformed { reason, .. }) => assert!(reason.starts_with(want), "{name}: {reason}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
     }
 }

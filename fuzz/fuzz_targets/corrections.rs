@@ -1,0 +1,28 @@
+//! The applier rebuilds gzip blobs that no exact encoder reproduces from their tar and a
+//! correction stream carried in the delta (`layer::corrected::encode`), and anyone who can
+//! push a delta controls that stream: with an arbitrary tar and correction stream, `encode`
+//! must answer (a blob or an error) without panicking, hanging or allocating beyond its
+//! chunk limits; a blob it writes has exactly the length asked for and counts the whole
+//! tar; and a valid stream (written by `analyze` for a blob of the input's bytes, by flate2
+//! or one of fleetdelta's exact encoders) left intact rebuilds that blob exactly. The input
+//! format is described in `src/corrections.rs`: raw tar and stream, or a seeded case whose
+//! valid stream is then edited. Faults of preflate-rs that still fail this target are kept
+//! in `unfixed/corrections/` (see the README).
+#![no_main]
+
+use fleetdelta::layer::corrected::encode;
+use fleetdelta_fuzz::corrections::{case, TARGET_LAYER};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some(case) = case(data) else { return };
+    let mut out = Vec::new();
+    let result = encode(&case.header, TARGET_LAYER, case.blob_len, &case.tar[..], &case.stream[..], &mut out);
+    if let Ok(n) = result {
+        assert_eq!(n, case.tar.len() as u64, "encode counted another tar length");
+        assert_eq!(out.len() as u64, case.blob_len, "encode wrote a blob of another length");
+    }
+    if let Some(blob) = case.expect {
+        assert!(result.is_ok() && out == blob, "an intact correction stream does not rebuild its blob: {result:?}");
+    }
+});
