@@ -518,6 +518,83 @@ fn tampered_corrections_are_refused_and_nothing_is_written() {
     }
 }
 
+/// What opens the first chunk's corrections: preflate-rs's `ReconstructionData` (bitcode
+/// encodes fields in order): the model parameters, then the arithmetic-coded corrections.
+#[derive(bitcode::Decode, bitcode::Encode)]
+struct FirstChunk {
+    parameters: preflate_rs::TokenPredictorParameters,
+    coded: Vec<u8>,
+}
+
+/// Rewrites the arithmetic-coded corrections of every chunk of a decompressed correction
+/// stream (inside the first chunk's model parameters; the lengths follow), leaving the
+/// prefix, the other fields and END as they are.
+fn edit_chunks(raw: &[u8], edit: fn(&mut Vec<u8>)) -> Vec<u8> {
+    use fleetdelta::format::records::{read_varint, write_varint};
+    let mut input = raw;
+    let mut out = input[..8].to_vec();
+    input = &input[8..];
+    let engine = read_varint(&mut input).unwrap() as usize;
+    write_varint(&mut out, engine as u64).unwrap();
+    out.extend_from_slice(&input[..engine]);
+    input = &input[engine..];
+    write_varint(&mut out, read_varint(&mut input).unwrap()).unwrap();
+    let mut chunks = 0;
+    while input[0] == 1 {
+        out.push(1);
+        input = &input[1..];
+        for _ in 0..2 {
+            write_varint(&mut out, read_varint(&mut input).unwrap()).unwrap();
+        }
+        let n = read_varint(&mut input).unwrap() as usize;
+        let mut corrections = input[..n].to_vec();
+        input = &input[n..];
+        if chunks == 0 {
+            let mut first: FirstChunk = bitcode::decode(&corrections).unwrap();
+            edit(&mut first.coded);
+            corrections = bitcode::encode(&first);
+        } else {
+            edit(&mut corrections);
+        }
+        write_varint(&mut out, corrections.len() as u64).unwrap();
+        out.extend_from_slice(&corrections);
+        chunks += 1;
+    }
+    assert!(chunks > 0 && input[0] == 0, "a stream of chunks, then END");
+    out.extend_from_slice(input);
+    out
+}
+
+/// Corrections that are well-formed records with valid model parameters, but whose coded
+/// part is hostile to the model that reads it: cut short (the arithmetic decoder then runs
+/// past its end, which made preflate-rs 0.7.6 as released write empty blocks, or read ones,
+/// for ever), emptied, zeroed or inverted. Each is refused (the fuzz target `corrections`
+/// checks the time and memory bounds), and nothing is written.
+#[test]
+fn corrections_hostile_to_the_model_are_refused_and_nothing_is_written() {
+    type Edit = fn(&mut Vec<u8>);
+    let cases: [(&str, Edit); 4] = [
+        ("cut to a quarter", |c| c.truncate(c.len() / 4)),
+        ("emptied", Vec::clear),
+        ("zeroed", |c| c.iter_mut().for_each(|b| *b = 0)),
+        ("inverted", |c| c.iter_mut().for_each(|b| *b = !*b)),
+    ];
+    for (name, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, d, layer) = corrected_delta(dir.path());
+        reseal(&d, |tars, _| {
+            tars[layer] = retar(&tars[layer], |c| {
+                let raw = zstd::decode_all(&c[..]).unwrap();
+                *c = zstd::encode_all(&edit_chunks(&raw, edit)[..], 3).unwrap();
+            })
+        });
+        let out = dir.path().join("o");
+        let err = apply(&oci(&s), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
+        assert!(matches!(err, Error::Malformed { .. } | Error::DigestMismatch { .. }), "{name}: {err}");
+        assert!(!out.exists(), "{name}: output written");
+    }
+}
+
 #[test]
 fn lying_corrected_encodings_are_refused_and_nothing_is_written() {
     type Edit = fn(&mut Value);
