@@ -206,7 +206,10 @@ fn lengths_fit(lengths: &[u8], max_bits: u32) -> bool {
 fn calc_tc_lengths_without_trailing_zeros(bit_lengths: &[u8]) -> usize {
     let mut len = bit_lengths.len();
     // remove trailing zeros
-    while len > 4 && bit_lengths[TREE_CODE_ORDER_TABLE[len - 1]] == 0 {
+    // fleetdelta patch: `bit_lengths` has its own trailing zeros removed, so the order table
+    // can point past its end (a panic on, for example, a block whose code length codes end
+    // at 16): symbols past the end have length 0.
+    while len > 4 && bit_lengths.get(TREE_CODE_ORDER_TABLE[len - 1]).copied().unwrap_or(0) == 0 {
         len -= 1;
     }
 
