@@ -68,6 +68,9 @@ impl TokenPredictorParameters {
         if self.max_chain > 4096 {
             return bad(format!("model parameters: a match chain of {}, over 4096", self.max_chain));
         }
+        if self.max_chain == 0 && self.hash_algorithm != HashAlgorithm::None {
+            return bad("model parameters: a hash with a match chain of 0".into());
+        }
         let max_match = deflate_constants::MAX_MATCH;
         if self.nice_length > max_match || self.min_len > max_match {
             return bad(format!("model parameters: match lengths nice {} / min {}, over {max_match}", self.nice_length, self.min_len));
