@@ -99,32 +99,28 @@ fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
     stderr.lines().find_map(|l| l.strip_prefix("peak-rss-kib ")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no peak RSS in {stderr}"))
 }
 
+/// Applies deltas of a `small` and a `large` MiB image stored as `layers`, and checks that
+/// the large one peaks under 64 MiB and less than 16 MiB above the small one.
+fn assert_peak_does_not_grow(layers: Layers, how: &str, small_mib: usize, large_mib: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let small = apply_peak_kib(&dir.path().join("small"), small_mib, layers);
+    let large = apply_peak_kib(&dir.path().join("large"), large_mib, layers);
+    eprintln!("peak RSS of {how}: {small} KiB for a {small_mib} MiB image, {large} KiB for a {large_mib} MiB image");
+    assert!(large < 64 * 1024, "apply of a {large_mib} MiB image peaked at {large} KiB");
+    assert!(large < small + 16 * 1024, "peak RSS grew from {small} to {large} KiB with a {}x larger image", large_mib / small_mib);
+}
+
 #[test]
 fn apply_peak_memory_does_not_grow_with_image_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let small = apply_peak_kib(&dir.path().join("small"), 16, Layers::Plain);
-    let large = apply_peak_kib(&dir.path().join("large"), 192, Layers::Plain);
-    eprintln!("peak RSS of apply: {small} KiB for a 16 MiB image, {large} KiB for a 192 MiB image");
-    assert!(large < 64 * 1024, "apply of a 192 MiB image peaked at {large} KiB");
-    assert!(large < small + 16 * 1024, "peak RSS grew from {small} to {large} KiB with a 12x larger image");
+    assert_peak_does_not_grow(Layers::Plain, "apply", 16, 192);
 }
 
 #[test]
 fn apply_peak_memory_does_not_grow_with_image_size_when_re_encoding_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let small = apply_peak_kib(&dir.path().join("small"), 16, Layers::ExactGzip);
-    let large = apply_peak_kib(&dir.path().join("large"), 96, Layers::ExactGzip);
-    eprintln!("peak RSS of an exact apply: {small} KiB for a 16 MiB image, {large} KiB for a 96 MiB image");
-    assert!(large < 64 * 1024, "apply of a 96 MiB image peaked at {large} KiB");
-    assert!(large < small + 16 * 1024, "peak RSS grew from {small} to {large} KiB with a 6x larger image");
+    assert_peak_does_not_grow(Layers::ExactGzip, "an exact apply", 16, 96);
 }
 
 #[test]
 fn apply_peak_memory_does_not_grow_with_image_size_when_rebuilding_with_corrections() {
-    let dir = tempfile::tempdir().unwrap();
-    let small = apply_peak_kib(&dir.path().join("small"), 16, Layers::Corrected);
-    let large = apply_peak_kib(&dir.path().join("large"), 64, Layers::Corrected);
-    eprintln!("peak RSS of an apply with corrections: {small} KiB for a 16 MiB image, {large} KiB for a 64 MiB image");
-    assert!(large < 64 * 1024, "apply of a 64 MiB image peaked at {large} KiB");
-    assert!(large < small + 16 * 1024, "peak RSS grew from {small} to {large} KiB with a 4x larger image");
+    assert_peak_does_not_grow(Layers::Corrected, "an apply with corrections", 16, 64);
 }

@@ -6,8 +6,8 @@
 //! tar; and a valid stream (written by `analyze` for a blob of the input's bytes, by flate2
 //! or one of fleetdelta's exact encoders) left intact rebuilds that blob exactly. The input
 //! format is described in `src/corrections.rs`: raw tar and stream, or a seeded case whose
-//! valid stream is then edited. Faults of preflate-rs that still fail this target are kept
-//! in `unfixed/corrections/` (see the README).
+//! valid stream is then edited. Inputs that once failed it are kept in
+//! `regressions/corrections/`, with the preflate-rs fault each found (see the README).
 #![no_main]
 
 use fleetdelta::layer::corrected::encode;

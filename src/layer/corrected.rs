@@ -606,13 +606,12 @@ mod tests {
         assert!(rebuild(&a.header, 5, &tar, &good).is_err());
     }
 
-    /// Found by the `corrections` fuzz target: preflate-rs 0.7.6 panics on some hostile
-    /// corrections (here a Huffman tree size correction underflows in `decode_difference`,
-    /// with overflow checks on; elsewhere a match length correction below 3 trips an
-    /// assertion in `prefix_cmp_odd_size`, in every build). `encode` must turn the panic into
-    /// an error naming the chunk.
+    /// Found by the `corrections` fuzz target: corrections on which preflate-rs 0.7.6 as
+    /// released panics (a Huffman tree size correction underflows in `decode_difference`,
+    /// with overflow checks on). The patched preflate refuses the tree they describe;
+    /// either way `encode` must answer with an error naming the chunk.
     #[test]
-    fn corrections_that_make_preflate_panic_are_errors() {
+    fn corrections_that_made_preflate_panic_are_errors() {
         let mut prefix = CORRECTIONS_MAGIC.to_vec();
         write_varint(&mut prefix, CORRECTION_ENGINE.len() as u64).unwrap();
         prefix.extend_from_slice(CORRECTION_ENGINE.as_bytes());

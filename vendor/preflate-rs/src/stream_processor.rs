@@ -260,6 +260,14 @@ struct Bounds {
     keep_blocks: bool,
 }
 
+impl Bounds {
+    /// What 0.7.6 did: no output limit, every block returned.
+    const NONE: Bounds = Bounds {
+        max_output: usize::MAX,
+        keep_blocks: true,
+    };
+}
+
 impl RecreateStreamProcessor {
     pub fn new() -> Self {
         Self {
@@ -274,14 +282,7 @@ impl RecreateStreamProcessor {
         plain_text: &mut impl BufRead,
         corrections: &[u8],
     ) -> Result<(Vec<u8>, Vec<DeflateTokenBlock>)> {
-        self.recompress_with(
-            plain_text,
-            corrections,
-            Bounds {
-                max_output: usize::MAX,
-                keep_blocks: true,
-            },
-        )
+        self.recompress_with(plain_text, corrections, Bounds::NONE)
     }
 
     /// fleetdelta patch: [`Self::recompress`] for corrections that may be hostile. It fails
@@ -429,12 +430,13 @@ fn decode_mispredictions(
     let mut deflate_writer: DeflateWriter = DeflateWriter::new();
     let mut predictor = TokenPredictor::new(&params);
 
-    let bounds = Bounds {
-        max_output: usize::MAX,
-        keep_blocks: true,
-    };
-    let output_blocks =
-        recreate_blocks(&mut predictor, decoder, &mut deflate_writer, input, bounds)?;
+    let output_blocks = recreate_blocks(
+        &mut predictor,
+        decoder,
+        &mut deflate_writer,
+        input,
+        Bounds::NONE,
+    )?;
 
     deflate_writer.flush();
 

@@ -332,13 +332,14 @@ fn reconstruct_ld_trees<D: PredictionDecoder>(
             ) as u8;
         }
 
-        // fleetdelta patch: a run must cover 1 to the remaining symbols within its code's
-        // range (a run of 0 never ends the loop), and a length is at most 15 bits.
+        // fleetdelta patch: a run must cover 1 to the remaining symbols within the range its
+        // code can write (a run of 0 never ends the loop), and a length is at most 15 bits.
         let (least, most) = match predicted_tree_code_type {
             TreeCodeType::Code => (0, 15),
-            TreeCodeType::Repeat => (3, 6),
-            TreeCodeType::ZeroShort => (3, 10),
-            TreeCodeType::ZeroLong => (11, 138),
+            run => {
+                let (sub, bits) = HuffmanOriginalEncoding::get_tree_code_adjustment(run);
+                (sub, sub + ((1u8 << bits) - 1))
+            }
         };
         if !(least..=most).contains(&predicted_tree_code_data)
             || (predicted_tree_code_type != TreeCodeType::Code

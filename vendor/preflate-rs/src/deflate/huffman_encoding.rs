@@ -510,7 +510,9 @@ impl HuffmanOriginalEncoding {
 
     /// returns the constants used to adjust the coding of tree code types
     /// (amount to subtract, #bits to encode)
-    const fn get_tree_code_adjustment(tree_code: TreeCodeType) -> (u8, u32) {
+    // fleetdelta patch: crate-visible, so that the tree predictor checks corrected runs
+    // against the same ranges.
+    pub(crate) const fn get_tree_code_adjustment(tree_code: TreeCodeType) -> (u8, u32) {
         match tree_code {
             TreeCodeType::Repeat => (3, 2),
             TreeCodeType::ZeroShort => (3, 3),
