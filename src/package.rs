@@ -230,6 +230,8 @@ impl DeltaImage {
         expect("delta.json target manifest", ANNOTATION_TARGET_MANIFEST, &plan.target.manifest)?;
         expect("delta.json target config", ANNOTATION_TARGET_CONFIG, &plan.target.config)?;
         expect("delta.json source config", ANNOTATION_SOURCE_CONFIG, &plan.source.config)?;
+        expect("delta.json source manifest", ANNOTATION_SOURCE_MANIFEST, &plan.source.manifest)?;
+        verify(|| "delta.json target config (against the embedded target manifest)".into(), &target_manifest.config.digest, None, &plan.target.config, 0)?;
         let subject = manifest.pointer("/subject/digest").and_then(Value::as_str).ok_or_else(|| Error::malformed("delta manifest", "no subject"))?;
         verify(|| "delta subject".into(), &subject.parse()?, None, &target_manifest.digest, 0)?;
         let target_config = Config::parse(config_raw)?;
@@ -264,7 +266,10 @@ impl DeltaImage {
         let file = self.layout.open_blob(blob)?;
         let mut input = BufReader::with_capacity(256 << 10, delta_layer.compression.decoder(BufReader::with_capacity(256 << 10, file))?);
         let mut raw = [0u8; TAR_BLOCK as usize];
-        input.read_exact(&mut raw).map_err(|_| Error::malformed(&what, "truncated tar header"))?;
+        input.read_exact(&mut raw).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => Error::malformed(&what, "truncated tar header"),
+            _ => Error::io(format!("reading {what}"), e),
+        })?;
         let header = tar::Header::from_byte_slice(&raw);
         let checksum_ok = header.cksum().ok() == Some(raw.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32u32 } else { *b as u32 }).sum());
         let path_ok = header.path_bytes().as_ref() == name.as_bytes();
@@ -313,6 +318,17 @@ impl std::fmt::Debug for PayloadReader {
 }
 
 impl PayloadReader {
+    /// Payload bytes left to read (all of them, before the first read): the size its tar
+    /// entry declares.
+    pub fn len(&self) -> u64 {
+        self.input.limit()
+    }
+
+    /// Whether no payload bytes are left.
+    pub fn is_empty(&self) -> bool {
+        self.input.limit() == 0
+    }
+
     /// Checks that the whole payload was consumed.
     pub fn finish(self) -> Result<()> {
         if self.input.limit() != 0 {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use fleetdelta::format::records::{PatchHeader, Record, RecordWriter, SourceRange};
 use fleetdelta::layer::Compression;
+use fleetdelta::image::Layout;
 use fleetdelta::{apply, diff, info, ApplyOptions, DiffOptions, Error, Level, Silent};
 use serde_json::Value;
 
@@ -369,7 +370,8 @@ fn a_lying_encoder_descriptor_is_caught_by_the_blob_digest_and_nothing_is_writte
         let out = dir.path().join("o");
         let err = apply(&oci(&sample_v1), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
         let ok = match name {
-            "block size" | "header mtime" => matches!(&err, Error::DigestMismatch { what, .. } if what.contains("re-encoded exactly")),
+            // Caught by the digest, or as soon as the blob outgrows the target's.
+            "block size" | "header mtime" => matches!(&err, Error::DigestMismatch { what, .. } | Error::TooLarge { what, .. } if what.contains("re-encoded exactly")),
             "undeclared feature" => matches!(err, Error::Malformed { .. }),
             _ => matches!(err, Error::Unsupported { .. }),
         };
@@ -619,4 +621,409 @@ fn lying_corrected_encodings_are_refused_and_nothing_is_written() {
         assert!(ok, "{name}: {err}");
         assert!(!out.exists(), "{name}: output written");
     }
+}
+
+// ---- Reliability: output bounded by the target, nothing trusted unchecked, nothing left ----
+
+/// Random bytes: a layer no source has a partner for, carried whole as a `blob` payload.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Like [`Fixture::new`], with a third target layer of noise that the delta carries whole.
+fn blob_fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let base: Tree = (0..10).map(|i| (format!("base/{i}"), file(text(i, 4000)))).collect();
+    let app: Tree = (0..10).map(|i| (format!("app/{i}"), file(text(50 + i, 30_000)))).collect();
+    let extra: Tree = [("extra/noise".to_string(), file(noise(3, 200_000)))].into();
+    write_image(&root.join("s"), "latest", &[layer_tar(&base), layer_tar(&app)], Compression::Gzip);
+    write_image(&root.join("t"), "latest", &[layer_tar(&base), layer_tar(&app), layer_tar(&extra)], Compression::Gzip);
+    diff(&oci(&root.join("s")), &oci(&root.join("t")), &oci(&root.join("d")), &DiffOptions { level: Level::Fast, ..Default::default() }, &Silent).unwrap();
+    let plan = info(&oci(&root.join("d"))).unwrap();
+    assert_eq!(plan.layers[2].method, fleetdelta::format::plan::Method::Blob, "the noise layer is carried whole");
+    Fixture { _dir: dir, root }
+}
+
+/// `fleetdelta apply` with no file allowed past `max_file` bytes (RLIMIT_FSIZE through
+/// util-linux's prlimit): a write past it kills the process with SIGXFSZ. Returns the
+/// output; the process must have ended by itself, not by that signal.
+fn apply_with_file_limit(f: &Fixture, max_file: u64, extra: &[&str]) -> std::process::Output {
+    let out = tool("prlimit")
+        .arg(format!("--fsize={max_file}"))
+        .arg(env!("CARGO_BIN_EXE_fleetdelta"))
+        .args(["apply", "--quiet"])
+        .args(extra)
+        .arg(format!("oci:{}", f.path("s").display()))
+        .arg(format!("oci:{}", f.path("d").display()))
+        .arg(format!("oci:{}", f.path("o").display()))
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), None, "killed by a signal (SIGXFSZ: wrote past {max_file} bytes): {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+#[test]
+fn a_blob_payload_longer_than_the_target_blob_is_refused_before_it_is_written() {
+    let f = blob_fixture();
+    // 64 MiB of zeros where the target's 200 kB blob should be (the payload tar declares it).
+    reseal(&f.path("d"), |tars, _| {
+        assert_eq!(tars.len(), 2, "metadata and the noise layer's blob");
+        tars[1] = retar(&tars[1], |p| p.resize(64 << 20, 0));
+    });
+    for mode in ["original", "uncompressed"] {
+        let out = apply_with_file_limit(&f, 16 << 20, &["--layers", mode]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{mode}: {stderr}");
+        assert!(stderr.contains("the blob the delta carries: size mismatch"), "{mode}: {stderr}");
+        assert!(!f.path("o").exists(), "{mode}: output written");
+    }
+}
+
+#[test]
+fn a_patch_cannot_write_more_than_the_target_blob_can_hold() {
+    // 47 bytes that copy the same source range over and over: a gigabyte of tar.
+    let f = Fixture::new();
+    let target = fleetdelta::image::Layout::open(f.path("t")).unwrap().load_image(None).unwrap();
+    let blob_size = target.layers[1].blob.size;
+    let source_len = layer_tars(&f.path("s"), None)[1].len() as u64;
+    let tar_len = 1u64 << 30;
+    let mut raw = Vec::new();
+    let mut w = RecordWriter::new(&mut raw, PatchHeader { target_layer: 1, tar_len }).unwrap();
+    let mut left = tar_len;
+    while left > 0 {
+        let len = left.min(source_len);
+        w.write(&Record::Copy(SourceRange { layer: 1, offset: 0, len })).unwrap();
+        left -= len;
+    }
+    w.write(&Record::End).unwrap();
+    let patch = zstd::encode_all(&raw[..], 19).unwrap();
+    assert!(patch.len() < 4096, "{} bytes", patch.len());
+    reseal(&f.path("d"), |tars, _| tars[1] = retar(&tars[1], |p| *p = patch.clone()));
+    for mode in ["original", "uncompressed"] {
+        let out = apply_with_file_limit(&f, 32 << 20, &["--layers", mode]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{mode}: {stderr}");
+        let limit = Compression::Gzip.max_uncompressed_len(blob_size);
+        assert!(stderr.contains(&format!("patch for target layer 1: larger than the limit of {limit} bytes")), "{mode}: {stderr}");
+        assert!(!f.path("o").exists());
+    }
+}
+
+#[test]
+fn patches_whose_records_produce_nothing_are_refused() {
+    // Millions of empty copies (or empty chunks with whole prefixes) cost CPU, not bytes.
+    let f = Fixture::new();
+    let tar = &layer_tars(&f.path("t"), None)[1];
+    let cases: Vec<(&str, Record)> = vec![
+        ("a copy of 0 bytes", Record::Copy(SourceRange { layer: 1, offset: 0, len: 0 })),
+        ("a chunk of 0 bytes", Record::Chunk { prefix: vec![SourceRange { layer: 1, offset: 0, len: 100_000 }], raw_len: 0, frame: zstd::encode_all(&b""[..], 1).unwrap() }),
+    ];
+    for (name, empty) in cases {
+        let mut raw = Vec::new();
+        let mut w = RecordWriter::new(&mut raw, PatchHeader { target_layer: 1, tar_len: tar.len() as u64 }).unwrap();
+        for _ in 0..1_000_000 {
+            w.write(&empty).unwrap();
+        }
+        let frame = zstd::encode_all(&tar[..], 3).unwrap();
+        w.write(&Record::Chunk { prefix: vec![], raw_len: tar.len() as u64, frame }).unwrap();
+        w.write(&Record::Literal(tar.len() as u64)).unwrap();
+        w.write(&Record::End).unwrap();
+        let mut patch = zstd::stream::write::Encoder::new(Vec::new(), 19).unwrap();
+        patch.window_log(20).unwrap();
+        std::io::Write::write_all(&mut patch, &raw).unwrap();
+        let patch = patch.finish().unwrap();
+        reseal(&f.path("d"), |tars, _| tars[1] = retar(&tars[1], |p| *p = patch.clone()));
+        let err = f.apply_fails("s", "o");
+        contains(&err, name);
+    }
+}
+
+/// Rewrites the target manifest that a delta embeds (and every digest that names it), so
+/// that only checks of the target's own descriptors can catch `edit`.
+fn forge_target_manifest(delta: &Path, edit: impl FnOnce(&mut Value)) {
+    reseal(delta, |tars, manifest| {
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut archive = tar::Archive::new(&tars[0][..]);
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            files.push((name, data));
+        }
+        let mut target: Value = serde_json::from_slice(&files.iter().find(|(n, _)| n == "target-manifest.json").unwrap().1).unwrap();
+        edit(&mut target);
+        let target = serde_json::to_vec(&target).unwrap();
+        let digest = fleetdelta::Digest::of(&target).to_string();
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in &mut files {
+            if name == "target-manifest.json" {
+                *data = target.clone();
+            } else if name == "delta.json" {
+                let mut plan: Value = serde_json::from_slice(data).unwrap();
+                plan["target"]["manifest"] = Value::from(digest.clone());
+                *data = serde_json::to_vec(&plan).unwrap();
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, &*name, &data[..]).unwrap();
+        }
+        tars[0] = b.into_inner().unwrap();
+        manifest["annotations"]["io.fleetdelta.target.manifest"] = Value::from(digest.clone());
+        manifest["subject"]["digest"] = Value::from(digest);
+        manifest["subject"]["size"] = Value::from(target.len());
+    });
+}
+
+/// A store (`o`) that holds the source image under `current`: the device's own layout.
+fn store_with_source(f: &Fixture) {
+    fleetdelta::Transfer::new(Default::default()).unwrap().copy(&oci(&f.path("s")), &oci_tag(&f.path("o"), "current"), &Silent).unwrap();
+}
+
+#[test]
+fn a_damaged_blob_already_in_the_output_is_replaced_not_trusted() {
+    let f = Fixture::new();
+    store_with_source(&f);
+    let shared = fleetdelta::image::Layout::open(f.path("t")).unwrap().load_image(None).unwrap().layers[0].blob.clone();
+    let in_store = f.path("o/blobs/sha256").join(shared.digest.hex());
+    let mut bytes = fs::read(&in_store).unwrap();
+    bytes[100] ^= 1;
+    // A new file: the store's blob may be a hard link of the source's.
+    let damage = |bytes: &[u8]| {
+        fs::remove_file(&in_store).unwrap();
+        fs::write(&in_store, bytes).unwrap();
+    };
+    damage(&bytes);
+    // From an intact source elsewhere: the damaged copy is replaced by a verified one.
+    apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci_tag(&f.path("o"), "next"), &ApplyOptions::default(), &Silent).unwrap();
+    assert_eq!(fleetdelta::Digest::of(&fs::read(&in_store).unwrap()), shared.digest, "the damaged blob was kept");
+    assert_same_tagged_image(&f.path("t"), None, &f.path("o"), Some("next"));
+
+    // From the store itself, whose copy is the damaged one: refused, naming the blob.
+    damage(&bytes);
+    let err = apply(&oci_tag(&f.path("o"), "current"), &oci(&f.path("d")), &oci_tag(&f.path("o"), "again"), &ApplyOptions::default(), &Silent).unwrap_err();
+    assert!(matches!(&err, Error::DigestMismatch { what, .. } if what.contains(&shared.digest.to_string())), "{err}");
+    assert!(Layout::open(f.path("o")).unwrap().resolve(Some("again")).is_err());
+}
+
+#[test]
+fn target_descriptors_that_lie_about_size_or_media_type_are_refused() {
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit); 3] = [
+        ("size 2^63", |m| m["layers"][0]["size"] = Value::from(1u64 << 63)),
+        ("size + 1", |m| m["layers"][0]["size"] = Value::from(m["layers"][0]["size"].as_u64().unwrap() + 1)),
+        ("zstd media type", |m| m["layers"][0]["mediaType"] = Value::from("application/vnd.oci.image.layer.v1.tar+zstd")),
+    ];
+    for (name, edit) in cases {
+        let f = Fixture::new();
+        // Into the device's store, which already has the shared layer's blob.
+        store_with_source(&f);
+        forge_target_manifest(&f.path("d"), edit);
+        let before = snapshot(&f.path("o"));
+        let err = apply(&oci_tag(&f.path("o"), "current"), &oci(&f.path("d")), &oci_tag(&f.path("o"), "next"), &ApplyOptions::default(), &Silent).unwrap_err();
+        assert!(matches!(err, Error::SizeMismatch { .. } | Error::Malformed { .. }), "{name}: {err}");
+        assert_eq!(snapshot(&f.path("o")), before, "{name}: the store changed");
+    }
+}
+
+#[test]
+fn a_failed_commit_takes_back_the_blobs_it_moved_in() {
+    let f = Fixture::new();
+    let keep: Tree = [("keep".to_string(), file(text(3, 100)))].into();
+    write_image(&f.path("o"), "keep", &[layer_tar(&keep)], Compression::Gzip);
+    // An index.json that cannot be read back: the commit fails after moving blobs in.
+    fs::write(f.path("o/index.json"), b"{\"manifests\": [").unwrap();
+    let blobs_before: Vec<_> = fs::read_dir(f.path("o/blobs/sha256")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let err = apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &ApplyOptions::default(), &Silent).unwrap_err();
+    assert!(matches!(&err, Error::Malformed { what, reason } if what.ends_with("index.json") && reason.contains("EOF")), "{err}");
+    let mut blobs_after: Vec<_> = fs::read_dir(f.path("o/blobs/sha256")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    blobs_after.sort();
+    let mut blobs_before = blobs_before;
+    blobs_before.sort();
+    assert_eq!(blobs_after, blobs_before, "blobs that nothing names were left in the store");
+    let stray: Vec<_> = fs::read_dir(f.path("o")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn a_malformed_index_is_named_with_the_parser_reason() {
+    let f = Fixture::new();
+    fs::write(f.path("s/index.json"), b"{\"schemaVersion\": 2, \"manifests\": [1]}").unwrap();
+    let err = apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &ApplyOptions::default(), &Silent).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("index.json: malformed") && text.contains("line 1 column") && !text.contains("serde failed"), "{text}");
+}
+
+#[test]
+fn expect_target_compares_the_manifest_actually_written() {
+    // A source with the same config (diff_ids) as the delta's, but its blobs compressed
+    // otherwise: its layers are recompressed, so the manifest written is not the target's.
+    let f = Fixture::new();
+    let tars = layer_tars(&f.path("s"), None);
+    write_image_with(&f.path("s2"), "latest", &tars, Compression::Gzip, false, |t| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut e, t).unwrap();
+        e.finish().unwrap()
+    });
+    let target = fleetdelta::image::Layout::open(f.path("t")).unwrap().resolve(None).unwrap().digest;
+    let opts = ApplyOptions { expect_target: Some(target), ..Default::default() };
+    let err = apply(&oci(&f.path("s2")), &oci(&f.path("d")), &oci(&f.path("o")), &opts, &Silent).unwrap_err();
+    assert!(matches!(&err, Error::DigestMismatch { what, .. } if what.contains("manifest written")), "{err}");
+    assert!(!f.path("o").exists());
+    // Without the pin the rebuilt image is accepted, with its own manifest.
+    let report = apply(&oci(&f.path("s2")), &oci(&f.path("d")), &oci(&f.path("o")), &ApplyOptions::default(), &Silent).unwrap();
+    assert!(!report.identical());
+    assert_same_image(&f.path("t"), &f.path("o"));
+}
+
+#[test]
+fn delta_json_must_name_the_config_of_the_embedded_target_manifest() {
+    let f = Fixture::new();
+    let other = fleetdelta::Digest::of(b"another config").to_string();
+    reseal(&f.path("d"), |tars, manifest| {
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut archive = tar::Archive::new(&tars[0][..]);
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            if name == "delta.json" {
+                let mut plan: Value = serde_json::from_slice(&data).unwrap();
+                plan["target"]["config"] = Value::from(other.clone());
+                data = serde_json::to_vec(&plan).unwrap();
+            }
+            files.push((name, data));
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in &files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        tars[0] = b.into_inner().unwrap();
+        manifest["annotations"]["io.fleetdelta.target.config"] = Value::from(other.clone());
+    });
+    let err = f.apply_fails("s", "o");
+    assert!(matches!(&err, Error::DigestMismatch { what, .. } if what.contains("delta.json target config")), "{err}");
+}
+
+#[test]
+fn a_zstd_delta_layer_with_a_huge_window_is_refused_by_name() {
+    let f = Fixture::new();
+    reseal(&f.path("d"), |_, _| {});
+    // Recompress the patch layer with a 128 MiB window, as a tool might.
+    let layout = Layout::open(f.path("d")).unwrap();
+    let image = layout.load_image(None).unwrap();
+    let tar = fs::read(layout.blob_path(&image.layers[1].blob.digest)).unwrap();
+    let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    e.set_parameter(zstd::stream::raw::CParameter::WindowLog(27)).unwrap();
+    std::io::Write::write_all(&mut e, &tar).unwrap();
+    let blob = e.finish().unwrap();
+    let mut manifest: Value = serde_json::from_slice(&image.manifest.raw).unwrap();
+    let d = fleetdelta::Digest::of(&blob);
+    fs::write(layout.blob_path(&d), &blob).unwrap();
+    manifest["layers"][1]["mediaType"] = Value::from("application/vnd.oci.image.layer.v1.tar+zstd");
+    manifest["layers"][1]["digest"] = Value::from(d.to_string());
+    manifest["layers"][1]["size"] = Value::from(blob.len());
+    let m = serde_json::to_vec(&manifest).unwrap();
+    let md = fleetdelta::Digest::of(&m);
+    fs::write(layout.blob_path(&md), &m).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md.to_string(), "size": m.len()}]});
+    fs::write(f.path("d/index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let err = f.apply_fails("s", "o");
+    assert!(matches!(&err, Error::TooLarge { what, .. } if what.contains("zstd frame window")), "{err}");
+}
+
+#[test]
+fn jobs_beyond_the_cores_are_bounded() {
+    let f = Fixture::new();
+    let opts = ApplyOptions { jobs: 20_000, ..Default::default() };
+    apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &opts, &Silent).unwrap();
+    assert_same_image(&f.path("t"), &f.path("o"));
+    let out = fleetdelta().args(["apply", "--jobs", "20000", "oci:/nonexistent/a", "oci:/nonexistent/b", "oci:/nonexistent/c"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--jobs"));
+}
+
+#[test]
+fn errors_are_one_line_and_say_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no\nsuch");
+    let out = fleetdelta().args(["info"]).arg(format!("oci:{}", missing.display())).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
+    assert!(stderr.contains("no\\nsuch"), "{stderr:?}");
+    let f = Fixture::new();
+    fs::remove_file(f.path("s/index.json")).unwrap();
+    let out = fleetdelta().args(["apply"]).arg(format!("oci:{}", f.path("s").display())).arg(format!("oci:{}", f.path("d").display())).arg(format!("oci:{}", f.path("o").display())).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+    assert!(stderr.contains("index.json"), "{stderr}");
+}
+
+#[test]
+fn written_files_honour_the_umask_and_index_json_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let cmd = format!(
+        "umask 022 && exec {} apply --quiet oci:{} oci:{} oci:{}",
+        env!("CARGO_BIN_EXE_fleetdelta"),
+        f.path("s").display(),
+        f.path("d").display(),
+        f.path("o").display()
+    );
+    run(std::process::Command::new("sh").args(["-c", &cmd]));
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&f.path("o")), 0o755);
+    assert_eq!(mode(&f.path("o/index.json")), 0o644);
+    for b in fs::read_dir(f.path("o/blobs/sha256")).unwrap() {
+        assert_eq!(mode(&b.unwrap().path()), 0o644);
+    }
+    fs::set_permissions(f.path("o/index.json"), fs::Permissions::from_mode(0o640)).unwrap();
+    let cmd = cmd.replace(&format!("oci:{}", f.path("o").display()), &format!("oci:{}:again", f.path("o").display()));
+    run(std::process::Command::new("sh").args(["-c", &cmd]));
+    assert_eq!(mode(&f.path("o/index.json")), 0o640, "index.json's mode changed");
+}
+
+/// A tmpfs mounted for the test (the tests run as root), unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Self {
+        fs::create_dir_all(at).unwrap();
+        run(std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "fleetdelta-test"]).arg(at));
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_empty_mount_point_as_output_is_written_in_place() {
+    let f = Fixture::new();
+    let _mount = Mount::tmpfs(&f.path("o"), "64m");
+    apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &ApplyOptions::default(), &Silent).unwrap();
+    assert_same_image(&f.path("t"), &f.path("o"));
+    let stray: Vec<_> = fs::read_dir(f.path("o")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    assert!(stray.is_empty(), "{stray:?}");
 }

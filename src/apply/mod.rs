@@ -45,7 +45,8 @@ pub struct ApplyOptions {
     pub expect_target: Option<Digest>,
     /// Largest uncompressed layer accepted.
     pub max_layer_bytes: u64,
-    /// Layers rebuilt at once (each needs at most about 24 MiB).
+    /// Layers rebuilt at once (each needs at most about 24 MiB); at least 1 and at most the
+    /// number of cores, whatever is asked.
     pub jobs: usize,
 }
 
@@ -107,7 +108,8 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     let (out_dir, _) = output.local()?;
     let writer = LayoutWriter::create(out_dir)?;
     let scratch = writer.scratch()?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(options.jobs.max(1)).build().map_err(|e| Error::io("starting workers", io::Error::other(e)))?;
+    let jobs = options.jobs.clamp(1, std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build().map_err(|e| Error::io("starting workers", io::Error::other(e)))?;
 
     let needed: BTreeSet<u32> = delta.plan.layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
     progress.stage("preparing source layers", needed.len() as u64);
@@ -148,7 +150,18 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     } else {
         rewrite_manifest(&target.manifest.raw, outcomes.iter().map(|(_, b)| b))?
     };
+    // A blob kept as the target names it must also have the size the target manifest gives
+    // it (its digest was checked): the manifest is written as it is.
+    for ((outcome, blob), layer) in outcomes.iter().zip(&target.layers) {
+        if outcome.identical && blob.size != layer.blob.size {
+            return Err(Error::SizeMismatch { what: format!("target layer {} ({}): the target manifest's size", outcome.index, layer.blob.digest), expected: layer.blob.size, found: blob.size });
+        }
+    }
     let (manifest_digest, manifest_size) = writer.put_blob(&manifest_bytes)?;
+    if let (Some(expected), LayerOutput::Original) = (&options.expect_target, options.layers) {
+        // A layer recompressed rather than rebuilt byte for byte gives another manifest.
+        verify(|| "manifest written (expected the target's, byte for byte)".into(), expected, None, &manifest_digest, 0)?;
+    }
     let manifest = BlobRef { media_type: target.manifest.media_type.clone(), digest: manifest_digest, size: manifest_size };
     writer.commit(&manifest, output.tag_or_default())?;
     progress.finish();
@@ -182,6 +195,12 @@ struct Rebuild<'a> {
 }
 
 impl Rebuild<'_> {
+    /// The longest tar target layer `target` can be: what its blob, of the size the verified
+    /// target manifest gives, can hold. Every stream that rebuilds it stops there.
+    fn tar_limit(&self, target: &Layer) -> u64 {
+        target.compression.max_uncompressed_len(target.blob.size).min(self.options.max_layer_bytes)
+    }
+
     fn output_compression(&self, target: &Layer) -> Compression {
         match self.options.layers {
             LayerOutput::Original => target.compression,
@@ -219,7 +238,9 @@ impl Rebuild<'_> {
             }
         }
         let compression = self.output_compression(target);
-        let mut out = HashingWriter::new(compression.encoder(self.writer.blob()?)?);
+        // Compressing never grows a tar by more than its stored blocks' headers.
+        let limit = self.tar_limit(target).saturating_add(self.tar_limit(target) / 16).saturating_add(64 << 10);
+        let mut out = HashingWriter::new(compression.encoder(self.writer.blob_limited(limit, what)?)?);
         let result = body(&mut out)?;
         let (encoder, diff_id, len) = out.finish();
         verify(|| format!("{what} (rebuilt, uncompressed)"), &target.diff_id, None, &diff_id, len)?;
@@ -240,7 +261,7 @@ impl Rebuild<'_> {
         body: impl FnOnce(&mut dyn Write) -> Result<T>,
     ) -> Result<(BlobRef, T)> {
         let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
-        let blob = self.writer.blob()?;
+        let blob = self.writer.blob_limited(target.blob.size, &format!("{what} ({how}), past the target manifest's size"))?;
         let (encoded, written) = std::thread::scope(|scope| {
             let encoder = scope.spawn(move || {
                 let mut blob = blob;
@@ -294,11 +315,21 @@ impl Rebuild<'_> {
             return Err(Error::malformed("delta.json", format!("{what} is said to equal source layer {index}, whose diff_id differs")));
         }
         if source.blob.digest == target.blob.digest && self.options.layers == LayerOutput::Original {
+            // The blob is kept as it is: its compression must be the one the target declares.
+            let mut start = Vec::new();
+            self.source_layout.open_blob(&source.blob)?.take(4).read_to_end(&mut start).ctx(|| format!("reading {what}"))?;
+            let found = Compression::sniff(&start);
+            if found != target.compression {
+                return Err(Error::malformed(
+                    "target manifest",
+                    format!("{what} is declared {} but its blob is {}", target.blob.media_type, found.media_type_like(&target.blob.media_type)),
+                ));
+            }
             self.writer.add_existing_blob(self.source_layout, &target.blob, what)?;
             return Ok(target.blob.clone());
         }
         let blob = self.source_layout.open_blob(&source.blob)?;
-        let (written, _) = self.write_tar(plan, target, what, |out| copy_hashed(source.compression.decoder(blob)?, out, self.options.max_layer_bytes, what))?;
+        let (written, _) = self.write_tar(plan, target, what, |out| copy_hashed(source.compression.decoder(blob)?, out, self.tar_limit(target), what))?;
         Ok(written)
     }
 
@@ -307,7 +338,7 @@ impl Rebuild<'_> {
         let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
         decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
         let (blob, payload) = self.write_tar(plan, target, what, |out| {
-            let records = RecordReader::new(decoder, self.options.max_layer_bytes)?;
+            let records = RecordReader::new(decoder, self.tar_limit(target))?;
             if records.header().target_layer != plan.index {
                 return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
             }
@@ -333,18 +364,21 @@ impl Rebuild<'_> {
 
     fn carry_blob(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
         let mut payload = self.delta.open_payload(plan)?;
+        if payload.len() != target.blob.size {
+            return Err(Error::SizeMismatch { what: format!("{what}: the blob the delta carries"), expected: target.blob.size, found: payload.len() });
+        }
         if self.options.layers == LayerOutput::Uncompressed && target.compression != Compression::None {
-            let (blob, _) = self.write_tar(plan, target, what, |out| copy_hashed(target.compression.decoder(&mut payload)?, out, self.options.max_layer_bytes, what))?;
+            let (blob, _) = self.write_tar(plan, target, what, |out| copy_hashed(target.compression.decoder(&mut payload)?, out, self.tar_limit(target), what))?;
             payload.finish()?;
             return Ok(blob);
         }
-        let mut w = self.writer.blob()?;
+        let mut w = self.writer.blob_limited(target.blob.size, what)?;
         io::copy(&mut payload, &mut w).ctx(|| format!("copying {what}"))?;
         payload.finish()?;
         let (digest, size) = w.finish(Some((&target.blob.digest, what)))?;
         // The blob matches the manifest; check that it also holds the tar the config names.
         let staged = self.writer.open_staged_blob(&digest)?;
-        let (diff_id, len) = copy_hashed(target.compression.decoder(staged)?, io::sink(), self.options.max_layer_bytes, what)?;
+        let (diff_id, len) = copy_hashed(target.compression.decoder(staged)?, io::sink(), self.tar_limit(target), what)?;
         verify(|| format!("{what} (uncompressed)"), &target.diff_id, None, &diff_id, len)?;
         Ok(BlobRef { media_type: target.blob.media_type.clone(), digest, size })
     }

@@ -146,8 +146,8 @@ pub enum Command {
         /// Largest uncompressed layer accepted, in bytes.
         #[arg(long, default_value_t = 64 << 30)]
         max_layer_size: u64,
-        /// Layers rebuilt at once.
-        #[arg(long, default_value_t = 2)]
+        /// Layers rebuilt at once (1 to 1024; no more than the machine's cores are used).
+        #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
         jobs: usize,
         /// Print the result as JSON.
         #[arg(long)]

@@ -13,7 +13,7 @@ use crate::diff::material::Unpacked;
 use crate::diff::pair::{Partner, SourceIndex};
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::PatchStats;
-use crate::format::records::{PatchHeader, Record, RecordWriter, SourceRange};
+use crate::format::records::{prefix_budget, PatchHeader, Record, RecordWriter, SourceRange};
 use crate::format::{MAX_CHUNK_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
 
 /// How hard the encoder works.
@@ -54,11 +54,14 @@ struct Planner {
     ops: Vec<Op>,
     chunks: Vec<ChunkPlan>,
     stats: PatchStats,
+    /// Prefix bytes the chunks may still read ([`prefix_budget`]): past it, literals are
+    /// coded without their partner (only pathological layers get there).
+    prefix_left: u64,
 }
 
 impl Planner {
-    fn new(params: EncodeParams) -> Self {
-        Planner { params, ops: Vec::new(), chunks: vec![ChunkPlan::default()], stats: PatchStats::default() }
+    fn new(params: EncodeParams, tar_len: u64) -> Self {
+        Planner { params, ops: Vec::new(), chunks: vec![ChunkPlan::default()], stats: PatchStats::default(), prefix_left: prefix_budget(tar_len) }
     }
 
     fn copy(&mut self, r: SourceRange) {
@@ -120,7 +123,8 @@ impl Planner {
         }
         if let Some(p) = partner {
             let covered = chunk.prefix.last().is_some_and(|l| l.layer == p.layer && l.offset <= p.offset && p.end() <= l.end());
-            if !covered {
+            if !covered && p.len <= self.prefix_left {
+                self.prefix_left -= p.len;
                 chunk.prefix_len += p.len;
                 match chunk.prefix.last_mut() {
                     Some(l) if l.layer == p.layer && l.end() == p.offset => l.len += p.len,
@@ -144,7 +148,7 @@ fn range_of(layer: u32, r: Range<u64>) -> SourceRange {
 /// patch to `out`. Returns its statistics and the source layers it reads.
 pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'_>, params: &EncodeParams, out: impl Write) -> Result<(PatchStats, BTreeSet<u32>)> {
     debug_assert!(params.chunk_bytes <= MAX_CHUNK_BYTES && params.prefix_bytes <= MAX_PREFIX_BYTES);
-    let mut planner = Planner::new(*params);
+    let mut planner = Planner::new(*params, target.index.len);
     let mut layer_uses: HashMap<u32, u64> = HashMap::new();
     let mut meta_from = 0u64;
     for (i, e) in target.index.entries.iter().enumerate() {
@@ -192,15 +196,17 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
     });
     emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner);
 
-    let Planner { ops, mut chunks, mut stats, .. } = planner;
+    let Planner { ops, mut chunks, mut stats, mut prefix_left, .. } = planner;
     if params.context_bytes > 0 {
         let lens: Vec<u64> = source.layers.iter().map(|l| l.index.len).collect();
         for c in &mut chunks {
-            let budget = params.context_bytes.min(params.prefix_bytes.saturating_sub(c.prefix_len));
+            let budget = params.context_bytes.min(params.prefix_bytes.saturating_sub(c.prefix_len)).min(prefix_left);
             let room = (MAX_PREFIX_RANGES as usize).saturating_sub(c.prefix.len());
             let mut context = context_ranges(&c.prefix, &lens, budget);
             context.truncate(room);
-            c.prefix_len += context.iter().map(|r| r.len).sum::<u64>();
+            let added = context.iter().map(|r| r.len).sum::<u64>();
+            prefix_left -= added;
+            c.prefix_len += added;
             context.append(&mut c.prefix);
             c.prefix = context;
         }
@@ -382,7 +388,7 @@ mod tests {
 
     #[test]
     fn copies_merge_when_contiguous() {
-        let mut p = Planner::new(params());
+        let mut p = Planner::new(params(), 1 << 30);
         p.copy(SourceRange { layer: 0, offset: 0, len: 10 });
         p.copy(SourceRange { layer: 0, offset: 10, len: 5 });
         p.copy(SourceRange { layer: 1, offset: 15, len: 5 });
@@ -391,7 +397,7 @@ mod tests {
 
     #[test]
     fn large_literals_split_into_bounded_chunks_with_proportional_partner_windows() {
-        let mut p = Planner::new(params());
+        let mut p = Planner::new(params(), 1 << 30);
         p.literal(0..350, Some(SourceRange { layer: 2, offset: 1000, len: 700 }));
         assert_eq!(p.chunks.len(), 4);
         for c in &p.chunks {
@@ -408,12 +414,28 @@ mod tests {
 
     #[test]
     fn small_literals_share_a_chunk_until_a_bound_is_reached() {
-        let mut p = Planner::new(params());
+        let mut p = Planner::new(params(), 1 << 30);
         for i in 0..5u64 {
             p.literal(i * 40..i * 40 + 40, Some(SourceRange { layer: 0, offset: i * 60, len: 60 }));
         }
         let sizes: Vec<_> = p.chunks.iter().map(|c| (c.literal_len, c.prefix_len)).collect();
         assert_eq!(sizes, vec![(80, 120), (80, 120), (40, 60)]);
         assert_eq!(p.chunks[0].prefix, vec![SourceRange { layer: 0, offset: 0, len: 120 }], "adjacent partners merge");
+    }
+
+    #[test]
+    fn chunk_prefixes_stay_within_the_budget_a_reader_allows() {
+        // One-byte literals, each with its own whole-prefix partner: without the budget the
+        // patch would read 8 MiB of prefix per byte, and a reader would refuse it.
+        let params = EncodeParams { prefix_bytes: MAX_PREFIX_BYTES, chunk_bytes: MAX_CHUNK_BYTES, ..params() };
+        let mut p = Planner::new(params, 100);
+        for i in 0..100u64 {
+            p.literal(i..i + 1, Some(SourceRange { layer: 0, offset: i * MAX_PREFIX_BYTES, len: MAX_PREFIX_BYTES }));
+        }
+        let total: u64 = p.chunks.iter().map(|c| c.prefix_len).sum();
+        assert!(total <= prefix_budget(100), "{total} prefix bytes");
+        assert!(p.chunks.iter().filter(|c| c.prefix_len > 0).count() >= 8, "partners are used while the budget lasts");
+        let lits: u64 = p.ops.iter().map(|o| match o { Op::Literal { len, .. } => *len, _ => 0 }).sum();
+        assert_eq!(lits, 100, "every byte is still coded");
     }
 }

@@ -8,7 +8,12 @@
 //! zigzag deltas from the end of the previous range read from the same source layer.
 //!
 //! The reader treats its input as hostile: every length is checked against the format limits
-//! and the declared tar length before anything is allocated or read.
+//! and the declared tar length before anything is allocated or read, and the work a patch
+//! can cause is bounded by the bytes it produces: every record produces at least one byte
+//! (no empty copies, literals or chunks), a chunk frame is no larger than zstd's bound for its
+//! decompressed length, and the reference prefixes of all chunks together read at most
+//! [`PREFIX_BYTES_PER_TAR_BYTE`] times the tar length (plus [`PREFIX_ALLOWANCE_CHUNKS`]
+//! whole prefixes).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -18,6 +23,21 @@ use crate::format::{MAX_CHUNK_BYTES, MAX_FRAME_BYTES, MAX_PREFIX_BYTES, MAX_PREF
 
 /// The first bytes of every patch.
 pub const PATCH_MAGIC: &[u8; 8] = b"FDPATCH\x01";
+
+/// Prefix bytes a patch may read per byte of the tar it rebuilds, over all its chunks. The
+/// differ's prefixes are the literals' partners plus bounded context, so a real patch reads
+/// a few bytes of prefix per literal byte; a hostile one could otherwise read 8 MiB per
+/// one-byte chunk.
+pub const PREFIX_BYTES_PER_TAR_BYTE: u64 = 16;
+/// Whole prefixes ([`MAX_PREFIX_BYTES`] each) a patch may read beyond
+/// [`PREFIX_BYTES_PER_TAR_BYTE`]: small layers whose few chunks have large contexts.
+pub const PREFIX_ALLOWANCE_CHUNKS: u64 = 8;
+
+/// The most prefix bytes all chunks of a patch for a `tar_len`-byte tar may read together
+/// (the differ keeps within it, the reader refuses more).
+pub fn prefix_budget(tar_len: u64) -> u64 {
+    tar_len.saturating_mul(PREFIX_BYTES_PER_TAR_BYTE).saturating_add(PREFIX_ALLOWANCE_CHUNKS * MAX_PREFIX_BYTES)
+}
 
 const TAG_END: u8 = 0;
 const TAG_COPY: u8 = 1;
@@ -135,6 +155,7 @@ pub struct RecordReader<R: Read> {
     cursors: HashMap<u32, u64>,
     produced: u64,
     chunk_left: u64,
+    prefix_budget: u64,
     ended: bool,
 }
 
@@ -161,6 +182,7 @@ impl<R: Read> RecordReader<R> {
             cursors: HashMap::new(),
             produced: 0,
             chunk_left: 0,
+            prefix_budget: prefix_budget(tar_len),
             ended: false,
         })
     }
@@ -213,11 +235,17 @@ impl<R: Read> RecordReader<R> {
             }
             TAG_COPY => {
                 let r = self.range()?;
+                if r.len == 0 {
+                    return Err(bad("a copy of 0 bytes"));
+                }
                 self.produce(r.len)?;
                 Ok(Record::Copy(r))
             }
             TAG_LITERAL => {
                 let n = read_varint(&mut self.input)?;
+                if n == 0 {
+                    return Err(bad("a literal of 0 bytes"));
+                }
                 if n > self.chunk_left {
                     return Err(bad(format!("literal of {n} bytes but only {} left in the chunk", self.chunk_left)));
                 }
@@ -243,13 +271,23 @@ impl<R: Read> RecordReader<R> {
                     }
                     prefix.push(r);
                 }
+                self.prefix_budget = self.prefix_budget.checked_sub(prefix_len).ok_or_else(|| {
+                    bad(format!("chunk prefixes read more than {PREFIX_BYTES_PER_TAR_BYTE} bytes per byte of the {}-byte tar", self.header.tar_len))
+                })?;
                 let raw_len = read_varint(&mut self.input)?;
                 if raw_len > MAX_CHUNK_BYTES {
                     return Err(Error::TooLarge { what: "chunk".into(), limit: MAX_CHUNK_BYTES });
                 }
+                if raw_len == 0 {
+                    return Err(bad("a chunk of 0 bytes"));
+                }
+                if raw_len > self.header.tar_len - self.produced {
+                    return Err(bad(format!("a chunk of {raw_len} bytes, more than the {} bytes left to produce", self.header.tar_len - self.produced)));
+                }
                 let frame_len = read_varint(&mut self.input)?;
-                if frame_len > MAX_FRAME_BYTES {
-                    return Err(Error::TooLarge { what: "chunk frame".into(), limit: MAX_FRAME_BYTES });
+                let frame_limit = (zstd::zstd_safe::compress_bound(raw_len as usize) as u64).min(MAX_FRAME_BYTES);
+                if frame_len > frame_limit {
+                    return Err(bad(format!("a chunk frame of {frame_len} bytes for {raw_len} bytes, more than zstd's bound of {frame_limit}")));
                 }
                 let mut frame = Vec::new();
                 (&mut self.input).take(frame_len).read_to_end(&mut frame).map_err(|e| Error::io("reading patch", e))?;
@@ -382,12 +420,36 @@ mod tests {
             ("unused chunk", vec![Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0] }, Record::Literal(5), Record::Copy(SourceRange { layer: 0, offset: 0, len: 5 }), Record::End]),
             ("oversized chunk", vec![Record::Chunk { prefix: vec![], raw_len: MAX_CHUNK_BYTES + 1, frame: vec![] }]),
             ("oversized prefix", vec![Record::Chunk { prefix: vec![SourceRange { layer: 0, offset: 0, len: MAX_PREFIX_BYTES + 1 }], raw_len: 1, frame: vec![] }]),
+            ("empty copy", vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 0 }), Record::Copy(SourceRange { layer: 0, offset: 0, len: 10 }), Record::End]),
+            ("empty literal", vec![Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0] }, Record::Literal(0), Record::Literal(10), Record::End]),
+            ("empty chunk", vec![Record::Chunk { prefix: vec![], raw_len: 0, frame: vec![] }, Record::Copy(SourceRange { layer: 0, offset: 0, len: 10 }), Record::End]),
+            ("chunk past the tar", vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 5 }), Record::Chunk { prefix: vec![], raw_len: 6, frame: vec![0] }]),
+            ("frame past zstd's bound", vec![Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0; 200] }, Record::Literal(10), Record::End]),
         ];
         for (name, recs) in cases {
             assert!(decode(&encode(h, &recs)).is_err(), "{name} accepted");
         }
         assert!(matches!(RecordReader::new(&encode(h, &[])[..], 9), Err(Error::TooLarge { .. })));
         assert!(decode(b"NOTAPATCH").is_err());
+    }
+
+    #[test]
+    fn prefixes_are_bounded_per_byte_produced() {
+        // One-byte chunks, each with a whole prefix: the reads a tiny patch could cause.
+        let chunks = PREFIX_ALLOWANCE_CHUNKS + 2 * PREFIX_BYTES_PER_TAR_BYTE;
+        let h = PatchHeader { target_layer: 0, tar_len: chunks };
+        let mut recs = Vec::new();
+        for _ in 0..chunks {
+            recs.push(Record::Chunk { prefix: vec![SourceRange { layer: 0, offset: 0, len: MAX_PREFIX_BYTES }], raw_len: 1, frame: vec![0] });
+            recs.push(Record::Literal(1));
+        }
+        recs.push(Record::End);
+        let err = decode(&encode(h, &recs)).unwrap_err().to_string();
+        assert!(err.contains("bytes per byte"), "{err}");
+        // The same prefixes over a tar long enough to justify them are accepted.
+        let mut recs: Vec<Record> = recs[..2 * PREFIX_ALLOWANCE_CHUNKS as usize].to_vec();
+        recs.push(Record::End);
+        decode(&encode(PatchHeader { target_layer: 0, tar_len: PREFIX_ALLOWANCE_CHUNKS }, &recs)).unwrap();
     }
 
     #[test]

@@ -6,18 +6,21 @@
 //! verified blobs are moved in and `index.json` is replaced atomically, so the images already
 //! there are never touched.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use oci_spec::image::ImageIndex;
 use serde_json::{json, Value};
 use tempfile::{NamedTempFile, TempDir};
 
-use crate::digest::{verify, Digest, HashingReader, HashingWriter};
+use crate::digest::{verify, Digest, HashingReader, HashingWriter, SHA256_PREFIX};
 use crate::layer::compression::copy_hashed;
 use crate::error::{Error, IoContext, Result};
-use crate::image::manifest::{select_platform, BlobRef, Config, Image, Layer, Manifest, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX};
+use crate::image::manifest::{select_platform, BlobRef, Config, Image, Layer, Manifest, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX, OCI_MANIFEST};
 use crate::image::reference::{ImageRef, DEFAULT_TAG};
 
 /// The annotation that names a tag in `index.json`.
@@ -109,7 +112,7 @@ impl Layout {
     pub fn resolve(&self, tag: Option<&str>) -> Result<BlobRef> {
         let index_path = self.root.join(INDEX_FILE);
         let raw = read_bounded(&index_path, MAX_JSON_BYTES)?;
-        let index = ImageIndex::from_reader(&raw[..]).map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;
+        let index: ImageIndex = serde_json::from_slice(&raw).map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;
         let entries = index.manifests();
         let wanted = tag.unwrap_or(DEFAULT_TAG);
         let found = entries.iter().find(|d| {
@@ -125,6 +128,40 @@ impl Layout {
             return self.select_platform(&blob);
         }
         Ok(blob)
+    }
+
+    /// Every blob that `index.json` names, directly or through the manifests and indexes it
+    /// names (their configs and layers). Blobs missing from the layout are listed too.
+    pub fn referenced_blobs(&self) -> Result<HashSet<Digest>> {
+        let index_path = self.root.join(INDEX_FILE);
+        let raw = read_bounded(&index_path, MAX_JSON_BYTES)?;
+        let mut found = HashSet::new();
+        self.collect_referenced(&raw, &index_path.display().to_string(), 0, &mut found)?;
+        Ok(found)
+    }
+
+    fn collect_referenced(&self, raw: &[u8], what: &str, depth: u32, found: &mut HashSet<Digest>) -> Result<()> {
+        const MAX_DEPTH: u32 = 4;
+        let doc: Value = serde_json::from_slice(raw).map_err(|e| Error::malformed(what, e.to_string()))?;
+        let descriptors = ["manifests", "layers"]
+            .iter()
+            .filter_map(|k| doc.get(*k).and_then(Value::as_array))
+            .flatten()
+            .chain(doc.get("config"));
+        for d in descriptors {
+            let Some(digest) = d.get("digest").and_then(Value::as_str).and_then(|d| d.parse::<Digest>().ok()) else { continue };
+            if !found.insert(digest) {
+                continue;
+            }
+            let media_type = d.get("mediaType").and_then(Value::as_str).unwrap_or_default();
+            let is_manifest = [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST].contains(&media_type);
+            let path = self.blob_path(&digest);
+            if is_manifest && depth < MAX_DEPTH && path.exists() {
+                let child = read_bounded(&path, MAX_JSON_BYTES)?;
+                self.collect_referenced(&child, &format!("blob {digest}"), depth + 1, found)?;
+            }
+        }
+        Ok(())
     }
 
     fn select_platform(&self, index_blob: &BlobRef) -> Result<BlobRef> {
@@ -175,38 +212,74 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
 }
 
 /// Writes one image into a layout directory; nothing is visible until [`LayoutWriter::commit`].
+///
+/// Leftovers of writers that were killed are cleaned by the next writer of the same layout:
+/// staging directories whose writer is gone (each holds a lock on its `.lock` file while its
+/// writer lives), and blobs that an interrupted commit had moved in before `index.json`
+/// named them (each commit lists those in a journal first; see [`LayoutWriter::commit`]).
 #[derive(Debug)]
 pub struct LayoutWriter {
     dest: PathBuf,
     staging: TempDir,
+    /// Writing into `dest` in place (a layout, or an existing empty directory such as a
+    /// freshly mounted volume), rather than renaming the staging directory to it.
     into_existing: bool,
+    /// Blobs of `dest` this writer has verified, so each is hashed once.
+    verified: Mutex<HashSet<Digest>>,
+    /// Held while the writer lives: marks the staging directory as in use.
+    _staging_lock: File,
 }
 
 impl LayoutWriter {
     /// Prepares to write into `dest`: a new directory, an empty one, or an existing layout
     /// (whose other images are kept).
     pub fn create(dest: &Path) -> Result<Self> {
-        let into_existing = if dest.join(LAYOUT_FILE).exists() {
+        let existing_layout = if dest.join(LAYOUT_FILE).exists() {
             Layout::open(dest)?;
             true
-        } else if dest.exists() {
-            let mut entries = fs::read_dir(dest).ctx(|| format!("reading {}", dest.display()))?;
-            if entries.next().is_some() {
-                return Err(Error::unsupported(dest.display().to_string(), "exists and is neither empty nor an OCI image layout"));
-            }
-            false
         } else {
             false
         };
-        let parent = if into_existing { dest.to_path_buf() } else { parent_dir(dest) };
+        let existing_dir = !existing_layout && dest.is_dir();
+        if existing_dir {
+            let mut entries = fs::read_dir(dest).ctx(|| format!("reading {}", dest.display()))?;
+            // Staging directories of killed writers do not make it non-empty.
+            let foreign = entries.try_fold(false, |found, e| -> Result<bool> {
+                let e = e.ctx(|| format!("reading {}", dest.display()))?;
+                Ok(found || !e.file_name().to_string_lossy().starts_with(STAGING_IN_LAYOUT))
+            })?;
+            if foreign {
+                return Err(Error::unsupported(dest.display().to_string(), "exists and is neither empty nor an OCI image layout"));
+            }
+        }
+        let into_existing = existing_layout || existing_dir;
+        // Staging lives on the destination's file system, so that commit is a rename: inside
+        // the destination when it exists (a mount point cannot be renamed over), beside it
+        // otherwise.
+        let (parent, prefix) = if into_existing {
+            (dest.to_path_buf(), STAGING_IN_LAYOUT.to_string())
+        } else {
+            let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            (parent_dir(dest), format!(".{name}{STAGING_BESIDE_LAYOUT}"))
+        };
         fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        remove_stale_staging(&parent, &prefix)?;
+        if existing_layout {
+            let _guard = lock_layout(dest)?;
+            recover_interrupted_commits(dest)?;
+        }
+        // Permissions as the umask makes them, like any directory the user creates (the
+        // staging directory becomes the layout when the destination is new).
         let staging = tempfile::Builder::new()
-            .prefix(&format!(".{name}.fleetdelta-"))
+            .prefix(&prefix)
+            .permissions(fs::Permissions::from_mode(0o777))
             .tempdir_in(&parent)
             .ctx(|| format!("creating a staging directory in {}", parent.display()))?;
+        let lock_path = staging.path().join(STAGING_LOCK);
+        let staging_lock = File::create(&lock_path).ctx(|| format!("creating {}", lock_path.display()))?;
+        staging_lock.lock().ctx(|| format!("locking {}", lock_path.display()))?;
         fs::create_dir_all(staging.path().join("blobs").join("sha256")).ctx(|| "creating staging blobs directory".into())?;
-        Ok(LayoutWriter { dest: dest.to_path_buf(), staging, into_existing })
+        Ok(LayoutWriter { dest: dest.to_path_buf(), staging, into_existing, verified: Mutex::default(), _staging_lock: staging_lock })
     }
 
     /// A scratch directory on the same file system, removed when dropped (drop it before commit).
@@ -219,9 +292,19 @@ impl LayoutWriter {
 
     /// Starts writing a blob.
     pub fn blob(&self) -> Result<BlobWriter> {
+        self.blob_limited(u64::MAX, "blob")
+    }
+
+    /// Starts writing a blob that may not exceed `limit` bytes: the first write past it fails
+    /// with [`Error::TooLarge`] naming `what`, so a hostile stream cannot fill the disk.
+    pub fn blob_limited(&self, limit: u64, what: &str) -> Result<BlobWriter> {
         let dir = self.staging.path().join("blobs").join("sha256");
-        let file = NamedTempFile::with_prefix_in(".tmp-", &dir).ctx(|| format!("creating a file in {}", dir.display()))?;
-        Ok(BlobWriter { out: HashingWriter::new(BufWriter::with_capacity(256 << 10, file)), dir })
+        let file = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .permissions(fs::Permissions::from_mode(0o666))
+            .tempfile_in(&dir)
+            .ctx(|| format!("creating a file in {}", dir.display()))?;
+        Ok(BlobWriter { out: HashingWriter::new(BufWriter::with_capacity(256 << 10, file)), dir, limit, what: what.to_string() })
     }
 
     /// Opens a blob written (and finished) through this writer.
@@ -231,15 +314,16 @@ impl LayoutWriter {
     }
 
     /// Adds a blob of another layout: nothing is done when the destination layout already
-    /// has it; otherwise it is verified and hard-linked where possible, so unchanged layers
-    /// cost neither disk space nor copying.
+    /// has it intact; otherwise it is verified and hard-linked where possible, so unchanged
+    /// layers cost neither disk space nor copying. A damaged copy in the destination is
+    /// replaced on commit.
     pub fn add_existing_blob(&self, from: &Layout, blob: &BlobRef, what: &str) -> Result<()> {
-        if self.into_existing && blob_path(&self.dest, &blob.digest).exists() {
+        if self.has_blob(blob) {
             return Ok(());
         }
         from.verify_blob(blob, what)?;
         let staged = blob_path(self.staging.path(), &blob.digest);
-        if staged.exists() || fs::hard_link(from.blob_path(&blob.digest), &staged).is_ok() {
+        if fs::hard_link(from.blob_path(&blob.digest), &staged).is_ok() {
             return Ok(());
         }
         let mut w = self.blob()?;
@@ -248,9 +332,25 @@ impl LayoutWriter {
         Ok(())
     }
 
-    /// Whether the blob is staged, or already in the destination layout.
-    pub fn has_blob(&self, digest: &Digest) -> bool {
-        blob_path(self.staging.path(), digest).exists() || (self.into_existing && blob_path(&self.dest, digest).exists())
+    /// Whether the blob is staged, or in the destination layout with its size and digest
+    /// (checked once per writer: a damaged copy there counts as missing, and is replaced on
+    /// commit by the one staged instead).
+    pub fn has_blob(&self, blob: &BlobRef) -> bool {
+        if blob_path(self.staging.path(), &blob.digest).exists() {
+            return true;
+        }
+        if !self.into_existing || !blob_path(&self.dest, &blob.digest).exists() {
+            return false;
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.contains(&blob.digest) {
+            return true;
+        }
+        let intact = Layout { root: self.dest.clone() }.verify_blob(blob, &format!("blob {}", blob.digest)).is_ok();
+        if intact {
+            verified.insert(blob.digest);
+        }
+        intact
     }
 
     /// Writes a whole blob from memory.
@@ -261,10 +361,15 @@ impl LayoutWriter {
     }
 
     /// Makes the image visible under `tag`: the manifest blob must have been written.
+    ///
+    /// Into an existing layout, under the layout's lock: the staged blobs that the layout
+    /// lacks are listed in a commit journal (synced), every staged blob is moved in (over a
+    /// damaged copy, too), `index.json` is replaced atomically, and the journal is removed.
+    /// A failure on the way takes the new blobs back out; a kill leaves the journal, by which
+    /// the next writer removes those that `index.json` does not name.
     pub fn commit(self, manifest: &BlobRef, tag: &str) -> Result<()> {
         let staged_blobs = self.staging.path().join("blobs").join("sha256");
-        let written = staged_blobs.join(manifest.digest.hex()).exists() || (self.into_existing && blob_path(&self.dest, &manifest.digest).exists());
-        if !written {
+        if !staged_blobs.join(manifest.digest.hex()).exists() && !self.has_blob(manifest) {
             return Err(Error::NotFound(format!("manifest blob {} was not written", manifest.digest)));
         }
         let entry = json!({
@@ -274,22 +379,57 @@ impl LayoutWriter {
             "annotations": { REF_NAME_ANNOTATION: tag },
         });
         if self.into_existing {
-            let dest_blobs = self.dest.join("blobs").join("sha256");
-            fs::create_dir_all(&dest_blobs).ctx(|| format!("creating {}", dest_blobs.display()))?;
-            for item in fs::read_dir(&staged_blobs).ctx(|| "listing staged blobs".into())? {
-                let item = item.ctx(|| "listing staged blobs".into())?;
-                let target = dest_blobs.join(item.file_name());
-                if !target.exists() {
-                    fs::rename(item.path(), &target).ctx(|| format!("moving blob into {}", target.display()))?;
-                }
+            self.commit_in_place(&staged_blobs, entry, tag)
+        } else {
+            let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry] });
+            fs::remove_file(self.staging.path().join(STAGING_LOCK)).ctx(|| "removing the staging lock".into())?;
+            write_new(&self.staging.path().join(INDEX_FILE), &serde_json::to_vec(&index).expect("JSON values serialize"))?;
+            write_new(&self.staging.path().join(LAYOUT_FILE), LAYOUT_VERSION_JSON.as_bytes())?;
+            sync_dir(&staged_blobs)?;
+            sync_dir(self.staging.path())?;
+            let staging = self.staging.keep();
+            if let Err(e) = fs::rename(&staging, &self.dest) {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(Error::io(format!("renaming the new image into {}", self.dest.display()), e));
             }
-            // Serialize read-modify-write of index.json with other writers of this layout.
-            let dir = File::open(&self.dest).ctx(|| format!("opening {}", self.dest.display()))?;
-            dir.lock().ctx(|| format!("locking {}", self.dest.display()))?;
+            sync_dir(&parent_dir(&self.dest))
+        }
+    }
+
+    fn commit_in_place(&self, staged_blobs: &Path, entry: Value, tag: &str) -> Result<()> {
+        let dest_blobs = self.dest.join("blobs").join("sha256");
+        fs::create_dir_all(&dest_blobs).ctx(|| format!("creating {}", dest_blobs.display()))?;
+        // Serialize with other writers of this layout (and the device agent's pruning).
+        let _guard = lock_layout(&self.dest)?;
+        recover_interrupted_commits(&self.dest)?;
+        let mut staged = Vec::new();
+        for item in fs::read_dir(staged_blobs).ctx(|| "listing staged blobs".into())? {
+            let item = item.ctx(|| "listing staged blobs".into())?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') {
+                staged.push(name);
+            }
+        }
+        let new: Vec<&String> = staged.iter().filter(|n| !dest_blobs.join(n).exists()).collect();
+        let journal = self.dest.join(format!("{COMMIT_JOURNAL_PREFIX}{}", self.staging.path().file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+        write_new(&journal, new.iter().map(|n| format!("{n}\n")).collect::<String>().as_bytes())?;
+        sync_dir(&self.dest)?;
+        let result = (|| -> Result<()> {
+            for name in &staged {
+                let target = dest_blobs.join(name);
+                fs::rename(staged_blobs.join(name), &target).ctx(|| format!("moving blob into {}", target.display()))?;
+            }
             sync_dir(&dest_blobs)?;
+            if !self.dest.join(LAYOUT_FILE).exists() {
+                write_atomically(&self.dest.join(LAYOUT_FILE), LAYOUT_VERSION_JSON.as_bytes())?;
+            }
             let index_path = self.dest.join(INDEX_FILE);
-            let mut index: Value = serde_json::from_slice(&read_bounded(&index_path, MAX_JSON_BYTES)?)
-                .map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;
+            let mut index: Value = match read_bounded(&index_path, MAX_JSON_BYTES) {
+                Ok(raw) => serde_json::from_slice(&raw).map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?,
+                // A layout whose first commit was interrupted before its index was written.
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] }),
+                Err(e) => return Err(e),
+            };
             let manifests = index
                 .get_mut("manifests")
                 .and_then(Value::as_array_mut)
@@ -297,26 +437,103 @@ impl LayoutWriter {
             manifests.retain(|m| m.pointer(&format!("/annotations/{}", REF_NAME_ANNOTATION.replace('/', "~1"))).and_then(Value::as_str) != Some(tag));
             manifests.push(entry);
             write_atomically(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
-            sync_dir(&self.dest)?;
-        } else {
-            let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry] });
-            fs::write(self.staging.path().join(INDEX_FILE), serde_json::to_vec(&index).expect("JSON values serialize"))
-                .ctx(|| "writing index.json".into())?;
-            fs::write(self.staging.path().join(LAYOUT_FILE), LAYOUT_VERSION_JSON).ctx(|| "writing oci-layout".into())?;
-            for file in [INDEX_FILE, LAYOUT_FILE] {
-                File::open(self.staging.path().join(file)).and_then(|f| f.sync_all()).ctx(|| format!("syncing {file}"))?;
+            sync_dir(&self.dest)
+        })();
+        if result.is_err() {
+            // Nothing names the blobs this commit brought in: take them back out.
+            for name in &new {
+                let _ = fs::remove_file(dest_blobs.join(name));
             }
-            sync_dir(&self.staging.path().join("blobs").join("sha256"))?;
-            sync_dir(self.staging.path())?;
-            let staging = self.staging.keep();
-            if let Err(e) = fs::rename(&staging, &self.dest) {
-                let _ = fs::remove_dir_all(&staging);
-                return Err(Error::io(format!("renaming the new image into {}", self.dest.display()), e));
-            }
-            sync_dir(&parent_dir(&self.dest))?;
         }
-        Ok(())
+        let removed = fs::remove_file(&journal).ctx(|| format!("removing {}", journal.display()));
+        result.and(removed)
     }
+}
+
+/// Prefix of staging directories inside a layout (writing into it in place).
+const STAGING_IN_LAYOUT: &str = ".fleetdelta-staging-";
+/// Suffix after `.<name>` of staging directories beside a layout that does not exist yet.
+const STAGING_BESIDE_LAYOUT: &str = ".fleetdelta-";
+/// The file inside a staging directory that its writer holds locked.
+const STAGING_LOCK: &str = ".lock";
+/// Prefix of the temporary files that [`write_atomically`] renames into place.
+const TEMP_FILE_PREFIX: &str = ".tmp-";
+/// Prefix of a commit journal in a layout: the blobs a commit is moving in, one hex digest a
+/// line, until its `index.json` is written.
+const COMMIT_JOURNAL_PREFIX: &str = ".fleetdelta-commit-";
+/// A staging directory without its lock file is taken for a killed writer's only when older
+/// than this (its writer may be between creating the directory and its lock).
+const UNLOCKED_STAGING_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the staging directories named `prefix…` in `parent` whose writer is gone.
+fn remove_stale_staging(parent: &Path, prefix: &str) -> Result<()> {
+    let entries = match fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) => return Err(Error::io(format!("reading {}", parent.display()), e)),
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let dir = entry.path();
+        let stale = match File::open(dir.join(STAGING_LOCK)) {
+            // A lock we can take is a lock nobody holds: its writer died.
+            Ok(lock) => lock.try_lock().is_ok(),
+            Err(_) => entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > UNLOCKED_STAGING_GRACE)),
+        };
+        if stale {
+            fs::remove_dir_all(&dir).ctx(|| format!("removing the stale staging directory {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes the lock that serializes the read-modify-write of a layout's `index.json`.
+fn lock_layout(dest: &Path) -> Result<File> {
+    let dir = File::open(dest).ctx(|| format!("opening {}", dest.display()))?;
+    dir.lock().ctx(|| format!("locking {}", dest.display()))?;
+    Ok(dir)
+}
+
+/// Finishes the commits that were killed in `dest` (the caller holds the layout's lock, so
+/// no commit is in progress): every blob a journal lists that `index.json` does not name is
+/// removed, then the journal; so are the temporary files of an `index.json` being replaced.
+fn recover_interrupted_commits(dest: &Path) -> Result<()> {
+    let mut journals = Vec::new();
+    for entry in fs::read_dir(dest).ctx(|| format!("reading {}", dest.display()))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(COMMIT_JOURNAL_PREFIX) {
+            journals.push(entry.path());
+        } else if name.starts_with(TEMP_FILE_PREFIX) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            fs::remove_file(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    if journals.is_empty() {
+        return Ok(());
+    }
+    let referenced = Layout { root: dest.to_path_buf() }.referenced_blobs()?;
+    for journal in journals {
+        let listed = read_bounded(&journal, MAX_JSON_BYTES)?;
+        for hex in String::from_utf8_lossy(&listed).lines() {
+            let Ok(digest) = format!("{SHA256_PREFIX}{hex}").parse::<Digest>() else { continue };
+            if !referenced.contains(&digest) {
+                let path = blob_path(dest, &digest);
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+                }
+            }
+        }
+        fs::remove_file(&journal).ctx(|| format!("removing {}", journal.display()))?;
+    }
+    sync_dir(dest)
+}
+
+/// Writes a new file and syncs it (its mode as the umask gives).
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = File::create(path).ctx(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).ctx(|| format!("writing {}", path.display()))
 }
 
 /// Makes a directory's entries (renames, new files) durable.
@@ -331,10 +548,18 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Replaces `path` with `bytes` by writing a sibling temporary file and renaming it.
+/// Replaces `path` with `bytes` by writing a sibling temporary file and renaming it. The file
+/// keeps the mode it had; a new one gets the mode the umask gives.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = parent_dir(path);
-    let mut tmp = NamedTempFile::with_prefix_in(".tmp-", &dir).ctx(|| format!("creating a file in {}", dir.display()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_FILE_PREFIX)
+        .permissions(fs::Permissions::from_mode(0o666))
+        .tempfile_in(&dir)
+        .ctx(|| format!("creating a file in {}", dir.display()))?;
+    if let Ok(old) = fs::metadata(path) {
+        tmp.as_file().set_permissions(fs::Permissions::from_mode(old.permissions().mode() & 0o7777)).ctx(|| format!("setting the mode of {}", path.display()))?;
+    }
     tmp.write_all(bytes).ctx(|| format!("writing {}", path.display()))?;
     tmp.as_file().sync_all().ctx(|| format!("syncing {}", path.display()))?;
     tmp.persist(path).map_err(|e| Error::io(format!("replacing {}", path.display()), e.error))?;
@@ -346,6 +571,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 pub struct BlobWriter {
     out: HashingWriter<BufWriter<NamedTempFile>>,
     dir: PathBuf,
+    limit: u64,
+    what: String,
 }
 
 impl BlobWriter {
@@ -377,6 +604,9 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len().saturating_add(buf.len() as u64) > self.limit {
+            return Err(Error::TooLarge { what: self.what.clone(), limit: self.limit }.into_io());
+        }
         self.out.write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -37,6 +37,10 @@ impl BlobRef {
     /// Converts an oci-spec descriptor, accepting only sha256 digests and sane sizes.
     pub fn from_descriptor(d: &Descriptor) -> Result<Self> {
         let digest: Digest = d.digest().to_string().parse()?;
+        // OCI sizes are int64: a larger one cannot describe any blob.
+        if d.size() > i64::MAX as u64 {
+            return Err(Error::malformed(format!("descriptor of {digest}"), format!("size {} is out of range", d.size())));
+        }
         Ok(BlobRef { media_type: d.media_type().to_string(), digest, size: d.size() })
     }
 }
@@ -183,6 +187,9 @@ impl Image {
                 expected: manifest.config.digest,
                 found: config.digest,
             });
+        }
+        if manifest.config.size != config.raw.len() as u64 {
+            return Err(Error::SizeMismatch { what: format!("image config {}", config.digest), expected: manifest.config.size, found: config.raw.len() as u64 });
         }
         if manifest.layers.len() != config.diff_ids.len() {
             return Err(Error::malformed(

@@ -5,9 +5,18 @@ use std::io::{self, Read, Write};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 
-/// Largest zstd window (log2) accepted when decoding layers: 128 MiB, zstd's own default
-/// bound, so a hostile frame cannot make us allocate more.
-pub const MAX_LAYER_ZSTD_WINDOW_LOG: u32 = 27;
+/// Largest zstd window (log2) accepted when decoding layers: 16 MiB, so that two layers
+/// decoded at once stay within the applier's memory bound (README) whatever a hostile frame
+/// asks for. zstd's levels up to 19 use at most 8 MiB; only `--ultra`/`--long` frames need
+/// more, and are refused by name.
+pub const MAX_LAYER_ZSTD_WINDOW_LOG: u32 = 24;
+
+/// Most bytes one byte of deflate data can expand to (a 258-byte match coded in under two
+/// bits, 1032:1), which bounds the tar a gzip blob of known size can hold.
+const MAX_DEFLATE_EXPANSION: u64 = 1032;
+/// Most bytes one byte of a zstd frame can expand to: an RLE block of 128 KiB takes four
+/// bytes (its three-byte header and the byte repeated).
+const MAX_ZSTD_EXPANSION: u64 = 128 << 8;
 
 /// How a layer blob is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -50,6 +59,27 @@ impl Compression {
         }
     }
 
+    /// The largest uncompressed tar a blob of `blob_size` bytes in this compression can hold:
+    /// the bound that the verified target manifest puts on a rebuilt layer.
+    pub fn max_uncompressed_len(self, blob_size: u64) -> u64 {
+        match self {
+            Compression::None => blob_size,
+            Compression::Gzip => blob_size.saturating_mul(MAX_DEFLATE_EXPANSION),
+            Compression::Zstd => blob_size.saturating_mul(MAX_ZSTD_EXPANSION),
+        }
+    }
+
+    /// The compression that a blob's first bytes show (gzip and zstd magic numbers; a zstd
+    /// stream may start with a skippable frame); anything else is taken as a plain tar.
+    pub fn sniff(start: &[u8]) -> Self {
+        match start {
+            [0x1f, 0x8b, ..] => Compression::Gzip,
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
+            [b0, 0x2a, 0x4d, 0x18, ..] if b0 & 0xf0 == 0x50 => Compression::Zstd,
+            _ => Compression::None,
+        }
+    }
+
     /// A reader yielding the uncompressed bytes of `input`.
     pub fn decoder<'a>(self, input: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
         Ok(match self {
@@ -58,7 +88,7 @@ impl Compression {
             Compression::Zstd => {
                 let mut d = zstd::stream::read::Decoder::new(input).ctx(|| "starting zstd decoder".into())?;
                 d.window_log_max(MAX_LAYER_ZSTD_WINDOW_LOG).ctx(|| "configuring zstd decoder".into())?;
-                Box::new(d)
+                Box::new(ZstdReader(d))
             }
         })
     }
@@ -71,6 +101,22 @@ impl Compression {
             // level, so the applier favours speed (bit-exact re-encoding is a separate path).
             Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(output, flate2::Compression::fast())),
             Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(output, 3).ctx(|| "starting zstd encoder".into())?),
+        })
+    }
+}
+
+/// A zstd decoder whose window refusal names the limit, instead of zstd's bare "Frame
+/// requires too much memory for decoding".
+struct ZstdReader<R>(R);
+
+impl<R: Read> Read for ZstdReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.to_string().contains("too much memory") {
+                Error::TooLarge { what: "zstd frame window".into(), limit: 1 << MAX_LAYER_ZSTD_WINDOW_LOG }.into_io()
+            } else {
+                Error::malformed("zstd stream", e.to_string()).into_io()
+            }
         })
     }
 }
@@ -159,6 +205,37 @@ mod tests {
         assert!(bomb.len() < 200 << 10, "{} bytes", bomb.len());
         let err = copy_hashed(Compression::Gzip.decoder(&bomb[..]).unwrap(), io::sink(), 1 << 20, "layer 0").unwrap_err();
         assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn zstd_windows_past_the_limit_are_refused_by_name() {
+        let data = text_like(40 << 20);
+        let mut big = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        big.set_parameter(zstd::stream::raw::CParameter::WindowLog(27)).unwrap();
+        big.set_parameter(zstd::stream::raw::CParameter::EnableLongDistanceMatching(true)).unwrap();
+        big.write_all(&data).unwrap();
+        let big = big.finish().unwrap();
+        let err = copy_hashed(Compression::Zstd.decoder(&big[..]).unwrap(), io::sink(), u64::MAX, "layer 0").unwrap_err();
+        assert!(matches!(err, Error::TooLarge { limit, .. } if limit == 1 << MAX_LAYER_ZSTD_WINDOW_LOG), "{err}");
+        let small = zstd::encode_all(&data[..], 19).unwrap();
+        copy_hashed(Compression::Zstd.decoder(&small[..]).unwrap(), io::sink(), u64::MAX, "layer 0").unwrap();
+    }
+
+    fn text_like(len: usize) -> Vec<u8> {
+        let mut x = 1u64;
+        (0..len).map(|_| { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); b'a' + (x >> 60) as u8 }).collect()
+    }
+
+    #[test]
+    fn sniffing_and_expansion_bounds() {
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            let mut e = c.encoder(Vec::new()).unwrap();
+            e.write_all(&[0u8; 4 << 20]).unwrap();
+            let blob = e.finish().unwrap();
+            assert_eq!(Compression::sniff(&blob), c);
+            assert!(c.max_uncompressed_len(blob.len() as u64) >= 4 << 20, "{c:?}: {} bytes", blob.len());
+        }
+        assert_eq!(Compression::None.max_uncompressed_len(10), 10);
     }
 
     #[test]

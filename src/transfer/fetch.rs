@@ -55,14 +55,14 @@ pub async fn fetch_image(
     writer.put_blob(&config.raw)?;
     let image = Image::new(manifest, config)?;
 
-    let missing: u64 = image.layers.iter().filter(|l| !skip.contains(&l.blob.digest) && !writer.has_blob(&l.blob.digest)).map(|l| l.blob.size).sum();
+    let missing: u64 = image.layers.iter().filter(|l| !skip.contains(&l.blob.digest) && !writer.has_blob(&l.blob)).map(|l| l.blob.size).sum();
     progress.stage(&format!("fetching {}", r.repository), missing);
     for (i, layer) in image.layers.iter().enumerate() {
         let what = format!("layer {i} of {r}");
         if skip.contains(&layer.blob.digest) {
             continue;
         }
-        if writer.has_blob(&layer.blob.digest) {
+        if writer.has_blob(&layer.blob) {
             report.blobs_reused += 1;
             continue;
         }
@@ -73,7 +73,7 @@ pub async fn fetch_image(
                 continue;
             }
         }
-        let mut out = writer.blob()?;
+        let mut out = writer.blob_limited(layer.blob.size, &what)?;
         let got = client.download_blob(r, &layer.blob, &mut out, progress).await?;
         out.finish(Some((&layer.blob.digest, &what)))?;
         report.received += got.received;
