@@ -15,9 +15,15 @@ use common::{file, fleetdelta, layer_tar, run, text, tool, write_runnable_image,
 use serde_json::{json, Value};
 
 /// A service's entrypoint: logs each start and stop to its data directory (kept across
-/// updates), hands over when asked to, and runs until SIGTERM.
+/// updates), hands over when asked to, and runs until SIGTERM. With `REPORT` in its
+/// environment, it writes its environment and then its working directory there.
 const SCRIPT: &str = r#"#!/bin/sh
-version=$(cat app/version)
+version=$(cat "$FLEETDELTA_ROOTFS/app/version")
+if [ -n "$REPORT" ]; then
+    env > "$REPORT.tmp"
+    pwd -P >> "$REPORT.tmp"
+    mv "$REPORT.tmp" "$REPORT"
+fi
 echo "start $$ $(date +%s.%N) $version ${MODE:-none}" >> "$FLEETDELTA_DATA/log"
 trap 'echo "stop $$ $(date +%s.%N) $version" >> "$FLEETDELTA_DATA/log"; exit 0' TERM
 if [ -n "$FLEETDELTA_HANDOVER_FILE" ]; then
@@ -57,6 +63,11 @@ impl Device {
 
     /// Builds `service`'s image at `version` into the test's image layout; returns its reference.
     fn image(&self, service: &str, version: u32) -> String {
+        self.image_with(service, version, &[], json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/usr/bin:/bin"]}))
+    }
+
+    /// [`Device::image`] with more layers on top and this config section.
+    fn image_with(&self, service: &str, version: u32, top: &[Tree], config: Value) -> String {
         let seed = service.bytes().map(u64::from).sum::<u64>();
         let mut app: Tree = Tree::new();
         app.insert("app/run.sh".into(), Node::File { data: SCRIPT.into(), mode: 0o755, mtime: 1_700_000_000 });
@@ -66,7 +77,8 @@ impl Device {
         app.insert("app/payload.txt".into(), file(data));
         let base: Tree = [("usr/share/base.txt".to_string(), file(text(7, 30_000)))].into();
         let tag = format!("{service}-{version}");
-        write_runnable_image(&self.images(), &tag, &[layer_tar(&base), layer_tar(&app)], json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/usr/bin:/bin"]}));
+        let layers: Vec<Vec<u8>> = [base, app].iter().chain(top).map(layer_tar).collect();
+        write_runnable_image(&self.images(), &tag, &layers, config);
         format!("oci:{}:{tag}", self.images().display())
     }
 
@@ -82,9 +94,14 @@ impl Device {
     }
 
     fn agent(&self, target: &Path, extra: &[&str]) -> Command {
+        self.agent_on(&self.state(), target, extra)
+    }
+
+    /// [`Device::agent`] with `--state` given as `state`.
+    fn agent_on(&self, state: &Path, target: &Path, extra: &[&str]) -> Command {
         let mut c = fleetdelta();
         c.env("HOME", self.tmp.path()).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE");
-        c.args(["--quiet", "agent", "--once", "--json", "--stop-timeout", "3", "--state"]).arg(self.state()).arg("--target").arg(target).args(extra);
+        c.args(["--quiet", "agent", "--once", "--json", "--stop-timeout", "3", "--state"]).arg(state).arg("--target").arg(target).args(extra);
         if !extra.contains(&"--stagger") {
             c.args(["--stagger", "0.05"]);
         }
@@ -124,6 +141,22 @@ impl Device {
 
     fn running_pids(&self, service: &str) -> Vec<u32> {
         self.starts(service).into_iter().filter(|e| alive(e.pid)).map(|e| e.pid).collect()
+    }
+
+    /// The root filesystem of the image the service runs.
+    fn rootfs(&self, service: &str) -> PathBuf {
+        let digest = self.installed()["services"][service]["digest"].as_str().unwrap().to_string();
+        self.state().join("services").join(service).join("rootfs").join(&digest["sha256:".len()..])
+    }
+
+    /// What a service started with `REPORT` wrote: its environment and working directory.
+    fn reported(&self, file: &Path) -> (Vec<(String, String)>, PathBuf) {
+        wait_for("the service's report", || file.exists());
+        let text = fs::read_to_string(file).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        let cwd = PathBuf::from(lines.pop().unwrap());
+        let env = lines.iter().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        (env, cwd)
     }
 
     fn installed(&self) -> Value {
@@ -538,4 +571,199 @@ fn the_target_release_can_come_from_a_url() {
     assert!(err.contains("no-such-release.yaml") && err.contains("404"), "{err}");
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// The config section of [`Device::image`]'s images, with another `WorkingDir`.
+fn config_in(working_dir: &str) -> Value {
+    json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/usr/bin:/bin"], "WorkingDir": working_dir})
+}
+
+/// The release environment that makes [`SCRIPT`] report to `file`.
+fn reporting_to(file: &Path) -> String {
+    format!("    environment:\n      REPORT: {}\n", file.display())
+}
+
+fn env_value<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    env.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or_else(|| panic!("no {key} in {env:?}"))
+}
+
+/// Reliability item 1: `WorkingDir` through a symlink that points out of the image. Paths
+/// resolve as in a chroot: the link's absolute target is taken inside the root filesystem.
+#[test]
+fn a_working_dir_through_a_symlink_out_of_the_image_stays_inside_it() {
+    let d = Device::new();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().to_str().unwrap().to_string();
+    // The link's target exists inside the image too, so the chroot reading of it works.
+    let layer: Tree = [("wd".to_string(), Node::Symlink { target: target.clone() }), (target.trim_start_matches('/').to_string(), Node::Dir { mode: 0o755 })].into();
+    let report_file = d.tmp.path().join("report");
+    let r1 = d.release("1", &[("api", d.image_with("api", 1, &[layer], config_in("wd/planted")), &reporting_to(&report_file))], "");
+    let report = d.update(&r1, &[]);
+    assert_eq!(report["complete"], true, "{report}");
+    assert!(!outside.path().join("planted").exists(), "nothing is created outside the state directory");
+    assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+    let (_, cwd) = d.reported(&report_file);
+    let inside = d.rootfs("api").join(target.trim_start_matches('/')).join("planted");
+    assert_eq!(cwd, inside.canonicalize().unwrap(), "the service runs inside its root filesystem");
+    assert_eq!(d.running_version("api"), "api-v1");
+
+    // A link whose target does not exist inside the image: refused, and nothing is created.
+    let gone = tempfile::tempdir().unwrap();
+    let dangling: Tree = [("wd".to_string(), Node::Symlink { target: gone.path().to_str().unwrap().into() })].into();
+    let r2 = d.release("2", &[("api", d.image_with("api", 2, &[dangling], config_in("wd/planted")), "")], "");
+    let out = d.agent(&r2, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = self::report(&out);
+    let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("WorkingDir \"wd/planted\""), "{reason}");
+    assert!(!gone.path().join("planted").exists());
+    assert_eq!(d.running_version("api"), "api-v1", "rolled back to the instance it ran");
+}
+
+/// Reliability item 4: docker and buildkit write `WorkingDir` absolute.
+#[test]
+fn an_absolute_working_dir_is_taken_inside_the_image() {
+    let d = Device::new();
+    let report_file = d.tmp.path().join("report");
+    let r1 = d.release("1", &[("api", d.image_with("api", 1, &[], config_in("/app")), &reporting_to(&report_file))], "");
+    let report = d.update(&r1, &[]);
+    assert_eq!(report["complete"], true, "{report}");
+    let (_, cwd) = d.reported(&report_file);
+    assert_eq!(cwd, d.rootfs("api").join("app").canonicalize().unwrap());
+    assert_eq!(d.running_version("api"), "api-v1");
+}
+
+/// Reliability item 2: whiteouts that name no entry of their directory (`.wh..` is the
+/// parent, which for a top-level entry holds the root filesystems of the service).
+#[test]
+fn a_whiteout_of_dot_dot_is_refused_and_the_running_instance_keeps_its_root_filesystem() {
+    let d = Device::new();
+    let r1 = d.release("1", &[("api", d.image("api", 1), "")], "");
+    d.update(&r1, &[]);
+    let pid = d.running_pids("api");
+    // What the running instance keeps in its root filesystem (a re-unpack would not have it).
+    let marker = d.rootfs("api").join("app/state-of-the-running-instance");
+    fs::write(&marker, "x").unwrap();
+    for (version, whiteout) in [(2, ".wh..."), (3, ".wh."), (4, "app/.wh...")] {
+        let layer: Tree = [(whiteout.to_string(), file(""))].into();
+        let r = d.release(&version.to_string(), &[("api", d.image_with("api", version, &[layer], json!({"Entrypoint": ["/app/run.sh"]})), "")], "");
+        let out = d.agent(&r, &[]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{whiteout}: {}", String::from_utf8_lossy(&out.stderr));
+        let report = report(&out);
+        let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();
+        assert!(reason.contains("layer 2 (sha256:") && reason.contains(&format!("whiteout {whiteout:?}")), "{reason}");
+        assert!(marker.exists(), "{whiteout}: the running instance's root filesystem was removed");
+        assert_eq!(d.running_pids("api"), pid, "{whiteout}: the running instance was not touched");
+        let left: Vec<_> = fs::read_dir(d.rootfs("api").parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 1, "{whiteout}: no temporaries are left: {left:?}");
+    }
+}
+
+/// A tmpfs mounted over a device's state directory, unmounted (services stopped first) when
+/// dropped. The tests run as root.
+struct Tmpfs<'a> {
+    device: &'a Device,
+}
+
+impl<'a> Tmpfs<'a> {
+    fn mount(device: &'a Device, size: &str) -> Self {
+        fs::create_dir_all(device.state()).unwrap();
+        run(tool("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(device.state()));
+        Tmpfs { device }
+    }
+
+    fn resize(&self, size: &str) {
+        run(tool("mount").args(["-o", &format!("remount,size={size}")]).arg(self.device.state()));
+    }
+}
+
+impl Drop for Tmpfs<'_> {
+    fn drop(&mut self) {
+        self.device.power_cut();
+        let state = self.device.state();
+        if !Command::new("umount").arg(&state).status().is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&state).status();
+        }
+    }
+}
+
+/// Reliability item 3: a disk that fills during the unpack. The failure is reported as it is,
+/// nothing is left behind, and once there is space the next run installs the service.
+#[test]
+fn a_full_disk_during_unpack_is_reported_cleaned_up_and_the_next_run_works() {
+    let d = Device::new();
+    let tmpfs = Tmpfs::mount(&d, "2m");
+    // 8 MiB unpacked, a few KiB in the store.
+    let big: Tree = [("app/big.bin".to_string(), file(vec![0u8; 8 << 20]))].into();
+    let r1 = d.release("1", &[("api", d.image_with("api", 1, &[big], json!({"Entrypoint": ["/app/run.sh"]})), "")], "");
+    let out = d.agent(&r1, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "the report, not an error: {}", String::from_utf8_lossy(&out.stderr));
+    let report = self::report(&out);
+    let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("No space left on device"), "the real cause: {reason}");
+    let rootfs_dir = d.state().join("services/api/rootfs");
+    let left: Vec<_> = fs::read_dir(&rootfs_dir).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "the failed unpack left {left:?}");
+    assert_eq!(fs::metadata(d.state().join("journal.jsonl")).unwrap().len(), 0, "the journal is closed");
+
+    tmpfs.resize("64m");
+    let done = d.update(&r1, &[]);
+    assert_eq!(done["complete"], true, "{done}");
+    assert_eq!(d.running_version("api"), "api-v1");
+    let r2 = d.release("2", &[("api", d.image("api", 2), "")], "");
+    assert_eq!(d.update(&r2, &[])["complete"], true, "and the run after it");
+    assert_eq!(d.running_version("api"), "api-v2");
+}
+
+/// Reliability item 5: a relative `--state` is made absolute before services see it.
+#[test]
+fn a_relative_state_directory_gives_services_absolute_paths() {
+    let d = Device::new();
+    let report_file = d.tmp.path().join("report");
+    let r1 = d.release("1", &[("api", d.image("api", 1), &reporting_to(&report_file))], "");
+    let out = run(d.agent_on(Path::new("state"), &r1, &[]).current_dir(d.tmp.path()));
+    assert_eq!(self::report(&out)["complete"], true);
+    let (env, _) = d.reported(&report_file);
+    let state = d.state().canonicalize().unwrap();
+    for (key, expected) in [("FLEETDELTA_LOCK", state.join("locks/api/updates.lock")), ("FLEETDELTA_DATA", state.join("services/api/data")), ("FLEETDELTA_API", state.join("agent.sock"))] {
+        let value = env_value(&env, key);
+        assert!(value.starts_with('/'), "{key}={value}");
+        assert_eq!(Path::new(value).canonicalize().unwrap(), expected, "{key}");
+    }
+    assert!(env_value(&env, "FLEETDELTA_ROOTFS").starts_with('/'));
+    assert_eq!(d.running_version("api"), "api-v1", "the service found its data directory");
+}
+
+/// Reliability item 6: the side doors refuse a state directory or a service that does not
+/// exist, in one line.
+#[test]
+fn status_and_go_ahead_refuse_a_missing_state_directory_and_an_unknown_service() {
+    let d = Device::new();
+    let typo = d.tmp.path().join("stat");
+    for args in [&["status"][..], &["go-ahead", "api"], &["defer", "--seconds", "5", "api"]] {
+        let mut cmd = fleetdelta();
+        cmd.args(["agent", args[0], "--state"]).arg(&typo).args(&args[1..]);
+        let err = common::run_failing(&mut cmd);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(&typo.display().to_string()) && err.contains("no agent state directory"), "{err}");
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+    }
+
+    let r1 = d.release("1", &[("api", d.image("api", 1), "")], "");
+    d.update(&r1, &[]);
+    let holder = d.hold_lock("api");
+    let r2 = d.release("2", &[("api", d.image("api", 2), "")], "");
+    let agent = d.agent(&r2, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("api's release request", || d.request("api").is_some());
+    for action in [&["go-ahead"][..], &["defer", "--seconds", "5"]] {
+        let mut cmd = fleetdelta();
+        cmd.args(["agent"]).args(action).arg("--state").arg(d.state()).arg("NoSuchService");
+        let err = common::run_failing(&mut cmd);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("unknown service \"NoSuchService\"") && err.contains("api"), "{err}");
+    }
+    run(fleetdelta().args(["agent", "go-ahead", "--state"]).arg(d.state()).arg("api"));
+    let report = report(&finish(agent));
+    assert_eq!(report["complete"], true, "{report}");
+    release(holder);
 }

@@ -13,9 +13,10 @@
 //! | `{"request":"status"}` | what the agent waits for: `{"ok":true,"target_release":..,"waiting":[release requests]}` |
 //!
 //! Answers are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Go-aheads and deferrals
-//! live as long as the agent process; a restarted agent has none.
+//! live as long as the agent process; a restarted agent has none. Both are refused for a
+//! service the agent does not know (neither installed nor in the update under way).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -69,6 +70,9 @@ pub struct Requests {
     pub waiting: BTreeMap<String, ReleaseRequest>,
     /// The release the agent moves to.
     pub target_release: Option<String>,
+    /// The services the agent knows (installed, or in the update under way): go-ahead and
+    /// defer for any other are refused, so that a misspelt name is not silently accepted.
+    pub services: BTreeSet<String>,
 }
 
 impl Requests {
@@ -88,6 +92,12 @@ impl Requests {
     }
 
     fn handle(&mut self, request: ApiRequest) -> Value {
+        if let ApiRequest::GoAhead { service } | ApiRequest::Defer { service, .. } = &request {
+            if !self.services.contains(service) {
+                let known = self.services.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
+                return json!({"ok": false, "error": format!("unknown service {service:?} (the agent knows: {known})")});
+            }
+        }
         match request {
             ApiRequest::GoAhead { service } => {
                 self.deferred.remove(&service);
@@ -205,12 +215,17 @@ mod tests {
         let socket = dir.path().join("agent.sock");
         let requests: SharedRequests = Arc::default();
         lock(&requests).target_release = Some("7".into());
+        lock(&requests).services.insert("api".into());
         let server = ApiServer::start(&socket, requests.clone()).unwrap();
         send(&socket, &ApiRequest::Defer { service: "api".into(), seconds: 60 }).unwrap();
         assert!(lock(&requests).deferred_until("api").is_some());
         send(&socket, &ApiRequest::GoAhead { service: "api".into() }).unwrap();
         assert!(lock(&requests).go_ahead("api"));
         assert!(lock(&requests).deferred_until("api").is_none(), "go-ahead cancels the deferral");
+        let err = send(&socket, &ApiRequest::GoAhead { service: "apj".into() }).unwrap_err().to_string();
+        assert!(err.contains("unknown service \"apj\" (the agent knows: api)"), "{err}");
+        assert!(send(&socket, &ApiRequest::Defer { service: "apj".into(), seconds: 1 }).is_err());
+        assert!(!lock(&requests).go_ahead("apj") && lock(&requests).deferred_until("apj").is_none());
         let status = send(&socket, &ApiRequest::Status).unwrap();
         assert_eq!(status["target_release"], "7");
         let mut raw = UnixStream::connect(&socket).unwrap();

@@ -13,6 +13,13 @@ pub enum AgentError {
         /// The state directory.
         state: PathBuf,
     },
+    /// A state directory that does not exist (or holds no agent state), given to a command
+    /// that only reads it or speaks to its agent.
+    #[error("{}: no agent state directory there", path.display())]
+    NoStateDir {
+        /// The directory given.
+        path: PathBuf,
+    },
     /// A state file (installed services, release request) that cannot be read.
     #[error("{}: {reason}", path.display())]
     State {

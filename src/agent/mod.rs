@@ -192,6 +192,7 @@ impl<'a> Agent<'a> {
             return Err(AgentError::Busy { state: state.root().to_path_buf() }.into());
         }
         let requests = SharedRequests::default();
+        api::lock(&requests).services = Installed::load(&state)?.services.into_keys().collect();
         let api = ApiServer::start(&state.socket(), requests.clone())?;
         Ok(Agent { state, transfer, runtime, options, requests, progress, last_start: None, _api: api, _lock: lock })
     }
@@ -253,7 +254,12 @@ impl<'a> Agent<'a> {
     }
 
     fn execute(&mut self, journal: &mut Journal, plan: &UpdatePlan, replay: &Replay) -> Result<UpdateReport> {
-        api::lock(&self.requests).target_release = Some(plan.target_release.clone());
+        let installed = Installed::load(&self.state)?;
+        {
+            let mut requests = api::lock(&self.requests);
+            requests.target_release = Some(plan.target_release.clone());
+            requests.services = installed.services.into_keys().chain(plan.services.iter().map(|s| s.service.clone())).collect();
+        }
         let restarted = self.reconcile(replay)?;
         let mut run = Run {
             plan,
@@ -467,9 +473,12 @@ impl<'a> Agent<'a> {
             }
             lock::remove_request(&self.state, &service.service)?;
         }
-        store::prune(&self.state, &installed)?;
+        // Pruning is cleanup after the commit: whatever it meets, the journal is closed, or
+        // every later run would replay this update and fail here again.
+        let pruned = store::prune(&self.state, &installed);
         journal.append(&Record::End)?;
-        journal.clear()
+        journal.clear()?;
+        pruned
     }
 
     /// Journals and does one step of a service.

@@ -7,7 +7,10 @@
 //! refused, so a layer cannot plant a link and then write through it out of the root.
 //! Ownership, device nodes and FIFOs are skipped (no root), and set-id bits are dropped.
 //! The root filesystem is built in a temporary sibling and renamed into place, so it either
-//! exists complete or not at all.
+//! exists complete or not at all; a failed unpack removes its temporaries.
+//!
+//! Once unpacked, paths inside a root filesystem (the image's `WorkingDir`, its entrypoint)
+//! are resolved by [`InRoot`], as a chroot would and never out of it.
 
 use std::fs::{self, File};
 use std::io;
@@ -34,21 +37,42 @@ pub fn unpack_image(layout: &Layout, image: &Image, dest: &Path) -> Result<()> {
     let parent = dest.parent().ok_or_else(|| Error::malformed(dest.display().to_string(), "no parent directory"))?;
     fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let building = parent.join(format!(".{name}.unpacking"));
-    let tar_path = parent.join(format!(".{name}.layer.tar"));
+    let building = parent.join(building_name(&name));
+    let tar_path = parent.join(layer_tar_name(&name));
     if building.exists() {
         fs::remove_dir_all(&building).ctx(|| format!("removing {}", building.display()))?;
     }
-    fs::create_dir(&building).ctx(|| format!("creating {}", building.display()))?;
-    for (i, layer) in image.layers.iter().enumerate() {
-        let what = format!("layer {i} ({})", layer.blob.digest);
-        layout.unpack_layer(layer, &tar_path, MAX_LAYER_BYTES, &what)?;
-        let tar = File::open(&tar_path).ctx(|| format!("opening {}", tar_path.display()))?;
-        extract(tar, &building, &what)?;
+    let built = (|| {
+        fs::create_dir(&building).ctx(|| format!("creating {}", building.display()))?;
+        for (i, layer) in image.layers.iter().enumerate() {
+            let what = format!("layer {i} ({})", layer.blob.digest);
+            layout.unpack_layer(layer, &tar_path, MAX_LAYER_BYTES, &what)?;
+            let tar = File::open(&tar_path).ctx(|| format!("opening {}", tar_path.display()))?;
+            extract(tar, &building, &what)?;
+        }
+        let _ = fs::remove_file(&tar_path);
+        fs::rename(&building, dest).ctx(|| format!("renaming {} into place", dest.display()))
+    })();
+    if built.is_err() {
+        // Whatever failed (a hostile layer, a full disk), leave nothing behind: the space is
+        // needed for the rollback, and the next unpack starts afresh.
+        let _ = fs::remove_file(&tar_path);
+        let _ = fs::remove_dir_all(&building);
     }
-    let _ = fs::remove_file(&tar_path);
-    fs::rename(&building, dest).ctx(|| format!("renaming {} into place", dest.display()))?;
+    built?;
     super::state::sync_parent(dest)
+}
+
+/// The name of the temporary directory an image is unpacked into, beside its root filesystem
+/// named `name`.
+pub(crate) fn building_name(name: &str) -> String {
+    format!(".{name}.unpacking")
+}
+
+/// The name of the temporary file a layer is decompressed into while the root filesystem
+/// named `name` is unpacked.
+pub(crate) fn layer_tar_name(name: &str) -> String {
+    format!(".{name}.layer.tar")
 }
 
 /// Extracts one layer tar over `root`.
@@ -73,11 +97,18 @@ fn extract(tar: File, root: &Path, what: &str) -> Result<()> {
             continue;
         }
         if let Some(hidden) = file_name.strip_prefix(WHITEOUT_PREFIX) {
+            // `.wh..` would remove the directory above (up to the root filesystems beside
+            // this one), `.wh.` the directory itself.
+            if matches!(hidden, "" | "." | "..") || hidden.contains('/') {
+                return Err(Error::malformed(what, format!("whiteout {rel:?} does not name an entry of its directory")));
+            }
             remove_any(&parent.join(hidden))?;
             continue;
         }
         let path = parent.join(file_name);
-        let mode = entry.header().mode().map_err(io_err)? & MODE_MASK;
+        // Only directories and files have a mode that matters (some writers leave it empty
+        // on links).
+        let mode = || entry.header().mode().map(|m| m & MODE_MASK).map_err(io_err);
         let kind = entry.header().entry_type();
         if kind.is_dir() {
             if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
@@ -86,8 +117,9 @@ fn extract(tar: File, root: &Path, what: &str) -> Result<()> {
             if !path.exists() {
                 fs::create_dir(&path).ctx(|| format!("creating {}", path.display()))?;
             }
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode | 0o700)).ctx(|| format!("setting mode of {}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode()? | 0o700)).ctx(|| format!("setting mode of {}", path.display()))?;
         } else if kind.is_file() || kind.is_contiguous() {
+            let mode = mode()?;
             remove_any(&path)?;
             let mut out = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
             io::copy(&mut entry, &mut out).ctx(|| format!("writing {}", path.display()))?;
@@ -140,6 +172,68 @@ fn remove_any(path: &Path) -> Result<()> {
         Ok(_) => fs::remove_file(path),
     };
     result.ctx(|| format!("removing {}", path.display()))
+}
+
+/// A root filesystem opened to resolve paths inside it with chroot semantics, as the image's
+/// own processes would see them: an absolute path, and the target of an absolute symlink,
+/// start from the root filesystem's root; `..` never climbs above that root (at the root it
+/// stays there); relative symlinks resolve from their own directory. Nothing outside the
+/// root filesystem is ever reached, whatever the links inside it say. Resolution is done by
+/// the kernel (`openat2` with `RESOLVE_IN_ROOT`) or, on kernels before 5.6, by libpathrs's
+/// `O_PATH` walk, both through the [`pathrs`] crate.
+#[derive(Debug)]
+pub struct InRoot {
+    root: pathrs::Root,
+    /// The root filesystem's host path, without symlinks.
+    host: PathBuf,
+}
+
+impl InRoot {
+    /// Opens the root filesystem at `rootfs` (a host path).
+    pub fn open(rootfs: &Path) -> Result<Self> {
+        let host = rootfs.canonicalize().ctx(|| format!("opening {}", rootfs.display()))?;
+        let root = pathrs::Root::open(&host).map_err(|e| pathrs_error(format!("opening {}", host.display()), e))?;
+        Ok(InRoot { root, host })
+    }
+
+    /// The host path of `path` inside the root filesystem (symlinks followed, within it). It
+    /// must exist.
+    pub fn resolve(&self, path: &str) -> Result<PathBuf> {
+        let handle = self.root.resolve(path).map_err(|e| pathrs_error(self.context(path), e))?;
+        self.host_path(path, &handle)
+    }
+
+    /// Creates the directory `path` inside the root filesystem and any missing parents (`mkdir
+    /// -p` in a chroot); returns its host path. Created directories get mode 0755.
+    pub fn create_dir_all(&self, path: &str) -> Result<PathBuf> {
+        let handle = self.root.mkdir_all(path, &fs::Permissions::from_mode(0o755)).map_err(|e| pathrs_error(self.context(path), e))?;
+        self.host_path(path, &handle)
+    }
+
+    fn context(&self, path: &str) -> String {
+        format!("resolving {path:?} inside {}", self.host.display())
+    }
+
+    /// The host path of a resolved handle, which must lie inside the root filesystem (it does,
+    /// unless the tree was moved under us).
+    fn host_path(&self, path: &str, handle: &pathrs::Handle) -> Result<PathBuf> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let link = format!("/proc/self/fd/{}", handle.as_fd().as_raw_fd());
+        let found = fs::read_link(&link).ctx(|| format!("{}: reading {link}", self.context(path)))?;
+        if !found.starts_with(&self.host) || !found.exists() {
+            return Err(Error::io(self.context(path), io::Error::other(format!("found at {}, outside it", found.display()))));
+        }
+        Ok(found)
+    }
+}
+
+/// A libpathrs failure as an I/O error, keeping the kind of its errno where it has one.
+fn pathrs_error(context: String, e: pathrs::error::Error) -> Error {
+    let kind = match e.kind() {
+        pathrs::error::ErrorKind::OsError(Some(errno)) => io::Error::from_raw_os_error(errno).kind(),
+        _ => io::ErrorKind::Other,
+    };
+    Error::Io { context, source: io::Error::new(kind, e) }
 }
 
 #[cfg(test)]
@@ -201,5 +295,92 @@ mod tests {
         let err = extract_bytes(&evil, root.path()).unwrap_err();
         assert!(matches!(err, Error::UnsafePath { .. }), "{err}");
         assert!(!outside.path().join("planted").exists());
+    }
+
+    #[test]
+    fn whiteouts_must_name_one_entry_of_their_directory() {
+        use tar::EntryType::*;
+        for bad in [".wh.", ".wh..", ".wh...", "etc/.wh.", "etc/.wh...", "etc/sub/.wh..."] {
+            let tmp = tempfile::tempdir().unwrap();
+            // `root` stands for the unpack directory, `beside` for the running instance's
+            // root filesystem next to it.
+            let (root, beside) = (tmp.path().join("building"), tmp.path().join("running"));
+            fs::create_dir_all(root.join("etc/sub")).unwrap();
+            fs::create_dir_all(&beside).unwrap();
+            fs::write(root.join("etc/sub/keep"), "k").unwrap();
+            let err = extract_bytes(&tar_of(&[(bad, Regular, b"", None)]), &root).unwrap_err().to_string();
+            assert!(err.contains("layer: malformed: whiteout") && err.contains(&format!("{bad:?}")), "{bad}: {err}");
+            assert!(root.join("etc/sub/keep").exists() && beside.exists(), "{bad} removed something");
+        }
+    }
+
+    #[test]
+    fn paths_resolve_inside_the_root_filesystem_as_in_a_chroot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        fs::create_dir_all(root.join("srv/app")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        let link = |target: &Path, name: &str| std::os::unix::fs::symlink(target, root.join(name)).unwrap();
+        link(&outside, "host-abs");
+        link(Path::new("/srv"), "abs");
+        link(Path::new("../../../../../srv"), "climb");
+        link(Path::new("srv/app"), "rel");
+        let inroot = InRoot::open(&root).unwrap();
+        let canon = root.canonicalize().unwrap();
+        assert_eq!(inroot.resolve("/srv/app").unwrap(), canon.join("srv/app"));
+        assert_eq!(inroot.resolve("../../srv").unwrap(), canon.join("srv"), "`..` stops at the root");
+        assert_eq!(inroot.resolve("abs/app").unwrap(), canon.join("srv/app"), "absolute links start from the root");
+        assert_eq!(inroot.resolve("climb/app").unwrap(), canon.join("srv/app"));
+        assert_eq!(inroot.resolve("/rel").unwrap(), canon.join("srv/app"));
+        assert_eq!(inroot.create_dir_all("/abs/app/work/dir").unwrap(), canon.join("srv/app/work/dir"));
+        assert_eq!(inroot.create_dir_all("climb/new").unwrap(), canon.join("srv/new"));
+        // The host path the link names is taken inside the root, where it does not exist.
+        assert!(inroot.resolve("host-abs").is_err());
+        let err = inroot.create_dir_all("host-abs/planted").unwrap_err().to_string();
+        assert!(err.contains("resolving \"host-abs/planted\" inside"), "{err}");
+        assert!(fs::read_dir(&outside).unwrap().next().is_none(), "nothing created outside");
+        assert!(!canon.join(outside.strip_prefix("/").unwrap()).exists(), "a dangling link is not made real");
+    }
+
+    /// An image of uncompressed layer tars in a new layout at `dir`.
+    fn image_of(dir: &Path, layers: &[Vec<u8>]) -> (Layout, Image) {
+        use crate::image::manifest::{BlobRef, OCI_CONFIG, OCI_MANIFEST};
+        use crate::image::LayoutWriter;
+        use crate::Digest;
+        let w = LayoutWriter::create(dir).unwrap();
+        let mut descriptors = Vec::new();
+        for tar in layers {
+            let (d, n) = w.put_blob(tar).unwrap();
+            descriptors.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d.to_string(), "size": n}));
+        }
+        let diff_ids: Vec<String> = layers.iter().map(|t| Digest::of(t).to_string()).collect();
+        let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
+        let (cd, cn) = w.put_blob(&config).unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors})).unwrap();
+        let (md, mn) = w.put_blob(&manifest).unwrap();
+        w.commit(&BlobRef { media_type: OCI_MANIFEST.into(), digest: md, size: mn }, "t").unwrap();
+        let layout = Layout::open(dir).unwrap();
+        let image = layout.load_image(Some("t")).unwrap();
+        (layout, image)
+    }
+
+    #[test]
+    fn a_failed_unpack_leaves_nothing_behind_and_the_next_one_starts_afresh() {
+        use tar::EntryType::*;
+        let tmp = tempfile::tempdir().unwrap();
+        let rootfs_dir = tmp.path().join("rootfs");
+        fs::create_dir_all(rootfs_dir.join("running/etc")).unwrap();
+        let good = tar_of(&[("etc/a", Regular, b"a", None)]);
+        let (layout, image) = image_of(&tmp.path().join("hostile"), &[good.clone(), tar_of(&[(".wh..", Regular, b"", None)])]);
+        let dest = rootfs_dir.join("new");
+        let err = unpack_image(&layout, &image, &dest).unwrap_err().to_string();
+        assert!(err.contains("layer 1 (sha256:") && err.contains("whiteout"), "{err}");
+        let left: Vec<_> = fs::read_dir(&rootfs_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["running"], "the unpack's temporaries are removed");
+        let (layout, image) = image_of(&tmp.path().join("fine"), &[good]);
+        unpack_image(&layout, &image, &dest).unwrap();
+        assert_eq!(fs::read(dest.join("etc/a")).unwrap(), b"a");
+        assert_eq!(fs::read_dir(&rootfs_dir).unwrap().count(), 2);
     }
 }

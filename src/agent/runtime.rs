@@ -9,7 +9,9 @@
 //!   use the host's loader, and absolute paths in the service mean host paths. Services should
 //!   use relative paths or `FLEETDELTA_ROOTFS`.
 //! - The working directory is the image's `WorkingDir` inside the root filesystem (the root
-//!   filesystem itself when unset).
+//!   filesystem itself when unset), created when missing. `WorkingDir` and the entrypoint
+//!   resolve as in a chroot ([`super::rootfs::InRoot`]): an absolute path (`/app`, as docker
+//!   and buildkit write it) starts from the root filesystem's root, and no symlink leads out.
 //! - No isolation: no namespaces, cgroups or user switch; the service runs as the agent's user.
 //! - Each instance is its own process group; stopping sends SIGTERM to the group, then
 //!   SIGKILL after the stop timeout.
@@ -37,9 +39,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::AgentError;
+use super::rootfs::InRoot;
 use super::state::{write_file, StateDir};
 use crate::error::{IoContext, Result};
-use crate::layer::tar_index::normalize_path;
 
 /// `PATH` when the image sets none (Docker's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -59,7 +61,8 @@ pub struct InstanceSpec {
     pub argv: Vec<String>,
     /// The environment, in order (later entries win).
     pub env: Vec<(String, String)>,
-    /// The image's `WorkingDir`, inside the root filesystem.
+    /// The image's `WorkingDir`, inside the root filesystem (an absolute one starts from its
+    /// root).
     pub working_dir: Option<String>,
 }
 
@@ -178,12 +181,8 @@ impl Runtime for ProcessRuntime {
         let path_var = spec.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
         let program = resolve_program(&spec.rootfs, &spec.argv[0], path_var).map_err(fail)?;
         let working_dir = match &spec.working_dir {
-            Some(dir) => {
-                let rel = normalize_path(Path::new(dir), "WorkingDir")?;
-                let dir = spec.rootfs.join(rel);
-                fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-                dir
-            }
+            // As a container engine does: created when missing, inside the root filesystem.
+            Some(dir) => InRoot::open(&spec.rootfs)?.create_dir_all(dir).map_err(|e| fail(format!("WorkingDir {dir:?}: {e}")))?,
             None => spec.rootfs.clone(),
         };
         let instances = self.state.instances_dir(&spec.service);
@@ -256,24 +255,22 @@ fn proc_stat(pid: u32) -> Option<(char, u64)> {
 }
 
 /// The host path of the program `name` inside `rootfs`: a path is taken inside the root
-/// filesystem, a bare name is looked up in `path_var`'s directories inside it. Symlinks are
-/// followed only as far as they stay inside the root filesystem.
+/// filesystem (from its root), a bare name is looked up in `path_var`'s directories inside it.
+/// Paths and symlinks resolve as in a chroot ([`InRoot`]): never out of the root filesystem.
 fn resolve_program(rootfs: &Path, name: &str, path_var: &str) -> std::result::Result<PathBuf, String> {
-    let root = rootfs.canonicalize().map_err(|e| format!("{}: {e}", rootfs.display()))?;
-    let inside = |rel: &str| -> Option<PathBuf> {
-        let rel = normalize_path(Path::new(rel), "entrypoint").ok()?;
-        let found = root.join(rel).canonicalize().ok()?;
+    let root = InRoot::open(rootfs).map_err(|e| e.to_string())?;
+    let inside = |path: &str| -> Option<PathBuf> {
+        let found = root.resolve(path).ok()?;
         let executable = fs::metadata(&found).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-        (found.starts_with(&root) && executable).then_some(found)
+        executable.then_some(found)
     };
     if name.contains('/') {
-        return inside(name.trim_start_matches('/'))
-            .ok_or_else(|| format!("entrypoint {name:?} is not an executable file inside the image's root filesystem"));
+        return inside(name).ok_or_else(|| format!("entrypoint {name:?} is not an executable file inside the image's root filesystem"));
     }
     path_var
         .split(':')
         .filter(|d| !d.is_empty())
-        .find_map(|dir| inside(&format!("{}/{name}", dir.trim_start_matches('/'))))
+        .find_map(|dir| inside(&format!("{dir}/{name}")))
         .ok_or_else(|| format!("entrypoint {name:?} is not in the image's PATH ({path_var}) inside its root filesystem"))
 }
 
@@ -303,8 +300,14 @@ mod tests {
         fs::write(r.join("bin/data"), "x").unwrap();
         std::os::unix::fs::symlink("/bin/sh", r.join("bin/escape")).unwrap();
         std::os::unix::fs::symlink("run", r.join("bin/alias")).unwrap();
+        // As in a chroot: an absolute link starts from the root filesystem's root, and `..`
+        // stops there.
+        std::os::unix::fs::symlink("/bin/run", r.join("bin/absolute")).unwrap();
+        std::os::unix::fs::symlink("../../../../bin/run", r.join("bin/climbing")).unwrap();
         let canon = r.canonicalize().unwrap();
         assert_eq!(resolve_program(r, "/bin/run", DEFAULT_PATH).unwrap(), canon.join("bin/run"));
+        assert_eq!(resolve_program(r, "/bin/absolute", DEFAULT_PATH).unwrap(), canon.join("bin/run"));
+        assert_eq!(resolve_program(r, "climbing", "/bin").unwrap(), canon.join("bin/run"));
         assert_eq!(resolve_program(r, "run", "/usr/bin:/bin").unwrap(), canon.join("bin/run"));
         assert_eq!(resolve_program(r, "bin/alias", DEFAULT_PATH).unwrap(), canon.join("bin/run"));
         for bad in ["/bin/data", "/bin/escape", "/../bin/sh", "sh", "/bin/missing"] {

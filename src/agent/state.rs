@@ -40,11 +40,24 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Opens (creating when needed) a state directory.
+    /// Opens (creating when needed) a state directory. A relative path is made absolute here,
+    /// once: services get paths into it (`FLEETDELTA_LOCK`, `FLEETDELTA_DATA`, ...) and
+    /// resolve them from their own working directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
-        let root = root.into();
+        let root = absolute(root.into())?;
         for dir in [root.clone(), root.join("services"), root.join("locks")] {
             fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(StateDir { root })
+    }
+
+    /// Opens a state directory that an agent has created, creating nothing: for commands
+    /// that read it or speak to its agent, where a mistyped path must be an error
+    /// ([`AgentError::NoStateDir`]).
+    pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = absolute(root.into())?;
+        if !(root.join("services").is_dir() && root.join("locks").is_dir()) {
+            return Err(AgentError::NoStateDir { path: root }.into());
         }
         Ok(StateDir { root })
     }
@@ -141,6 +154,11 @@ impl StateDir {
     }
 }
 
+/// `path` made absolute against the current directory (not canonicalized: symlinks stay).
+fn absolute(path: PathBuf) -> Result<PathBuf> {
+    std::path::absolute(&path).ctx(|| format!("making {} absolute", path.display()))
+}
+
 /// One service instance as installed: what it runs, with which environment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRecord {
@@ -218,4 +236,29 @@ pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 pub(crate) fn sync_parent(path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::File::open(dir).and_then(|d| d.sync_all()).ctx(|| format!("syncing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_directories_are_absolute_and_only_open_creates_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("state");
+        let err = StateDir::open_existing(&root).unwrap_err().to_string();
+        assert!(err.contains(&root.display().to_string()) && err.contains("no agent state directory"), "{err}");
+        assert!(!root.exists(), "a read-only open creates nothing");
+        fs::create_dir(&root).unwrap();
+        assert!(StateDir::open_existing(&root).is_err(), "an empty directory is no state directory");
+        StateDir::open(&root).unwrap();
+        // The same directory through a relative path, from whatever the current directory is.
+        let cwd = std::env::current_dir().unwrap();
+        let mut relative: PathBuf = cwd.components().skip(1).map(|_| "..").collect();
+        relative.push(root.strip_prefix("/").unwrap());
+        let state = StateDir::open_existing(&relative).unwrap();
+        assert!(state.root().is_absolute() && state.lock_file("api").is_absolute(), "{}", state.root().display());
+        assert_eq!(state.root().canonicalize().unwrap(), root.canonicalize().unwrap());
+        assert!(StateDir::open(&relative).unwrap().socket().is_absolute());
+    }
 }

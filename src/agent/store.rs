@@ -11,6 +11,7 @@ use std::fs::{self, File};
 
 use serde_json::Value;
 
+use super::rootfs::{building_name, layer_tar_name};
 use super::state::{sync_parent, write_file, Installed, InstanceRecord, StateDir};
 use crate::error::{Error, IoContext, Result};
 use crate::image::manifest::{BlobRef, Manifest, MAX_JSON_BYTES};
@@ -60,7 +61,10 @@ pub fn has_image(state: &StateDir, record: &InstanceRecord) -> bool {
 }
 
 /// Removes from the store every image no installed service uses, and every root filesystem
-/// and instance record of images or services no longer installed. Service data is kept.
+/// of images or services no longer installed, with the temporaries of unpacks that did not
+/// finish. Service data is kept. Only what the agent recognises as its own is removed
+/// (blobs named by their digest, root filesystems named by theirs, unpack temporaries): any
+/// other file found there is left alone, and is no reason to fail.
 pub fn prune(state: &StateDir, installed: &Installed) -> Result<()> {
     let keep: BTreeSet<String> = installed.services.values().map(InstanceRecord::store_tag).collect();
     prune_store(state, &keep)?;
@@ -70,15 +74,54 @@ pub fn prune(state: &StateDir, installed: &Installed) -> Result<()> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let wanted = installed.services.get(&name).map(|r| r.digest.hex());
         let rootfs_dir = entry.path().join("rootfs");
-        if let Ok(dirs) = fs::read_dir(&rootfs_dir) {
-            for dir in dirs.flatten() {
-                if Some(dir.file_name().to_string_lossy().into_owned()) != wanted {
-                    fs::remove_dir_all(dir.path()).ctx(|| format!("removing {}", dir.path().display()))?;
-                }
-            }
+        let Ok(entries) = fs::read_dir(&rootfs_dir) else { continue };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(kind) = entry.file_type() else { continue };
+            let path = entry.path();
+            let result = match RootfsEntry::parse(&name) {
+                Some(RootfsEntry::Rootfs(hex)) if kind.is_dir() && Some(hex) != wanted.as_deref() => fs::remove_dir_all(&path),
+                Some(RootfsEntry::Building) if kind.is_dir() => fs::remove_dir_all(&path),
+                Some(RootfsEntry::LayerTar) if kind.is_file() => fs::remove_file(&path),
+                _ => continue,
+            };
+            result.ctx(|| format!("removing {}", path.display()))?;
         }
     }
     Ok(())
+}
+
+/// What the agent keeps in a service's `rootfs/` directory (prune runs under the agent lock,
+/// so no unpack is under way and its temporaries are leftovers).
+#[derive(Debug, PartialEq, Eq)]
+enum RootfsEntry<'a> {
+    /// A root filesystem, named by its image's digest (hex).
+    Rootfs(&'a str),
+    /// The directory of an unpack that did not finish.
+    Building,
+    /// The decompressed layer of an unpack that did not finish.
+    LayerTar,
+}
+
+impl<'a> RootfsEntry<'a> {
+    fn parse(name: &'a str) -> Option<Self> {
+        if is_digest_hex(name) {
+            return Some(RootfsEntry::Rootfs(name));
+        }
+        // Temporaries are named after the root filesystem they build (see rootfs.rs).
+        let hex = name.strip_prefix('.')?.split('.').next()?;
+        match name {
+            _ if !is_digest_hex(hex) => None,
+            _ if name == building_name(hex) => Some(RootfsEntry::Building),
+            _ if name == layer_tar_name(hex) => Some(RootfsEntry::LayerTar),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `name` is the hex of a SHA-256 digest, as blobs and root filesystems are named.
+fn is_digest_hex(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn prune_store(state: &StateDir, keep: &BTreeSet<String>) -> Result<()> {
@@ -107,9 +150,46 @@ fn prune_store(state: &StateDir, keep: &BTreeSet<String>) -> Result<()> {
     let blobs = store.join("blobs").join("sha256");
     for entry in fs::read_dir(&blobs).ctx(|| format!("reading {}", blobs.display()))? {
         let entry = entry.ctx(|| format!("reading {}", blobs.display()))?;
-        if !referenced.contains(entry.file_name().to_string_lossy().as_ref()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_blob = is_digest_hex(&name) && entry.file_type().is_ok_and(|t| t.is_file());
+        if is_blob && !referenced.contains(&name) {
             fs::remove_file(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
         }
     }
     sync_parent(&blobs.join("x"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+
+    #[test]
+    fn prune_removes_only_what_it_recognises_and_stray_files_do_not_stop_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path().join("state")).unwrap();
+        let (kept, old) = (Digest::of(b"kept"), Digest::of(b"old"));
+        let record = InstanceRecord { image: "x".into(), digest: kept, release: "1".into(), environment: Default::default(), labels: Default::default() };
+        let installed = Installed { services: [("api".to_string(), record)].into(), ..Installed::default() };
+        let rootfs = state.rootfs("api", &kept);
+        let dir = rootfs.parent().unwrap().to_path_buf();
+        for d in [rootfs.clone(), state.rootfs("api", &old), dir.join(building_name(&old.hex())), dir.join(building_name(&kept.hex())), dir.join("notes")] {
+            fs::create_dir_all(d.join("etc")).unwrap();
+        }
+        // What a failed unpack leaves (its layer tar is a file, which remove_dir_all refuses),
+        // and files nobody knows.
+        fs::write(dir.join(layer_tar_name(&old.hex())), b"tar").unwrap();
+        fs::write(dir.join(layer_tar_name("x")), b"stray").unwrap();
+        fs::write(dir.join("README"), b"stray").unwrap();
+        fs::write(dir.join(old.hex()).with_extension("bak"), b"stray").unwrap();
+        fs::write(state.root().join("services").join("stray-file"), b"stray").unwrap();
+        prune(&state, &installed).unwrap();
+        let mut left: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        let mut expected = vec![kept.hex(), layer_tar_name("x"), "README".to_string(), format!("{}.bak", old.hex()), "notes".to_string()];
+        expected.sort();
+        assert_eq!(left, expected);
+        assert!(rootfs.join("etc").is_dir());
+        prune(&state, &installed).unwrap();
+    }
 }

@@ -14,7 +14,8 @@ use super::RegistryArgs;
 /// Flags of the agent itself.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The state directory (created if missing).
+    /// The state directory (created if missing; a relative path is taken from the current
+    /// directory, and services are given absolute paths into it).
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
     /// The target release: a release file or an http(s) URL serving one.
@@ -86,7 +87,8 @@ pub enum Action {
 pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     match action {
         Some(Action::Status { state }) => {
-            let state = StateDir::open(&state)?;
+            // Read only: a mistyped path is an error, not a new state directory.
+            let state = StateDir::open_existing(&state)?;
             let status = agent::status(&state, &ProcessRuntime::new(state.clone()))?;
             println!("{}", serde_json::to_string_pretty(&status)?);
             return Ok(ExitCode::SUCCESS);
@@ -129,7 +131,7 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progr
 }
 
 fn api(state: &Path, request: ApiRequest) -> anyhow::Result<ExitCode> {
-    let socket = StateDir::open(state)?.socket();
+    let socket = StateDir::open_existing(state)?.socket();
     let answer = agent::api::send(&socket, &request).with_context(|| format!("agent at {}", socket.display()))?;
     println!("{answer}");
     Ok(ExitCode::SUCCESS)
