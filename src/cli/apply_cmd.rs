@@ -36,7 +36,11 @@ pub fn run(
         println!("fetched {delta}: {} received, {} resumed downloads", super::human_bytes(f.received), f.resumes);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut out = serde_json::to_value(&report)?;
+        if let (Some(loaded), Some(map)) = (&published.loaded, out.as_object_mut()) {
+            map.insert("loaded".into(), serde_json::to_value(loaded)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     if let Some(loaded) = &published.loaded {

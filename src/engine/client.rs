@@ -212,9 +212,13 @@ impl Engine {
                 Ok::<_, bollard::errors::Error>(())
             });
             let written = writer.join().map_err(|_| Error::io("writing the archive", io::Error::other("the writer panicked")))?;
-            let stats = written?;
-            loaded.map_err(|e| self.error(format!("loading {}", image.config.digest), e))?;
-            Ok(stats)
+            match (written, loaded) {
+                (Ok(stats), Ok(())) => Ok(stats),
+                // The engine stopped reading: what it said (or why the request failed) is the cause.
+                (Err(Error::Io { source, .. }), Err(e)) if source.kind() == io::ErrorKind::BrokenPipe => Err(self.error(format!("loading {}", image.config.digest), e)),
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(self.error(format!("loading {}", image.config.digest), e)),
+            }
         })
     }
 }
