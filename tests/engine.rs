@@ -111,6 +111,12 @@ fn apply_into_the_engine_sends_only_missing_layers_and_tags_a_runnable_target() 
     let again = json_of(run(fd(home, &engine.host).args(["apply", "--json", "docker-daemon:app:v1", &format!("oci:{}", delta.display()), "docker-daemon:app:v2"])));
     assert_eq!(again["loaded"]["alreadyPresent"], true, "{again}");
     assert_eq!(engine.images(), expected);
+
+    // copy from a layout of gzip layers: decompressed on the way, then loaded and tagged.
+    let copied = json_of(run(fd(home, &engine.host).args(["copy", "--json", &format!("oci:{}:v3", dir.display()), "docker-daemon:app:v3"])));
+    assert_eq!(copied["loaded"]["tagged"], "app:v3", "{copied}");
+    assert_eq!(engine.image_id("app:v3"), config_digest(&dir, "v3"));
+    assert_runs(&engine, "app:v3", "v3");
 }
 
 #[test]
