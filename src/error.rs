@@ -121,6 +121,16 @@ pub enum Error {
         /// What went wrong, with the service's own reason when it gave one.
         reason: String,
     },
+    /// The container engine (Docker Engine API) refused a request, failed or could not be reached.
+    #[error("container engine {engine}: {what}: {reason}")]
+    Engine {
+        /// Where the engine was reached (`unix:///var/run/docker.sock`).
+        engine: String,
+        /// The request, e.g. "loading app:v2".
+        what: String,
+        /// The engine's message, or why it could not be reached.
+        reason: String,
+    },
     /// A path in a tar archive that would escape the extraction root.
     #[error("{what}: unsafe path {path:?} (absolute or containing '..')")]
     UnsafePath {

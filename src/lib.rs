@@ -6,6 +6,7 @@ pub mod apply;
 pub mod delta_store;
 pub mod diff;
 pub mod digest;
+pub mod engine;
 pub mod error;
 pub mod format;
 pub mod image;

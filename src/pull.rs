@@ -150,7 +150,7 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
                     let key = DeltaKey { source_config: image.config.digest, target_manifest: fetched.digest };
                     transfer.block_on(find_in_repository(transfer.client(), target, &key))?.and_then(|d| match d.reference {
                         ImageRef::Registry(reference) => Some(Candidate { reference, manifest: d.manifest, download: d.download }),
-                        ImageRef::Layout { .. } => None,
+                        ImageRef::Layout { .. } | ImageRef::Engine(_) => None,
                     })
                 }
             }

@@ -220,6 +220,8 @@ impl ImageCatalog for StoreCatalog<'_> {
                 let blob = layout.resolve(tag.as_deref())?;
                 (Manifest::parse(layout.read_blob(&blob, MAX_JSON_BYTES)?, Some(&blob.media_type))?, image.clone())
             }
+            // parse_release_image gives registry and layout references only.
+            ImageRef::Engine(_) => return Err(Error::unsupported(reference, "release images are registry images or OCI layouts")),
         };
         self.seen.borrow_mut().insert(manifest.digest, Seen { reference: pinned, config: manifest.config.digest });
         Ok(ResolvedImage { digest: manifest.digest, layers: manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect() })

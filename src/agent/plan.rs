@@ -158,6 +158,8 @@ impl ImageCatalog for AgentCatalog<'_> {
                 let blob = layout.resolve(tag.as_deref())?;
                 Manifest::parse(layout.read_blob(&blob, MAX_JSON_BYTES)?, Some(&blob.media_type))?
             }
+            // parse_release_image gives registry and layout references only.
+            ImageRef::Engine(_) => return Err(crate::error::Error::unsupported(reference, "release images are registry images or OCI layouts")),
         };
         Ok(ResolvedImage { digest: manifest.digest, layers: layers_of(&manifest) })
     }

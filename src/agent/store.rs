@@ -52,6 +52,8 @@ pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord
                 _ => Ok("copied from its layout".into()),
             }
         }
+        // parse_release_image gives registry and layout references only.
+        ImageRef::Engine(_) => Err(Error::unsupported(&to.image, "release images are registry images or OCI layouts")),
     }
 }
 

@@ -19,8 +19,10 @@ pub fn run(
     progress: &dyn Progress,
 ) -> anyhow::Result<()> {
     let (source, delta, output) = (ImageRef::parse(source)?, ImageRef::parse(delta)?, ImageRef::parse(output)?);
+    // The engine stores layers uncompressed: re-encoding them exactly would be wasted work.
+    let layers = if matches!(output, ImageRef::Engine(_)) { fleetdelta::LayerOutput::Uncompressed } else { layers.output() };
     let options = ApplyOptions {
-        layers: layers.output(),
+        layers,
         expect_target: expect_target.map(str::parse).transpose().context("--expect-target")?,
         max_layer_bytes: max_layer_size,
         jobs,
@@ -29,13 +31,20 @@ pub fn run(
     let (local_delta, fetched) = transfer.localize(&delta, progress).with_context(|| format!("fetching {delta}"))?;
     let staged = transfer.staging_for(&output)?;
     let report = apply(&local_source, &local_delta, &staged, &options, progress).with_context(|| format!("apply {delta} to {source}"))?;
-    transfer.publish(&staged, &output, progress).with_context(|| format!("pushing the rebuilt image to {output}"))?;
+    let published = transfer.publish_report(&staged, &output, progress).with_context(|| format!("writing the rebuilt image to {output}"))?;
     if let (Some(f), false) = (&fetched, json) {
         println!("fetched {delta}: {} received, {} resumed downloads", super::human_bytes(f.received), f.resumes);
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut out = serde_json::to_value(&report)?;
+        if let (Some(loaded), Some(map)) = (&published.loaded, out.as_object_mut()) {
+            map.insert("loaded".into(), serde_json::to_value(loaded)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
+    }
+    if let Some(loaded) = &published.loaded {
+        super::print_loaded(&output, loaded);
     }
     let identical = report.layers.iter().filter(|l| l.identical).count();
     println!("rebuilt {output}: every diff_id and the config digest {} verified", report.config);

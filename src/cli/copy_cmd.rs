@@ -17,6 +17,9 @@ pub fn run(transfer: &Transfer, json: bool, source: &str, destination: &str, pro
     if let Some(f) = &report.fetched {
         println!("  fetched {} blobs ({} received, {} resumed), reused {}", f.blobs_downloaded, human_bytes(f.received), f.resumes, f.blobs_reused);
     }
+    if let Some(loaded) = &report.loaded {
+        super::print_loaded(&destination, loaded);
+    }
     if let Some(p) = &report.pushed {
         println!("  pushed {} blobs ({}), {} already there or mounted", p.blobs_uploaded, human_bytes(p.bytes_uploaded), p.blobs_skipped);
     }

@@ -9,6 +9,9 @@ use super::{human_bytes, stdout_to_stderr, FidelityArg, LevelArg};
 pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: FidelityArg, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
     let level = level.level();
     let (source, target, delta) = (ImageRef::parse(source)?, ImageRef::parse(target)?, ImageRef::parse(delta)?);
+    if matches!(delta, ImageRef::Engine(_)) {
+        anyhow::bail!("a delta is not a runnable image: write it to oci:DIR[:TAG] or docker://..., not {delta}");
+    }
     let options = DiffOptions { level, max_layer_bytes: max_layer_size, fidelity: fidelity.fidelity() };
     let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
     let (local_target, _) = transfer.localize(&target, progress).with_context(|| format!("fetching {target}"))?;

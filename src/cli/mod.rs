@@ -37,7 +37,7 @@ const DEFAULT_RETRIES: u32 = 6;
 /// Seconds without a byte before a registry attempt fails, unless `--idle-timeout` says.
 const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 30;
 
-/// How registries (`docker://` references) are reached.
+/// How registries (`docker://` references) and the container engine (`docker-daemon:`) are reached.
 #[derive(Debug, clap::Args)]
 pub struct RegistryArgs {
     /// Registry (HOST[:PORT]) spoken to over plain HTTP; loopback addresses always are. Repeatable.
@@ -55,6 +55,10 @@ pub struct RegistryArgs {
     /// Seconds without receiving a byte before an attempt counts as failed [default: 30].
     #[arg(long, value_name = "SECONDS", global = true)]
     pub idle_timeout: Option<u64>,
+    /// The container engine of docker-daemon:NAME[:TAG] references (unix:///PATH or
+    /// tcp://HOST:PORT) [default: $DOCKER_HOST, else unix:///var/run/docker.sock].
+    #[arg(long, value_name = "URL", global = true)]
+    pub engine: Option<String>,
 }
 
 impl RegistryArgs {
@@ -77,7 +81,7 @@ impl RegistryArgs {
             Some(a) => ClientOptions { architecture: a.to_string(), ..options },
             None => options,
         };
-        Ok(Transfer::new(options)?)
+        Ok(Transfer::new(options)?.with_engine(self.engine.clone()))
     }
 }
 
@@ -128,7 +132,8 @@ pub enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
-        /// The image the devices have (oci:DIR[:TAG] or docker://HOST/REPO[:TAG|@DIGEST]).
+        /// The image the devices have (oci:DIR[:TAG], docker://HOST/REPO[:TAG|@DIGEST] or
+        /// docker-daemon:NAME[:TAG]).
         source: String,
         /// The image they need.
         target: String,
@@ -156,10 +161,12 @@ pub enum Command {
         source: String,
         /// The delta image.
         delta: String,
-        /// Where to write the rebuilt image.
+        /// Where to write the rebuilt image (into docker-daemon:NAME[:TAG], with plain layers,
+        /// tagged once the engine holds it verified).
         output: String,
     },
-    /// Copy an image between layouts and registries (oci:DIR[:TAG], docker://HOST/REPO[:TAG|@DIGEST]).
+    /// Copy an image between layouts, registries and the container engine (oci:DIR[:TAG],
+    /// docker://HOST/REPO[:TAG|@DIGEST], docker-daemon:NAME[:TAG]).
     Copy {
         /// Print the result as JSON.
         #[arg(long)]
@@ -169,9 +176,10 @@ pub enum Command {
         /// Where to put it.
         destination: String,
     },
-    /// Bring a registry image into a local layout using a delta from the image the device has.
+    /// Bring a registry image into a local layout or the container engine using a delta from
+    /// the image the device has.
     Pull {
-        /// The image the device has (a local layout).
+        /// The image the device has (a local layout or docker-daemon:NAME[:TAG]).
         #[arg(long, value_name = "IMAGE")]
         from: Option<String>,
         /// Use this delta instead of looking among the target's referrers.
@@ -194,7 +202,7 @@ pub enum Command {
         json: bool,
         /// The image wanted (docker://HOST/REPO[:TAG|@DIGEST]).
         target: String,
-        /// The local layout to write it to (oci:DIR[:TAG]).
+        /// The local layout to write it to (oci:DIR[:TAG]), or docker-daemon:NAME[:TAG].
         output: String,
     },
     /// The update from one release to another: per service removed, added, unchanged or
@@ -334,4 +342,20 @@ pub fn stdout_to_stderr<T>(f: impl FnOnce() -> T) -> T {
 /// Formats a byte count for people.
 pub fn human_bytes(n: u64) -> String {
     fleetdelta::info::human_bytes(n)
+}
+
+/// Says what loading into the container engine did.
+pub fn print_loaded(output: &fleetdelta::ImageRef, loaded: &fleetdelta::engine::LoadReport) {
+    let id = loaded.id.map(|d| d.to_string()).unwrap_or_default();
+    match &loaded.archive {
+        None => println!("{output}: the engine already had {id}; tagged {}", loaded.tagged),
+        Some(a) => println!(
+            "{output}: loaded {id} ({} sent, {} layers, {} already in the engine left out{}), verified, tagged {}",
+            human_bytes(a.archive_bytes),
+            a.layers_sent,
+            a.layers_omitted,
+            if loaded.resent_whole { "; resent whole after the engine refused" } else { "" },
+            loaded.tagged
+        ),
+    }
 }

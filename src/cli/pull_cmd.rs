@@ -34,11 +34,23 @@ pub fn run(transfer: &Transfer, args: &Args, target: &str, output: &str, progres
     };
     let from = from.map(ImageRef::parse).transpose()?;
     let output = ImageRef::parse(output)?;
-    let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers: layers.output(), ..ApplyOptions::default() } };
-    let report = pull(transfer, from.as_ref(), &target, &output, &options, progress).with_context(|| format!("pull docker://{target}"))?;
+    // From the engine, the device's image is exported to a scratch layout first; into it, the
+    // image is rebuilt in one with plain layers (what the engine stores), then loaded.
+    let from = match from {
+        Some(f) => Some(transfer.localize(&f, progress).with_context(|| format!("reading {f}"))?.0),
+        None => None,
+    };
+    let layers = if matches!(output, ImageRef::Engine(_)) { fleetdelta::LayerOutput::Uncompressed } else { layers.output() };
+    let staged = transfer.staging_for(&output)?;
+    let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers, ..ApplyOptions::default() } };
+    let report = pull(transfer, from.as_ref(), &target, &staged, &options, progress).with_context(|| format!("pull docker://{target}"))?;
+    let published = transfer.publish_report(&staged, &output, progress).with_context(|| format!("writing docker://{target} to {output}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
+    }
+    if let Some(loaded) = &published.loaded {
+        super::print_loaded(&output, loaded);
     }
     match &report.method {
         PullMethod::Unchanged => println!("{output} already has docker://{target} ({})", report.target_manifest),

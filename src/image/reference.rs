@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::engine::EngineRef;
 use crate::error::{Error, Result};
 use crate::registry::RegistryRef;
 
@@ -23,11 +24,14 @@ pub enum ImageRef {
     },
     /// `docker://HOST[:PORT]/REPO[:TAG][@DIGEST]`: an image in a registry.
     Registry(RegistryRef),
+    /// `docker-daemon:NAME[:TAG]`: an image in the container engine's store (Docker,
+    /// balena-engine), reached at `$DOCKER_HOST` or `--engine` (see [`crate::engine`]).
+    Engine(EngineRef),
 }
 
 impl ImageRef {
-    /// Parses `oci:DIR[:TAG]` or `docker://HOST[:PORT]/REPO[:TAG][@DIGEST]`. As in skopeo, an
-    /// `oci:` directory ends at the first `:`.
+    /// Parses `oci:DIR[:TAG]`, `docker://HOST[:PORT]/REPO[:TAG][@DIGEST]` or
+    /// `docker-daemon:NAME[:TAG]`. As in skopeo, an `oci:` directory ends at the first `:`.
     pub fn parse(reference: &str) -> Result<Self> {
         let invalid = |reason: &str| Error::InvalidReference { reference: reference.to_string(), reason: reason.to_string() };
         let (transport, rest) = reference
@@ -53,7 +57,8 @@ impl ImageRef {
                 Some(name) => Ok(ImageRef::Registry(RegistryRef::parse(name)?)),
                 None => Err(invalid("expected docker://HOST[:PORT]/REPO[:TAG|@DIGEST]")),
             },
-            other => Err(invalid(&format!("unknown transport {other:?}; supported: oci, docker"))),
+            "docker-daemon" => Ok(ImageRef::Engine(EngineRef::parse(rest)?)),
+            other => Err(invalid(&format!("unknown transport {other:?}; supported: oci, docker, docker-daemon"))),
         }
     }
 
@@ -62,6 +67,7 @@ impl ImageRef {
         match self {
             ImageRef::Layout { tag, .. } => tag.as_deref().unwrap_or(DEFAULT_TAG),
             ImageRef::Registry(r) => r.tag.as_deref().unwrap_or(DEFAULT_TAG),
+            ImageRef::Engine(e) => e.tag_or_default(),
         }
     }
 
@@ -70,9 +76,9 @@ impl ImageRef {
     pub fn local(&self) -> Result<(&std::path::Path, Option<&str>)> {
         match self {
             ImageRef::Layout { dir, tag } => Ok((dir, tag.as_deref())),
-            ImageRef::Registry(_) => Err(Error::InvalidReference {
+            ImageRef::Registry(_) | ImageRef::Engine(_) => Err(Error::InvalidReference {
                 reference: self.to_string(),
-                reason: "a local OCI layout (oci:DIR[:TAG]) is needed here; fetch registry images first".into(),
+                reason: "a local OCI layout (oci:DIR[:TAG]) is needed here; fetch registry and engine images first".into(),
             }),
         }
     }
@@ -89,6 +95,7 @@ impl fmt::Display for ImageRef {
             ImageRef::Layout { dir, tag: Some(tag) } => write!(f, "oci:{}:{tag}", dir.display()),
             ImageRef::Layout { dir, tag: None } => write!(f, "oci:{}", dir.display()),
             ImageRef::Registry(r) => write!(f, "docker://{r}"),
+            ImageRef::Engine(e) => write!(f, "docker-daemon:{e}"),
         }
     }
 }
@@ -121,11 +128,15 @@ mod tests {
         assert!(remote.is_remote());
         assert_eq!(remote.to_string(), "docker://127.0.0.1:5000/fleet/app:v2");
         assert_eq!(remote.tag_or_default(), "v2");
+        let engine = ImageRef::parse("docker-daemon:app:v2").unwrap();
+        assert_eq!(engine, ImageRef::Engine(EngineRef { name: "app".into(), tag: Some("v2".into()) }));
+        assert_eq!((engine.to_string().as_str(), engine.tag_or_default(), engine.is_remote()), ("docker-daemon:app:v2", "v2", false));
+        assert!(engine.local().is_err());
     }
 
     #[test]
     fn rejects_bad_references_with_a_reason() {
-        for bad in ["dir", "oci:", "oci:dir:", "oci:dir:a/b", "ftp:x", "docker:host/repo", "docker://Host.io/Repo"] {
+        for bad in ["dir", "oci:", "oci:dir:", "oci:dir:a/b", "ftp:x", "docker:host/repo", "docker://Host.io/Repo", "docker-daemon:", "docker-daemon:App"] {
             let err = ImageRef::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }

@@ -4,14 +4,15 @@
 //!
 //! - [`fetch`] copies registry -> layout, skipping what the destination already holds.
 //! - [`push`] copies layout -> registry, with mounts and the referrers fallback tag.
-//! - [`Transfer`] is the synchronous front: `localize`, `staging_for`, `publish`, `copy`.
+//! - [`Transfer`] is the synchronous front: `localize`, `staging_for`, `publish`, `copy`;
+//!   it also reaches the container engine (`docker-daemon:` references, [`crate::engine`]).
 
 pub mod fetch;
 pub mod push;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use serde::Serialize;
 use tempfile::TempDir;
@@ -20,6 +21,8 @@ pub use fetch::{fetch_image, FetchReport};
 pub use push::{push_image, PushReport};
 
 use crate::digest::Digest;
+use crate::engine::client::EngineImage;
+use crate::engine::{Engine, EngineRef, LoadReport, DEFAULT_ENGINE_HOST};
 use crate::error::{Error, IoContext, Result};
 use crate::image::manifest::{BlobRef, MAX_JSON_BYTES};
 use crate::image::{ImageRef, Layout, LayoutWriter};
@@ -36,16 +39,37 @@ pub struct CopyReport {
     pub fetched: Option<FetchReport>,
     /// What was pushed, when the destination is a registry.
     pub pushed: Option<PushReport>,
+    /// What was loaded, when the destination is the container engine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded: Option<LoadReport>,
 }
 
-/// Registry access for synchronous callers: owns a tokio runtime, a [`Client`] and a scratch
-/// directory (removed on drop) where registry images are staged.
+/// What [`Transfer::publish_report`] did with a staged image.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Published {
+    /// What was pushed, when the destination is a registry.
+    pub pushed: Option<PushReport>,
+    /// What was loaded, when the destination is the container engine.
+    pub loaded: Option<LoadReport>,
+}
+
+/// Largest layer accepted from the container engine's export.
+const MAX_ENGINE_LAYER_BYTES: u64 = 64 << 30;
+
+/// Registry and engine access for synchronous callers: owns a tokio runtime, a [`Client`],
+/// the container engine's connection (made when first needed) and a scratch directory
+/// (removed on drop) where registry and engine images are staged.
 #[derive(Debug)]
 pub struct Transfer {
     runtime: tokio::runtime::Runtime,
     client: Client,
     scratch: OnceLock<TempDir>,
     counter: AtomicUsize,
+    engine_host: String,
+    engine: OnceLock<Engine>,
+    /// Images read from the engine: their layers are in it, so loads leave them out.
+    engine_images: Mutex<Vec<EngineImage>>,
 }
 
 impl Transfer {
@@ -56,7 +80,35 @@ impl Transfer {
             .enable_all()
             .build()
             .ctx(|| "starting the async runtime".into())?;
-        Ok(Transfer { runtime, client: Client::new(options)?, scratch: OnceLock::new(), counter: AtomicUsize::new(0) })
+        let engine_host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| DEFAULT_ENGINE_HOST.to_string());
+        Ok(Transfer {
+            runtime,
+            client: Client::new(options)?,
+            scratch: OnceLock::new(),
+            counter: AtomicUsize::new(0),
+            engine_host,
+            engine: OnceLock::new(),
+            engine_images: Mutex::default(),
+        })
+    }
+
+    /// The same transfer reaching the container engine at `host` (`unix:///PATH`,
+    /// `tcp://HOST:PORT`) instead of `$DOCKER_HOST` or [`DEFAULT_ENGINE_HOST`].
+    pub fn with_engine(mut self, host: Option<String>) -> Self {
+        if let Some(host) = host {
+            self.engine_host = host;
+            self.engine = OnceLock::new();
+        }
+        self
+    }
+
+    /// The container engine, connected on first use.
+    pub fn engine(&self) -> Result<&Engine> {
+        if let Some(engine) = self.engine.get() {
+            return Ok(engine);
+        }
+        let engine = Engine::connect(&self.engine_host, self.runtime.handle().clone())?;
+        Ok(self.engine.get_or_init(|| engine))
     }
 
     /// The registry client.
@@ -80,7 +132,13 @@ impl Transfer {
     /// A local reference to `image`: itself for a layout; for a registry image, a verified
     /// copy fetched into the scratch layout (blobs shared by several fetched images are
     /// fetched once).
+    ///
+    /// An engine image is exported into the scratch layout, its config byte for byte and its
+    /// layers uncompressed (see [`Engine::export`]).
     pub fn localize(&self, image: &ImageRef, progress: &dyn Progress) -> Result<(ImageRef, Option<FetchReport>)> {
+        if let ImageRef::Engine(e) = image {
+            return Ok((self.export_from_engine(e)?, None));
+        }
         let ImageRef::Registry(r) = image else { return Ok((image.clone(), None)) };
         let dir = self.scratch()?.join("fetched");
         let tag = format!("image-{}", self.counter.fetch_add(1, Ordering::Relaxed));
@@ -90,11 +148,21 @@ impl Transfer {
         Ok((ImageRef::Layout { dir, tag: Some(tag) }, Some(report)))
     }
 
+    fn export_from_engine(&self, image: &EngineRef) -> Result<ImageRef> {
+        let dir = self.scratch()?.join("fetched");
+        let tag = format!("image-{}", self.counter.fetch_add(1, Ordering::Relaxed));
+        let writer = LayoutWriter::create(&dir)?;
+        let (manifest, found) = self.engine()?.export(image, &writer, MAX_ENGINE_LAYER_BYTES)?;
+        writer.commit(&manifest, &tag)?;
+        self.engine_images.lock().unwrap_or_else(|e| e.into_inner()).push(found);
+        Ok(ImageRef::Layout { dir, tag: Some(tag) })
+    }
+
     /// Where to write an image meant for `dest`: `dest` itself for a layout, a fresh scratch
-    /// layout for a registry (then [`Transfer::publish`] it).
+    /// layout for a registry or the engine (then [`Transfer::publish`] it).
     pub fn staging_for(&self, dest: &ImageRef) -> Result<ImageRef> {
         match dest {
-            ImageRef::Registry(_) => {
+            ImageRef::Registry(_) | ImageRef::Engine(_) => {
                 let dir = self.scratch()?.join(format!("out-{}", self.counter.fetch_add(1, Ordering::Relaxed)));
                 Ok(ImageRef::Layout { dir, tag: Some(dest.tag_or_default().to_string()) })
             }
@@ -105,16 +173,53 @@ impl Transfer {
     /// Pushes what was written to `staged` (from [`Transfer::staging_for`]) to `dest`; nothing
     /// to do when `dest` is a layout.
     pub fn publish(&self, staged: &ImageRef, dest: &ImageRef, progress: &dyn Progress) -> Result<Option<PushReport>> {
-        let (ImageRef::Registry(r), ImageRef::Layout { dir, tag }) = (dest, staged) else { return Ok(None) };
+        Ok(self.publish_report(staged, dest, progress)?.pushed)
+    }
+
+    /// Like [`Transfer::publish`], also for the engine: the image is loaded untagged, verified
+    /// there (ID = config digest, layers = diff_ids) and only then tagged `dest`; layers of
+    /// images read from the engine, and of the image `dest` names now, are not sent again.
+    pub fn publish_report(&self, staged: &ImageRef, dest: &ImageRef, progress: &dyn Progress) -> Result<Published> {
+        let ImageRef::Layout { dir, tag } = staged else { return Ok(Published::default()) };
+        match dest {
+            ImageRef::Registry(r) => {
+                let layout = Layout::open(dir)?;
+                let report = self.block_on(push_image(&self.client, &layout, tag.as_deref(), r, None, progress))?;
+                Ok(Published { pushed: Some(report), loaded: None })
+            }
+            ImageRef::Engine(e) => Ok(Published { pushed: None, loaded: Some(self.load_into_engine(dir, tag.as_deref(), e)?) }),
+            ImageRef::Layout { .. } => Ok(Published::default()),
+        }
+    }
+
+    fn load_into_engine(&self, dir: &std::path::Path, tag: Option<&str>, dest: &EngineRef) -> Result<LoadReport> {
+        let engine = self.engine()?;
         let layout = Layout::open(dir)?;
-        let report = self.block_on(push_image(&self.client, &layout, tag.as_deref(), r, None, progress))?;
-        Ok(Some(report))
+        let image = layout.load_image(tag)?;
+        let mut known = self.engine_images.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        known.extend(engine.inspect(&dest.api_name())?);
+        let scratch = tempfile::Builder::new().prefix("load-").tempdir_in(self.scratch()?).ctx(|| "creating a scratch directory".into())?;
+        engine.load(&layout, &image, dest, &known, scratch.path())
     }
 
     /// Copies the image `src` names to `dst`, between any two transports, verifying every
     /// blob. Blobs the destination holds are not transferred; between repositories of one
     /// registry, blobs are mounted instead of downloaded and uploaded again.
+    ///
+    /// From the engine, the image is exported first; into it, staged and loaded (see
+    /// [`Transfer::publish_report`]).
     pub fn copy(&self, src: &ImageRef, dst: &ImageRef, progress: &dyn Progress) -> Result<CopyReport> {
+        if let ImageRef::Engine(e) = src {
+            let local = self.export_from_engine(e)?;
+            return self.copy(&local, dst, progress);
+        }
+        if let ImageRef::Engine(e) = dst {
+            let staged = self.staging_for(dst)?;
+            let mut report = self.copy(src, &staged, progress)?;
+            let (dir, tag) = staged.local()?;
+            report.loaded = Some(self.load_into_engine(dir, tag, e)?);
+            return Ok(report);
+        }
         match (src, dst) {
             (ImageRef::Layout { dir, tag }, ImageRef::Layout { dir: out, .. }) => {
                 let from = Layout::open(dir)?;
@@ -133,13 +238,14 @@ impl Transfer {
                 let writer = LayoutWriter::create(out)?;
                 let (manifest, _, report) = self.block_on(fetch_image(&self.client, r, &writer, &[], &[], progress))?;
                 writer.commit(&manifest, dst.tag_or_default())?;
-                Ok(CopyReport { manifest: Some(manifest.digest), fetched: Some(report), pushed: None })
+                Ok(CopyReport { manifest: Some(manifest.digest), fetched: Some(report), pushed: None, loaded: None })
             }
             (ImageRef::Layout { dir, tag }, ImageRef::Registry(r)) => {
                 let report = self.block_on(push_image(&self.client, &Layout::open(dir)?, tag.as_deref(), r, None, progress))?;
-                Ok(CopyReport { manifest: Some(report.manifest), fetched: None, pushed: Some(report) })
+                Ok(CopyReport { manifest: Some(report.manifest), fetched: None, pushed: Some(report), loaded: None })
             }
             (ImageRef::Registry(from), ImageRef::Registry(to)) => self.copy_between_registries(from, to, progress),
+            (ImageRef::Engine(_), _) | (_, ImageRef::Engine(_)) => unreachable!("engine images are staged above"),
         }
     }
 
@@ -169,6 +275,6 @@ impl Transfer {
         writer.commit(&manifest, "copy")?;
         let layout = Layout::open(&dir)?;
         let pushed = self.block_on(push_image(&self.client, &layout, Some("copy"), to, same_registry.then_some(from.repository.as_str()), progress))?;
-        Ok(CopyReport { manifest: Some(manifest.digest), fetched: Some(fetched), pushed: Some(pushed) })
+        Ok(CopyReport { manifest: Some(manifest.digest), fetched: Some(fetched), pushed: Some(pushed), loaded: None })
     }
 }

@@ -13,6 +13,7 @@ use fleetdelta::layer::Compression;
 use fleetdelta::{Digest, ImageRef};
 use serde_json::{json, Value};
 
+pub mod engine;
 pub mod registry;
 
 /// A command from Debian's packages that the test needs; fails (never skips) without it.
