@@ -625,18 +625,6 @@ fn lying_corrected_encodings_are_refused_and_nothing_is_written() {
 
 // ---- Reliability: output bounded by the target, nothing trusted unchecked, nothing left ----
 
-/// Random bytes: a layer no source has a partner for, carried whole as a `blob` payload.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// Like [`Fixture::new`], with a third target layer of noise that the delta carries whole.
 fn blob_fixture() -> Fixture {
@@ -644,7 +632,7 @@ fn blob_fixture() -> Fixture {
     let root = dir.path().to_path_buf();
     let base: Tree = (0..10).map(|i| (format!("base/{i}"), file(text(i, 4000)))).collect();
     let app: Tree = (0..10).map(|i| (format!("app/{i}"), file(text(50 + i, 30_000)))).collect();
-    let extra: Tree = [("extra/noise".to_string(), file(noise(3, 200_000)))].into();
+    let extra: Tree = [("extra/noise".to_string(), file(random(200_000, 3)))].into();
     write_image(&root.join("s"), "latest", &[layer_tar(&base), layer_tar(&app)], Compression::Gzip);
     write_image(&root.join("t"), "latest", &[layer_tar(&base), layer_tar(&app), layer_tar(&extra)], Compression::Gzip);
     diff(&oci(&root.join("s")), &oci(&root.join("t")), &oci(&root.join("d")), &DiffOptions { level: Level::Fast, ..Default::default() }, &Silent).unwrap();
@@ -752,35 +740,19 @@ fn patches_whose_records_produce_nothing_are_refused() {
 /// that only checks of the target's own descriptors can catch `edit`.
 fn forge_target_manifest(delta: &Path, edit: impl FnOnce(&mut Value)) {
     reseal(delta, |tars, manifest| {
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut archive = tar::Archive::new(&tars[0][..]);
-        for e in archive.entries().unwrap() {
-            let mut e = e.unwrap();
-            let name = e.path().unwrap().to_string_lossy().into_owned();
-            let mut data = Vec::new();
-            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
-            files.push((name, data));
-        }
-        let mut target: Value = serde_json::from_slice(&files.iter().find(|(n, _)| n == "target-manifest.json").unwrap().1).unwrap();
-        edit(&mut target);
-        let target = serde_json::to_vec(&target).unwrap();
+        let mut target = Vec::new();
+        tars[0] = retar_file(&tars[0], "target-manifest.json", |raw| {
+            let mut m: Value = serde_json::from_slice(raw).unwrap();
+            edit(&mut m);
+            *raw = serde_json::to_vec(&m).unwrap();
+            target = raw.clone();
+        });
         let digest = fleetdelta::Digest::of(&target).to_string();
-        let mut b = tar::Builder::new(Vec::new());
-        for (name, data) in &mut files {
-            if name == "target-manifest.json" {
-                *data = target.clone();
-            } else if name == "delta.json" {
-                let mut plan: Value = serde_json::from_slice(data).unwrap();
-                plan["target"]["manifest"] = Value::from(digest.clone());
-                *data = serde_json::to_vec(&plan).unwrap();
-            }
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, &*name, &data[..]).unwrap();
-        }
-        tars[0] = b.into_inner().unwrap();
+        tars[0] = retar_file(&tars[0], "delta.json", |raw| {
+            let mut plan: Value = serde_json::from_slice(raw).unwrap();
+            plan["target"]["manifest"] = Value::from(digest.clone());
+            *raw = serde_json::to_vec(&plan).unwrap();
+        });
         manifest["annotations"]["io.fleetdelta.target.manifest"] = Value::from(digest.clone());
         manifest["subject"]["digest"] = Value::from(digest);
         manifest["subject"]["size"] = Value::from(target.len());
@@ -893,29 +865,11 @@ fn delta_json_must_name_the_config_of_the_embedded_target_manifest() {
     let f = Fixture::new();
     let other = fleetdelta::Digest::of(b"another config").to_string();
     reseal(&f.path("d"), |tars, manifest| {
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut archive = tar::Archive::new(&tars[0][..]);
-        for e in archive.entries().unwrap() {
-            let mut e = e.unwrap();
-            let name = e.path().unwrap().to_string_lossy().into_owned();
-            let mut data = Vec::new();
-            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
-            if name == "delta.json" {
-                let mut plan: Value = serde_json::from_slice(&data).unwrap();
-                plan["target"]["config"] = Value::from(other.clone());
-                data = serde_json::to_vec(&plan).unwrap();
-            }
-            files.push((name, data));
-        }
-        let mut b = tar::Builder::new(Vec::new());
-        for (name, data) in &files {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, name, &data[..]).unwrap();
-        }
-        tars[0] = b.into_inner().unwrap();
+        tars[0] = retar_file(&tars[0], "delta.json", |raw| {
+            let mut plan: Value = serde_json::from_slice(raw).unwrap();
+            plan["target"]["config"] = Value::from(other.clone());
+            *raw = serde_json::to_vec(&plan).unwrap();
+        });
         manifest["annotations"]["io.fleetdelta.target.config"] = Value::from(other.clone());
     });
     let err = f.apply_fails("s", "o");

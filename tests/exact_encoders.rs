@@ -6,6 +6,9 @@
 //! golang-1.27, which `tools/test` installs into a cache and names in
 //! `FLEETDELTA_GO127_ROOT`); a missing tool fails the test.
 
+mod common;
+
+use common::random;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -100,18 +103,6 @@ fn build_exact_gen(name: &str, go: &Path, goroot: Option<&Path>) -> PathBuf {
     bin
 }
 
-/// Deterministic pseudo-random bytes.
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 /// Word soup with a skewed vocabulary: compresses like source text.
 fn text(len: usize, seed: u64) -> Vec<u8> {

@@ -532,3 +532,16 @@ pub fn zips_pair(dir: &Path) -> ZipsPair {
     write_image(&t, "latest", &[layer_tar(&base), layer_tar(&target)], Compression::Gzip);
     ZipsPair { source: s, target: t, expandable, changed_zip_bytes }
 }
+
+/// Deterministic pseudo-random bytes.
+pub fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
