@@ -340,6 +340,43 @@ mod tests {
     }
 
     #[test]
+    fn hostile_archives_are_refused_by_name() {
+        fn archive(entries: &[(&str, &[u8], Option<&str>)]) -> Vec<u8> {
+            let mut b = tar::Builder::new(Vec::new());
+            for (path, data, link) in entries {
+                let mut h = tar::Header::new_gnu();
+                h.set_mode(0o644);
+                match link {
+                    Some(target) => {
+                        h.set_entry_type(tar::EntryType::Symlink);
+                        h.set_size(0);
+                        b.append_link(&mut h, path, target).unwrap();
+                    }
+                    None => {
+                        h.set_size(data.len() as u64);
+                        b.append_data(&mut h, path, *data).unwrap();
+                    }
+                }
+            }
+            b.into_inner().unwrap()
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let w = LayoutWriter::create(&dir.path().join("x")).unwrap();
+        let config = Digest::of(b"{}");
+        let cases: [(&str, Vec<u8>); 4] = [
+            ("no manifest.json", archive(&[("other", b"x", None)])),
+            ("manifest.json not JSON", archive(&[("manifest.json", b"[{", None)])),
+            ("two images", archive(&[("manifest.json", br#"[{"Config":"c","Layers":[]},{"Config":"c","Layers":[]}]"#, None)])),
+            ("a loop of links", archive(&[("manifest.json", br#"[{"Config":"a","Layers":[]}]"#, None), ("a", b"", Some("b")), ("b", b"", Some("a"))])),
+        ];
+        for (name, bytes) in cases {
+            let err = read_archive(&bytes[..], &w, &config, 1 << 20, "app:v2").unwrap_err();
+            assert!(matches!(err, Error::NotFound(_) | Error::Malformed { .. }), "{name}: {err}");
+            assert!(err.to_string().contains("app:v2"), "{name}: {err}");
+        }
+    }
+
+    #[test]
     fn normalizes_archive_paths() {
         for (input, expected) in [("./manifest.json", "manifest.json"), ("a//b/", "a/b"), ("x/../blobs/sha256/ab", "blobs/sha256/ab")] {
             assert_eq!(normalize(input), expected);
