@@ -98,6 +98,26 @@ struct Candidate {
     download: u64,
 }
 
+/// [`pull`] between any transports, as a device on a container engine runs it: `from` may be
+/// an engine image (exported into a scratch layout first, its layers then left out of the
+/// load), and `output` the engine (the target is rebuilt with plain layers, the only kind
+/// the engine stores, then loaded, verified and tagged last; see
+/// [`Transfer::publish_report`]) or a registry. A layout `output` is written in place.
+pub fn pull_into(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, output: &ImageRef, options: &PullOptions, progress: &dyn Progress) -> Result<(PullReport, crate::transfer::Published)> {
+    let from = match from {
+        Some(f) => Some(transfer.localize(f, progress)?.0),
+        None => None,
+    };
+    let mut options = options.clone();
+    if matches!(output, ImageRef::Engine(_)) {
+        options.apply.layers = crate::apply::LayerOutput::Uncompressed;
+    }
+    let staged = transfer.staging_for(output)?;
+    let report = pull(transfer, from.as_ref(), target, &staged, &options, progress)?;
+    let published = transfer.publish_report(&staged, output, progress)?;
+    Ok((report, published))
+}
+
 /// Pulls `target` into `output` (a layout; the device's store may be the layout of `from`),
 /// using a delta from `from` when one exists. Every blob and digest is verified before the
 /// output is committed; a failed pull leaves `output` as it was.

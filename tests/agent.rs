@@ -101,7 +101,7 @@ impl Device {
     fn agent_on(&self, state: &Path, target: &Path, extra: &[&str]) -> Command {
         let mut c = fleetdelta();
         c.env("HOME", self.tmp.path()).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE");
-        c.args(["--quiet", "agent", "--once", "--json", "--stop-timeout", "3", "--state"]).arg(state).arg("--target").arg(target).args(extra);
+        c.args(["--quiet", "agent", "--runtime", "process", "--once", "--json", "--stop-timeout", "3", "--state"]).arg(state).arg("--target").arg(target).args(extra);
         if !extra.contains(&"--stagger") {
             c.args(["--stagger", "0.05"]);
         }
@@ -313,7 +313,7 @@ fn a_held_lock_blocks_only_its_own_service_and_the_request_says_why() {
     assert_eq!(request["reason"], "update_restart");
     assert_eq!(request["target_release"], "2");
     assert!(request["since"].as_str().unwrap().ends_with('Z'), "{request}");
-    assert_eq!(request["api"], d.state().join("agent.sock").display().to_string());
+    assert_eq!(request["api"], d.state().join("api/agent.sock").display().to_string());
     wait_for("web's environment change", || d.starts("web").last().is_some_and(|e| e.mode == "fast"));
     assert!(d.request("web").is_none(), "web was not held back");
     std::thread::sleep(Duration::from_millis(300));
@@ -338,7 +338,7 @@ fn a_service_says_go_ahead_through_the_local_api_while_holding_its_lock() {
     let agent = d.agent(&r2, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for("api's release request", || d.request("api").is_some());
 
-    let status = run(fleetdelta().args(["agent", "status", "--state"]).arg(d.state()));
+    let status = run(fleetdelta().args(["agent", "status", "--runtime", "process", "--state"]).arg(d.state()));
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["updating_to"], "2");
     assert_eq!(status["waiting"][0]["service"], "api");
@@ -725,7 +725,7 @@ fn a_relative_state_directory_gives_services_absolute_paths() {
     assert_eq!(self::report(&out)["complete"], true);
     let (env, _) = d.reported(&report_file);
     let state = d.state().canonicalize().unwrap();
-    for (key, expected) in [("FLEETDELTA_LOCK", state.join("locks/api/updates.lock")), ("FLEETDELTA_DATA", state.join("services/api/data")), ("FLEETDELTA_API", state.join("agent.sock"))] {
+    for (key, expected) in [("FLEETDELTA_LOCK", state.join("locks/api/updates.lock")), ("FLEETDELTA_DATA", state.join("services/api/data")), ("FLEETDELTA_API", state.join("api/agent.sock"))] {
         let value = env_value(&env, key);
         assert!(value.starts_with('/'), "{key}={value}");
         assert_eq!(Path::new(value).canonicalize().unwrap(), expected, "{key}");

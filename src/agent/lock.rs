@@ -1,12 +1,23 @@
 //! Per-service update locks and the requests that say why the agent waits for them.
 //!
-//! A service holds back its own updates by taking `<state>/locks/<service>/updates.lock` with
-//! flock(2) (shared or exclusive; `flock FILE command` from util-linux will do). The agent takes
-//! the same lock, exclusively and without blocking, before it stops, restarts or replaces the
-//! service, and holds it until the switch is committed. While the lock is held by someone
-//! else, the agent writes `release-request` beside it and removes it once it no longer waits.
+//! A service holds back its own updates in either of two ways:
+//! - fleetdelta's: flock(2) on `<state>/locks/<service>/updates.lock` (shared or exclusive;
+//!   `flock FILE command` from util-linux or busybox will do);
+//! - balena's lockfile convention: `<state>/locks/<service>/balena/updates.lock` (mounted at
+//!   `/tmp/balena/updates.lock` in the service's containers) is held while it exists. Create
+//!   it with `O_CREAT|O_EXCL` (`lockfile`, or `set -C; : > FILE` in a shell), remove it when
+//!   done. A flock on it counts too, since the file then exists.
+//!
+//! The agent takes both, without blocking, before it stops, restarts or replaces the service,
+//! and holds them until the switch is committed: the flock exclusively, and the lockfile by
+//! creating it exclusively with [`AGENT_MARK`] inside, as balena's supervisor does (a new
+//! instance that takes its lock at start-up waits until then). A lockfile with the mark that
+//! a killed agent left is the agent's own and taken over: only one agent runs per state
+//! directory. While a lock is held by someone else, the agent writes `release-request` beside
+//! both files and removes it once it no longer waits.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -74,8 +85,10 @@ pub fn write_request(state: &StateDir, service: &str, reason: Reason, target_rel
         since_unix: now,
         api: state.socket(),
     };
-    fs::create_dir_all(state.lock_dir(service)).ctx(|| format!("creating {}", state.lock_dir(service).display()))?;
-    write_file(&path, &serde_json::to_vec_pretty(&request).expect("requests serialize"))?;
+    fs::create_dir_all(state.balena_dir(service)).ctx(|| format!("creating {}", state.balena_dir(service).display()))?;
+    let bytes = serde_json::to_vec_pretty(&request).expect("requests serialize");
+    write_file(&path, &bytes)?;
+    write_file(&state.balena_dir(service).join(REQUEST_FILE), &bytes)?;
     Ok(request)
 }
 
@@ -86,31 +99,83 @@ pub fn read_request(path: &Path) -> Option<ReleaseRequest> {
 
 /// Removes the service's request: the agent no longer waits for its lock.
 pub fn remove_request(state: &StateDir, service: &str) -> Result<()> {
-    let path = state.request_file(service);
-    match fs::remove_file(&path) {
-        Ok(()) => sync_parent(&path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(crate::Error::io(format!("removing {}", path.display()), e)),
+    for path in [state.request_file(service), state.balena_dir(service).join(REQUEST_FILE)] {
+        match fs::remove_file(&path) {
+            Ok(()) => sync_parent(&path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(crate::Error::io(format!("removing {}", path.display()), e)),
+        }
     }
+    Ok(())
 }
 
-/// A service's update lock, held by the agent until dropped.
+/// The request's file name, in both lock directories.
+const REQUEST_FILE: &str = "release-request";
+/// balena's lock file, in `<lock dir>/balena/` (`/tmp/balena/` in containers).
+pub const BALENA_LOCK_FILE: &str = "updates.lock";
+/// What the agent writes into balena's lock file while it holds it: tells its own (a killed
+/// agent's) lock from a service's.
+pub const AGENT_MARK: &[u8] = b"fleetdelta-agent\n";
+
+/// A service's update lock, held by the agent until dropped (the flock is released and
+/// balena's lock file removed).
 #[derive(Debug)]
 pub struct ServiceLock {
     _file: File,
+    balena: PathBuf,
 }
 
 impl ServiceLock {
-    /// Takes the service's lock if nobody holds it; `None` when someone does.
+    /// Takes the service's lock if nobody holds it; `None` when someone does (a flock on
+    /// `updates.lock`, or balena's lock file).
     pub fn try_acquire(state: &StateDir, service: &str) -> Result<Option<ServiceLock>> {
         state.prepare_service(service)?;
         let path = state.lock_file(service);
         let file = OpenOptions::new().read(true).write(true).open(&path).ctx(|| format!("opening {}", path.display()))?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(ServiceLock { _file: file })),
-            Err(TryLockError::WouldBlock) => Ok(None),
-            Err(TryLockError::Error(e)) => Err(crate::Error::io(format!("locking {}", path.display()), e)),
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Ok(None),
+            Err(TryLockError::Error(e)) => return Err(crate::Error::io(format!("locking {}", path.display()), e)),
         }
+        let balena = state.balena_dir(service).join(BALENA_LOCK_FILE);
+        if !take_lockfile(&balena)? {
+            return Ok(None);
+        }
+        Ok(Some(ServiceLock { _file: file, balena }))
+    }
+}
+
+impl Drop for ServiceLock {
+    fn drop(&mut self) {
+        // Only a file with the agent's mark is removed: never a service's.
+        if fs::read(&self.balena).is_ok_and(|b| b == AGENT_MARK) {
+            let _ = fs::remove_file(&self.balena);
+        }
+    }
+}
+
+/// Takes balena's lock file by creating it exclusively with the agent's mark. `false` when a
+/// service holds it (the file exists without the mark).
+fn take_lockfile(path: &Path) -> Result<bool> {
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(mut file) => {
+            file.write_all(AGENT_MARK).ctx(|| format!("writing {}", path.display()))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match fs::read(path) {
+            Ok(bytes) => Ok(bytes == AGENT_MARK),
+            // Removed meanwhile: try once more.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match OpenOptions::new().write(true).create_new(true).open(path) {
+                Ok(mut file) => {
+                    file.write_all(AGENT_MARK).ctx(|| format!("writing {}", path.display()))?;
+                    Ok(true)
+                }
+                Err(_) => Ok(false),
+            },
+            // A file the agent may not read is not the agent's.
+            Err(_) => Ok(false),
+        },
+        Err(e) => Err(crate::Error::io(format!("creating {}", path.display()), e)),
     }
 }
 
@@ -150,6 +215,22 @@ mod tests {
         assert!(ServiceLock::try_acquire(&state, "api").unwrap().is_none(), "another open file description is refused");
         drop(first);
         assert!(ServiceLock::try_acquire(&state, "api").unwrap().is_some());
+
+        // balena's convention: the lock file's existence holds the lock.
+        let balena = state.balena_dir("api").join(BALENA_LOCK_FILE);
+        fs::write(&balena, b"").unwrap();
+        assert!(ServiceLock::try_acquire(&state, "api").unwrap().is_none(), "a service's lock file holds updates back");
+        assert!(balena.exists(), "the agent never removes a service's lock file");
+        fs::remove_file(&balena).unwrap();
+        let held = ServiceLock::try_acquire(&state, "api").unwrap().expect("free");
+        assert_eq!(fs::read(&balena).unwrap(), AGENT_MARK, "the agent holds balena's lock file while it holds the lock");
+        drop(held);
+        assert!(!balena.exists(), "released");
+        // A killed agent's lock file is the agent's own.
+        fs::write(&balena, AGENT_MARK).unwrap();
+        let again = ServiceLock::try_acquire(&state, "api").unwrap().expect("the agent's own lock file is taken over");
+        drop(again);
+        assert!(!balena.exists(), "released");
 
         let a = write_request(&state, "api", Reason::UpdateRestart, "2").unwrap();
         let mut on_disk = read_request(&state.request_file("api")).unwrap();

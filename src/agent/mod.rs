@@ -20,10 +20,12 @@
 //! ran, whose image stays in the store until the update commits.
 
 pub mod api;
+pub mod engine_runtime;
 mod error;
 pub mod journal;
 pub mod lock;
 pub mod plan;
+pub mod process;
 pub mod rootfs;
 pub mod runtime;
 pub mod state;
@@ -42,18 +44,21 @@ pub use api::{ApiRequest, ApiServer};
 pub use error::AgentError;
 pub use lock::{Reason, ReleaseRequest, ServiceLock};
 pub use plan::{plan_update, ServicePlan, UpdatePlan};
-pub use runtime::{InstanceSpec, InstanceStatus, ProcessRuntime, Runtime};
+pub use engine_runtime::EngineRuntime;
+pub use process::{InstanceSpec, ProcessRuntime};
+pub use runtime::{InstanceStatus, Launch, Runtime};
 pub use state::{Installed, InstanceRecord, StateDir};
 pub use strategy::{Step, Strategy, UpdateKind};
 
 use crate::error::{IoContext, Result};
-use crate::image::Layout;
 use crate::progress::Progress;
 use crate::release::{DeviceFacts, Release};
 use crate::transfer::Transfer;
 use api::SharedRequests;
 use journal::{Journal, Record, Replay, OS_UPDATE};
-use runtime::ImageProcess;
+
+/// balena's hand-over signal, in the service's `/tmp/balena`: the new instance has taken over.
+pub const BALENA_HANDOVER_FILE: &str = "handover-complete";
 
 /// Exit status of a process stopped by the `crash_after` test hook.
 pub const CRASH_EXIT_CODE: i32 = 86;
@@ -245,7 +250,6 @@ impl<'a> Agent<'a> {
                 continue;
             }
             if self.runtime.status(service, &record.instance_id())? == InstanceStatus::Stopped {
-                self.ensure_rootfs(service, record)?;
                 self.start(service, record, false)?;
                 started.push(service.clone());
             }
@@ -475,7 +479,7 @@ impl<'a> Agent<'a> {
         }
         // Pruning is cleanup after the commit: whatever it meets, the journal is closed, or
         // every later run would replay this update and fail here again.
-        let pruned = store::prune(&self.state, &installed);
+        let pruned = self.runtime.prune(&installed);
         journal.append(&Record::End)?;
         journal.clear()?;
         pruned
@@ -501,12 +505,12 @@ impl<'a> Agent<'a> {
         match step {
             Step::Fetch => {
                 let to = service.to.as_ref().ok_or_else(missing)?;
-                let how = store::fetch(self.transfer, &self.state, service.from.as_ref(), to, self.options.allow_full, self.progress)?;
+                let how = self.runtime.fetch(self.transfer, service.from.as_ref(), to, self.options.allow_full, self.progress)?;
                 run.fetched.insert(name.into(), how);
             }
             Step::Unpack => {
                 let to = service.to.as_ref().ok_or_else(missing)?;
-                self.ensure_rootfs(name, to)?;
+                self.runtime.prepare(name, to)?;
             }
             Step::StopOld => {
                 if let Some(from) = &service.from {
@@ -515,10 +519,7 @@ impl<'a> Agent<'a> {
             }
             Step::DeleteOld => {
                 if let (Some(from), Some(to)) = (&service.from, &service.to) {
-                    let old = self.state.rootfs(name, &from.digest);
-                    if from.digest != to.digest && old.exists() {
-                        fs::remove_dir_all(&old).ctx(|| format!("removing {}", old.display()))?;
-                    }
+                    self.runtime.discard(name, from, to)?;
                 }
             }
             Step::StartNew => {
@@ -526,17 +527,21 @@ impl<'a> Agent<'a> {
                 let handover = service.strategy == Strategy::HandOver && service.from.is_some();
                 if handover {
                     let _ = fs::remove_file(self.state.handover_file(name, &to.instance_id()));
+                    let _ = fs::remove_file(self.state.balena_dir(name).join(BALENA_HANDOVER_FILE));
                 }
                 self.start(name, to, handover)?;
             }
             Step::AwaitHandover => {
                 let to = service.to.as_ref().ok_or_else(missing)?;
-                let file = self.state.handover_file(name, &to.instance_id());
+                // Ours, or balena's `/tmp/balena/handover-complete`.
+                let files = [self.state.handover_file(name, &to.instance_id()), self.state.balena_dir(name).join(BALENA_HANDOVER_FILE)];
                 let deadline = Instant::now() + Strategy::handover_timeout(&to.labels);
-                while !file.exists() && Instant::now() < deadline {
+                while !files.iter().any(|f| f.exists()) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                let _ = fs::remove_file(&file);
+                for file in &files {
+                    let _ = fs::remove_file(file);
+                }
             }
             Step::Commit => {
                 let mut installed = Installed::load(&self.state)?;
@@ -561,60 +566,30 @@ impl<'a> Agent<'a> {
             self.runtime.stop(name, &to.instance_id(), self.options.stop_timeout)?;
         }
         if let Some(from) = &service.from {
-            self.ensure_rootfs(name, from)?;
             self.start(name, from, false)?;
         }
         Ok(())
     }
 
-    fn ensure_rootfs(&self, service: &str, record: &InstanceRecord) -> Result<()> {
-        let layout = Layout::open(self.state.store())?;
-        let dest = self.state.rootfs(service, &record.digest);
-        if dest.exists() {
-            return Ok(());
-        }
-        let image = layout.load_image(Some(&record.store_tag()))?;
-        rootfs::unpack_image(&layout, &image, &dest)
-    }
-
-    /// Starts an instance, no sooner than `stagger` after the previous start.
+    /// Starts an instance, no sooner than `stagger` after the previous start. Its image is
+    /// fetched and prepared again first when the device lost it (a rollback after
+    /// `delete-then-download`, a store damaged by a power cut); that costs nothing otherwise.
+    /// Such an image is downloaded whole if need be, even where full downloads are not
+    /// allowed: it restores a service the device ran, it is no update.
     fn start(&mut self, service: &str, record: &InstanceRecord, handover: bool) -> Result<()> {
-        let instance = record.instance_id();
-        if let InstanceStatus::Running { .. } = self.runtime.status(service, &instance)? {
+        if let InstanceStatus::Running { .. } = self.runtime.status(service, &record.instance_id())? {
             return Ok(());
         }
+        self.state.prepare_service(service)?;
+        self.runtime.fetch(self.transfer, None, record, true, self.progress)?;
+        self.runtime.prepare(service, record)?;
         if let Some(last) = self.last_start {
             let wait = self.options.stagger.saturating_sub(last.elapsed());
             std::thread::sleep(wait);
         }
-        let spec = self.instance_spec(service, record, handover)?;
-        self.runtime.start(&spec)?;
+        self.runtime.start(&Launch { service, record, handover })?;
         self.last_start = Some(Instant::now());
         Ok(())
-    }
-
-    fn instance_spec(&self, service: &str, record: &InstanceRecord, handover: bool) -> Result<InstanceSpec> {
-        self.state.prepare_service(service)?;
-        let image = Layout::open(self.state.store())?.load_image(Some(&record.store_tag()))?;
-        let process = ImageProcess::from_config(&image.config.raw, service)?;
-        let instance = record.instance_id();
-        let rootfs = self.state.rootfs(service, &record.digest);
-        let path = |p: std::path::PathBuf| p.display().to_string();
-        let mut env = process.env;
-        env.extend(record.environment.iter().map(|(k, v)| (k.clone(), v.clone())));
-        env.extend([
-            ("FLEETDELTA_SERVICE".to_string(), service.to_string()),
-            ("FLEETDELTA_INSTANCE".to_string(), instance.clone()),
-            ("FLEETDELTA_RELEASE".to_string(), record.release.clone()),
-            ("FLEETDELTA_ROOTFS".to_string(), path(rootfs.clone())),
-            ("FLEETDELTA_DATA".to_string(), path(self.state.data_dir(service))),
-            ("FLEETDELTA_LOCK".to_string(), path(self.state.lock_file(service))),
-            ("FLEETDELTA_API".to_string(), path(self.state.socket())),
-        ]);
-        if handover {
-            env.push(("FLEETDELTA_HANDOVER_FILE".to_string(), path(self.state.handover_file(service, &instance))));
-        }
-        Ok(InstanceSpec { service: service.to_string(), instance, rootfs, argv: process.argv, env, working_dir: process.working_dir })
     }
 
     fn crash_point(&self, point: &str) {

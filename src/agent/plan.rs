@@ -77,7 +77,7 @@ pub fn plan_update(transfer: &Transfer, state: &StateDir, installed: &Installed,
             (Change::Removed, _, _) => UpdateKind::Removed,
             (_, None, Some(_)) => UpdateKind::Added,
             (_, Some(from), Some(to)) if from.digest == to.digest => {
-                if from.environment == to.environment {
+                if from.environment == to.environment && from.run == to.run {
                     UpdateKind::Nothing
                 } else {
                     UpdateKind::Environment
@@ -107,6 +107,7 @@ fn record(service: &Service, digest: crate::Digest, release: &str) -> InstanceRe
         release: release.to_string(),
         environment: service.environment.clone(),
         labels: service.labels.clone(),
+        run: service.run.clone(),
     }
 }
 
@@ -121,7 +122,7 @@ fn installed_release(installed: &Installed) -> Release {
         services: installed
             .services
             .iter()
-            .map(|(name, r)| Service { name: name.clone(), image: r.image.clone(), labels: r.labels.clone(), contract: None, environment: r.environment.clone() })
+            .map(|(name, r)| Service { name: name.clone(), image: r.image.clone(), labels: r.labels.clone(), contract: None, environment: r.environment.clone(), run: r.run.clone() })
             .collect(),
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! <state>/
 //!   agent.lock               held by the running agent (one agent per state directory)
-//!   agent.sock               the local API (see api.rs)
+//!   api/agent.sock           the local API (see api.rs); its directory is mounted into containers
 //!   release.yaml             the release the device runs, once fully applied
 //!   target.yaml              the release being applied (during an update)
 //!   installed.json           per service: the instance that runs (image, digest, environment)
@@ -13,13 +13,18 @@
 //!   images/                  the image store: an OCI layout, one tag per image digest
 //!   services/<name>/
 //!     rootfs/<digest hex>/   the unpacked root filesystem of an image
-//!     instances/<id>.json    a started instance: its process id and start time
-//!     instances/<id>.log     its stdout and stderr
-//!     handover-<id>          written by a new instance when it has taken over (hand-over)
-//!     data/                  the service's persistent data, kept across updates
-//!   locks/<name>/
+//!     instances/<id>.json    a started instance: its process id and start time (processes)
+//!     instances/<id>.log     its stdout and stderr (processes)
+//!     data/                  the service's persistent data, kept across updates (processes;
+//!                            containers have a named volume)
+//!   locks/<name>/            mounted into the service's containers at the same path
 //!     updates.lock           the service takes it with flock(2) to hold updates back
 //!     release-request        written by the agent while it waits for that lock (JSON)
+//!     handover-<id>          written by a new instance when it has taken over (hand-over)
+//!     balena/                mounted at /tmp/balena: balena's lock directory
+//!       updates.lock         held while it exists (balena's lockfile convention)
+//!       release-request      the same request as above
+//!       handover-complete    balena's hand-over signal
 //! ```
 
 use std::collections::BTreeMap;
@@ -31,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::error::AgentError;
 use crate::digest::Digest;
 use crate::error::{IoContext, Result};
+use crate::release::RunOptions;
 use crate::image::layout::write_atomically;
 
 /// Paths inside a state directory.
@@ -45,7 +51,7 @@ impl StateDir {
     /// resolve them from their own working directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = absolute(root.into())?;
-        for dir in [root.clone(), root.join("services"), root.join("locks")] {
+        for dir in [root.clone(), root.join("services"), root.join("locks"), root.join("api")] {
             fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         }
         Ok(StateDir { root })
@@ -74,7 +80,13 @@ impl StateDir {
 
     /// The local API's socket.
     pub fn socket(&self) -> PathBuf {
-        self.root.join("agent.sock")
+        self.api_dir().join("agent.sock")
+    }
+
+    /// The directory of the local API's socket: containers mount the directory, so that the
+    /// socket an agent binds anew after a restart is the one they see.
+    pub fn api_dir(&self) -> PathBuf {
+        self.root.join("api")
     }
 
     /// The release the device runs, once fully applied.
@@ -122,9 +134,15 @@ impl StateDir {
         self.service_dir(service).join("instances")
     }
 
-    /// The file a new instance writes when it has taken over from the old one.
+    /// The file a new instance writes when it has taken over from the old one (in the lock
+    /// directory, which containers see at the same path).
     pub fn handover_file(&self, service: &str, instance: &str) -> PathBuf {
-        self.service_dir(service).join(format!("handover-{instance}"))
+        self.lock_dir(service).join(format!("handover-{instance}"))
+    }
+
+    /// balena's lock directory for a service, mounted at `/tmp/balena` in its containers.
+    pub fn balena_dir(&self, service: &str) -> PathBuf {
+        self.lock_dir(service).join("balena")
     }
 
     /// A service's lock directory.
@@ -145,7 +163,7 @@ impl StateDir {
     /// Creates a service's directories and its lock file, so that the service can take the
     /// lock from its first start.
     pub fn prepare_service(&self, service: &str) -> Result<()> {
-        for dir in [self.data_dir(service), self.instances_dir(service), self.lock_dir(service)] {
+        for dir in [self.data_dir(service), self.instances_dir(service), self.lock_dir(service), self.balena_dir(service)] {
             fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         }
         let lock = self.lock_file(service);
@@ -172,15 +190,21 @@ pub struct InstanceRecord {
     pub environment: BTreeMap<String, String>,
     /// The service's labels in that release.
     pub labels: BTreeMap<String, String>,
+    /// Its container settings in that release (command, network, restart policy).
+    #[serde(default, skip_serializing_if = "RunOptions::is_empty")]
+    pub run: RunOptions,
 }
 
 impl InstanceRecord {
-    /// The instance's name: its image and environment, so that an instance is replaced
-    /// exactly when one of them changes, and two instances of one service (during a
-    /// hand-over) have different names.
+    /// The instance's name: its image, environment and container settings, so that an
+    /// instance is replaced exactly when one of them changes, and two instances of one
+    /// service (during a hand-over) have different names.
     pub fn instance_id(&self) -> String {
-        let env = serde_json::to_vec(&self.environment).unwrap_or_default();
-        format!("{}-{}", &self.digest.hex()[..12], &Digest::of(&env).hex()[..8])
+        let mut settings = serde_json::to_vec(&self.environment).unwrap_or_default();
+        if !self.run.is_empty() {
+            settings.extend(serde_json::to_vec(&self.run).unwrap_or_default());
+        }
+        format!("{}-{}", &self.digest.hex()[..12], &Digest::of(&settings).hex()[..8])
     }
 
     /// The image's tag in the store.

@@ -5,15 +5,29 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use fleetdelta::agent::{self, Agent, AgentOptions, ApiRequest, Outcome, ProcessRuntime, StateDir, UpdateReport};
+use fleetdelta::agent::{self, Agent, AgentOptions, ApiRequest, EngineRuntime, Outcome, ProcessRuntime, Runtime, StateDir, UpdateReport};
 use fleetdelta::release::DeviceFacts;
 use fleetdelta::Progress;
 
 use super::RegistryArgs;
 
+/// Where services run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeArg {
+    /// Containers of the container engine at --engine ($DOCKER_HOST, else
+    /// unix:///var/run/docker.sock); images in its store.
+    #[default]
+    Engine,
+    /// Local processes from unpacked root filesystems, without isolation (no engine, no root).
+    Process,
+}
+
 /// Flags of the agent itself.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Where services run: as containers of the engine (the default), or as local processes.
+    #[arg(long, value_enum, default_value_t = RuntimeArg::Engine)]
+    pub runtime: RuntimeArg,
     /// The state directory (created if missing; a relative path is taken from the current
     /// directory, and services are given absolute paths into it).
     #[arg(long, value_name = "DIR")]
@@ -62,6 +76,9 @@ pub enum Action {
         /// The state directory.
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
+        /// Where the agent runs its services.
+        #[arg(long, value_enum, default_value_t = RuntimeArg::Engine)]
+        runtime: RuntimeArg,
     },
     /// Tell the running agent to update SERVICE now, even while its lock is held.
     GoAhead {
@@ -86,10 +103,12 @@ pub enum Action {
 
 pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     match action {
-        Some(Action::Status { state }) => {
+        Some(Action::Status { state, runtime }) => {
             // Read only: a mistyped path is an error, not a new state directory.
             let state = StateDir::open_existing(&state)?;
-            let status = agent::status(&state, &ProcessRuntime::new(state.clone()))?;
+            let transfer = registry.transfer(None)?;
+            let runtime = make_runtime(runtime, &state, &transfer)?;
+            let status = agent::status(&state, runtime.as_ref())?;
             println!("{}", serde_json::to_string_pretty(&status)?);
             return Ok(ExitCode::SUCCESS);
         }
@@ -113,7 +132,7 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progr
     let arch = options.facts.as_ref().and_then(|f| f.arch.as_deref()).and_then(fleetdelta::release_update::oci_architecture);
     let transfer = registry.transfer(arch)?;
     let state_dir = StateDir::open(state)?;
-    let runtime = Box::new(ProcessRuntime::new(state_dir.clone()));
+    let runtime = make_runtime(args.runtime, &state_dir, &transfer)?;
     let mut agent = Agent::open(state_dir, &transfer, runtime, options, progress)?;
     loop {
         let result = agent.update(target).with_context(|| format!("update to {target}"));
@@ -128,6 +147,13 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progr
         }
         std::thread::sleep(seconds(args.interval, "--interval")?);
     }
+}
+
+fn make_runtime<'a>(kind: RuntimeArg, state: &StateDir, transfer: &'a fleetdelta::Transfer) -> anyhow::Result<Box<dyn Runtime + 'a>> {
+    Ok(match kind {
+        RuntimeArg::Engine => Box::new(EngineRuntime::new(state.clone(), transfer).context("the container engine (use --runtime process to run services without one)")?),
+        RuntimeArg::Process => Box::new(ProcessRuntime::new(state.clone())),
+    })
 }
 
 fn api(state: &Path, request: ApiRequest) -> anyhow::Result<ExitCode> {

@@ -3,8 +3,8 @@
 use anyhow::{bail, Context};
 use std::time::Duration;
 
-use fleetdelta::pull::{PullMethod, ServiceOptions};
-use fleetdelta::{pull, ApplyOptions, ImageRef, Progress, PullOptions, Transfer};
+use fleetdelta::pull::{pull_into, PullMethod, ServiceOptions};
+use fleetdelta::{ApplyOptions, ImageRef, Progress, PullOptions, Transfer};
 
 use super::{human_bytes, LayersArg};
 
@@ -34,17 +34,8 @@ pub fn run(transfer: &Transfer, args: &Args, target: &str, output: &str, progres
     };
     let from = from.map(ImageRef::parse).transpose()?;
     let output = ImageRef::parse(output)?;
-    // From the engine, the device's image is exported to a scratch layout first; into it, the
-    // image is rebuilt in one with plain layers (what the engine stores), then loaded.
-    let from = match from {
-        Some(f) => Some(transfer.localize(&f, progress).with_context(|| format!("reading {f}"))?.0),
-        None => None,
-    };
-    let layers = if matches!(output, ImageRef::Engine(_)) { fleetdelta::LayerOutput::Uncompressed } else { layers.output() };
-    let staged = transfer.staging_for(&output)?;
-    let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers, ..ApplyOptions::default() } };
-    let report = pull(transfer, from.as_ref(), &target, &staged, &options, progress).with_context(|| format!("pull docker://{target}"))?;
-    let published = transfer.publish_report(&staged, &output, progress).with_context(|| format!("writing docker://{target} to {output}"))?;
+    let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers: layers.output(), ..ApplyOptions::default() } };
+    let (report, published) = pull_into(transfer, from.as_ref(), &target, &output, &options, progress).with_context(|| format!("pull docker://{target} into {output}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -58,9 +58,9 @@ pub struct LoadReport {
 /// A connection to a container engine.
 #[derive(Debug)]
 pub struct Engine {
-    docker: Docker,
+    pub(super) docker: Docker,
     host: String,
-    runtime: tokio::runtime::Handle,
+    pub(super) runtime: tokio::runtime::Handle,
 }
 
 impl Engine {
@@ -85,7 +85,7 @@ impl Engine {
         &self.host
     }
 
-    fn error(&self, what: impl Into<String>, e: impl std::fmt::Display) -> Error {
+    pub(super) fn error(&self, what: impl Into<String>, e: impl std::fmt::Display) -> Error {
         Error::Engine { engine: self.host.clone(), what: what.into(), reason: e.to_string() }
     }
 

@@ -55,7 +55,36 @@ pub struct Service {
     pub contract: Option<Contract>,
     /// Environment variables given to the service, over its image's `Env`.
     pub environment: BTreeMap<String, String>,
+    /// How its container runs (command, network, restart policy), as compose says.
+    pub run: RunOptions,
 }
+
+/// The compose settings of a service's container beyond its image and environment. A change
+/// of any of them replaces the service's instance, as a change of environment does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct RunOptions {
+    /// `command`: replaces the image's `Cmd` (the list form of compose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// `network_mode`: `none`, `host`, `bridge` or a network's name; the engine's default
+    /// network when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_mode: Option<String>,
+    /// `restart`: `no`, `always`, `unless-stopped` or `on-failure`; `always` when unset, as
+    /// balena's supervisor does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
+}
+
+impl RunOptions {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == RunOptions::default()
+    }
+}
+
+/// The restart policies a release may name.
+pub const RESTART_POLICIES: &[&str] = &["no", "always", "unless-stopped", "on-failure"];
 
 impl Release {
     /// Parses a release file's text; `file` names it in errors.
@@ -113,7 +142,25 @@ impl Release {
                 .contract
                 .map(|c| Contract::from_raw(c, file, &name, &format!("{at}.contract")))
                 .transpose()?;
-            services.push(Service { name, image, labels, contract, environment });
+            if let Some(restart) = &raw_service.restart {
+                if !RESTART_POLICIES.contains(&restart.0.as_str()) {
+                    return Err(invalid(svc, format!("{at}.restart"), format!("{:?}: one of {}", restart.0, RESTART_POLICIES.join(", "))));
+                }
+            }
+            if let Some(network) = &raw_service.network_mode {
+                if network.0.is_empty() || network.0.contains(char::is_whitespace) {
+                    return Err(invalid(svc, format!("{at}.network_mode"), format!("{:?}: a network mode is one word", network.0)));
+                }
+            }
+            if raw_service.command.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(svc, format!("{at}.command"), "an empty command: leave it out to run the image's".into()));
+            }
+            let run = RunOptions {
+                command: raw_service.command.map(|c| c.into_iter().map(|t| t.0).collect()),
+                network_mode: raw_service.network_mode.map(|n| n.0),
+                restart: raw_service.restart.map(|r| r.0),
+            };
+            services.push(Service { name, image, labels, contract, environment, run });
         }
         Ok(Release { id, commit, services, os })
     }
@@ -214,6 +261,9 @@ struct RawService {
     labels: Option<Labels>,
     environment: Option<Labels>,
     contract: Option<RawContract>,
+    command: Option<Vec<Text>>,
+    network_mode: Option<Text>,
+    restart: Option<Text>,
 }
 
 /// Labels (and environments) in either compose form: a mapping, or a list of `key=value` (a

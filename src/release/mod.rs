@@ -103,7 +103,7 @@ pub use contract::{
 };
 pub use error::{ReleaseError, UnmetContract};
 pub use facts::DeviceFacts;
-pub use file::{Release, Service, LABEL_OPTIONAL, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY, UPDATE_STRATEGIES};
+pub use file::{Release, RunOptions, Service, LABEL_OPTIONAL, RESTART_POLICIES, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY, UPDATE_STRATEGIES};
 pub use table::{human_size, render_table};
 pub use transition::{
     plan, short_digest, Change, DeltaNeed, DroppedService, ImageInfo, Readiness, ReadyDelta, ReleaseRef, ServiceUpdate,

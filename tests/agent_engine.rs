@@ -1,0 +1,387 @@
+//! `fleetdelta agent` on a real container engine (the default runtime): Debian's dockerd on a
+//! private socket (tests/common/engine.rs), images from a real `docker-registry` with deltas,
+//! services as busybox containers, locks taken from inside the containers (flock, and balena's
+//! `/tmp/balena/updates.lock` lockfile).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::engine::Dockerd;
+use common::registry::Registry;
+use common::{file, fleetdelta, layer_tar, run, text, write_runnable_image, Node, Tree};
+use serde_json::{json, Value};
+
+/// A service: logs each start and stop (with its container's hostname) to its data volume,
+/// hands over when asked to, and runs until SIGTERM. As PID 1 of its container it must trap
+/// SIGTERM itself; `sleep & wait` lets the trap run at once.
+const SCRIPT: &str = r#"#!/bin/sh
+echo "start $(hostname) $(cat /app/version)" >> /data/log
+trap 'echo "stop $(hostname) $(cat /app/version)" >> /data/log; exit 0' TERM
+if [ -n "$FLEETDELTA_HANDOVER_FILE" ]; then
+    sleep 1
+    echo "handover $(hostname) $(cat /app/version)" >> /data/log
+    touch "$FLEETDELTA_HANDOVER_FILE"
+fi
+while true; do sleep 1 & wait $!; done
+"#;
+
+const APPLETS: &[&str] = &["sh", "cat", "sleep", "touch", "hostname", "echo", "rm", "test", "["];
+
+/// The host's static busybox as a base layer, with util-linux's `flock` (Debian's busybox
+/// has no flock applet) and the libraries `ldd` says it needs, at their host paths.
+fn busybox_layer() -> Vec<u8> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find_map(|p| fs::read(p).ok())
+        .expect("busybox is required by this test: apt-get install busybox-static");
+    let mut tree = Tree::new();
+    tree.insert("bin".into(), Node::Dir { mode: 0o755 });
+    tree.insert("tmp".into(), Node::Dir { mode: 0o1777 });
+    tree.insert("bin/busybox".into(), Node::File { data: busybox, mode: 0o755, mtime: 1_700_000_000 });
+    for applet in APPLETS {
+        tree.insert(format!("bin/{applet}"), Node::Symlink { target: "busybox".into() });
+    }
+    let flock = "/usr/bin/flock";
+    let ldd = run(Command::new("ldd").arg(flock));
+    let libraries = String::from_utf8(ldd.stdout).unwrap();
+    let needed = libraries.split_whitespace().filter(|w| w.starts_with('/')).map(str::to_string);
+    for path in needed.chain([flock.to_string()]) {
+        let real = fs::canonicalize(&path).unwrap();
+        let inside = path.trim_start_matches('/');
+        let mut dir = String::new();
+        for part in Path::new(inside).parent().unwrap().components() {
+            dir = if dir.is_empty() { part.as_os_str().to_string_lossy().into_owned() } else { format!("{dir}/{}", part.as_os_str().to_string_lossy()) };
+            tree.entry(dir.clone()).or_insert(Node::Dir { mode: 0o755 });
+        }
+        tree.insert(inside.to_string(), Node::File { data: fs::read(&real).unwrap(), mode: 0o755, mtime: 1_700_000_000 });
+    }
+    layer_tar(&tree)
+}
+
+struct Device {
+    tmp: tempfile::TempDir,
+    engine: Dockerd,
+    registry: Registry,
+    base: Vec<u8>,
+}
+
+impl Device {
+    fn new() -> Self {
+        Device { tmp: tempfile::tempdir().unwrap(), engine: Dockerd::start(), registry: Registry::start(), base: busybox_layer() }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn fd(&self) -> Command {
+        let mut c = fleetdelta();
+        c.env("HOME", self.tmp.path()).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE").env_remove("DOCKER_HOST");
+        c.args(["--quiet", "--engine", &self.engine.host]);
+        c
+    }
+
+    /// Builds `service` at `version` and pushes it to the registry as `<service>:<version>`;
+    /// the app layer changes a little between versions. Returns the reference.
+    fn push(&self, service: &str, version: u32) -> String {
+        let mut app = Tree::new();
+        app.insert("app/run.sh".into(), Node::File { data: SCRIPT.into(), mode: 0o755, mtime: 1_700_000_000 });
+        app.insert("app/version".into(), file(format!("{service}-v{version}")));
+        let mut data = text(service.len() as u64, 600_000);
+        data.splice(1000..1040, text(u64::from(version) * 31, 40));
+        app.insert("app/payload.txt".into(), file(data));
+        let layouts = self.tmp.path().join("images");
+        let tag = format!("{service}-{version}");
+        write_runnable_image(&layouts, &tag, &[self.base.clone(), layer_tar(&app)], json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/bin"]}));
+        let reference = format!("{}/fleet/{service}:{version}", self.registry.addr);
+        run(self.fd().args(["copy", &format!("oci:{}:{tag}", layouts.display()), &format!("docker://{reference}")]));
+        reference
+    }
+
+    /// The config digest of `service` at `version`, as built.
+    fn config_digest(&self, service: &str, version: u32) -> String {
+        let layout = fleetdelta::image::Layout::open(self.tmp.path().join("images")).unwrap();
+        layout.load_image(Some(&format!("{service}-{version}"))).unwrap().config.digest.to_string()
+    }
+
+    /// Builds the delta between two pushed versions in the registry (beside the target).
+    fn delta(&self, from: &str, to: &str) {
+        let name = format!("{}-delta", to.replace([':', '/'], "-"));
+        let repo = to.rsplit_once(':').unwrap().0;
+        run(self.fd().args(["diff", &format!("docker://{from}"), &format!("docker://{to}"), &format!("docker://{repo}:{name}")]));
+    }
+
+    /// A release file; each service is (name, image, extra YAML under it). Every service runs
+    /// without a network (the engine has no bridge).
+    fn release(&self, id: &str, services: &[(&str, &str, &str)], top: &str) -> PathBuf {
+        let mut yaml = format!("id: '{id}'\n{top}services:\n");
+        for (name, image, extra) in services {
+            yaml.push_str(&format!("  {name}:\n    image: {image}\n    network_mode: none\n{extra}"));
+        }
+        let path = self.tmp.path().join(format!("release-{id}.yaml"));
+        fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    fn agent(&self, target: &Path, extra: &[&str]) -> Command {
+        let mut c = self.fd();
+        c.args(["agent", "--once", "--json", "--stop-timeout", "5", "--stagger", "0.05", "--state"]).arg(self.state()).arg("--target").arg(target).args(extra);
+        c
+    }
+
+    fn update(&self, target: &Path, extra: &[&str]) -> Value {
+        report(&run(&mut self.agent(target, extra)))
+    }
+
+    /// The containers of a service (running or not): (name, running).
+    fn containers(&self, service: &str) -> Vec<(String, bool)> {
+        let out = self.engine.docker_ok(&["ps", "--all", "--filter", &format!("label=io.fleetdelta.service={service}"), "--format", "{{.Names}} {{.State}}"]);
+        let mut found: Vec<(String, bool)> = out.lines().map(|l| l.split_once(' ').unwrap()).map(|(n, s)| (n.to_string(), s == "running")).collect();
+        found.sort();
+        found
+    }
+
+    /// The one running container of a service.
+    fn container(&self, service: &str) -> String {
+        let running: Vec<String> = self.containers(service).into_iter().filter(|(_, r)| *r).map(|(n, _)| n).collect();
+        assert_eq!(running.len(), 1, "{service}: {:?}", self.containers(service));
+        running[0].clone()
+    }
+
+    fn exec(&self, service: &str, script: &str) -> String {
+        self.engine.docker_ok(&["exec", &self.container(service), "sh", "-c", script])
+    }
+
+    fn running_version(&self, service: &str) -> String {
+        self.exec(service, "cat /app/version")
+    }
+
+    /// The service's log in its data volume: (event, container, version).
+    fn log(&self, service: &str) -> Vec<(String, String, String)> {
+        let volumes = self.engine.docker_ok(&["volume", "ls", "--quiet", "--filter", &format!("name=-{service}-data")]);
+        let volume = volumes.lines().next().unwrap_or_else(|| panic!("no data volume of {service}"));
+        let mountpoint = self.engine.docker_ok(&["volume", "inspect", "--format", "{{.Mountpoint}}", volume]);
+        let text = fs::read_to_string(Path::new(mountpoint.trim()).join("log")).unwrap_or_default();
+        text.lines().map(|l| l.split(' ').map(str::to_string).collect::<Vec<_>>()).map(|f| (f[0].clone(), f[1].clone(), f[2].clone())).collect()
+    }
+
+    fn request(&self, service: &str) -> Option<Value> {
+        fs::read(self.state().join("locks").join(service).join("release-request")).ok().map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
+    /// Takes the service's flock from inside its container, as the service would, until
+    /// [`Device::release_flock`].
+    fn hold_flock(&self, service: &str) {
+        self.engine.docker_ok(&["exec", "--detach", &self.container(service), "sh", "-c", r#"rm -f /tmp/release; /usr/bin/flock "$FLEETDELTA_LOCK" sh -c 'touch /tmp/held; while [ ! -e /tmp/release ]; do sleep 0.1; done'"#]);
+        wait_for("the flock holder", || self.exec(service, "test -e /tmp/held && echo yes || echo no").trim() == "yes");
+    }
+}
+
+fn report(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn outcome<'a>(report: &'a Value, service: &str) -> &'a Value {
+    report["services"].as_array().unwrap().iter().find(|s| s["service"] == service).unwrap_or_else(|| panic!("no {service} in {report}"))
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(child: Child) -> Output {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "agent failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn starts(log: &[(String, String, String)]) -> Vec<(String, String)> {
+    log.iter().filter(|(e, _, _)| e == "start").map(|(_, c, v)| (c.clone(), v.clone())).collect()
+}
+
+/// A device in the engine: the first release is downloaded whole into the engine, later ones
+/// by deltas from the registry; a service whose flock is held (from inside its container)
+/// blocks only its own switch, an unchanged service is never restarted, a waiting service
+/// finds its release request inside its container, and go-ahead lets it through.
+#[test]
+fn services_run_as_containers_updated_by_deltas_and_a_held_lock_blocks_only_its_service() {
+    let d = Device::new();
+    let (a1, b1, b2, a2) = (d.push("a", 1), d.push("b", 1), d.push("b", 2), d.push("a", 2));
+    d.delta(&b1, &b2);
+    d.delta(&a1, &a2);
+
+    let r1 = d.release("1", &[("a", &a1, ""), ("b", &b1, "    environment:\n      MODE: one\n")], "");
+    let first = d.update(&r1, &[]);
+    assert_eq!(first["complete"], true, "{first}");
+    assert!(outcome(&first, "a")["fetched"].as_str().unwrap().starts_with("missing layers"), "{first}");
+    assert_eq!((d.running_version("a").as_str(), d.running_version("b").as_str()), ("a-v1", "b-v1"));
+    assert_eq!(d.exec("b", "echo $MODE").trim(), "one", "the release's environment");
+    // The container runs the registry image: its image ID is the image's config digest.
+    let a_container = d.container("a");
+    assert_eq!(d.engine.docker_ok(&["inspect", "--format", "{{.Image}}", &a_container]).trim(), d.config_digest("a", 1));
+    // balena's lock path inside the container is the service's lock directory.
+    assert_eq!(d.exec("a", "echo $BALENA_APP_LOCK_PATH").trim(), "/tmp/balena/updates.lock");
+
+    // a holds its lock from inside its container; b changes, a does not.
+    d.hold_flock("a");
+    let r2 = d.release("2", &[("a", &a1, ""), ("b", &b2, "    environment:\n      MODE: one\n")], "");
+    let second = d.update(&r2, &["--no-full-download"]);
+    assert_eq!(second["complete"], true, "{second}");
+    assert_eq!(outcome(&second, "a")["outcome"], "unchanged", "{second}");
+    let fetched = outcome(&second, "b")["fetched"].as_str().unwrap();
+    assert!(fetched.starts_with("delta docker://"), "b came as a delta: {second}");
+    assert_eq!(d.running_version("b"), "b-v2");
+    assert_eq!(d.container("a"), a_container, "a's container was never replaced");
+    assert_eq!(starts(&d.log("a")).len(), 1, "a was never restarted: {:?}", d.log("a"));
+    assert_eq!(d.containers("b").len(), 1, "b's old container was removed: {:?}", d.containers("b"));
+
+    // Now a changes: it waits for its lock, and sees why from inside its container.
+    let r3 = d.release("3", &[("a", &a2, ""), ("b", &b2, "    environment:\n      MODE: one\n")], "");
+    let timed_out = d.agent(&r3, &["--lock-timeout", "2", "--no-full-download"]).output().unwrap();
+    assert_eq!(timed_out.status.code(), Some(2), "{}", String::from_utf8_lossy(&timed_out.stderr));
+    let waited = report(&timed_out);
+    assert_eq!(outcome(&waited, "a")["outcome"], "waiting");
+    // Downloaded while a kept running: by a delta, into the engine.
+    assert!(outcome(&waited, "a")["fetched"].as_str().unwrap().starts_with("delta docker://"), "{waited}");
+    assert_eq!(d.running_version("a"), "a-v1");
+    let agent = d.agent(&r3, &["--no-full-download"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("a's release request", || d.request("a").is_some());
+    let inside: Value = serde_json::from_str(&d.exec("a", r#"cat "$(dirname "$FLEETDELTA_LOCK")/release-request""#)).unwrap();
+    assert_eq!(inside["reason"], "update_restart", "{inside}");
+    assert_eq!(inside["target_release"], "3");
+    let balena: Value = serde_json::from_str(&d.exec("a", "cat /tmp/balena/release-request")).unwrap();
+    assert_eq!(balena["reason"], "update_restart");
+    // The agent's socket is mounted into the container (the image has no client for it: the
+    // go-ahead comes from the host's command line, which speaks to the same socket).
+    assert!(d.exec("a", r#"test -S "$FLEETDELTA_API" && echo yes"#).contains("yes"), "the API socket is in the container");
+    run(d.fd().args(["agent", "go-ahead", "--state"]).arg(d.state()).arg("a"));
+    let third = report(&finish(agent));
+    assert_eq!(third["complete"], true, "{third}");
+    assert_eq!(d.running_version("a"), "a-v2");
+    assert_eq!(d.containers("a").len(), 1, "{:?}", d.containers("a"));
+    // The data volume outlived the old container: both versions logged into it.
+    let versions: Vec<String> = starts(&d.log("a")).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(versions, ["a-v1", "a-v2"]);
+    assert!(d.request("a").is_none(), "the request is withdrawn");
+
+    let status = report(&run(d.fd().args(["agent", "status", "--state"]).arg(d.state())));
+    assert_eq!(status["running"], json!({"a": true, "b": true}), "{status}");
+    // Images nothing runs are gone from the engine; the two running ones stay.
+    let tags = d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
+    assert_eq!(tags.lines().count(), 2, "{tags}");
+}
+
+/// balena's lockfile convention inside the container holds updates back, whatever the
+/// reason (a restart, a hand-over, an OS update), until the service removes the file.
+#[test]
+fn balenas_lockfile_holds_back_restarts_hand_overs_and_os_updates() {
+    let d = Device::new();
+    let (a1, a2) = (d.push("a", 1), d.push("a", 2));
+    let handover = "    labels:\n      io.balena.update.strategy: hand-over\n      io.balena.update.handover-timeout: '30000'\n";
+    let r1 = d.release("1", &[("a", &a1, handover)], "os: '1.0'\n");
+    assert_eq!(d.update(&r1, &[])["complete"], true);
+
+    // The service takes balena's lock as balena's services do: O_CREAT|O_EXCL.
+    d.exec("a", "set -C; : > /tmp/balena/updates.lock");
+    let r2 = d.release("2", &[("a", &a2, handover)], "os: '1.0'\n");
+    let waiting = d.agent(&r2, &["--lock-timeout", "2"]).output().unwrap();
+    assert_eq!(waiting.status.code(), Some(2), "{}", String::from_utf8_lossy(&waiting.stderr));
+    assert_eq!(d.running_version("a"), "a-v1");
+    let r3 = d.release("3", &[("a", &a1, handover)], "os: '2.0'\n");
+    // A newer target: the unfinished update to 2 is resumed first, then abandoned at the
+    // lock timeout again; balena's lock file is still the service's.
+    let _ = d.agent(&r3, &["--lock-timeout", "1"]).output().unwrap();
+    assert_eq!(d.exec("a", "cat /tmp/balena/updates.lock"), "", "the agent never touches a service's lock file");
+
+    let agent = d.agent(&r2, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("a's release request", || d.request("a").is_some());
+    assert_eq!(d.request("a").unwrap()["reason"], "update_no_restart", "a hand-over does not stop the service first");
+    d.exec("a", "rm /tmp/balena/updates.lock");
+    let report2 = report(&finish(agent));
+    assert_eq!(report2["complete"], true, "{report2}");
+    assert_eq!(d.running_version("a"), "a-v2");
+    // The hand-over: the new container started, signalled, and only then the old one stopped.
+    let log = d.log("a");
+    let at = |what: &str, version: &str| log.iter().position(|(e, _, v)| e == what && v == version).unwrap_or_else(|| panic!("no {what} of {version}: {log:?}"));
+    assert!(at("start", "a-v2") < at("handover", "a-v2") && at("handover", "a-v2") < at("stop", "a-v1"), "{log:?}");
+
+    // An OS update waits for every lock too, with its own reason.
+    d.exec("a", "set -C; : > /tmp/balena/updates.lock");
+    let os = d.release("4", &[("a", &a2, handover)], "os: '2.0'\n");
+    let marker = d.tmp.path().join("os-installed");
+    let command = format!("echo $FLEETDELTA_OS_VERSION > {}", marker.display());
+    let agent = d.agent(&os, &["--os-update-command", &command]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("a's release request", || d.request("a").is_some_and(|r| r["reason"] == "os_update"));
+    assert!(!marker.exists(), "the OS is not updated while a lock is held");
+    d.exec("a", "rm /tmp/balena/updates.lock");
+    let report4 = report(&finish(agent));
+    assert_eq!(report4["os_updated"], "2.0", "{report4}");
+    assert_eq!(fs::read_to_string(&marker).unwrap().trim(), "2.0");
+}
+
+/// kill -9 of the agent in the middle of a switch, under each strategy (after the old
+/// container stopped, after its image was deleted, after the new one started, before the
+/// download): the rerun finishes the update, and exactly one container of the service runs,
+/// the right one; an unchanged service beside it is never restarted.
+#[test]
+fn an_agent_killed_mid_switch_recovers_with_one_container_of_the_right_version() {
+    let d = Device::new();
+    let images: Vec<String> = (1..=5).map(|v| d.push("a", v)).collect();
+    let r1 = d.release("1", &[("a", &images[0], ""), ("b", &images[0], "")], "");
+    assert_eq!(d.update(&r1, &[])["complete"], true);
+    let cases = [
+        ("2", "a:stop-old", "download-then-kill"),
+        ("3", "a:start-new", "download-then-kill"),
+        ("4", "a:delete-old", "delete-then-download"),
+        ("5", "a:stop-old", "kill-then-download"),
+    ];
+    for (i, (release, crash, strategy)) in cases.into_iter().enumerate() {
+        let labels = format!("    labels:\n      io.balena.update.strategy: {strategy}\n");
+        let r = d.release(release, &[("a", &images[i + 1], &labels), ("b", &images[0], "")], "");
+        let crashed = d.agent(&r, &["--crash-after", crash]).output().unwrap();
+        assert_eq!(crashed.status.code(), Some(86), "{crash}: {}", String::from_utf8_lossy(&crashed.stderr));
+        if crash == "a:delete-old" {
+            let tags = d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
+            assert_eq!(tags.lines().count(), 1, "a's old image was deleted before the download, b's kept: {tags}");
+        }
+        let b = d.container("b");
+        let rerun = d.update(&r, &[]);
+        assert_eq!(rerun["complete"], true, "{crash}: {rerun}");
+        assert_eq!(rerun["resumed"], release, "{rerun}");
+        let running: Vec<(String, bool)> = d.containers("a");
+        assert_eq!(running.len(), 1, "{strategy} {crash}: one container of a: {running:?}");
+        assert!(running[0].1, "{strategy} {crash}: it runs");
+        assert_eq!(d.running_version("a"), format!("a-v{release}"), "{strategy} {crash}");
+        assert_eq!(d.container("b"), b, "{strategy} {crash}: b, unchanged, was not restarted");
+    }
+}
+
+/// delete-then-download removes the old image from the engine before the download; when the
+/// download then fails (no delta, and full downloads forbidden), the service is rolled back:
+/// its old image is downloaded again and its old version runs.
+#[test]
+fn a_failed_download_after_delete_then_download_rolls_back_to_the_old_image() {
+    let d = Device::new();
+    let (a1, a2) = (d.push("a", 1), d.push("a", 2));
+    let labels = "    labels:\n      io.balena.update.strategy: delete-then-download\n";
+    assert_eq!(d.update(&d.release("1", &[("a", &a1, labels)], ""), &[])["complete"], true);
+    let tags = || d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
+    assert_eq!(tags().lines().count(), 1);
+    let out = d.agent(&d.release("2", &[("a", &a2, labels)], ""), &["--no-full-download"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let reason = outcome(&report(&out), "a")["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("no delta") || reason.contains("full download"), "{reason}");
+    assert_eq!(d.running_version("a"), "a-v1", "rolled back");
+    assert_eq!(d.containers("a").len(), 1, "{:?}", d.containers("a"));
+    let versions: Vec<String> = starts(&d.log("a")).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(versions, ["a-v1", "a-v1"], "stopped, its image deleted, then started again");
+    assert_eq!(tags().lines().count(), 1, "only the old image is in the engine: {}", tags());
+}
