@@ -385,3 +385,20 @@ fn a_failed_download_after_delete_then_download_rolls_back_to_the_old_image() {
     assert_eq!(versions, ["a-v1", "a-v1"], "stopped, its image deleted, then started again");
     assert_eq!(tags().lines().count(), 1, "only the old image is in the engine: {}", tags());
 }
+
+/// Without a reachable engine the agent does nothing and says so, on one line, with the way
+/// to run without one.
+#[test]
+fn an_unreachable_engine_is_one_clear_error_and_nothing_is_touched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let release = tmp.path().join("release.yaml");
+    fs::write(&release, "id: '1'\nservices:\n  a:\n    image: oci:/nowhere:x\n").unwrap();
+    let socket = tmp.path().join("no-engine.sock");
+    let state = tmp.path().join("state");
+    let mut cmd = fleetdelta();
+    cmd.env_remove("DOCKER_HOST").args(["--quiet", "--engine", &format!("unix://{}", socket.display()), "agent", "--once", "--state"]).arg(&state).arg("--target").arg(&release);
+    let err = common::run_failing(&mut cmd);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no-engine.sock") && err.contains("--runtime process"), "{err}");
+    assert!(!state.join("installed.json").exists() && !state.join("journal.jsonl").exists(), "nothing was planned");
+}

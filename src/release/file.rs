@@ -330,6 +330,25 @@ mod tests {
     }
 
     #[test]
+    fn run_options_are_read_and_checked() {
+        let text = "id: 1\nservices:\n  main:\n    image: oci:/x\n    command: [serve, '--port', 8080]\n    network_mode: none\n    restart: unless-stopped\n  plain: {image: oci:/y}\n";
+        let release = Release::parse(text, "r").unwrap();
+        let run = &release.service("main").unwrap().run;
+        assert_eq!(run.command.as_deref(), Some(&["serve".to_string(), "--port".into(), "8080".into()][..]));
+        assert_eq!((run.network_mode.as_deref(), run.restart.as_deref()), (Some("none"), Some("unless-stopped")));
+        assert!(release.service("plain").unwrap().run.is_empty());
+        for (yaml, expected) in [
+            ("restart: sometimes", "services.main.restart: \"sometimes\": one of no, always, unless-stopped, on-failure"),
+            ("command: []", "services.main.command: an empty command"),
+            ("network_mode: 'a b'", "services.main.network_mode: \"a b\": a network mode is one word"),
+            ("command: serve", "services.main.command"),
+        ] {
+            let err = Release::parse(&format!("id: 1\nservices:\n  main:\n    image: oci:/x\n    {yaml}\n"), "r").unwrap_err().to_string();
+            assert!(err.contains(expected), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
     fn commit_is_optional_and_numeric_ids_are_kept_as_written() {
         let release = Release::parse("id: 900813\nservices:\n  main: {image: oci:/x}\n", "r").unwrap();
         assert_eq!((release.id.as_str(), release.commit), ("900813", None));

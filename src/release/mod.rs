@@ -22,6 +22,9 @@
 //!       io.balena.update.strategy: download-then-kill
 //!     environment:           # optional: variables over the image's Env, either form too
 //!       MODE: eco            # names: letters, digits, '_', not starting with a digit
+//!     command: [serve, --port, '8080']   # optional: replaces the image's Cmd (list form)
+//!     network_mode: host     # optional: none, host, bridge or a network's name
+//!     restart: unless-stopped   # optional: no, always (the default), unless-stopped, on-failure
 //!   gpu:
 //!     image: oci:/var/lib/images/gpu:2024.06.2
 //!     labels:
@@ -56,6 +59,10 @@
 //! - Environment values are strings like label values (numbers and booleans read as text,
 //!   unquoted decimals refused), without NUL; duplicate names are errors. A change of
 //!   environment alone restarts the service without a download.
+//! - `command`, `network_mode` and `restart` are how the device agent runs the service's
+//!   container (compose's meaning); like the environment, a change of any of them restarts
+//!   the service without a download. `command` is a non-empty list; `restart` one of compose's
+//!   four policies.
 //! - Service names start with a letter or digit: they name directories on devices.
 //! - Requirement types: `sw.supervisor`, `sw.os`, `sw.l4t`, `sw.kernel` take a `version`
 //!   (`sw.os` may say `slug: balena-os`, `sw.kernel` `slug: linux`); `hw.device-type` and
