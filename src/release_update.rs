@@ -224,7 +224,7 @@ impl ImageCatalog for StoreCatalog<'_> {
             ImageRef::Engine(_) => return Err(Error::unsupported(reference, "release images are registry images or OCI layouts")),
         };
         self.seen.borrow_mut().insert(manifest.digest, Seen { reference: pinned, config: manifest.config.digest });
-        Ok(ResolvedImage { digest: manifest.digest, layers: manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect() })
+        Ok(ResolvedImage { digest: manifest.digest, config: Some(manifest.config.digest), layers: manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect() })
     }
 
     fn delta_status(&self, pair: &ImagePair) -> Result<DeltaStatus> {

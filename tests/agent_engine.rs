@@ -102,6 +102,25 @@ impl Device {
         reference
     }
 
+    /// `service` at `version` pushed again as `<service>:<version>z` with its layers
+    /// recompressed (zstd, by skopeo): the same config and layer contents, another manifest.
+    fn push_recompressed(&self, service: &str, version: u32) -> String {
+        let layouts = self.tmp.path().join("images");
+        let reference = format!("{}/fleet/{service}:{version}z", self.registry.addr);
+        let status = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false", "--dest-compress-format", "zstd"])
+            .arg(format!("oci:{}:{service}-{version}", layouts.display()))
+            .arg(format!("docker://{reference}"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "skopeo copy");
+        reference
+    }
+
+    fn status(&self) -> Value {
+        report(&run(self.fd().args(["agent", "status", "--state"]).arg(self.state())))
+    }
+
     /// The config digest of `service` at `version`, as built.
     fn config_digest(&self, service: &str, version: u32) -> String {
         let layout = fleetdelta::image::Layout::open(self.tmp.path().join("images")).unwrap();
@@ -401,4 +420,100 @@ fn an_unreachable_engine_is_one_clear_error_and_nothing_is_touched() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("no-engine.sock") && err.contains("--runtime process"), "{err}");
     assert!(!state.join("installed.json").exists() && !state.join("journal.jsonl").exists(), "nothing was planned");
+}
+
+/// A newer target supersedes an update that waits for a lock: services whose locks are free
+/// converge to the newest target at once, the locked one waits for its newest target only,
+/// and a crash in between recovers (issue: a held lock blocked every later release).
+#[test]
+fn a_newer_target_supersedes_a_switch_waiting_for_its_lock() {
+    let d = Device::new();
+    let (a1, a2, a3) = (d.push("a", 1), d.push("a", 2), d.push("a", 3));
+    let (b1, b2, b3) = (d.push("b", 1), d.push("b", 2), d.push("b", 3));
+    assert_eq!(d.update(&d.release("1", &[("a", &a1, ""), ("b", &b1, "")], ""), &[])["complete"], true);
+    let a_container = d.container("a");
+    d.hold_flock("a");
+
+    // 2 changes a, which waits.
+    let out = d.agent(&d.release("2", &[("a", &a2, ""), ("b", &b1, "")], ""), &["--lock-timeout", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.status()["updating_to"], "2");
+
+    // 3 puts a back to what it runs and changes b: b is updated now, a is not touched.
+    let third = d.update(&d.release("3", &[("a", &a1, ""), ("b", &b2, "")], ""), &["--lock-timeout", "1"]);
+    assert_eq!(third["complete"], true, "{third}");
+    assert_eq!(third["resumed"], "2", "{third}");
+    assert_eq!(outcome(&third, "a")["outcome"], "unchanged", "{third}");
+    assert_eq!(d.running_version("b"), "b-v2");
+    assert_eq!(d.container("a"), a_container, "a never restarted");
+    assert!(d.request("a").is_none(), "a's request for 2 was withdrawn");
+    assert_eq!(d.status()["updating_to"], Value::Null);
+    assert_eq!(d.status()["installed"]["release"], "3");
+
+    // 4 changes a again: its request names 4.
+    let out = d.agent(&d.release("4", &[("a", &a3, ""), ("b", &b2, "")], ""), &["--lock-timeout", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // 5 changes b too; the agent is killed right after b's new container started.
+    let r5 = d.release("5", &[("a", &a3, ""), ("b", &b3, "")], "");
+    let crashed = d.agent(&r5, &["--lock-timeout", "1", "--crash-after", "b:start-new"]).output().unwrap();
+    assert_eq!(crashed.status.code(), Some(86), "{}", String::from_utf8_lossy(&crashed.stderr));
+    let out = d.agent(&r5, &["--lock-timeout", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a still waits: {}", String::from_utf8_lossy(&out.stderr));
+    let waiting = report(&out);
+    assert_eq!(outcome(&waiting, "a")["outcome"], "waiting", "{waiting}");
+    assert_eq!(d.running_version("b"), "b-v3");
+    assert_eq!(d.containers("b").len(), 1, "{:?}", d.containers("b"));
+    assert_eq!(d.status()["updating_to"], "5");
+
+    // a waits for the newest target only; then its lock is freed, and it goes straight to 5.
+    let agent = d.agent(&r5, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("a's request", || d.request("a").is_some());
+    assert_eq!(d.request("a").unwrap()["target_release"], "5");
+    d.exec("a", "touch /tmp/release");
+    let done = report(&finish(agent));
+    assert_eq!(done["complete"], true, "{done}");
+    assert_eq!(d.running_version("a"), "a-v3");
+    let versions: Vec<String> = starts(&d.log("a")).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(versions, ["a-v1", "a-v3"], "a skipped the releases it waited through");
+
+    // An agent that waits (no lock timeout) sees its target file change: the newer release
+    // supersedes the waiting one in the same run.
+    d.hold_flock("a");
+    let target = d.tmp.path().join("target.yaml");
+    fs::copy(d.release("6", &[("a", &a1, ""), ("b", &b3, "")], ""), &target).unwrap();
+    let agent = d.agent(&target, &["--interval", "0.5"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("a's request for 6", || d.request("a").is_some_and(|r| r["target_release"] == "6"));
+    fs::copy(d.release("7", &[("a", &a3, ""), ("b", &b2, "")], ""), &target).unwrap();
+    let seventh = report(&finish(agent));
+    assert_eq!((seventh["target_release"].as_str(), seventh["complete"].as_bool()), (Some("7"), Some(true)), "{seventh}");
+    assert_eq!(d.running_version("b"), "b-v2");
+    assert_eq!(d.running_version("a"), "a-v3", "a was never switched to 6");
+    assert!(d.request("a").is_none());
+}
+
+/// An image rebuilt with the same config and layers but another manifest digest (its blobs
+/// recompressed) is the same image: no download, no lock wait, no restart; release-update
+/// says unchanged and estimates nothing.
+#[test]
+fn the_same_config_under_another_manifest_is_unchanged() {
+    let d = Device::new();
+    let a1 = d.push("a", 1);
+    let a1z = d.push_recompressed("a", 1);
+    let r1 = d.release("1", &[("a", &a1, "")], "");
+    assert_eq!(d.update(&r1, &[])["complete"], true);
+    let a_container = d.container("a");
+    d.hold_flock("a");
+    let r2 = d.release("2", &[("a", &a1z, "")], "");
+    let second = d.update(&r2, &["--lock-timeout", "1", "--no-full-download"]);
+    assert_eq!(second["complete"], true, "no lock wait: {second}");
+    assert_eq!(outcome(&second, "a")["outcome"], "unchanged", "{second}");
+    assert_eq!(outcome(&second, "a")["fetched"], Value::Null, "{second}");
+    assert_eq!(d.container("a"), a_container);
+    assert_eq!(starts(&d.log("a")).len(), 1);
+    assert!(d.request("a").is_none());
+
+    let t = report(&run(d.fd().args(["release-update", "--json", "--from"]).arg(&r1).arg("--to").arg(&r2)));
+    let a = t["is_produced_by__service_update"].as_array().unwrap().iter().find(|s| s["service_name"] == "a").unwrap().clone();
+    assert_eq!(a["status"], "unchanged", "{t}");
+    assert_eq!(t["estimated_total_payload_size"], 0, "{t}");
 }

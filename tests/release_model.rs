@@ -67,7 +67,7 @@ impl ImageCatalog for FakeCatalog {
         let not_found = || fleetdelta::Error::NotFound(reference.to_string());
         let digest: Digest = reference.rsplit_once('@').ok_or_else(not_found)?.1.parse()?;
         let layers = self.layers.get(&digest).ok_or_else(not_found)?.clone();
-        Ok(ResolvedImage { digest, layers })
+        Ok(ResolvedImage { digest, config: None, layers })
     }
 
     fn delta_status(&self, pair: &ImagePair) -> fleetdelta::Result<DeltaStatus> {

@@ -56,6 +56,12 @@ pub enum Record {
         /// Why.
         reason: String,
     },
+    /// A newer target release replaced the update: its switches under way were finished, the
+    /// rest is abandoned (an `end` follows).
+    Superseded {
+        /// The newer release.
+        by: String,
+    },
     /// The update is over.
     End,
 }
@@ -146,6 +152,8 @@ fn replay(text: &str, path: &Path) -> Result<Replay> {
                 replay.begun.remove(&service);
                 replay.rolled_back.insert(service);
             }
+            // The switches it finished are journaled before it; an `end` follows.
+            Record::Superseded { .. } => {}
             Record::End => replay = Replay::default(),
         }
     }
@@ -158,6 +166,24 @@ mod tests {
 
     fn plan() -> UpdatePlan {
         UpdatePlan { from_release: None, target_release: "2".into(), os_update: None, services: vec![] }
+    }
+
+    #[test]
+    fn a_superseded_update_replays_until_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let (mut j, _) = Journal::open(&path).unwrap();
+        j.append(&Record::Begin { plan: plan() }).unwrap();
+        j.append(&Record::Done { service: "api".into(), index: 0 }).unwrap();
+        j.append(&Record::Superseded { by: "3".into() }).unwrap();
+        drop(j);
+        // A crash between `superseded` and `end`: the update is still there, to supersede again.
+        let (mut j, r) = Journal::open(&path).unwrap();
+        assert_eq!(r.plan, Some(plan()));
+        assert_eq!(r.done.get("api"), Some(&1));
+        j.append(&Record::End).unwrap();
+        drop(j);
+        assert_eq!(Journal::open(&path).unwrap().1, Replay::default());
     }
 
     #[test]

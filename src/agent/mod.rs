@@ -82,6 +82,9 @@ pub struct AgentOptions {
     /// The command that installs an OS version (given as `FLEETDELTA_OS_VERSION`); it may
     /// reboot the device. Without one, the version is only recorded.
     pub os_update_command: Option<Vec<String>>,
+    /// While waiting for locks, how often the target is read again: a newer release there
+    /// supersedes the update that waits (`None`: never).
+    pub recheck: Option<Duration>,
     /// Test hook: exit the process with [`CRASH_EXIT_CODE`], without any cleanup, right after
     /// doing this step and before journaling it done. `SERVICE:STEP` or `STEP` (step names as
     /// [`Step::as_str`]), or `begin` (plan journaled), `commit-release` (installed services
@@ -99,6 +102,7 @@ impl Default for AgentOptions {
             lock_timeout: None,
             poll: Duration::from_millis(200),
             os_update_command: None,
+            recheck: Some(Duration::from_secs(60)),
             crash_after: None,
         }
     }
@@ -168,6 +172,10 @@ pub struct Agent<'a> {
     requests: SharedRequests,
     progress: &'a dyn Progress,
     last_start: Option<Instant>,
+    /// The target being applied, and when it was last read (see [`AgentOptions::recheck`]).
+    target: Option<(String, Instant)>,
+    /// Set when a newer target was found while waiting: the update in hand stops there.
+    moved: bool,
     _api: ApiServer,
     _lock: File,
 }
@@ -199,7 +207,7 @@ impl<'a> Agent<'a> {
         let requests = SharedRequests::default();
         api::lock(&requests).services = Installed::load(&state)?.services.into_keys().collect();
         let api = ApiServer::start(&state.socket(), requests.clone())?;
-        Ok(Agent { state, transfer, runtime, options, requests, progress, last_start: None, _api: api, _lock: lock })
+        Ok(Agent { state, transfer, runtime, options, requests, progress, last_start: None, target: None, moved: false, _api: api, _lock: lock })
     }
 
     /// The state directory.
@@ -210,14 +218,43 @@ impl<'a> Agent<'a> {
     /// Updates the device to the release at `target` (a file or URL). An update a crash
     /// interrupted is finished first.
     pub fn update(&mut self, target: &str) -> Result<UpdateReport> {
+        loop {
+            self.moved = false;
+            self.target = Some((target.to_string(), Instant::now()));
+            let report = self.update_once(target)?;
+            // A newer release appeared while a lock was awaited: go on with it.
+            if !self.moved {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Whether the target now names another release than `current` (read at most once per
+    /// [`AgentOptions::recheck`]; a target that cannot be read now is no news).
+    fn target_moved(&mut self, current: &str) -> bool {
+        let (Some(every), Some((source, last))) = (self.options.recheck, self.target.as_mut()) else { return false };
+        if last.elapsed() < every {
+            return false;
+        }
+        *last = Instant::now();
+        let moved = target::load_target(self.transfer, source).is_ok_and(|(release, _)| release.id != current);
+        self.moved |= moved;
+        moved
+    }
+
+    fn update_once(&mut self, target: &str) -> Result<UpdateReport> {
         let (release, text) = target::load_target(self.transfer, target)?;
         let (mut journal, replay) = Journal::open(&self.state.journal_file())?;
         let mut resumed = None;
         if let Some(plan) = replay.plan.clone() {
-            let report = self.execute(&mut journal, &plan, &replay)?;
-            if !report.complete || plan.target_release == release.id {
+            if plan.target_release == release.id {
+                let report = self.execute(&mut journal, &plan, &replay)?;
                 return Ok(UpdateReport { resumed: Some(plan.target_release.clone()), ..report });
             }
+            // A newer target: what the old update began is finished, the rest of it is
+            // planned anew against the newer target, so that a service waiting for its lock
+            // holds back neither the others nor later releases.
+            self.supersede(&mut journal, &plan, &replay, &release.id)?;
             resumed = Some(plan.target_release.clone());
         }
         let installed = Installed::load(&self.state)?;
@@ -235,6 +272,44 @@ impl<'a> Agent<'a> {
         self.crash_point("begin");
         let report = self.execute(&mut journal, &plan, &Replay { plan: Some(plan.clone()), ..Replay::default() })?;
         Ok(UpdateReport { resumed, ..report })
+    }
+
+    /// Ends the unfinished update `plan` for a newer target: switches under way (granted their
+    /// lock before a crash) are finished or rolled back, the requests of services that waited
+    /// are withdrawn, and the update is journaled superseded and ended. Nothing else of it is
+    /// done: downloads it made stay in the store until the next commit prunes them.
+    fn supersede(&mut self, journal: &mut Journal, plan: &UpdatePlan, replay: &Replay, by: &str) -> Result<()> {
+        self.reconcile(replay)?;
+        let mut run = Run {
+            plan,
+            done: replay.done.clone(),
+            begun: replay.begun.clone(),
+            rolled_back: replay.rolled_back.iter().map(|s| (s.clone(), "rolled back before the agent restarted".to_string())).collect(),
+            fetched: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+        };
+        for service in &plan.services {
+            let name = service.service.as_str();
+            let done = run.done.get(name).copied().unwrap_or(0);
+            let under_way = done > service.switch_at || run.begun.get(name).is_some_and(|i| *i >= service.switch_at);
+            if !service.switches() || run.rolled_back.contains_key(name) || done >= service.steps.len() || !under_way {
+                continue;
+            }
+            for index in done..service.steps.len() {
+                if let Err(e) = self.run_step(journal, &mut run, service, index) {
+                    self.roll_back(journal, &mut run, service, &e.to_string())?;
+                    break;
+                }
+            }
+        }
+        for service in &plan.services {
+            lock::remove_request(&self.state, &service.service)?;
+            api::lock(&self.requests).waiting.remove(&service.service);
+        }
+        journal.append(&Record::Superseded { by: by.to_string() })?;
+        self.crash_point("superseded");
+        journal.append(&Record::End)?;
+        journal.clear()
     }
 
     /// Starts every installed instance that does not run, except those of services whose
@@ -376,7 +451,7 @@ impl<'a> Agent<'a> {
             if run.waiting.is_empty() {
                 continue;
             }
-            if self.options.lock_timeout.is_some_and(|t| started.elapsed() >= t) {
+            if self.options.lock_timeout.is_some_and(|t| started.elapsed() >= t) || self.target_moved(&plan.target_release) {
                 self.withdraw_requests(run)?;
                 return Ok(false);
             }
@@ -439,7 +514,7 @@ impl<'a> Agent<'a> {
                 let request = lock::write_request(&self.state, name, Reason::OsUpdate, &run.plan.target_release)?;
                 api::lock(&self.requests).waiting.insert(name.clone(), request);
             }
-            if self.options.lock_timeout.is_some_and(|t| started.elapsed() >= t) {
+            if self.options.lock_timeout.is_some_and(|t| started.elapsed() >= t) || self.target_moved(&run.plan.target_release) {
                 self.withdraw_requests(run)?;
                 return Ok(None);
             }

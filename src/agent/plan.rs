@@ -70,7 +70,12 @@ pub fn plan_update(transfer: &Transfer, state: &StateDir, installed: &Installed,
         let from = installed.services.get(name).cloned();
         let to = match (update.change, target.service(name), &update.to_image) {
             (Change::Removed, _, _) => None,
-            (_, Some(service), Some(image)) => Some(record(service, image.digest, &target.id)),
+            // The same content under another manifest: the device keeps the image it has.
+            (Change::Unchanged, Some(service), Some(_)) if from.is_some() => {
+                let from = from.as_ref().expect("checked");
+                Some(InstanceRecord { image: from.image.clone(), digest: from.digest, config: from.config, ..record(service, from.digest, None, &target.id) })
+            }
+            (_, Some(service), Some(image)) => Some(record(service, image.digest, image.config, &target.id)),
             _ => None,
         };
         let kind = match (update.change, &from, &to) {
@@ -100,10 +105,11 @@ pub fn plan_update(transfer: &Transfer, state: &StateDir, installed: &Installed,
 }
 
 /// The instance record a target service gets.
-fn record(service: &Service, digest: crate::Digest, release: &str) -> InstanceRecord {
+fn record(service: &Service, digest: crate::Digest, config: Option<crate::Digest>, release: &str) -> InstanceRecord {
     InstanceRecord {
         image: service.image.clone(),
         digest,
+        config,
         release: release.to_string(),
         environment: service.environment.clone(),
         labels: service.labels.clone(),
@@ -147,7 +153,7 @@ impl ImageCatalog for AgentCatalog<'_> {
                 })
                 .map(|m| layers_of(&m))
                 .unwrap_or_default();
-            return Ok(ResolvedImage { digest: record.digest, layers });
+            return Ok(ResolvedImage { digest: record.digest, config: record.config, layers });
         }
         let manifest = match parse_release_image(reference)? {
             ImageRef::Registry(r) => {
@@ -162,7 +168,7 @@ impl ImageCatalog for AgentCatalog<'_> {
             // parse_release_image gives registry and layout references only.
             ImageRef::Engine(_) => return Err(crate::error::Error::unsupported(reference, "release images are registry images or OCI layouts")),
         };
-        Ok(ResolvedImage { digest: manifest.digest, layers: layers_of(&manifest) })
+        Ok(ResolvedImage { digest: manifest.digest, config: Some(manifest.config.digest), layers: layers_of(&manifest) })
     }
 
     fn delta_status(&self, _pair: &ImagePair) -> Result<DeltaStatus> {

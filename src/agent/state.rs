@@ -184,6 +184,10 @@ pub struct InstanceRecord {
     pub image: String,
     /// The image's manifest digest (in its registry or source layout).
     pub digest: Digest,
+    /// The image's config digest, when known: an image with the same config is the same
+    /// image, whatever its manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Digest>,
     /// The release the instance belongs to.
     pub release: String,
     /// The release's environment for the service.

@@ -171,7 +171,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::open(tmp.path().join("state")).unwrap();
         let (kept, old) = (Digest::of(b"kept"), Digest::of(b"old"));
-        let record = InstanceRecord { image: "x".into(), digest: kept, release: "1".into(), environment: Default::default(), labels: Default::default(), run: Default::default() };
+        let record = InstanceRecord { image: "x".into(), digest: kept, config: None, release: "1".into(), environment: Default::default(), labels: Default::default(), run: Default::default() };
         let installed = Installed { services: [("api".to_string(), record)].into(), ..Installed::default() };
         let rootfs = state.rootfs("api", &kept);
         let dir = rootfs.parent().unwrap().to_path_buf();

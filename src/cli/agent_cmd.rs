@@ -53,7 +53,8 @@ pub struct RunArgs {
     /// Give up waiting for locks after this many seconds (the update goes on at the next run).
     #[arg(long, value_name = "SECONDS")]
     pub lock_timeout: Option<f64>,
-    /// Without --once: seconds between looks at the target release.
+    /// Seconds between looks at the target release: without --once, for the next update; while
+    /// a lock is awaited, for a newer release that supersedes the one waiting.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     pub interval: f64,
     /// Shell command that installs the OS version in $FLEETDELTA_OS_VERSION (may reboot).
@@ -127,6 +128,7 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progr
         lock_timeout: args.lock_timeout.map(|t| seconds(t, "--lock-timeout")).transpose()?,
         os_update_command: args.os_update_command.clone().map(|c| vec!["/bin/sh".to_string(), "-c".to_string(), c]),
         crash_after: args.crash_after.clone(),
+        recheck: Some(seconds(args.interval, "--interval")?),
         ..AgentOptions::default()
     };
     let arch = options.facts.as_ref().and_then(|f| f.arch.as_deref()).and_then(fleetdelta::release_update::oci_architecture);

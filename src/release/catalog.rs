@@ -19,11 +19,20 @@ pub struct LayerBlob {
 pub struct ResolvedImage {
     /// The manifest digest: two references with the same digest are the same image.
     pub digest: Digest,
+    /// The config digest, when known: two images with the same config have the same layer
+    /// contents (the config lists their diff_ids), whatever their blobs' compression.
+    pub config: Option<Digest>,
     /// Its layers, base first.
     pub layers: Vec<LayerBlob>,
 }
 
 impl ResolvedImage {
+    /// Whether `other` is the same image: the same manifest, or the same config (the same
+    /// content under recompressed blobs, which a device need not download nor restart for).
+    pub fn same_content(&self, other: &ResolvedImage) -> bool {
+        self.digest == other.digest || self.config.is_some_and(|c| other.config == Some(c))
+    }
+
     /// What a full download of the image costs: the sum of its layer sizes.
     pub fn size(&self) -> u64 {
         self.layers.iter().map(|l| l.size).sum()
@@ -89,10 +98,20 @@ mod tests {
 
     #[test]
     fn missing_layers_are_those_the_source_lacks() {
-        let from = ResolvedImage { digest: Digest::of(b"a"), layers: vec![layer(1, 100), layer(2, 20)] };
-        let to = ResolvedImage { digest: Digest::of(b"b"), layers: vec![layer(1, 100), layer(3, 7), layer(4, 5)] };
+        let from = ResolvedImage { digest: Digest::of(b"a"), config: None, layers: vec![layer(1, 100), layer(2, 20)] };
+        let to = ResolvedImage { digest: Digest::of(b"b"), config: None, layers: vec![layer(1, 100), layer(3, 7), layer(4, 5)] };
         assert_eq!(to.size(), 112);
         assert_eq!(to.missing_from(&from), (2, 12));
         assert_eq!(to.missing_from(&to), (0, 0));
+    }
+
+    #[test]
+    fn the_same_config_is_the_same_content_and_unknown_configs_are_not() {
+        let image = |manifest: &[u8], config: Option<&[u8]>| ResolvedImage { digest: Digest::of(manifest), config: config.map(Digest::of), layers: vec![] };
+        assert!(image(b"m1", Some(b"c")).same_content(&image(b"m2", Some(b"c"))), "recompressed blobs");
+        assert!(!image(b"m1", Some(b"c")).same_content(&image(b"m2", Some(b"d"))));
+        assert!(!image(b"m1", None).same_content(&image(b"m2", None)), "unknown configs say nothing");
+        assert!(!image(b"m1", Some(b"c")).same_content(&image(b"m2", None)));
+        assert!(image(b"m1", None).same_content(&image(b"m1", Some(b"c"))), "the same manifest");
     }
 }

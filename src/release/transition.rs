@@ -133,6 +133,8 @@ pub struct ImageInfo {
     pub reference: String,
     /// The digest it resolved to.
     pub digest: Digest,
+    /// Its config digest, when the catalog knows it.
+    pub config: Option<Digest>,
     /// Its full size: the sum of its layers.
     pub size: u64,
 }
@@ -322,15 +324,22 @@ pub fn plan(
             },
             Some(source) => {
                 let from_image = planner.image(source)?;
-                if from_image.0.digest == to_image.0.digest {
+                if from_image.1.same_content(&to_image.1) {
+                    let reason = if from_image.0.digest == to_image.0.digest {
+                        format!("same image in both releases ({}): nothing to download, not restarted", short_digest(&to_image.0.digest))
+                    } else {
+                        format!(
+                            "same content in both releases (config {}; manifests {} and {}, blobs recompressed): nothing to download, not restarted",
+                            short_digest(&to_image.1.config.unwrap_or(to_image.0.digest)),
+                            short_digest(&from_image.0.digest),
+                            short_digest(&to_image.0.digest)
+                        )
+                    };
                     ServiceUpdate {
                         service_name: target.name.clone(),
                         change: Change::Unchanged,
                         status: UpdateStatus::Unchanged,
-                        reason: format!(
-                            "same image in both releases ({}): nothing to download, not restarted",
-                            short_digest(&to_image.0.digest)
-                        ),
+                        reason,
                         payload_size: 0,
                         from_image: Some(from_image.0),
                         to_image: Some(to_image.0),
@@ -420,7 +429,7 @@ impl Planner<'_> {
                 resolved
             }
         };
-        let info = ImageInfo { reference: service.image.clone(), digest: resolved.digest, size: resolved.size() };
+        let info = ImageInfo { reference: service.image.clone(), digest: resolved.digest, config: resolved.config, size: resolved.size() };
         Ok((info, resolved))
     }
 
@@ -523,7 +532,7 @@ mod tests {
             let layers: Vec<LayerBlob> =
                 layers.iter().map(|&(n, size)| LayerBlob { digest: Digest::from_bytes([n; 32]), size }).collect();
             let digest = Digest::of(format!("{layers:?}").as_bytes());
-            self.images.insert(reference.to_string(), ResolvedImage { digest, layers });
+            self.images.insert(reference.to_string(), ResolvedImage { digest, config: None, layers });
             self
         }
         fn delta(mut self, from: &str, to: &str, status: DeltaStatus) -> Self {

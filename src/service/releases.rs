@@ -273,7 +273,7 @@ struct MemoryCatalog {
 impl ImageCatalog for MemoryCatalog {
     fn resolve(&self, reference: &str) -> Result<ResolvedImage> {
         let r = self.images.get(reference).ok_or_else(|| Error::NotFound(format!("image {reference} was not resolved")))?;
-        Ok(ResolvedImage { digest: r.manifest.digest, layers: r.manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect() })
+        Ok(ResolvedImage { digest: r.manifest.digest, config: Some(r.manifest.config.digest), layers: r.manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect() })
     }
 
     fn delta_status(&self, pair: &ImagePair) -> Result<DeltaStatus> {
