@@ -197,3 +197,46 @@ pub fn unpack(layout: &Layout, layer: &Layer, dir: &Path, name: &str, limit: u64
     layout.unpack_layer(layer, &path, limit, what)?;
     Unpacked::open(path, what)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn reads_from_disk_what_an_in_memory_index_sees() {
+        let big: Vec<u8> = (0..3 * READ_BLOCK_BYTES + 123).map(|i| (i * 7 % 251) as u8).collect();
+        let bytes = tar(&[("a.txt", b"hello"), ("empty", b""), ("big.bin", &big), ("b.txt", b"hello")]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer.tar");
+        std::fs::write(&path, &bytes).unwrap();
+        let u = Unpacked::open(path, "test layer").unwrap();
+        let parsed = TarIndex::parse(&bytes, "test layer").unwrap();
+        assert_eq!((&u.index.entries, u.index.len), (&parsed.entries, parsed.len));
+        for (e, d) in u.index.entries.iter().zip(&u.content_digests) {
+            let data = &bytes[e.data_start as usize..(e.data_start + e.data_len) as usize];
+            assert_eq!(*d, e.has_content().then(|| Digest::of(data)), "{}", e.path);
+            assert_eq!(&u.view(e.content_range()).unwrap()[..], data);
+            assert_eq!(u.read(e.content_range()).unwrap(), data);
+        }
+        let mut all = Vec::new();
+        u.reader().read_to_end(&mut all).unwrap();
+        assert_eq!(all, bytes);
+        let (a, b) = (u.index.entries[0].content_range(), u.index.entries[3].content_range());
+        assert!(u.same_bytes(a.clone(), &u, b).unwrap());
+        assert!(!u.same_bytes(a.clone(), &u, a.start + 1..a.end + 1).unwrap());
+        assert!(!u.same_bytes(a.clone(), &u, a.start..a.end + 1).unwrap(), "lengths differ");
+        assert!(u.view(0..u.index.len + 1).is_err(), "a view past the end is refused");
+    }
+}

@@ -18,9 +18,9 @@ use rayon::prelude::*;
 use crate::diff::material::Unpacked;
 use crate::diff::pair::{Loc, Partner, SourceIndex};
 use crate::diff::zip_members;
+use crate::error::Result;
 use crate::format::plan::{Member, RepackedMember, Wrapping, MAX_MEMBER_RAW_BYTES};
 use crate::layer::exact::{fingerprint, Encoder};
-use crate::error::Result;
 use crate::layer::members::{inflate, looks_like_gzip, looks_like_zip, MIN_GZIP_BYTES, MIN_ZIP_BYTES};
 use crate::layer::TarEntry;
 
