@@ -2,7 +2,7 @@
 //! chunks whose zstd reference prefix is made of their partners in the same order, compress
 //! the chunks in parallel, then write the record stream.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::Write;
 use std::ops::Range;
 
@@ -32,6 +32,10 @@ pub struct EncodeParams {
     /// pairing missed) are still found; 0 disables it.
     pub context_bytes: u64,
 }
+
+/// Frames compressed ahead of the record writer, per worker thread: enough to keep every
+/// thread busy while the frames held at once stay a few chunks.
+const FRAMES_PER_THREAD: usize = 2;
 
 /// A planned operation on the output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,7 +179,7 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
         // Headers and padding before the contents, against the partner's.
         let meta = meta_from..e.data_start;
         let meta_partner = partner_loc.or_else(|| source.at_path(&e.path)).map(|l| range_of(l.layer, source.entry(l).meta_range()));
-        emit_bytes(&mut planner, source, target, meta, meta_partner);
+        emit_bytes(&mut planner, source, target, meta, meta_partner)?;
         let content = e.content_range();
         match (partner, partner_loc) {
             (Partner::Same(l), _) => planner.copy(range_of(l.layer, source.entry(l).content_range())),
@@ -194,7 +198,7 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
         let start = layer.index.entries.iter().filter(|e| e.has_content()).map(|e| e.data_start + e.data_len).next_back().unwrap_or(0);
         range_of(l, start..layer.index.len)
     });
-    emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner);
+    emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner)?;
 
     let Planner { ops, mut chunks, mut stats, mut prefix_left, .. } = planner;
     if params.context_bytes > 0 {
@@ -211,17 +215,16 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
             c.prefix = context;
         }
     }
-    let frames: Vec<Vec<u8>> = chunks
-        .par_iter()
-        .filter(|c| c.literal_len > 0)
-        .map(|c| compress_chunk(c, target, source, params.zstd_level))
-        .collect::<Result<_>>()?;
-    stats.chunks = frames.len() as u64;
+    stats.chunks = chunks.iter().filter(|c| c.literal_len > 0).count() as u64;
     stats.tar_bytes = target.index.len;
 
     let mut used = BTreeSet::new();
     let mut w = RecordWriter::new(out, PatchHeader { target_layer: target_index, tar_len: target.index.len }).ctx(|| "writing patch".into())?;
-    let mut frames = frames.into_iter();
+    // Chunks are compressed in parallel a batch at a time, in the order the records use
+    // them, so that the frames held at once do not grow with the layer.
+    let batch = rayon::current_num_threads().max(1) * FRAMES_PER_THREAD;
+    let mut to_compress = chunks.iter().filter(|c| c.literal_len > 0);
+    let mut frames: VecDeque<Vec<u8>> = VecDeque::new();
     let mut current_chunk = None;
     for op in &ops {
         match op {
@@ -232,7 +235,11 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
             Op::Literal { chunk, len } => {
                 if current_chunk != Some(*chunk) {
                     let plan = &chunks[*chunk];
-                    let frame = frames.next().ok_or_else(|| Error::malformed("patch plan", "more chunks referenced than compressed"))?;
+                    if frames.is_empty() {
+                        let next: Vec<&ChunkPlan> = to_compress.by_ref().take(batch).collect();
+                        frames = next.par_iter().map(|c| compress_chunk(c, target, source, params.zstd_level)).collect::<Result<_>>()?;
+                    }
+                    let frame = frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more chunks referenced than compressed"))?;
                     used.extend(plan.prefix.iter().map(|p| p.layer));
                     w.write(&Record::Chunk { prefix: plan.prefix.clone(), raw_len: plan.literal_len, frame }).ctx(|| "writing patch".into())?;
                     current_chunk = Some(*chunk);
@@ -318,28 +325,29 @@ fn context_ranges(partners: &[SourceRange], lens: &[u64], budget: u64) -> Vec<So
 }
 
 /// Emits target bytes that are not file contents: a copy when they equal the partner's.
-fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, range: Range<u64>, partner: Option<SourceRange>) {
+fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, range: Range<u64>, partner: Option<SourceRange>) -> Result<()> {
     if range.is_empty() {
-        return;
+        return Ok(());
     }
     if let Some(p) = partner {
-        if source.layers[p.layer as usize].bytes(p.offset..p.end()) == target.bytes(range.clone()) {
+        if target.same_bytes(range.clone(), &source.layers[p.layer as usize], p.offset..p.end())? {
             planner.copy(p);
-            return;
+            return Ok(());
         }
     }
     planner.literal(range, partner);
+    Ok(())
 }
 
 /// Compresses one chunk's literals with its prefix as zstd reference.
 fn compress_chunk(chunk: &ChunkPlan, target: &Unpacked, source: &SourceIndex<'_>, level: i32) -> Result<Vec<u8>> {
     let mut prefix = Vec::with_capacity(chunk.prefix_len as usize);
     for p in &chunk.prefix {
-        prefix.extend_from_slice(source.layers[p.layer as usize].bytes(p.offset..p.end()));
+        source.layers[p.layer as usize].read_append(p.offset..p.end(), &mut prefix)?;
     }
     let mut literals = Vec::with_capacity(chunk.literal_len as usize);
     for r in &chunk.literals {
-        literals.extend_from_slice(target.bytes(r.clone()));
+        target.read_append(r.clone(), &mut literals)?;
     }
     let zstd_err = |code: usize| Error::malformed("zstd compression", zstd_safe::get_error_name(code).to_string());
     let window_log = ((prefix.len() + literals.len()).max(1 << 10) as u64).next_power_of_two().trailing_zeros().clamp(10, 27);

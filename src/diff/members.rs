@@ -18,9 +18,11 @@ use rayon::prelude::*;
 use crate::diff::material::Unpacked;
 use crate::diff::pair::{Loc, Partner, SourceIndex};
 use crate::diff::zip_members;
+use crate::error::Result;
 use crate::format::plan::{Member, RepackedMember, Wrapping, MAX_MEMBER_RAW_BYTES};
 use crate::layer::exact::{fingerprint, Encoder};
-use crate::layer::members::{inflate, looks_like_gzip, looks_like_zip};
+use crate::layer::members::{inflate, looks_like_gzip, looks_like_zip, MIN_GZIP_BYTES, MIN_ZIP_BYTES};
+use crate::layer::TarEntry;
 
 /// Largest compressed gzip file considered.
 pub const MAX_MEMBER_COMPRESSED_BYTES: u64 = 64 << 20;
@@ -60,11 +62,12 @@ enum Kind {
 }
 
 impl Kind {
-    /// What `data` (a file's contents) is, if it is either.
-    fn of(data: &[u8]) -> Option<Kind> {
-        if data.len() as u64 <= MAX_MEMBER_COMPRESSED_BYTES && looks_like_gzip(data) {
+    /// What the `len` bytes of a file's contents are, if either, from their first
+    /// [`SNIFF_BYTES`] (`head`: all of them when fewer).
+    fn of(head: &[u8], len: u64) -> Option<Kind> {
+        if len <= MAX_MEMBER_COMPRESSED_BYTES && looks_like_gzip(head) {
             Some(Kind::Gzip)
-        } else if data.len() as u64 <= MAX_ZIP_BYTES && looks_like_zip(data) {
+        } else if len <= MAX_ZIP_BYTES && looks_like_zip(head) {
             Some(Kind::Zip)
         } else {
             None
@@ -75,21 +78,29 @@ impl Kind {
 /// What one candidate gives: target members and their source partners.
 type Pieces = (Vec<RepackedMember>, Vec<Member>);
 
+/// What [`Kind::of`] needs of a file: the first bytes of a gzip member's or a zip's header.
+const SNIFF_BYTES: u64 = if MIN_GZIP_BYTES > MIN_ZIP_BYTES { MIN_GZIP_BYTES } else { MIN_ZIP_BYTES } as u64;
+
+/// The kind of the contents of entry `e` of `layer`, from their first bytes.
+fn kind_of(layer: &Unpacked, e: &TarEntry) -> Result<Option<Kind>> {
+    let head = layer.read(e.data_start..e.data_start + e.data_len.min(SNIFF_BYTES))?;
+    Ok(Kind::of(&head, e.data_len))
+}
+
 /// Finds the members to expand in `targets` (target layer index → unpacked layer), against
 /// the source layers of `index`. Members are dropped once a layer's expanded tar would
-/// exceed `limit` bytes.
-pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u64) -> Expansion {
+/// exceed `limit` bytes. Files are read a pair of partners at a time per worker thread.
+pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u64) -> Result<Expansion> {
     let mut candidates = Vec::new();
     for (&layer, target) in targets {
         for (entry, e) in target.index.entries.iter().enumerate() {
             if !e.has_content() {
                 continue;
             }
-            let Some(kind) = Kind::of(target.bytes(e.content_range())) else { continue };
+            let Some(kind) = kind_of(target, e)? else { continue };
             let digest = target.content_digests[entry].as_ref().expect("entries with contents have digests");
             let Partner::Similar(partner) = index.partner(&e.path, digest, e.data_len) else { continue };
-            let p = index.entry(partner);
-            if Kind::of(index.layers[partner.layer as usize].bytes(p.content_range())) == Some(kind) {
+            if kind_of(&index.layers[partner.layer as usize], index.entry(partner))? == Some(kind) {
                 candidates.push(Candidate { layer, entry, partner, kind });
             }
         }
@@ -102,10 +113,13 @@ pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u6
         .map(|c| {
             let target = &targets[&c.layer];
             let e = &target.index.entries[c.entry];
-            let data = target.bytes(e.content_range());
+            // Mapped for this candidate only: its pages leave with the views.
+            let target_view = target.view(e.content_range())?;
+            let data = &target_view[..];
             let p = index.entry(c.partner);
-            let source_data = index.layers[c.partner.layer as usize].bytes(p.content_range());
-            match c.kind {
+            let source_view = index.layers[c.partner.layer as usize].view(p.content_range())?;
+            let source_data = &source_view[..];
+            Ok(match c.kind {
                 Kind::Gzip => gzip_file(data, e.data_start, source_data, p.data_start).map_or_else(Default::default, |(t, s)| (vec![t], vec![s])),
                 Kind::Zip => {
                     let found = zip_members::find(data, source_data);
@@ -116,9 +130,9 @@ pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u6
                     let source = found.source.into_iter().map(|m| Member { offset: m.offset + p.data_start, ..m });
                     (target.collect(), source.collect())
                 }
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut out = Expansion::default();
     // A source file can partner several target files: each is listed once, in tar order.
     let mut source: BTreeMap<u32, BTreeSet<Member>> = BTreeMap::new();
@@ -149,7 +163,7 @@ pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u6
     }
     source.retain(|_, set| !set.is_empty());
     out.source = source.into_iter().map(|(layer, set)| (layer, set.into_iter().collect())).collect();
-    out
+    Ok(out)
 }
 
 /// A gzip file of the target at `offset` and its partner at `source_offset`: the members

@@ -152,7 +152,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         members::Expansion::default()
     } else {
         progress.stage("looking into gzip and zip files", 0);
-        members::find(&unpacked_target, &SourceIndex::build(&unpacked_source), options.max_layer_bytes)
+        members::find(&unpacked_target, &SourceIndex::build(&unpacked_source), options.max_layer_bytes)?
     };
     for (layer, ms) in &expansion.source {
         let u = &mut unpacked_source[*layer as usize];
@@ -177,7 +177,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
             let target = &unpacked_target[i];
             let layer = &target_image.layers[*i as usize];
             let blob_path = target_layout.blob_path(&layer.blob.digest);
-            let (encoding, corrections) = match choose(&target_layout, layer, *i, options.fidelity, scratch.path(), || Ok(&target.map[..]))? {
+            let (encoding, corrections) = match choose(&target_layout, layer, *i, options.fidelity, scratch.path(), || Ok(target.reader()))? {
                 Choice::Encode(e) => (e, None),
                 Choice::Correct { encoding, path, bytes } => (encoding, Some((path, bytes))),
                 Choice::CarryBlob => {

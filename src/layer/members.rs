@@ -46,14 +46,22 @@ pub fn expand(mut input: impl Read, members: &[Member], output: impl Write, limi
     Ok(limit - out.left)
 }
 
+/// The fewest bytes of a gzip member (header and trailer): [`looks_like_gzip`] reads no
+/// further.
+pub const MIN_GZIP_BYTES: usize = 18;
+
+/// The fewest bytes of a zip archive (its end of central directory record):
+/// [`looks_like_zip`] reads no further.
+pub const MIN_ZIP_BYTES: usize = 22;
+
 /// Whether `data` starts like a gzip member (magic and deflate method).
 pub fn looks_like_gzip(data: &[u8]) -> bool {
-    data.len() >= 18 && data.starts_with(&[0x1f, 0x8b, 0x08])
+    data.len() >= MIN_GZIP_BYTES && data.starts_with(&[0x1f, 0x8b, 0x08])
 }
 
 /// Whether `data` starts like a zip archive (a local file header).
 pub fn looks_like_zip(data: &[u8]) -> bool {
-    data.len() >= 22 && data.starts_with(b"PK\x03\x04")
+    data.len() >= MIN_ZIP_BYTES && data.starts_with(b"PK\x03\x04")
 }
 
 /// The contents of `data` if it is exactly one gzip member or deflate stream, as `wrapping`

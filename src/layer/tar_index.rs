@@ -5,7 +5,7 @@
 //! end-of-archive blocks is "metadata" carried byte for byte) and what each entry is called,
 //! to pair it with its counterpart in the source image.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read, Seek};
 use std::path::{Component, Path};
 
 use crate::error::{Error, Result};
@@ -68,13 +68,18 @@ pub struct TarIndex {
 }
 
 impl TarIndex {
-    /// Parses an archive held in memory (usually memory-mapped). `what` names it in errors.
+    /// Parses an archive held in memory. `what` names it in errors.
     /// Paths that are absolute or contain `..` are refused, as are entries whose data would
     /// run past the end of the archive.
     pub fn parse(bytes: &[u8], what: &str) -> Result<Self> {
+        Self::parse_reader(Cursor::new(bytes), bytes.len() as u64, what)
+    }
+
+    /// [`TarIndex::parse`] for an archive of `len` bytes read from `reader` (a file on
+    /// disk), which is read header by header and seeked past file contents.
+    pub fn parse_reader(reader: impl Read + Seek, len: u64, what: &str) -> Result<Self> {
         let malformed = |e: std::io::Error| Error::malformed(what, format!("tar: {e}"));
-        let len = bytes.len() as u64;
-        let mut archive = tar::Archive::new(Cursor::new(bytes));
+        let mut archive = tar::Archive::new(reader);
         let mut entries = Vec::new();
         let mut meta_start = 0u64;
         for entry in archive.entries_with_seek().map_err(malformed)? {
