@@ -127,6 +127,39 @@ impl Device {
         layout.load_image(Some(&format!("{service}-{version}"))).unwrap().config.digest.to_string()
     }
 
+    /// Builds `service` at `version` as a replica: it logs `start` and, `delay` seconds later,
+    /// `ready` (times from the host-wide /proc/uptime) into its data volume, and creates
+    /// /tmp/ready, which its health check looks for. Pushed as `<service>:<version>`.
+    fn push_replica(&self, service: &str, version: u32, delay: &str) -> String {
+        let script = format!(
+            "#!/bin/sh\nread t _ < /proc/uptime; echo \"start $t $(cat /app/version) $FLEETDELTA_REPLICA\" >> /data/log\n\
+             trap 'exit 0' TERM\nsleep {delay}\nread t _ < /proc/uptime; echo \"ready $t $(cat /app/version) $FLEETDELTA_REPLICA\" >> /data/log\n\
+             touch /tmp/ready\nwhile true; do sleep 1 & wait $!; done\n"
+        );
+        let mut app = Tree::new();
+        app.insert("app/run.sh".into(), Node::File { data: script.into(), mode: 0o755, mtime: 1_700_000_000 });
+        app.insert("app/version".into(), file(format!("{service}-v{version}")));
+        let layouts = self.tmp.path().join("images");
+        let tag = format!("{service}-{version}");
+        write_runnable_image(&layouts, &tag, &[self.base.clone(), layer_tar(&app)], json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/bin"]}));
+        let reference = format!("{}/fleet/{service}:{version}", self.registry.addr);
+        run(self.fd().args(["copy", &format!("oci:{}:{tag}", layouts.display()), &format!("docker://{reference}")]));
+        reference
+    }
+
+    /// The logs of every replica's data volume, by replica: (event, time, version).
+    fn replica_logs(&self, service: &str, replicas: u32) -> Vec<Vec<(String, f64, String)>> {
+        (0..replicas)
+            .map(|i| {
+                let volume = self.engine.docker_ok(&["volume", "ls", "--quiet", "--filter", &format!("name=-{service}-data-{i}")]);
+                let volume = volume.lines().find(|v| v.ends_with(&format!("-{service}-data-{i}"))).unwrap_or_else(|| panic!("no volume of replica {i}"));
+                let mountpoint = self.engine.docker_ok(&["volume", "inspect", "--format", "{{.Mountpoint}}", volume]);
+                let text = fs::read_to_string(Path::new(mountpoint.trim()).join("log")).unwrap_or_default();
+                text.lines().map(|l| l.split(' ').collect::<Vec<_>>()).map(|f| (f[0].to_string(), f[1].parse().unwrap(), f[2].to_string())).collect()
+            })
+            .collect()
+    }
+
     /// Builds the delta between two pushed versions in the registry (beside the target).
     fn delta(&self, from: &str, to: &str) {
         let name = format!("{}-delta", to.replace([':', '/'], "-"));
@@ -148,7 +181,12 @@ impl Device {
 
     fn agent(&self, target: &Path, extra: &[&str]) -> Command {
         let mut c = self.fd();
-        c.args(["agent", "--once", "--json", "--stop-timeout", "5", "--stagger", "0.05", "--state"]).arg(self.state()).arg("--target").arg(target).args(extra);
+        c.args(["agent", "--once", "--json", "--state"]).arg(self.state()).arg("--target").arg(target).args(extra);
+        for (flag, default) in [("--stop-timeout", "5"), ("--stagger", "0.05")] {
+            if !extra.contains(&flag) {
+                c.args([flag, default]);
+            }
+        }
         c
     }
 
@@ -516,4 +554,112 @@ fn the_same_config_under_another_manifest_is_unchanged() {
     let a = t["is_produced_by__service_update"].as_array().unwrap().iter().find(|s| s["service_name"] == "a").unwrap().clone();
     assert_eq!(a["status"], "unchanged", "{t}");
     assert_eq!(t["estimated_total_payload_size"], 0, "{t}");
+}
+
+/// The most instances of `version` that were starting (started, not yet ready) at one time.
+fn peak_starting(logs: &[Vec<(String, f64, String)>], version: &str) -> usize {
+    let mut edges: Vec<(f64, i32)> = Vec::new();
+    for log in logs {
+        for (event, time, v) in log {
+            if v == version {
+                edges.push((*time, if event == "start" { 1 } else { -1 }));
+            }
+        }
+    }
+    // At equal times a ready counts before a start: uptime has 10 ms steps.
+    edges.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
+    let (mut now, mut peak) = (0, 0);
+    for (_, step) in edges {
+        now += step;
+        peak = peak.max(now);
+    }
+    peak as usize
+}
+
+/// Replicas with a health check start rolling: never more than --max-starting at once, each
+/// further start once one is healthy; a version whose check never passes is rolled back
+/// within --start-timeout, every replica back on the old version.
+#[test]
+fn replicas_start_rolling_gated_on_their_health_and_an_unhealthy_version_rolls_back() {
+    let d = Device::new();
+    let (v1, v2, v3) = (d.push_replica("web", 1, "0.6"), d.push_replica("web", 2, "0.6"), d.push_replica("web", 3, "0.6"));
+    const N: u32 = 9;
+    let service = |check: &str| format!("    replicas: {N}\n    healthcheck:\n      test: [CMD, test, -e, {check}]\n      interval: 300ms\n      retries: 100\n");
+    let options = ["--max-starting", "3", "--stagger", "0", "--start-timeout", "30"];
+    assert_eq!(d.update(&d.release("1", &[("web", &v1, &service("/tmp/ready"))], ""), &options)["complete"], true);
+    let second = d.update(&d.release("2", &[("web", &v2, &service("/tmp/ready"))], ""), &options);
+    assert_eq!(second["complete"], true, "{second}");
+    assert_eq!(d.containers("web").len(), N as usize, "{:?}", d.containers("web"));
+    let logs = d.replica_logs("web", N);
+    for version in ["web-v1", "web-v2"] {
+        let peak = peak_starting(&logs, version);
+        eprintln!("{version}: at most {peak} replicas starting at once");
+        assert!(peak <= 3, "{version}: {peak} replicas were starting at once: {logs:?}");
+        assert!(peak >= 2, "{version}: the starts overlapped up to the bound, not one by one: {logs:?}");
+    }
+    for (i, log) in logs.iter().enumerate() {
+        assert_eq!(log.last().map(|e| (e.0.as_str(), e.2.as_str())), Some(("ready", "web-v2")), "replica {i}: {log:?}");
+    }
+
+    // v3's check looks for a file that never appears: the start times out, and the service
+    // is rolled back, every replica on v2 again.
+    let out = d.agent(&d.release("3", &[("web", &v3, &service("/tmp/never"))], ""), &["--max-starting", "3", "--stagger", "0", "--start-timeout", "5"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let reason = outcome(&report(&out), "web")["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("not ready after 5 s"), "{reason}");
+    let running: Vec<(String, bool)> = d.containers("web");
+    assert_eq!(running.len(), N as usize, "{running:?}");
+    assert!(running.iter().all(|(_, up)| *up));
+    for i in 0..N {
+        let name = running.iter().find(|(n, _)| n.ends_with(&format!("-r{i}"))).unwrap_or_else(|| panic!("replica {i}: {running:?}")).0.clone();
+        assert_eq!(d.engine.docker_ok(&["exec", &name, "cat", "/app/version"]), "web-v2", "replica {i}");
+    }
+}
+
+/// Hundreds of replicas of one service on one device: one download, a rolling start of at
+/// most --max-starting at once, every replica on the new version with its own data volume.
+/// Prints the wall time of the update and the agent's peak RSS.
+#[test]
+fn three_hundred_replicas_update_with_one_download() {
+    const N: u32 = 300;
+    let d = Device::new();
+    let (v1, v2) = (d.push_replica("app", 1, "0"), d.push_replica("app", 2, "0"));
+    d.delta(&v1, &v2);
+    let service = format!("    replicas: {N}\n");
+    let options = ["--max-starting", "8", "--stagger", "0", "--stop-timeout", "10"];
+    let first = d.update(&d.release("1", &[("app", &v1, &service)], ""), &options);
+    assert_eq!(first["complete"], true, "{first}");
+    let timed = |release: &Path| {
+        let agent = d.agent(release, &options);
+        let mut time = Command::new("/usr/bin/time");
+        time.args(["-f", "%M %e"]).arg(agent.get_program()).args(agent.get_args());
+        for (k, v) in agent.get_envs() {
+            match v {
+                Some(v) => time.env(k, v),
+                None => time.env_remove(k),
+            };
+        }
+        let out = time.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap().to_string();
+        let (rss, wall) = last.split_once(' ').unwrap();
+        (report(&out), rss.parse::<u64>().unwrap(), wall.parse::<f64>().unwrap())
+    };
+    let r2 = d.release("2", &[("app", &v2, &service)], "");
+    let (second, rss_kib, wall) = timed(&r2);
+    assert_eq!(second["complete"], true, "{second}");
+    let fetched = outcome(&second, "app")["fetched"].as_str().unwrap().to_string();
+    assert!(fetched.starts_with("delta docker://"), "one delta for all {N} replicas: {fetched}");
+    let containers = d.containers("app");
+    assert_eq!(containers.len(), N as usize);
+    assert!(containers.iter().all(|(_, up)| *up), "every replica runs");
+    let logs = d.replica_logs("app", N);
+    for (i, log) in logs.iter().enumerate() {
+        let versions: Vec<&str> = log.iter().filter(|e| e.0 == "start").map(|e| e.2.as_str()).collect();
+        assert_eq!(versions, ["app-v1", "app-v2"], "replica {i}: {log:?}");
+    }
+    let tags = d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
+    assert_eq!(tags.lines().count(), 1, "one image for all replicas: {tags}");
+    eprintln!("{N} replicas from v1 to v2: {wall:.1} s wall, agent peak RSS {} MiB, at most {} starting at once", rss_kib / 1024, peak_starting(&logs, "app-v2"));
 }

@@ -15,7 +15,9 @@
 //!     directory at `/tmp/balena` (balena's `updates.lock` and `handover-complete`);
 //!   - the directory of the agent's socket at its host path (`FLEETDELTA_API`);
 //!   - a named volume `fd-<agent>-<service>-data` at `/data` (`FLEETDELTA_DATA`), kept across
-//!     updates and never removed by the agent.
+//!     updates and never removed by the agent; replica `i` has `fd-<agent>-<service>-data-<i>`
+//!     and its container name ends in `-r<i>`.
+//!   - the release's `healthcheck`, over the image's: the readiness a rolling start waits for.
 //! - **Stopping** is the engine's stop (SIGTERM, SIGKILL after the timeout), then the
 //!   container is removed: a stopped instance is never brought back by the engine's restart
 //!   policy, and its name is free for a rollback.
@@ -24,10 +26,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::error::AgentError;
-use super::runtime::{agent_env, InstanceStatus, Launch, Runtime};
+use super::runtime::{agent_env, InstanceStatus, Launch, Readiness, Runtime};
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::digest::Digest;
-use crate::engine::{ContainerSpec, Engine, EngineRef};
+use crate::engine::{ContainerSpec, Engine, EngineRef, Health};
 use crate::error::{Error, Result};
 use crate::image::ImageRef;
 use crate::progress::Progress;
@@ -87,9 +89,12 @@ impl<'a> EngineRuntime<'a> {
         format!("fd-{}-{service}-{instance}", self.agent)
     }
 
-    /// The named volume of a service's data.
-    pub fn volume_name(&self, service: &str) -> String {
-        format!("fd-{}-{service}-data", self.agent)
+    /// The named volume of a service's data (of one replica's, for replicas).
+    pub fn volume_name(&self, service: &str, replica: Option<u32>) -> String {
+        match replica {
+            Some(i) => format!("fd-{}-{service}-data-{i}", self.agent),
+            None => format!("fd-{}-{service}-data", self.agent),
+        }
     }
 
     fn has_image(&self, record: &InstanceRecord) -> Result<bool> {
@@ -97,8 +102,8 @@ impl<'a> EngineRuntime<'a> {
     }
 
     fn spec(&self, launch: &Launch) -> ContainerSpec {
-        let Launch { service, record, .. } = *launch;
-        let instance = record.instance_id();
+        let Launch { service, record, replica, .. } = *launch;
+        let instance = launch.instance();
         let mut env: Vec<String> = record.environment.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.extend(agent_env(&self.state, launch).into_iter().map(|(k, v)| format!("{k}={v}")));
         env.push(format!("FLEETDELTA_DATA={DATA_PATH}"));
@@ -122,10 +127,11 @@ impl<'a> EngineRuntime<'a> {
                 format!("{lock_dir}:{lock_dir}"),
                 format!("{}:{BALENA_LOCK_PATH}", self.state.balena_dir(service).display()),
                 format!("{api_dir}:{api_dir}"),
-                format!("{}:{DATA_PATH}", self.volume_name(service)),
+                format!("{}:{DATA_PATH}", self.volume_name(service, replica)),
             ],
             network_mode: record.run.network_mode.clone(),
             restart: Some(record.run.restart.clone().unwrap_or_else(|| DEFAULT_RESTART.into())),
+            healthcheck: record.run.healthcheck.clone(),
         }
     }
 }
@@ -187,7 +193,11 @@ impl Runtime for EngineRuntime<'_> {
 
     fn prune(&self, installed: &Installed) -> Result<()> {
         let engine = self.engine()?;
-        let wanted: BTreeSet<String> = installed.services.iter().map(|(s, r)| self.container_name(s, &r.instance_id())).collect();
+        let wanted: BTreeSet<String> = installed
+            .services
+            .iter()
+            .flat_map(|(s, r)| super::replicas(r).into_iter().map(move |replica| self.container_name(s, &super::runtime::instance_key(&r.instance_id(), replica))))
+            .collect();
         for name in engine.containers_labelled(LABEL_AGENT, &self.agent)? {
             if !wanted.contains(&name) {
                 engine.stop_container(&name, Duration::from_secs(10))?;
@@ -205,7 +215,7 @@ impl Runtime for EngineRuntime<'_> {
 
     fn start(&self, launch: &Launch) -> Result<()> {
         let engine = self.engine()?;
-        let name = self.container_name(launch.service, &launch.record.instance_id());
+        let name = self.container_name(launch.service, &launch.instance());
         match engine.inspect_container(&name)? {
             Some(found) if found.running => return Ok(()),
             Some(_) => {}
@@ -227,6 +237,18 @@ impl Runtime for EngineRuntime<'_> {
         Ok(match self.engine()?.inspect_container(&self.container_name(service, instance))? {
             Some(found) if found.running => InstanceStatus::Running { pid: found.pid.unwrap_or(0) },
             _ => InstanceStatus::Stopped,
+        })
+    }
+
+    fn readiness(&self, service: &str, instance: &str) -> Result<Readiness> {
+        Ok(match self.engine()?.inspect_container(&self.container_name(service, instance))? {
+            Some(found) if !found.running => Readiness::Failed,
+            Some(found) => match found.health {
+                Health::None | Health::Healthy => Readiness::Ready,
+                Health::Starting => Readiness::Starting,
+                Health::Unhealthy => Readiness::Failed,
+            },
+            None => Readiness::Failed,
         })
     }
 }

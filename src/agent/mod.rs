@@ -46,7 +46,7 @@ pub use lock::{Reason, ReleaseRequest, ServiceLock};
 pub use plan::{plan_update, ServicePlan, UpdatePlan};
 pub use engine_runtime::EngineRuntime;
 pub use process::{InstanceSpec, ProcessRuntime};
-pub use runtime::{InstanceStatus, Launch, Runtime};
+pub use runtime::{InstanceStatus, Launch, Readiness, Runtime};
 pub use state::{Installed, InstanceRecord, StateDir};
 pub use strategy::{Step, Strategy, UpdateKind};
 
@@ -56,6 +56,17 @@ use crate::release::{DeviceFacts, Release};
 use crate::transfer::Transfer;
 use api::SharedRequests;
 use journal::{Journal, Record, Replay, OS_UPDATE};
+
+/// How many threads stop a service's replicas.
+const STOP_THREADS: usize = 16;
+
+/// The replicas of an instance: `[None]` for a service without `replicas`, else `Some(0..n)`.
+pub fn replicas(record: &InstanceRecord) -> Vec<Option<u32>> {
+    match record.run.replica_count() {
+        0 | 1 if record.run.replicas.is_none() => vec![None],
+        n => (0..n).map(Some).collect(),
+    }
+}
 
 /// balena's hand-over signal, in the service's `/tmp/balena`: the new instance has taken over.
 pub const BALENA_HANDOVER_FILE: &str = "handover-complete";
@@ -77,8 +88,13 @@ pub struct AgentOptions {
     /// How long to wait for locks before giving up for this run (`None`: as long as it takes).
     /// The update stays journaled, and the next run goes on with it.
     pub lock_timeout: Option<Duration>,
-    /// How often held locks are tried again.
+    /// How often held locks are tried again (and starting instances looked at).
     pub poll: Duration,
+    /// At most this many instances of a service start at once (rolling starts of replicas).
+    pub max_starting: usize,
+    /// How long a starting instance has to become ready (replicas, health checks) before the
+    /// start fails and the switch is rolled back.
+    pub start_timeout: Duration,
     /// The command that installs an OS version (given as `FLEETDELTA_OS_VERSION`); it may
     /// reboot the device. Without one, the version is only recorded.
     pub os_update_command: Option<Vec<String>>,
@@ -101,6 +117,8 @@ impl Default for AgentOptions {
             stop_timeout: Duration::from_secs(10),
             lock_timeout: None,
             poll: Duration::from_millis(200),
+            max_starting: 4,
+            start_timeout: Duration::from_secs(120),
             os_update_command: None,
             recheck: Some(Duration::from_secs(60)),
             crash_after: None,
@@ -324,7 +342,7 @@ impl<'a> Agent<'a> {
             if switching {
                 continue;
             }
-            if self.runtime.status(service, &record.instance_id())? == InstanceStatus::Stopped {
+            if !self.all_running(service, record)? {
                 self.start(service, record, false)?;
                 started.push(service.clone());
             }
@@ -589,7 +607,7 @@ impl<'a> Agent<'a> {
             }
             Step::StopOld => {
                 if let Some(from) = &service.from {
-                    self.runtime.stop(name, &from.instance_id(), self.options.stop_timeout)?;
+                    self.stop(name, from)?;
                 }
             }
             Step::DeleteOld => {
@@ -638,7 +656,7 @@ impl<'a> Agent<'a> {
         run.begun.remove(name);
         run.rolled_back.insert(name.into(), reason.into());
         if let Some(to) = &service.to {
-            self.runtime.stop(name, &to.instance_id(), self.options.stop_timeout)?;
+            self.stop(name, to)?;
         }
         if let Some(from) = &service.from {
             self.start(name, from, false)?;
@@ -651,20 +669,92 @@ impl<'a> Agent<'a> {
     /// `delete-then-download`, a store damaged by a power cut); that costs nothing otherwise.
     /// Such an image is downloaded whole if need be, even where full downloads are not
     /// allowed: it restores a service the device ran, it is no update.
+    ///
+    /// A service with replicas is started rolling: at most [`AgentOptions::max_starting`]
+    /// replicas start at once, and each further start waits until one of them is ready
+    /// (running, and healthy when it has a health check). So does the end of the start of a
+    /// service with replicas or a health check: an instance that fails, or is not ready
+    /// within [`AgentOptions::start_timeout`], fails the start (and the switch is rolled back).
     fn start(&mut self, service: &str, record: &InstanceRecord, handover: bool) -> Result<()> {
-        if let InstanceStatus::Running { .. } = self.runtime.status(service, &record.instance_id())? {
+        if self.all_running(service, record)? {
             return Ok(());
         }
         self.state.prepare_service(service)?;
         self.runtime.fetch(self.transfer, None, record, true, self.progress)?;
         self.runtime.prepare(service, record)?;
-        if let Some(last) = self.last_start {
-            let wait = self.options.stagger.saturating_sub(last.elapsed());
-            std::thread::sleep(wait);
+        let gated = record.run.replica_count() > 1 || record.run.healthcheck.is_some();
+        let deadline = Instant::now() + self.options.start_timeout;
+        let mut starting: Vec<String> = Vec::new();
+        for replica in replicas(record) {
+            let launch = Launch { service, record, handover, replica };
+            let instance = launch.instance();
+            if let InstanceStatus::Running { .. } = self.runtime.status(service, &instance)? {
+                continue;
+            }
+            if gated {
+                self.await_ready(service, &mut starting, self.options.max_starting.max(1) - 1, deadline)?;
+            }
+            if let Some(last) = self.last_start {
+                let wait = self.options.stagger.saturating_sub(last.elapsed());
+                std::thread::sleep(wait);
+            }
+            self.runtime.start(&launch)?;
+            self.last_start = Some(Instant::now());
+            starting.push(instance);
         }
-        self.runtime.start(&Launch { service, record, handover })?;
-        self.last_start = Some(Instant::now());
+        if gated {
+            self.await_ready(service, &mut starting, 0, deadline)?;
+        }
         Ok(())
+    }
+
+    /// Waits until at most `at_most` of `starting` are not ready yet, removing the ready
+    /// ones; fails on an instance that failed, or at `deadline`.
+    fn await_ready(&mut self, service: &str, starting: &mut Vec<String>, at_most: usize, deadline: Instant) -> Result<()> {
+        loop {
+            let mut failed = None;
+            let mut still = Vec::with_capacity(starting.len());
+            for instance in starting.drain(..) {
+                match self.runtime.readiness(service, &instance)? {
+                    Readiness::Ready => {}
+                    Readiness::Starting => still.push(instance),
+                    Readiness::Failed => failed = Some(instance),
+                }
+            }
+            *starting = still;
+            if let Some(instance) = failed {
+                return Err(AgentError::Runtime { service: service.into(), reason: format!("instance {instance} stopped or failed its health check while starting") }.into());
+            }
+            if starting.len() <= at_most {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let reason = format!("{} instance(s) not ready after {} s: {}", starting.len(), self.options.start_timeout.as_secs(), starting.join(", "));
+                return Err(AgentError::Runtime { service: service.into(), reason }.into());
+            }
+            std::thread::sleep(self.options.poll);
+        }
+    }
+
+    /// Whether every replica of `record` runs.
+    fn all_running(&self, service: &str, record: &InstanceRecord) -> Result<bool> {
+        for replica in replicas(record) {
+            if self.runtime.status(service, &runtime::instance_key(&record.instance_id(), replica))? == InstanceStatus::Stopped {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Stops every replica of `record`, several at once.
+    fn stop(&self, service: &str, record: &InstanceRecord) -> Result<()> {
+        let instances: Vec<String> = replicas(record).into_iter().map(|r| runtime::instance_key(&record.instance_id(), r)).collect();
+        let (runtime, timeout) = (self.runtime.as_ref(), self.options.stop_timeout);
+        let per_thread = instances.len().div_ceil(STOP_THREADS).max(1);
+        std::thread::scope(|s| {
+            let stops: Vec<_> = instances.chunks(per_thread).map(|chunk| s.spawn(move || chunk.iter().try_for_each(|i| runtime.stop(service, i, timeout)))).collect();
+            stops.into_iter().try_for_each(|t| t.join().unwrap_or_else(|_| Err(AgentError::Runtime { service: service.into(), reason: "a stop panicked".into() }.into())))
+        })
     }
 
     fn crash_point(&self, point: &str) {
@@ -703,7 +793,11 @@ pub fn status(state: &StateDir, runtime: &dyn Runtime) -> Result<AgentStatus> {
     }
     let mut running = BTreeMap::new();
     for (name, record) in &installed.services {
-        running.insert(name.clone(), runtime.status(name, &record.instance_id())? != InstanceStatus::Stopped);
+        let mut all = true;
+        for replica in replicas(record) {
+            all &= runtime.status(name, &runtime::instance_key(&record.instance_id(), replica))? != InstanceStatus::Stopped;
+        }
+        running.insert(name.clone(), all);
     }
     Ok(AgentStatus { installed, updating_to, waiting, running })
 }

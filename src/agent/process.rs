@@ -178,8 +178,13 @@ impl ProcessRuntime {
         env.extend(record.environment.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(agent_env(&self.state, launch));
         env.push(("FLEETDELTA_ROOTFS".to_string(), path(&rootfs)));
-        env.push(("FLEETDELTA_DATA".to_string(), path(&self.state.data_dir(service))));
-        Ok(InstanceSpec { service: service.to_string(), instance: record.instance_id(), rootfs, argv: process.argv, env, working_dir: process.working_dir })
+        let data = match launch.replica {
+            Some(i) => self.state.data_dir(service).join(format!("replica-{i}")),
+            None => self.state.data_dir(service),
+        };
+        fs::create_dir_all(&data).ctx(|| format!("creating {}", data.display()))?;
+        env.push(("FLEETDELTA_DATA".to_string(), path(&data)));
+        Ok(InstanceSpec { service: service.to_string(), instance: launch.instance(), rootfs, argv: process.argv, env, working_dir: process.working_dir })
     }
 }
 

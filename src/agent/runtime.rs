@@ -37,12 +37,40 @@ pub struct Launch<'a> {
     /// Whether it starts beside the instance it replaces (hand-over): it is told where to
     /// signal that it took over (`FLEETDELTA_HANDOVER_FILE`).
     pub handover: bool,
+    /// Which replica, when the service runs several (`replicas`), from 0.
+    pub replica: Option<u32>,
+}
+
+impl Launch<'_> {
+    /// The instance's name: [`InstanceRecord::instance_id`], with `-r<replica>` for a replica.
+    pub fn instance(&self) -> String {
+        instance_key(&self.record.instance_id(), self.replica)
+    }
+}
+
+/// The name of replica `replica` of an instance.
+pub fn instance_key(instance_id: &str, replica: Option<u32>) -> String {
+    match replica {
+        Some(i) => format!("{instance_id}-r{i}"),
+        None => instance_id.to_string(),
+    }
+}
+
+/// Whether a started instance is ready to serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// It runs and its health check (if it has one) passes.
+    Ready,
+    /// Not yet: it starts, or its health check has not passed yet.
+    Starting,
+    /// It stopped, or its health check failed: it will not become ready by itself.
+    Failed,
 }
 
 /// Keeps images and runs instances on a device. Every call is idempotent (fetching an image
 /// the device has, starting a running instance or stopping a stopped one does nothing), so
 /// that a step redone after a crash is harmless.
-pub trait Runtime: Debug {
+pub trait Runtime: Debug + Sync {
     /// Brings the image of `to` onto the device: a delta from `from`'s image when the
     /// registry has one, else the missing layers unless `allow_full` is false. Returns how,
     /// in words.
@@ -61,15 +89,23 @@ pub trait Runtime: Debug {
     fn stop(&self, service: &str, instance: &str, timeout: Duration) -> Result<()>;
     /// Whether it runs.
     fn status(&self, service: &str, instance: &str) -> Result<InstanceStatus>;
+    /// Whether it is ready: by default, whether it runs.
+    fn readiness(&self, service: &str, instance: &str) -> Result<Readiness> {
+        Ok(match self.status(service, instance)? {
+            InstanceStatus::Running { .. } => Readiness::Ready,
+            InstanceStatus::Stopped => Readiness::Failed,
+        })
+    }
 }
 
 /// The variables every instance gets from the agent, after its image's `Env` and the
-/// release's environment: who it is (`FLEETDELTA_SERVICE`, `_INSTANCE`, `_RELEASE`), its
-/// update lock (`FLEETDELTA_LOCK`), the agent's socket (`FLEETDELTA_API`) and, during a
-/// hand-over, `FLEETDELTA_HANDOVER_FILE`. The paths are the host's: containers see them at
+/// release's environment: who it is (`FLEETDELTA_SERVICE`, `_INSTANCE`, `_RELEASE`, and for
+/// replicas `FLEETDELTA_REPLICA` from 0 and `FLEETDELTA_REPLICAS`), its update lock
+/// (`FLEETDELTA_LOCK`), the agent's socket (`FLEETDELTA_API`) and, during a hand-over,
+/// `FLEETDELTA_HANDOVER_FILE`. The paths are the host's: containers see them at
 /// the same paths.
 pub fn agent_env(state: &StateDir, launch: &Launch) -> Vec<(String, String)> {
-    let instance = launch.record.instance_id();
+    let instance = launch.instance();
     let path = |p: std::path::PathBuf| p.display().to_string();
     let mut env = vec![
         ("FLEETDELTA_SERVICE".to_string(), launch.service.to_string()),
@@ -80,6 +116,10 @@ pub fn agent_env(state: &StateDir, launch: &Launch) -> Vec<(String, String)> {
     ];
     if launch.handover {
         env.push(("FLEETDELTA_HANDOVER_FILE".to_string(), path(state.handover_file(launch.service, &instance))));
+    }
+    if let Some(replica) = launch.replica {
+        env.push(("FLEETDELTA_REPLICA".to_string(), replica.to_string()));
+        env.push(("FLEETDELTA_REPLICAS".to_string(), launch.record.run.replica_count().to_string()));
     }
     env
 }

@@ -47,6 +47,14 @@ pub struct RunArgs {
     /// Least seconds between two service starts.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub stagger: f64,
+    /// At most this many instances of a service start at once: replicas start rolling, each
+    /// further start waiting until one is ready (running, and healthy if it has a health check).
+    #[arg(long, value_name = "K", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_starting: u32,
+    /// Seconds a starting instance (of a service with replicas or a health check) has to become
+    /// ready before the switch is rolled back.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    pub start_timeout: f64,
     /// Seconds a stopping service has after SIGTERM before SIGKILL.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub stop_timeout: f64,
@@ -129,6 +137,8 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progr
         os_update_command: args.os_update_command.clone().map(|c| vec!["/bin/sh".to_string(), "-c".to_string(), c]),
         crash_after: args.crash_after.clone(),
         recheck: Some(seconds(args.interval, "--interval")?),
+        max_starting: args.max_starting as usize,
+        start_timeout: seconds(args.start_timeout, "--start-timeout")?,
         ..AgentOptions::default()
     };
     let arch = options.facts.as_ref().and_then(|f| f.arch.as_deref()).and_then(fleetdelta::release_update::oci_architecture);

@@ -33,6 +33,21 @@ pub struct ContainerSpec {
     pub network_mode: Option<String>,
     /// `no`, `always`, `unless-stopped` or `on-failure`.
     pub restart: Option<String>,
+    /// The health check, over the image's.
+    pub healthcheck: Option<crate::release::Healthcheck>,
+}
+
+/// What the engine says of a container's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// It has no health check.
+    None,
+    /// Its check has not passed yet.
+    Starting,
+    /// Its check passes.
+    Healthy,
+    /// Its check failed its retries.
+    Unhealthy,
 }
 
 /// A container as the engine describes it.
@@ -50,6 +65,8 @@ pub struct ContainerState {
     pub image: String,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// Its health.
+    pub health: Health,
 }
 
 /// The restart policies the engine knows, by their compose names.
@@ -82,6 +99,17 @@ impl Engine {
             cmd: spec.command.clone(),
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>()),
+            healthcheck: spec.healthcheck.as_ref().map(|h| {
+                let ns = |ms: Option<u64>| ms.map(|ms| i64::try_from(ms.saturating_mul(1_000_000)).unwrap_or(i64::MAX));
+                bollard::models::HealthConfig {
+                    test: Some(h.test.clone()),
+                    interval: ns(h.interval_ms),
+                    timeout: ns(h.timeout_ms),
+                    retries: h.retries.map(i64::from),
+                    start_period: ns(h.start_period_ms),
+                    start_interval: None,
+                }
+            }),
             host_config: Some(HostConfig {
                 binds: Some(spec.binds.clone()),
                 network_mode: spec.network_mode.clone(),
@@ -137,6 +165,12 @@ impl Engine {
         };
         let state = found.state.unwrap_or_default();
         let running = state.running.unwrap_or(false) || state.restarting.unwrap_or(false);
+        let health = match state.health.and_then(|h| h.status) {
+            Some(bollard::models::HealthStatusEnum::STARTING) => Health::Starting,
+            Some(bollard::models::HealthStatusEnum::HEALTHY) => Health::Healthy,
+            Some(bollard::models::HealthStatusEnum::UNHEALTHY) => Health::Unhealthy,
+            _ => Health::None,
+        };
         Ok(Some(ContainerState {
             id: found.id.unwrap_or_default(),
             name: found.name.unwrap_or_default().trim_start_matches('/').to_string(),
@@ -144,6 +178,7 @@ impl Engine {
             pid: state.pid.filter(|p| *p > 0).and_then(|p| u32::try_from(p).ok()),
             image: found.image.unwrap_or_default(),
             labels: found.config.and_then(|c| c.labels).unwrap_or_default().into_iter().collect(),
+            health,
         }))
     }
 

@@ -74,6 +74,43 @@ pub struct RunOptions {
     /// balena's supervisor does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
+    /// `replicas` (or compose's `deploy.replicas`): how many instances of the service run,
+    /// sharing its image; one when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// `healthcheck`: when an instance is ready. Starts of replicas wait for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<Healthcheck>,
+}
+
+/// A service's health check (compose's `healthcheck`), run by the container engine.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Healthcheck {
+    /// `["CMD", program, args...]`, `["CMD-SHELL", "shell command"]` (a plain string is
+    /// the latter) or `["NONE"]` (the image's check disabled).
+    pub test: Vec<String>,
+    /// Between two checks, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// How long one check may take, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Failures in a row that make the instance unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Time after start during which failures do not count, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_period_ms: Option<u64>,
+}
+
+/// The most replicas a service may ask for.
+pub const MAX_REPLICAS: u32 = 10_000;
+
+impl RunOptions {
+    /// The number of instances: `replicas`, or one.
+    pub fn replica_count(&self) -> u32 {
+        self.replicas.unwrap_or(1)
+    }
 }
 
 impl RunOptions {
@@ -152,6 +189,16 @@ impl Release {
                     return Err(invalid(svc, format!("{at}.network_mode"), format!("{:?}: a network mode is one word", network.0)));
                 }
             }
+            let replicas = match (raw_service.replicas, raw_service.deploy.and_then(|d| d.replicas)) {
+                (Some(_), Some(_)) => return Err(invalid(svc, format!("{at}.replicas"), "give replicas or deploy.replicas, not both".into())),
+                (r, d) => r.or(d),
+            };
+            if let Some(n) = replicas {
+                if !(1..=MAX_REPLICAS).contains(&n) {
+                    return Err(invalid(svc, format!("{at}.replicas"), format!("{n}: from 1 to {MAX_REPLICAS}")));
+                }
+            }
+            let healthcheck = raw_service.healthcheck.map(|h| h.check()).transpose().map_err(|reason| invalid(svc, format!("{at}.healthcheck"), reason))?;
             if raw_service.command.as_ref().is_some_and(Vec::is_empty) {
                 return Err(invalid(svc, format!("{at}.command"), "an empty command: leave it out to run the image's".into()));
             }
@@ -159,6 +206,8 @@ impl Release {
                 command: raw_service.command.map(|c| c.into_iter().map(|t| t.0).collect()),
                 network_mode: raw_service.network_mode.map(|n| n.0),
                 restart: raw_service.restart.map(|r| r.0),
+                replicas,
+                healthcheck,
             };
             services.push(Service { name, image, labels, contract, environment, run });
         }
@@ -264,6 +313,59 @@ struct RawService {
     command: Option<Vec<Text>>,
     network_mode: Option<Text>,
     restart: Option<Text>,
+    replicas: Option<u32>,
+    deploy: Option<RawDeploy>,
+    healthcheck: Option<RawHealthcheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    replicas: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthcheck {
+    test: RawTest,
+    interval: Option<Text>,
+    timeout: Option<Text>,
+    retries: Option<u32>,
+    start_period: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawTest {
+    Shell(Text),
+    List(Vec<Text>),
+}
+
+impl RawHealthcheck {
+    fn check(self) -> Result<Healthcheck, String> {
+        let test = match self.test {
+            RawTest::Shell(Text(command)) => vec!["CMD-SHELL".to_string(), command],
+            RawTest::List(items) => items.into_iter().map(|t| t.0).collect(),
+        };
+        match test.first().map(String::as_str) {
+            Some("NONE") if test.len() == 1 => {}
+            Some("CMD" | "CMD-SHELL") if test.len() > 1 => {}
+            _ => return Err(format!("test {test:?}: [\"CMD\", program, args...], [\"CMD-SHELL\", command], a command string, or [\"NONE\"]")),
+        }
+        let duration = |field: &str, text: Option<Text>| -> Result<Option<u64>, String> {
+            text.map(|Text(t)| {
+                humantime::parse_duration(&t).map(|d| d.as_millis() as u64).map_err(|e| format!("{field} {t:?}: {e} (a duration: 500ms, 2s, 1m30s)"))
+            })
+            .transpose()
+        };
+        Ok(Healthcheck {
+            test,
+            interval_ms: duration("interval", self.interval)?,
+            timeout_ms: duration("timeout", self.timeout)?,
+            retries: self.retries,
+            start_period_ms: duration("start_period", self.start_period)?,
+        })
+    }
 }
 
 /// Labels (and environments) in either compose form: a mapping, or a list of `key=value` (a
@@ -327,6 +429,30 @@ mod tests {
         let contract = gpu.contract.as_ref().unwrap();
         assert_eq!(contract.slug, "gpu-l4t");
         assert!(matches!(&contract.requires[0], Requires::One(r) if r.kind == RequirementType::L4t));
+    }
+
+    #[test]
+    fn replicas_and_health_checks_are_read_and_checked() {
+        let text = "id: 1\nservices:\n  main:\n    image: oci:/x\n    replicas: 300\n    healthcheck:\n      test: [CMD, test, -e, /tmp/ready]\n      interval: 500ms\n      timeout: 1m30s\n      retries: 3\n  other:\n    image: oci:/y\n    deploy: {replicas: 2}\n    healthcheck: {test: 'curl -f localhost'}\n";
+        let release = Release::parse(text, "r").unwrap();
+        let main = &release.service("main").unwrap().run;
+        assert_eq!(main.replica_count(), 300);
+        let check = main.healthcheck.as_ref().unwrap();
+        assert_eq!(check.test, ["CMD", "test", "-e", "/tmp/ready"]);
+        assert_eq!((check.interval_ms, check.timeout_ms, check.retries), (Some(500), Some(90_000), Some(3)));
+        let other = &release.service("other").unwrap().run;
+        assert_eq!(other.replica_count(), 2);
+        assert_eq!(other.healthcheck.as_ref().unwrap().test, ["CMD-SHELL", "curl -f localhost"]);
+        for (yaml, expected) in [
+            ("replicas: 0", "services.main.replicas: 0: from 1 to 10000"),
+            ("replicas: 2\n    deploy: {replicas: 2}", "give replicas or deploy.replicas, not both"),
+            ("healthcheck: {test: [CMD]}", "services.main.healthcheck: test [\"CMD\"]"),
+            ("healthcheck: {test: [CMD, x], interval: soon}", "services.main.healthcheck: interval \"soon\""),
+            ("deploy: {mode: global}", "unknown field `mode`"),
+        ] {
+            let err = Release::parse(&format!("id: 1\nservices:\n  main:\n    image: oci:/x\n    {yaml}\n"), "r").unwrap_err().to_string();
+            assert!(err.contains(expected), "{yaml}: {err}");
+        }
     }
 
     #[test]

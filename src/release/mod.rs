@@ -25,6 +25,13 @@
 //!     command: [serve, --port, '8080']   # optional: replaces the image's Cmd (list form)
 //!     network_mode: host     # optional: none, host, bridge or a network's name
 //!     restart: unless-stopped   # optional: no, always (the default), unless-stopped, on-failure
+//!     replicas: 3            # optional (or deploy: {replicas: 3}): instances sharing the image
+//!     healthcheck:           # optional, compose's: when an instance is ready
+//!       test: [CMD, /app/ready]   # or [CMD-SHELL, "..."], a command string, or [NONE]
+//!       interval: 2s         # durations: 500ms, 2s, 1m30s
+//!       timeout: 1s
+//!       retries: 3
+//!       start_period: 10s
 //!   gpu:
 //!     image: oci:/var/lib/images/gpu:2024.06.2
 //!     labels:
@@ -62,7 +69,8 @@
 //! - `command`, `network_mode` and `restart` are how the device agent runs the service's
 //!   container (compose's meaning); like the environment, a change of any of them restarts
 //!   the service without a download. `command` is a non-empty list; `restart` one of compose's
-//!   four policies.
+//!   four policies. `replicas` (1 to 10 000) and `healthcheck` belong to the same settings:
+//!   a change of either replaces the service's instances, a rolling start gated on readiness.
 //! - Service names start with a letter or digit: they name directories on devices.
 //! - Requirement types: `sw.supervisor`, `sw.os`, `sw.l4t`, `sw.kernel` take a `version`
 //!   (`sw.os` may say `slug: balena-os`, `sw.kernel` `slug: linux`); `hw.device-type` and
@@ -110,7 +118,7 @@ pub use contract::{
 };
 pub use error::{ReleaseError, UnmetContract};
 pub use facts::DeviceFacts;
-pub use file::{Release, RunOptions, Service, LABEL_OPTIONAL, RESTART_POLICIES, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY, UPDATE_STRATEGIES};
+pub use file::{Healthcheck, Release, RunOptions, Service, MAX_REPLICAS, LABEL_OPTIONAL, RESTART_POLICIES, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY, UPDATE_STRATEGIES};
 pub use table::{human_size, render_table};
 pub use transition::{
     plan, short_digest, Change, DeltaNeed, DroppedService, ImageInfo, Readiness, ReadyDelta, ReleaseRef, ServiceUpdate,
