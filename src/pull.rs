@@ -37,6 +37,10 @@ pub struct PullOptions {
     pub apply: ApplyOptions,
     /// Ask this builder service for the delta first.
     pub service: Option<ServiceOptions>,
+    /// Where the service finds the device's image (pinned), when the caller knows it: the
+    /// device agent does. Otherwise the target's repository at the device's manifest digest
+    /// is named, and the service goes by the config digest when that is not there.
+    pub source: Option<RegistryRef>,
 }
 
 /// The builder service a device asks for its deltas.
@@ -158,7 +162,7 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
         (Some((_, image)), None) => {
             let from_service = match &options.service {
                 Some(service) => {
-                    let (candidate, note) = ask_service(transfer, service, target, &fetched.digest, image);
+                    let (candidate, note) = ask_service(transfer, service, target, &fetched.digest, image, options.source.as_ref());
                     report.service = Some(note);
                     candidate
                 }
@@ -216,12 +220,17 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
 
 /// Asks the builder service for the delta from `image` (the device's) to the target, waiting
 /// as the options allow. Returns the delta when the service has it, and what it said.
-fn ask_service(transfer: &Transfer, service: &ServiceOptions, target: &RegistryRef, target_manifest: &Digest, image: &Image) -> (Option<Candidate>, String) {
+fn ask_service(transfer: &Transfer, service: &ServiceOptions, target: &RegistryRef, target_manifest: &Digest, image: &Image, source: Option<&RegistryRef>) -> (Option<Candidate>, String) {
     // The device's manifest digest is the registry's when it pulled the image whole; after a
-    // delta its layers may be recompressed, and the config digest is what identifies it.
+    // delta (or out of a container engine) its layers may be recompressed, and the config
+    // digest is what identifies it.
+    let source = match source {
+        Some(s) => s.without_tag(),
+        None => target.with_digest(image.manifest.digest).without_tag(),
+    };
     let request = DeltaRequest {
         target: format!("docker://{}", target.with_digest(*target_manifest).without_tag()),
-        source: Some(format!("docker://{}", target.with_digest(image.manifest.digest).without_tag())),
+        source: Some(format!("docker://{source}")),
         source_config: Some(image.config.digest),
     };
     let outcome = ServiceClient::new(&service.url).and_then(|client| transfer.block_on(client.wait_for_delta(&request, service.max_wait)));

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::engine::Dockerd;
 use common::registry::Registry;
+use common::serve::Serve;
 use common::{file, fleetdelta, layer_tar, run, text, write_runnable_image, Node, Tree};
 use serde_json::{json, Value};
 
@@ -662,4 +663,26 @@ fn three_hundred_replicas_update_with_one_download() {
     let tags = d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
     assert_eq!(tags.lines().count(), 1, "one image for all replicas: {tags}");
     eprintln!("{N} replicas from v1 to v2: {wall:.1} s wall, agent peak RSS {} MiB, at most {} starting at once", rss_kib / 1024, peak_starting(&logs, "app-v2"));
+}
+
+/// The agent asks the builder service for its deltas (`--service`): the registry has none,
+/// the service builds it from the image the device runs while the agent waits, and a
+/// metered device gets its update through it.
+#[test]
+fn the_agent_gets_its_deltas_from_the_builder_service() {
+    let d = Device::new();
+    let (a1, a2) = (d.push("a", 1), d.push("a", 2));
+    assert_eq!(d.update(&d.release("1", &[("a", &a1, "")], ""), &[])["complete"], true);
+    let serve = Serve::start(d.tmp.path(), "retry_after_seconds: 1\n");
+    let r2 = d.release("2", &[("a", &a2, "")], "");
+    let out = d.agent(&r2, &["--no-full-download", "--service", &serve.url, "--service-wait", "120"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = report(&out);
+    let fetched = outcome(&report, "a")["fetched"].as_str().unwrap().to_string();
+    assert!(fetched.starts_with("delta docker://"), "{report}");
+    assert_eq!(d.running_version("a"), "a-v2");
+    let metrics = String::from_utf8(run(Command::new("curl").args(["-sf", &format!("{}/metrics", serve.url)])).stdout).unwrap();
+    let builds = fleetdelta::service::metrics::sample(&metrics, "fleetdelta_builds_total");
+    assert_eq!(builds, Some(1.0), "the service built the one delta: {metrics}");
+    serve.stop();
 }

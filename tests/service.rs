@@ -5,80 +5,19 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::registry::Registry;
+use common::serve::Serve;
 use common::{assert_same_tagged_image, fleetdelta, run, service_image};
 use fleetdelta::image::Layout;
 use fleetdelta::service::metrics::sample;
 use fleetdelta::service::routes::ROUTES;
 use fleetdelta::Digest;
 use serde_json::{json, Value};
-
-/// A running `fleetdelta serve`, stopped (SIGKILL) on drop.
-struct Serve {
-    child: Child,
-    url: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Serve {
-    /// Starts the service with `config` (YAML) plus a free loopback port.
-    fn start(home: &Path, config: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("serve.yaml");
-        fs::write(&config_path, format!("listen: 127.0.0.1:0\nscratch_dir: {}\n{config}", dir.path().join("scratch").display())).unwrap();
-        let log = dir.path().join("serve.log");
-        let mut child = fd(home)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("FLEETDELTA_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-        let url = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {first:?}: {}", fs::read_to_string(&log).unwrap_or_default())).to_string();
-        Serve { child, url, log, _dir: dir }
-    }
-
-    /// SIGTERM, then waits for the exit (which must be a success).
-    fn stop(mut self) -> String {
-        run(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "serve exited with {status}: {}", self.log());
-                return self.log();
-            }
-            assert!(Instant::now() < deadline, "serve did not stop: {}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Peak resident memory of the service process, in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn fd(home: &Path) -> Command {
     let mut c = fleetdelta();

@@ -136,8 +136,16 @@ impl<'a> EngineRuntime<'a> {
     }
 }
 
+/// The registry image of a record, pinned (for the builder service).
+fn registry_image(record: &InstanceRecord) -> Option<crate::registry::RegistryRef> {
+    match parse_release_image(&record.image).ok()? {
+        ImageRef::Registry(r) => Some(r.with_digest(record.digest)),
+        _ => None,
+    }
+}
+
 impl Runtime for EngineRuntime<'_> {
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, allow_full: bool, progress: &dyn Progress) -> Result<String> {
+    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String> {
         if self.has_image(to)? {
             return Ok("already in the engine".into());
         }
@@ -150,7 +158,7 @@ impl Runtime for EngineRuntime<'_> {
                     Some(f) if self.has_image(f)? => Some(ImageRef::Engine(self.image_ref(f))),
                     _ => None,
                 };
-                let options = PullOptions { allow_full, ..PullOptions::default() };
+                let options = PullOptions { source: from.and_then(registry_image), ..options.clone() };
                 let (report, _) = pull_into(transfer, source.as_ref(), &target, &output, &options, progress)?;
                 Ok(match report.method {
                     PullMethod::Unchanged => "same content as the image it had".to_string(),

@@ -98,6 +98,8 @@ pub struct AgentOptions {
     /// The command that installs an OS version (given as `FLEETDELTA_OS_VERSION`); it may
     /// reboot the device. Without one, the version is only recorded.
     pub os_update_command: Option<Vec<String>>,
+    /// The builder service to ask for deltas first (as `pull --service` does).
+    pub service: Option<crate::pull::ServiceOptions>,
     /// While waiting for locks, how often the target is read again: a newer release there
     /// supersedes the update that waits (`None`: never).
     pub recheck: Option<Duration>,
@@ -121,6 +123,7 @@ impl Default for AgentOptions {
             start_timeout: Duration::from_secs(120),
             os_update_command: None,
             recheck: Some(Duration::from_secs(60)),
+            service: None,
             crash_after: None,
         }
     }
@@ -598,7 +601,7 @@ impl<'a> Agent<'a> {
         match step {
             Step::Fetch => {
                 let to = service.to.as_ref().ok_or_else(missing)?;
-                let how = self.runtime.fetch(self.transfer, service.from.as_ref(), to, self.options.allow_full, self.progress)?;
+                let how = self.runtime.fetch(self.transfer, service.from.as_ref(), to, &self.pull_options(self.options.allow_full), self.progress)?;
                 run.fetched.insert(name.into(), how);
             }
             Step::Unpack => {
@@ -680,7 +683,7 @@ impl<'a> Agent<'a> {
             return Ok(());
         }
         self.state.prepare_service(service)?;
-        self.runtime.fetch(self.transfer, None, record, true, self.progress)?;
+        self.runtime.fetch(self.transfer, None, record, &self.pull_options(true), self.progress)?;
         self.runtime.prepare(service, record)?;
         let gated = record.run.replica_count() > 1 || record.run.healthcheck.is_some();
         let deadline = Instant::now() + self.options.start_timeout;
@@ -734,6 +737,11 @@ impl<'a> Agent<'a> {
             }
             std::thread::sleep(self.options.poll);
         }
+    }
+
+    /// How images are pulled: full downloads allowed or not, through the builder service.
+    fn pull_options(&self, allow_full: bool) -> crate::pull::PullOptions {
+        crate::pull::PullOptions { allow_full, service: self.options.service.clone(), ..crate::pull::PullOptions::default() }
     }
 
     /// Whether every replica of `record` runs.

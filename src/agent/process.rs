@@ -43,6 +43,7 @@ use super::store;
 use crate::error::{IoContext, Result};
 use crate::image::Layout;
 use crate::progress::Progress;
+use crate::pull::PullOptions;
 use crate::transfer::Transfer;
 
 /// `PATH` when the image sets none (Docker's default).
@@ -189,8 +190,8 @@ impl ProcessRuntime {
 }
 
 impl Runtime for ProcessRuntime {
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, allow_full: bool, progress: &dyn Progress) -> Result<String> {
-        store::fetch(transfer, &self.state, from, to, allow_full, progress)
+    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String> {
+        store::fetch(transfer, &self.state, from, to, options, progress)
     }
 
     fn prepare(&self, service: &str, record: &InstanceRecord) -> Result<()> {

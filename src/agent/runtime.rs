@@ -12,6 +12,7 @@ use std::time::Duration;
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::error::Result;
 use crate::progress::Progress;
+use crate::pull::PullOptions;
 use crate::transfer::Transfer;
 
 /// Whether an instance runs.
@@ -72,9 +73,9 @@ pub enum Readiness {
 /// that a step redone after a crash is harmless.
 pub trait Runtime: Debug + Sync {
     /// Brings the image of `to` onto the device: a delta from `from`'s image when the
-    /// registry has one, else the missing layers unless `allow_full` is false. Returns how,
-    /// in words.
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, allow_full: bool, progress: &dyn Progress) -> Result<String>;
+    /// registry (or the builder service of `options`) has one, else the missing layers unless
+    /// `options.allow_full` is false. Returns how, in words.
+    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String>;
     /// Makes a fetched image ready to start (unpacks it, where instances run from a root
     /// filesystem).
     fn prepare(&self, service: &str, record: &InstanceRecord) -> Result<()>;

@@ -24,7 +24,7 @@ use crate::transfer::Transfer;
 /// Brings the image of `to` into the store, from its registry (with a delta from `from`'s
 /// image when one exists) or its layout. Returns how, in words. An image already in the store
 /// is not fetched again.
-pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord>, to: &InstanceRecord, allow_full: bool, progress: &dyn Progress) -> Result<String> {
+pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String> {
     let store = state.store();
     if has_image(state, to) {
         return Ok("already in the store".into());
@@ -35,7 +35,11 @@ pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord
             // Pinned: a tag that moved since planning must not bring another image.
             let target = reference.with_digest(to.digest);
             let source = from.filter(|f| has_image(state, f)).map(|f| ImageRef::Layout { dir: store.clone(), tag: Some(f.store_tag()) });
-            let options = PullOptions { allow_full, ..PullOptions::default() };
+            let source_image = from.and_then(|f| match parse_release_image(&f.image) {
+                Ok(ImageRef::Registry(r)) => Some(r.with_digest(f.digest)),
+                _ => None,
+            });
+            let options = PullOptions { source: source_image, ..options.clone() };
             let report = pull(transfer, source.as_ref(), &target, &output, &options, progress)?;
             Ok(match report.method {
                 PullMethod::Unchanged => "same content as the image it had".to_string(),

@@ -47,6 +47,13 @@ pub struct RunArgs {
     /// Least seconds between two service starts.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub stagger: f64,
+    /// Ask this builder service (`fleetdelta serve`, http://HOST:PORT) for each delta first,
+    /// as `pull --service` does.
+    #[arg(long, value_name = "URL")]
+    pub service: Option<String>,
+    /// With --service: the longest wait, in seconds, for a delta being built.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0)]
+    pub service_wait: f64,
     /// At most this many instances of a service start at once: replicas start rolling, each
     /// further start waiting until one is ready (running, and healthy if it has a health check).
     #[arg(long, value_name = "K", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -138,6 +145,7 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progr
         crash_after: args.crash_after.clone(),
         recheck: Some(seconds(args.interval, "--interval")?),
         max_starting: args.max_starting as usize,
+        service: args.service.clone().map(|url| -> anyhow::Result<_> { Ok(fleetdelta::pull::ServiceOptions { url, max_wait: seconds(args.service_wait, "--service-wait")? }) }).transpose()?,
         start_timeout: seconds(args.start_timeout, "--start-timeout")?,
         ..AgentOptions::default()
     };

@@ -34,7 +34,7 @@ pub fn run(transfer: &Transfer, args: &Args, target: &str, output: &str, progres
     };
     let from = from.map(ImageRef::parse).transpose()?;
     let output = ImageRef::parse(output)?;
-    let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers: layers.output(), ..ApplyOptions::default() } };
+    let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers: layers.output(), ..ApplyOptions::default() }, source: None };
     let (report, published) = pull_into(transfer, from.as_ref(), &target, &output, &options, progress).with_context(|| format!("pull docker://{target} into {output}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 pub mod engine;
 pub mod registry;
+pub mod serve;
 
 /// A command from Debian's packages that the test needs; fails (never skips) without it.
 pub fn tool(name: &str) -> std::process::Command {
