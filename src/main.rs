@@ -9,7 +9,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("fleetdelta: error: {}", one_line(&e));
-            ExitCode::FAILURE
+            cli::exit::for_error(&e)
         }
     }
 }

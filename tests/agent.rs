@@ -451,7 +451,7 @@ fn a_failed_download_rolls_the_service_back_to_the_instance_it_ran() {
     fs::remove_file(d.images().join("blobs/sha256").join(&layer[7..])).unwrap();
     let r2 = d.release("2", &[("api", v2, &extra)], "");
     let out = d.agent(&r2, &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "incomplete: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "incomplete: {}", String::from_utf8_lossy(&out.stderr));
     let report = report(&out);
     assert_eq!(outcome(&report, "api")["outcome"], "rolled-back", "{report}");
     assert_eq!(d.running_version("api"), "api-v1", "back on the old instance");
@@ -493,7 +493,7 @@ fn an_unmet_contract_rejects_the_release_and_changes_nothing() {
     let contract = "    contract:\n      type: sw.container\n      slug: needs-l4t-32-4\n      requires:\n        - type: sw.l4t\n          version: '>=32.4'\n";
     let r2 = d.release("2", &[("api", d.image("api", 2), contract)], "");
     let out = d.agent(&r2, &["--device", facts.to_str().unwrap()]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs-l4t-32-4"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.installed()["release"], "1");
     assert_eq!(d.starts("api").len(), 1);
@@ -612,7 +612,7 @@ fn a_working_dir_through_a_symlink_out_of_the_image_stays_inside_it() {
     let dangling: Tree = [("wd".to_string(), Node::Symlink { target: gone.path().to_str().unwrap().into() })].into();
     let r2 = d.release("2", &[("api", d.image_with("api", 2, &[dangling], config_in("wd/planted")), "")], "");
     let out = d.agent(&r2, &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let report = self::report(&out);
     let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();
     assert!(reason.contains("WorkingDir \"wd/planted\""), "{reason}");
@@ -648,7 +648,7 @@ fn a_whiteout_of_dot_dot_is_refused_and_the_running_instance_keeps_its_root_file
         let layer: Tree = [(whiteout.to_string(), file(""))].into();
         let r = d.release(&version.to_string(), &[("api", d.image_with("api", version, &[layer], json!({"Entrypoint": ["/app/run.sh"]})), "")], "");
         let out = d.agent(&r, &[]).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{whiteout}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(4), "{whiteout}: {}", String::from_utf8_lossy(&out.stderr));
         let report = report(&out);
         let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();
         assert!(reason.contains("layer 2 (sha256:") && reason.contains(&format!("whiteout {whiteout:?}")), "{reason}");
@@ -697,7 +697,7 @@ fn a_full_disk_during_unpack_is_reported_cleaned_up_and_the_next_run_works() {
     let big: Tree = [("app/big.bin".to_string(), file(vec![0u8; 8 << 20]))].into();
     let r1 = d.release("1", &[("api", d.image_with("api", 1, &[big], json!({"Entrypoint": ["/app/run.sh"]})), "")], "");
     let out = d.agent(&r1, &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "the report, not an error: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "the report, not an error: {}", String::from_utf8_lossy(&out.stderr));
     let report = self::report(&out);
     let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();
     assert!(reason.contains("No space left on device"), "the real cause: {reason}");

@@ -304,7 +304,7 @@ fn services_run_as_containers_updated_by_deltas_and_a_held_lock_blocks_only_its_
     // Now a changes: it waits for its lock, and sees why from inside its container.
     let r3 = d.release("3", &[("a", &a2, ""), ("b", &b2, "    environment:\n      MODE: one\n")], "");
     let timed_out = d.agent(&r3, &["--lock-timeout", "2", "--no-full-download"]).output().unwrap();
-    assert_eq!(timed_out.status.code(), Some(2), "{}", String::from_utf8_lossy(&timed_out.stderr));
+    assert_eq!(timed_out.status.code(), Some(3), "{}", String::from_utf8_lossy(&timed_out.stderr));
     let waited = report(&timed_out);
     assert_eq!(outcome(&waited, "a")["outcome"], "waiting");
     // Downloaded while a kept running: by a delta, into the engine.
@@ -351,7 +351,7 @@ fn balenas_lockfile_holds_back_restarts_hand_overs_and_os_updates() {
     d.exec("a", "set -C; : > /tmp/balena/updates.lock");
     let r2 = d.release("2", &[("a", &a2, handover)], "os: '1.0'\n");
     let waiting = d.agent(&r2, &["--lock-timeout", "2"]).output().unwrap();
-    assert_eq!(waiting.status.code(), Some(2), "{}", String::from_utf8_lossy(&waiting.stderr));
+    assert_eq!(waiting.status.code(), Some(3), "{}", String::from_utf8_lossy(&waiting.stderr));
     assert_eq!(d.running_version("a"), "a-v1");
     let r3 = d.release("3", &[("a", &a1, handover)], "os: '2.0'\n");
     // A newer target: the unfinished update to 2 is resumed first, then abandoned at the
@@ -434,7 +434,7 @@ fn a_failed_download_after_delete_then_download_rolls_back_to_the_old_image() {
     let tags = || d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
     assert_eq!(tags().lines().count(), 1);
     let out = d.agent(&d.release("2", &[("a", &a2, labels)], ""), &["--no-full-download"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let reason = outcome(&report(&out), "a")["reason"].as_str().unwrap().to_string();
     assert!(reason.contains("no delta") || reason.contains("full download"), "{reason}");
     assert_eq!(d.running_version("a"), "a-v1", "rolled back");
@@ -475,7 +475,7 @@ fn a_newer_target_supersedes_a_switch_waiting_for_its_lock() {
 
     // 2 changes a, which waits.
     let out = d.agent(&d.release("2", &[("a", &a2, ""), ("b", &b1, "")], ""), &["--lock-timeout", "1"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.status()["updating_to"], "2");
 
     // 3 puts a back to what it runs and changes b: b is updated now, a is not touched.
@@ -491,13 +491,13 @@ fn a_newer_target_supersedes_a_switch_waiting_for_its_lock() {
 
     // 4 changes a again: its request names 4.
     let out = d.agent(&d.release("4", &[("a", &a3, ""), ("b", &b2, "")], ""), &["--lock-timeout", "1"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
     // 5 changes b too; the agent is killed right after b's new container started.
     let r5 = d.release("5", &[("a", &a3, ""), ("b", &b3, "")], "");
     let crashed = d.agent(&r5, &["--lock-timeout", "1", "--crash-after", "b:start-new"]).output().unwrap();
     assert_eq!(crashed.status.code(), Some(86), "{}", String::from_utf8_lossy(&crashed.stderr));
     let out = d.agent(&r5, &["--lock-timeout", "1"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "a still waits: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "a still waits: {}", String::from_utf8_lossy(&out.stderr));
     let waiting = report(&out);
     assert_eq!(outcome(&waiting, "a")["outcome"], "waiting", "{waiting}");
     assert_eq!(d.running_version("b"), "b-v3");
@@ -605,7 +605,7 @@ fn replicas_start_rolling_gated_on_their_health_and_an_unhealthy_version_rolls_b
     // v3's check looks for a file that never appears: the start times out, and the service
     // is rolled back, every replica on v2 again.
     let out = d.agent(&d.release("3", &[("web", &v3, &service("/tmp/never"))], ""), &["--max-starting", "3", "--stagger", "0", "--start-timeout", "5"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let reason = outcome(&report(&out), "web")["reason"].as_str().unwrap().to_string();
     assert!(reason.contains("not ready after 5 s"), "{reason}");
     let running: Vec<(String, bool)> = d.containers("web");

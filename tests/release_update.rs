@@ -150,7 +150,9 @@ fn contracts_drop_optional_services_reject_releases_and_invalid_ones_build_nothi
     assert_eq!(dropped[0]["service_name"], "gpu");
     assert!(t["is_produced_by__service_update"].as_array().unwrap().iter().all(|s| s["service_name"] != "gpu"));
 
-    let err = run_failing(fd(home).args(["release-update", "--prepare", "--deltas", &deltas, "--device", old_supervisor.to_str().unwrap(), "--from"]).arg(&r1).arg("--to").arg(&r2));
+    let rejected = fd(home).args(["release-update", "--prepare", "--deltas", &deltas, "--device", old_supervisor.to_str().unwrap(), "--from"]).arg(&r1).arg("--to").arg(&r2).output().unwrap();
+    assert_eq!(rejected.status.code(), Some(6), "unmet contracts have their own exit status");
+    let err = String::from_utf8_lossy(&rejected.stderr);
     assert!(err.contains("app") && err.contains("sw.supervisor") && err.contains("12.0.0"), "{err}");
     assert!(!store.exists(), "a rejected release builds nothing");
 
@@ -172,7 +174,7 @@ fn waiting_times_out_with_a_clear_message_and_a_build_elsewhere_shows_as_prepari
     // Nobody builds: waiting runs into the deadline.
     let started = Instant::now();
     let out = fd(home).args(["release-update", "--json", "--wait", "--timeout", "1", "--poll", "0.2", "--deltas", &deltas, "--from"]).arg(&r1).arg("--to").arg(&r2).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5));
     assert!(started.elapsed() < Duration::from_secs(30));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("timed out after") && err.contains("0 of 1 deltas ready"), "{err}");

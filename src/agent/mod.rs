@@ -346,7 +346,7 @@ impl<'a> Agent<'a> {
                 continue;
             }
             if !self.all_running(service, record)? {
-                self.start(service, record, false)?;
+                self.start(service, record, false, false)?;
                 started.push(service.clone());
             }
         }
@@ -625,7 +625,7 @@ impl<'a> Agent<'a> {
                     let _ = fs::remove_file(self.state.handover_file(name, &to.instance_id()));
                     let _ = fs::remove_file(self.state.balena_dir(name).join(BALENA_HANDOVER_FILE));
                 }
-                self.start(name, to, handover)?;
+                self.start(name, to, handover, true)?;
             }
             Step::AwaitHandover => {
                 let to = service.to.as_ref().ok_or_else(missing)?;
@@ -662,7 +662,7 @@ impl<'a> Agent<'a> {
             self.stop(name, to)?;
         }
         if let Some(from) = &service.from {
-            self.start(name, from, false)?;
+            self.start(name, from, false, false)?;
         }
         Ok(())
     }
@@ -673,19 +673,22 @@ impl<'a> Agent<'a> {
     /// Such an image is downloaded whole if need be, even where full downloads are not
     /// allowed: it restores a service the device ran, it is no update.
     ///
-    /// A service with replicas is started rolling: at most [`AgentOptions::max_starting`]
-    /// replicas start at once, and each further start waits until one of them is ready
-    /// (running, and healthy when it has a health check). So does the end of the start of a
-    /// service with replicas or a health check: an instance that fails, or is not ready
-    /// within [`AgentOptions::start_timeout`], fails the start (and the switch is rolled back).
-    fn start(&mut self, service: &str, record: &InstanceRecord, handover: bool) -> Result<()> {
+    /// With `gate` (the start of a new instance in a switch), a service with replicas is
+    /// started rolling: at most [`AgentOptions::max_starting`] replicas start at once, and
+    /// each further start waits until one of them is ready (running, and healthy when it has
+    /// a health check). So does the end of the start of a service with replicas or a health
+    /// check: an instance that fails, or is not ready within [`AgentOptions::start_timeout`],
+    /// fails the start (and the switch is rolled back). Without it (a rollback to what ran,
+    /// instances that stopped), instances are started one after the other without waiting:
+    /// they ran before, and a slow start must not fail the recovery.
+    fn start(&mut self, service: &str, record: &InstanceRecord, handover: bool, gate: bool) -> Result<()> {
         if self.all_running(service, record)? {
             return Ok(());
         }
         self.state.prepare_service(service)?;
         self.runtime.fetch(self.transfer, None, record, &self.pull_options(true), self.progress)?;
         self.runtime.prepare(service, record)?;
-        let gated = record.run.replica_count() > 1 || record.run.healthcheck.is_some();
+        let gated = gate && (record.run.replica_count() > 1 || record.run.healthcheck.is_some());
         let deadline = Instant::now() + self.options.start_timeout;
         let mut starting: Vec<String> = Vec::new();
         for replica in replicas(record) {

@@ -38,7 +38,8 @@ pub struct RunArgs {
     /// The device's facts (supervisor, os, l4t, kernel, device_type, arch): contracts are checked.
     #[arg(long, value_name = "FACTS")]
     pub device: Option<PathBuf>,
-    /// Apply the target once and exit (status 2 when locks or a rollback left it incomplete).
+    /// Apply the target once and exit (status 3 when a held lock, 4 when a rollback left it
+    /// incomplete).
     #[arg(long)]
     pub once: bool,
     /// Never download whole layers: an image without a delta is not updated (metered links).
@@ -159,7 +160,12 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progr
         if args.once {
             let report = result?;
             print_report(&report, args.json)?;
-            return Ok(if report.complete { ExitCode::SUCCESS } else { ExitCode::from(2) });
+            let rolled_back = report.services.iter().any(|s| matches!(s.outcome, Outcome::RolledBack { .. }));
+            return Ok(ExitCode::from(match (report.complete, rolled_back) {
+                (true, _) => super::exit::SUCCESS,
+                (false, true) => super::exit::ROLLED_BACK,
+                (false, false) => super::exit::LOCKED,
+            }));
         }
         match result {
             Ok(report) => print_report(&report, args.json)?,

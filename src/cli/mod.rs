@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch.
 
+pub mod exit;
 mod agent_cmd;
 mod apply_cmd;
 mod copy_cmd;
@@ -21,7 +22,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 /// Binary deltas between OCI images, shipped as ordinary OCI images.
 #[derive(Debug, Parser)]
-#[command(name = "fleetdelta", version, about)]
+#[command(name = "fleetdelta", version, about, after_help = exit::TABLE)]
 pub struct Cli {
     /// No progress bars.
     #[arg(long, short, global = true)]

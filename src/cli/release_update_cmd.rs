@@ -79,7 +79,7 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
     }
     if let Some(reason) = update.timed_out {
         eprintln!("fleetdelta: error: release update {} -> {}: {reason}", from.id, to.id);
-        return Ok(ExitCode::FAILURE);
+        return Ok(ExitCode::from(super::exit::TIMED_OUT));
     }
     Ok(ExitCode::SUCCESS)
 }

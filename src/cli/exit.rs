@@ -1,0 +1,56 @@
+//! Exit codes: one per outcome, so that scripts can tell them apart (README's table, and
+//! `fleetdelta --help`).
+
+use std::process::ExitCode;
+
+use fleetdelta::release::ReleaseError;
+
+/// Done.
+pub const SUCCESS: u8 = 0;
+/// Failed: the error is on stderr, and nothing was changed.
+pub const ERROR: u8 = 1;
+/// The command line is wrong (clap's own code).
+#[allow(dead_code)] // clap exits with it by itself; named here for the table.
+pub const USAGE: u8 = 2;
+/// `agent --once`: the update is incomplete because a service's lock is held (or it
+/// deferred); the device runs what it ran for those services, and the next run goes on.
+pub const LOCKED: u8 = 3;
+/// `agent --once`: a service's update failed and it was rolled back to what it ran.
+pub const ROLLED_BACK: u8 = 4;
+/// `release-update --wait`/`--timeout`: the deadline passed before every delta was ready.
+pub const TIMED_OUT: u8 = 5;
+/// The target release's contracts are not met by the device (`--device`): nothing changed.
+pub const REJECTED: u8 = 6;
+
+/// The table for `--help`.
+pub const TABLE: &str = "Exit status:
+  0  success
+  1  error (stderr says what; nothing was changed)
+  2  usage error
+  3  agent --once: incomplete, a service's update lock is held (or it deferred)
+  4  agent --once: a service's update failed and was rolled back
+  5  release-update: --timeout passed before every delta was ready
+  6  the device does not meet the release's contracts (--device)";
+
+/// The code of a failure: [`REJECTED`] for unmet contracts, else [`ERROR`].
+pub fn for_error(e: &anyhow::Error) -> ExitCode {
+    let rejected = e.chain().any(|cause| {
+        matches!(cause.downcast_ref::<ReleaseError>(), Some(ReleaseError::Rejected { .. }))
+            || matches!(cause.downcast_ref::<fleetdelta::Error>(), Some(fleetdelta::Error::Release(ReleaseError::Rejected { .. })))
+    });
+    ExitCode::from(if rejected { REJECTED } else { ERROR })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_and_in_the_table() {
+        let codes = [SUCCESS, ERROR, USAGE, LOCKED, ROLLED_BACK, TIMED_OUT, REJECTED];
+        for (i, a) in codes.iter().enumerate() {
+            assert!(codes[i + 1..].iter().all(|b| a != b), "{a} twice");
+            assert!(TABLE.contains(&format!("\n  {a}  ")), "{a} is not in the table");
+        }
+    }
+}
