@@ -686,3 +686,39 @@ fn the_agent_gets_its_deltas_from_the_builder_service() {
     assert_eq!(builds, Some(1.0), "the service built the one delta: {metrics}");
     serve.stop();
 }
+
+/// A change of a release-level variable couples the services it changes: they switch
+/// together once all their locks are free, so a change linked to a locked service does not
+/// half-apply; a service's own change goes ahead (c sets SITE itself, so the release's SITE
+/// does not change it).
+#[test]
+fn a_release_variable_switches_its_services_together_once_all_their_locks_are_free() {
+    let d = Device::new();
+    let (a1, b1, c1) = (d.push("a", 1), d.push("b", 1), d.push("c", 1));
+    let services = |mode: &str| [("a", a1.clone(), String::new()), ("b", b1.clone(), String::new()), ("c", c1.clone(), format!("    environment:\n      MODE: {mode}\n      SITE: own\n"))];
+    let release = |id: &str, site: &str, mode: &str| {
+        let s = services(mode);
+        let refs: Vec<(&str, &str, &str)> = s.iter().map(|(n, i, e)| (*n, i.as_str(), e.as_str())).collect();
+        d.release(id, &refs, &format!("environment:\n  SITE: {site}\n"))
+    };
+    assert_eq!(d.update(&release("1", "north", "one"), &[])["complete"], true);
+    assert_eq!(d.exec("b", "echo $SITE").trim(), "north");
+    let b_container = d.container("b");
+    d.hold_flock("a");
+
+    let r2 = release("2", "south", "two");
+    let out = d.agent(&r2, &["--lock-timeout", "2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let waiting = report(&out);
+    assert_eq!(outcome(&waiting, "a")["outcome"], "waiting", "{waiting}");
+    assert_eq!(outcome(&waiting, "b")["outcome"], "waiting", "b's part of the coupled change waits for a: {waiting}");
+    assert_eq!(outcome(&waiting, "c")["outcome"], "updated", "c's own change went ahead: {waiting}");
+    assert_eq!(d.container("b"), b_container, "b was not restarted");
+    assert_eq!(d.exec("b", "echo $SITE").trim(), "north");
+    assert_eq!(d.exec("c", "echo $MODE").trim(), "two");
+
+    d.exec("a", "touch /tmp/release");
+    let done = d.update(&r2, &[]);
+    assert_eq!(done["complete"], true, "{done}");
+    assert_eq!((d.exec("a", "echo $SITE").trim(), d.exec("b", "echo $SITE").trim()), ("south", "south"));
+}

@@ -165,7 +165,7 @@ mod tests {
     use super::*;
 
     fn plan() -> UpdatePlan {
-        UpdatePlan { from_release: None, target_release: "2".into(), os_update: None, services: vec![] }
+        UpdatePlan { from_release: None, target_release: "2".into(), os_update: None, services: vec![], groups: vec![] }
     }
 
     #[test]

@@ -440,34 +440,63 @@ impl<'a> Agent<'a> {
             if pending.is_empty() {
                 return Ok(true);
             }
+            // Each unit switches as a whole: one service, or a group a release variable couples.
+            let mut units: Vec<Vec<&ServicePlan>> = Vec::new();
             for service in pending {
-                let name = service.service.as_str();
-                let done = run.done.get(name).copied().unwrap_or(0);
-                // A switch begun before a crash was granted then: it goes on without waiting.
-                let under_way = done > service.switch_at || run.begun.get(name).is_some_and(|i| *i >= service.switch_at);
-                let lock = ServiceLock::try_acquire(&self.state, name)?;
-                let (go_ahead, deferred) = {
-                    let requests = api::lock(&self.requests);
-                    (requests.go_ahead(name), requests.deferred_until(name).is_some())
-                };
-                let may_switch = under_way || go_ahead || (lock.is_some() && !deferred);
-                if !may_switch {
-                    let request = lock::write_request(&self.state, name, service.reason, &run.plan.target_release)?;
-                    api::lock(&self.requests).waiting.insert(name.to_string(), request);
-                    run.waiting.insert(name.to_string());
+                let group = plan.groups.iter().find(|g| g.contains(&service.service));
+                match group.and_then(|g| units.iter_mut().find(|u| u.iter().any(|m| g.contains(&m.service)))) {
+                    Some(unit) => unit.push(service),
+                    None => units.push(vec![service]),
+                }
+            }
+            for unit in units {
+                let mut locks = Vec::new();
+                let mut blocked = Vec::new();
+                let mut under_way = false;
+                for service in &unit {
+                    let name = service.service.as_str();
+                    let done = run.done.get(name).copied().unwrap_or(0);
+                    // A switch begun before a crash was granted then: it goes on without waiting.
+                    under_way |= done > service.switch_at || run.begun.get(name).is_some_and(|i| *i >= service.switch_at);
+                    let lock = ServiceLock::try_acquire(&self.state, name)?;
+                    let (go_ahead, deferred) = {
+                        let requests = api::lock(&self.requests);
+                        (requests.go_ahead(name), requests.deferred_until(name).is_some())
+                    };
+                    if !(go_ahead || (lock.is_some() && !deferred)) {
+                        blocked.push(*service);
+                    }
+                    locks.extend(lock);
+                }
+                if !under_way && !blocked.is_empty() {
+                    // Nothing of the unit switches: its members whose locks are free are not
+                    // held back by the agent, and those it waits for are told why.
+                    drop(locks);
+                    for service in unit {
+                        let name = service.service.as_str();
+                        if blocked.iter().any(|b| b.service == name) {
+                            let request = lock::write_request(&self.state, name, service.reason, &run.plan.target_release)?;
+                            api::lock(&self.requests).waiting.insert(name.to_string(), request);
+                        }
+                        run.waiting.insert(name.to_string());
+                    }
                     continue;
                 }
-                lock::remove_request(&self.state, name)?;
-                api::lock(&self.requests).waiting.remove(name);
-                run.waiting.remove(name);
-                for index in done.max(service.switch_at)..service.steps.len() {
-                    if let Err(e) = self.run_step(journal, run, service, index) {
-                        self.roll_back(journal, run, service, &e.to_string())?;
-                        break;
+                for service in unit {
+                    let name = service.service.as_str();
+                    lock::remove_request(&self.state, name)?;
+                    api::lock(&self.requests).waiting.remove(name);
+                    run.waiting.remove(name);
+                    let done = run.done.get(name).copied().unwrap_or(0);
+                    for index in done.max(service.switch_at)..service.steps.len() {
+                        if let Err(e) = self.run_step(journal, run, service, index) {
+                            self.roll_back(journal, run, service, &e.to_string())?;
+                            break;
+                        }
                     }
+                    api::lock(&self.requests).take_go_ahead(name);
                 }
-                api::lock(&self.requests).take_go_ahead(name);
-                drop(lock);
+                drop(locks);
             }
             if run.waiting.is_empty() {
                 continue;

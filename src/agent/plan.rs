@@ -1,7 +1,7 @@
 //! Per-service steps from the release transition: what the device runs now (`installed.json`)
 //! against the target release, planned by [`crate::release::plan`] (contracts included).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,48 @@ pub struct UpdatePlan {
     pub os_update: Option<String>,
     /// Per service, in the target's order, then removed services.
     pub services: Vec<ServicePlan>,
+    /// Services switched together: those whose switch changes a variable of the release's
+    /// own `environment` (a coupled change). Each group's switches wait until every member's
+    /// lock is free, then run one after the other under all their locks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<Vec<String>>,
+}
+
+/// The groups of switching services that a change of one of the release's variables couples
+/// (services sharing a changed variable, transitively), each of at least two.
+fn coupled(target: &Release, services: &[ServicePlan]) -> Vec<Vec<String>> {
+    let mut groups: Vec<BTreeSet<String>> = Vec::new();
+    for key in target.environment.keys() {
+        let changed: BTreeSet<String> = services
+            .iter()
+            .filter(|s| s.switches())
+            .filter(|s| s.from.as_ref().and_then(|f| f.environment.get(key)) != s.to.as_ref().and_then(|t| t.environment.get(key)))
+            .map(|s| s.service.clone())
+            .collect();
+        if changed.is_empty() {
+            continue;
+        }
+        // Merge with every group it meets.
+        let (meeting, rest): (Vec<_>, Vec<_>) = groups.into_iter().partition(|g| !g.is_disjoint(&changed));
+        let merged = meeting.into_iter().fold(changed, |mut all, g| {
+            all.extend(g);
+            all
+        });
+        groups = rest;
+        groups.push(merged);
+    }
+    let order: BTreeMap<&str, usize> = services.iter().enumerate().map(|(i, s)| (s.service.as_str(), i)).collect();
+    let mut groups: Vec<Vec<String>> = groups
+        .into_iter()
+        .filter(|g| g.len() > 1)
+        .map(|g| {
+            let mut members: Vec<String> = g.into_iter().collect();
+            members.sort_by_key(|m| order.get(m.as_str()).copied().unwrap_or(usize::MAX));
+            members
+        })
+        .collect();
+    groups.sort_by_key(|g| order.get(g[0].as_str()).copied().unwrap_or(usize::MAX));
+    groups
 }
 
 /// Plans the update of the device to `target`. `facts` (when given) check the contracts and
@@ -101,7 +143,8 @@ pub fn plan_update(transfer: &Transfer, state: &StateDir, installed: &Installed,
         (Some(wanted), None, installed_os) if installed_os.as_ref() != Some(wanted) => Some(wanted.clone()),
         _ => None,
     };
-    Ok(UpdatePlan { from_release: installed.release.clone(), target_release: target.id.clone(), os_update, services })
+    let groups = coupled(target, &services);
+    Ok(UpdatePlan { from_release: installed.release.clone(), target_release: target.id.clone(), os_update, services, groups })
 }
 
 /// The instance record a target service gets.
@@ -125,6 +168,7 @@ fn installed_release(installed: &Installed) -> Release {
         id: installed.release.clone().unwrap_or_else(|| "none".into()),
         commit: None,
         os: installed.os.clone(),
+        environment: BTreeMap::new(),
         services: installed
             .services
             .iter()

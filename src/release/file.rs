@@ -40,6 +40,9 @@ pub struct Release {
     /// The host OS version the release wants, if it says; a device running another one
     /// updates its OS, which waits for every service's lock (see [`crate::agent`]).
     pub os: Option<String>,
+    /// Variables every service gets (under its own `environment`, which wins). A change of
+    /// one couples the services it changes: the device agent switches them together.
+    pub environment: BTreeMap<String, String>,
 }
 
 /// One service of a release.
@@ -145,6 +148,12 @@ impl Release {
                 return Err(invalid(None, "commit".into(), format!("{commit:?}: a commit is one word, not empty")));
             }
         }
+        let release_environment = raw.environment.map(|e| e.0).unwrap_or_default();
+        for (key, value) in &release_environment {
+            if let Err(reason) = check_environment(key, value) {
+                return Err(invalid(None, format!("environment.{key}"), reason));
+            }
+        }
         if raw.services.0.is_empty() {
             return Err(invalid(None, "services".into(), "a release has at least one service".into()));
         }
@@ -169,12 +178,14 @@ impl Release {
                     return Err(invalid(svc, format!("{at}.labels.{key}"), reason));
                 }
             }
-            let environment = raw_service.environment.map(|e| e.0).unwrap_or_default();
-            for (key, value) in &environment {
+            let own = raw_service.environment.map(|e| e.0).unwrap_or_default();
+            for (key, value) in &own {
                 if let Err(reason) = check_environment(key, value) {
                     return Err(invalid(svc, format!("{at}.environment.{key}"), reason));
                 }
             }
+            let mut environment = release_environment.clone();
+            environment.extend(own);
             let contract = raw_service
                 .contract
                 .map(|c| Contract::from_raw(c, file, &name, &format!("{at}.contract")))
@@ -211,7 +222,7 @@ impl Release {
             };
             services.push(Service { name, image, labels, contract, environment, run });
         }
-        Ok(Release { id, commit, services, os })
+        Ok(Release { id, commit, services, os, environment: release_environment })
     }
 
     /// Reads and parses a release file.
@@ -300,6 +311,7 @@ struct RawRelease {
     id: Text,
     commit: Option<Text>,
     os: Option<Text>,
+    environment: Option<Labels>,
     services: UniqueMap<RawService>,
 }
 
@@ -453,6 +465,18 @@ mod tests {
             let err = Release::parse(&format!("id: 1\nservices:\n  main:\n    image: oci:/x\n    {yaml}\n"), "r").unwrap_err().to_string();
             assert!(err.contains(expected), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn release_environment_is_under_each_services_own() {
+        let text = "id: 1\nenvironment: {SITE: north, MODE: eco}\nservices:\n  a:\n    image: x\n    environment: {MODE: fast}\n  b: {image: y}\n";
+        let release = Release::parse(text, "r").unwrap();
+        assert_eq!(release.environment.len(), 2);
+        let a = &release.service("a").unwrap().environment;
+        assert_eq!((a["SITE"].as_str(), a["MODE"].as_str()), ("north", "fast"), "the service's own wins");
+        assert_eq!(release.service("b").unwrap().environment["MODE"], "eco");
+        let err = Release::parse("id: 1\nenvironment: {1X: y}\nservices:\n  a: {image: x}\n", "r").unwrap_err().to_string();
+        assert!(err.contains("environment.1X"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! commit: b2cf2db7fece36f1   # optional: what it was built from
 //! os: '2.115.18'             # optional: the host OS version the release wants (one word);
 //!                            # the device agent installs it once every service lock is free
+//! environment:               # optional: variables of every service, under each service's own
+//!   SITE: north              # (a change couples the services it changes: switched together)
 //! services:                  # required, at least one; names are unique and follow compose
 //!   api:                     # (letters, digits, '.', '_', '-')
 //!     image: registry.example.com/fleet/api@sha256:...   # required, non-empty
