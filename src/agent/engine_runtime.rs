@@ -30,11 +30,10 @@ use super::runtime::{agent_env, InstanceStatus, Launch, Readiness, Runtime};
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::digest::Digest;
 use crate::engine::{ContainerSpec, Engine, EngineRef, Health};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::image::ImageRef;
 use crate::progress::Progress;
-use crate::pull::{pull_into, PullMethod, PullOptions};
-use crate::release_update::parse_release_image;
+use crate::pull::PullOptions;
 use crate::transfer::Transfer;
 
 /// Label: the agent (state directory) a container belongs to.
@@ -136,46 +135,17 @@ impl<'a> EngineRuntime<'a> {
     }
 }
 
-/// The registry image of a record, pinned (for the builder service).
-fn registry_image(record: &InstanceRecord) -> Option<crate::registry::RegistryRef> {
-    match parse_release_image(&record.image).ok()? {
-        ImageRef::Registry(r) => Some(r.with_digest(record.digest)),
-        _ => None,
-    }
-}
-
 impl Runtime for EngineRuntime<'_> {
     fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String> {
         if self.has_image(to)? {
             return Ok("already in the engine".into());
         }
         let output = ImageRef::Engine(self.image_ref(to));
-        match parse_release_image(&to.image)? {
-            ImageRef::Registry(reference) => {
-                // Pinned: a tag that moved since planning must not bring another image.
-                let target = reference.with_digest(to.digest);
-                let source = match from {
-                    Some(f) if self.has_image(f)? => Some(ImageRef::Engine(self.image_ref(f))),
-                    _ => None,
-                };
-                let options = PullOptions { source: from.and_then(registry_image), ..options.clone() };
-                let (report, _) = pull_into(transfer, source.as_ref(), &target, &output, &options, progress)?;
-                Ok(match report.method {
-                    PullMethod::Unchanged => "same content as the image it had".to_string(),
-                    PullMethod::Delta { delta, .. } => format!("delta {delta}, {} bytes received", report.received),
-                    PullMethod::Full { reason } => format!("missing layers, {} bytes received ({reason})", report.received),
-                })
-            }
-            local @ ImageRef::Layout { .. } => {
-                let report = transfer.copy(&local, &output, progress)?;
-                match report.manifest {
-                    Some(found) if found != to.digest => Err(Error::DigestMismatch { what: format!("image {}", to.image), expected: to.digest, found }),
-                    _ => Ok("copied from its layout".into()),
-                }
-            }
-            // parse_release_image gives registry and layout references only.
-            ImageRef::Engine(_) => Err(Error::unsupported(&to.image, "release images are registry images or OCI layouts")),
-        }
+        let source = match from {
+            Some(f) if self.has_image(f)? => Some(ImageRef::Engine(self.image_ref(f))),
+            _ => None,
+        };
+        super::store::fetch_image(transfer, source.as_ref(), from, to, &output, options, progress)
     }
 
     fn prepare(&self, service: &str, record: &InstanceRecord) -> Result<()> {

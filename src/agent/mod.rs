@@ -217,6 +217,20 @@ struct Run<'p> {
     waiting: BTreeSet<String>,
 }
 
+impl<'p> Run<'p> {
+    /// The bookkeeping of `plan` as the journal left it.
+    fn resume(plan: &'p UpdatePlan, replay: &Replay) -> Self {
+        Run {
+            plan,
+            done: replay.done.clone(),
+            begun: replay.begun.clone(),
+            rolled_back: replay.rolled_back.iter().map(|s| (s.clone(), "rolled back before the agent restarted".to_string())).collect(),
+            fetched: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+        }
+    }
+}
+
 impl<'a> Agent<'a> {
     /// Opens the state directory, takes the agent lock and starts the local API.
     pub fn open(state: StateDir, transfer: &'a Transfer, runtime: Box<dyn Runtime + 'a>, options: AgentOptions, progress: &'a dyn Progress) -> Result<Self> {
@@ -301,14 +315,7 @@ impl<'a> Agent<'a> {
     /// done: downloads it made stay in the store until the next commit prunes them.
     fn supersede(&mut self, journal: &mut Journal, plan: &UpdatePlan, replay: &Replay, by: &str) -> Result<()> {
         self.reconcile(replay)?;
-        let mut run = Run {
-            plan,
-            done: replay.done.clone(),
-            begun: replay.begun.clone(),
-            rolled_back: replay.rolled_back.iter().map(|s| (s.clone(), "rolled back before the agent restarted".to_string())).collect(),
-            fetched: BTreeMap::new(),
-            waiting: BTreeSet::new(),
-        };
+        let mut run = Run::resume(plan, replay);
         for service in &plan.services {
             let name = service.service.as_str();
             let done = run.done.get(name).copied().unwrap_or(0);
@@ -361,14 +368,7 @@ impl<'a> Agent<'a> {
             requests.services = installed.services.into_keys().chain(plan.services.iter().map(|s| s.service.clone())).collect();
         }
         let restarted = self.reconcile(replay)?;
-        let mut run = Run {
-            plan,
-            done: replay.done.clone(),
-            begun: replay.begun.clone(),
-            rolled_back: replay.rolled_back.iter().map(|s| (s.clone(), "rolled back before the agent restarted".to_string())).collect(),
-            fetched: BTreeMap::new(),
-            waiting: BTreeSet::new(),
-        };
+        let mut run = Run::resume(plan, replay);
         for service in &plan.services {
             if run.rolled_back.contains_key(&service.service) {
                 continue;

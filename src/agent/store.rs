@@ -17,7 +17,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::manifest::{BlobRef, Manifest, MAX_JSON_BYTES};
 use crate::image::{ImageRef, Layout};
 use crate::progress::Progress;
-use crate::pull::{pull, PullMethod, PullOptions};
+use crate::pull::{pull_into, PullMethod, PullOptions};
 use crate::release_update::parse_release_image;
 use crate::transfer::Transfer;
 
@@ -30,17 +30,34 @@ pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord
         return Ok("already in the store".into());
     }
     let output = ImageRef::Layout { dir: store.clone(), tag: Some(to.store_tag()) };
+    let source = from.filter(|f| has_image(state, f)).map(|f| ImageRef::Layout { dir: store.clone(), tag: Some(f.store_tag()) });
+    fetch_image(transfer, source.as_ref(), from, to, &output, options, progress)
+}
+
+/// Brings the image of `to` to `output` (the store's layout, or the container engine): from
+/// its registry, pinned to its digest, with a delta from `source` (the device's copy of
+/// `from`'s image) when the registry or the builder service has one; or copied from its
+/// layout. Returns how, in words. Shared by the runtimes.
+pub(crate) fn fetch_image(
+    transfer: &Transfer,
+    source: Option<&ImageRef>,
+    from: Option<&InstanceRecord>,
+    to: &InstanceRecord,
+    output: &ImageRef,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<String> {
     match parse_release_image(&to.image)? {
         ImageRef::Registry(reference) => {
             // Pinned: a tag that moved since planning must not bring another image.
             let target = reference.with_digest(to.digest);
-            let source = from.filter(|f| has_image(state, f)).map(|f| ImageRef::Layout { dir: store.clone(), tag: Some(f.store_tag()) });
+            // The builder service is told where the device's image is in the registry.
             let source_image = from.and_then(|f| match parse_release_image(&f.image) {
                 Ok(ImageRef::Registry(r)) => Some(r.with_digest(f.digest)),
                 _ => None,
             });
             let options = PullOptions { source: source_image, ..options.clone() };
-            let report = pull(transfer, source.as_ref(), &target, &output, &options, progress)?;
+            let (report, _) = pull_into(transfer, source, &target, output, &options, progress)?;
             Ok(match report.method {
                 PullMethod::Unchanged => "same content as the image it had".to_string(),
                 PullMethod::Delta { delta, .. } => format!("delta {delta}, {} bytes received", report.received),
@@ -48,11 +65,9 @@ pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord
             })
         }
         local @ ImageRef::Layout { .. } => {
-            let report = transfer.copy(&local, &output, progress)?;
+            let report = transfer.copy(&local, output, progress)?;
             match report.manifest {
-                Some(found) if found != to.digest => {
-                    Err(Error::DigestMismatch { what: format!("image {}", to.image), expected: to.digest, found })
-                }
+                Some(found) if found != to.digest => Err(Error::DigestMismatch { what: format!("image {}", to.image), expected: to.digest, found }),
                 _ => Ok("copied from its layout".into()),
             }
         }
