@@ -342,6 +342,7 @@ fn a_service_says_go_ahead_through_the_local_api_while_holding_its_lock() {
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["updating_to"], "2");
     assert_eq!(status["waiting"][0]["service"], "api");
+    assert_eq!(status["agent_running"], true, "{status}");
 
     // The service's maintenance window opens: it tells the agent, with its lock still held.
     run(fleetdelta().args(["agent", "go-ahead", "--state"]).arg(d.state()).arg("api"));

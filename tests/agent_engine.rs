@@ -303,8 +303,13 @@ fn services_run_as_containers_updated_by_deltas_and_a_held_lock_blocks_only_its_
 
     // Now a changes: it waits for its lock, and sees why from inside its container.
     let r3 = d.release("3", &[("a", &a2, ""), ("b", &b2, "    environment:\n      MODE: one\n")], "");
-    let timed_out = d.agent(&r3, &["--lock-timeout", "2", "--no-full-download"]).output().unwrap();
+    let timed_out = d.agent(&r3, &["--lock-timeout", "2", "--no-full-download"]).env("FLEETDELTA_LOG", "info").output().unwrap();
     assert_eq!(timed_out.status.code(), Some(3), "{}", String::from_utf8_lossy(&timed_out.stderr));
+    // The decision log says who waits, why and since when, once.
+    let log = String::from_utf8_lossy(&timed_out.stderr);
+    let waits: Vec<&str> = log.lines().filter(|l| l.contains("waits for its lock")).collect();
+    assert_eq!(waits.len(), 1, "{log}");
+    assert!(waits[0].contains("update_restart") && waits[0].contains("since"), "{log}");
     let waited = report(&timed_out);
     assert_eq!(outcome(&waited, "a")["outcome"], "waiting");
     // Downloaded while a kept running: by a delta, into the engine.
@@ -332,6 +337,7 @@ fn services_run_as_containers_updated_by_deltas_and_a_held_lock_blocks_only_its_
 
     let status = report(&run(d.fd().args(["agent", "status", "--state"]).arg(d.state())));
     assert_eq!(status["running"], json!({"a": true, "b": true}), "{status}");
+    assert_eq!(status["agent_running"], false, "no agent runs now: {status}");
     // Images nothing runs are gone from the engine; the two running ones stay.
     let tags = d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
     assert_eq!(tags.lines().count(), 2, "{tags}");

@@ -302,6 +302,9 @@ impl<'a> Agent<'a> {
             let services = plan.services.iter().map(|s| self.service_report(s, Outcome::Unchanged, None)).collect();
             return Ok(UpdateReport { from_release: installed.release, target_release: release.id, resumed, services, complete: true, restarted, os_updated: None });
         }
+        for s in plan.services.iter().filter(|s| !s.steps.is_empty()) {
+            tracing::info!(service = %s.service, change = %s.change, kind = ?s.kind, strategy = ?s.strategy, release = %plan.target_release, "planned");
+        }
         state::write_file(&self.state.target_file(), text.as_bytes())?;
         journal.append(&Record::Begin { plan: plan.clone() })?;
         self.crash_point("begin");
@@ -334,6 +337,7 @@ impl<'a> Agent<'a> {
             lock::remove_request(&self.state, &service.service)?;
             api::lock(&self.requests).waiting.remove(&service.service);
         }
+        tracing::info!(release = %plan.target_release, by, "superseded by a newer target");
         journal.append(&Record::Superseded { by: by.to_string() })?;
         self.crash_point("superseded");
         journal.append(&Record::End)?;
@@ -476,7 +480,12 @@ impl<'a> Agent<'a> {
                         let name = service.service.as_str();
                         if blocked.iter().any(|b| b.service == name) {
                             let request = lock::write_request(&self.state, name, service.reason, &run.plan.target_release)?;
+                            if !run.waiting.contains(name) {
+                                tracing::info!(service = name, reason = service.reason.as_str(), since = %request.since, release = %run.plan.target_release, "waits for its lock");
+                            }
                             api::lock(&self.requests).waiting.insert(name.to_string(), request);
+                        } else if !run.waiting.contains(name) {
+                            tracing::info!(service = name, release = %run.plan.target_release, "waits for the services its change is coupled with");
                         }
                         run.waiting.insert(name.to_string());
                     }
@@ -488,11 +497,15 @@ impl<'a> Agent<'a> {
                     api::lock(&self.requests).waiting.remove(name);
                     run.waiting.remove(name);
                     let done = run.done.get(name).copied().unwrap_or(0);
+                    tracing::info!(service = name, release = %run.plan.target_release, "switching");
                     for index in done.max(service.switch_at)..service.steps.len() {
                         if let Err(e) = self.run_step(journal, run, service, index) {
                             self.roll_back(journal, run, service, &e.to_string())?;
                             break;
                         }
+                    }
+                    if !run.rolled_back.contains_key(name) {
+                        tracing::info!(service = name, release = %run.plan.target_release, "switched");
                     }
                     api::lock(&self.requests).take_go_ahead(name);
                 }
@@ -541,6 +554,7 @@ impl<'a> Agent<'a> {
                     lock::remove_request(&self.state, name)?;
                     api::lock(&self.requests).waiting.remove(name);
                 }
+                tracing::info!(version, "installing the OS: every lock is held");
                 journal.append(&Record::Begun { service: OS_UPDATE.into(), index: 0, step: Step::Commit })?;
                 if let Some(command) = &self.options.os_update_command {
                     let status = Command::new(&command[0]).args(&command[1..]).env("FLEETDELTA_OS_VERSION", version).status();
@@ -631,6 +645,7 @@ impl<'a> Agent<'a> {
             Step::Fetch => {
                 let to = service.to.as_ref().ok_or_else(missing)?;
                 let how = self.runtime.fetch(self.transfer, service.from.as_ref(), to, &self.pull_options(self.options.allow_full), self.progress)?;
+                tracing::info!(service = name, image = %to.image, how = %how, "fetched");
                 run.fetched.insert(name.into(), how);
             }
             Step::Unpack => {
@@ -684,6 +699,7 @@ impl<'a> Agent<'a> {
     /// starts the old one (unpacking it again if delete-then-download removed it).
     fn roll_back(&mut self, journal: &mut Journal, run: &mut Run, service: &ServicePlan, reason: &str) -> Result<()> {
         let name = service.service.as_str();
+        tracing::warn!(service = name, reason, "rolled back to the instance it ran");
         journal.append(&Record::RolledBack { service: name.into(), reason: reason.into() })?;
         run.begun.remove(name);
         run.rolled_back.insert(name.into(), reason.into());
@@ -817,6 +833,8 @@ pub struct AgentStatus {
     pub waiting: Vec<ReleaseRequest>,
     /// Per installed service, whether its instance runs.
     pub running: BTreeMap<String, bool>,
+    /// Whether an agent runs on this state directory now (holds its lock).
+    pub agent_running: bool,
 }
 
 /// Reads the state of a device without taking the agent lock (read only).
@@ -839,7 +857,9 @@ pub fn status(state: &StateDir, runtime: &dyn Runtime) -> Result<AgentStatus> {
         }
         running.insert(name.clone(), all);
     }
-    Ok(AgentStatus { installed, updating_to, waiting, running })
+    // The agent holds agent.lock for as long as it runs; a lock we can take is nobody's.
+    let agent_running = File::open(state.agent_lock()).is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)));
+    Ok(AgentStatus { installed, updating_to, waiting, running, agent_running })
 }
 
 /// Reads a release file as the agent keeps it (for callers that want the current release).

@@ -79,6 +79,9 @@ pub struct RunArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Write the decision log (stderr) as JSON lines; its level comes from $FLEETDELTA_LOG.
+    #[arg(long)]
+    pub log_json: bool,
     /// Test hook: exit with status 86 right after this step (SERVICE:STEP, STEP, begin,
     /// commit-release), before journaling it done.
     #[arg(long, hide = true, value_name = "STEP")]
@@ -118,7 +121,7 @@ pub enum Action {
     },
 }
 
-pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
+pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet: bool, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     match action {
         Some(Action::Status { state, runtime }) => {
             // Read only: a mistyped path is an error, not a new state directory.
@@ -134,6 +137,9 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, progr
         None => {}
     }
     let Some(state) = &args.state else { bail!("--state DIR is required") };
+    // One log line per decision on stderr (warnings only with --quiet); the report on stdout.
+    let format = if args.log_json { fleetdelta::service::config::LogFormat::Json } else { fleetdelta::service::config::LogFormat::Text };
+    super::init_logging(format, if quiet { "warn" } else { "info" });
     let Some(target) = &args.target else { bail!("--target RELEASE is required") };
     let facts = args.device.as_deref().map(DeviceFacts::load).transpose()?;
     let options = AgentOptions {

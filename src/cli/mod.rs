@@ -287,7 +287,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Serve(args) => serve_cmd::run(registry, &args),
         Command::Info { delta, json } => info_cmd::run(&transfer()?, &delta, json),
-        Command::Agent { action, run } => return agent_cmd::run(registry, action, run, progress),
+        Command::Agent { action, run } => return agent_cmd::run(registry, action, run, cli.quiet, progress),
         Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, fidelity, json } => {
             let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, fidelity, json };
             return release_update_cmd::run(registry, &args, progress);
@@ -358,5 +358,17 @@ pub fn print_loaded(output: &fleetdelta::ImageRef, loaded: &fleetdelta::engine::
             if loaded.resent_whole { "; resent whole after the engine refused" } else { "" },
             loaded.tagged
         ),
+    }
+}
+
+/// Structured logs (tracing) on stderr: text, or JSON lines; the level from `$FLEETDELTA_LOG`
+/// (`info` by default); colours only on a terminal.
+pub fn init_logging(format: fleetdelta::service::config::LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETDELTA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    match format {
+        fleetdelta::service::config::LogFormat::Json => builder.json().init(),
+        fleetdelta::service::config::LogFormat::Text => builder.init(),
     }
 }

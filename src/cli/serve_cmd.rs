@@ -87,7 +87,7 @@ pub fn run(registry: &RegistryArgs, args: &ServeArgs) -> anyhow::Result<()> {
         config.log_format = LogFormat::Json;
     }
     config.validate("the service configuration (file and flags)")?;
-    init_logging(config.log_format);
+    super::init_logging(config.log_format, "info");
 
     // Registry access: the file's section, then the command line's flags on top.
     let file = &config.registry;
@@ -120,11 +120,3 @@ pub fn run(registry: &RegistryArgs, args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETDELTA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
