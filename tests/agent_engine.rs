@@ -135,7 +135,7 @@ impl Device {
         let script = format!(
             "#!/bin/sh\nread t _ < /proc/uptime; echo \"start $t $(cat /app/version) $FLEETDELTA_REPLICA\" >> /data/log\n\
              trap 'exit 0' TERM\nsleep {delay}\nread t _ < /proc/uptime; echo \"ready $t $(cat /app/version) $FLEETDELTA_REPLICA\" >> /data/log\n\
-             touch /tmp/ready\nwhile true; do sleep 1 & wait $!; done\n"
+             touch /tmp/ready\n[ -z \"$FLEETDELTA_HANDOVER_FILE\" ] || touch \"$FLEETDELTA_HANDOVER_FILE\"\nwhile true; do sleep 1 & wait $!; done\n"
         );
         let mut app = Tree::new();
         app.insert("app/run.sh".into(), Node::File { data: script.into(), mode: 0o755, mtime: 1_700_000_000 });
@@ -727,4 +727,27 @@ fn a_release_variable_switches_its_services_together_once_all_their_locks_are_fr
     let done = d.update(&r2, &[]);
     assert_eq!(done["complete"], true, "{done}");
     assert_eq!((d.exec("a", "echo $SITE").trim(), d.exec("b", "echo $SITE").trim()), ("south", "south"));
+}
+
+/// A hand-over of replicas: the new replicas start beside the old ones, and the old ones stop
+/// once every new replica has signalled (the hand-over timeout is ten minutes: an agent that
+/// waited for a signal nobody sends would not finish this test).
+#[test]
+fn replicas_hand_over_once_every_new_replica_has_taken_over() {
+    let d = Device::new();
+    let (v1, v2) = (d.push_replica("web", 1, "0.2"), d.push_replica("web", 2, "0.2"));
+    let service = "    replicas: 3\n    labels:\n      io.balena.update.strategy: hand-over\n      io.balena.update.handover-timeout: '600000'\n";
+    assert_eq!(d.update(&d.release("1", &[("web", &v1, service)], ""), &["--stagger", "0"])["complete"], true);
+    let second = d.update(&d.release("2", &[("web", &v2, service)], ""), &["--stagger", "0"]);
+    assert_eq!(second["complete"], true, "{second}");
+    let containers = d.containers("web");
+    assert_eq!(containers.len(), 3, "the old replicas are gone: {containers:?}");
+    for (name, up) in &containers {
+        assert!(up, "{name}");
+        assert_eq!(d.engine.docker_ok(&["exec", name, "cat", "/app/version"]), "web-v2");
+    }
+    for (i, log) in d.replica_logs("web", 3).iter().enumerate() {
+        let versions: Vec<&str> = log.iter().filter(|e| e.0 == "start").map(|e| e.2.as_str()).collect();
+        assert_eq!(versions, ["web-v1", "web-v2"], "replica {i}: {log:?}");
+    }
 }

@@ -666,20 +666,24 @@ impl<'a> Agent<'a> {
                 let to = service.to.as_ref().ok_or_else(missing)?;
                 let handover = service.strategy == Strategy::HandOver && service.from.is_some();
                 if handover {
-                    let _ = fs::remove_file(self.state.handover_file(name, &to.instance_id()));
+                    for file in self.handover_files(name, to) {
+                        let _ = fs::remove_file(file);
+                    }
                     let _ = fs::remove_file(self.state.balena_dir(name).join(BALENA_HANDOVER_FILE));
                 }
                 self.start(name, to, handover, true)?;
             }
             Step::AwaitHandover => {
                 let to = service.to.as_ref().ok_or_else(missing)?;
-                // Ours, or balena's `/tmp/balena/handover-complete`.
-                let files = [self.state.handover_file(name, &to.instance_id()), self.state.balena_dir(name).join(BALENA_HANDOVER_FILE)];
+                // Every new instance's (each replica's) file, or balena's
+                // `/tmp/balena/handover-complete`.
+                let files = self.handover_files(name, to);
+                let balena = self.state.balena_dir(name).join(BALENA_HANDOVER_FILE);
                 let deadline = Instant::now() + Strategy::handover_timeout(&to.labels);
-                while !files.iter().any(|f| f.exists()) && Instant::now() < deadline {
+                while !(files.iter().all(|f| f.exists()) || balena.exists()) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                for file in &files {
+                for file in files.iter().chain([&balena]) {
                     let _ = fs::remove_file(file);
                 }
             }
@@ -785,6 +789,11 @@ impl<'a> Agent<'a> {
             }
             std::thread::sleep(self.options.poll);
         }
+    }
+
+    /// The hand-over files of every instance (replica) of `record`.
+    fn handover_files(&self, service: &str, record: &InstanceRecord) -> Vec<std::path::PathBuf> {
+        replicas(record).into_iter().map(|r| self.state.handover_file(service, &runtime::instance_key(&record.instance_id(), r))).collect()
     }
 
     /// How images are pulled: full downloads allowed or not, through the builder service.
