@@ -538,6 +538,8 @@ fn a_deferred_service_is_switched_only_when_its_deferral_ends() {
     // The service is busy for a while: it asks for 2 s, then frees its lock at once.
     let deferred_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     run(fleetdelta().args(["agent", "defer", "--seconds", "2", "--state"]).arg(d.state()).arg("api"));
+    let status: Value = serde_json::from_slice(&run(fleetdelta().args(["agent", "status", "--runtime", "process", "--state"]).arg(d.state())).stdout).unwrap();
+    assert!(status["deferred_seconds"]["api"].as_u64().is_some_and(|s| (1..=2).contains(&s)), "the deferral shows: {status}");
     release(holder);
     let report = report(&finish(agent));
     assert_eq!(report["complete"], true, "{report}");

@@ -109,11 +109,20 @@ impl Requests {
                 self.deferred.insert(service, Instant::now() + Duration::from_secs(seconds));
                 json!({"ok": true})
             }
-            ApiRequest::Status => json!({
-                "ok": true,
-                "target_release": self.target_release,
-                "waiting": self.waiting.values().collect::<Vec<_>>(),
-            }),
+            ApiRequest::Status => {
+                let now = Instant::now();
+                let deferred: BTreeMap<&String, u64> =
+                    self.deferred.iter().filter(|(_, t)| **t > now).map(|(s, t)| (s, (*t - now).as_secs_f64().ceil() as u64)).collect();
+                let mut go_ahead: Vec<&String> = self.go_ahead.iter().collect();
+                go_ahead.sort();
+                json!({
+                    "ok": true,
+                    "target_release": self.target_release,
+                    "waiting": self.waiting.values().collect::<Vec<_>>(),
+                    "deferred_seconds": deferred,
+                    "go_ahead": go_ahead,
+                })
+            }
         }
     }
 }

@@ -844,6 +844,10 @@ pub struct AgentStatus {
     pub running: BTreeMap<String, bool>,
     /// Whether an agent runs on this state directory now (holds its lock).
     pub agent_running: bool,
+    /// While an agent runs: per service that deferred its switch, the seconds left.
+    pub deferred_seconds: BTreeMap<String, u64>,
+    /// While an agent runs: the services that said go-ahead and were not switched yet.
+    pub go_ahead: Vec<String>,
 }
 
 /// Reads the state of a device without taking the agent lock (read only).
@@ -868,7 +872,15 @@ pub fn status(state: &StateDir, runtime: &dyn Runtime) -> Result<AgentStatus> {
     }
     // The agent holds agent.lock for as long as it runs; a lock we can take is nobody's.
     let agent_running = File::open(state.agent_lock()).is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)));
-    Ok(AgentStatus { installed, updating_to, waiting, running, agent_running })
+    // Deferrals and go-aheads live in the running agent: asked of its API.
+    let (mut deferred_seconds, mut go_ahead) = (BTreeMap::new(), Vec::new());
+    if agent_running {
+        if let Ok(answer) = api::send(&state.socket(), &ApiRequest::Status) {
+            deferred_seconds = serde_json::from_value(answer["deferred_seconds"].clone()).unwrap_or_default();
+            go_ahead = serde_json::from_value(answer["go_ahead"].clone()).unwrap_or_default();
+        }
+    }
+    Ok(AgentStatus { installed, updating_to, waiting, running, agent_running, deferred_seconds, go_ahead })
 }
 
 /// Reads a release file as the agent keeps it (for callers that want the current release).
