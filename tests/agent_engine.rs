@@ -95,9 +95,15 @@ impl Device {
         let mut data = text(service.len() as u64, 600_000);
         data.splice(1000..1040, text(u64::from(version) * 31, 40));
         app.insert("app/payload.txt".into(), file(data));
+        self.push_app(service, version, &app)
+    }
+
+    /// Writes the image of `service` at `version` (busybox base, `app` on top, /app/run.sh as
+    /// its entrypoint) and pushes it as `<service>:<version>`. Returns the reference.
+    fn push_app(&self, service: &str, version: u32, app: &Tree) -> String {
         let layouts = self.tmp.path().join("images");
         let tag = format!("{service}-{version}");
-        write_runnable_image(&layouts, &tag, &[self.base.clone(), layer_tar(&app)], json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/bin"]}));
+        write_runnable_image(&layouts, &tag, &[self.base.clone(), layer_tar(app)], json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/bin"]}));
         let reference = format!("{}/fleet/{service}:{version}", self.registry.addr);
         run(self.fd().args(["copy", &format!("oci:{}:{tag}", layouts.display()), &format!("docker://{reference}")]));
         reference
@@ -140,12 +146,7 @@ impl Device {
         let mut app = Tree::new();
         app.insert("app/run.sh".into(), Node::File { data: script.into(), mode: 0o755, mtime: 1_700_000_000 });
         app.insert("app/version".into(), file(format!("{service}-v{version}")));
-        let layouts = self.tmp.path().join("images");
-        let tag = format!("{service}-{version}");
-        write_runnable_image(&layouts, &tag, &[self.base.clone(), layer_tar(&app)], json!({"Entrypoint": ["/app/run.sh"], "Env": ["PATH=/bin"]}));
-        let reference = format!("{}/fleet/{service}:{version}", self.registry.addr);
-        run(self.fd().args(["copy", &format!("oci:{}:{tag}", layouts.display()), &format!("docker://{reference}")]));
-        reference
+        self.push_app(service, version, &app)
     }
 
     /// The logs of every replica's data volume, by replica: (event, time, version).

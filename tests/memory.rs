@@ -29,6 +29,14 @@ enum Layers {
     Corrected,
 }
 
+/// File `i` of a target image: the source's with 100 bytes at a spot of its own replaced
+/// by 150 new ones, so the differ must code it against its partner.
+fn edited(i: usize, mut data: Vec<u8>) -> Vec<u8> {
+    let at = (i * 7919) % (data.len() - 200);
+    data.splice(at..at + 100, text(i as u64 + 1_000_000, 150));
+    data
+}
+
 /// Source and target images of about `mib` MiB of files, the target with edits spread
 /// through every file; then the delta; then the peak RSS of `fleetdelta apply` on it.
 fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
@@ -45,11 +53,7 @@ fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
     let target: Tree = contents
         .into_iter()
         .enumerate()
-        .map(|(i, mut data)| {
-            let at = (i * 7919) % (data.len() - 200);
-            data.splice(at..at + 100, text(i as u64 + 1_000_000, 150));
-            (format!("data/{i:05}.bin"), file(member(i, data)))
-        })
+        .map(|(i, data)| (format!("data/{i:05}.bin"), file(member(i, edited(i, data)))))
         .collect();
     let (s, t, d, o) = (dir.join("s"), dir.join("t"), dir.join("d"), dir.join("o"));
     match layers {
@@ -148,11 +152,7 @@ fn diff_peak_kib(dir: &Path, mib: usize) -> i64 {
         let target: Tree = contents
             .into_iter()
             .enumerate()
-            .map(|(i, mut data)| {
-                let at = (i * 7919) % (data.len() - 200);
-                data.splice(at..at + 100, text(i as u64 + 1_000_000, 150));
-                (format!("data/{i:05}.txt"), file(data))
-            })
+            .map(|(i, data)| (format!("data/{i:05}.txt"), file(edited(i, data))))
             .collect();
         write_image(&t, "latest", &[layer_tar(&target)], Compression::None);
     }

@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::error::AgentError;
-use super::runtime::{agent_env, InstanceStatus, Launch, Readiness, Runtime};
+use super::runtime::{agent_env, instance_keys, InstanceStatus, Launch, Readiness, Runtime};
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::digest::Digest;
 use crate::engine::{ContainerSpec, Engine, EngineRef, Health};
@@ -48,6 +48,8 @@ pub const LABEL_RELEASE: &str = "io.fleetdelta.release";
 pub const DATA_PATH: &str = "/data";
 /// Where balena's services look for their lock directory.
 pub const BALENA_LOCK_PATH: &str = "/tmp/balena";
+/// How long a container no installed instance names has to stop when pruned.
+const PRUNE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The restart policy of a service whose release names none (balena's default).
 pub const DEFAULT_RESTART: &str = "always";
 
@@ -73,14 +75,14 @@ impl<'a> EngineRuntime<'a> {
         self.transfer.engine()
     }
 
-    /// The short name of this agent in the engine (image repository, container names).
-    pub fn agent_name(&self) -> &str {
-        &self.agent
+    /// The repository of this agent's images in the engine.
+    fn repository(&self) -> String {
+        format!("fleetdelta/{}", self.agent)
     }
 
     /// The engine's name for the image of `record`.
     pub fn image_ref(&self, record: &InstanceRecord) -> EngineRef {
-        EngineRef { name: format!("fleetdelta/{}", self.agent), tag: Some(record.store_tag()) }
+        EngineRef { name: self.repository(), tag: Some(record.store_tag()) }
     }
 
     /// The container of an instance.
@@ -171,19 +173,16 @@ impl Runtime for EngineRuntime<'_> {
 
     fn prune(&self, installed: &Installed) -> Result<()> {
         let engine = self.engine()?;
-        let wanted: BTreeSet<String> = installed
-            .services
-            .iter()
-            .flat_map(|(s, r)| super::replicas(r).into_iter().map(move |replica| self.container_name(s, &super::runtime::instance_key(&r.instance_id(), replica))))
-            .collect();
+        let wanted: BTreeSet<String> =
+            installed.services.iter().flat_map(|(s, r)| instance_keys(r).into_iter().map(move |i| self.container_name(s, &i))).collect();
         for name in engine.containers_labelled(LABEL_AGENT, &self.agent)? {
             if !wanted.contains(&name) {
-                engine.stop_container(&name, Duration::from_secs(10))?;
+                engine.stop_container(&name, PRUNE_STOP_TIMEOUT)?;
                 engine.remove_container(&name)?;
             }
         }
         let keep: BTreeSet<String> = installed.services.values().map(|r| self.image_ref(r).api_name()).collect();
-        for tag in engine.tags_in(&format!("fleetdelta/{}", self.agent))? {
+        for tag in engine.tags_in(&self.repository())? {
             if !keep.contains(&tag) {
                 engine.remove_image(&tag)?;
             }

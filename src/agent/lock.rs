@@ -157,26 +157,23 @@ impl Drop for ServiceLock {
 /// Takes balena's lock file by creating it exclusively with the agent's mark. `false` when a
 /// service holds it (the file exists without the mark).
 fn take_lockfile(path: &Path) -> Result<bool> {
-    match OpenOptions::new().write(true).create_new(true).open(path) {
-        Ok(mut file) => {
-            file.write_all(AGENT_MARK).ctx(|| format!("writing {}", path.display()))?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match fs::read(path) {
-            Ok(bytes) => Ok(bytes == AGENT_MARK),
-            // Removed meanwhile: try once more.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match OpenOptions::new().write(true).create_new(true).open(path) {
-                Ok(mut file) => {
-                    file.write_all(AGENT_MARK).ctx(|| format!("writing {}", path.display()))?;
-                    Ok(true)
-                }
-                Err(_) => Ok(false),
+    // A second try only when the file went away between the create and the read.
+    for _ in 0..2 {
+        match OpenOptions::new().write(true).create_new(true).open(path) {
+            Ok(mut file) => {
+                file.write_all(AGENT_MARK).ctx(|| format!("writing {}", path.display()))?;
+                return Ok(true);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match fs::read(path) {
+                Ok(bytes) => return Ok(bytes == AGENT_MARK),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // A file the agent may not read is not the agent's.
+                Err(_) => return Ok(false),
             },
-            // A file the agent may not read is not the agent's.
-            Err(_) => Ok(false),
-        },
-        Err(e) => Err(crate::Error::io(format!("creating {}", path.display()), e)),
+            Err(e) => return Err(crate::Error::io(format!("creating {}", path.display()), e)),
+        }
     }
+    Ok(false)
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (`2024-06-01T12:00:00Z`).

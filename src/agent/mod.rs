@@ -46,7 +46,7 @@ pub use lock::{Reason, ReleaseRequest, ServiceLock};
 pub use plan::{plan_update, ServicePlan, UpdatePlan};
 pub use engine_runtime::EngineRuntime;
 pub use process::{InstanceSpec, ProcessRuntime};
-pub use runtime::{InstanceStatus, Launch, Readiness, Runtime};
+pub use runtime::{replicas, InstanceStatus, Launch, Readiness, Runtime};
 pub use state::{Installed, InstanceRecord, StateDir};
 pub use strategy::{Step, Strategy, UpdateKind};
 
@@ -60,12 +60,20 @@ use journal::{Journal, Record, Replay, OS_UPDATE};
 /// How many threads stop a service's replicas.
 const STOP_THREADS: usize = 16;
 
-/// The replicas of an instance: `[None]` for a service without `replicas`, else `Some(0..n)`.
-pub fn replicas(record: &InstanceRecord) -> Vec<Option<u32>> {
-    match record.run.replica_count() {
-        0 | 1 if record.run.replicas.is_none() => vec![None],
-        n => (0..n).map(Some).collect(),
+/// Whether the switch of `service` had begun by the journal's counts (`done` steps, the
+/// step `begun`): its lock was granted then, and it goes on without waiting again.
+fn switch_under_way(service: &ServicePlan, done: &BTreeMap<String, usize>, begun: &BTreeMap<String, usize>) -> bool {
+    done.get(&service.service).copied().unwrap_or(0) > service.switch_at || begun.get(&service.service).is_some_and(|i| *i >= service.switch_at)
+}
+
+/// Whether every instance (replica) of `record` runs.
+fn all_running(runtime: &dyn Runtime, service: &str, record: &InstanceRecord) -> Result<bool> {
+    for instance in runtime::instance_keys(record) {
+        if runtime.status(service, &instance)? == InstanceStatus::Stopped {
+            return Ok(false);
+        }
     }
+    Ok(true)
 }
 
 /// balena's hand-over signal, in the service's `/tmp/balena`: the new instance has taken over.
@@ -322,8 +330,7 @@ impl<'a> Agent<'a> {
         for service in &plan.services {
             let name = service.service.as_str();
             let done = run.done.get(name).copied().unwrap_or(0);
-            let under_way = done > service.switch_at || run.begun.get(name).is_some_and(|i| *i >= service.switch_at);
-            if !service.switches() || run.rolled_back.contains_key(name) || done >= service.steps.len() || !under_way {
+            if !service.switches() || run.rolled_back.contains_key(name) || done >= service.steps.len() || !switch_under_way(service, &run.done, &run.begun) {
                 continue;
             }
             for index in done..service.steps.len() {
@@ -350,13 +357,11 @@ impl<'a> Agent<'a> {
         let installed = Installed::load(&self.state)?;
         let mut started = Vec::new();
         for (service, record) in &installed.services {
-            let switching = replay.plan.as_ref().and_then(|p| p.services.iter().find(|s| &s.service == service)).is_some_and(|sp| {
-                replay.done.get(service).copied().unwrap_or(0) > sp.switch_at || replay.begun.get(service).is_some_and(|i| *i >= sp.switch_at)
-            });
+            let switching = replay.plan.as_ref().and_then(|p| p.services.iter().find(|s| &s.service == service)).is_some_and(|sp| switch_under_way(sp, &replay.done, &replay.begun));
             if switching {
                 continue;
             }
-            if !self.all_running(service, record)? {
+            if !all_running(self.runtime.as_ref(), service, record)? {
                 self.start(service, record, false, false)?;
                 started.push(service.clone());
             }
@@ -459,9 +464,8 @@ impl<'a> Agent<'a> {
                 let mut under_way = false;
                 for service in &unit {
                     let name = service.service.as_str();
-                    let done = run.done.get(name).copied().unwrap_or(0);
                     // A switch begun before a crash was granted then: it goes on without waiting.
-                    under_way |= done > service.switch_at || run.begun.get(name).is_some_and(|i| *i >= service.switch_at);
+                    under_way |= switch_under_way(service, &run.done, &run.begun);
                     let lock = ServiceLock::try_acquire(&self.state, name)?;
                     let (go_ahead, deferred) = {
                         let requests = api::lock(&self.requests);
@@ -731,7 +735,7 @@ impl<'a> Agent<'a> {
     /// instances that stopped), instances are started one after the other without waiting:
     /// they ran before, and a slow start must not fail the recovery.
     fn start(&mut self, service: &str, record: &InstanceRecord, handover: bool, gate: bool) -> Result<()> {
-        if self.all_running(service, record)? {
+        if all_running(self.runtime.as_ref(), service, record)? {
             return Ok(());
         }
         self.state.prepare_service(service)?;
@@ -793,7 +797,7 @@ impl<'a> Agent<'a> {
 
     /// The hand-over files of every instance (replica) of `record`.
     fn handover_files(&self, service: &str, record: &InstanceRecord) -> Vec<std::path::PathBuf> {
-        replicas(record).into_iter().map(|r| self.state.handover_file(service, &runtime::instance_key(&record.instance_id(), r))).collect()
+        runtime::instance_keys(record).iter().map(|i| self.state.handover_file(service, i)).collect()
     }
 
     /// How images are pulled: full downloads allowed or not, through the builder service.
@@ -801,19 +805,9 @@ impl<'a> Agent<'a> {
         crate::pull::PullOptions { allow_full, service: self.options.service.clone(), ..crate::pull::PullOptions::default() }
     }
 
-    /// Whether every replica of `record` runs.
-    fn all_running(&self, service: &str, record: &InstanceRecord) -> Result<bool> {
-        for replica in replicas(record) {
-            if self.runtime.status(service, &runtime::instance_key(&record.instance_id(), replica))? == InstanceStatus::Stopped {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
     /// Stops every replica of `record`, several at once.
     fn stop(&self, service: &str, record: &InstanceRecord) -> Result<()> {
-        let instances: Vec<String> = replicas(record).into_iter().map(|r| runtime::instance_key(&record.instance_id(), r)).collect();
+        let instances = runtime::instance_keys(record);
         let (runtime, timeout) = (self.runtime.as_ref(), self.options.stop_timeout);
         let per_thread = instances.len().div_ceil(STOP_THREADS).max(1);
         std::thread::scope(|s| {
@@ -864,11 +858,7 @@ pub fn status(state: &StateDir, runtime: &dyn Runtime) -> Result<AgentStatus> {
     }
     let mut running = BTreeMap::new();
     for (name, record) in &installed.services {
-        let mut all = true;
-        for replica in replicas(record) {
-            all &= runtime.status(name, &runtime::instance_key(&record.instance_id(), replica))? != InstanceStatus::Stopped;
-        }
-        running.insert(name.clone(), all);
+        running.insert(name.clone(), all_running(runtime, name, record)?);
     }
     // The agent holds agent.lock for as long as it runs; a lock we can take is nobody's.
     let agent_running = File::open(state.agent_lock()).is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)));

@@ -110,14 +110,11 @@ pub fn plan_update(transfer: &Transfer, state: &StateDir, installed: &Installed,
     for update in &transition.services {
         let name = &update.service_name;
         let from = installed.services.get(name).cloned();
-        let to = match (update.change, target.service(name), &update.to_image) {
-            (Change::Removed, _, _) => None,
+        let to = match (update.change, target.service(name), &update.to_image, &from) {
+            (Change::Removed, ..) => None,
             // The same content under another manifest: the device keeps the image it has.
-            (Change::Unchanged, Some(service), Some(_)) if from.is_some() => {
-                let from = from.as_ref().expect("checked");
-                Some(InstanceRecord { image: from.image.clone(), digest: from.digest, config: from.config, ..record(service, from.digest, None, &target.id) })
-            }
-            (_, Some(service), Some(image)) => Some(record(service, image.digest, image.config, &target.id)),
+            (Change::Unchanged, Some(service), Some(_), Some(from)) => Some(InstanceRecord { image: from.image.clone(), ..record(service, from.digest, from.config, &target.id) }),
+            (_, Some(service), Some(image), _) => Some(record(service, image.digest, image.config, &target.id)),
             _ => None,
         };
         let kind = match (update.change, &from, &to) {

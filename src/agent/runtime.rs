@@ -49,6 +49,20 @@ impl Launch<'_> {
     }
 }
 
+/// The replicas of an instance: `[None]` for a service without `replicas`, else `Some(0..n)`.
+pub fn replicas(record: &InstanceRecord) -> Vec<Option<u32>> {
+    match record.run.replicas {
+        None => vec![None],
+        Some(n) => (0..n).map(Some).collect(),
+    }
+}
+
+/// The names of every instance (replica) of `record`.
+pub fn instance_keys(record: &InstanceRecord) -> Vec<String> {
+    let id = record.instance_id();
+    replicas(record).into_iter().map(|r| instance_key(&id, r)).collect()
+}
+
 /// The name of replica `replica` of an instance.
 pub fn instance_key(instance_id: &str, replica: Option<u32>) -> String {
     match replica {

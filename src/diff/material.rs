@@ -202,17 +202,7 @@ pub fn unpack(layout: &Layout, layer: &Layer, dir: &Path, name: &str, limit: u64
 mod tests {
     use super::*;
 
-    fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (name, data) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, *data).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
+    use crate::layer::tar_index::tests::archive as tar;
 
     #[test]
     fn reads_from_disk_what_an_in_memory_index_sees() {

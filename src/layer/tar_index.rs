@@ -134,10 +134,11 @@ pub fn normalize_path(path: &Path, what: &str) -> Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn archive(files: &[(&str, &[u8])]) -> Vec<u8> {
+    /// A GNU tar of these files (mode 0644), for tests here and in the differ.
+    pub(crate) fn archive(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (name, data) in files {
             let mut h = tar::Header::new_gnu();
