@@ -7,10 +7,11 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::engine::Dockerd;
+use common::agent::{finish, outcome, report};
 use common::registry::Registry;
 use common::serve::Serve;
 use common::{file, fleetdelta, layer_tar, run, text, write_runnable_image, Node, Tree};
@@ -240,14 +241,6 @@ impl Device {
     }
 }
 
-fn report(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-fn outcome<'a>(report: &'a Value, service: &str) -> &'a Value {
-    report["services"].as_array().unwrap().iter().find(|s| s["service"] == service).unwrap_or_else(|| panic!("no {service} in {report}"))
-}
-
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !cond() {
@@ -256,11 +249,6 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn finish(child: Child) -> Output {
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "agent failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    out
-}
 
 fn starts(log: &[(String, String, String)]) -> Vec<(String, String)> {
     log.iter().filter(|(e, _, _)| e == "start").map(|(_, c, v)| (c.clone(), v.clone())).collect()

@@ -13,6 +13,7 @@ use fleetdelta::layer::Compression;
 use fleetdelta::{Digest, ImageRef};
 use serde_json::{json, Value};
 
+pub mod agent;
 pub mod engine;
 pub mod registry;
 pub mod serve;
