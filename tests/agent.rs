@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::{finish, outcome, report};
 use common::registry::Registry;
-use common::{file, fleetdelta, layer_tar, run, text, tool, write_runnable_image, Node, Tree};
+use common::{Bounded, file, fleetdelta, layer_tar, run, text, tool, write_runnable_image, Node, Tree};
 use serde_json::{json, Value};
 
 /// A service's entrypoint: logs each start and stop to its data directory (kept across
@@ -345,7 +345,7 @@ fn a_service_says_go_ahead_through_the_local_api_while_holding_its_lock() {
 }
 
 fn run_failing_status(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
+    let out = cmd.output_bounded();
     assert!(!out.status.success());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -360,7 +360,7 @@ fn strategies_order_downloads_stops_and_starts() {
         let r1 = d.release("1", &[("svc", d.image("svc", 1), &extra)], "");
         d.update(&r1, &[]);
         let r2 = d.release("2", &[("svc", d.image("svc", 2), &extra)], "");
-        let out = d.agent(&r2, &["--crash-after", &format!("svc:{crash_step}")]).output().unwrap();
+        let out = d.agent(&r2, &["--crash-after", &format!("svc:{crash_step}")]).output_bounded();
         assert_eq!(out.status.code(), Some(86), "{name}: {}", String::from_utf8_lossy(&out.stderr));
         let rootfs: Vec<String> = fs::read_dir(d.state().join("services/svc/rootfs")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         let old_running = !d.running_pids("svc").is_empty() && d.starts("svc").iter().any(|e| e.version == "svc-v1" && alive(e.pid));
@@ -403,7 +403,7 @@ fn a_crash_between_any_two_steps_then_a_rerun_leaves_a_consistent_device() {
         d.update(&r1, &[]);
         let db_pid = d.running_pids("db");
         let r2 = d.release("2", &[("api", d.image("api", 2), ""), ("db", d.image("db", 1), "")], "");
-        let out = d.agent(&r2, &["--crash-after", point]).output().unwrap();
+        let out = d.agent(&r2, &["--crash-after", point]).output_bounded();
         assert_eq!(out.status.code(), Some(86), "{point}: {}", String::from_utf8_lossy(&out.stderr));
         if power_cut {
             d.power_cut();
@@ -439,7 +439,7 @@ fn a_failed_download_rolls_the_service_back_to_the_instance_it_ran() {
     let layer = manifest["layers"][1]["digest"].as_str().unwrap();
     fs::remove_file(d.images().join("blobs/sha256").join(&layer[7..])).unwrap();
     let r2 = d.release("2", &[("api", v2, &extra)], "");
-    let out = d.agent(&r2, &[]).output().unwrap();
+    let out = d.agent(&r2, &[]).output_bounded();
     assert_eq!(out.status.code(), Some(4), "incomplete: {}", String::from_utf8_lossy(&out.stderr));
     let report = report(&out);
     assert_eq!(outcome(&report, "api")["outcome"], "rolled-back", "{report}");
@@ -481,7 +481,7 @@ fn an_unmet_contract_rejects_the_release_and_changes_nothing() {
     fs::write(&facts, "l4t: '32.2'\n").unwrap();
     let contract = "    contract:\n      type: sw.container\n      slug: needs-l4t-32-4\n      requires:\n        - type: sw.l4t\n          version: '>=32.4'\n";
     let r2 = d.release("2", &[("api", d.image("api", 2), contract)], "");
-    let out = d.agent(&r2, &["--device", facts.to_str().unwrap()]).output().unwrap();
+    let out = d.agent(&r2, &["--device", facts.to_str().unwrap()]).output_bounded();
     assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs-l4t-32-4"), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.installed()["release"], "1");
@@ -602,7 +602,7 @@ fn a_working_dir_through_a_symlink_out_of_the_image_stays_inside_it() {
     let gone = tempfile::tempdir().unwrap();
     let dangling: Tree = [("wd".to_string(), Node::Symlink { target: gone.path().to_str().unwrap().into() })].into();
     let r2 = d.release("2", &[("api", d.image_with("api", 2, &[dangling], config_in("wd/planted")), "")], "");
-    let out = d.agent(&r2, &[]).output().unwrap();
+    let out = d.agent(&r2, &[]).output_bounded();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let report = self::report(&out);
     let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();
@@ -638,7 +638,7 @@ fn a_whiteout_of_dot_dot_is_refused_and_the_running_instance_keeps_its_root_file
     for (version, whiteout) in [(2, ".wh..."), (3, ".wh."), (4, "app/.wh...")] {
         let layer: Tree = [(whiteout.to_string(), file(""))].into();
         let r = d.release(&version.to_string(), &[("api", d.image_with("api", version, &[layer], json!({"Entrypoint": ["/app/run.sh"]})), "")], "");
-        let out = d.agent(&r, &[]).output().unwrap();
+        let out = d.agent(&r, &[]).output_bounded();
         assert_eq!(out.status.code(), Some(4), "{whiteout}: {}", String::from_utf8_lossy(&out.stderr));
         let report = report(&out);
         let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();
@@ -687,7 +687,7 @@ fn a_full_disk_during_unpack_is_reported_cleaned_up_and_the_next_run_works() {
     // 8 MiB unpacked, a few KiB in the store.
     let big: Tree = [("app/big.bin".to_string(), file(vec![0u8; 8 << 20]))].into();
     let r1 = d.release("1", &[("api", d.image_with("api", 1, &[big], json!({"Entrypoint": ["/app/run.sh"]})), "")], "");
-    let out = d.agent(&r1, &[]).output().unwrap();
+    let out = d.agent(&r1, &[]).output_bounded();
     assert_eq!(out.status.code(), Some(4), "the report, not an error: {}", String::from_utf8_lossy(&out.stderr));
     let report = self::report(&out);
     let reason = outcome(&report, "api")["reason"].as_str().unwrap().to_string();

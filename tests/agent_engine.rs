@@ -14,7 +14,7 @@ use common::engine::Dockerd;
 use common::agent::{finish, outcome, report};
 use common::registry::Registry;
 use common::serve::Serve;
-use common::{file, fleetdelta, layer_tar, run, text, write_runnable_image, Node, Tree};
+use common::{Bounded, file, fleetdelta, layer_tar, run, text, write_runnable_image, Node, Tree};
 use serde_json::{json, Value};
 
 /// A service: logs each start and stop (with its container's hostname) to its data volume,
@@ -234,10 +234,30 @@ impl Device {
     }
 
     /// Takes the service's flock from inside its container, as the service would, until
-    /// [`Device::release_flock`].
+    /// [`Device::release_flock`] (or the container stops).
     fn hold_flock(&self, service: &str) {
-        self.engine.docker_ok(&["exec", "--detach", &self.container(service), "sh", "-c", r#"rm -f /tmp/release; /usr/bin/flock "$FLEETDELTA_LOCK" sh -c 'touch /tmp/held; while [ ! -e /tmp/release ]; do sleep 0.1; done'"#]);
+        self.exec(service, "rm -f /tmp/release /tmp/held");
+        self.engine.docker_ok(&["exec", "--detach", &self.container(service), "sh", "-c", r#"/usr/bin/flock "$FLEETDELTA_LOCK" sh -c 'touch /tmp/held; while [ ! -e /tmp/release ]; do sleep 0.1; done'"#]);
         wait_for("the flock holder", || self.exec(service, "test -e /tmp/held && echo yes || echo no").trim() == "yes");
+    }
+}
+
+impl Device {
+    /// Lets go of the flock [`Device::hold_flock`] took.
+    fn release_flock(&self, service: &str) {
+        self.exec(service, "touch /tmp/release");
+    }
+
+    /// `fleetdelta agent ACTION ARGS --state <state>`.
+    fn action(&self, action: &[&str]) -> Command {
+        let mut c = self.fd();
+        c.arg("agent").args(action).arg("--state").arg(self.state()).args(["--stop-timeout", "5"]);
+        c
+    }
+
+    /// The reason of the service's release request, when there is one.
+    fn request_reason(&self, service: &str) -> Option<String> {
+        self.request(service).and_then(|r| r["reason"].as_str().map(str::to_string))
     }
 }
 
@@ -292,7 +312,7 @@ fn services_run_as_containers_updated_by_deltas_and_a_held_lock_blocks_only_its_
 
     // Now a changes: it waits for its lock, and sees why from inside its container.
     let r3 = d.release("3", &[("a", &a2, ""), ("b", &b2, "    environment:\n      MODE: one\n")], "");
-    let timed_out = d.agent(&r3, &["--lock-timeout", "2", "--no-full-download"]).env("FLEETDELTA_LOG", "info").output().unwrap();
+    let timed_out = d.agent(&r3, &["--lock-timeout", "2", "--no-full-download"]).env("FLEETDELTA_LOG", "info").output_bounded();
     assert_eq!(timed_out.status.code(), Some(3), "{}", String::from_utf8_lossy(&timed_out.stderr));
     // The decision log says who waits, why and since when, once.
     let log = String::from_utf8_lossy(&timed_out.stderr);
@@ -345,13 +365,13 @@ fn balenas_lockfile_holds_back_restarts_hand_overs_and_os_updates() {
     // The service takes balena's lock as balena's services do: O_CREAT|O_EXCL.
     d.exec("a", "set -C; : > /tmp/balena/updates.lock");
     let r2 = d.release("2", &[("a", &a2, handover)], "os: '1.0'\n");
-    let waiting = d.agent(&r2, &["--lock-timeout", "2"]).output().unwrap();
+    let waiting = d.agent(&r2, &["--lock-timeout", "2"]).output_bounded();
     assert_eq!(waiting.status.code(), Some(3), "{}", String::from_utf8_lossy(&waiting.stderr));
     assert_eq!(d.running_version("a"), "a-v1");
     let r3 = d.release("3", &[("a", &a1, handover)], "os: '2.0'\n");
     // A newer target: the unfinished update to 2 is resumed first, then abandoned at the
     // lock timeout again; balena's lock file is still the service's.
-    let _ = d.agent(&r3, &["--lock-timeout", "1"]).output().unwrap();
+    let _ = d.agent(&r3, &["--lock-timeout", "1"]).output_bounded();
     assert_eq!(d.exec("a", "cat /tmp/balena/updates.lock"), "", "the agent never touches a service's lock file");
 
     let agent = d.agent(&r2, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -399,7 +419,7 @@ fn an_agent_killed_mid_switch_recovers_with_one_container_of_the_right_version()
     for (i, (release, crash, strategy)) in cases.into_iter().enumerate() {
         let labels = format!("    labels:\n      io.balena.update.strategy: {strategy}\n");
         let r = d.release(release, &[("a", &images[i + 1], &labels), ("b", &images[0], "")], "");
-        let crashed = d.agent(&r, &["--crash-after", crash]).output().unwrap();
+        let crashed = d.agent(&r, &["--crash-after", crash]).output_bounded();
         assert_eq!(crashed.status.code(), Some(86), "{crash}: {}", String::from_utf8_lossy(&crashed.stderr));
         if crash == "a:delete-old" {
             let tags = d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
@@ -428,7 +448,7 @@ fn a_failed_download_after_delete_then_download_rolls_back_to_the_old_image() {
     assert_eq!(d.update(&d.release("1", &[("a", &a1, labels)], ""), &[])["complete"], true);
     let tags = || d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
     assert_eq!(tags().lines().count(), 1);
-    let out = d.agent(&d.release("2", &[("a", &a2, labels)], ""), &["--no-full-download"]).output().unwrap();
+    let out = d.agent(&d.release("2", &[("a", &a2, labels)], ""), &["--no-full-download"]).output_bounded();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let reason = outcome(&report(&out), "a")["reason"].as_str().unwrap().to_string();
     assert!(reason.contains("no delta") || reason.contains("full download"), "{reason}");
@@ -469,7 +489,7 @@ fn a_newer_target_supersedes_a_switch_waiting_for_its_lock() {
     d.hold_flock("a");
 
     // 2 changes a, which waits.
-    let out = d.agent(&d.release("2", &[("a", &a2, ""), ("b", &b1, "")], ""), &["--lock-timeout", "1"]).output().unwrap();
+    let out = d.agent(&d.release("2", &[("a", &a2, ""), ("b", &b1, "")], ""), &["--lock-timeout", "1"]).output_bounded();
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.status()["updating_to"], "2");
 
@@ -485,13 +505,13 @@ fn a_newer_target_supersedes_a_switch_waiting_for_its_lock() {
     assert_eq!(d.status()["installed"]["release"], "3");
 
     // 4 changes a again: its request names 4.
-    let out = d.agent(&d.release("4", &[("a", &a3, ""), ("b", &b2, "")], ""), &["--lock-timeout", "1"]).output().unwrap();
+    let out = d.agent(&d.release("4", &[("a", &a3, ""), ("b", &b2, "")], ""), &["--lock-timeout", "1"]).output_bounded();
     assert_eq!(out.status.code(), Some(3));
     // 5 changes b too; the agent is killed right after b's new container started.
     let r5 = d.release("5", &[("a", &a3, ""), ("b", &b3, "")], "");
-    let crashed = d.agent(&r5, &["--lock-timeout", "1", "--crash-after", "b:start-new"]).output().unwrap();
+    let crashed = d.agent(&r5, &["--lock-timeout", "1", "--crash-after", "b:start-new"]).output_bounded();
     assert_eq!(crashed.status.code(), Some(86), "{}", String::from_utf8_lossy(&crashed.stderr));
-    let out = d.agent(&r5, &["--lock-timeout", "1"]).output().unwrap();
+    let out = d.agent(&r5, &["--lock-timeout", "1"]).output_bounded();
     assert_eq!(out.status.code(), Some(3), "a still waits: {}", String::from_utf8_lossy(&out.stderr));
     let waiting = report(&out);
     assert_eq!(outcome(&waiting, "a")["outcome"], "waiting", "{waiting}");
@@ -599,10 +619,10 @@ fn replicas_start_rolling_gated_on_their_health_and_an_unhealthy_version_rolls_b
 
     // v3's check looks for a file that never appears: the start times out, and the service
     // is rolled back, every replica on v2 again.
-    let out = d.agent(&d.release("3", &[("web", &v3, &service("/tmp/never"))], ""), &["--max-starting", "3", "--stagger", "0", "--start-timeout", "5"]).output().unwrap();
+    let out = d.agent(&d.release("3", &[("web", &v3, &service("/tmp/never"))], ""), &["--max-starting", "3", "--stagger", "0", "--start-timeout", "5"]).output_bounded();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let reason = outcome(&report(&out), "web")["reason"].as_str().unwrap().to_string();
-    assert!(reason.contains("not ready after 5 s"), "{reason}");
+    assert!(reason.contains("not ready 5 s after their start"), "{reason}");
     let running: Vec<(String, bool)> = d.containers("web");
     assert_eq!(running.len(), N as usize, "{running:?}");
     assert!(running.iter().all(|(_, up)| *up));
@@ -635,7 +655,7 @@ fn three_hundred_replicas_update_with_one_download() {
                 None => time.env_remove(k),
             };
         }
-        let out = time.output().unwrap();
+        let out = time.output_bounded();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let stderr = String::from_utf8_lossy(&out.stderr);
         let last = stderr.lines().last().unwrap().to_string();
@@ -670,7 +690,7 @@ fn the_agent_gets_its_deltas_from_the_builder_service() {
     assert_eq!(d.update(&d.release("1", &[("a", &a1, "")], ""), &[])["complete"], true);
     let serve = Serve::start(d.tmp.path(), "retry_after_seconds: 1\n");
     let r2 = d.release("2", &[("a", &a2, "")], "");
-    let out = d.agent(&r2, &["--no-full-download", "--service", &serve.url, "--service-wait", "120"]).output().unwrap();
+    let out = d.agent(&r2, &["--no-full-download", "--service", &serve.url, "--service-wait", "120"]).output_bounded();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report = report(&out);
     let fetched = outcome(&report, "a")["fetched"].as_str().unwrap().to_string();
@@ -702,7 +722,7 @@ fn a_release_variable_switches_its_services_together_once_all_their_locks_are_fr
     d.hold_flock("a");
 
     let r2 = release("2", "south", "two");
-    let out = d.agent(&r2, &["--lock-timeout", "2"]).output().unwrap();
+    let out = d.agent(&r2, &["--lock-timeout", "2"]).output_bounded();
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     let waiting = report(&out);
     assert_eq!(outcome(&waiting, "a")["outcome"], "waiting", "{waiting}");
@@ -739,4 +759,98 @@ fn replicas_hand_over_once_every_new_replica_has_taken_over() {
         let versions: Vec<&str> = log.iter().filter(|e| e.0 == "start").map(|e| e.2.as_str()).collect();
         assert_eq!(versions, ["web-v1", "web-v2"], "replica {i}: {log:?}");
     }
+}
+
+/// The operator's actions wait for the locks they need and no others: restart b while a
+/// holds its lock; restart a once it lets go (its holder told why: `restart`), or at once
+/// with --force; stop keeps a service stopped across agent runs until start. With an agent
+/// running, the actions go through its control socket and are done while it waits for a
+/// lock; a reboot waits for every lock (reason `reboot`), stops every service, then runs the
+/// reboot command.
+#[test]
+fn device_actions_wait_only_for_the_locks_they_need() {
+    let d = Device::new();
+    let (a1, b1, a2) = (d.push("a", 1), d.push("b", 1), d.push("a", 2));
+    let r1 = d.release("1", &[("a", &a1, ""), ("b", &b1, "")], "");
+    assert_eq!(d.update(&r1, &[])["complete"], true);
+    d.hold_flock("a");
+
+    // Restarting b while a is locked works, and leaves a alone.
+    let restarted: Value = serde_json::from_slice(&run(&mut d.action(&["restart", "b"])).stdout).unwrap();
+    assert_eq!(restarted["services"], json!(["b"]), "{restarted}");
+    assert_eq!(starts(&d.log("b")).len(), 2, "b restarted once: {:?}", d.log("b"));
+    assert_eq!(starts(&d.log("a")).len(), 1, "a untouched: {:?}", d.log("a"));
+
+    // Restarting a waits for its lock: the holder sees why, inside its container.
+    let gave_up = d.action(&["restart", "a", "--lock-timeout", "1"]).output_bounded();
+    assert_eq!(gave_up.status.code(), Some(3), "{}", String::from_utf8_lossy(&gave_up.stderr));
+    assert!(String::from_utf8_lossy(&gave_up.stderr).contains("update lock of a"), "{}", String::from_utf8_lossy(&gave_up.stderr));
+    assert!(d.request("a").is_none(), "the request is withdrawn when the action gives up");
+    let waiting = d.action(&["restart", "a"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("a's restart request", || d.request_reason("a").as_deref() == Some("restart"));
+    let inside: Value = serde_json::from_str(&d.exec("a", "cat /tmp/balena/release-request")).unwrap();
+    assert_eq!(inside["reason"], "restart", "{inside}");
+    assert_eq!(starts(&d.log("a")).len(), 1, "not restarted while its lock is held");
+    d.release_flock("a");
+    let done = finish(waiting);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(starts(&d.log("a")).len(), 2, "{:?}", d.log("a"));
+    assert!(d.request("a").is_none());
+
+    // --force does not wait.
+    d.hold_flock("a");
+    let forced: Value = serde_json::from_slice(&run(&mut d.action(&["restart", "a", "--force", "--lock-timeout", "1"])).stdout).unwrap();
+    assert_eq!(forced["forced"], true);
+    assert_eq!(starts(&d.log("a")).len(), 3);
+
+    // A stopped service stays stopped across agent runs, until start.
+    run(&mut d.action(&["stop", "b"]));
+    assert!(d.containers("b").iter().all(|(_, up)| !up), "{:?}", d.containers("b"));
+    let again = d.update(&r1, &[]);
+    assert_eq!(again["complete"], true, "{again}");
+    assert!(d.containers("b").iter().all(|(_, up)| !up), "the agent kept b stopped: {:?}", d.containers("b"));
+    let status: Value = serde_json::from_slice(&run(d.fd().args(["agent", "status", "--state"]).arg(d.state())).stdout).unwrap();
+    assert_eq!(status["installed"]["stopped"], json!(["b"]), "{status}");
+    run(&mut d.action(&["start", "b"]));
+    assert_eq!(d.running_version("b"), "b-v1");
+    let unknown = d.action(&["restart", "c"]).output_bounded();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown service \"c\" (the device runs: a, b)"), "{}", String::from_utf8_lossy(&unknown.stderr));
+
+    // A running agent waits for a's lock to update it; the actions go through it meanwhile.
+    d.hold_flock("a");
+    let rebooted = d.tmp.path().join("rebooted");
+    let r2 = d.release("2", &[("a", &a2, ""), ("b", &b1, "")], "");
+    let mut daemon = d.fd();
+    daemon.args(["agent", "--state"]).arg(d.state()).arg("--target").arg(&r2);
+    daemon.args(["--interval", "0.5", "--stagger", "0", "--stop-timeout", "5", "--reboot-command", &format!("touch {}", rebooted.display())]);
+    let log = d.tmp.path().join("daemon.log");
+    let mut daemon = daemon.stdout(Stdio::null()).stderr(fs::File::create(&log).unwrap()).spawn().unwrap();
+    wait_for("a's update request", || d.request_reason("a").as_deref() == Some("update_restart") || daemon.try_wait().unwrap().is_some());
+    assert!(daemon.try_wait().unwrap().is_none(), "the agent ended: {}", fs::read_to_string(&log).unwrap());
+    run(&mut d.action(&["restart", "b"]));
+    assert_eq!(starts(&d.log("b")).len(), 4, "b restarted by the running agent while it waits for a: {:?}", d.log("b"));
+    assert_eq!(d.running_version("a"), "a-v1");
+    // A reboot needs a too, which the update under way changes: it waits, and gives up.
+    let early = d.action(&["reboot", "--lock-timeout", "1"]).output_bounded();
+    assert_eq!(early.status.code(), Some(3), "{}", String::from_utf8_lossy(&early.stderr));
+    assert!(!rebooted.exists());
+    d.release_flock("a");
+    let installed = || fs::read(d.state().join("installed.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).unwrap_or_default();
+    wait_for("release 2 installed", || installed()["release"] == "2");
+    assert_eq!(d.running_version("a"), "a-v2");
+    // Once updated, a holds its lock again; the reboot waits for it with reason reboot.
+    d.hold_flock("a");
+    let reboot = d.action(&["reboot"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for("a's reboot request", || d.request_reason("a").as_deref() == Some("reboot"));
+    assert!(!rebooted.exists() && d.containers("b").iter().all(|(_, up)| *up), "nothing stops before every lock is free");
+    d.release_flock("a");
+    let report: Value = serde_json::from_slice(&finish(reboot).stdout).unwrap();
+    assert_eq!(report["services"], json!(["a", "b"]), "{report}");
+    assert!(rebooted.exists(), "the reboot command ran");
+    for service in ["a", "b"] {
+        assert!(d.containers(service).iter().all(|(_, up)| !up), "{service} stopped before the reboot: {:?}", d.containers(service));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fleetdelta, run, text, tool};
+use common::{Bounded, fleetdelta, run, text, tool};
 
 fn write_tree(root: &Path, files: &[(&str, Vec<u8>)]) {
     for (path, data) in files {
@@ -114,14 +114,14 @@ fn umoci_images_round_trip_through_the_cli_and_the_delta_is_an_ordinary_image() 
 fn failures_exit_non_zero_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let missing = format!("oci:{}", dir.path().join("missing").display());
-    let out = fleetdelta().args(["apply", &missing, &missing, &format!("oci:{}", dir.path().join("o").display())]).output().unwrap();
+    let out = fleetdelta().args(["apply", &missing, &missing, &format!("oci:{}", dir.path().join("o").display())]).output_bounded();
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("fleetdelta: error:") && stderr.contains("missing"), "{stderr}");
     assert!(!dir.path().join("o").exists());
 
-    let out = fleetdelta().args(["diff", "docker://example/a:1", "oci:x", "oci:y"]).output().unwrap();
+    let out = fleetdelta().args(["diff", "docker://example/a:1", "oci:x", "oci:y"]).output_bounded();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("docker://"));
 }

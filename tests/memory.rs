@@ -98,7 +98,7 @@ fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
 fn peak_kib(cmd: &mut Command) -> i64 {
     assert!(Path::new("/usr/bin/time").exists(), "this test needs GNU time: apt-get install time");
     let envs = cmd.get_envs().filter_map(|(k, v)| Some((k, v?)));
-    let out = Command::new("/usr/bin/time").args(["-f", "peak-rss-kib %M"]).arg(cmd.get_program()).args(cmd.get_args()).envs(envs).output().unwrap();
+    let out = Command::new("/usr/bin/time").args(["-f", "peak-rss-kib %M"]).arg(cmd.get_program()).args(cmd.get_args()).envs(envs).output_bounded();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     stderr.lines().find_map(|l| l.strip_prefix("peak-rss-kib ")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no peak RSS in {stderr}"))

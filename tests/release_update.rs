@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::registry::Registry;
-use common::{assert_same_tagged_image, fleetdelta, run, run_failing, service_image};
+use common::{Bounded, assert_same_tagged_image, fleetdelta, run, run_failing, service_image};
 use fleetdelta::delta_store::{DeltaKey, DeltaStore};
 use fleetdelta::image::Layout;
 use serde_json::Value;
@@ -150,7 +150,7 @@ fn contracts_drop_optional_services_reject_releases_and_invalid_ones_build_nothi
     assert_eq!(dropped[0]["service_name"], "gpu");
     assert!(t["is_produced_by__service_update"].as_array().unwrap().iter().all(|s| s["service_name"] != "gpu"));
 
-    let rejected = fd(home).args(["release-update", "--prepare", "--deltas", &deltas, "--device", old_supervisor.to_str().unwrap(), "--from"]).arg(&r1).arg("--to").arg(&r2).output().unwrap();
+    let rejected = fd(home).args(["release-update", "--prepare", "--deltas", &deltas, "--device", old_supervisor.to_str().unwrap(), "--from"]).arg(&r1).arg("--to").arg(&r2).output_bounded();
     assert_eq!(rejected.status.code(), Some(6), "unmet contracts have their own exit status");
     let err = String::from_utf8_lossy(&rejected.stderr);
     assert!(err.contains("app") && err.contains("sw.supervisor") && err.contains("12.0.0"), "{err}");
@@ -173,7 +173,7 @@ fn waiting_times_out_with_a_clear_message_and_a_build_elsewhere_shows_as_prepari
 
     // Nobody builds: waiting runs into the deadline.
     let started = Instant::now();
-    let out = fd(home).args(["release-update", "--json", "--wait", "--timeout", "1", "--poll", "0.2", "--deltas", &deltas, "--from"]).arg(&r1).arg("--to").arg(&r2).output().unwrap();
+    let out = fd(home).args(["release-update", "--json", "--wait", "--timeout", "1", "--poll", "0.2", "--deltas", &deltas, "--from"]).arg(&r1).arg("--to").arg(&r2).output_bounded();
     assert_eq!(out.status.code(), Some(5));
     assert!(started.elapsed() < Duration::from_secs(30));
     let err = String::from_utf8_lossy(&out.stderr);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::registry::Registry;
 use common::serve::Serve;
-use common::{assert_same_tagged_image, fleetdelta, run, service_image};
+use common::{Bounded, assert_same_tagged_image, fleetdelta, run, service_image};
 use fleetdelta::image::Layout;
 use fleetdelta::service::metrics::sample;
 use fleetdelta::service::routes::ROUTES;
@@ -347,7 +347,7 @@ fn pull_with_a_service_asks_waits_applies_and_falls_back_only_where_allowed() {
     // A service that cannot be reached: without a delta in the registry, a metered device
     // refuses the full download, and another one falls back to the missing layers.
     let closed = format!("http://{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
-    let refused = pull(&closed, "3", "app-3", &["--no-full-download"]).output().unwrap();
+    let refused = pull(&closed, "3", "app-3", &["--no-full-download"]).output_bounded();
     assert_eq!(refused.status.code(), Some(1));
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("full downloads are not allowed") && err.contains("unreachable"), "{err}");

@@ -23,13 +23,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::action::DeviceAction;
 use super::error::AgentError;
 use super::lock::ReleaseRequest;
 use crate::error::{IoContext, Result};
@@ -40,9 +42,12 @@ const MAX_REQUEST_BYTES: u64 = 4096;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the accept loop looks for shutdown.
 const ACCEPT_POLL: Duration = Duration::from_millis(25);
+/// Connections answered at once (each on its thread: an action's answer waits for its
+/// locks, and must not hold back the go-ahead that frees them).
+const MAX_CONNECTIONS: usize = 32;
 
 /// A request to the local API.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ApiRequest {
     /// Update the service now, lock or not.
@@ -59,6 +64,41 @@ pub enum ApiRequest {
     },
     /// What the agent waits for.
     Status,
+    /// Do an operator's action (control socket only; the answer comes once it is done).
+    Action {
+        /// The action.
+        action: DeviceAction,
+        /// Without the locks.
+        #[serde(default)]
+        force: bool,
+        /// At most this long for the locks (seconds); without end when absent.
+        #[serde(default)]
+        wait_seconds: Option<f64>,
+    },
+}
+
+/// An action queued on the control socket, for the agent loop to do.
+#[derive(Debug)]
+pub struct PendingAction {
+    /// The action.
+    pub action: DeviceAction,
+    /// Without the locks.
+    pub force: bool,
+    /// When it was asked for.
+    pub since: Instant,
+    /// When it stops waiting for locks.
+    pub deadline: Option<Instant>,
+    /// Where its answer goes.
+    pub reply: mpsc::Sender<Value>,
+}
+
+/// Which socket: the services' (go-ahead, defer, status) or the operator's (also actions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// `<state>/api/agent.sock`, mounted into the services' containers.
+    Services,
+    /// `<state>/control.sock`, on the host only.
+    Control,
 }
 
 /// What services asked for, shared between the API thread and the agent loop.
@@ -73,6 +113,8 @@ pub struct Requests {
     /// The services the agent knows (installed, or in the update under way): go-ahead and
     /// defer for any other are refused, so that a misspelt name is not silently accepted.
     pub services: BTreeSet<String>,
+    /// Actions asked for on the control socket, not done yet.
+    pub actions: Vec<PendingAction>,
 }
 
 impl Requests {
@@ -109,6 +151,7 @@ impl Requests {
                 self.deferred.insert(service, Instant::now() + Duration::from_secs(seconds));
                 json!({"ok": true})
             }
+            ApiRequest::Action { .. } => json!({"ok": false, "error": "actions are queued by serve(), not answered here"}),
             ApiRequest::Status => {
                 let now = Instant::now();
                 let deferred: BTreeMap<&String, u64> =
@@ -144,8 +187,8 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Binds the socket (replacing a stale one: the caller holds the agent lock, so no other
-    /// agent serves it) and serves `requests`.
-    pub fn start(socket: &Path, requests: SharedRequests) -> Result<Self> {
+    /// agent serves it) and serves `requests` with `access`.
+    pub fn start(socket: &Path, requests: SharedRequests, access: Access) -> Result<Self> {
         match fs::remove_file(socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(crate::Error::io(format!("removing {}", socket.display()), e)),
             _ => {}
@@ -156,9 +199,23 @@ impl ApiServer {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
+            let open = Arc::new(AtomicUsize::new(0));
             while !stopping.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => serve(stream, &requests),
+                    Ok((mut stream, _)) => {
+                        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+                            let _ = writeln!(stream, "{}", json!({"ok": false, "error": "busy: too many connections"}));
+                            continue;
+                        }
+                        open.fetch_add(1, Ordering::Relaxed);
+                        let (requests, open) = (requests.clone(), open.clone());
+                        std::thread::spawn(move || {
+                            serve(stream, &requests, access);
+                            open.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
                     Err(_) => std::thread::sleep(ACCEPT_POLL),
                 }
@@ -178,8 +235,9 @@ impl Drop for ApiServer {
 }
 
 /// Answers one connection. A client that misbehaves gets an error line, never the agent's
-/// attention for longer than the client timeout.
-fn serve(stream: UnixStream, requests: &SharedRequests) {
+/// attention for longer than the client timeout. An action is queued for the agent loop and
+/// answered once done.
+fn serve(stream: UnixStream, requests: &SharedRequests, access: Access) {
     use std::io::Read;
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
@@ -188,6 +246,16 @@ fn serve(stream: UnixStream, requests: &SharedRequests) {
     let Ok(reader) = stream.try_clone() else { return };
     let answer = match BufReader::new(reader.take(MAX_REQUEST_BYTES)).read_line(&mut line) {
         Ok(_) => match serde_json::from_str::<ApiRequest>(line.trim()) {
+            Ok(ApiRequest::Action { .. }) if access != Access::Control => {
+                json!({"ok": false, "error": "actions are taken on the agent's control socket only (<state>/control.sock)"})
+            }
+            Ok(ApiRequest::Action { action, force, wait_seconds }) => {
+                let (reply, answer) = mpsc::channel();
+                let since = Instant::now();
+                let deadline = wait_seconds.and_then(|s| Duration::try_from_secs_f64(s).ok()).map(|d| since + d);
+                lock(requests).actions.push(PendingAction { action, force, since, deadline, reply });
+                answer.recv().unwrap_or_else(|_| json!({"ok": false, "error": "the agent stopped before the action was done"}))
+            }
             Ok(request) => lock(requests).handle(request),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         },
@@ -195,6 +263,26 @@ fn serve(stream: UnixStream, requests: &SharedRequests) {
     };
     let mut stream = stream;
     let _ = writeln!(stream, "{answer}");
+}
+
+/// Asks the agent on `socket` (its control socket) to do `action`, and waits for it to be
+/// done. A lock still held at the end of `wait` is [`AgentError::Locked`].
+pub fn send_action(socket: &Path, action: &DeviceAction, force: bool, wait: Option<Duration>) -> Result<super::ActionReport> {
+    let request = ApiRequest::Action { action: action.clone(), force, wait_seconds: wait.map(|w| w.as_secs_f64()) };
+    let mut stream = UnixStream::connect(socket).ctx(|| format!("connecting to {}", socket.display()))?;
+    let line = serde_json::to_string(&request).expect("requests serialize");
+    writeln!(stream, "{line}").ctx(|| format!("writing to {}", socket.display()))?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).ctx(|| format!("reading from {}", socket.display()))?;
+    let value: Value = serde_json::from_str(&answer).map_err(|e| AgentError::Api(format!("unreadable answer {answer:?}: {e}")))?;
+    if let Some(services) = value.get("locked_services").and_then(|s| serde_json::from_value::<Vec<String>>(s.clone()).ok()) {
+        return Err(AgentError::Locked { action: action.to_string(), services }.into());
+    }
+    if value.get("ok") != Some(&Value::Bool(true)) {
+        let error = value.get("error").and_then(Value::as_str).unwrap_or("refused").to_string();
+        return Err(AgentError::Api(error).into());
+    }
+    serde_json::from_value(value["report"].clone()).map_err(|e| AgentError::Api(format!("unreadable report in {answer:?}: {e}")).into())
 }
 
 /// Sends one request to an agent's socket and returns its answer (for `fleetdelta agent
@@ -225,7 +313,7 @@ mod tests {
         let requests: SharedRequests = Arc::default();
         lock(&requests).target_release = Some("7".into());
         lock(&requests).services.insert("api".into());
-        let server = ApiServer::start(&socket, requests.clone()).unwrap();
+        let server = ApiServer::start(&socket, requests.clone(), Access::Services).unwrap();
         send(&socket, &ApiRequest::Defer { service: "api".into(), seconds: 60 }).unwrap();
         assert!(lock(&requests).deferred_until("api").is_some());
         send(&socket, &ApiRequest::GoAhead { service: "api".into() }).unwrap();
@@ -237,6 +325,11 @@ mod tests {
         assert!(!lock(&requests).go_ahead("apj") && lock(&requests).deferred_until("apj").is_none());
         let status = send(&socket, &ApiRequest::Status).unwrap();
         assert_eq!(status["target_release"], "7");
+        // The services' socket takes no actions: those are the operator's.
+        let reboot = ApiRequest::Action { action: DeviceAction::Reboot, force: true, wait_seconds: None };
+        let err = send(&socket, &reboot).unwrap_err().to_string();
+        assert!(err.contains("control socket only"), "{err}");
+        assert!(lock(&requests).actions.is_empty());
         let mut raw = UnixStream::connect(&socket).unwrap();
         writeln!(raw, "{{\"request\":\"reboot\"}}").unwrap();
         let mut answer = String::new();

@@ -58,4 +58,28 @@ pub enum AgentError {
     /// A request to the local API that failed or was refused.
     #[error("local API: {0}")]
     Api(String),
+    /// An action (`restart`, `reboot`…) that gave up waiting for locks others hold.
+    #[error("{action}: waited too long for the update lock of {}", services.join(", "))]
+    Locked {
+        /// The action.
+        action: String,
+        /// The services whose locks are held.
+        services: Vec<String>,
+    },
+    /// An action on a service the device does not run.
+    #[error("unknown service {service:?} (the device runs: {known})")]
+    UnknownService {
+        /// The service named.
+        service: String,
+        /// The services it runs, comma-separated.
+        known: String,
+    },
+    /// An action that failed once its locks were held (the reboot command failed, say).
+    #[error("{action}: {reason}")]
+    Action {
+        /// The action.
+        action: String,
+        /// What failed.
+        reason: String,
+    },
 }

@@ -37,6 +37,14 @@ pub enum Reason {
     /// The service is to be updated without stopping it first: a new instance starts beside
     /// it and takes over (strategy `hand-over`).
     UpdateNoRestart,
+    /// The operator restarts the service (`fleetdelta agent restart`).
+    Restart,
+    /// The operator stops the service (`fleetdelta agent stop`).
+    Stop,
+    /// The device is to reboot (`fleetdelta agent reboot`): every lock is needed.
+    Reboot,
+    /// The device is to shut down (`fleetdelta agent shutdown`): every lock is needed.
+    Shutdown,
 }
 
 impl Reason {
@@ -46,6 +54,10 @@ impl Reason {
             Reason::OsUpdate => "os_update",
             Reason::UpdateRestart => "update_restart",
             Reason::UpdateNoRestart => "update_no_restart",
+            Reason::Restart => "restart",
+            Reason::Stop => "stop",
+            Reason::Reboot => "reboot",
+            Reason::Shutdown => "shutdown",
         }
     }
 }

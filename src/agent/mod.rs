@@ -19,6 +19,7 @@
 //! was granted). A step that fails during a switch rolls the service back to the instance it
 //! ran, whose image stays in the store until the update commits.
 
+pub mod action;
 pub mod api;
 pub mod engine_runtime;
 mod error;
@@ -40,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub use action::{ActionReport, DeviceAction};
 pub use api::{ApiRequest, ApiServer};
 pub use error::AgentError;
 pub use lock::{Reason, ReleaseRequest, ServiceLock};
@@ -106,6 +108,10 @@ pub struct AgentOptions {
     /// The command that installs an OS version (given as `FLEETDELTA_OS_VERSION`); it may
     /// reboot the device. Without one, the version is only recorded.
     pub os_update_command: Option<Vec<String>>,
+    /// The command `agent reboot` runs once every lock is held and every instance stopped.
+    pub reboot_command: Vec<String>,
+    /// The command `agent shutdown` runs likewise.
+    pub shutdown_command: Vec<String>,
     /// The builder service to ask for deltas first (as `pull --service` does).
     pub service: Option<crate::pull::ServiceOptions>,
     /// While waiting for locks, how often the target is read again: a newer release there
@@ -130,6 +136,8 @@ impl Default for AgentOptions {
             max_starting: 4,
             start_timeout: Duration::from_secs(120),
             os_update_command: None,
+            reboot_command: vec!["systemctl".into(), "reboot".into()],
+            shutdown_command: vec!["systemctl".into(), "poweroff".into()],
             recheck: Some(Duration::from_secs(60)),
             service: None,
             crash_after: None,
@@ -205,7 +213,10 @@ pub struct Agent<'a> {
     target: Option<(String, Instant)>,
     /// Set when a newer target was found while waiting: the update in hand stops there.
     moved: bool,
+    /// Set once a reboot or shutdown command ran: nothing is started or updated any more.
+    pub(super) powering_down: Option<&'static str>,
     _api: ApiServer,
+    _control: ApiServer,
     _lock: File,
 }
 
@@ -226,6 +237,16 @@ struct Run<'p> {
 }
 
 impl<'p> Run<'p> {
+    /// The services this update still changes (switches not done nor rolled back).
+    fn changing(&self) -> BTreeSet<String> {
+        self.plan
+            .services
+            .iter()
+            .filter(|s| s.switches() && !self.rolled_back.contains_key(&s.service) && self.done.get(&s.service).copied().unwrap_or(0) < s.steps.len())
+            .map(|s| s.service.clone())
+            .collect()
+    }
+
     /// The bookkeeping of `plan` as the journal left it.
     fn resume(plan: &'p UpdatePlan, replay: &Replay) -> Self {
         Run {
@@ -249,8 +270,9 @@ impl<'a> Agent<'a> {
         }
         let requests = SharedRequests::default();
         api::lock(&requests).services = Installed::load(&state)?.services.into_keys().collect();
-        let api = ApiServer::start(&state.socket(), requests.clone())?;
-        Ok(Agent { state, transfer, runtime, options, requests, progress, last_start: None, target: None, moved: false, _api: api, _lock: lock })
+        let api = ApiServer::start(&state.socket(), requests.clone(), api::Access::Services)?;
+        let control = ApiServer::start(&state.control_socket(), requests.clone(), api::Access::Control)?;
+        Ok(Agent { state, transfer, runtime, options, requests, progress, last_start: None, target: None, moved: false, powering_down: None, _api: api, _control: control, _lock: lock })
     }
 
     /// The state directory.
@@ -261,6 +283,9 @@ impl<'a> Agent<'a> {
     /// Updates the device to the release at `target` (a file or URL). An update a crash
     /// interrupted is finished first.
     pub fn update(&mut self, target: &str) -> Result<UpdateReport> {
+        if let Some(action) = self.powering_down {
+            return Err(AgentError::Action { action: "update".into(), reason: format!("the device is going down ({action})") }.into());
+        }
         loop {
             self.moved = false;
             self.target = Some((target.to_string(), Instant::now()));
@@ -352,13 +377,19 @@ impl<'a> Agent<'a> {
     }
 
     /// Starts every installed instance that does not run, except those of services whose
-    /// switch is under way (the update goes on with them). Returns the services started.
+    /// switch is under way (the update goes on with them) and those the operator stopped
+    /// (stopped again if they run). Returns the services started.
     pub fn reconcile(&mut self, replay: &Replay) -> Result<Vec<String>> {
         let installed = Installed::load(&self.state)?;
         let mut started = Vec::new();
         for (service, record) in &installed.services {
             let switching = replay.plan.as_ref().and_then(|p| p.services.iter().find(|s| &s.service == service)).is_some_and(|sp| switch_under_way(sp, &replay.done, &replay.begun));
             if switching {
+                continue;
+            }
+            if installed.stopped.contains(service) {
+                // Kept stopped, even where the engine restarted it (its restart policy).
+                self.stop(service, record)?;
                 continue;
             }
             if !all_running(self.runtime.as_ref(), service, record)? {
@@ -522,6 +553,7 @@ impl<'a> Agent<'a> {
                 self.withdraw_requests(run)?;
                 return Ok(false);
             }
+            self.serve_actions(&run.changing());
             std::thread::sleep(self.options.poll);
         }
     }
@@ -586,6 +618,7 @@ impl<'a> Agent<'a> {
                 self.withdraw_requests(run)?;
                 return Ok(None);
             }
+            self.serve_actions(&run.changing());
             std::thread::sleep(self.options.poll);
         }
     }
@@ -596,6 +629,10 @@ impl<'a> Agent<'a> {
         for service in &run.plan.services {
             if run.rolled_back.contains_key(&service.service) {
                 continue;
+            }
+            // A service an update replaced or removed runs (or is gone): a stop ends there.
+            if service.switches() {
+                installed.stopped.remove(&service.service);
             }
             match &service.to {
                 // Unchanged services take the target's labels and release id without a switch.
@@ -730,8 +767,8 @@ impl<'a> Agent<'a> {
     /// started rolling: at most [`AgentOptions::max_starting`] replicas start at once, and
     /// each further start waits until one of them is ready (running, and healthy when it has
     /// a health check). So does the end of the start of a service with replicas or a health
-    /// check: an instance that fails, or is not ready within [`AgentOptions::start_timeout`],
-    /// fails the start (and the switch is rolled back). Without it (a rollback to what ran,
+    /// check: an instance that fails, or is not ready within [`AgentOptions::start_timeout`]
+    /// of its own start, fails the start (and the switch is rolled back). Without it (a rollback to what ran,
     /// instances that stopped), instances are started one after the other without waiting:
     /// they ran before, and a slow start must not fail the recovery.
     fn start(&mut self, service: &str, record: &InstanceRecord, handover: bool, gate: bool) -> Result<()> {
@@ -742,8 +779,8 @@ impl<'a> Agent<'a> {
         self.runtime.fetch(self.transfer, None, record, &self.pull_options(true), self.progress)?;
         self.runtime.prepare(service, record)?;
         let gated = gate && (record.run.replica_count() > 1 || record.run.healthcheck.is_some());
-        let deadline = Instant::now() + self.options.start_timeout;
-        let mut starting: Vec<String> = Vec::new();
+        // Each starting instance with the time it must be ready by.
+        let mut starting: Vec<(String, Instant)> = Vec::new();
         for replica in replicas(record) {
             let launch = Launch { service, record, handover, replica };
             let instance = launch.instance();
@@ -751,7 +788,7 @@ impl<'a> Agent<'a> {
                 continue;
             }
             if gated {
-                self.await_ready(service, &mut starting, self.options.max_starting.max(1) - 1, deadline)?;
+                self.await_ready(service, &mut starting, self.options.max_starting.max(1) - 1)?;
             }
             if let Some(last) = self.last_start {
                 let wait = self.options.stagger.saturating_sub(last.elapsed());
@@ -759,24 +796,24 @@ impl<'a> Agent<'a> {
             }
             self.runtime.start(&launch)?;
             self.last_start = Some(Instant::now());
-            starting.push(instance);
+            starting.push((instance, Instant::now() + self.options.start_timeout));
         }
         if gated {
-            self.await_ready(service, &mut starting, 0, deadline)?;
+            self.await_ready(service, &mut starting, 0)?;
         }
         Ok(())
     }
 
     /// Waits until at most `at_most` of `starting` are not ready yet, removing the ready
-    /// ones; fails on an instance that failed, or at `deadline`.
-    fn await_ready(&mut self, service: &str, starting: &mut Vec<String>, at_most: usize, deadline: Instant) -> Result<()> {
+    /// ones; fails on an instance that failed, or that is not ready by its deadline.
+    fn await_ready(&mut self, service: &str, starting: &mut Vec<(String, Instant)>, at_most: usize) -> Result<()> {
         loop {
             let mut failed = None;
             let mut still = Vec::with_capacity(starting.len());
-            for instance in starting.drain(..) {
+            for (instance, deadline) in starting.drain(..) {
                 match self.runtime.readiness(service, &instance)? {
                     Readiness::Ready => {}
-                    Readiness::Starting => still.push(instance),
+                    Readiness::Starting => still.push((instance, deadline)),
                     Readiness::Failed => failed = Some(instance),
                 }
             }
@@ -787,8 +824,10 @@ impl<'a> Agent<'a> {
             if starting.len() <= at_most {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
-                let reason = format!("{} instance(s) not ready after {} s: {}", starting.len(), self.options.start_timeout.as_secs(), starting.join(", "));
+            let now = Instant::now();
+            let late: Vec<&str> = starting.iter().filter(|(_, d)| *d <= now).map(|(i, _)| i.as_str()).collect();
+            if !late.is_empty() {
+                let reason = format!("{} instance(s) not ready {} s after their start: {}", late.len(), self.options.start_timeout.as_secs(), late.join(", "));
                 return Err(AgentError::Runtime { service: service.into(), reason }.into());
             }
             std::thread::sleep(self.options.poll);
@@ -844,6 +883,12 @@ pub struct AgentStatus {
     pub go_ahead: Vec<String>,
 }
 
+/// Whether an agent runs on the state directory: it holds `agent.lock` for as long as it
+/// runs, and a lock we can take is nobody's.
+pub fn agent_running(state: &StateDir) -> bool {
+    File::open(state.agent_lock()).is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
+}
+
 /// Reads the state of a device without taking the agent lock (read only).
 pub fn status(state: &StateDir, runtime: &dyn Runtime) -> Result<AgentStatus> {
     let installed = Installed::load(state)?;
@@ -860,8 +905,7 @@ pub fn status(state: &StateDir, runtime: &dyn Runtime) -> Result<AgentStatus> {
     for (name, record) in &installed.services {
         running.insert(name.clone(), all_running(runtime, name, record)?);
     }
-    // The agent holds agent.lock for as long as it runs; a lock we can take is nobody's.
-    let agent_running = File::open(state.agent_lock()).is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)));
+    let agent_running = agent_running(state);
     // Deferrals and go-aheads live in the running agent: asked of its API.
     let (mut deferred_seconds, mut go_ahead) = (BTreeMap::new(), Vec::new());
     if agent_running {

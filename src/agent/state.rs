@@ -6,9 +6,11 @@
 //! <state>/
 //!   agent.lock               held by the running agent (one agent per state directory)
 //!   api/agent.sock           the local API (see api.rs); its directory is mounted into containers
+//!   control.sock             the operator's actions (restart, stop, reboot…), host only
 //!   release.yaml             the release the device runs, once fully applied
 //!   target.yaml              the release being applied (during an update)
-//!   installed.json           per service: the instance that runs (image, digest, environment)
+//!   installed.json           per service: the instance that runs (image, digest, environment);
+//!                            the services the operator stopped
 //!   journal.jsonl            the write-ahead journal of the update in progress
 //!   images/                  the image store: an OCI layout, one tag per image digest
 //!   services/<name>/
@@ -27,7 +29,7 @@
 //!       handover-complete    balena's hand-over signal
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -81,6 +83,11 @@ impl StateDir {
     /// The local API's socket.
     pub fn socket(&self) -> PathBuf {
         self.api_dir().join("agent.sock")
+    }
+
+    /// The agent's control socket (not mounted into containers): operator actions.
+    pub fn control_socket(&self) -> PathBuf {
+        self.root.join("control.sock")
     }
 
     /// The directory of the local API's socket: containers mount the directory, so that the
@@ -232,6 +239,10 @@ pub struct Installed {
     pub os: Option<String>,
     /// Per service, the instance that runs.
     pub services: BTreeMap<String, InstanceRecord>,
+    /// The services the operator stopped (`fleetdelta agent stop`): the agent keeps them
+    /// stopped until `agent start` or `agent restart`, or an update replaces them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub stopped: BTreeSet<String>,
 }
 
 impl Installed {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use fleetdelta::agent::{self, Agent, AgentOptions, ApiRequest, EngineRuntime, Outcome, ProcessRuntime, Runtime, StateDir, UpdateReport};
+use fleetdelta::agent::{self, Agent, AgentOptions, ApiRequest, DeviceAction, EngineRuntime, Outcome, ProcessRuntime, Runtime, StateDir, UpdateReport};
 use fleetdelta::release::DeviceFacts;
 use fleetdelta::Progress;
 
@@ -76,6 +76,13 @@ pub struct RunArgs {
     /// Shell command that installs the OS version in $FLEETDELTA_OS_VERSION (may reboot).
     #[arg(long, value_name = "COMMAND")]
     pub os_update_command: Option<String>,
+    /// Shell command that `agent reboot` runs (through this agent) once every lock is held and
+    /// every service stopped.
+    #[arg(long, value_name = "COMMAND", default_value = "systemctl reboot")]
+    pub reboot_command: String,
+    /// Shell command that `agent shutdown` runs likewise.
+    #[arg(long, value_name = "COMMAND", default_value = "systemctl poweroff")]
+    pub shutdown_command: String,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -88,7 +95,38 @@ pub struct RunArgs {
     pub crash_after: Option<String>,
 }
 
-/// `fleetdelta agent status|go-ahead|defer`.
+/// Flags of the operator's actions (restart, stop, start, reboot, shutdown).
+#[derive(Debug, clap::Args)]
+pub struct ActionArgs {
+    /// The state directory.
+    #[arg(long, value_name = "DIR")]
+    pub state: PathBuf,
+    /// Where the agent runs its services (when no agent runs and this command does the action).
+    #[arg(long, value_enum, default_value_t = RuntimeArg::Engine)]
+    pub runtime: RuntimeArg,
+    /// Go ahead without the update locks: the services holding them are not asked.
+    #[arg(long)]
+    pub force: bool,
+    /// Give up after this many seconds waiting for locks (status 3; nothing is done).
+    #[arg(long, value_name = "SECONDS")]
+    pub lock_timeout: Option<f64>,
+    /// Seconds a stopping service has after SIGTERM before SIGKILL.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub stop_timeout: f64,
+}
+
+/// Flags of `agent reboot` and `agent shutdown`.
+#[derive(Debug, clap::Args)]
+pub struct PowerArgs {
+    #[command(flatten)]
+    pub action: ActionArgs,
+    /// The shell command that reboots (or shuts down) the device, when no agent runs (a
+    /// running agent uses its own --reboot-command or --shutdown-command).
+    #[arg(long, value_name = "COMMAND")]
+    pub command: Option<String>,
+}
+
+/// `fleetdelta agent status|go-ahead|defer|restart|stop|start|reboot|shutdown`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Action {
     /// What runs, the update under way, and the release requests waiting for locks.
@@ -119,6 +157,40 @@ pub enum Action {
         /// The service.
         service: String,
     },
+    /// Restart SERVICE once its update lock is free (the holder is told: reason `restart`).
+    Restart {
+        #[command(flatten)]
+        args: ActionArgs,
+        /// The service.
+        service: String,
+    },
+    /// Stop SERVICE once its update lock is free (reason `stop`); it stays stopped until
+    /// `agent start`, `agent restart`, or an update that replaces it.
+    Stop {
+        #[command(flatten)]
+        args: ActionArgs,
+        /// The service.
+        service: String,
+    },
+    /// Start a stopped SERVICE (no lock needed).
+    Start {
+        #[command(flatten)]
+        args: ActionArgs,
+        /// The service.
+        service: String,
+    },
+    /// Once every service's update lock is free (reason `reboot`), stop every service and
+    /// reboot the device.
+    Reboot {
+        #[command(flatten)]
+        args: PowerArgs,
+    },
+    /// Once every service's update lock is free (reason `shutdown`), stop every service and
+    /// shut the device down.
+    Shutdown {
+        #[command(flatten)]
+        args: PowerArgs,
+    },
 }
 
 pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet: bool, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
@@ -134,6 +206,11 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet
         }
         Some(Action::GoAhead { state, service }) => return api(&state, ApiRequest::GoAhead { service }),
         Some(Action::Defer { state, seconds, service }) => return api(&state, ApiRequest::Defer { service, seconds }),
+        Some(Action::Restart { args, service }) => return act(registry, progress, DeviceAction::Restart { service }, &args, None),
+        Some(Action::Stop { args, service }) => return act(registry, progress, DeviceAction::Stop { service }, &args, None),
+        Some(Action::Start { args, service }) => return act(registry, progress, DeviceAction::Start { service }, &args, None),
+        Some(Action::Reboot { args }) => return act(registry, progress, DeviceAction::Reboot, &args.action, args.command),
+        Some(Action::Shutdown { args }) => return act(registry, progress, DeviceAction::Shutdown, &args.action, args.command),
         None => {}
     }
     let Some(state) = &args.state else { bail!("--state DIR is required") };
@@ -148,7 +225,9 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet
         stagger: seconds(args.stagger, "--stagger")?,
         stop_timeout: seconds(args.stop_timeout, "--stop-timeout")?,
         lock_timeout: args.lock_timeout.map(|t| seconds(t, "--lock-timeout")).transpose()?,
-        os_update_command: args.os_update_command.clone().map(|c| vec!["/bin/sh".to_string(), "-c".to_string(), c]),
+        os_update_command: args.os_update_command.clone().map(shell),
+        reboot_command: shell(args.reboot_command.clone()),
+        shutdown_command: shell(args.shutdown_command.clone()),
         crash_after: args.crash_after.clone(),
         recheck: Some(seconds(args.interval, "--interval")?),
         max_starting: args.max_starting as usize,
@@ -177,8 +256,33 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet
             Ok(report) => print_report(&report, args.json)?,
             Err(e) => eprintln!("fleetdelta: error: {e:#}"),
         }
-        std::thread::sleep(seconds(args.interval, "--interval")?);
+        // Between runs, actions asked on the control socket are done.
+        agent.idle(seconds(args.interval, "--interval")?);
     }
+}
+
+/// Does an operator's action: through the running agent's control socket, or, when no agent
+/// runs, by opening the agent here. Prints the report (JSON).
+fn act(registry: &RegistryArgs, progress: &dyn Progress, action: DeviceAction, args: &ActionArgs, command: Option<String>) -> anyhow::Result<ExitCode> {
+    let state = StateDir::open_existing(&args.state)?;
+    let wait = args.lock_timeout.map(|t| seconds(t, "--lock-timeout")).transpose()?;
+    let report = if agent::agent_running(&state) {
+        agent::api::send_action(&state.control_socket(), &action, args.force, wait).with_context(|| format!("the agent on {}", state.root().display()))?
+    } else {
+        let mut options = AgentOptions { lock_timeout: wait, stop_timeout: seconds(args.stop_timeout, "--stop-timeout")?, stagger: Duration::ZERO, ..AgentOptions::default() };
+        if let Some(command) = command {
+            match action {
+                DeviceAction::Shutdown => options.shutdown_command = shell(command),
+                _ => options.reboot_command = shell(command),
+            }
+        }
+        let transfer = registry.transfer(None)?;
+        let runtime = make_runtime(args.runtime, &state, &transfer)?;
+        let mut agent = Agent::open(state, &transfer, runtime, options, progress)?;
+        agent.act(&action, args.force)?
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn make_runtime<'a>(kind: RuntimeArg, state: &StateDir, transfer: &'a fleetdelta::Transfer) -> anyhow::Result<Box<dyn Runtime + 'a>> {
@@ -193,6 +297,11 @@ fn api(state: &Path, request: ApiRequest) -> anyhow::Result<ExitCode> {
     let answer = agent::api::send(&socket, &request).with_context(|| format!("agent at {}", socket.display()))?;
     println!("{answer}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A shell command line as the argument vector that runs it.
+fn shell(command: String) -> Vec<String> {
+    vec!["/bin/sh".to_string(), "-c".to_string(), command]
 }
 
 fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {

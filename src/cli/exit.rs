@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use fleetdelta::agent::AgentError;
 use fleetdelta::release::ReleaseError;
 
 /// Done.
@@ -14,6 +15,8 @@ pub const ERROR: u8 = 1;
 pub const USAGE: u8 = 2;
 /// `agent --once`: the update is incomplete because a service's lock is held (or it
 /// deferred); the device runs what it ran for those services, and the next run goes on.
+/// `agent restart|stop|reboot|shutdown`: `--lock-timeout` passed with a lock still held;
+/// nothing was done.
 pub const LOCKED: u8 = 3;
 /// `agent --once`: a service's update failed and it was rolled back to what it ran.
 pub const ROLLED_BACK: u8 = 4;
@@ -27,18 +30,30 @@ pub const TABLE: &str = "Exit status:
   0  success
   1  error (stderr says what; nothing was changed)
   2  usage error
-  3  agent --once: incomplete, a service's update lock is held (or it deferred)
+  3  agent --once: incomplete, a service's update lock is held (or it deferred);
+     agent restart|stop|reboot|shutdown: --lock-timeout passed, a lock is still held
   4  agent --once: a service's update failed and was rolled back
   5  release-update: --timeout passed before every delta was ready
   6  the device does not meet the release's contracts (--device)";
 
-/// The code of a failure: [`REJECTED`] for unmet contracts, else [`ERROR`].
+/// The code of a failure: [`REJECTED`] for unmet contracts, [`LOCKED`] for an action that
+/// gave up waiting for a lock, else [`ERROR`].
 pub fn for_error(e: &anyhow::Error) -> ExitCode {
     let rejected = e.chain().any(|cause| {
         matches!(cause.downcast_ref::<ReleaseError>(), Some(ReleaseError::Rejected { .. }))
             || matches!(cause.downcast_ref::<fleetdelta::Error>(), Some(fleetdelta::Error::Release(ReleaseError::Rejected { .. })))
     });
-    ExitCode::from(if rejected { REJECTED } else { ERROR })
+    let locked = e.chain().any(|cause| {
+        matches!(cause.downcast_ref::<AgentError>(), Some(AgentError::Locked { .. }))
+            || matches!(cause.downcast_ref::<fleetdelta::Error>(), Some(fleetdelta::Error::Agent(AgentError::Locked { .. })))
+    });
+    ExitCode::from(if rejected {
+        REJECTED
+    } else if locked {
+        LOCKED
+    } else {
+        ERROR
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use bollard::query_parameters::{ImportImageOptions, RemoveImageOptions, TagImageOptions};
 use bollard::{Docker, API_DEFAULT_VERSION};
@@ -20,9 +21,12 @@ use crate::image::{Image, Layout, LayoutWriter};
 use super::archive::{read_archive, write_archive, ArchiveStats};
 use super::EngineRef;
 
-/// Seconds an API request may take to answer (an export or a load of a large image
-/// streams for long, but the engine answers their headers promptly).
-const REQUEST_TIMEOUT_SECONDS: u64 = 3600;
+/// Seconds an ordinary API request (inspect, tag, create, start, list…) may take to answer:
+/// an engine that does not answer by then is reported, not waited for without end.
+pub(super) const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Seconds an image transfer may take to answer: a load is answered only once the whole
+/// archive was sent and stored.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Bytes sent to the engine per chunk of a load.
 const CHUNK_BYTES: usize = 256 << 10;
 /// Chunks in flight between the archive writer (or reader) and the API.
@@ -69,9 +73,9 @@ impl Engine {
     pub fn connect(host: &str, runtime: tokio::runtime::Handle) -> Result<Self> {
         let unreachable = |reason: String| Error::Engine { engine: host.to_string(), what: "connecting".into(), reason };
         let docker = if host.starts_with("unix://") || host.starts_with('/') {
-            Docker::connect_with_unix(host, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION)
+            Docker::connect_with_unix(host, CONTROL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
         } else if host.starts_with("tcp://") || host.starts_with("http://") {
-            Docker::connect_with_http(host, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION)
+            Docker::connect_with_http(host, CONTROL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
         } else {
             return Err(unreachable("expected unix:///PATH, tcp://HOST:PORT or http://HOST:PORT (TLS is not supported)".into()));
         }
@@ -125,7 +129,8 @@ impl Engine {
         let manifest = std::thread::scope(|s| {
             let reader = s.spawn(|| read_archive(ChannelReader { rx, current: Bytes::new() }, writer, &found.id, max_layer_bytes, &what));
             let fed = self.runtime.block_on(async {
-                let mut stream = self.docker.export_image(&id);
+                let transfer = self.docker.clone().with_timeout(TRANSFER_TIMEOUT);
+                let mut stream = transfer.export_image(&id);
                 while let Some(chunk) = stream.next().await {
                     let failed = chunk.as_ref().err().map(|e| e.to_string());
                     // A reader that stopped (it failed) drops the receiver: stop too.
@@ -205,7 +210,8 @@ impl Engine {
             });
             let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
             let loaded = self.runtime.block_on(async {
-                let mut answers = self.docker.import_image_stream(ImportImageOptions { quiet: true, platform: None }, body, None);
+                let transfer = self.docker.clone().with_timeout(TRANSFER_TIMEOUT);
+                let mut answers = transfer.import_image_stream(ImportImageOptions { quiet: true, platform: None }, body, None);
                 while let Some(answer) = answers.next().await {
                     answer?;
                 }

@@ -137,7 +137,9 @@ impl Engine {
     /// stopped container is no error.
     pub fn stop_container(&self, name: &str, timeout: Duration) -> Result<()> {
         let t = i32::try_from(timeout.as_secs().max(u64::from(timeout.subsec_nanos() > 0))).unwrap_or(i32::MAX);
-        match self.block_on(self.docker.stop_container(name, Some(StopContainerOptions { t: Some(t), signal: None }))) {
+        // The engine answers once the container stopped: up to `timeout` after the request.
+        let docker = self.docker.clone().with_timeout(super::client::CONTROL_TIMEOUT + timeout);
+        match self.block_on(docker.stop_container(name, Some(StopContainerOptions { t: Some(t), signal: None }))) {
             Ok(()) => Ok(()),
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
             Err(e) if not_found(&e) => Ok(()),

@@ -3,6 +3,7 @@
 //! its own; stopped by pid on drop. Images are made by the tests (`docker load` of archives
 //! they write), never pulled. Also a socket proxy that stops the engine mid-request.
 
+use super::Bounded;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,8 @@ use fleetdelta::Digest;
 use serde_json::json;
 
 const DOCKERD_BIN: &str = "dockerd";
+/// Seconds a `docker` client call may take.
+const DOCKER_CLI_SECONDS: u64 = 180;
 
 /// A running `dockerd`, stopped (SIGTERM, then waited for) on drop.
 pub struct Dockerd {
@@ -31,7 +34,7 @@ impl Dockerd {
     /// Starts an engine with overlay2, or vfs where overlay2 cannot work (an overlay upper
     /// directory the host's file system does not support).
     pub fn start() -> Self {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {DOCKERD_BIN}")).output().unwrap();
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {DOCKERD_BIN}")).output_bounded();
         assert!(found.status.success(), "{DOCKERD_BIN} is required by this test: apt-get install docker.io");
         assert!(rustix::process::geteuid().is_root(), "dockerd runs as root in these tests");
         // A short path: unix socket paths are limited to 108 bytes.
@@ -103,7 +106,8 @@ impl Dockerd {
 
     /// Runs `docker ARGS`, which must succeed; returns its stdout.
     pub fn docker_ok(&self, args: &[&str]) -> String {
-        let out = self.docker().args(args).output().unwrap();
+        // A client call answers in seconds; a hung engine fails the test here.
+        let out = self.docker().args(args).output_within(DOCKER_CLI_SECONDS);
         assert!(out.status.success(), "docker {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
@@ -167,6 +171,12 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
+        if thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("the last lines of dockerd's log ({}):", self.host);
+            tail.iter().rev().for_each(|l| eprintln!("  {l}"));
+        }
         self.stop();
         // Overlay mounts of containers that were run may remain under the data root.
         let _ = Command::new("sh").arg("-c").arg(format!("grep -o ' {0}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display())).status();

@@ -30,16 +30,79 @@ pub fn fleetdelta() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_fleetdelta"))
 }
 
-/// Runs a command that must succeed.
+/// Seconds a command run by a test may take before it is killed and the test fails, naming
+/// it: a hung engine or agent fails its test with what it printed, never stalls the suite.
+/// `FLEETDELTA_TEST_COMMAND_SECONDS` overrides it.
+pub const COMMAND_SECONDS: u64 = 900;
+
+/// `Command::output` with a deadline ([`COMMAND_SECONDS`]).
+pub trait Bounded {
+    /// Runs the command to its end (stdin closed, stdout and stderr captured); past the
+    /// deadline, kills it and panics with what it printed so far.
+    fn output_bounded(&mut self) -> std::process::Output {
+        let limit = std::env::var("FLEETDELTA_TEST_COMMAND_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(COMMAND_SECONDS);
+        self.output_within(limit)
+    }
+
+    /// [`Bounded::output_bounded`] with a deadline of `limit` seconds.
+    fn output_within(&mut self, limit: u64) -> std::process::Output;
+}
+
+impl Bounded for std::process::Command {
+    fn output_within(&mut self, limit: u64) -> std::process::Output {
+        use std::process::Stdio;
+        let mut child = self.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {self:?}: {e}"));
+        let drain = |mut pipe: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                bytes
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().unwrap()));
+        let stderr = drain(Box::new(child.stderr.take().unwrap()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        // A grandchild still holding the pipes must not stall the test either.
+        let collect = |h: std::thread::JoinHandle<Vec<u8>>| {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !h.is_finished() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            if h.is_finished() { h.join().unwrap() } else { b"(its output is still held open by a process it started)".to_vec() }
+        };
+        let (stdout, stderr) = (collect(stdout), collect(stderr));
+        match status {
+            Some(status) => std::process::Output { status, stdout, stderr },
+            None => panic!(
+                "{self:?} did not finish within {limit} s and was killed; it printed:\n{}{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            ),
+        }
+    }
+}
+
+/// Runs a command that must succeed (within [`COMMAND_SECONDS`]).
 pub fn run(cmd: &mut std::process::Command) -> std::process::Output {
-    let out = cmd.output().unwrap();
+    let out = cmd.output_bounded();
     assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     out
 }
 
 /// Runs a command that must fail with exit code 1; returns its stderr.
 pub fn run_failing(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().unwrap();
+    let out = cmd.output_bounded();
     assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

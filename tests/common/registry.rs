@@ -2,6 +2,7 @@
 //! 127.0.0.1, with or without htpasswd auth, and a TCP proxy that injects faults between a
 //! client and it.
 
+use super::Bounded;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ impl Registry {
     }
 
     fn launch(auth: Option<(&str, &str)>) -> Self {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {REGISTRY_BIN}")).output().unwrap();
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {REGISTRY_BIN}")).output_bounded();
         assert!(found.status.success(), "{REGISTRY_BIN} is required by this test: apt-get install docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
