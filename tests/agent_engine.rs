@@ -854,3 +854,38 @@ fn device_actions_wait_only_for_the_locks_they_need() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
+
+/// A service that writes 42 MB to its stdout keeps at most the agent's log cap (3 files of
+/// 10 MiB, the engine's json-file driver) on the device, and `docker logs` still reads it.
+#[test]
+fn a_chatty_service_log_is_capped_by_the_engine() {
+    let d = Device::new();
+    let script = "#!/bin/sh\ni=0\nwhile [ $i -lt 70 ]; do cat /app/payload.txt; i=$((i+1)); done\necho spoken\ntouch /tmp/spoke\nwhile true; do sleep 1; done\n";
+    let mut app = Tree::new();
+    app.insert("app/run.sh".into(), Node::File { data: script.into(), mode: 0o755, mtime: 1_700_000_000 });
+    app.insert("app/payload.txt".into(), file(text(7, 600_000)));
+    let chatty = d.push_app("chatty", 1, &app);
+    assert_eq!(d.update(&d.release("1", &[("chatty", &chatty, "")], ""), &[])["complete"], true);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while d.exec("chatty", "test -e /tmp/spoke && echo yes || echo no").trim() != "yes" {
+        assert!(Instant::now() < deadline, "the service did not finish writing");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let container = d.container("chatty");
+    let config: Value = serde_json::from_str(&d.engine.docker_ok(&["inspect", "--format", "{{json .HostConfig.LogConfig}}", &container])).unwrap();
+    assert_eq!(config["Type"], "json-file", "{config}");
+    let log_path = PathBuf::from(d.engine.docker_ok(&["inspect", "--format", "{{.LogPath}}", &container]).trim());
+    let prefix = log_path.file_name().unwrap().to_string_lossy().into_owned();
+    let on_disk: u64 = fs::read_dir(log_path.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let cap = fleetdelta::agent::engine_runtime::LOG_LIMIT;
+    eprintln!("42 MB written, {on_disk} bytes of log kept");
+    assert!(on_disk <= cap.file_bytes * u64::from(cap.files) + (1 << 20), "{on_disk} bytes of log on disk");
+    assert!(on_disk >= cap.file_bytes, "the log was kept up to its cap: {on_disk} bytes");
+    let tail = d.engine.docker_ok(&["logs", "--tail", "1", &container]);
+    assert!(tail.trim_end().ends_with("spoken"), "{tail}");
+}

@@ -17,7 +17,9 @@
 //!   - a named volume `fd-<agent>-<service>-data` at `/data` (`FLEETDELTA_DATA`), kept across
 //!     updates and never removed by the agent; replica `i` has `fd-<agent>-<service>-data-<i>`
 //!     and its container name ends in `-r<i>`.
-//!   - the release's `healthcheck`, over the image's: the readiness a rolling start waits for.
+//!   - the release's `healthcheck`, over the image's: the readiness a rolling start waits for;
+//!   - its log through the engine's `json-file` driver, capped at [`LOG_LIMIT`] (3 files of
+//!     10 MiB): a chatty service cannot fill the device, and `docker logs` reads it.
 //! - **Stopping** is the engine's stop (SIGTERM, SIGKILL after the timeout), then the
 //!   container is removed: a stopped instance is never brought back by the engine's restart
 //!   policy, and its name is free for a rollback.
@@ -29,7 +31,7 @@ use super::error::AgentError;
 use super::runtime::{agent_env, instance_keys, InstanceStatus, Launch, Readiness, Runtime};
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::digest::Digest;
-use crate::engine::{ContainerSpec, Engine, EngineRef, Health};
+use crate::engine::{ContainerSpec, Engine, EngineRef, Health, LogLimit};
 use crate::error::Result;
 use crate::image::ImageRef;
 use crate::progress::Progress;
@@ -52,6 +54,8 @@ pub const BALENA_LOCK_PATH: &str = "/tmp/balena";
 const PRUNE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The restart policy of a service whose release names none (balena's default).
 pub const DEFAULT_RESTART: &str = "always";
+/// Each container's log cap: 3 files of 10 MiB.
+pub const LOG_LIMIT: LogLimit = LogLimit { file_bytes: 10 << 20, files: 3 };
 
 /// Runs a device's services as containers of a container engine.
 #[derive(Debug)]
@@ -133,6 +137,7 @@ impl<'a> EngineRuntime<'a> {
             network_mode: record.run.network_mode.clone(),
             restart: Some(record.run.restart.clone().unwrap_or_else(|| DEFAULT_RESTART.into())),
             healthcheck: record.run.healthcheck.clone(),
+            log_limit: Some(LOG_LIMIT),
         }
     }
 }

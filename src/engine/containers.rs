@@ -35,6 +35,19 @@ pub struct ContainerSpec {
     pub restart: Option<String>,
     /// The health check, over the image's.
     pub healthcheck: Option<crate::release::Healthcheck>,
+    /// Its log (stdout and stderr) through the engine's `json-file` driver, rotated, at most
+    /// this size; the engine's default driver when `None`.
+    pub log_limit: Option<LogLimit>,
+}
+
+/// A cap on a container's log: `files` files of at most `file_bytes` each (the `json-file`
+/// driver's `max-size` and `max-file`); `docker logs` reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogLimit {
+    /// Bytes per file before it rotates.
+    pub file_bytes: u64,
+    /// Files kept, the current one included.
+    pub files: u32,
 }
 
 /// What the engine says of a container's health.
@@ -111,6 +124,10 @@ impl Engine {
                 }
             }),
             host_config: Some(HostConfig {
+                log_config: spec.log_limit.map(|l| bollard::models::HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([("max-size".to_string(), l.file_bytes.to_string()), ("max-file".to_string(), l.files.to_string())])),
+                }),
                 binds: Some(spec.binds.clone()),
                 network_mode: spec.network_mode.clone(),
                 restart_policy,

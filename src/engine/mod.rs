@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::image::reference::DEFAULT_TAG;
 
 pub use client::{Engine, LoadReport};
-pub use containers::{ContainerSpec, ContainerState, Health};
+pub use containers::{ContainerSpec, ContainerState, Health, LogLimit};
 
 /// Where the engine is reached when neither `--engine` nor `$DOCKER_HOST` says.
 pub const DEFAULT_ENGINE_HOST: &str = "unix:///var/run/docker.sock";
