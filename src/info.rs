@@ -59,10 +59,10 @@ pub struct LayerInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_layer: Option<u32>,
     /// For `patch`: how it was coded.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "snake_case_keys")]
     pub stats: Option<PatchStats>,
     /// How the blob is rebuilt from the tar (absent in deltas that predate it).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "snake_case_keys")]
     pub encoding: Option<Encoding>,
     /// gzip files and zip entries inside the layer that the patch writes uncompressed,
     /// counted by kind and by the encoder that compresses them again (as
@@ -73,6 +73,32 @@ pub struct LayerInfo {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// Serializes a value of the delta format (whose keys are camelCase, as deltas store them)
+/// with snake_case keys, as every command's JSON output has them. The delta format has no
+/// maps keyed by data, so every key is a field name.
+fn snake_case_keys<T: Serialize, S: serde::Serializer>(value: &T, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    fn snake(value: serde_json::Value) -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(map) => serde_json::Value::Object(map.into_iter().map(|(k, v)| (snake_key(&k), snake(v))).collect()),
+            serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(snake).collect()),
+            other => other,
+        }
+    }
+    fn snake_key(key: &str) -> String {
+        let mut out = String::with_capacity(key.len() + 4);
+        for c in key.chars() {
+            if c.is_ascii_uppercase() {
+                out.push('_');
+                out.push(c.to_ascii_lowercase());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+    snake(serde_json::to_value(value).map_err(serde::ser::Error::custom)?).serialize(serializer)
 }
 
 /// A byte count for people: `512 B`, `1.2 MiB`.

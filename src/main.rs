@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     match cli::run() {
+        // A reader that went away: quietly, as a process killed by SIGPIPE.
+        Ok(_) if cli::output::closed() => ExitCode::from(cli::output::CLOSED_PIPE_STATUS),
         Ok(code) => code,
         Err(e) => {
             eprintln!("fleetdelta: error: {}", one_line(&e));

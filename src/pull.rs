@@ -54,7 +54,7 @@ pub struct ServiceOptions {
 
 /// How the image got there.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase", tag = "kind")]
+#[serde(rename_all = "snake_case", tag = "kind")]
 pub enum PullMethod {
     /// The device already has the target (same config, hence same layers' content): nothing
     /// downloaded but its manifest.
@@ -75,7 +75,6 @@ pub enum PullMethod {
 
 /// What [`pull`] did.
 #[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct PullReport {
     /// The target image manifest digest in the registry.
     pub target_manifest: Digest,
@@ -91,7 +90,52 @@ pub struct PullReport {
     pub apply: Option<ApplyReport>,
     /// What the builder service said, when one was asked.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    pub service: Option<ServiceAnswer>,
+}
+
+/// What the builder service answered a pull.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum ServiceAnswer {
+    /// The delta is built.
+    Ready {
+        /// Where, `docker://…@sha256:…`.
+        delta: String,
+        /// What downloading it costs.
+        download_bytes: u64,
+    },
+    /// It could not build the delta.
+    Failed {
+        /// Why, as the service says.
+        reason: String,
+    },
+    /// Still building when the wait ended (`--service-wait`).
+    StillBuilding {
+        /// Seconds waited.
+        waited_seconds: f64,
+    },
+    /// It answered a delta reference that is no pinned registry image.
+    Unusable {
+        /// The reference.
+        reference: String,
+    },
+    /// It could not be asked (unreachable, or an answer that is not its API's).
+    Unreachable {
+        /// The error.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for ServiceAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceAnswer::Ready { delta, download_bytes } => write!(f, "delta {delta} ready ({download_bytes} bytes)"),
+            ServiceAnswer::Failed { reason } => write!(f, "could not build the delta: {reason}"),
+            ServiceAnswer::StillBuilding { waited_seconds } => write!(f, "still building after {waited_seconds:.0} s"),
+            ServiceAnswer::Unusable { reference } => write!(f, "answered an unusable delta reference {reference:?}"),
+            ServiceAnswer::Unreachable { error } => f.write_str(error),
+        }
+    }
 }
 
 /// A delta that rebuilds the target from the device's image.
@@ -214,13 +258,14 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
     writer.commit(&manifest, out_tag)?;
     report.received += fetch.received;
     report.written_manifest = manifest.digest;
-    report.method = PullMethod::Full { reason };
+    // The output had every blob: nothing came but the manifest.
+    report.method = if fetch.blobs_downloaded == 0 { PullMethod::Unchanged } else { PullMethod::Full { reason } };
     Ok(report)
 }
 
 /// Asks the builder service for the delta from `image` (the device's) to the target, waiting
 /// as the options allow. Returns the delta when the service has it, and what it said.
-fn ask_service(transfer: &Transfer, service: &ServiceOptions, target: &RegistryRef, target_manifest: &Digest, image: &Image, source: Option<&RegistryRef>) -> (Option<Candidate>, String) {
+fn ask_service(transfer: &Transfer, service: &ServiceOptions, target: &RegistryRef, target_manifest: &Digest, image: &Image, source: Option<&RegistryRef>) -> (Option<Candidate>, ServiceAnswer) {
     // The device's manifest digest is the registry's when it pulled the image whole; after a
     // delta (or out of a container engine) its layers may be recompressed, and the config
     // digest is what identifies it.
@@ -238,14 +283,14 @@ fn ask_service(transfer: &Transfer, service: &ServiceOptions, target: &RegistryR
         Ok(WaitOutcome::Ready(delta)) => {
             let parsed = match ImageRef::parse(&delta.reference) {
                 Ok(ImageRef::Registry(r)) if r.digest == Some(delta.manifest) => r,
-                _ => return (None, format!("answered an unusable delta reference {:?}", delta.reference)),
+                _ => return (None, ServiceAnswer::Unusable { reference: delta.reference }),
             };
-            let note = format!("delta {} ready ({} bytes)", delta.reference, delta.download_bytes);
-            (Some(Candidate { reference: parsed, manifest: delta.manifest, download: delta.download_bytes }), note)
+            let answer = ServiceAnswer::Ready { delta: delta.reference.clone(), download_bytes: delta.download_bytes };
+            (Some(Candidate { reference: parsed, manifest: delta.manifest, download: delta.download_bytes }), answer)
         }
-        Ok(WaitOutcome::Failed(reason)) => (None, format!("could not build the delta: {reason}")),
-        Ok(WaitOutcome::TimedOut { waited }) => (None, format!("still building after {:.0} s", waited.as_secs_f64())),
-        Err(e) => (None, e.to_string()),
+        Ok(WaitOutcome::Failed(reason)) => (None, ServiceAnswer::Failed { reason }),
+        Ok(WaitOutcome::TimedOut { waited }) => (None, ServiceAnswer::StillBuilding { waited_seconds: waited.as_secs_f64() }),
+        Err(e) => (None, ServiceAnswer::Unreachable { error: e.to_string() }),
     }
 }
 

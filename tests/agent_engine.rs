@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::engine::Dockerd;
-use common::agent::{finish, outcome, report};
+use common::agent::{fetched, finish, outcome, report};
 use common::registry::Registry;
 use common::serve::Serve;
 use common::{Bounded, file, fleetdelta, layer_tar, run, text, write_runnable_image, Node, Tree};
@@ -288,7 +288,7 @@ fn services_run_as_containers_updated_by_deltas_and_a_held_lock_blocks_only_its_
     let r1 = d.release("1", &[("a", &a1, ""), ("b", &b1, "    environment:\n      MODE: one\n")], "");
     let first = d.update(&r1, &[]);
     assert_eq!(first["complete"], true, "{first}");
-    assert!(outcome(&first, "a")["fetched"].as_str().unwrap().starts_with("missing layers"), "{first}");
+    assert_eq!(fetched(&first, "a"), "layers", "{first}");
     assert_eq!((d.running_version("a").as_str(), d.running_version("b").as_str()), ("a-v1", "b-v1"));
     assert_eq!(d.exec("b", "echo $MODE").trim(), "one", "the release's environment");
     // The container runs the registry image: its image ID is the image's config digest.
@@ -303,8 +303,7 @@ fn services_run_as_containers_updated_by_deltas_and_a_held_lock_blocks_only_its_
     let second = d.update(&r2, &["--no-full-download"]);
     assert_eq!(second["complete"], true, "{second}");
     assert_eq!(outcome(&second, "a")["outcome"], "unchanged", "{second}");
-    let fetched = outcome(&second, "b")["fetched"].as_str().unwrap();
-    assert!(fetched.starts_with("delta docker://"), "b came as a delta: {second}");
+    assert_eq!(fetched(&second, "b"), "delta", "b came as a delta: {second}");
     assert_eq!(d.running_version("b"), "b-v2");
     assert_eq!(d.container("a"), a_container, "a's container was never replaced");
     assert_eq!(starts(&d.log("a")).len(), 1, "a was never restarted: {:?}", d.log("a"));
@@ -322,7 +321,7 @@ fn services_run_as_containers_updated_by_deltas_and_a_held_lock_blocks_only_its_
     let waited = report(&timed_out);
     assert_eq!(outcome(&waited, "a")["outcome"], "waiting");
     // Downloaded while a kept running: by a delta, into the engine.
-    assert!(outcome(&waited, "a")["fetched"].as_str().unwrap().starts_with("delta docker://"), "{waited}");
+    assert_eq!(fetched(&waited, "a"), "delta", "{waited}");
     assert_eq!(d.running_version("a"), "a-v1");
     let agent = d.agent(&r3, &["--no-full-download"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for("a's release request", || d.request("a").is_some());
@@ -665,8 +664,7 @@ fn three_hundred_replicas_update_with_one_download() {
     let r2 = d.release("2", &[("app", &v2, &service)], "");
     let (second, rss_kib, wall) = timed(&r2);
     assert_eq!(second["complete"], true, "{second}");
-    let fetched = outcome(&second, "app")["fetched"].as_str().unwrap().to_string();
-    assert!(fetched.starts_with("delta docker://"), "one delta for all {N} replicas: {fetched}");
+    assert_eq!(fetched(&second, "app"), "delta", "one delta for all {N} replicas: {second}");
     let containers = d.containers("app");
     assert_eq!(containers.len(), N as usize);
     assert!(containers.iter().all(|(_, up)| *up), "every replica runs");
@@ -693,8 +691,7 @@ fn the_agent_gets_its_deltas_from_the_builder_service() {
     let out = d.agent(&r2, &["--no-full-download", "--service", &serve.url, "--service-wait", "120"]).output_bounded();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report = report(&out);
-    let fetched = outcome(&report, "a")["fetched"].as_str().unwrap().to_string();
-    assert!(fetched.starts_with("delta docker://"), "{report}");
+    assert_eq!(fetched(&report, "a"), "delta", "{report}");
     assert_eq!(d.running_version("a"), "a-v2");
     let metrics = String::from_utf8(run(Command::new("curl").args(["-sf", &format!("{}/metrics", serve.url)])).stdout).unwrap();
     let builds = fleetdelta::service::metrics::sample(&metrics, "fleetdelta_builds_total");
@@ -776,7 +773,7 @@ fn device_actions_wait_only_for_the_locks_they_need() {
     d.hold_flock("a");
 
     // Restarting b while a is locked works, and leaves a alone.
-    let restarted: Value = serde_json::from_slice(&run(&mut d.action(&["restart", "b"])).stdout).unwrap();
+    let restarted = report(&run(&mut d.action(&["restart", "b"])));
     assert_eq!(restarted["services"], json!(["b"]), "{restarted}");
     assert_eq!(starts(&d.log("b")).len(), 2, "b restarted once: {:?}", d.log("b"));
     assert_eq!(starts(&d.log("a")).len(), 1, "a untouched: {:?}", d.log("a"));
@@ -799,7 +796,7 @@ fn device_actions_wait_only_for_the_locks_they_need() {
 
     // --force does not wait.
     d.hold_flock("a");
-    let forced: Value = serde_json::from_slice(&run(&mut d.action(&["restart", "a", "--force", "--lock-timeout", "1"])).stdout).unwrap();
+    let forced = report(&run(&mut d.action(&["restart", "a", "--force", "--lock-timeout", "1"])));
     assert_eq!(forced["forced"], true);
     assert_eq!(starts(&d.log("a")).len(), 3);
 
@@ -809,8 +806,7 @@ fn device_actions_wait_only_for_the_locks_they_need() {
     let again = d.update(&r1, &[]);
     assert_eq!(again["complete"], true, "{again}");
     assert!(d.containers("b").iter().all(|(_, up)| !up), "the agent kept b stopped: {:?}", d.containers("b"));
-    let status: Value = serde_json::from_slice(&run(d.fd().args(["agent", "status", "--state"]).arg(d.state())).stdout).unwrap();
-    assert_eq!(status["installed"]["stopped"], json!(["b"]), "{status}");
+    assert_eq!(d.status()["installed"]["stopped"], json!(["b"]));
     run(&mut d.action(&["start", "b"]));
     assert_eq!(d.running_version("b"), "b-v1");
     let unknown = d.action(&["restart", "c"]).output_bounded();
@@ -845,8 +841,8 @@ fn device_actions_wait_only_for_the_locks_they_need() {
     wait_for("a's reboot request", || d.request_reason("a").as_deref() == Some("reboot"));
     assert!(!rebooted.exists() && d.containers("b").iter().all(|(_, up)| *up), "nothing stops before every lock is free");
     d.release_flock("a");
-    let report: Value = serde_json::from_slice(&finish(reboot).stdout).unwrap();
-    assert_eq!(report["services"], json!(["a", "b"]), "{report}");
+    let rebooted_report = report(&finish(reboot));
+    assert_eq!(rebooted_report["services"], json!(["a", "b"]), "{rebooted_report}");
     assert!(rebooted.exists(), "the reboot command ran");
     for service in ["a", "b"] {
         assert!(d.containers(service).iter().all(|(_, up)| !up), "{service} stopped before the reboot: {:?}", d.containers(service));

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{Bounded, fleetdelta, run, text, tool};
+use fleetdelta::image::Layout;
 
 fn write_tree(root: &Path, files: &[(&str, Vec<u8>)]) {
     for (path, data) in files {
@@ -72,6 +73,7 @@ fn umoci_images_round_trip_through_the_cli_and_the_delta_is_an_ordinary_image() 
     // info, for people and as JSON.
     let out = run(fleetdelta().args(["info", &copied, "--json"]));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    common::schema::assert_valid("info", &info);
     assert_eq!(info["layers"][0]["method"], "source");
     assert_eq!(info["layers"][1]["method"], "patch");
     assert_eq!(info["layers"][1]["encoding"]["kind"], "exact", "umoci writes with klauspost pgzip, which is re-encoded exactly");
@@ -85,6 +87,7 @@ fn umoci_images_round_trip_through_the_cli_and_the_delta_is_an_ordinary_image() 
     let inplace = format!("oci:{}:v2-rebuilt", img.display());
     let out = run(fleetdelta().args(["apply", "--json", &v1, &copied, &inplace]));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    common::schema::assert_valid("apply", &report);
     assert_eq!(report["layers"][0]["identical"], true);
 
     // The rebuilt image has the target's config and unpacks to the same tree.
@@ -124,4 +127,32 @@ fn failures_exit_non_zero_with_one_clear_line() {
     let out = fleetdelta().args(["diff", "docker://example/a:1", "oci:x", "oci:y"]).output_bounded();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("docker://"));
+}
+
+/// A reader that closes the pipe early (`fleetdelta … | head -1`) ends the command quietly,
+/// with the status a process killed by SIGPIPE has, never a panic; the command's work is done.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sample");
+    for (args, json) in [(vec!["copy", "--json"], true), (vec!["info"], false)] {
+        let source = format!("oci:{}:latest", sample.join("v1").display());
+        let dest = format!("oci:{}:copy", tmp.path().join(args[0]).display());
+        let mut cmd = fleetdelta();
+        cmd.arg("--quiet").args(&args);
+        if args[0] == "copy" {
+            cmd.args([&source, &dest]);
+        } else {
+            let delta = format!("oci:{}:d", tmp.path().join("delta").display());
+            run(fleetdelta().args(["diff", "--quiet", &source, &format!("oci:{}:latest", sample.join("v2").display()), &delta]));
+            cmd.arg(&delta);
+        }
+        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?} (json: {json}): {stderr}");
+        assert!(!stderr.contains("panicked") && stderr.is_empty(), "{args:?}: {stderr}");
+    }
+    assert!(Layout::open(tmp.path().join("copy")).unwrap().load_image(Some("copy")).is_ok(), "the copy was made");
 }

@@ -24,7 +24,9 @@ fn fd(home: &Path, engine: &str) -> Command {
 }
 
 fn json_of(out: std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    common::schema::assert_output(&value);
+    value
 }
 
 /// The host's static busybox as a root filesystem layer: /bin/sh and /bin/cat.
@@ -91,9 +93,9 @@ fn apply_into_the_engine_sends_only_missing_layers_and_tags_a_runnable_target() 
     let out = json_of(run(fd(home, &engine.host).args(["apply", "--json", "docker-daemon:app:v1", &format!("oci:{}", delta.display()), "docker-daemon:app:v2"])));
     let loaded = &out["loaded"];
     assert_eq!(loaded["tagged"], "app:v2", "{out}");
-    assert_eq!(loaded["archive"]["layersOmitted"], 1, "the base layer is in the engine: {out}");
-    assert_eq!(loaded["archive"]["layersSent"], 1, "{out}");
-    let sent = loaded["archive"]["archiveBytes"].as_u64().unwrap();
+    assert_eq!(loaded["archive"]["layers_omitted"], 1, "the base layer is in the engine: {out}");
+    assert_eq!(loaded["archive"]["layers_sent"], 1, "{out}");
+    let sent = loaded["archive"]["archive_bytes"].as_u64().unwrap();
     let (whole, _) = docker_archive(&dir, "v2", "app:v2");
     eprintln!("load of app:v2: {sent} bytes sent; the whole archive is {} bytes", whole.len());
     assert!(sent < whole.len() as u64 - busybox_layer().len() as u64 / 2, "{sent} bytes sent, whole archive {}", whole.len());
@@ -109,7 +111,7 @@ fn apply_into_the_engine_sends_only_missing_layers_and_tags_a_runnable_target() 
 
     // Again: the engine has the image, nothing is sent, the tag is (re)set.
     let again = json_of(run(fd(home, &engine.host).args(["apply", "--json", "docker-daemon:app:v1", &format!("oci:{}", delta.display()), "docker-daemon:app:v2"])));
-    assert_eq!(again["loaded"]["alreadyPresent"], true, "{again}");
+    assert_eq!(again["loaded"]["already_present"], true, "{again}");
     assert_eq!(engine.images(), expected);
 
     // copy from a layout of gzip layers: decompressed on the way, then loaded and tagged.
@@ -133,7 +135,7 @@ fn pull_from_the_engine_through_a_delta_in_the_registry() {
 
     let pulled = json_of(run(fd(home, &engine.host).args(["pull", "--json", "--no-full-download", "--from", "docker-daemon:app:v1", &format!("{repo}:v2"), "docker-daemon:app:v2"])));
     assert_eq!(pulled["method"]["kind"], "delta", "{pulled}");
-    let (received, missing) = (pulled["received"].as_u64().unwrap(), pulled["missingLayersBytes"].as_u64().unwrap());
+    let (received, missing) = (pulled["received"].as_u64().unwrap(), pulled["missing_layers_bytes"].as_u64().unwrap());
     assert!(received * 4 < missing, "the delta ({received} B) should be far smaller than the missing layers ({missing} B)");
     assert_eq!(engine.image_id("app:v2"), config_digest(&dir, "v2"));
     assert_runs(&engine, "app:v2", "v2");

@@ -28,7 +28,9 @@ fn fd(home: &Path) -> Command {
 }
 
 fn json(out: std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    common::schema::assert_output(&value);
+    value
 }
 
 fn skopeo_digest(reference: &str, extra: &[&str]) -> String {
@@ -64,8 +66,8 @@ fn deltas_go_through_a_real_registry_diff_apply_and_pull() {
     }
     let out = run(fd(home).args(["diff", "--json", &format!("{repo}:v1"), &format!("{repo}:v2"), &format!("{repo}:delta-v1-v2")]));
     let report = json(out);
-    let delta_digest = report["deltaManifest"].as_str().unwrap().to_string();
-    assert_eq!(report["pushed"]["referrersTagUpdated"], true, "distribution 2.8 has no referrers API: the fallback tag is written");
+    let delta_digest = report["delta_manifest"].as_str().unwrap().to_string();
+    assert_eq!(report["pushed"]["referrers_tag_updated"], true, "distribution 2.8 has no referrers API: the fallback tag is written");
 
     // skopeo sees the delta as an ordinary image with the digest we wrote.
     assert_eq!(skopeo_digest(&format!("{repo}:delta-v1-v2"), &[]), delta_digest);
@@ -89,8 +91,10 @@ fn deltas_go_through_a_real_registry_diff_apply_and_pull() {
     ])));
     assert_eq!(pulled["method"]["kind"], "delta", "{pulled}");
     assert_eq!(pulled["method"]["manifest"], delta_digest.as_str());
-    assert_eq!(pulled["writtenManifest"], pulled["targetManifest"], "bit-exact: the device holds the registry's image");
-    let (received, missing) = (pulled["received"].as_u64().unwrap(), pulled["missingLayersBytes"].as_u64().unwrap());
+    // The delta is named by its own digest, not under the target's tag (which reads as the target).
+    assert_eq!(pulled["method"]["delta"], format!("docker://{}@{delta_digest}", repo.trim_start_matches("docker://")), "{pulled}");
+    assert_eq!(pulled["written_manifest"], pulled["target_manifest"], "bit-exact: the device holds the registry's image");
+    let (received, missing) = (pulled["received"].as_u64().unwrap(), pulled["missing_layers_bytes"].as_u64().unwrap());
     assert!(received * 4 < missing, "the delta ({received} B) should be far smaller than the missing layers ({missing} B)");
     assert_same_tagged_image(&sample("v2"), None, &device, Some("v2"));
     assert_same_tagged_image(&sample("v1"), None, &device, Some("current"));
@@ -115,6 +119,11 @@ fn deltas_go_through_a_real_registry_diff_apply_and_pull() {
     let again = json(run(fd(home).args(["pull", "--no-full-download", "--json", "--from", &format!("oci:{}:v2", device.display()), &format!("{repo}:v2"), &format!("oci:{}:v2", device.display())])));
     assert_eq!(again["method"]["kind"], "unchanged");
     assert!(again["received"].as_u64().unwrap() < 2048);
+    // Without --from too: the output has every blob, so nothing but the manifest comes.
+    let present = json(run(fd(home).args(["pull", "--json", &format!("{repo}:v2"), &format!("oci:{}:v2-again", device.display())])));
+    assert_eq!(present["method"]["kind"], "unchanged", "{present}");
+    assert!(present["received"].as_u64().unwrap() < 2048, "{present}");
+    assert_same_tagged_image(&sample("v2"), None, &device, Some("v2-again"));
 }
 
 #[test]
@@ -143,8 +152,8 @@ fn skopeo_reads_what_fleetdelta_pushes_and_the_other_way_round() {
 
     // Between two repositories of one registry, blobs are mounted, not downloaded.
     let mounted = json(run(fd(home).args(["copy", "--json", &by_fd, &format!("docker://{}/mounted/app:v1", reg.addr)])));
-    assert_eq!(mounted["fetched"]["blobsDownloaded"], 0, "{mounted}");
-    assert_eq!(mounted["pushed"]["bytesUploaded"], 0, "{mounted}");
+    assert_eq!(mounted["fetched"]["blobs_downloaded"], 0, "{mounted}");
+    assert_eq!(mounted["pushed"]["bytes_uploaded"], 0, "{mounted}");
     assert_eq!(skopeo_digest(&format!("docker://{}/mounted/app:v1", reg.addr), &[]), v1_digest);
 }
 

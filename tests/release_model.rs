@@ -169,7 +169,7 @@ fn timeline_on_a_device_with_l4t_32_4() {
     let table = render_table(&step2);
     assert!(table.starts_with("release 2024.06.2 (b2cf2db) -> 2024.07.1\nSERVICE"), "{table}");
     assert!(table.contains("sha256:b1b1b1b1b1b1 -> sha256:b3b3b3b3b3b3"), "{table}");
-    assert!(table.contains("overall: pending; estimated payload: 3.1 MiB; deltas: 1 to build, 1 used"), "{table}");
+    assert!(table.contains("overall: pending; estimated payload: 3.1 MiB; deltas: 1 needed (0 ready, 0 being built, 1 to build)"), "{table}");
     assert!(table.lines().all(|l| l == l.trim_end()), "no trailing spaces:\n{table}");
 }
 

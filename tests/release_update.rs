@@ -22,7 +22,9 @@ fn fd(home: &Path) -> Command {
 }
 
 fn json(out: std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    common::schema::assert_output(&value);
+    value
 }
 
 fn write_release(dir: &Path, id: &str, services: &[(&str, String)], extra: &str) -> PathBuf {
@@ -164,22 +166,12 @@ fn contracts_drop_optional_services_reject_releases_and_invalid_ones_build_nothi
 }
 
 #[test]
-fn waiting_times_out_with_a_clear_message_and_a_build_elsewhere_shows_as_preparing() {
+fn waiting_implies_preparing_and_times_out_on_a_build_elsewhere_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path();
     let (r1, r2) = contract_setup(tmp.path());
     let store = tmp.path().join("deltas");
     let deltas = format!("oci:{}", store.display());
-
-    // Nobody builds: waiting runs into the deadline.
-    let started = Instant::now();
-    let out = fd(home).args(["release-update", "--json", "--wait", "--timeout", "1", "--poll", "0.2", "--deltas", &deltas, "--from"]).arg(&r1).arg("--to").arg(&r2).output_bounded();
-    assert_eq!(out.status.code(), Some(5));
-    assert!(started.elapsed() < Duration::from_secs(30));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("timed out after") && err.contains("0 of 1 deltas ready"), "{err}");
-    let t: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(t["overall_status"], "pending");
 
     // Another builder holds the pair's lock: the delta is "preparing", and --prepare leaves it.
     let layout = Layout::open(tmp.path().join("img")).unwrap();
@@ -191,9 +183,22 @@ fn waiting_times_out_with_a_clear_message_and_a_build_elsewhere_shows_as_prepari
     assert_eq!(service(&t, "app")["status"], "preparing", "{t}");
     assert_eq!(t["overall_status"], "preparing");
     assert_eq!(t["prepared"]["building_elsewhere"], 1);
+
+    // --timeout implies --wait, which implies --prepare: the build elsewhere does not end,
+    // and waiting runs into the deadline.
+    let started = Instant::now();
+    let out = fd(home).args(["release-update", "--json", "--timeout", "1", "--poll", "0.2", "--deltas", &deltas, "--from"]).arg(&r1).arg("--to").arg(&r2).output_bounded();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("timed out after") && err.contains("0 of 1 deltas ready"), "{err}");
+    let t = json(out);
+    assert_eq!(t["overall_status"], "preparing", "{t}");
+    assert_eq!(t["prepared"]["building_elsewhere"], 1, "{t}");
     drop(lock);
 
-    let t = release_update(home, &r1, &r2, &["--prepare", "--wait", "--timeout", "60", "--deltas", &deltas]);
+    // --wait alone builds what nobody builds, then waits: never for builds nobody starts.
+    let t = release_update(home, &r1, &r2, &["--wait", "--deltas", &deltas]);
     assert_eq!(t["overall_status"], "ready", "{t}");
 }
 

@@ -131,6 +131,7 @@ fn a_delta_is_202_while_building_then_200_applies_bit_identically_and_survives_a
         &run(fd(home).args(["pull", "--json", "--no-full-download", "--delta", &reference, "--from", &format!("oci:{}:app", device.display()), &pinned(&reg, "app", &m2), &format!("oci:{}:app-2", device.display())])).stdout,
     )
     .unwrap();
+    common::schema::assert_valid("pull", &pulled);
     assert_eq!(pulled["method"]["kind"], "delta", "{pulled}");
     assert_same_tagged_image(&img, Some("v2"), &device, Some("app-2"));
 
@@ -309,11 +310,16 @@ fn registering_a_release_builds_deltas_from_earlier_releases_and_release_update_
     let from_service = rt.block_on(send(client.get(format!("{}/v1/release-update?from=1&to=3", serve.url))));
     assert_eq!(from_service.status, 200, "{}", from_service.body);
     let from_command: Value = serde_json::from_slice(&run(fd(home).args(["release-update", "--json", "--from"]).arg(&r1).arg("--to").arg(&r3)).stdout).unwrap();
+    common::schema::assert_valid("release-update", &from_command);
     assert_eq!(from_service.body, from_command);
     assert_eq!(from_service.body["overall_status"], "ready");
     let facts = rt.block_on(send(client.post(format!("{}/v1/release-update?from=2&to=3", serve.url)).body("arch: amd64\n")));
     assert_eq!((facts.status, &facts.body["contracts_checked"]), (200, &json!(true)), "{}", facts.body);
-    assert_eq!(rt.block_on(send(client.get(format!("{}/v1/release-update?from=1&to=9", serve.url)))).status, 404);
+    let unknown = rt.block_on(send(client.get(format!("{}/v1/release-update?from=1&to=9", serve.url))));
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.body["error"], "release 9 is not registered", "the one missing is named: {}", unknown.body);
+    let neither = rt.block_on(send(client.get(format!("{}/v1/release-update?from=8&to=9", serve.url))));
+    assert_eq!(neither.body["error"], "releases 8 and 9 are not registered", "{}", neither.body);
 }
 
 #[test]
@@ -339,8 +345,9 @@ fn pull_with_a_service_asks_waits_applies_and_falls_back_only_where_allowed() {
 
     // Nothing is built yet: the service builds it while the device waits, then it is applied.
     let out: Value = serde_json::from_slice(&run(&mut pull(&serve.url, "2", "app-2", &["--no-full-download"])).stdout).unwrap();
+    common::schema::assert_valid("pull", &out);
     assert_eq!(out["method"]["kind"], "delta", "{out}");
-    assert!(out["service"].as_str().unwrap().contains("ready"), "{out}");
+    assert_eq!(out["service"]["answer"], "ready", "{out}");
     assert_same_tagged_image(&img, Some("v2"), &device, Some("app-2"));
     assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1);
 
@@ -352,7 +359,9 @@ fn pull_with_a_service_asks_waits_applies_and_falls_back_only_where_allowed() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("full downloads are not allowed") && err.contains("unreachable"), "{err}");
     let out: Value = serde_json::from_slice(&run(&mut pull(&closed, "3", "app-3", &[])).stdout).unwrap();
+    common::schema::assert_valid("pull", &out);
     assert_eq!(out["method"]["kind"], "full", "{out}");
+    assert_eq!(out["service"]["answer"], "unreachable", "{out}");
     assert_same_tagged_image(&img, Some("v3"), &device, Some("app-3"));
 }
 

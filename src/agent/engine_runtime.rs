@@ -28,7 +28,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::error::AgentError;
-use super::runtime::{agent_env, instance_keys, InstanceStatus, Launch, Readiness, Runtime};
+use super::runtime::{agent_env, instance_keys, Fetched, InstanceStatus, Launch, Readiness, Runtime};
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::digest::Digest;
 use crate::engine::{ContainerSpec, Engine, EngineRef, Health, LogLimit};
@@ -143,9 +143,9 @@ impl<'a> EngineRuntime<'a> {
 }
 
 impl Runtime for EngineRuntime<'_> {
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String> {
+    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<Fetched> {
         if self.has_image(to)? {
-            return Ok("already in the engine".into());
+            return Ok(Fetched::Present);
         }
         let output = ImageRef::Engine(self.image_ref(to));
         let source = match from {

@@ -48,7 +48,7 @@ pub use lock::{Reason, ReleaseRequest, ServiceLock};
 pub use plan::{plan_update, ServicePlan, UpdatePlan};
 pub use engine_runtime::EngineRuntime;
 pub use process::{InstanceSpec, ProcessRuntime};
-pub use runtime::{replicas, InstanceStatus, Launch, Readiness, Runtime};
+pub use runtime::{replicas, Fetched, InstanceStatus, Launch, Readiness, Runtime};
 pub use state::{Installed, InstanceRecord, StateDir};
 pub use strategy::{Step, Strategy, UpdateKind};
 
@@ -178,7 +178,7 @@ pub struct ServiceReport {
     #[serde(flatten)]
     pub outcome: Outcome,
     /// How its image came (delta, missing layers, already there), when it was fetched.
-    pub fetched: Option<String>,
+    pub fetched: Option<Fetched>,
 }
 
 /// What [`Agent::update`] did.
@@ -232,7 +232,7 @@ struct Run<'p> {
     done: BTreeMap<String, usize>,
     begun: BTreeMap<String, usize>,
     rolled_back: BTreeMap<String, String>,
-    fetched: BTreeMap<String, String>,
+    fetched: BTreeMap<String, Fetched>,
     waiting: BTreeSet<String>,
 }
 
@@ -462,7 +462,7 @@ impl<'a> Agent<'a> {
         })
     }
 
-    fn service_report(&self, s: &ServicePlan, outcome: Outcome, fetched: Option<String>) -> ServiceReport {
+    fn service_report(&self, s: &ServicePlan, outcome: Outcome, fetched: Option<Fetched>) -> ServiceReport {
         ServiceReport { service: s.service.clone(), change: s.change.clone(), kind: s.kind, strategy: s.strategy, outcome, fetched }
     }
 

@@ -37,7 +37,7 @@ use serde_json::Value;
 
 use super::error::AgentError;
 use super::rootfs::{self, InRoot};
-use super::runtime::{agent_env, InstanceStatus, Launch, Runtime};
+use super::runtime::{agent_env, Fetched, InstanceStatus, Launch, Runtime};
 use super::state::{write_file, Installed, InstanceRecord, StateDir};
 use super::store;
 use crate::error::{IoContext, Result};
@@ -190,7 +190,7 @@ impl ProcessRuntime {
 }
 
 impl Runtime for ProcessRuntime {
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String> {
+    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<Fetched> {
         store::fetch(transfer, &self.state, from, to, options, progress)
     }
 

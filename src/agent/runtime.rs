@@ -9,6 +9,8 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
+use serde::Serialize;
+
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::error::Result;
 use crate::progress::Progress;
@@ -71,6 +73,44 @@ pub fn instance_key(instance_id: &str, replica: Option<u32>) -> String {
     }
 }
 
+/// How an image came onto the device (the agent's report and log).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "how", rename_all = "snake_case")]
+pub enum Fetched {
+    /// The device had it already (in the engine, or the store): nothing was downloaded.
+    Present,
+    /// The image it ran has the same content (the same config): nothing but the manifest.
+    SameContent,
+    /// A delta was downloaded and applied.
+    Delta {
+        /// The delta, `docker://…@sha256:…`.
+        delta: String,
+        /// Bytes received from the registry.
+        received_bytes: u64,
+    },
+    /// The missing layers were downloaded.
+    Layers {
+        /// Bytes received from the registry.
+        received_bytes: u64,
+        /// Why no delta was used.
+        reason: String,
+    },
+    /// Copied from the OCI layout the release names.
+    Layout,
+}
+
+impl std::fmt::Display for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fetched::Present => f.write_str("already on the device"),
+            Fetched::SameContent => f.write_str("same content as the image it had"),
+            Fetched::Delta { delta, received_bytes } => write!(f, "delta {delta}, {received_bytes} bytes received"),
+            Fetched::Layers { received_bytes, reason } => write!(f, "missing layers, {received_bytes} bytes received ({reason})"),
+            Fetched::Layout => f.write_str("copied from its layout"),
+        }
+    }
+}
+
 /// Whether a started instance is ready to serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Readiness {
@@ -88,8 +128,8 @@ pub enum Readiness {
 pub trait Runtime: Debug + Sync {
     /// Brings the image of `to` onto the device: a delta from `from`'s image when the
     /// registry (or the builder service of `options`) has one, else the missing layers unless
-    /// `options.allow_full` is false. Returns how, in words.
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String>;
+    /// `options.allow_full` is false. Returns how.
+    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<Fetched>;
     /// Makes a fetched image ready to start (unpacks it, where instances run from a root
     /// filesystem).
     fn prepare(&self, service: &str, record: &InstanceRecord) -> Result<()>;

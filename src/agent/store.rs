@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::rootfs::{building_name, layer_tar_name};
 use super::state::{sync_parent, write_file, Installed, InstanceRecord, StateDir};
+use super::runtime::Fetched;
 use crate::error::{Error, IoContext, Result};
 use crate::image::manifest::{BlobRef, Manifest, MAX_JSON_BYTES};
 use crate::image::{ImageRef, Layout};
@@ -22,12 +23,12 @@ use crate::release_update::parse_release_image;
 use crate::transfer::Transfer;
 
 /// Brings the image of `to` into the store, from its registry (with a delta from `from`'s
-/// image when one exists) or its layout. Returns how, in words. An image already in the store
-/// is not fetched again.
-pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<String> {
+/// image when one exists) or its layout. Returns how. An image already in the store is not
+/// fetched again.
+pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<Fetched> {
     let store = state.store();
     if has_image(state, to) {
-        return Ok("already in the store".into());
+        return Ok(Fetched::Present);
     }
     let output = ImageRef::Layout { dir: store.clone(), tag: Some(to.store_tag()) };
     let source = from.filter(|f| has_image(state, f)).map(|f| ImageRef::Layout { dir: store.clone(), tag: Some(f.store_tag()) });
@@ -37,7 +38,7 @@ pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord
 /// Brings the image of `to` to `output` (the store's layout, or the container engine): from
 /// its registry, pinned to its digest, with a delta from `source` (the device's copy of
 /// `from`'s image) when the registry or the builder service has one; or copied from its
-/// layout. Returns how, in words. Shared by the runtimes.
+/// layout. Returns how. Shared by the runtimes.
 pub(crate) fn fetch_image(
     transfer: &Transfer,
     source: Option<&ImageRef>,
@@ -46,7 +47,7 @@ pub(crate) fn fetch_image(
     output: &ImageRef,
     options: &PullOptions,
     progress: &dyn Progress,
-) -> Result<String> {
+) -> Result<Fetched> {
     match parse_release_image(&to.image)? {
         ImageRef::Registry(reference) => {
             // Pinned: a tag that moved since planning must not bring another image.
@@ -59,16 +60,16 @@ pub(crate) fn fetch_image(
             let options = PullOptions { source: source_image, ..options.clone() };
             let (report, _) = pull_into(transfer, source, &target, output, &options, progress)?;
             Ok(match report.method {
-                PullMethod::Unchanged => "same content as the image it had".to_string(),
-                PullMethod::Delta { delta, .. } => format!("delta {delta}, {} bytes received", report.received),
-                PullMethod::Full { reason } => format!("missing layers, {} bytes received ({reason})", report.received),
+                PullMethod::Unchanged => Fetched::SameContent,
+                PullMethod::Delta { delta, .. } => Fetched::Delta { delta, received_bytes: report.received },
+                PullMethod::Full { reason } => Fetched::Layers { received_bytes: report.received, reason },
             })
         }
         local @ ImageRef::Layout { .. } => {
             let report = transfer.copy(&local, output, progress)?;
             match report.manifest {
                 Some(found) if found != to.digest => Err(Error::DigestMismatch { what: format!("image {}", to.image), expected: to.digest, found }),
-                _ => Ok("copied from its layout".into()),
+                _ => Ok(Fetched::Layout),
             }
         }
         // parse_release_image gives registry and layout references only.

@@ -201,7 +201,7 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet
             let transfer = registry.transfer(None)?;
             let runtime = make_runtime(runtime, &state, &transfer)?;
             let status = agent::status(&state, runtime.as_ref())?;
-            println!("{}", serde_json::to_string_pretty(&status)?);
+            outln!("{}", serde_json::to_string_pretty(&status)?);
             return Ok(ExitCode::SUCCESS);
         }
         Some(Action::GoAhead { state, service }) => return api(&state, ApiRequest::GoAhead { service }),
@@ -281,7 +281,7 @@ fn act(registry: &RegistryArgs, progress: &dyn Progress, action: DeviceAction, a
         let mut agent = Agent::open(state, &transfer, runtime, options, progress)?;
         agent.act(&action, args.force)?
     };
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    outln!("{}", serde_json::to_string_pretty(&report)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -295,7 +295,7 @@ fn make_runtime<'a>(kind: RuntimeArg, state: &StateDir, transfer: &'a fleetdelta
 fn api(state: &Path, request: ApiRequest) -> anyhow::Result<ExitCode> {
     let socket = StateDir::open_existing(state)?.socket();
     let answer = agent::api::send(&socket, &request).with_context(|| format!("agent at {}", socket.display()))?;
-    println!("{answer}");
+    outln!("{answer}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -310,14 +310,14 @@ fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
 
 fn print_report(report: &UpdateReport, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     if let Some(resumed) = &report.resumed {
-        println!("resumed the interrupted update to release {resumed}");
+        outln!("resumed the interrupted update to release {resumed}");
     }
     let from = report.from_release.as_deref().unwrap_or("none");
-    println!("release {from} -> {}: {}", report.target_release, if report.complete { "complete" } else { "incomplete" });
+    outln!("release {from} -> {}: {}", report.target_release, if report.complete { "complete" } else { "incomplete" });
     for s in &report.services {
         let outcome = match &s.outcome {
             Outcome::Unchanged => "unchanged (not restarted)".to_string(),
@@ -325,14 +325,14 @@ fn print_report(report: &UpdateReport, json: bool) -> anyhow::Result<()> {
             Outcome::Waiting => "waiting for its lock".to_string(),
             Outcome::RolledBack { reason } => format!("rolled back: {reason}"),
         };
-        let fetched = s.fetched.as_deref().map(|f| format!(" [{f}]")).unwrap_or_default();
-        println!("  {:<20} {:<13} {outcome}{fetched}", s.service, s.change);
+        let fetched = s.fetched.as_ref().map(|f| format!(" [{f}]")).unwrap_or_default();
+        outln!("  {:<20} {:<13} {outcome}{fetched}", s.service, s.change);
     }
     if let Some(os) = &report.os_updated {
-        println!("  OS {os} installed");
+        outln!("  OS {os} installed");
     }
     if !report.restarted.is_empty() {
-        println!("  started (were not running): {}", report.restarted.join(", "));
+        outln!("  started (were not running): {}", report.restarted.join(", "));
     }
     Ok(())
 }

@@ -33,25 +33,25 @@ pub fn run(
     let report = apply(&local_source, &local_delta, &staged, &options, progress).with_context(|| format!("apply {delta} to {source}"))?;
     let published = transfer.publish_report(&staged, &output, progress).with_context(|| format!("writing the rebuilt image to {output}"))?;
     if let (Some(f), false) = (&fetched, json) {
-        println!("fetched {delta}: {} received, {} resumed downloads", super::human_bytes(f.received), f.resumes);
+        outln!("fetched {delta}: {} received, {} resumed downloads", super::human_bytes(f.received), f.resumes);
     }
     if json {
         let mut out = serde_json::to_value(&report)?;
         if let (Some(loaded), Some(map)) = (&published.loaded, out.as_object_mut()) {
             map.insert("loaded".into(), serde_json::to_value(loaded)?);
         }
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     if let Some(loaded) = &published.loaded {
         super::print_loaded(&output, loaded);
     }
     let identical = report.layers.iter().filter(|l| l.identical).count();
-    println!("rebuilt {output}: every diff_id and the config digest {} verified", report.config);
+    outln!("rebuilt {output}: every diff_id and the config digest {} verified", report.config);
     if report.identical() {
-        println!("manifest {}: identical to the target, all {} layer blobs identical", report.written_manifest, report.layers.len());
+        outln!("manifest {}: identical to the target, all {} layer blobs identical", report.written_manifest, report.layers.len());
     } else {
-        println!(
+        outln!(
             "manifest {}: rewritten (target manifest is {}); {identical} of {} layer blobs identical, the others recompressed with the same verified content",
             report.written_manifest,
             report.target_manifest,
@@ -60,7 +60,7 @@ pub fn run(
     }
     for l in &report.layers {
         let state = if l.identical { "identical".to_string() } else { format!("rewritten as {}", l.written) };
-        println!("  layer {:>2} {:<6} {} {state}", l.index, format!("{:?}", l.method).to_lowercase(), l.original);
+        outln!("  layer {:>2} {:<6} {} {state}", l.index, format!("{:?}", l.method).to_lowercase(), l.original);
     }
     Ok(())
 }

@@ -9,19 +9,19 @@ pub fn run(transfer: &Transfer, json: bool, source: &str, destination: &str, pro
     let (source, destination) = (ImageRef::parse(source)?, ImageRef::parse(destination)?);
     let report = transfer.copy(&source, &destination, progress).with_context(|| format!("copy {source} -> {destination}"))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     let manifest = report.manifest.map(|d| d.to_string()).unwrap_or_default();
-    println!("copied {source} to {destination} ({manifest})");
+    outln!("copied {source} to {destination} ({manifest})");
     if let Some(f) = &report.fetched {
-        println!("  fetched {} blobs ({} received, {} resumed), reused {}", f.blobs_downloaded, human_bytes(f.received), f.resumes, f.blobs_reused);
+        outln!("  fetched {} blobs ({} received, {} resumed), reused {}", f.blobs_downloaded, human_bytes(f.received), f.resumes, f.blobs_reused);
     }
     if let Some(loaded) = &report.loaded {
         super::print_loaded(&destination, loaded);
     }
     if let Some(p) = &report.pushed {
-        println!("  pushed {} blobs ({}), {} already there or mounted", p.blobs_uploaded, human_bytes(p.bytes_uploaded), p.blobs_skipped);
+        outln!("  pushed {} blobs ({}), {} already there or mounted", p.blobs_uploaded, human_bytes(p.bytes_uploaded), p.blobs_skipped);
     }
     Ok(())
 }

@@ -17,19 +17,21 @@ pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: 
     let (local_target, _) = transfer.localize(&target, progress).with_context(|| format!("fetching {target}"))?;
     let staged = transfer.staging_for(&delta)?;
     let report = stdout_to_stderr(|| diff(&local_source, &local_target, &staged, &options, progress)).with_context(|| format!("diff {source} -> {target}"))?;
+    // Per layer as `info --json` says it (the delta's own plan is its wire format).
+    let layers = json.then(|| fleetdelta::info(&staged).with_context(|| format!("reading back the delta written for {delta}"))).transpose()?;
     let pushed = transfer.publish(&staged, &delta, progress).with_context(|| format!("pushing the delta to {delta}"))?;
     if json {
         let out = serde_json::json!({
             "delta": delta.to_string(),
-            "deltaManifest": report.delta_manifest,
-            "deltaBytes": report.delta_bytes,
-            "fullPullBytes": report.full_pull_bytes,
+            "delta_manifest": report.delta_manifest,
+            "delta_bytes": report.delta_bytes,
+            "full_pull_bytes": report.full_pull_bytes,
             "pushed": pushed,
-            "plan": report.plan,
+            "layers": layers.map(|i| i.layers).unwrap_or_default(),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!(
+        outln!(
             "wrote {delta} ({}): {} to download instead of {} ({:.1}% of a pull of the missing layers)",
             report.delta_manifest,
             human_bytes(report.delta_bytes),
@@ -43,9 +45,9 @@ pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: 
             .map(|l| l.index.to_string())
             .collect();
         if rewritten.is_empty() {
-            println!("bit-exact: the rebuilt image will have the target's manifest digest ({} layers)", layers.len());
+            outln!("bit-exact: the rebuilt image will have the target's manifest digest ({} layers)", layers.len());
         } else {
-            println!(
+            outln!(
                 "content-exact: layers {} will be recompressed with other blob digests (no known encoder reproduces them); every diff_id is kept",
                 rewritten.join(", ")
             );

@@ -34,7 +34,8 @@ pub const TABLE: &str = "Exit status:
      agent restart|stop|reboot|shutdown: --lock-timeout passed, a lock is still held
   4  agent --once: a service's update failed and was rolled back
   5  release-update: --timeout passed before every delta was ready
-  6  the device does not meet the release's contracts (--device)";
+  6  the device does not meet the release's contracts (--device)
+  141  stdout closed by its reader (... | head): the work was done, as with SIGPIPE";
 
 /// The code of a failure: [`REJECTED`] for unmet contracts, [`LOCKED`] for an action that
 /// gave up waiting for a lock, else [`ERROR`].
@@ -62,7 +63,7 @@ mod tests {
 
     #[test]
     fn codes_are_distinct_and_in_the_table() {
-        let codes = [SUCCESS, ERROR, USAGE, LOCKED, ROLLED_BACK, TIMED_OUT, REJECTED];
+        let codes = [SUCCESS, ERROR, USAGE, LOCKED, ROLLED_BACK, TIMED_OUT, REJECTED, super::super::output::CLOSED_PIPE_STATUS];
         for (i, a) in codes.iter().enumerate() {
             assert!(codes[i + 1..].iter().all(|b| a != b), "{a} twice");
             assert!(TABLE.contains(&format!("\n  {a}  ")), "{a} is not in the table");

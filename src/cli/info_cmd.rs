@@ -10,19 +10,19 @@ pub fn run(transfer: &Transfer, delta: &str, json: bool) -> anyhow::Result<()> {
     let (local, _) = transfer.localize(&delta, &Silent).with_context(|| format!("fetching {delta}"))?;
     let info = info(&local).with_context(|| format!("info {delta}"))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        outln!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
-    println!("delta {} (format {}, level {}, {})", info.delta_manifest, info.format_version, info.level, info.created_by);
-    println!("source manifest {} config {}", info.source_manifest, info.source_config);
-    println!("target manifest {} config {}", info.target_manifest, info.target_config);
-    println!(
+    outln!("delta {} (format {}, level {}, {})", info.delta_manifest, info.format_version, info.level, info.created_by);
+    outln!("source manifest {} config {}", info.source_manifest, info.source_config);
+    outln!("target manifest {} config {}", info.target_manifest, info.target_config);
+    outln!(
         "payload {} for a {} target image ({:.1}%)",
         human_bytes(info.payload_bytes),
         human_bytes(info.target_bytes),
         100.0 * info.payload_bytes as f64 / info.target_bytes.max(1) as f64
     );
-    println!("{:>5}  {:<6}  {:>10}  {:>10}  {:>7}  {:<32}  detail", "layer", "method", "blob", "payload", "ratio", "blob rebuilt");
+    outln!("{:>5}  {:<6}  {:>10}  {:>10}  {:>7}  {:<32}  detail", "layer", "method", "blob", "payload", "ratio", "blob rebuilt");
     for l in &info.layers {
         let detail = match (&l.source_layer, &l.stats) {
             (Some(s), _) => format!("equals source layer {s}"),
@@ -45,7 +45,7 @@ pub fn run(transfer: &Transfer, delta: &str, json: bool) -> anyhow::Result<()> {
             let bytes = l.stats.as_ref().map_or(0, |s| s.member_bytes);
             format!("{detail}; compressed files patched uncompressed ({}), repacked exactly: {}", human_bytes(bytes), by.join(", "))
         };
-        println!(
+        outln!(
             "{:>5}  {:<6}  {:>10}  {:>10}  {:>6.1}%  {:<32}  {detail}",
             l.index,
             format!("{:?}", l.method).to_lowercase(),

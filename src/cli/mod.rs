@@ -1,5 +1,7 @@
 //! Command-line parsing and dispatch.
 
+#[macro_use]
+pub mod output;
 pub mod exit;
 mod agent_cmd;
 mod apply_cmd;
@@ -225,10 +227,12 @@ pub enum Command {
         /// Build every delta not yet built (each once per image pair).
         #[arg(long)]
         prepare: bool,
-        /// Wait until every delta is ready.
+        /// Wait until every delta is ready; implies --prepare (the missing deltas are built
+        /// here, those being built elsewhere are waited for).
         #[arg(long)]
         wait: bool,
-        /// Give up preparing and waiting after this many seconds (exit status 1; built deltas are kept).
+        /// Give up preparing and waiting after this many seconds (exit status 5; built deltas
+        /// are kept); implies --wait.
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<f64>,
         /// Seconds between looks while waiting.
@@ -349,8 +353,8 @@ pub fn human_bytes(n: u64) -> String {
 pub fn print_loaded(output: &fleetdelta::ImageRef, loaded: &fleetdelta::engine::LoadReport) {
     let id = loaded.id.map(|d| d.to_string()).unwrap_or_default();
     match &loaded.archive {
-        None => println!("{output}: the engine already had {id}; tagged {}", loaded.tagged),
-        Some(a) => println!(
+        None => outln!("{output}: the engine already had {id}; tagged {}", loaded.tagged),
+        Some(a) => outln!(
             "{output}: loaded {id} ({} sent, {} layers, {} already in the engine left out{}), verified, tagged {}",
             human_bytes(a.archive_bytes),
             a.layers_sent,

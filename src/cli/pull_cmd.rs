@@ -37,29 +37,29 @@ pub fn run(transfer: &Transfer, args: &Args, target: &str, output: &str, progres
     let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers: layers.output(), ..ApplyOptions::default() }, source: None };
     let (report, published) = pull_into(transfer, from.as_ref(), &target, &output, &options, progress).with_context(|| format!("pull docker://{target} into {output}"))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     if let Some(loaded) = &published.loaded {
         super::print_loaded(&output, loaded);
     }
     match &report.method {
-        PullMethod::Unchanged => println!("{output} already has docker://{target} ({})", report.target_manifest),
-        PullMethod::Delta { delta, .. } => println!(
+        PullMethod::Unchanged => outln!("{output} already has docker://{target} ({})", report.target_manifest),
+        PullMethod::Delta { delta, .. } => outln!(
             "rebuilt docker://{target} ({}) in {output} from the delta {delta}: {} received instead of {}",
             report.target_manifest,
             human_bytes(report.received),
             human_bytes(report.missing_layers_bytes)
         ),
         PullMethod::Full { reason } => {
-            println!("downloaded the missing layers of docker://{target} ({}) into {output}: {} received ({reason})", report.target_manifest, human_bytes(report.received))
+            outln!("downloaded the missing layers of docker://{target} ({}) into {output}: {} received ({reason})", report.target_manifest, human_bytes(report.received))
         }
     }
     if let Some(note) = &report.service {
-        println!("  service: {note}");
+        outln!("  service: {note}");
     }
     if report.written_manifest != report.target_manifest {
-        println!("  written manifest {} (layers recompressed; every diff_id and the config verified)", report.written_manifest);
+        outln!("  written manifest {} (layers recompressed; every diff_id and the config verified)", report.written_manifest);
     }
     Ok(())
 }

@@ -41,11 +41,15 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
     // Multi-platform images resolve to the device's architecture when its facts name one.
     let arch = facts.as_ref().and_then(|f| f.arch.as_deref()).and_then(oci_architecture);
     let transfer = registry.transfer(arch)?;
+    // Waiting for deltas nobody builds would never end: --timeout implies --wait, which
+    // implies --prepare (as balena's release-update does).
+    let wait = args.wait || args.timeout.is_some();
+    let prepare = args.prepare || wait;
     let options = UpdateOptions {
         store: DeltaStore::parse(args.deltas).context("--deltas")?,
         diff: DiffOptions { level: args.level.level(), fidelity: args.fidelity.fidelity(), ..DiffOptions::default() },
-        prepare: args.prepare,
-        wait: args.wait,
+        prepare,
+        wait,
         timeout: args.timeout.map(|t| seconds(t, "--timeout")).transpose()?,
         poll: seconds(args.poll, "--poll")?.max(Duration::from_millis(50)),
     };
@@ -54,18 +58,18 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
         .with_context(|| format!("release update {} -> {}", from.id, to.id))?;
     if args.json {
         let mut json = update.transition.to_json();
-        if args.prepare {
+        if prepare {
             json["prepared"] = serde_json::to_value(&update.prepared)?;
         }
         if let Some(reason) = &update.timed_out {
             json["timed_out"] = serde_json::Value::String(reason.clone());
         }
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print!("{}", render_table(&update.transition));
-        if args.prepare {
+        out!("{}", render_table(&update.transition));
+        if prepare {
             let p = &update.prepared;
-            println!(
+            outln!(
                 "prepared: {} built ({}), {} already built, {} being built elsewhere",
                 p.built.len(),
                 human_bytes(p.built.iter().map(|b| b.download).sum()),
@@ -73,7 +77,7 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
                 p.building_elsewhere
             );
             for b in &p.built {
-                println!("  built {} ({}, {:.1} s)", b.reference, human_bytes(b.download), b.seconds);
+                outln!("  built {} ({}, {:.1} s)", b.reference, human_bytes(b.download), b.seconds);
             }
         }
     }

@@ -108,7 +108,7 @@ pub fn run(registry: &RegistryArgs, args: &ServeArgs) -> anyhow::Result<()> {
     let report = runtime.block_on(async {
         let service = Service::bind(config, options).await?;
         // The address first, alone on stdout: what scripts and tests read (logs go to stderr).
-        println!("listening on http://{}", service.local_addr()?);
+        outln!("listening on http://{}", service.local_addr()?);
         std::io::stdout().flush().context("writing to stdout")?;
         anyhow::Ok(service.run(shutdown::signal()).await?)
     })?;

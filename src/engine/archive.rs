@@ -129,7 +129,6 @@ pub fn read_archive(input: impl Read, writer: &LayoutWriter, expected_config: &D
 
 /// What [`write_archive`] wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct ArchiveStats {
     /// Bytes of the whole archive.
     pub archive_bytes: u64,

@@ -45,7 +45,6 @@ pub struct EngineImage {
 
 /// What loading an image into the engine did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct LoadReport {
     /// The image ID (the config digest), verified in the engine.
     pub id: Option<Digest>,

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use super::catalog::DeltaStatus;
 use super::transition::{short_digest, ImageInfo, Transition};
 
 const HEADERS: [&str; 6] = ["SERVICE", "CHANGE", "STATUS", "IMAGE", "PAYLOAD", "REASON"];
@@ -42,13 +43,15 @@ pub fn render_table(t: &Transition) -> String {
     for row in &rows {
         push_row(&mut out, row, &widths);
     }
+    let ready = t.deltas.iter().filter(|d| matches!(d.status, DeltaStatus::Ready { .. })).count();
+    let building = t.deltas.iter().filter(|d| d.status == DeltaStatus::Building).count();
     let _ = writeln!(
         out,
-        "overall: {}; estimated payload: {}; deltas: {} to build, {} used",
+        "overall: {}; estimated payload: {}; deltas: {} needed ({ready} ready, {building} being built, {} to build)",
         t.overall_status,
         human_size(t.estimated_total_payload_size),
-        t.deltas_to_build().count(),
-        t.deltas.len()
+        t.deltas.len(),
+        t.deltas_to_build().count()
     );
     if !t.contracts_checked {
         out.push_str("contracts: not checked (no device facts given)\n");

@@ -478,6 +478,14 @@ impl Planner<'_> {
                 None,
                 missing_size,
             ),
+            // A device downloads the missing layers instead when they cost less (as `pull`
+            // does): the estimate is the cheaper of the two.
+            DeltaStatus::Ready { reference, size } if missing_size < size => (
+                UpdateStatus::Ready,
+                format!("image changed; delta ready ({reference}), but the {missing} layers the device lacks cost less ({missing_size} bytes against {size}): the estimate is those"),
+                Some(ReadyDelta { reference, size }),
+                missing_size,
+            ),
             DeltaStatus::Ready { reference, size } => (
                 UpdateStatus::Ready,
                 format!("image changed; delta ready ({reference})"),
@@ -678,6 +686,19 @@ mod tests {
         let t = plan(&from, &to, None, &catalog().delta("api:1", "api:2", DeltaStatus::Building)).unwrap();
         assert_eq!(changes(&t), [("api", Change::DeltaUpdate, UpdateStatus::Preparing, 300)]);
         assert_eq!(t.deltas_to_build().count(), 0, "a delta being built is not built again");
+    }
+
+    #[test]
+    fn a_delta_that_costs_more_than_the_missing_layers_is_not_the_estimate() {
+        let from = release("a", &[("api", "api:1")]);
+        let to = release("b", &[("api", "api:2")]);
+        let ready = |size| DeltaStatus::Ready { reference: "docker://r/api@sha256:dd".into(), size };
+        let cheap = plan(&from, &to, None, &catalog().delta("api:1", "api:2", ready(40))).unwrap();
+        assert_eq!(changes(&cheap), [("api", Change::DeltaUpdate, UpdateStatus::Ready, 40)]);
+        let dear = plan(&from, &to, None, &catalog().delta("api:1", "api:2", ready(900))).unwrap();
+        assert_eq!(changes(&dear), [("api", Change::DeltaUpdate, UpdateStatus::Ready, 300)], "the 300 bytes of missing layers");
+        assert!(dear.services[0].reason.contains("cost less"), "{}", dear.services[0].reason);
+        assert_eq!(dear.estimated_total_payload_size, 300);
     }
 
     const GPU_CONTRACT: &str = "    contract:\n      type: sw.container\n      slug: needs-l4t-32-4\n      requires:\n        - {type: sw.l4t, version: '>=32.4'}\n";

@@ -182,7 +182,7 @@ impl Releases {
                 continue;
             }
             let key = DeltaKey { source_config: source.manifest.config.digest, target_manifest: target.manifest.digest };
-            let reference = |delta: Digest| ImageRef::Registry(target.pinned.with_digest(delta)).to_string();
+            let reference = |delta: Digest| ImageRef::Registry(target.pinned.without_tag().with_digest(delta)).to_string();
             let status = match builds.peek(&key) {
                 Some(Status::Working { .. }) => DeltaStatus::Building,
                 Some(Status::Ready(b)) => DeltaStatus::Ready { reference: reference(b.manifest), size: b.download },

@@ -279,7 +279,15 @@ async fn release_update(State(app): State<App>, Query(query): Query<UpdateQuery>
     };
     match app.releases.update(&query.from, &query.to, facts.as_ref(), &app.builds).await {
         Ok(Some(json)) => Json(json).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("release {} or {} is not registered", query.from, query.to)),
+        Ok(None) => {
+            let known = app.releases.ids();
+            let missing: Vec<&str> = [query.from.as_str(), query.to.as_str()].into_iter().filter(|id| !known.iter().any(|k| k == id)).collect();
+            let message = match missing.as_slice() {
+                [one] => format!("release {one} is not registered"),
+                _ => format!("releases {} and {} are not registered", query.from, query.to),
+            };
+            error(StatusCode::NOT_FOUND, message)
+        }
         Err(e) => error(failure_status(FailureKind::of(&e)), e.to_string()),
     }
 }

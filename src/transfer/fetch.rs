@@ -11,7 +11,6 @@ use crate::registry::{Client, RegistryRef};
 
 /// What fetching an image cost.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct FetchReport {
     /// The image manifest's digest.
     pub manifest: Option<Digest>,

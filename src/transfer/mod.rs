@@ -31,7 +31,6 @@ use crate::registry::{Client, ClientOptions, RegistryRef};
 
 /// What a copy did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct CopyReport {
     /// The manifest digest of the copied image.
     pub manifest: Option<Digest>,
@@ -46,7 +45,6 @@ pub struct CopyReport {
 
 /// What [`Transfer::publish_report`] did with a staged image.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Published {
     /// What was pushed, when the destination is a registry.
     pub pushed: Option<PushReport>,

@@ -13,7 +13,6 @@ use crate::registry::{BlobPush, Client, RegistryRef};
 
 /// What pushing an image did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct PushReport {
     /// The manifest digest now in the registry.
     pub manifest: Digest,

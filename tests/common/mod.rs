@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 pub mod agent;
 pub mod engine;
 pub mod registry;
+pub mod schema;
 pub mod serve;
 
 /// A command from Debian's packages that the test needs; fails (never skips) without it.
