@@ -156,3 +156,23 @@ fn a_closed_stdout_ends_the_command_quietly() {
     }
     assert!(Layout::open(tmp.path().join("copy")).unwrap().load_image(Some("copy")).is_ok(), "the copy was made");
 }
+
+/// On a terminal, each stage shows its name, bytes done of its total and the rate; off a
+/// terminal, stderr carries no escape codes at all. The terminal is a pseudo-terminal from
+/// util-linux's `script`.
+#[test]
+fn progress_shows_stages_bytes_and_rate_on_a_terminal_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sample");
+    let (v1, v2) = (format!("oci:{}", sample.join("v1").display()), format!("oci:{}", sample.join("v2").display()));
+    let delta = format!("oci:{}:d", tmp.path().join("delta").display());
+    let command = format!("{} diff {v1} {v2} {delta}", env!("CARGO_BIN_EXE_fleetdelta"));
+    let out = run(tool("script").args(["-qec", &command, "/dev/null"]));
+    let screen = String::from_utf8_lossy(&out.stdout);
+    for stage in ["unpacking layers", "encoding layers"] {
+        let line = screen.split(['\r', '\n']).find(|l| l.contains(stage) && l.contains(" / ")).unwrap_or_else(|| panic!("no {stage} bar with bytes: {screen:?}"));
+        assert!(line.contains("KiB") && line.contains("/s"), "bytes and rate: {line:?}");
+    }
+    let quiet = run(fleetdelta().args(["diff", &v1, &v2, &format!("oci:{}:e", tmp.path().join("delta").display())]));
+    assert!(!quiet.stderr.contains(&0x1b) && !quiet.stdout.contains(&0x1b), "escape codes off a terminal: {:?}", String::from_utf8_lossy(&quiet.stderr));
+}

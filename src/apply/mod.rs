@@ -112,20 +112,22 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build().map_err(|e| Error::io("starting workers", io::Error::other(e)))?;
 
     let needed: BTreeSet<u32> = delta.plan.layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
-    progress.stage("preparing source layers", needed.len() as u64);
+    let source_bytes = |i: &u32| source_image.layers.get(*i as usize).map_or(0, |l| l.blob.size);
+    progress.stage("preparing source layers", needed.iter().map(source_bytes).sum());
     let sources: HashMap<u32, SourceLayer> = pool.install(|| {
         needed
             .par_iter()
             .map(|i| {
                 let members = delta.plan.source_members.iter().find(|m| m.layer == *i).map_or(&[][..], |m| &m.members[..]);
                 let s = materialize(&source_layout, &source_image, *i, scratch.path(), options.max_layer_bytes, members)?;
-                progress.advance(1);
+                progress.advance(source_bytes(i));
                 Ok((*i, s))
             })
             .collect::<Result<_>>()
     })?;
 
-    progress.stage("rebuilding layers", delta.plan.layers.len() as u64);
+    let target_bytes = |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| t.blob.size);
+    progress.stage("rebuilding layers", delta.plan.layers.iter().map(target_bytes).sum());
     let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options };
     let outcomes: Vec<(LayerOutcome, BlobRef)> = pool.install(|| {
         delta
@@ -134,7 +136,7 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
             .par_iter()
             .map(|l| {
                 let r = ctx.layer(l);
-                progress.advance(1);
+                progress.advance(target_bytes(l));
                 r
             })
             .collect::<Result<_>>()

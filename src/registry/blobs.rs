@@ -128,7 +128,7 @@ impl Client {
     /// a cross-repository mount from `mount_from` (a repository of the same registry) when
     /// the registry allows, else an upload in one request or in chunks of
     /// [`super::ClientOptions::chunk_size`].
-    pub async fn push_blob(&self, r: &RegistryRef, blob: &BlobRef, path: &Path, mount_from: Option<&str>) -> Result<BlobPush> {
+    pub async fn push_blob(&self, r: &RegistryRef, blob: &BlobRef, path: &Path, mount_from: Option<&str>, progress: &dyn Progress) -> Result<BlobPush> {
         if self.blob_exists(r, blob, true).await? {
             return Ok(BlobPush::Present);
         }
@@ -161,10 +161,14 @@ impl Client {
                 })
                 .await?;
             expect_status(response, &what, &[StatusCode::CREATED]).await?;
+            progress.advance(blob.size);
             return Ok(BlobPush::Uploaded);
         }
 
         let mut offset = 0u64;
+        // What progress was told: an upload resumed from where the registry says it is
+        // reports each byte once.
+        let mut reported = 0u64;
         let mut failures = 0u32;
         while offset < blob.size {
             let len = chunk_size.min(blob.size - offset);
@@ -184,6 +188,10 @@ impl Client {
                     location = next_location(&response, &location, &what)?;
                     offset += len;
                     failures = 0;
+                    if offset > reported {
+                        progress.advance(offset - reported);
+                        reported = offset;
+                    }
                 }
                 other => {
                     let reason = match other {

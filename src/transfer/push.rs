@@ -47,14 +47,18 @@ pub async fn push_image(client: &Client, layout: &Layout, tag: Option<&str>, des
     let blobs: Vec<_> = std::iter::once(&image.manifest.config).chain(image.layers.iter().map(|l| &l.blob)).collect();
     progress.stage(&format!("pushing {}", dest.repository), blobs.iter().map(|b| b.size).sum());
     for blob in blobs {
-        match client.push_blob(dest, blob, &layout.blob_path(&blob.digest), mount_from).await? {
+        // An upload advances progress as its chunks are acknowledged; a blob already there
+        // (or mounted) counts at once.
+        match client.push_blob(dest, blob, &layout.blob_path(&blob.digest), mount_from, progress).await? {
             BlobPush::Uploaded => {
                 report.blobs_uploaded += 1;
                 report.bytes_uploaded += blob.size;
             }
-            BlobPush::Present | BlobPush::Mounted => report.blobs_skipped += 1,
+            BlobPush::Present | BlobPush::Mounted => {
+                report.blobs_skipped += 1;
+                progress.advance(blob.size);
+            }
         }
-        progress.advance(blob.size);
     }
     let acknowledged = client.put_manifest(dest, &reference, &manifest_ref.media_type, &raw).await?;
     let doc: Value = serde_json::from_slice(&raw).map_err(|e| Error::malformed(format!("manifest {}", manifest_ref.digest), e.to_string()))?;
