@@ -484,6 +484,9 @@ fn an_unmet_contract_rejects_the_release_and_changes_nothing() {
     let out = d.agent(&r2, &["--device", facts.to_str().unwrap()]).output_bounded();
     assert_eq!(out.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs-l4t-32-4"), "{}", String::from_utf8_lossy(&out.stderr));
+    // --json says why on stdout as well.
+    let why = report(&out);
+    assert_eq!(why["rejected"]["services"][0]["contract"], "needs-l4t-32-4", "{why}");
     assert_eq!(d.installed()["release"], "1");
     assert_eq!(d.starts("api").len(), 1);
 }

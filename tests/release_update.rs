@@ -152,10 +152,14 @@ fn contracts_drop_optional_services_reject_releases_and_invalid_ones_build_nothi
     assert_eq!(dropped[0]["service_name"], "gpu");
     assert!(t["is_produced_by__service_update"].as_array().unwrap().iter().all(|s| s["service_name"] != "gpu"));
 
-    let rejected = fd(home).args(["release-update", "--prepare", "--deltas", &deltas, "--device", old_supervisor.to_str().unwrap(), "--from"]).arg(&r1).arg("--to").arg(&r2).output_bounded();
+    let rejected = fd(home).args(["release-update", "--json", "--prepare", "--deltas", &deltas, "--device", old_supervisor.to_str().unwrap(), "--from"]).arg(&r1).arg("--to").arg(&r2).output_bounded();
     assert_eq!(rejected.status.code(), Some(6), "unmet contracts have their own exit status");
     let err = String::from_utf8_lossy(&rejected.stderr);
     assert!(err.contains("app") && err.contains("sw.supervisor") && err.contains("12.0.0"), "{err}");
+    // With --json, why is on stdout too.
+    let why = json(rejected);
+    assert_eq!(why["rejected"]["services"][0]["service_name"], "app", "{why}");
+    assert!(why["rejected"]["services"][0]["unmet_requirements"][0].as_str().unwrap().contains("sw.supervisor"), "{why}");
     assert!(!store.exists(), "a rejected release builds nothing");
 
     let invalid = tmp.path().join("release-bad.yaml");

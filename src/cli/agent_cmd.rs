@@ -134,6 +134,9 @@ pub enum Action {
         /// The state directory.
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
+        /// Accepted for symmetry with the other commands: the status is always JSON.
+        #[arg(long)]
+        json: bool,
         /// Where the agent runs its services.
         #[arg(long, value_enum, default_value_t = RuntimeArg::Engine)]
         runtime: RuntimeArg,
@@ -195,7 +198,7 @@ pub enum Action {
 
 pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet: bool, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
     match action {
-        Some(Action::Status { state, runtime }) => {
+        Some(Action::Status { state, runtime, json: _ }) => {
             // Read only: a mistyped path is an error, not a new state directory.
             let state = StateDir::open_existing(&state)?;
             let transfer = registry.transfer(None)?;
@@ -242,6 +245,11 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet
     let mut agent = Agent::open(state_dir, &transfer, runtime, options, progress)?;
     loop {
         let result = agent.update(target).with_context(|| format!("update to {target}"));
+        if let (true, Err(e)) = (args.json, &result) {
+            if let Some(json) = super::exit::rejection_json(e) {
+                outln!("{json:#}");
+            }
+        }
         if args.once {
             let report = result?;
             print_report(&report, args.json)?;

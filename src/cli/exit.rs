@@ -57,6 +57,23 @@ pub fn for_error(e: &anyhow::Error) -> ExitCode {
     })
 }
 
+/// What a contract rejection prints on stdout with `--json` (`docs/schemas/rejected.schema.json`):
+/// the release and, per service, the contract and its unmet requirements.
+pub fn rejection_json(e: &anyhow::Error) -> Option<serde_json::Value> {
+    let (release, services) = e.chain().find_map(|cause| match cause.downcast_ref::<ReleaseError>() {
+        Some(ReleaseError::Rejected { release, services }) => Some((release, services)),
+        _ => match cause.downcast_ref::<fleetdelta::Error>() {
+            Some(fleetdelta::Error::Release(ReleaseError::Rejected { release, services })) => Some((release, services)),
+            _ => None,
+        },
+    })?;
+    let services: Vec<serde_json::Value> = services
+        .iter()
+        .map(|s| serde_json::json!({"service_name": s.service, "contract": s.contract, "unmet_requirements": s.unmet.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+        .collect();
+    Some(serde_json::json!({"rejected": {"release": release, "services": services}}))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

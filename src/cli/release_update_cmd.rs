@@ -55,7 +55,13 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
     };
     // --prepare runs the differ in this process.
     let update = super::stdout_to_stderr(|| release_update(&transfer, &from, &to, facts.as_ref(), &options, progress))
-        .with_context(|| format!("release update {} -> {}", from.id, to.id))?;
+        .with_context(|| format!("release update {} -> {}", from.id, to.id))
+        .inspect_err(|e| {
+            // Scripts reading --json learn why, as JSON, besides the exit status.
+            if let (true, Some(json)) = (args.json, super::exit::rejection_json(e)) {
+                outln!("{json:#}");
+            }
+        })?;
     if args.json {
         let mut json = update.transition.to_json();
         if prepare {

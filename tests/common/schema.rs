@@ -21,6 +21,8 @@ pub fn schema_of(value: &Value) -> &'static str {
     let has = |k: &str| value.get(k).is_some();
     if has("produces__release") {
         "release-update"
+    } else if has("rejected") {
+        "rejected"
     } else if has("delta_bytes") {
         "diff"
     } else if has("format_version") {
