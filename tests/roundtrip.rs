@@ -412,3 +412,53 @@ fn a_pigz_layer_is_rebuilt_bit_exactly_with_corrections() {
     assert!(apply(&oci(&go), &oci(&d), &oci(&o), &ApplyOptions::default(), &Silent).unwrap().identical());
     assert_same_image(&t, &o);
 }
+
+/// What a progress display is told: each stage with its total, and what was advanced in it.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, u64, u64, u32)>>);
+
+impl fleetdelta::Progress for Recorder {
+    fn stage(&self, name: &str, total: u64) {
+        self.0.lock().unwrap().push((name.to_string(), total, 0, 0));
+    }
+    fn advance(&self, n: u64) {
+        if let Some(last) = self.0.lock().unwrap().last_mut() {
+            last.2 += n;
+            last.3 += 1;
+        }
+    }
+}
+
+/// Every stage of diff and apply with a size counts bytes (not layers) up to exactly that
+/// size, and the encoding of a single layer moves as its patch is written, not once at its
+/// end (a gzip file inside the layer, so that the expanded tar is what is counted).
+#[test]
+fn progress_stages_count_their_bytes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let gz = |seed| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        std::io::Write::write_all(&mut e, &text(seed, 200_000)).unwrap();
+        e.finish().unwrap()
+    };
+    let s: Tree = (0..20).map(|i| (format!("f{i}"), file(text(i, 30_000)))).chain([("data.gz".to_string(), file(gz(7)))]).collect();
+    let mut t = s.clone();
+    t.insert("new".into(), file(text(99, 50_000)));
+    t.insert("data.gz".into(), file(gz(8)));
+    write_image(&dir.path().join("s"), "latest", &[layer_tar(&s)], Compression::Gzip);
+    write_image(&dir.path().join("t"), "latest", &[layer_tar(&t)], Compression::Gzip);
+    let (s, t, d, o) = (oci(&dir.path().join("s")), oci(&dir.path().join("t")), oci(&dir.path().join("d")), oci(&dir.path().join("o")));
+    let recorded = Recorder::default();
+    diff(&s, &t, &d, &DiffOptions::default(), &recorded).unwrap();
+    apply(&s, &d, &o, &ApplyOptions::default(), &recorded).unwrap();
+    let stages = recorded.0.into_inner().unwrap();
+    for name in ["unpacking layers", "encoding layers", "preparing source layers", "rebuilding layers"] {
+        assert!(stages.iter().any(|(n, total, _, _)| n == name && *total > 100_000), "no {name} stage in bytes: {stages:?}");
+    }
+    for (name, total, done, _) in &stages {
+        if *total > 0 {
+            assert_eq!(done, total, "stage {name}: {stages:?}");
+        }
+    }
+    let encoding = stages.iter().find(|(n, ..)| n == "encoding layers").unwrap();
+    assert!(encoding.3 > 1, "one layer's encoding advanced {} times: {stages:?}", encoding.3);
+}

@@ -9,6 +9,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use zstd::zstd_safe::{self, CParameter};
 
+use crate::progress::Progress;
 use crate::diff::material::Unpacked;
 use crate::diff::pair::{Partner, SourceIndex};
 use crate::error::{Error, IoContext, Result};
@@ -149,8 +150,9 @@ fn range_of(layer: u32, r: Range<u64>) -> SourceRange {
 }
 
 /// Encodes target layer `target_index` (unpacked in `target`) against `source`, writing the
-/// patch to `out`. Returns its statistics and the source layers it reads.
-pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'_>, params: &EncodeParams, out: impl Write) -> Result<(PatchStats, BTreeSet<u32>)> {
+/// patch to `out`. Returns its statistics and the source layers it reads. `progress` advances
+/// by the target bytes each record covers as it is written: the layer's tar length in all.
+pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'_>, params: &EncodeParams, out: impl Write, progress: &dyn Progress) -> Result<(PatchStats, BTreeSet<u32>)> {
     debug_assert!(params.chunk_bytes <= MAX_CHUNK_BYTES && params.prefix_bytes <= MAX_PREFIX_BYTES);
     let mut planner = Planner::new(*params, target.index.len);
     let mut layer_uses: HashMap<u32, u64> = HashMap::new();
@@ -231,6 +233,7 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
             Op::Copy(r) => {
                 used.insert(r.layer);
                 w.write(&Record::Copy(*r)).ctx(|| "writing patch".into())?;
+                progress.advance(r.len);
             }
             Op::Literal { chunk, len } => {
                 if current_chunk != Some(*chunk) {
@@ -245,6 +248,7 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
                     current_chunk = Some(*chunk);
                 }
                 w.write(&Record::Literal(*len)).ctx(|| "writing patch".into())?;
+                progress.advance(*len);
             }
         }
     }

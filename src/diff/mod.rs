@@ -170,7 +170,9 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     let index = SourceIndex::build(&unpacked_source);
 
     let params = options.level.params();
-    progress.stage("encoding layers", unpacked_target.values().map(|u| u.index.len).sum());
+    // In bytes of the tars the patches rebuild (expanded where the layer has members).
+    let encoded_tar = |i: &u32| expanded_target.get(i).unwrap_or(&unpacked_target[i]).index.len;
+    progress.stage("encoding layers", to_encode.iter().map(encoded_tar).sum());
     let encoded: Vec<(LayerPlan, Vec<Payload>)> = to_encode
         .par_iter()
         .map(|i| {
@@ -181,7 +183,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                 Choice::Encode(e) => (e, None),
                 Choice::Correct { encoding, path, bytes } => (encoding, Some((path, bytes))),
                 Choice::CarryBlob => {
-                    progress.advance(target.index.len);
+                    progress.advance(encoded_tar(i));
                     let plan = LayerPlan { index: *i, method: Method::Blob, source_layer: None, delta_layer: None, source_layers_used: Vec::new(), stats: None, encoding: Some(Encoding::Verbatim), members: Vec::new() };
                     return Ok((plan, vec![Payload { target_layer: *i, role: Role::Blob, path: blob_path }]));
                 }
@@ -193,12 +195,11 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
             outer.include_checksum(true).ctx(|| "configuring zstd".into())?;
             // The patch rebuilds the expanded tar when the layer has members.
             let members = expansion.target.get(i).cloned().unwrap_or_default();
-            let (mut stats, used) = encode_layer(*i, expanded_target.get(i).unwrap_or(target), &index, &params, &mut outer)?;
+            let (mut stats, used) = encode_layer(*i, expanded_target.get(i).unwrap_or(target), &index, &params, &mut outer, progress)?;
             stats.members = members.len() as u64;
             stats.member_bytes = members.iter().map(|m| m.member.compressed_len).sum();
             outer.finish().ctx(|| "finishing patch".into())?.into_inner().map_err(|e| Error::io("writing patch", e.into_error()))?;
             stats.payload_bytes = std::fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?.len();
-            progress.advance(target.index.len);
             let cost = stats.payload_bytes + corrections.as_ref().map_or(0, |(_, bytes)| *bytes);
             let (method, encoding, payloads) = if cost as f64 >= BLOB_PREFERENCE * layer.blob.size as f64 {
                 (Method::Blob, Encoding::Verbatim, vec![Payload { target_layer: *i, role: Role::Blob, path: blob_path }])
