@@ -3,7 +3,7 @@
 use anyhow::Context;
 use fleetdelta::{diff, DiffOptions, ImageRef, Progress, Transfer};
 
-use super::{human_bytes, stdout_to_stderr, FidelityArg, LevelArg};
+use super::{human_bytes, FidelityArg, LevelArg};
 
 #[allow(clippy::too_many_arguments)]
 pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: FidelityArg, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
@@ -16,7 +16,7 @@ pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: 
     let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
     let (local_target, _) = transfer.localize(&target, progress).with_context(|| format!("fetching {target}"))?;
     let staged = transfer.staging_for(&delta)?;
-    let report = stdout_to_stderr(|| diff(&local_source, &local_target, &staged, &options, progress)).with_context(|| format!("diff {source} -> {target}"))?;
+    let report = diff(&local_source, &local_target, &staged, &options, progress).with_context(|| format!("diff {source} -> {target}"))?;
     // Per layer as `info --json` says it (the delta's own plan is its wire format).
     let layers = json.then(|| fleetdelta::info(&staged).with_context(|| format!("reading back the delta written for {delta}"))).transpose()?;
     let pushed = transfer.publish(&staged, &delta, progress).with_context(|| format!("pushing the delta to {delta}"))?;

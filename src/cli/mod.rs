@@ -328,22 +328,6 @@ impl LayersArg {
     }
 }
 
-/// Runs `f` with the process's standard output pointed at standard error. preflate-rs 0.7.6,
-/// which the differ runs on gzip blobs no exact encoder reproduces, prints diagnostics with
-/// `println!` when it cannot follow a stream; they must not mix with what a command prints on
-/// stdout (`--json`). If the descriptors cannot be duplicated, `f` runs as is.
-pub fn stdout_to_stderr<T>(f: impl FnOnce() -> T) -> T {
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    let saved = rustix::io::dup(std::io::stdout()).ok().filter(|_| rustix::stdio::dup2_stdout(std::io::stderr()).is_ok());
-    let result = f();
-    if let Some(fd) = saved {
-        let _ = std::io::stdout().flush();
-        let _ = rustix::stdio::dup2_stdout(&fd);
-    }
-    result
-}
-
 /// Formats a byte count for people.
 pub fn human_bytes(n: u64) -> String {
     fleetdelta::info::human_bytes(n)

@@ -53,8 +53,7 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
         timeout: args.timeout.map(|t| seconds(t, "--timeout")).transpose()?,
         poll: seconds(args.poll, "--poll")?.max(Duration::from_millis(50)),
     };
-    // --prepare runs the differ in this process.
-    let update = super::stdout_to_stderr(|| release_update(&transfer, &from, &to, facts.as_ref(), &options, progress))
+    let update = release_update(&transfer, &from, &to, facts.as_ref(), &options, progress)
         .with_context(|| format!("release update {} -> {}", from.id, to.id))
         .inspect_err(|e| {
             // Scripts reading --json learn why, as JSON, besides the exit status.

@@ -141,6 +141,7 @@ pub trait HashChain {
 
     /// debug function to validate that a hash table entry
     /// was correctly added for the match we were expection
+    #[allow(dead_code)] // fleetdelta patch: no longer called (hash_chain_holder.rs).
     fn assert_dictionary_valid(
         &self,
         target_reference: DeflateTokenReference,

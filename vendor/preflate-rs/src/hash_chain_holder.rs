@@ -2,6 +2,7 @@
  *  Copyright (c) Microsoft Corporation. All rights reserved.
  *  Licensed under the Apache License, Version 2.0. See LICENSE.txt in the project root for license information.
  *  This software incorporates material from third parties. See NOTICE.txt for details.
+ *  Modified for fleetdelta: no debug output on a failed match (see PATCHES.md).
  *--------------------------------------------------------------------------------------------*/
 
 use crate::bit_helper::DebugHash;
@@ -246,8 +247,8 @@ impl<H: HashChain + 'static> HashChainHolder for HashChainHolderImpl<H> {
 
             max_chain -= 1;
         }
-        self.hash.assert_dictionary_valid(*target_reference, input);
-
+        // fleetdelta patch: no dictionary dump (println! on stdout, and an assert!) when a
+        // match is not found; the error says it, and a library must not print.
         err_exit_code(ExitCode::MatchNotFound, "no match found")
     }
 
