@@ -32,9 +32,10 @@ pub fn fetched(report: &Value, service: &str) -> String {
     how
 }
 
-/// Waits for an agent started in the background, which must succeed.
+/// Waits for an agent started in the background (within [`super::COMMAND_SECONDS`]), which
+/// must succeed.
 pub fn finish(child: Child) -> Output {
-    let out = child.wait_with_output().unwrap();
+    let out = super::wait_within(child, super::COMMAND_SECONDS, "an agent started in the background");
     assert!(out.status.success(), "agent failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     out
 }

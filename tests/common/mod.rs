@@ -52,45 +52,49 @@ pub trait Bounded {
 impl Bounded for std::process::Command {
     fn output_within(&mut self, limit: u64) -> std::process::Output {
         use std::process::Stdio;
-        let mut child = self.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {self:?}: {e}"));
-        let drain = |mut pipe: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut bytes = Vec::new();
+        let child = self.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("cannot run {self:?}: {e}"));
+        wait_within(child, limit, &format!("{self:?}"))
+    }
+}
+
+/// Waits for a child started with piped stdout and stderr and collects them, like
+/// `Child::wait_with_output`; past `limit` seconds, kills it and panics with what it printed.
+pub fn wait_within(mut child: std::process::Child, limit: u64, what: &str) -> std::process::Output {
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
                 let _ = pipe.read_to_end(&mut bytes);
-                bytes
-            })
-        };
-        let stdout = drain(Box::new(child.stdout.take().unwrap()));
-        let stderr = drain(Box::new(child.stderr.take().unwrap()));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break Some(status);
             }
-            if std::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
-        // A grandchild still holding the pipes must not stall the test either.
-        let collect = |h: std::thread::JoinHandle<Vec<u8>>| {
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !h.is_finished() && std::time::Instant::now() < until {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            if h.is_finished() { h.join().unwrap() } else { b"(its output is still held open by a process it started)".to_vec() }
-        };
-        let (stdout, stderr) = (collect(stdout), collect(stderr));
-        match status {
-            Some(status) => std::process::Output { status, stdout, stderr },
-            None => panic!(
-                "{self:?} did not finish within {limit} s and was killed; it printed:\n{}{}",
-                String::from_utf8_lossy(&stdout),
-                String::from_utf8_lossy(&stderr)
-            ),
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(limit);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
         }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // A grandchild still holding the pipes must not stall the test either.
+    let collect = |h: std::thread::JoinHandle<Vec<u8>>| {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !h.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if h.is_finished() { h.join().unwrap() } else { b"(its output is still held open by a process it started)".to_vec() }
+    };
+    let (stdout, stderr) = (collect(stdout), collect(stderr));
+    match status {
+        Some(status) => std::process::Output { status, stdout, stderr },
+        None => panic!("{what} did not finish within {limit} s and was killed; it printed:\n{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)),
     }
 }
 
