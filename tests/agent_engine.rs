@@ -8,6 +8,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use common::engine::Dockerd;
@@ -64,16 +65,38 @@ fn busybox_layer() -> Vec<u8> {
     layer_tar(&tree)
 }
 
+/// Every test's device holds it: shared by all, exclusive for the test that runs hundreds of
+/// containers, so that its engine never shares the machine with another test's.
+static ENGINES: RwLock<()> = RwLock::new(());
+
+/// A device's hold on [`ENGINES`].
+#[allow(dead_code)] // held for its drop
+enum Hold {
+    Shared(RwLockReadGuard<'static, ()>),
+    Alone(RwLockWriteGuard<'static, ()>),
+}
+
 struct Device {
     tmp: tempfile::TempDir,
     engine: Dockerd,
     registry: Registry,
     base: Vec<u8>,
+    /// Dropped last: after the engine stopped.
+    _hold: Hold,
 }
 
 impl Device {
     fn new() -> Self {
-        Device { tmp: tempfile::tempdir().unwrap(), engine: Dockerd::start(), registry: Registry::start(), base: busybox_layer() }
+        Self::holding(Hold::Shared(ENGINES.read().unwrap_or_else(PoisonError::into_inner)))
+    }
+
+    /// A device whose engine is the only one running while it lives.
+    fn alone() -> Self {
+        Self::holding(Hold::Alone(ENGINES.write().unwrap_or_else(PoisonError::into_inner)))
+    }
+
+    fn holding(hold: Hold) -> Self {
+        Device { tmp: tempfile::tempdir().unwrap(), engine: Dockerd::start(), registry: Registry::start(), base: busybox_layer(), _hold: hold }
     }
 
     fn state(&self) -> PathBuf {
@@ -637,7 +660,7 @@ fn replicas_start_rolling_gated_on_their_health_and_an_unhealthy_version_rolls_b
 #[test]
 fn three_hundred_replicas_update_with_one_download() {
     const N: u32 = 300;
-    let d = Device::new();
+    let d = Device::alone();
     let (v1, v2) = (d.push_replica("app", 1, "0"), d.push_replica("app", 2, "0"));
     d.delta(&v1, &v2);
     let service = format!("    replicas: {N}\n");
