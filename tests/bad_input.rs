@@ -195,8 +195,10 @@ fn wrong_source_is_refused_before_anything_is_written() {
     contains(&err, "not the one this delta was made against");
 }
 
+/// A damaged gzip source layer fails (its CRC, or the rebuilt layer's diff_id); nothing is
+/// written.
 #[test]
-fn a_damaged_source_layer_is_caught_by_its_digest() {
+fn a_damaged_source_layer_is_caught_before_anything_is_written() {
     let f = Fixture::new();
     let layout = fleetdelta::image::Layout::open(f.path("s")).unwrap();
     let image = layout.load_image(None).unwrap();
@@ -207,6 +209,32 @@ fn a_damaged_source_layer_is_caught_by_its_digest() {
     fs::write(&p, bytes).unwrap();
     let err = f.apply_fails("s", "o");
     assert!(matches!(err, Error::DigestMismatch { .. } | Error::Malformed { .. } | Error::Io { .. }), "{err}");
+}
+
+/// Apply does not hash the source layers (issue: hash each byte once): a byte flipped in an
+/// uncompressed source layer, which no checksum of its own catches, reaches the patch's
+/// copies and is caught by the rebuilt layer's diff_id; nothing is written.
+#[test]
+fn a_damaged_uncompressed_source_layer_is_caught_by_the_rebuilt_layers_diff_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let app: Tree = (0..10).map(|i| (format!("app/{i}"), file(text(50 + i, 30_000)))).collect();
+    let mut app2 = app.clone();
+    app2.insert("app/new".into(), file(text(77, 9000)));
+    write_image(&root.join("s"), "latest", &[layer_tar(&app)], Compression::None);
+    write_image(&root.join("t"), "latest", &[layer_tar(&app2)], Compression::None);
+    diff(&oci(&root.join("s")), &oci(&root.join("t")), &oci(&root.join("d")), &DiffOptions::default(), &Silent).unwrap();
+    let layout = fleetdelta::image::Layout::open(root.join("s")).unwrap();
+    let p = layout.blob_path(&layout.load_image(None).unwrap().layers[0].blob.digest);
+    let mut bytes = fs::read(&p).unwrap();
+    // Inside the contents of app/3, which the target keeps as it is.
+    let at = bytes.windows(5).position(|w| w == b"app/3").unwrap() + 512 + 1000;
+    bytes[at] ^= 0x20;
+    fs::write(&p, bytes).unwrap();
+    let err = apply(&oci(&root.join("s")), &oci(&root.join("d")), &oci(&root.join("o")), &ApplyOptions::default(), &Silent).unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("layer 0"), "names the layer: {err}");
+    assert!(!root.join("o").exists() || fleetdelta::image::Layout::open(root.join("o")).and_then(|l| l.load_image(None)).is_err(), "nothing written");
 }
 
 #[test]
