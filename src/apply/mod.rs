@@ -240,6 +240,14 @@ impl Rebuild<'_> {
             }
         }
         let compression = self.output_compression(target);
+        if compression == Compression::None {
+            // The blob is the tar: its digest is the diff_id, hashed once by the blob writer
+            // and checked before the blob is stored.
+            let mut blob = self.writer.blob_limited(self.tar_limit(target), what)?;
+            let result = body(&mut blob)?;
+            let (digest, size) = blob.finish(Some((&target.diff_id, &format!("{what} (rebuilt, uncompressed)"))))?;
+            return Ok((BlobRef { media_type: compression.media_type_like(&target.blob.media_type), digest, size }, result));
+        }
         // Compressing never grows a tar by more than its stored blocks' headers.
         let limit = self.tar_limit(target).saturating_add(self.tar_limit(target) / 16).saturating_add(64 << 10);
         let mut out = HashingWriter::new(compression.encoder(self.writer.blob_limited(limit, what)?)?);

@@ -397,7 +397,9 @@ impl LayoutWriter {
             "annotations": { REF_NAME_ANNOTATION: tag },
         });
         if self.into_existing {
-            self.commit_in_place(&staged_blobs, entry, tag)
+            let committed = self.commit_in_place(&staged_blobs, entry, tag);
+            self.discard_staging();
+            committed
         } else {
             let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry] });
             fs::remove_file(self.staging.path().join(STAGING_LOCK)).ctx(|| "removing the staging lock".into())?;
@@ -483,7 +485,28 @@ const COMMIT_JOURNAL_PREFIX: &str = ".fleetdelta-commit-";
 /// than this (its writer may be between creating the directory and its lock).
 const UNLOCKED_STAGING_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Removes the staging directories named `prefix…` in `parent` whose writer is gone.
+impl LayoutWriter {
+    /// Removes the staging directory under another name first (`<prefix>trash-…`): a writer
+    /// killed while removing it leaves a directory that any later writer removes at once,
+    /// never a staging directory without its lock (which is given a minute, in case its
+    /// writer is still starting). The directory's own removal on drop then finds nothing.
+    fn discard_staging(&self) {
+        let path = self.staging.path();
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name().map(|n| n.to_string_lossy().into_owned())) else { return };
+        // The prefix ends with its last '-': tempfile's random part is alphanumeric.
+        let Some(cut) = name.rfind('-').map(|i| i + 1) else { return };
+        let trash = parent.join(format!("{}{TRASH_MARK}{}", &name[..cut], &name[cut..]));
+        if fs::rename(path, &trash).is_ok() {
+            let _ = fs::remove_dir_all(&trash);
+        }
+    }
+}
+
+/// After a staging prefix: a staging directory being removed ([`LayoutWriter::discard_staging`]).
+const TRASH_MARK: &str = "trash-";
+
+/// Removes the staging directories named `prefix…` in `parent` whose writer is gone, and
+/// those a writer was removing when it died.
 fn remove_stale_staging(parent: &Path, prefix: &str) -> Result<()> {
     let entries = match fs::read_dir(parent) {
         Ok(e) => e,
@@ -494,6 +517,11 @@ fn remove_stale_staging(parent: &Path, prefix: &str) -> Result<()> {
             continue;
         }
         let dir = entry.path();
+        if entry.file_name().to_string_lossy()[prefix.len()..].starts_with(TRASH_MARK) {
+            // Another writer may be removing it at the same time: whoever is first wins.
+            let _ = fs::remove_dir_all(&dir);
+            continue;
+        }
         let stale = match File::open(dir.join(STAGING_LOCK)) {
             // A lock we can take is a lock nobody holds: its writer died.
             Ok(lock) => lock.try_lock().is_ok(),
@@ -678,6 +706,29 @@ mod tests {
         assert!(layout.resolve(None).is_err(), "no 'latest' tag among several entries");
         let leftovers: Vec<_> = fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// A writer killed while removing its staging directory leaves it under its trash name
+    /// (never a staging directory without its lock, which waits out a grace period): the
+    /// next writer removes it at once; a fresh lockless staging directory is left alone.
+    #[test]
+    fn a_staging_directory_half_removed_by_a_killed_writer_is_removed_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("store");
+        let w = LayoutWriter::create(&dest).unwrap();
+        let (a, an) = w.put_blob(b"a").unwrap();
+        w.commit(&manifest_ref(a, an), "v1").unwrap();
+        let trash = dest.join(format!("{STAGING_IN_LAYOUT}{TRASH_MARK}Ab12Cd"));
+        fs::create_dir_all(trash.join("blobs/sha256")).unwrap();
+        let starting = dest.join(format!("{STAGING_IN_LAYOUT}Ef34Gh"));
+        fs::create_dir_all(&starting).unwrap();
+        let w = LayoutWriter::create(&dest).unwrap();
+        assert!(!trash.exists(), "a trash directory is removed by the next writer");
+        assert!(starting.exists(), "a lockless staging directory may be a writer starting");
+        let (b, bn) = w.put_blob(b"b").unwrap();
+        w.commit(&manifest_ref(b, bn), "v2").unwrap();
+        let left: Vec<_> = fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+        assert_eq!(left, [format!("{STAGING_IN_LAYOUT}Ef34Gh")], "the commit removed its own staging directory");
     }
 
     #[test]
