@@ -27,8 +27,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::error::AgentError;
-use super::lock::{self, Reason, ServiceLock};
-use super::state::{Installed, InstanceRecord};
+use super::lock::{self, Reason};
+use super::state::Installed;
 use super::{api, Agent};
 use crate::error::Result;
 
@@ -150,35 +150,16 @@ impl Agent<'_> {
             }
             None => installed.services.keys().cloned().collect(),
         };
-        // The locks, all at once: none is held back while the action waits for another.
         let mut locks = Vec::new();
-        let mut held = Vec::new();
         if let (Some(reason), false) = (action.reason(), force) {
-            for name in &services {
-                match ServiceLock::try_acquire(&self.state, name)? {
-                    Some(lock) => locks.push(lock),
-                    None if api::lock(&self.requests).go_ahead(name) => {}
-                    None => held.push(name.clone()),
-                }
-            }
-            if !held.is_empty() {
-                drop(locks);
-                let release = installed.release.clone().unwrap_or_default();
-                for name in &held {
-                    let request = lock::write_request(&self.state, name, reason, &release)?;
-                    let mut requests = api::lock(&self.requests);
-                    if !requests.waiting.contains_key(name) {
-                        tracing::info!(service = %name, reason = reason.as_str(), since = %request.since, action = %action, "waits for its lock");
-                    }
-                    requests.waiting.insert(name.clone(), request);
-                }
-                return Ok(Err(held));
+            match self.take_all_locks(&services, reason, installed.release.as_deref().unwrap_or_default())? {
+                Ok(taken) => locks = taken,
+                Err(held) => return Ok(Err(held)),
             }
             self.withdraw_action(action)?;
         }
         tracing::info!(action = %action, forced = force, "acting");
         let mut report = ActionReport { action: action.to_string(), services: services.clone(), forced: force, waited_seconds: since.elapsed().as_secs_f64(), command: None };
-        let records: Vec<(String, InstanceRecord)> = services.iter().map(|s| (s.clone(), installed.services[s].clone())).collect();
         match action {
             DeviceAction::Restart { service } | DeviceAction::Start { service } => {
                 let record = &installed.services[service];
@@ -194,7 +175,7 @@ impl Agent<'_> {
                 self.stop(service, &installed.services[service])?;
             }
             DeviceAction::Reboot | DeviceAction::Shutdown => {
-                for (service, record) in &records {
+                for (service, record) in &installed.services {
                     self.stop(service, record)?;
                 }
                 let command = if matches!(action, DeviceAction::Reboot) { &self.options.reboot_command } else { &self.options.shutdown_command };
@@ -204,16 +185,14 @@ impl Agent<'_> {
                     Ok(s) => Some(format!("{} exited with {s}", command.join(" "))),
                     Err(e) => Some(format!("starting {}: {e}", command.join(" "))),
                 };
-                if failed.is_none() {
-                    self.powering_down = Some(action.name());
-                }
                 if let Some(reason) = failed {
                     // The device stays up: what ran runs again.
-                    for (service, record) in records.iter().filter(|(s, _)| !installed.stopped.contains(s)) {
+                    for (service, record) in installed.services.iter().filter(|(s, _)| !installed.stopped.contains(*s)) {
                         self.start(service, record, false, false)?;
                     }
                     return Err(AgentError::Action { action: action.to_string(), reason }.into());
                 }
+                self.powering_down = Some(action.name());
             }
         }
         for name in &services {

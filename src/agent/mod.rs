@@ -237,14 +237,14 @@ struct Run<'p> {
 }
 
 impl<'p> Run<'p> {
-    /// The services this update still changes (switches not done nor rolled back).
+    /// The services whose switch is still to do (not done nor rolled back).
+    fn pending(&self) -> impl Iterator<Item = &'p ServicePlan> + '_ {
+        self.plan.services.iter().filter(|s| s.switches() && !self.rolled_back.contains_key(&s.service) && self.done.get(&s.service).copied().unwrap_or(0) < s.steps.len())
+    }
+
+    /// The names of [`Run::pending`]: the services this update still changes.
     fn changing(&self) -> BTreeSet<String> {
-        self.plan
-            .services
-            .iter()
-            .filter(|s| s.switches() && !self.rolled_back.contains_key(&s.service) && self.done.get(&s.service).copied().unwrap_or(0) < s.steps.len())
-            .map(|s| s.service.clone())
-            .collect()
+        self.pending().map(|s| s.service.clone()).collect()
     }
 
     /// The bookkeeping of `plan` as the journal left it.
@@ -472,11 +472,7 @@ impl<'a> Agent<'a> {
         let started = Instant::now();
         let plan = run.plan;
         loop {
-            let pending: Vec<&ServicePlan> = plan
-                .services
-                .iter()
-                .filter(|s| s.switches() && !run.rolled_back.contains_key(&s.service) && run.done.get(&s.service).copied().unwrap_or(0) < s.steps.len())
-                .collect();
+            let pending: Vec<&ServicePlan> = run.pending().collect();
             if pending.is_empty() {
                 return Ok(true);
             }
@@ -558,6 +554,35 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// Takes the locks of all `services` at once, or none, so that no service is held back
+    /// while the agent waits for another; a service that said go-ahead is not waited for.
+    /// When some are held, the rest are let go and each holder gets a request saying
+    /// `reason` (for `release`): `Ok(Err(holders))`, the holders in `services`' order.
+    fn take_all_locks(&mut self, services: &[String], reason: Reason, release: &str) -> Result<std::result::Result<Vec<ServiceLock>, Vec<String>>> {
+        let mut locks = Vec::new();
+        let mut held = Vec::new();
+        for name in services {
+            match ServiceLock::try_acquire(&self.state, name)? {
+                Some(lock) => locks.push(lock),
+                None if api::lock(&self.requests).go_ahead(name) => {}
+                None => held.push(name.clone()),
+            }
+        }
+        if held.is_empty() {
+            return Ok(Ok(locks));
+        }
+        drop(locks);
+        for name in &held {
+            let request = lock::write_request(&self.state, name, reason, release)?;
+            let mut requests = api::lock(&self.requests);
+            if !requests.waiting.contains_key(name) {
+                tracing::info!(service = %name, reason = reason.as_str(), since = %request.since, "waits for its lock");
+            }
+            requests.waiting.insert(name.clone(), request);
+        }
+        Ok(Err(held))
+    }
+
     /// Removes the requests of services still waiting: this run no longer waits for them.
     fn withdraw_requests(&mut self, run: &Run) -> Result<()> {
         for name in &run.waiting {
@@ -574,18 +599,9 @@ impl<'a> Agent<'a> {
         let started = Instant::now();
         let services: Vec<String> = Installed::load(&self.state)?.services.into_keys().collect();
         loop {
-            let mut held = Vec::new();
-            run.waiting.clear();
-            for name in &services {
-                match ServiceLock::try_acquire(&self.state, name)? {
-                    Some(lock) => held.push(lock),
-                    None if api::lock(&self.requests).go_ahead(name) => {}
-                    None => {
-                        run.waiting.insert(name.clone());
-                    }
-                }
-            }
-            if run.waiting.is_empty() {
+            let taken = self.take_all_locks(&services, Reason::OsUpdate, &run.plan.target_release)?;
+            run.waiting = taken.as_ref().err().map(|w| w.iter().cloned().collect()).unwrap_or_default();
+            if let Ok(held) = taken {
                 for name in &services {
                     lock::remove_request(&self.state, name)?;
                     api::lock(&self.requests).waiting.remove(name);
@@ -608,11 +624,6 @@ impl<'a> Agent<'a> {
                 run.done.insert(OS_UPDATE.into(), 1);
                 drop(held);
                 return Ok(Some(version.to_string()));
-            }
-            drop(held);
-            for name in &run.waiting {
-                let request = lock::write_request(&self.state, name, Reason::OsUpdate, &run.plan.target_release)?;
-                api::lock(&self.requests).waiting.insert(name.clone(), request);
             }
             if self.options.lock_timeout.is_some_and(|t| started.elapsed() >= t) || self.target_moved(&run.plan.target_release) {
                 self.withdraw_requests(run)?;
