@@ -269,32 +269,34 @@ fn serve(stream: UnixStream, requests: &SharedRequests, access: Access) {
 /// done. A lock still held at the end of `wait` is [`AgentError::Locked`].
 pub fn send_action(socket: &Path, action: &DeviceAction, force: bool, wait: Option<Duration>) -> Result<super::ActionReport> {
     let request = ApiRequest::Action { action: action.clone(), force, wait_seconds: wait.map(|w| w.as_secs_f64()) };
-    let mut stream = UnixStream::connect(socket).ctx(|| format!("connecting to {}", socket.display()))?;
-    let line = serde_json::to_string(&request).expect("requests serialize");
-    writeln!(stream, "{line}").ctx(|| format!("writing to {}", socket.display()))?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).ctx(|| format!("reading from {}", socket.display()))?;
-    let value: Value = serde_json::from_str(&answer).map_err(|e| AgentError::Api(format!("unreadable answer {answer:?}: {e}")))?;
+    // No read timeout: the answer comes once the action is done, after its locks.
+    let value = exchange(socket, &request, None)?;
     if let Some(services) = value.get("locked_services").and_then(|s| serde_json::from_value::<Vec<String>>(s.clone()).ok()) {
         return Err(AgentError::Locked { action: action.to_string(), services }.into());
     }
-    if value.get("ok") != Some(&Value::Bool(true)) {
-        let error = value.get("error").and_then(Value::as_str).unwrap_or("refused").to_string();
-        return Err(AgentError::Api(error).into());
-    }
-    serde_json::from_value(value["report"].clone()).map_err(|e| AgentError::Api(format!("unreadable report in {answer:?}: {e}")).into())
+    let value = accepted(value)?;
+    serde_json::from_value(value["report"].clone()).map_err(|e| AgentError::Api(format!("unreadable report in {value}: {e}")).into())
 }
 
 /// Sends one request to an agent's socket and returns its answer (for `fleetdelta agent
 /// go-ahead` and tests). A refused request is an error carrying the agent's message.
 pub fn send(socket: &Path, request: &ApiRequest) -> Result<Value> {
+    accepted(exchange(socket, request, Some(CLIENT_TIMEOUT))?)
+}
+
+/// One request line to `socket` and its answer line, parsed; waits at most `timeout` for it.
+fn exchange(socket: &Path, request: &ApiRequest, timeout: Option<Duration>) -> Result<Value> {
     let mut stream = UnixStream::connect(socket).ctx(|| format!("connecting to {}", socket.display()))?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).ctx(|| "configuring the socket".into())?;
+    stream.set_read_timeout(timeout).ctx(|| "configuring the socket".into())?;
     let line = serde_json::to_string(request).expect("requests serialize");
     writeln!(stream, "{line}").ctx(|| format!("writing to {}", socket.display()))?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).ctx(|| format!("reading from {}", socket.display()))?;
-    let value: Value = serde_json::from_str(&answer).map_err(|e| AgentError::Api(format!("unreadable answer {answer:?}: {e}")))?;
+    serde_json::from_str(&answer).map_err(|e| AgentError::Api(format!("unreadable answer {answer:?}: {e}")).into())
+}
+
+/// The answer when it says `"ok": true`; else the agent's message as an error.
+fn accepted(value: Value) -> Result<Value> {
     if value.get("ok") != Some(&Value::Bool(true)) {
         let error = value.get("error").and_then(Value::as_str).unwrap_or("refused").to_string();
         return Err(AgentError::Api(error).into());
