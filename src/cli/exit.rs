@@ -40,14 +40,8 @@ pub const TABLE: &str = "Exit status:
 /// The code of a failure: [`REJECTED`] for unmet contracts, [`LOCKED`] for an action that
 /// gave up waiting for a lock, else [`ERROR`].
 pub fn for_error(e: &anyhow::Error) -> ExitCode {
-    let rejected = e.chain().any(|cause| {
-        matches!(cause.downcast_ref::<ReleaseError>(), Some(ReleaseError::Rejected { .. }))
-            || matches!(cause.downcast_ref::<fleetdelta::Error>(), Some(fleetdelta::Error::Release(ReleaseError::Rejected { .. })))
-    });
-    let locked = e.chain().any(|cause| {
-        matches!(cause.downcast_ref::<AgentError>(), Some(AgentError::Locked { .. }))
-            || matches!(cause.downcast_ref::<fleetdelta::Error>(), Some(fleetdelta::Error::Agent(AgentError::Locked { .. })))
-    });
+    let rejected = release_errors(e).any(|r| matches!(r, ReleaseError::Rejected { .. }));
+    let locked = agent_errors(e).any(|a| matches!(a, AgentError::Locked { .. }));
     ExitCode::from(if rejected {
         REJECTED
     } else if locked {
@@ -60,18 +54,35 @@ pub fn for_error(e: &anyhow::Error) -> ExitCode {
 /// What a contract rejection prints on stdout with `--json` (`docs/schemas/rejected.schema.json`):
 /// the release and, per service, the contract and its unmet requirements.
 pub fn rejection_json(e: &anyhow::Error) -> Option<serde_json::Value> {
-    let (release, services) = e.chain().find_map(|cause| match cause.downcast_ref::<ReleaseError>() {
-        Some(ReleaseError::Rejected { release, services }) => Some((release, services)),
-        _ => match cause.downcast_ref::<fleetdelta::Error>() {
-            Some(fleetdelta::Error::Release(ReleaseError::Rejected { release, services })) => Some((release, services)),
-            _ => None,
-        },
+    let (release, services) = release_errors(e).find_map(|r| match r {
+        ReleaseError::Rejected { release, services } => Some((release, services)),
+        _ => None,
     })?;
     let services: Vec<serde_json::Value> = services
         .iter()
         .map(|s| serde_json::json!({"service_name": s.service, "contract": s.contract, "unmet_requirements": s.unmet.iter().map(ToString::to_string).collect::<Vec<_>>()}))
         .collect();
     Some(serde_json::json!({"rejected": {"release": release, "services": services}}))
+}
+
+/// The errors of type `T` in `e`'s chain, as they are or wrapped in the library's error
+/// (`inside` takes them out of it).
+fn causes<'a, T: std::error::Error + 'static>(e: &'a anyhow::Error, inside: fn(&fleetdelta::Error) -> Option<&T>) -> impl Iterator<Item = &'a T> {
+    e.chain().filter_map(move |cause| cause.downcast_ref::<fleetdelta::Error>().and_then(inside).or_else(|| cause.downcast_ref::<T>()))
+}
+
+fn release_errors(e: &anyhow::Error) -> impl Iterator<Item = &ReleaseError> {
+    causes(e, |lib| match lib {
+        fleetdelta::Error::Release(r) => Some(r),
+        _ => None,
+    })
+}
+
+fn agent_errors(e: &anyhow::Error) -> impl Iterator<Item = &AgentError> {
+    causes(e, |lib| match lib {
+        fleetdelta::Error::Agent(a) => Some(a),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
