@@ -183,9 +183,7 @@ pub async fn find_in_repository(client: &Client, target: &RegistryRef, key: &Del
     let referrers = client.referrers(target, &key.target_manifest).await?;
     let mut best: Option<StoredDelta> = None;
     for r in referrers.into_iter().filter(|r| annotations_match(&r.annotations, key)) {
-        // Named by the repository and its own digest: the target's tag would make it read as
-        // the target.
-        let pinned = target.without_tag().with_digest(r.digest);
+        let pinned = target.by_digest(r.digest);
         let fetched = client.get_image_manifest(&pinned).await?;
         let manifest = Manifest::parse(fetched.raw.clone(), Some(&fetched.media_type))?;
         let download = fetched.raw.len() as u64 + manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
@@ -212,7 +210,7 @@ pub async fn find_by_tag(client: &Client, target: &RegistryRef, key: &DeltaKey) 
     }
     let manifest = Manifest::parse(fetched.raw.clone(), Some(&fetched.media_type))?;
     let download = fetched.raw.len() as u64 + manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
-    Ok(Some(StoredDelta { reference: ImageRef::Registry(target.without_tag().with_digest(fetched.digest)), manifest: fetched.digest, download }))
+    Ok(Some(StoredDelta { reference: ImageRef::Registry(target.by_digest(fetched.digest)), manifest: fetched.digest, download }))
 }
 
 #[cfg(test)]

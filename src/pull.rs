@@ -271,10 +271,10 @@ fn ask_service(transfer: &Transfer, service: &ServiceOptions, target: &RegistryR
     // digest is what identifies it.
     let source = match source {
         Some(s) => s.without_tag(),
-        None => target.with_digest(image.manifest.digest).without_tag(),
+        None => target.by_digest(image.manifest.digest),
     };
     let request = DeltaRequest {
-        target: format!("docker://{}", target.with_digest(*target_manifest).without_tag()),
+        target: format!("docker://{}", target.by_digest(*target_manifest)),
         source: Some(format!("docker://{source}")),
         source_config: Some(image.config.digest),
     };

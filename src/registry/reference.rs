@@ -99,6 +99,12 @@ impl RegistryRef {
     pub fn without_tag(&self) -> Self {
         RegistryRef { tag: None, ..self.clone() }
     }
+
+    /// The image `digest` of the same repository, named by its digest alone: a tag kept from
+    /// another image would make it read as that one.
+    pub fn by_digest(&self, digest: Digest) -> Self {
+        RegistryRef { tag: None, digest: Some(digest), ..self.clone() }
+    }
 }
 
 fn valid_component(c: &str) -> bool {

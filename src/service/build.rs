@@ -202,6 +202,6 @@ async fn build(ctx: &BuildContext, job: &Job) -> Result<(Built, u64)> {
     let lock = ctx.push_lock(&key.target_manifest);
     let _pushing = lock.lock().await;
     let pushed = push_image(&ctx.client, &layout, Some(&tag), &target.with_tag(&tag), None, &Silent).await?;
-    let built = Built { reference: target.without_tag().with_digest(pushed.manifest), manifest: pushed.manifest, download: report.delta_bytes };
+    let built = Built { reference: target.by_digest(pushed.manifest), manifest: pushed.manifest, download: report.delta_bytes };
     Ok((built, report.full_pull_bytes))
 }
