@@ -88,6 +88,11 @@ impl Engine {
         &self.host
     }
 
+    /// The connection for an image export or load, which may stream for long.
+    fn transfer_client(&self) -> Docker {
+        self.docker.clone().with_timeout(TRANSFER_TIMEOUT)
+    }
+
     pub(super) fn error(&self, what: impl Into<String>, e: impl std::fmt::Display) -> Error {
         Error::Engine { engine: self.host.clone(), what: what.into(), reason: e.to_string() }
     }
@@ -128,7 +133,7 @@ impl Engine {
         let manifest = std::thread::scope(|s| {
             let reader = s.spawn(|| read_archive(ChannelReader { rx, current: Bytes::new() }, writer, &found.id, max_layer_bytes, &what));
             let fed = self.runtime.block_on(async {
-                let transfer = self.docker.clone().with_timeout(TRANSFER_TIMEOUT);
+                let transfer = self.transfer_client();
                 let mut stream = transfer.export_image(&id);
                 while let Some(chunk) = stream.next().await {
                     let failed = chunk.as_ref().err().map(|e| e.to_string());
@@ -209,7 +214,7 @@ impl Engine {
             });
             let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
             let loaded = self.runtime.block_on(async {
-                let transfer = self.docker.clone().with_timeout(TRANSFER_TIMEOUT);
+                let transfer = self.transfer_client();
                 let mut answers = transfer.import_image_stream(ImportImageOptions { quiet: true, platform: None }, body, None);
                 while let Some(answer) = answers.next().await {
                     answer?;
