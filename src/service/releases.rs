@@ -163,10 +163,13 @@ impl Releases {
     }
 
     /// The transition from release `from` to release `to` (both registered) for a device
-    /// with `facts`, as `release-update --json` prints it. `Ok(None)` when either release is
-    /// not registered.
-    pub async fn update(&self, from: &str, to: &str, facts: Option<&DeviceFacts>, builds: &Builds) -> Result<Option<serde_json::Value>> {
-        let (Some(from), Some(to)) = (self.get(from), self.get(to)) else { return Ok(None) };
+    /// with `facts`, as `release-update --json` prints it. `Ok(Err(ids))` names the releases
+    /// of the two that are not registered.
+    pub async fn update(&self, from: &str, to: &str, facts: Option<&DeviceFacts>, builds: &Builds) -> Result<std::result::Result<serde_json::Value, Vec<String>>> {
+        let (from, to) = match (self.get(from), self.get(to)) {
+            (Some(f), Some(t)) => (f, t),
+            (f, t) => return Ok(Err([(from, f.is_none()), (to, t.is_none())].into_iter().filter(|(_, missing)| *missing).map(|(id, _)| id.to_string()).collect())),
+        };
         let client = builds.client();
         let mut catalog = MemoryCatalog::default();
         for service in from.release.services.iter().chain(to.release.services.iter()) {
@@ -182,7 +185,7 @@ impl Releases {
                 continue;
             }
             let key = DeltaKey { source_config: source.manifest.config.digest, target_manifest: target.manifest.digest };
-            let reference = |delta: Digest| ImageRef::Registry(target.pinned.without_tag().with_digest(delta)).to_string();
+            let reference = |delta: Digest| ImageRef::Registry(target.pinned.by_digest(delta)).to_string();
             let status = match builds.peek(&key) {
                 Some(Status::Working { .. }) => DeltaStatus::Building,
                 Some(Status::Ready(b)) => DeltaStatus::Ready { reference: reference(b.manifest), size: b.download },
@@ -193,7 +196,7 @@ impl Releases {
             };
             catalog.statuses.insert(ImagePair { from: source.manifest.digest, to: target.manifest.digest }, status);
         }
-        Ok(Some(plan(&from.release, &to.release, facts, &catalog)?.to_json()))
+        Ok(Ok(plan(&from.release, &to.release, facts, &catalog)?.to_json()))
     }
 }
 

@@ -278,13 +278,11 @@ async fn release_update(State(app): State<App>, Query(query): Query<UpdateQuery>
         }
     };
     match app.releases.update(&query.from, &query.to, facts.as_ref(), &app.builds).await {
-        Ok(Some(json)) => Json(json).into_response(),
-        Ok(None) => {
-            let known = app.releases.ids();
-            let missing: Vec<&str> = [query.from.as_str(), query.to.as_str()].into_iter().filter(|id| !known.iter().any(|k| k == id)).collect();
+        Ok(Ok(json)) => Json(json).into_response(),
+        Ok(Err(missing)) => {
             let message = match missing.as_slice() {
                 [one] => format!("release {one} is not registered"),
-                _ => format!("releases {} and {} are not registered", query.from, query.to),
+                _ => format!("releases {} are not registered", missing.join(" and ")),
             };
             error(StatusCode::NOT_FOUND, message)
         }
