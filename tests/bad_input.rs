@@ -237,6 +237,17 @@ fn a_damaged_uncompressed_source_layer_is_caught_by_the_rebuilt_layers_diff_id()
     assert!(!root.join("o").exists() || fleetdelta::image::Layout::open(root.join("o")).and_then(|l| l.load_image(None)).is_err(), "nothing written");
 }
 
+/// A gzip source layer that inflates past the layer limit (a decompression bomb on the
+/// device) is refused by name, although apply no longer hashes its sources; nothing is written.
+#[test]
+fn a_source_layer_inflating_past_the_limit_is_refused_by_name() {
+    let f = Fixture::new();
+    let opts = ApplyOptions { max_layer_bytes: 100_000, ..ApplyOptions::default() };
+    let err = apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &opts, &Silent).unwrap_err();
+    assert!(matches!(&err, Error::TooLarge { what, limit: 100_000 } if what.contains("source layer 1")), "{err}");
+    assert!(!f.path("o").exists(), "nothing written");
+}
+
 #[test]
 fn a_failed_apply_leaves_an_existing_output_layout_as_it_was() {
     let f = Fixture::new();
