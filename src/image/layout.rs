@@ -281,9 +281,12 @@ impl LayoutWriter {
             (parent_dir(dest), format!(".{name}{STAGING_BESIDE_LAYOUT}"))
         };
         fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
+        // Under the parent's lock, a staging directory is never seen without its lock file
+        // while its writer lives: writers create both under it, and drop the lock file (at
+        // a commit into a new layout) under it too. So a lockless one is a killed writer's.
+        let _parent_guard = lock_layout(&parent)?;
         remove_stale_staging(&parent, &prefix)?;
         if existing_layout {
-            let _guard = lock_layout(dest)?;
             recover_interrupted_commits(dest)?;
         }
         // Permissions as the umask makes them, like any directory the user creates (the
@@ -402,6 +405,10 @@ impl LayoutWriter {
             committed
         } else {
             let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry] });
+            // Without its lock file, the staging directory is protected by the parent's lock
+            // until it has become the layout (see `create`).
+            let parent = parent_dir(&self.dest);
+            let _parent_guard = lock_layout(&parent)?;
             fs::remove_file(self.staging.path().join(STAGING_LOCK)).ctx(|| "removing the staging lock".into())?;
             write_new(&self.staging.path().join(INDEX_FILE), &serde_json::to_vec(&index).expect("JSON values serialize"))?;
             write_new(&self.staging.path().join(LAYOUT_FILE), LAYOUT_VERSION_JSON.as_bytes())?;
@@ -412,7 +419,7 @@ impl LayoutWriter {
                 let _ = fs::remove_dir_all(&staging);
                 return Err(Error::io(format!("renaming the new image into {}", self.dest.display()), e));
             }
-            sync_dir(&parent_dir(&self.dest))
+            sync_dir(&parent)
         }
     }
 
@@ -481,15 +488,11 @@ const TEMP_FILE_PREFIX: &str = ".tmp-";
 /// Prefix of a commit journal in a layout: the blobs a commit is moving in, one hex digest a
 /// line, until its `index.json` is written.
 const COMMIT_JOURNAL_PREFIX: &str = ".fleetdelta-commit-";
-/// A staging directory without its lock file is taken for a killed writer's only when older
-/// than this (its writer may be between creating the directory and its lock).
-const UNLOCKED_STAGING_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl LayoutWriter {
-    /// Removes the staging directory under another name first (`<prefix>trash-…`): a writer
-    /// killed while removing it leaves a directory that any later writer removes at once,
-    /// never a staging directory without its lock (which is given a minute, in case its
-    /// writer is still starting). The directory's own removal on drop then finds nothing.
+    /// Removes the staging directory under another name first (`<prefix>trash-…`), so that
+    /// a writer killed while removing it leaves a directory that reads as garbage by its
+    /// name alone. The directory's own removal on drop then finds nothing.
     fn discard_staging(&self) {
         let path = self.staging.path();
         let (Some(parent), Some(name)) = (path.parent(), path.file_name().map(|n| n.to_string_lossy().into_owned())) else { return };
@@ -506,7 +509,8 @@ impl LayoutWriter {
 const TRASH_MARK: &str = "trash-";
 
 /// Removes the staging directories named `prefix…` in `parent` whose writer is gone, and
-/// those a writer was removing when it died.
+/// those a writer was removing when it died. The caller holds `parent`'s lock, so a staging
+/// directory without its lock file has no live writer (see [`LayoutWriter::create`]).
 fn remove_stale_staging(parent: &Path, prefix: &str) -> Result<()> {
     let entries = match fs::read_dir(parent) {
         Ok(e) => e,
@@ -525,7 +529,7 @@ fn remove_stale_staging(parent: &Path, prefix: &str) -> Result<()> {
         let stale = match File::open(dir.join(STAGING_LOCK)) {
             // A lock we can take is a lock nobody holds: its writer died.
             Ok(lock) => lock.try_lock().is_ok(),
-            Err(_) => entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > UNLOCKED_STAGING_GRACE)),
+            Err(_) => true,
         };
         if stale {
             fs::remove_dir_all(&dir).ctx(|| format!("removing the stale staging directory {}", dir.display()))?;
@@ -534,7 +538,8 @@ fn remove_stale_staging(parent: &Path, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-/// Takes the lock that serializes the read-modify-write of a layout's `index.json`.
+/// Takes the lock that serializes the read-modify-write of a layout's `index.json` (and,
+/// on any directory, the creation and removal of the staging directories in it).
 fn lock_layout(dest: &Path) -> Result<File> {
     let dir = File::open(dest).ctx(|| format!("opening {}", dest.display()))?;
     dir.lock().ctx(|| format!("locking {}", dest.display()))?;
@@ -708,11 +713,11 @@ mod tests {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
-    /// A writer killed while removing its staging directory leaves it under its trash name
-    /// (never a staging directory without its lock, which waits out a grace period): the
-    /// next writer removes it at once; a fresh lockless staging directory is left alone.
+    /// A writer killed while removing its staging directory leaves it under its trash name,
+    /// one killed between creating its staging directory and its lock file leaves a
+    /// lockless one: the next writer removes both at once, and keeps a live writer's.
     #[test]
-    fn a_staging_directory_half_removed_by_a_killed_writer_is_removed_at_once() {
+    fn staging_directories_of_killed_writers_are_removed_at_once() {
         let tmp = tempfile::tempdir().unwrap();
         let dest = tmp.path().join("store");
         let w = LayoutWriter::create(&dest).unwrap();
@@ -720,15 +725,18 @@ mod tests {
         w.commit(&manifest_ref(a, an), "v1").unwrap();
         let trash = dest.join(format!("{STAGING_IN_LAYOUT}{TRASH_MARK}Ab12Cd"));
         fs::create_dir_all(trash.join("blobs/sha256")).unwrap();
-        let starting = dest.join(format!("{STAGING_IN_LAYOUT}Ef34Gh"));
-        fs::create_dir_all(&starting).unwrap();
+        let lockless = dest.join(format!("{STAGING_IN_LAYOUT}Ef34Gh"));
+        fs::create_dir_all(&lockless).unwrap();
+        let live = LayoutWriter::create(&dest).unwrap();
         let w = LayoutWriter::create(&dest).unwrap();
         assert!(!trash.exists(), "a trash directory is removed by the next writer");
-        assert!(starting.exists(), "a lockless staging directory may be a writer starting");
+        assert!(!lockless.exists(), "a lockless staging directory is a killed writer's");
+        assert!(live.staging.path().join(STAGING_LOCK).exists(), "a live writer's staging directory is kept");
         let (b, bn) = w.put_blob(b"b").unwrap();
         w.commit(&manifest_ref(b, bn), "v2").unwrap();
+        drop(live);
         let left: Vec<_> = fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
-        assert_eq!(left, [format!("{STAGING_IN_LAYOUT}Ef34Gh")], "the commit removed its own staging directory");
+        assert!(left.is_empty(), "every writer removed its own staging directory: {left:?}");
     }
 
     #[test]
