@@ -94,14 +94,16 @@ fn invalid_fixture_names_file_and_service() {
     let message = err.to_string();
     assert!(message.starts_with(&path.display().to_string()), "{message}");
     assert!(message.contains("services: duplicate key \"api\""), "{message}");
-    // And it converts into the crate's error.
-    assert!(matches!(fleetdelta::Error::from(err), fleetdelta::Error::Release(ReleaseError::Syntax { .. })));
+    // The agent's error wraps it whole (the engine's knows nothing of releases).
+    let wrapped = fleetdelta::agent::AgentError::from(err);
+    assert!(matches!(wrapped.as_release(), Some(ReleaseError::Syntax { .. })), "{wrapped:?}");
+    assert_eq!(wrapped.to_string(), message, "wrapped whole: the same message");
 }
 
 /// The JSON of a transition, compared as a value with a fixture written by hand from the shape
 /// of balena's release-update tool (`balena-io-modules/balena-release-update`: the
 /// `ReleaseUpdate`/`ServiceUpdate` interfaces of `lib/index.ts` and the example output in
-/// `bin/balena-release-update.js`) plus our documented additions (see `src/release/json.rs`).
+/// `bin/balena-release-update.js`) plus our documented additions (see `crates/release/src/json.rs`).
 #[test]
 fn json_matches_the_balena_shaped_snapshot() {
     let t = plan(

@@ -218,8 +218,7 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet
     }
     let Some(state) = &args.state else { bail!("--state DIR is required") };
     // One log line per decision on stderr (warnings only with --quiet); the report on stdout.
-    let format = if args.log_json { fleetdelta::service::config::LogFormat::Json } else { fleetdelta::service::config::LogFormat::Text };
-    super::init_logging(format, if quiet { "warn" } else { "info" });
+    super::init_logging(args.log_json, if quiet { "warn" } else { "info" });
     let Some(target) = &args.target else { bail!("--target RELEASE is required") };
     let facts = args.device.as_deref().map(DeviceFacts::load).transpose()?;
     let options = AgentOptions {
@@ -238,7 +237,7 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet
         start_timeout: seconds(args.start_timeout, "--start-timeout")?,
         ..AgentOptions::default()
     };
-    let arch = options.facts.as_ref().and_then(|f| f.arch.as_deref()).and_then(fleetdelta::release_update::oci_architecture);
+    let arch = options.facts.as_ref().and_then(|f| f.arch.as_deref()).and_then(fleetdelta::release::oci_architecture);
     let transfer = registry.transfer(arch)?;
     let state_dir = StateDir::open(state)?;
     let runtime = make_runtime(args.runtime, &state_dir, &transfer)?;

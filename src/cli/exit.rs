@@ -21,6 +21,7 @@ pub const LOCKED: u8 = 3;
 /// `agent --once`: a service's update failed and it was rolled back to what it ran.
 pub const ROLLED_BACK: u8 = 4;
 /// `release-update --wait`/`--timeout`: the deadline passed before every delta was ready.
+#[cfg_attr(not(feature = "service"), allow(dead_code))] // release-update's, which a device build lacks
 pub const TIMED_OUT: u8 = 5;
 /// The target release's contracts are not met by the device (`--device`): nothing changed.
 pub const REJECTED: u8 = 6;
@@ -65,24 +66,26 @@ pub fn rejection_json(e: &anyhow::Error) -> Option<serde_json::Value> {
     Some(serde_json::json!({"rejected": {"release": release, "services": services}}))
 }
 
-/// The errors of type `T` in `e`'s chain, as they are or wrapped in the library's error
-/// (`inside` takes them out of it).
-fn causes<'a, T: std::error::Error + 'static>(e: &'a anyhow::Error, inside: fn(&fleetdelta::Error) -> Option<&T>) -> impl Iterator<Item = &'a T> {
-    e.chain().filter_map(move |cause| cause.downcast_ref::<fleetdelta::Error>().and_then(inside).or_else(|| cause.downcast_ref::<T>()))
+/// The release model's errors in `e`'s chain: as they are, or wrapped whole in the agent's
+/// or a release update's error.
+fn release_errors(e: &anyhow::Error) -> impl Iterator<Item = &ReleaseError> {
+    e.chain().filter_map(|cause| {
+        cause.downcast_ref::<ReleaseError>().or_else(|| cause.downcast_ref::<AgentError>().and_then(AgentError::as_release)).or_else(|| in_update_error(cause))
+    })
 }
 
-fn release_errors(e: &anyhow::Error) -> impl Iterator<Item = &ReleaseError> {
-    causes(e, |lib| match lib {
-        fleetdelta::Error::Release(r) => Some(r),
-        _ => None,
-    })
+#[cfg(feature = "service")]
+fn in_update_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a ReleaseError> {
+    cause.downcast_ref::<fleetdelta::release_update::UpdateError>().and_then(|u| u.as_release())
+}
+
+#[cfg(not(feature = "service"))]
+fn in_update_error<'a>(_: &'a (dyn std::error::Error + 'static)) -> Option<&'a ReleaseError> {
+    None
 }
 
 fn agent_errors(e: &anyhow::Error) -> impl Iterator<Item = &AgentError> {
-    causes(e, |lib| match lib {
-        fleetdelta::Error::Agent(a) => Some(a),
-        _ => None,
-    })
+    e.chain().filter_map(|cause| cause.downcast_ref::<AgentError>())
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ mod diff_cmd;
 mod info_cmd;
 mod progress;
 mod pull_cmd;
+#[cfg(feature = "service")]
 mod release_update_cmd;
+#[cfg(feature = "service")]
 mod serve_cmd;
 
 use std::path::PathBuf;
@@ -210,6 +212,7 @@ pub enum Command {
     },
     /// The update from one release to another: per service removed, added, unchanged or
     /// delta-updated, each delta's status, the payload estimate; builds and waits for deltas.
+    #[cfg(feature = "service")]
     ReleaseUpdate {
         /// The release the device runs (YAML release file).
         #[arg(long, value_name = "RELEASE")]
@@ -250,6 +253,7 @@ pub enum Command {
     },
     /// Run the builder service: deltas built once per image pair, ahead of the fleet, served
     /// over HTTP (docs/api.md). Stops on SIGTERM or ctrl-c.
+    #[cfg(feature = "service")]
     Serve(serve_cmd::ServeArgs),
     /// The device agent: update this device to a target release, service by service, each
     /// under its lock (`agent --state DIR --target RELEASE`); or `agent status|go-ahead|defer`.
@@ -289,9 +293,11 @@ pub fn run() -> anyhow::Result<ExitCode> {
             let args = pull_cmd::Args { from: from.as_deref(), delta: delta.as_deref(), allow_full: !no_full_download, service: service.as_deref(), service_wait, layers, json };
             pull_cmd::run(&transfer()?, &args, &target, &output, progress)
         }
+        #[cfg(feature = "service")]
         Command::Serve(args) => serve_cmd::run(registry, &args),
         Command::Info { delta, json } => info_cmd::run(&transfer()?, &delta, json),
         Command::Agent { action, run } => return agent_cmd::run(registry, action, run, cli.quiet, progress),
+        #[cfg(feature = "service")]
         Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, fidelity, json } => {
             let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, fidelity, json };
             return release_update_cmd::run(registry, &args, progress);
@@ -351,12 +357,13 @@ pub fn print_loaded(output: &fleetdelta::ImageRef, loaded: &fleetdelta::engine::
 
 /// Structured logs (tracing) on stderr: text, or JSON lines; the level from `$FLEETDELTA_LOG`
 /// (`info` by default); colours only on a terminal.
-pub fn init_logging(format: fleetdelta::service::config::LogFormat, default_level: &str) {
+pub fn init_logging(json: bool, default_level: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETDELTA_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
-    match format {
-        fleetdelta::service::config::LogFormat::Json => builder.json().init(),
-        fleetdelta::service::config::LogFormat::Text => builder.init(),
+    if json {
+        builder.json().init()
+    } else {
+        builder.init()
     }
 }

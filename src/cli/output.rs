@@ -39,6 +39,7 @@ macro_rules! outln {
 }
 
 /// `print!` through [`write`].
+#[cfg_attr(not(feature = "service"), allow(unused_macros))] // only release-update prints without a newline
 macro_rules! out {
     ($($arg:tt)*) => {
         $crate::cli::output::write(format_args!($($arg)*))

@@ -87,7 +87,7 @@ pub fn run(registry: &RegistryArgs, args: &ServeArgs) -> anyhow::Result<()> {
         config.log_format = LogFormat::Json;
     }
     config.validate("the service configuration (file and flags)")?;
-    super::init_logging(config.log_format, "info");
+    super::init_logging(config.log_format == fleetdelta::service::config::LogFormat::Json, "info");
 
     // Registry access: the file's section, then the command line's flags on top.
     let file = &config.registry;

@@ -1,0 +1,36 @@
+//! The delta engine of fleetdelta: OCI images (layouts, registries, a container engine's
+//! image store), the delta format, and the two halves of the pipeline:
+//!
+//! - [`diff`](mod@diff): read both images → expand members (gzip, zip) → pair layers → plan → encode
+//!   → package the delta as an OCI image;
+//! - [`apply`](mod@apply): open and verify the delta → read the source → rebuild every layer → verify
+//!   every digest → commit.
+//!
+//! This crate depends on no other crate of the workspace: the release model, the builder
+//! service and the device agent are built on it.
+#![deny(missing_docs)]
+
+pub mod apply;
+pub mod delta_store;
+pub mod diff;
+pub mod digest;
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod info;
+pub mod layer;
+pub mod package;
+pub mod progress;
+pub mod registry;
+pub mod transfer;
+
+pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};
+pub use diff::{diff, DiffOptions, DiffReport, Level};
+pub use digest::Digest;
+pub use error::{Error, Result};
+pub use image::ImageRef;
+pub use info::{info, DeltaInfo};
+pub use progress::{Progress, Silent};
+pub use registry::{ClientOptions, RegistryRef};
+pub use transfer::Transfer;

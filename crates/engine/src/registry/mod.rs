@@ -1,0 +1,22 @@
+//! The OCI distribution API: an async client (reqwest + tokio) that resolves tags and
+//! digests, fetches manifests, indexes and blobs, and pushes them back.
+//!
+//! - [`reference`](mod@reference) parses `HOST[:PORT]/REPO[:TAG][@DIGEST]`.
+//! - [`auth`] reads challenges, credentials (docker and podman auth files), tokens.
+//! - [`client`] sends requests with authentication, retries with backoff, manifests.
+//! - [`blobs`] does resumable verified downloads; uploads with mount, in one request or chunks.
+//! - [`referrers`] lists the manifests that refer to a subject (how deltas of a target are found).
+//!
+//! Moving whole images between layouts and registries is [`crate::transfer`]'s job.
+
+pub mod auth;
+pub mod blobs;
+pub mod client;
+pub mod reference;
+pub mod referrers;
+
+pub use auth::{CredentialStore, Credentials};
+pub use blobs::{BlobPush, Download};
+pub use client::{Client, ClientOptions, FetchedManifest};
+pub use reference::RegistryRef;
+pub use referrers::Referrer;

@@ -1,0 +1,207 @@
+//! One delta, produced: looked up in the registry (the store of record), else built from the
+//! two images and pushed beside the target.
+//!
+//! A build fetches both images into a scratch layout of its own, runs the differ on a
+//! blocking thread (it is CPU-bound and synchronous), and pushes the delta to the target's
+//! repository under [`delta_tag`], with the target as its `subject`. The push sends every
+//! blob first and the manifest last, so a build stopped at any point leaves either a complete
+//! delta or blobs that nothing references.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
+
+use super::config::ServiceConfig;
+use super::metrics::Metrics;
+use super::state::{Built, Job};
+use fleetdelta_engine::delta_store::{delta_tag, find_by_tag, find_in_repository, DeltaKey, StoredDelta};
+use fleetdelta_engine::diff::{diff, DiffOptions};
+use fleetdelta_engine::digest::Digest;
+use fleetdelta_engine::error::{Error, IoContext, Result};
+use fleetdelta_engine::image::manifest::Manifest;
+use fleetdelta_engine::image::{ImageRef, Layout, LayoutWriter};
+use fleetdelta_engine::progress::Silent;
+use fleetdelta_engine::registry::referrers::Referrer;
+use fleetdelta_engine::registry::{Client, RegistryRef};
+use fleetdelta_engine::transfer::{fetch_image, push_image};
+
+/// What every build shares.
+#[derive(Debug)]
+pub struct BuildContext {
+    /// The registry client.
+    pub client: Arc<Client>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Build slots.
+    pub slots: Semaphore,
+    /// The configuration.
+    pub config: Arc<ServiceConfig>,
+    /// Where builds stage their images.
+    pub scratch: PathBuf,
+    /// Images known by config digest (from registered releases and requests).
+    pub known_sources: Mutex<HashMap<Digest, RegistryRef>>,
+    /// One lock per target manifest, held while a delta of it is pushed: pushes of deltas
+    /// for the same target update the same referrers fallback tag (read, add, write), and
+    /// must not lose each other's entries.
+    pub push_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Set when shutdown gives up on builds in flight: a build that sees it stops before
+    /// pushing.
+    pub abandoning: AtomicBool,
+}
+
+impl BuildContext {
+    /// See [`super::state::Builds::remember_source`].
+    pub fn remember_source(&self, config: Digest, image: RegistryRef) {
+        let mut known = self.known_sources.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= self.config.max_tracked_pairs {
+            known.clear();
+        }
+        known.insert(config, image);
+    }
+
+    fn push_lock(&self, target: &Digest) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.push_locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() >= self.config.max_tracked_pairs {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(*target).or_default().clone()
+    }
+}
+
+/// Finds the delta of `key` beside `target`: among the target's referrers, else under its tag
+/// (then listed among the referrers again, so that devices looking there find it too).
+pub async fn find_delta(client: &Client, target: &RegistryRef, key: &DeltaKey) -> Result<Option<StoredDelta>> {
+    if let Some(found) = find_in_repository(client, target, key).await? {
+        return Ok(Some(found));
+    }
+    let Some(found) = find_by_tag(client, target, key).await? else { return Ok(None) };
+    let fetched = client.get_manifest(target, &found.manifest.to_string()).await?;
+    let doc: serde_json::Value = serde_json::from_slice(&fetched.raw).map_err(|e| Error::malformed(format!("delta {}", found.manifest), e.to_string()))?;
+    let annotations = doc.get("annotations").cloned().map(serde_json::from_value).transpose().map_err(|e| Error::malformed(format!("delta {}", found.manifest), e.to_string()))?;
+    let referrer = Referrer {
+        digest: found.manifest,
+        media_type: fetched.media_type,
+        size: fetched.raw.len() as u64,
+        artifact_type: doc.pointer("/config/mediaType").and_then(|v| v.as_str()).map(str::to_string),
+        annotations: annotations.unwrap_or_default(),
+    };
+    if let Err(e) = client.add_fallback_referrer(target, &key.target_manifest, &referrer).await {
+        tracing::warn!(delta = %found.manifest, error = %e, "could not list the delta among the target's referrers");
+    }
+    Ok(Some(found))
+}
+
+fn built_from(found: StoredDelta) -> Result<Built> {
+    match found.reference {
+        ImageRef::Registry(reference) => Ok(Built { reference, manifest: found.manifest, download: found.download }),
+        other => Err(Error::unsupported(other.to_string(), "the service stores deltas in registries")),
+    }
+}
+
+/// Looks the delta of `job` up, and builds it when absent.
+pub async fn produce(ctx: &BuildContext, job: &Job) -> Result<Built> {
+    let key = &job.key;
+    if let Some(found) = find_delta(&ctx.client, &job.target, key).await? {
+        ctx.metrics.delta_found();
+        tracing::info!(source_config = %key.source_config, target = %key.target_manifest, delta = %found.manifest, "delta found in the registry");
+        return built_from(found);
+    }
+    ctx.metrics.queued(true);
+    let slot = ctx.slots.acquire().await;
+    ctx.metrics.queued(false);
+    let _slot = slot.map_err(|_| Error::unsupported("build", "the service is shutting down"))?;
+    // Another instance may have pushed it while this build waited for a slot.
+    if let Some(found) = find_delta(&ctx.client, &job.target, key).await? {
+        ctx.metrics.delta_found();
+        tracing::info!(source_config = %key.source_config, target = %key.target_manifest, delta = %found.manifest, "delta found in the registry after waiting for a slot");
+        return built_from(found);
+    }
+    ctx.metrics.build_started();
+    let started = Instant::now();
+    tracing::info!(source_config = %key.source_config, target = %key.target_manifest, "build started");
+    let result = build(ctx, job).await;
+    let took = started.elapsed();
+    ctx.metrics.build_finished(took, result.as_ref().ok().map(|(b, full)| (*full, b.download)));
+    let (built, full) = result?;
+    tracing::info!(source_config = %key.source_config, target = %key.target_manifest, delta = %built.manifest, download = built.download, full_pull = full, seconds = took.as_secs_f64(), "build finished");
+    Ok(built)
+}
+
+/// An image's manifest, checked against the size limit.
+async fn image_within_limits(ctx: &BuildContext, image: &RegistryRef) -> Result<Manifest> {
+    let fetched = ctx.client.get_image_manifest(image).await?;
+    let manifest = Manifest::parse(fetched.raw, Some(&fetched.media_type))?;
+    let size = manifest.config.size.saturating_add(manifest.layers.iter().map(|l| l.size).fold(0u64, u64::saturating_add));
+    if size > ctx.config.max_image_bytes {
+        return Err(Error::TooLarge { what: format!("image docker://{image} ({size} bytes of blobs)"), limit: ctx.config.max_image_bytes });
+    }
+    Ok(manifest)
+}
+
+/// The source image, pinned: the one the job names if its config is the key's, else one the
+/// service knows with that config.
+async fn source_image(ctx: &BuildContext, job: &Job) -> Result<(RegistryRef, Manifest)> {
+    let wanted = job.key.source_config;
+    let mut tried = Vec::new();
+    let known = ctx.known_sources.lock().unwrap_or_else(|p| p.into_inner()).get(&wanted).cloned();
+    for candidate in job.source.iter().chain(known.iter()) {
+        match image_within_limits(ctx, candidate).await {
+            Ok(m) if m.config.digest == wanted => {
+                let pinned = candidate.with_digest(m.digest);
+                ctx.remember_source(wanted, pinned.clone());
+                return Ok((pinned, m));
+            }
+            Ok(m) => tried.push(format!("docker://{candidate} has config {}", m.config.digest)),
+            Err(Error::NotFound(what)) => tried.push(format!("{what} does not exist")),
+            Err(e) => return Err(e),
+        }
+    }
+    let tried = if tried.is_empty() { "no image with it was named or registered".to_string() } else { tried.join("; ") };
+    Err(Error::NotFound(format!("source image with config {wanted}: {tried}")))
+}
+
+/// Builds and pushes the delta; returns it with the full-pull size it saves against.
+async fn build(ctx: &BuildContext, job: &Job) -> Result<(Built, u64)> {
+    let key = job.key;
+    let target = job.target.with_digest(key.target_manifest);
+    let (source, _) = source_image(ctx, job).await?;
+    let target_manifest = image_within_limits(ctx, &target).await?;
+    if target_manifest.digest != key.target_manifest {
+        return Err(Error::DigestMismatch { what: format!("target docker://{target}"), expected: key.target_manifest, found: target_manifest.digest });
+    }
+
+    std::fs::create_dir_all(&ctx.scratch).ctx(|| format!("creating {}", ctx.scratch.display()))?;
+    let dir = tempfile::Builder::new().prefix("build-").tempdir_in(&ctx.scratch).ctx(|| format!("creating a build directory in {}", ctx.scratch.display()))?;
+    let images = dir.path().join("images");
+    for (image, tag) in [(&source, "source"), (&target, "target")] {
+        let writer = LayoutWriter::create(&images)?;
+        let (manifest, _, _) = fetch_image(&ctx.client, image, &writer, &[], &[], &Silent).await?;
+        writer.commit(&manifest, tag)?;
+    }
+
+    let tag = delta_tag(&key);
+    let delta_dir = dir.path().join("delta");
+    let (src, tgt, out) = (
+        ImageRef::Layout { dir: images.clone(), tag: Some("source".into()) },
+        ImageRef::Layout { dir: images, tag: Some("target".into()) },
+        ImageRef::Layout { dir: delta_dir.clone(), tag: Some(tag.clone()) },
+    );
+    let options = DiffOptions { level: ctx.config.level, max_layer_bytes: ctx.config.max_layer_bytes, ..DiffOptions::default() };
+    let report = tokio::task::spawn_blocking(move || diff(&src, &tgt, &out, &options, &Silent))
+        .await
+        .map_err(|e| Error::unsupported("the differ", format!("its thread failed: {e}")))??;
+
+    if ctx.abandoning.load(Ordering::SeqCst) {
+        return Err(Error::unsupported("build", "abandoned at shutdown before pushing"));
+    }
+    let layout = Layout::open(&delta_dir)?;
+    let lock = ctx.push_lock(&key.target_manifest);
+    let _pushing = lock.lock().await;
+    let pushed = push_image(&ctx.client, &layout, Some(&tag), &target.with_tag(&tag), None, &Silent).await?;
+    let built = Built { reference: target.by_digest(pushed.manifest), manifest: pushed.manifest, download: report.delta_bytes };
+    Ok((built, report.full_pull_bytes))
+}

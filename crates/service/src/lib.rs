@@ -1,0 +1,102 @@
+//! The builder service behind `fleetdelta serve`: deltas built once per image pair, ahead of
+//! the fleet, for many devices at once.
+//!
+//! - [`config`]: the configuration file and its limits.
+//! - [`api`]: the JSON bodies of the HTTP API (`docs/api.md`, `docs/openapi.yaml`).
+//! - [`routes`]: the HTTP routes and handlers (axum).
+//! - [`state`]: single flight: one lookup-or-build per pair, bounded slots, failures with
+//!   backoff.
+//! - [`build`]: one delta: found in the registry, or fetched, diffed and pushed beside the
+//!   target.
+//! - [`releases`]: release registration (background builds from earlier releases) and
+//!   release-update queries.
+//! - [`metrics`]: Prometheus text format.
+//! - [`shutdown`]: signals, and the order things stop in.
+//! - [`release_update`]: the transition between two releases, with each delta's status;
+//!   prepares, waits for and times out the builds (also what the CLI runs without a service).
+//! - [`api`] and [`client`] live in `fleetdelta-pull` (the device's side) and are re-exported.
+//!
+//! The registry is the store of record: the service keeps no state that a restart or a second
+//! instance needs (see `docs/scaling.md`).
+#![deny(missing_docs)]
+
+pub mod build;
+pub mod config;
+pub mod metrics;
+pub mod release_update;
+pub mod releases;
+pub mod routes;
+pub mod shutdown;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use config::ServiceConfig;
+pub use fleetdelta_pull::{api, client};
+pub use shutdown::ShutdownReport;
+
+use fleetdelta_engine::error::{IoContext, Result};
+use fleetdelta_engine::registry::{Client, ClientOptions};
+
+/// A service bound to its address, ready to run.
+#[derive(Debug)]
+pub struct Service {
+    listener: tokio::net::TcpListener,
+    app: routes::App,
+    scratch: tempfile::TempDir,
+}
+
+impl Service {
+    /// Binds the listening socket and sets up the registry client (`registry` options; the
+    /// configuration's registry section is the caller's to merge into them).
+    pub async fn bind(config: ServiceConfig, registry: ClientOptions) -> Result<Self> {
+        config.validate("the service configuration")?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await.ctx(|| format!("listening on {}", config.listen))?;
+        let scratch_root = config.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&scratch_root).ctx(|| format!("creating {}", scratch_root.display()))?;
+        // One directory per run, removed when the service returns: builds abandoned by a
+        // previous run that was killed leave theirs behind under another name, never ours.
+        let scratch = tempfile::Builder::new().prefix("fleetdelta-serve-").tempdir_in(&scratch_root).ctx(|| format!("creating a scratch directory in {}", scratch_root.display()))?;
+        let config = Arc::new(config);
+        let metrics = Arc::new(metrics::Metrics::default());
+        let client = Arc::new(Client::new(registry)?);
+        let builds = Arc::new(state::Builds::new(config.clone(), client, metrics.clone(), scratch.path().to_path_buf()));
+        let app = routes::App { config, builds, releases: Arc::default(), metrics, source_configs: Arc::default() };
+        Ok(Service { listener, app, scratch })
+    }
+
+    /// The address it listens on (the port chosen when the configuration said 0).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener.local_addr().ctx(|| "reading the listening address".into())
+    }
+
+    /// Its metrics (for embedding and tests).
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.app.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops as [`shutdown`] describes.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<ShutdownReport> {
+        let Service { listener, app, scratch } = self;
+        let builds = app.builds.clone();
+        let grace = app.config.shutdown_grace();
+        let stopping = builds.clone();
+        let router = routes::router(app);
+        tracing::info!(addr = %listener.local_addr().ctx(|| "reading the listening address".into())?, "serving");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                stopping.stop_accepting();
+            })
+            .await
+            .ctx(|| "serving HTTP".into())?;
+        let abandoned_builds = builds.drain(grace).await;
+        if abandoned_builds > 0 {
+            tracing::warn!(abandoned_builds, "abandoned builds in flight at the end of the grace period; nothing of them was published");
+        }
+        drop(scratch);
+        tracing::info!("stopped");
+        Ok(ShutdownReport { abandoned_builds })
+    }
+}

@@ -1,0 +1,286 @@
+//! Releases: registering one starts building, in the background, the deltas from the
+//! `previous_releases` releases registered before it, for every service whose image changed;
+//! release-update queries plan a transition from what the registry and the builds say, and
+//! answer the same JSON as `fleetdelta release-update --json`.
+//!
+//! Registered releases are kept in memory, in registration order: they are the pipeline's
+//! input, cheap to post again (registration is idempotent), while the deltas they lead to
+//! live in the registry.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use super::build::find_delta;
+use super::state::{Builds, Job, Status};
+use fleetdelta_engine::delta_store::DeltaKey;
+use fleetdelta_engine::digest::Digest;
+use fleetdelta_engine::error::{Error, Result};
+use fleetdelta_engine::image::manifest::Manifest;
+use fleetdelta_engine::image::ImageRef;
+use fleetdelta_engine::registry::{Client, RegistryRef};
+use fleetdelta_release::{plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Release, ResolvedImage};
+use crate::release_update::UpdateError;
+use fleetdelta_release::parse_release_image;
+
+/// One delta a registered release asked for.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlannedDelta {
+    /// The service.
+    pub service: String,
+    /// The earlier release it updates from.
+    pub from_release: String,
+    /// The image in that release.
+    pub from_image: String,
+    /// The image in the registered release.
+    pub to_image: String,
+    /// Where it stands: `resolving`, `unchanged` (same image digest), `building`, `ready`,
+    /// `failed`.
+    pub status: &'static str,
+    /// The pair, once both images are resolved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_config: Option<Digest>,
+    /// The target manifest digest, once resolved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_manifest: Option<Digest>,
+    /// The delta, when ready (`docker://...@sha256:...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<String>,
+    /// Why resolving or building failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug)]
+struct Registered {
+    release: Release,
+    text: String,
+    planned: Mutex<Vec<PlannedDelta>>,
+}
+
+/// The outcome of registering a release.
+#[derive(Clone, Debug, Serialize)]
+pub struct Registration {
+    /// The release id.
+    pub id: String,
+    /// Whether it was new (`false`: the same release registered again; builds are looked at
+    /// again, and nothing that exists is rebuilt).
+    pub created: bool,
+    /// The releases its deltas start from, nearest first.
+    pub previous: Vec<String>,
+    /// The deltas it asks for.
+    pub deltas: Vec<PlannedDelta>,
+}
+
+/// Why registering failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The release file is invalid.
+    #[error(transparent)]
+    Invalid(#[from] fleetdelta_release::ReleaseError),
+    /// A different release with this id was registered before.
+    #[error("release {0} is already registered with other contents")]
+    Conflict(String),
+}
+
+/// The registered releases.
+#[derive(Debug, Default)]
+pub struct Releases {
+    list: Mutex<Vec<Arc<Registered>>>,
+}
+
+impl Releases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Registered>>> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registered release ids, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().iter().map(|r| r.release.id.clone()).collect()
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Registered>> {
+        self.lock().iter().find(|r| r.release.id == id).cloned()
+    }
+
+    /// A registered release and its deltas, with their current status.
+    pub fn describe(&self, id: &str, builds: &Builds) -> Option<Vec<PlannedDelta>> {
+        let registered = self.get(id)?;
+        let mut planned = registered.planned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for p in planned.iter_mut().filter(|p| matches!(p.status, "building" | "ready" | "failed")) {
+            let (Some(source_config), Some(target_manifest)) = (p.source_config, p.target_manifest) else { continue };
+            refresh(p, builds.peek(&DeltaKey { source_config, target_manifest }));
+        }
+        Some(planned)
+    }
+
+    /// Registers the release in `text` (a release file) and starts resolving its images and
+    /// building its deltas in the background.
+    pub fn register(&self, text: &str, previous_releases: usize, builds: &Arc<Builds>) -> Result<Registration, RegisterError> {
+        let release = Release::parse(text, "the release posted")?;
+        let (registered, created, previous) = {
+            let mut list = self.lock();
+            match list.iter().position(|r| r.release.id == release.id) {
+                Some(i) if list[i].text != text => return Err(RegisterError::Conflict(release.id)),
+                Some(i) => {
+                    let previous: Vec<Arc<Registered>> = list[..i].iter().rev().take(previous_releases).cloned().collect();
+                    (list[i].clone(), false, previous)
+                }
+                None => {
+                    let previous: Vec<Arc<Registered>> = list.iter().rev().take(previous_releases).cloned().collect();
+                    let registered = Arc::new(Registered { release, text: text.to_string(), planned: Mutex::new(Vec::new()) });
+                    list.push(registered.clone());
+                    (registered, true, previous)
+                }
+            }
+        };
+        let mut planned = Vec::new();
+        for earlier in &previous {
+            for service in &registered.release.services {
+                let Some(before) = earlier.release.service(&service.name) else { continue };
+                if before.image == service.image {
+                    continue;
+                }
+                planned.push(PlannedDelta {
+                    service: service.name.clone(),
+                    from_release: earlier.release.id.clone(),
+                    from_image: before.image.clone(),
+                    to_image: service.image.clone(),
+                    status: "resolving",
+                    source_config: None,
+                    target_manifest: None,
+                    delta: None,
+                    reason: None,
+                });
+            }
+        }
+        *registered.planned.lock().unwrap_or_else(|p| p.into_inner()) = planned.clone();
+        let id = registered.release.id.clone();
+        tracing::info!(release = %id, created, previous = previous.len(), deltas = planned.len(), "release registered");
+        let builds = Arc::clone(builds);
+        tokio::spawn(async move { start_builds(&registered, &builds).await });
+        Ok(Registration { id, created, previous: previous.iter().map(|r| r.release.id.clone()).collect(), deltas: planned })
+    }
+
+    /// The transition from release `from` to release `to` (both registered) for a device
+    /// with `facts`, as `release-update --json` prints it. `Ok(Err(ids))` names the releases
+    /// of the two that are not registered.
+    pub async fn update(&self, from: &str, to: &str, facts: Option<&DeviceFacts>, builds: &Builds) -> Result<std::result::Result<serde_json::Value, Vec<String>>, UpdateError> {
+        let (from, to) = match (self.get(from), self.get(to)) {
+            (Some(f), Some(t)) => (f, t),
+            (f, t) => return Ok(Err([(from, f.is_none()), (to, t.is_none())].into_iter().filter(|(_, missing)| *missing).map(|(id, _)| id.to_string()).collect())),
+        };
+        let client = builds.client();
+        let mut catalog = MemoryCatalog::default();
+        for service in from.release.services.iter().chain(to.release.services.iter()) {
+            if !catalog.images.contains_key(&service.image) {
+                let resolved = resolve(client, &service.image).await?;
+                catalog.images.insert(service.image.clone(), resolved);
+            }
+        }
+        for service in &to.release.services {
+            let Some(before) = from.release.service(&service.name) else { continue };
+            let (source, target) = (&catalog.images[&before.image], &catalog.images[&service.image]);
+            if source.manifest.digest == target.manifest.digest {
+                continue;
+            }
+            let key = DeltaKey { source_config: source.manifest.config.digest, target_manifest: target.manifest.digest };
+            let reference = |delta: Digest| ImageRef::Registry(target.pinned.by_digest(delta)).to_string();
+            let status = match builds.peek(&key) {
+                Some(Status::Working { .. }) => DeltaStatus::Building,
+                Some(Status::Ready(b)) => DeltaStatus::Ready { reference: reference(b.manifest), size: b.download },
+                _ => match find_delta(client, &target.pinned, &key).await? {
+                    Some(found) => DeltaStatus::Ready { reference: found.reference.to_string(), size: found.download },
+                    None => DeltaStatus::Absent,
+                },
+            };
+            catalog.statuses.insert(ImagePair { from: source.manifest.digest, to: target.manifest.digest }, status);
+        }
+        Ok(Ok(plan(&from.release, &to.release, facts, &catalog)?.to_json()))
+    }
+}
+
+fn refresh(p: &mut PlannedDelta, status: Option<Status>) {
+    match status {
+        Some(Status::Ready(b)) => {
+            p.status = "ready";
+            p.delta = Some(ImageRef::Registry(b.reference).to_string());
+            p.reason = None;
+        }
+        Some(Status::Failed(f)) => {
+            p.status = "failed";
+            p.reason = Some(f.reason);
+        }
+        Some(Status::Working { .. }) | Some(Status::Unavailable(_)) | None => p.status = "building",
+    }
+}
+
+/// A release image resolved in a registry.
+#[derive(Clone, Debug)]
+struct Resolved {
+    pinned: RegistryRef,
+    manifest: Manifest,
+}
+
+async fn resolve(client: &Client, image: &str) -> Result<Resolved> {
+    let ImageRef::Registry(r) = parse_release_image(image)? else {
+        return Err(Error::unsupported(image, "the service works with registry images (docker://), not layouts"));
+    };
+    let fetched = client.get_image_manifest(&r).await?;
+    let manifest = Manifest::parse(fetched.raw, Some(&fetched.media_type))?;
+    Ok(Resolved { pinned: r.with_digest(manifest.digest), manifest })
+}
+
+/// Resolves a registered release's pairs and starts their builds.
+async fn start_builds(registered: &Registered, builds: &Arc<Builds>) {
+    let planned = registered.planned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut images: HashMap<String, std::result::Result<Resolved, String>> = HashMap::new();
+    let mut updated = Vec::with_capacity(planned.len());
+    for mut p in planned {
+        for image in [&p.from_image, &p.to_image] {
+            if !images.contains_key(image) {
+                let resolved = resolve(builds.client(), image).await.map_err(|e| e.to_string());
+                if let Ok(r) = &resolved {
+                    builds.remember_source(r.manifest.config.digest, r.pinned.clone());
+                }
+                images.insert(image.clone(), resolved);
+            }
+        }
+        match (&images[&p.from_image], &images[&p.to_image]) {
+            (Ok(source), Ok(target)) if source.manifest.digest == target.manifest.digest => p.status = "unchanged",
+            (Ok(source), Ok(target)) => {
+                let key = DeltaKey { source_config: source.manifest.config.digest, target_manifest: target.manifest.digest };
+                p.source_config = Some(key.source_config);
+                p.target_manifest = Some(key.target_manifest);
+                let status = builds.ensure(Job { key, source: Some(source.pinned.clone()), target: target.pinned.clone() });
+                refresh(&mut p, Some(status));
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                p.status = "failed";
+                p.reason = Some(e.clone());
+            }
+        }
+        updated.push(p);
+    }
+    *registered.planned.lock().unwrap_or_else(|p| p.into_inner()) = updated;
+}
+
+/// [`ImageCatalog`] over images and delta statuses looked up beforehand (planning is
+/// synchronous; the lookups are not).
+#[derive(Debug, Default)]
+struct MemoryCatalog {
+    images: HashMap<String, Resolved>,
+    statuses: HashMap<ImagePair, DeltaStatus>,
+}
+
+impl ImageCatalog for MemoryCatalog {
+    fn resolve(&self, reference: &str) -> Result<ResolvedImage> {
+        let r = self.images.get(reference).ok_or_else(|| Error::NotFound(format!("image {reference} was not resolved")))?;
+        Ok(ResolvedImage { digest: r.manifest.digest, config: Some(r.manifest.config.digest), layers: r.manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect() })
+    }
+
+    fn delta_status(&self, pair: &ImagePair) -> Result<DeltaStatus> {
+        Ok(self.statuses.get(pair).cloned().unwrap_or(DeltaStatus::Absent))
+    }
+}
