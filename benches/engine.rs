@@ -18,14 +18,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, SamplingMode, Throughput};
+use fleetdelta::diff::Fidelity;
 use fleetdelta::image::manifest::{BlobRef, OCI_CONFIG, OCI_MANIFEST};
 use fleetdelta::image::{Layout, LayoutWriter};
-use fleetdelta::diff::Fidelity;
 use fleetdelta::layer::exact::{Descriptor, Encoder, GoRelease, GzipHeader};
 use fleetdelta::layer::Compression;
-use fleetdelta::{apply, diff, ApplyOptions, Digest, DiffOptions, ImageRef, Level, Silent};
+use fleetdelta::{apply, diff, ApplyOptions, DiffOptions, Digest, ImageRef, Level, Silent};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -51,8 +51,30 @@ impl Rng {
 }
 
 const WORDS: [&[u8]; 24] = [
-    b"alpha ", b"beta ", b"gamma ", b"delta\n", b"fleet ", b"image ", b"layer ", b"0x1f ", b"return ", b"{}\n", b"config ", b"zeta ",
-    b"import ", b"def ", b"self.", b"    ", b"if (", b") {\n", b"None", b"true", b"  \"name\": ", b"\"value\",\n", b"#include ", b"//",
+    b"alpha ",
+    b"beta ",
+    b"gamma ",
+    b"delta\n",
+    b"fleet ",
+    b"image ",
+    b"layer ",
+    b"0x1f ",
+    b"return ",
+    b"{}\n",
+    b"config ",
+    b"zeta ",
+    b"import ",
+    b"def ",
+    b"self.",
+    b"    ",
+    b"if (",
+    b") {\n",
+    b"None",
+    b"true",
+    b"  \"name\": ",
+    b"\"value\",\n",
+    b"#include ",
+    b"//",
 ];
 
 /// Text-like contents: source code, configuration, documentation.

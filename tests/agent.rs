@@ -5,14 +5,14 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::agent::{fetched, finish, outcome, report};
 use common::registry::Registry;
-use common::{Bounded, file, fleetdelta, layer_tar, run, text, tool, write_runnable_image, Node, Tree};
+use common::{file, fleetdelta, layer_tar, run, text, tool, write_runnable_image, Bounded, Node, Tree};
 use serde_json::{json, Value};
 
 /// A service's entrypoint: logs each start and stop to its data directory (kept across
@@ -102,7 +102,11 @@ impl Device {
     fn agent_on(&self, state: &Path, target: &Path, extra: &[&str]) -> Command {
         let mut c = fleetdelta();
         c.env("HOME", self.tmp.path()).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE");
-        c.args(["--quiet", "agent", "--runtime", "process", "--once", "--json", "--stop-timeout", "3", "--state"]).arg(state).arg("--target").arg(target).args(extra);
+        c.args(["--quiet", "agent", "--runtime", "process", "--once", "--json", "--stop-timeout", "3", "--state"])
+            .arg(state)
+            .arg("--target")
+            .arg(target)
+            .args(extra);
         if !extra.contains(&"--stagger") {
             c.args(["--stagger", "0.05"]);
         }
@@ -118,7 +122,13 @@ impl Device {
         text.lines()
             .map(|l| {
                 let f: Vec<&str> = l.split(' ').collect();
-                Event { what: f[0].into(), pid: f[1].parse().unwrap(), time: f[2].parse().unwrap(), version: f[3].into(), mode: f.get(4).unwrap_or(&"").to_string() }
+                Event {
+                    what: f[0].into(),
+                    pid: f[1].parse().unwrap(),
+                    time: f[2].parse().unwrap(),
+                    version: f[3].into(),
+                    mode: f.get(4).unwrap_or(&"").to_string(),
+                }
             })
             .collect()
     }
@@ -230,7 +240,6 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-
 fn strategy(name: &str) -> String {
     format!("    labels:\n      io.balena.update.strategy: {name}\n")
 }
@@ -255,11 +264,8 @@ fn unchanged_services_are_never_restarted_and_environment_changes_restart_withou
     let db_pid = d.running_pids("db");
     assert_eq!(db_pid.len(), 1);
 
-    let r2 = d.release(
-        "2",
-        &[("api", d.image("api", 2), ""), ("web", d.image("web", 1), "    environment:\n      MODE: eco\n"), ("db", d.image("db", 1), "")],
-        "",
-    );
+    let r2 =
+        d.release("2", &[("api", d.image("api", 2), ""), ("web", d.image("web", 1), "    environment:\n      MODE: eco\n"), ("db", d.image("db", 1), "")], "");
     let second = d.update(&r2, &[]);
     assert_eq!(second["complete"], true, "{second}");
     assert_eq!(outcome(&second, "api")["change"], "delta-update");
@@ -354,7 +360,9 @@ fn run_failing_status(cmd: &mut Command) -> String {
 /// finished by a rerun.
 #[test]
 fn strategies_order_downloads_stops_and_starts() {
-    for (name, crash_step) in [("download-then-kill", "stop-old"), ("kill-then-download", "stop-old"), ("delete-then-download", "delete-old"), ("hand-over", "start-new")] {
+    for (name, crash_step) in
+        [("download-then-kill", "stop-old"), ("kill-then-download", "stop-old"), ("delete-then-download", "delete-old"), ("hand-over", "start-new")]
+    {
         let d = Device::new();
         let extra = strategy(name);
         let r1 = d.release("1", &[("svc", d.image("svc", 1), &extra)], "");
@@ -362,7 +370,8 @@ fn strategies_order_downloads_stops_and_starts() {
         let r2 = d.release("2", &[("svc", d.image("svc", 2), &extra)], "");
         let out = d.agent(&r2, &["--crash-after", &format!("svc:{crash_step}")]).output_bounded();
         assert_eq!(out.status.code(), Some(86), "{name}: {}", String::from_utf8_lossy(&out.stderr));
-        let rootfs: Vec<String> = fs::read_dir(d.state().join("services/svc/rootfs")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let rootfs: Vec<String> =
+            fs::read_dir(d.state().join("services/svc/rootfs")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         let old_running = !d.running_pids("svc").is_empty() && d.starts("svc").iter().any(|e| e.version == "svc-v1" && alive(e.pid));
         match name {
             "download-then-kill" => {
@@ -434,7 +443,11 @@ fn a_failed_download_rolls_the_service_back_to_the_instance_it_ran() {
     // The new image's manifest is readable (planning succeeds) but a layer is gone.
     let v2 = d.image("api", 2);
     let index: Value = serde_json::from_slice(&fs::read(d.images().join("index.json")).unwrap()).unwrap();
-    let manifest_digest = index["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "api-2").unwrap()["digest"].as_str().unwrap().to_string();
+    let manifest_digest = index["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "api-2").unwrap()
+        ["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let manifest: Value = serde_json::from_slice(&fs::read(d.images().join("blobs/sha256").join(&manifest_digest[7..])).unwrap()).unwrap();
     let layer = manifest["layers"][1]["digest"].as_str().unwrap();
     fs::remove_file(d.images().join("blobs/sha256").join(&layer[7..])).unwrap();
@@ -479,7 +492,8 @@ fn an_unmet_contract_rejects_the_release_and_changes_nothing() {
     d.update(&r1, &[]);
     let facts = d.tmp.path().join("device.yaml");
     fs::write(&facts, "l4t: '32.2'\n").unwrap();
-    let contract = "    contract:\n      type: sw.container\n      slug: needs-l4t-32-4\n      requires:\n        - type: sw.l4t\n          version: '>=32.4'\n";
+    let contract =
+        "    contract:\n      type: sw.container\n      slug: needs-l4t-32-4\n      requires:\n        - type: sw.l4t\n          version: '>=32.4'\n";
     let r2 = d.release("2", &[("api", d.image("api", 2), contract)], "");
     let out = d.agent(&r2, &["--device", facts.to_str().unwrap()]).output_bounded();
     assert_eq!(out.status.code(), Some(6));
@@ -589,7 +603,8 @@ fn a_working_dir_through_a_symlink_out_of_the_image_stays_inside_it() {
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().to_str().unwrap().to_string();
     // The link's target exists inside the image too, so the chroot reading of it works.
-    let layer: Tree = [("wd".to_string(), Node::Symlink { target: target.clone() }), (target.trim_start_matches('/').to_string(), Node::Dir { mode: 0o755 })].into();
+    let layer: Tree =
+        [("wd".to_string(), Node::Symlink { target: target.clone() }), (target.trim_start_matches('/').to_string(), Node::Dir { mode: 0o755 })].into();
     let report_file = d.tmp.path().join("report");
     let r1 = d.release("1", &[("api", d.image_with("api", 1, &[layer], config_in("wd/planted")), &reporting_to(&report_file))], "");
     let report = d.update(&r1, &[]);
@@ -719,7 +734,11 @@ fn a_relative_state_directory_gives_services_absolute_paths() {
     assert_eq!(self::report(&out)["complete"], true);
     let (env, _) = d.reported(&report_file);
     let state = d.state().canonicalize().unwrap();
-    for (key, expected) in [("FLEETDELTA_LOCK", state.join("locks/api/updates.lock")), ("FLEETDELTA_DATA", state.join("services/api/data")), ("FLEETDELTA_API", state.join("api/agent.sock"))] {
+    for (key, expected) in [
+        ("FLEETDELTA_LOCK", state.join("locks/api/updates.lock")),
+        ("FLEETDELTA_DATA", state.join("services/api/data")),
+        ("FLEETDELTA_API", state.join("api/agent.sock")),
+    ] {
         let value = env_value(&env, key);
         assert!(value.starts_with('/'), "{key}={value}");
         assert_eq!(Path::new(value).canonicalize().unwrap(), expected, "{key}");

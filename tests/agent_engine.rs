@@ -11,11 +11,11 @@ use std::process::{Command, Stdio};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use common::engine::Dockerd;
 use common::agent::{fetched, finish, outcome, report};
+use common::engine::Dockerd;
 use common::registry::Registry;
 use common::serve::Serve;
-use common::{Bounded, file, fleetdelta, layer_tar, run, text, write_runnable_image, Node, Tree};
+use common::{file, fleetdelta, layer_tar, run, text, write_runnable_image, Bounded, Node, Tree};
 use serde_json::{json, Value};
 
 /// A service: logs each start and stop (with its container's hostname) to its data volume,
@@ -37,10 +37,8 @@ const APPLETS: &[&str] = &["sh", "cat", "sleep", "touch", "hostname", "echo", "r
 /// The host's static busybox as a base layer, with util-linux's `flock` (Debian's busybox
 /// has no flock applet) and the libraries `ldd` says it needs, at their host paths.
 fn busybox_layer() -> Vec<u8> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .iter()
-        .find_map(|p| fs::read(p).ok())
-        .expect("busybox is required by this test: apt-get install busybox-static");
+    let busybox =
+        ["/bin/busybox", "/usr/bin/busybox"].iter().find_map(|p| fs::read(p).ok()).expect("busybox is required by this test: apt-get install busybox-static");
     let mut tree = Tree::new();
     tree.insert("bin".into(), Node::Dir { mode: 0o755 });
     tree.insert("tmp".into(), Node::Dir { mode: 0o1777 });
@@ -260,7 +258,14 @@ impl Device {
     /// [`Device::release_flock`] (or the container stops).
     fn hold_flock(&self, service: &str) {
         self.exec(service, "rm -f /tmp/release /tmp/held");
-        self.engine.docker_ok(&["exec", "--detach", &self.container(service), "sh", "-c", r#"/usr/bin/flock "$FLEETDELTA_LOCK" sh -c 'touch /tmp/held; while [ ! -e /tmp/release ]; do sleep 0.1; done'"#]);
+        self.engine.docker_ok(&[
+            "exec",
+            "--detach",
+            &self.container(service),
+            "sh",
+            "-c",
+            r#"/usr/bin/flock "$FLEETDELTA_LOCK" sh -c 'touch /tmp/held; while [ ! -e /tmp/release ]; do sleep 0.1; done'"#,
+        ]);
         wait_for("the flock holder", || self.exec(service, "test -e /tmp/held && echo yes || echo no").trim() == "yes");
     }
 }
@@ -291,7 +296,6 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
-
 
 fn starts(log: &[(String, String, String)]) -> Vec<(String, String)> {
     log.iter().filter(|(e, _, _)| e == "start").map(|(_, c, v)| (c.clone(), v.clone())).collect()
@@ -405,7 +409,8 @@ fn balenas_lockfile_holds_back_restarts_hand_overs_and_os_updates() {
     assert_eq!(d.running_version("a"), "a-v2");
     // The hand-over: the new container started, signalled, and only then the old one stopped.
     let log = d.log("a");
-    let at = |what: &str, version: &str| log.iter().position(|(e, _, v)| e == what && v == version).unwrap_or_else(|| panic!("no {what} of {version}: {log:?}"));
+    let at =
+        |what: &str, version: &str| log.iter().position(|(e, _, v)| e == what && v == version).unwrap_or_else(|| panic!("no {what} of {version}: {log:?}"));
     assert!(at("start", "a-v2") < at("handover", "a-v2") && at("handover", "a-v2") < at("stop", "a-v1"), "{log:?}");
 
     // An OS update waits for every lock too, with its own reason.
@@ -491,7 +496,11 @@ fn an_unreachable_engine_is_one_clear_error_and_nothing_is_touched() {
     let socket = tmp.path().join("no-engine.sock");
     let state = tmp.path().join("state");
     let mut cmd = fleetdelta();
-    cmd.env_remove("DOCKER_HOST").args(["--quiet", "--engine", &format!("unix://{}", socket.display()), "agent", "--once", "--state"]).arg(&state).arg("--target").arg(&release);
+    cmd.env_remove("DOCKER_HOST")
+        .args(["--quiet", "--engine", &format!("unix://{}", socket.display()), "agent", "--once", "--state"])
+        .arg(&state)
+        .arg("--target")
+        .arg(&release);
     let err = common::run_failing(&mut cmd);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("no-engine.sock") && err.contains("--runtime process"), "{err}");
@@ -622,7 +631,8 @@ fn replicas_start_rolling_gated_on_their_health_and_an_unhealthy_version_rolls_b
     let d = Device::new();
     let (v1, v2, v3) = (d.push_replica("web", 1, "0.6"), d.push_replica("web", 2, "0.6"), d.push_replica("web", 3, "0.6"));
     const N: u32 = 9;
-    let service = |check: &str| format!("    replicas: {N}\n    healthcheck:\n      test: [CMD, test, -e, {check}]\n      interval: 300ms\n      retries: 100\n");
+    let service =
+        |check: &str| format!("    replicas: {N}\n    healthcheck:\n      test: [CMD, test, -e, {check}]\n      interval: 300ms\n      retries: 100\n");
     let options = ["--max-starting", "3", "--stagger", "0", "--start-timeout", "30"];
     assert_eq!(d.update(&d.release("1", &[("web", &v1, &service("/tmp/ready"))], ""), &options)["complete"], true);
     let second = d.update(&d.release("2", &[("web", &v2, &service("/tmp/ready"))], ""), &options);
@@ -641,7 +651,9 @@ fn replicas_start_rolling_gated_on_their_health_and_an_unhealthy_version_rolls_b
 
     // v3's check looks for a file that never appears: the start times out, and the service
     // is rolled back, every replica on v2 again.
-    let out = d.agent(&d.release("3", &[("web", &v3, &service("/tmp/never"))], ""), &["--max-starting", "3", "--stagger", "0", "--start-timeout", "5"]).output_bounded();
+    let out = d
+        .agent(&d.release("3", &[("web", &v3, &service("/tmp/never"))], ""), &["--max-starting", "3", "--stagger", "0", "--start-timeout", "5"])
+        .output_bounded();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let reason = outcome(&report(&out), "web")["reason"].as_str().unwrap().to_string();
     assert!(reason.contains("not ready 5 s after their start"), "{reason}");
@@ -698,7 +710,11 @@ fn three_hundred_replicas_update_with_one_download() {
     }
     let tags = d.engine.docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", "reference=fleetdelta/*"]);
     assert_eq!(tags.lines().count(), 1, "one image for all replicas: {tags}");
-    eprintln!("{N} replicas from v1 to v2: {wall:.1} s wall, agent peak RSS {} MiB, at most {} starting at once", rss_kib / 1024, peak_starting(&logs, "app-v2"));
+    eprintln!(
+        "{N} replicas from v1 to v2: {wall:.1} s wall, agent peak RSS {} MiB, at most {} starting at once",
+        rss_kib / 1024,
+        peak_starting(&logs, "app-v2")
+    );
 }
 
 /// The agent asks the builder service for its deltas (`--service`): the registry has none,
@@ -730,7 +746,13 @@ fn the_agent_gets_its_deltas_from_the_builder_service() {
 fn a_release_variable_switches_its_services_together_once_all_their_locks_are_free() {
     let d = Device::new();
     let (a1, b1, c1) = (d.push("a", 1), d.push("b", 1), d.push("c", 1));
-    let services = |mode: &str| [("a", a1.clone(), String::new()), ("b", b1.clone(), String::new()), ("c", c1.clone(), format!("    environment:\n      MODE: {mode}\n      SITE: own\n"))];
+    let services = |mode: &str| {
+        [
+            ("a", a1.clone(), String::new()),
+            ("b", b1.clone(), String::new()),
+            ("c", c1.clone(), format!("    environment:\n      MODE: {mode}\n      SITE: own\n")),
+        ]
+    };
     let release = |id: &str, site: &str, mode: &str| {
         let s = services(mode);
         let refs: Vec<(&str, &str, &str)> = s.iter().map(|(n, i, e)| (*n, i.as_str(), e.as_str())).collect();
@@ -879,7 +901,8 @@ fn device_actions_wait_only_for_the_locks_they_need() {
 #[test]
 fn a_chatty_service_log_is_capped_by_the_engine() {
     let d = Device::new();
-    let script = "#!/bin/sh\ni=0\nwhile [ $i -lt 70 ]; do cat /app/payload.txt; i=$((i+1)); done\necho spoken\ntouch /tmp/spoke\nwhile true; do sleep 1; done\n";
+    let script =
+        "#!/bin/sh\ni=0\nwhile [ $i -lt 70 ]; do cat /app/payload.txt; i=$((i+1)); done\necho spoken\ntouch /tmp/spoke\nwhile true; do sleep 1; done\n";
     let mut app = Tree::new();
     app.insert("app/run.sh".into(), Node::File { data: script.into(), mode: 0o755, mtime: 1_700_000_000 });
     app.insert("app/payload.txt".into(), file(text(7, 600_000)));

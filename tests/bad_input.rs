@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use fleetdelta::format::records::{PatchHeader, Record, RecordWriter, SourceRange};
-use fleetdelta::layer::Compression;
 use fleetdelta::image::Layout;
+use fleetdelta::layer::Compression;
 use fleetdelta::{apply, diff, info, ApplyOptions, DiffOptions, Error, Level, Silent};
 use serde_json::Value;
 
@@ -46,7 +46,8 @@ impl Fixture {
         let before = snapshot(&self.path(out));
         let err = apply(&oci(&self.path(source)), &oci(&self.path("d")), &oci(&self.path(out)), &ApplyOptions::default(), &Silent).unwrap_err();
         assert_eq!(snapshot(&self.path(out)), before, "output changed by a failed apply ({err})");
-        let stray: Vec<_> = fs::read_dir(&self.root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+        let stray: Vec<_> =
+            fs::read_dir(&self.root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
         assert!(stray.is_empty(), "staging left behind: {stray:?}");
         err
     }
@@ -130,7 +131,11 @@ fn forged_patches_with_huge_or_out_of_range_sizes() {
         ("chunk", PatchHeader { target_layer: 1, tar_len: 100 }, vec![Record::Chunk { prefix: vec![], raw_len: 1 << 40, frame: vec![] }]),
         ("source layer", PatchHeader { target_layer: 1, tar_len: 100 }, vec![Record::Copy(SourceRange { layer: 9, offset: 0, len: 100 }), Record::End]),
         ("target layer", PatchHeader { target_layer: 0, tar_len: 100 }, vec![Record::End]),
-        ("outside source layer", PatchHeader { target_layer: 1, tar_len: 100 }, vec![Record::Copy(SourceRange { layer: 1, offset: 1 << 30, len: 100 }), Record::End]),
+        (
+            "outside source layer",
+            PatchHeader { target_layer: 1, tar_len: 100 },
+            vec![Record::Copy(SourceRange { layer: 1, offset: 1 << 30, len: 100 }), Record::End],
+        ),
     ];
     for (name, header, records) in cases {
         let f = Fixture::new();
@@ -410,7 +415,9 @@ fn a_lying_encoder_descriptor_is_caught_by_the_blob_digest_and_nothing_is_writte
         let err = apply(&oci(&sample_v1), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
         let ok = match name {
             // Caught by the digest, or as soon as the blob outgrows the target's.
-            "block size" | "header mtime" => matches!(&err, Error::DigestMismatch { what, .. } | Error::TooLarge { what, .. } if what.contains("re-encoded exactly")),
+            "block size" | "header mtime" => {
+                matches!(&err, Error::DigestMismatch { what, .. } | Error::TooLarge { what, .. } if what.contains("re-encoded exactly"))
+            }
             "undeclared feature" => matches!(err, Error::Malformed { .. }),
             _ => matches!(err, Error::Unsupported { .. }),
         };
@@ -482,7 +489,8 @@ fn lying_zip_member_lists_are_refused_and_nothing_is_written() {
             p["layers"][1]["members"][0].as_object_mut().unwrap().remove("encoder");
         }),
         ("gzip descriptor too", |p| {
-            p["layers"][1]["members"][0]["descriptor"] = serde_json::json!({"encoder": {"kind": "zlib", "level": 6}, "header": {"mtime": 0, "xfl": 0, "os": 3}});
+            p["layers"][1]["members"][0]["descriptor"] =
+                serde_json::json!({"encoder": {"kind": "zlib", "level": 6}, "header": {"mtime": 0, "xfl": 0, "os": 3}});
         }),
         ("undeclared feature", |p| p["features"].as_array_mut().unwrap().retain(|f| f != "deflate-members")),
     ];
@@ -664,7 +672,6 @@ fn lying_corrected_encodings_are_refused_and_nothing_is_written() {
 
 // ---- Reliability: output bounded by the target, nothing trusted unchecked, nothing left ----
 
-
 /// Like [`Fixture::new`], with a third target layer of noise that the delta carries whole.
 fn blob_fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
@@ -753,7 +760,10 @@ fn patches_whose_records_produce_nothing_are_refused() {
     let tar = &layer_tars(&f.path("t"), None)[1];
     let cases: Vec<(&str, Record)> = vec![
         ("a copy of 0 bytes", Record::Copy(SourceRange { layer: 1, offset: 0, len: 0 })),
-        ("a chunk of 0 bytes", Record::Chunk { prefix: vec![SourceRange { layer: 1, offset: 0, len: 100_000 }], raw_len: 0, frame: zstd::encode_all(&b""[..], 1).unwrap() }),
+        (
+            "a chunk of 0 bytes",
+            Record::Chunk { prefix: vec![SourceRange { layer: 1, offset: 0, len: 100_000 }], raw_len: 0, frame: zstd::encode_all(&b""[..], 1).unwrap() },
+        ),
     ];
     for (name, empty) in cases {
         let mut raw = Vec::new();
@@ -864,7 +874,8 @@ fn a_failed_commit_takes_back_the_blobs_it_moved_in() {
     let mut blobs_before = blobs_before;
     blobs_before.sort();
     assert_eq!(blobs_after, blobs_before, "blobs that nothing names were left in the store");
-    let stray: Vec<_> = fs::read_dir(f.path("o")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let stray: Vec<_> =
+        fs::read_dir(f.path("o")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
 
@@ -964,7 +975,13 @@ fn errors_are_one_line_and_say_each_cause_once() {
     assert!(stderr.contains("no\\nsuch"), "{stderr:?}");
     let f = Fixture::new();
     fs::remove_file(f.path("s/index.json")).unwrap();
-    let out = fleetdelta().args(["apply"]).arg(format!("oci:{}", f.path("s").display())).arg(format!("oci:{}", f.path("d").display())).arg(format!("oci:{}", f.path("o").display())).output().unwrap();
+    let out = fleetdelta()
+        .args(["apply"])
+        .arg(format!("oci:{}", f.path("s").display()))
+        .arg(format!("oci:{}", f.path("d").display()))
+        .arg(format!("oci:{}", f.path("o").display()))
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
     assert!(stderr.contains("index.json"), "{stderr}");
@@ -1017,6 +1034,7 @@ fn an_empty_mount_point_as_output_is_written_in_place() {
     let _mount = Mount::tmpfs(&f.path("o"), "64m");
     apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &ApplyOptions::default(), &Silent).unwrap();
     assert_same_image(&f.path("t"), &f.path("o"));
-    let stray: Vec<_> = fs::read_dir(f.path("o")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let stray: Vec<_> =
+        fs::read_dir(f.path("o")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
     assert!(stray.is_empty(), "{stray:?}");
 }

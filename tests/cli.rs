@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Bounded, fleetdelta, run, text, tool};
+use common::{fleetdelta, run, text, tool, Bounded};
 use fleetdelta::image::Layout;
 
 fn write_tree(root: &Path, files: &[(&str, Vec<u8>)]) {
@@ -26,12 +26,16 @@ fn build_images(dir: &Path) {
     run(tool("umoci").args(["new", "--image"]).arg(format!("{}:base", img.display())));
     let bundle = dir.join("bundle-base");
     run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:base", img.display())).arg(&bundle));
-    write_tree(&bundle.join("rootfs"), &(0..40).map(|i| (Box::leak(format!("usr/lib/base/{i}.so").into_boxed_str()) as &str, text(i, 20_000))).collect::<Vec<_>>());
+    write_tree(
+        &bundle.join("rootfs"),
+        &(0..40).map(|i| (Box::leak(format!("usr/lib/base/{i}.so").into_boxed_str()) as &str, text(i, 20_000))).collect::<Vec<_>>(),
+    );
     run(tool("umoci").args(["repack", "--image"]).arg(format!("{}:base", img.display())).arg(&bundle));
     for (tag, edit) in [("v1", false), ("v2", true)] {
         let b = dir.join(format!("bundle-{tag}"));
         run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:base", img.display())).arg(&b));
-        let mut files: Vec<(&str, Vec<u8>)> = (0..30).map(|i| (Box::leak(format!("app/module{i}.py").into_boxed_str()) as &str, text(1000 + i, 12_000))).collect();
+        let mut files: Vec<(&str, Vec<u8>)> =
+            (0..30).map(|i| (Box::leak(format!("app/module{i}.py").into_boxed_str()) as &str, text(1000 + i, 12_000))).collect();
         if edit {
             files[3].1.splice(500..600, text(9, 250));
             files[17].1.extend_from_slice(b"\ndef added():\n    return 2\n");
@@ -170,7 +174,8 @@ fn progress_shows_stages_bytes_and_rate_on_a_terminal_only() {
     let out = run(tool("script").args(["-qec", &command, "/dev/null"]));
     let screen = String::from_utf8_lossy(&out.stdout);
     for stage in ["unpacking layers", "encoding layers"] {
-        let line = screen.split(['\r', '\n']).find(|l| l.contains(stage) && l.contains(" / ")).unwrap_or_else(|| panic!("no {stage} bar with bytes: {screen:?}"));
+        let line =
+            screen.split(['\r', '\n']).find(|l| l.contains(stage) && l.contains(" / ")).unwrap_or_else(|| panic!("no {stage} bar with bytes: {screen:?}"));
         assert!(line.contains("KiB") && line.contains("/s"), "bytes and rate: {line:?}");
     }
     let quiet = run(fleetdelta().args(["diff", &v1, &v2, &format!("oci:{}:e", tmp.path().join("delta").display())]));

@@ -29,7 +29,8 @@ fn apply_cmd(store: &Path, delta: &Path, tag: &str) -> Command {
 /// matching its digest, and `keep` and `current` are what they were.
 fn check_store(store: &Path, keep: &[Vec<u8>], current: &[Vec<u8>], context: &str) {
     let layout = Layout::open(store).unwrap_or_else(|e| panic!("{context}: {e}"));
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(store.join("index.json")).unwrap()).unwrap_or_else(|e| panic!("{context}: index.json: {e}"));
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(store.join("index.json")).unwrap()).unwrap_or_else(|e| panic!("{context}: index.json: {e}"));
     for entry in index["manifests"].as_array().unwrap() {
         let tag = entry["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap();
         let image = layout.load_image(Some(tag)).unwrap_or_else(|e| panic!("{context}: image {tag}: {e}"));
@@ -58,10 +59,15 @@ fn referenced_blobs(store: &Path) -> HashSet<String> {
 /// Checks that nothing of a killed apply is left: no staging directory, no commit journal,
 /// no blob that `index.json` does not name.
 fn check_no_leftovers(store: &Path, context: &str) {
-    let hidden: Vec<String> = fs::read_dir(store).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let hidden: Vec<String> =
+        fs::read_dir(store).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
     assert!(hidden.is_empty(), "{context}: left behind: {hidden:?}");
     let referenced = referenced_blobs(store);
-    let orphans: Vec<String> = fs::read_dir(store.join("blobs/sha256")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !referenced.contains(n)).collect();
+    let orphans: Vec<String> = fs::read_dir(store.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !referenced.contains(n))
+        .collect();
     assert!(orphans.is_empty(), "{context}: blobs nothing names: {orphans:?}");
 }
 

@@ -90,7 +90,8 @@ fn apply_into_the_engine_sends_only_missing_layers_and_tags_a_runnable_target() 
     delta_v1_v2(home, &engine, &dir, &delta);
     let before = engine.images();
 
-    let out = json_of(run(fd(home, &engine.host).args(["apply", "--json", "docker-daemon:app:v1", &format!("oci:{}", delta.display()), "docker-daemon:app:v2"])));
+    let out =
+        json_of(run(fd(home, &engine.host).args(["apply", "--json", "docker-daemon:app:v1", &format!("oci:{}", delta.display()), "docker-daemon:app:v2"])));
     let loaded = &out["loaded"];
     assert_eq!(loaded["tagged"], "app:v2", "{out}");
     assert_eq!(loaded["archive"]["layers_omitted"], 1, "the base layer is in the engine: {out}");
@@ -110,7 +111,8 @@ fn apply_into_the_engine_sends_only_missing_layers_and_tags_a_runnable_target() 
     assert_runs(&engine, "app:v1", "v1");
 
     // Again: the engine has the image, nothing is sent, the tag is (re)set.
-    let again = json_of(run(fd(home, &engine.host).args(["apply", "--json", "docker-daemon:app:v1", &format!("oci:{}", delta.display()), "docker-daemon:app:v2"])));
+    let again =
+        json_of(run(fd(home, &engine.host).args(["apply", "--json", "docker-daemon:app:v1", &format!("oci:{}", delta.display()), "docker-daemon:app:v2"])));
     assert_eq!(again["loaded"]["already_present"], true, "{again}");
     assert_eq!(engine.images(), expected);
 
@@ -133,7 +135,15 @@ fn pull_from_the_engine_through_a_delta_in_the_registry() {
     run(fd(home, &engine.host).args(["diff", &format!("oci:{}:v1", dir.display()), &format!("{repo}:v2"), &format!("{repo}:delta-v1-v2")]));
     engine.load(&docker_archive(&dir, "v1", "app:v1").0);
 
-    let pulled = json_of(run(fd(home, &engine.host).args(["pull", "--json", "--no-full-download", "--from", "docker-daemon:app:v1", &format!("{repo}:v2"), "docker-daemon:app:v2"])));
+    let pulled = json_of(run(fd(home, &engine.host).args([
+        "pull",
+        "--json",
+        "--no-full-download",
+        "--from",
+        "docker-daemon:app:v1",
+        &format!("{repo}:v2"),
+        "docker-daemon:app:v2",
+    ])));
     assert_eq!(pulled["method"]["kind"], "delta", "{pulled}");
     let (received, missing) = (pulled["received"].as_u64().unwrap(), pulled["missing_layers_bytes"].as_u64().unwrap());
     assert!(received * 4 < missing, "the delta ({received} B) should be far smaller than the missing layers ({missing} B)");
@@ -180,7 +190,10 @@ fn failed_applies_leave_the_engine_as_it_was() {
     let delta_ref = format!("oci:{}", delta.display());
 
     // A wrong source image in the engine.
-    assert_refused(fd(home, &engine.host).args(["apply", "docker-daemon:other:v1", &delta_ref, "docker-daemon:app:v2"]), "not the one this delta was made against");
+    assert_refused(
+        fd(home, &engine.host).args(["apply", "docker-daemon:other:v1", &delta_ref, "docker-daemon:app:v2"]),
+        "not the one this delta was made against",
+    );
     assert_eq!(engine.images(), before);
 
     // A tampered delta: one byte of its largest blob.
@@ -194,7 +207,10 @@ fn failed_applies_leave_the_engine_as_it_was() {
     // The copy hard-linked its blobs: a new file, not the delta's own.
     std::fs::remove_file(&largest).unwrap();
     std::fs::write(&largest, bytes).unwrap();
-    assert_refused(fd(home, &engine.host).args(["apply", "docker-daemon:app:v1", &format!("oci:{}", tampered.display()), "docker-daemon:app:v2"]), "digest mismatch");
+    assert_refused(
+        fd(home, &engine.host).args(["apply", "docker-daemon:app:v1", &format!("oci:{}", tampered.display()), "docker-daemon:app:v2"]),
+        "digest mismatch",
+    );
     assert_eq!(engine.images(), before);
 
     // The engine stopped (killed) in the middle of the load: past its first MiB.

@@ -64,9 +64,7 @@ fn exact_gen_go127() -> &'static Path {
             .env("GOROOT", &root)
             .env("GOTOOLCHAIN", "local")
             .output()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {}: {e} ({GO127_ROOT_VAR} must be a Go 1.27 GOROOT; run tools/test)", go.display())
-            });
+            .unwrap_or_else(|e| panic!("cannot run {}: {e} ({GO127_ROOT_VAR} must be a Go 1.27 GOROOT; run tools/test)", go.display()));
         let version = String::from_utf8_lossy(&version.stdout);
         assert!(version.starts_with("go version go1.27"), "{GO127_ROOT_VAR} is not Go 1.27: {version}");
         build_exact_gen("exact-gen-go1.27", &go, Some(&root))
@@ -102,7 +100,6 @@ fn build_exact_gen(name: &str, go: &Path, goroot: Option<&Path>) -> PathBuf {
     );
     bin
 }
-
 
 /// Word soup with a skewed vocabulary: compresses like source text.
 fn text(len: usize, seed: u64) -> Vec<u8> {
@@ -189,11 +186,7 @@ fn check(desc: &Descriptor, input: &[u8], real: &[u8], what: &str) {
     let ours = desc.encode_to_vec(input).unwrap();
     if ours != real {
         let at = ours.iter().zip(real).position(|(a, b)| a != b).unwrap_or(ours.len().min(real.len()));
-        panic!(
-            "{what}: {desc:?} differs from the real tool at byte {at} (ours {} bytes, real {})",
-            ours.len(),
-            real.len()
-        );
+        panic!("{what}: {desc:?} differs from the real tool at byte {at} (ours {} bytes, real {})", ours.len(), real.len());
     }
 }
 
@@ -202,8 +195,7 @@ fn pgzip_matches_klauspost_pgzip_1_2_5() {
     for (name, input) in corpus() {
         for block in [UMOCI_BLOCK_SIZE, 1 << 20, 100_000] {
             let real = run(Command::new(exact_gen()).args(["pgzip", &block.to_string()]), &input);
-            let desc =
-                Descriptor { encoder: Encoder::Pgzip { block_size: block }, header: GzipHeader::klauspost_default() };
+            let desc = Descriptor { encoder: Encoder::Pgzip { block_size: block }, header: GzipHeader::klauspost_default() };
             check(&desc, &input, &real, &format!("{name} block {block}"));
         }
     }
@@ -222,10 +214,7 @@ fn klauspost_gzip_matches_klauspost_compress_1_15_12() {
 fn go_gzip_matches_go_1_19_compress_gzip() {
     for (name, input) in corpus() {
         let real = run(Command::new(exact_gen()).arg("stdgzip"), &input);
-        let desc = Descriptor {
-            encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
-            header: GzipHeader::go_stdlib_default(),
-        };
+        let desc = Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_19 }, header: GzipHeader::go_stdlib_default() };
         check(&desc, &input, &real, name);
     }
 }
@@ -234,10 +223,7 @@ fn go_gzip_matches_go_1_19_compress_gzip() {
 fn go_gzip_matches_go_1_27_compress_gzip() {
     for (name, input) in corpus() {
         let real = run(Command::new(exact_gen_go127()).arg("stdgzip"), &input);
-        let desc = Descriptor {
-            encoder: Encoder::GoGzip { release: GoRelease::Go1_27 },
-            header: GzipHeader::go_stdlib_default(),
-        };
+        let desc = Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_27 }, header: GzipHeader::go_stdlib_default() };
         check(&desc, &input, &real, name);
     }
 }
@@ -254,12 +240,10 @@ fn go_releases_and_klauspost_are_fingerprinted_apart() {
     ];
     let mut told_apart = Vec::new();
     for (name, input) in corpus() {
-        let blobs: Vec<Vec<u8>> =
-            writers.iter().map(|(gen, mode, _)| run(Command::new(gen).arg(mode), &input)).collect();
+        let blobs: Vec<Vec<u8>> = writers.iter().map(|(gen, mode, _)| run(Command::new(gen).arg(mode), &input)).collect();
         for (i, (_, _, encoder)) in writers.iter().enumerate() {
             let blob = &blobs[i];
-            let found =
-                fingerprint(blob, &input).unwrap_or_else(|| panic!("{name}: {encoder:?} blob not fingerprinted"));
+            let found = fingerprint(blob, &input).unwrap_or_else(|| panic!("{name}: {encoder:?} blob not fingerprinted"));
             assert_eq!(found.encode_to_vec(&input).unwrap(), *blob, "{name}: {encoder:?} blob -> {found:?}");
             if blobs.iter().enumerate().all(|(j, other)| j == i || other[10..] != blob[10..]) {
                 assert_eq!(found.encoder, *encoder, "{name}: fingerprint confused {encoder:?}");
@@ -282,10 +266,7 @@ fn umoci_layers_are_reproduced_and_fingerprinted() {
     let layout = dir.path().join("layout");
     let bundle = dir.path().join("bundle");
     let umoci = |args: &[&str]| {
-        let out = Command::new("umoci")
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run umoci: {e} (install Debian's umoci)"));
+        let out = Command::new("umoci").args(args).output().unwrap_or_else(|e| panic!("cannot run umoci: {e} (install Debian's umoci)"));
         assert!(out.status.success(), "umoci {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     let image = format!("{}:t", layout.display());
@@ -308,10 +289,7 @@ fn umoci_layers_are_reproduced_and_fingerprinted() {
         layers += 1;
         let mut tar = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut tar).unwrap();
-        let desc = Descriptor {
-            encoder: Encoder::Pgzip { block_size: UMOCI_BLOCK_SIZE },
-            header: GzipHeader::klauspost_default(),
-        };
+        let desc = Descriptor { encoder: Encoder::Pgzip { block_size: UMOCI_BLOCK_SIZE }, header: GzipHeader::klauspost_default() };
         check(&desc, &tar, &blob, "umoci layer");
         assert_eq!(fingerprint(&blob, &tar), Some(desc));
     }
@@ -344,8 +322,7 @@ fn zlib_matches_system_zlib_1_2_13_at_every_level() {
             }
             let modes: &[&str] = if !big && [1, 6, 9].contains(&level) { &["zlib", "python-gzip"] } else { &["zlib"] };
             for &mode in modes {
-                let real =
-                    run(Command::new("/usr/bin/python3").args(["-c", ZLIB_PY, &level.to_string(), mode]), &input);
+                let real = run(Command::new("/usr/bin/python3").args(["-c", ZLIB_PY, &level.to_string(), mode]), &input);
                 let (header, _) = GzipHeader::parse(&real).unwrap();
                 let desc = Descriptor { encoder: Encoder::Zlib { level }, header };
                 check(&desc, &input, &real, &format!("{name} {mode} -{level}"));
@@ -476,10 +453,7 @@ fn throughput_against_the_originals() {
         (
             "pgzip 256 KiB (umoci)",
             vec![exact_gen().display().to_string(), "pgzip".into(), "262144".into()],
-            Descriptor {
-                encoder: Encoder::Pgzip { block_size: UMOCI_BLOCK_SIZE },
-                header: GzipHeader::klauspost_default(),
-            },
+            Descriptor { encoder: Encoder::Pgzip { block_size: UMOCI_BLOCK_SIZE }, header: GzipHeader::klauspost_default() },
         ),
         (
             "klauspost gzip",
@@ -489,18 +463,12 @@ fn throughput_against_the_originals() {
         (
             "Go 1.19 gzip",
             vec![exact_gen().display().to_string(), "stdgzip".into()],
-            Descriptor {
-                encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
-                header: GzipHeader::go_stdlib_default(),
-            },
+            Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_19 }, header: GzipHeader::go_stdlib_default() },
         ),
         (
             "Go 1.27 gzip",
             vec![exact_gen_go127().display().to_string(), "stdgzip".into()],
-            Descriptor {
-                encoder: Encoder::GoGzip { release: GoRelease::Go1_27 },
-                header: GzipHeader::go_stdlib_default(),
-            },
+            Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_27 }, header: GzipHeader::go_stdlib_default() },
         ),
         (
             "zlib -6 (C via python3)",
@@ -521,10 +489,6 @@ fn throughput_against_the_originals() {
         let ours = desc.encode_to_vec(&input).unwrap();
         let rust = start.elapsed().as_secs_f64();
         assert!(ours == real, "{name}: output differs");
-        println!(
-            "{name:24} {mb:.1} MB: original {reference:.2}s ({:.0} MB/s), port {rust:.2}s ({:.0} MB/s)",
-            mb / reference,
-            mb / rust
-        );
+        println!("{name:24} {mb:.1} MB: original {reference:.2}s ({:.0} MB/s), port {rust:.2}s ({:.0} MB/s)", mb / reference, mb / rust);
     }
 }

@@ -47,7 +47,12 @@ fn golden_deltas_apply_bit_for_bit_and_say_the_same() {
     // The cases cover what they claim.
     let encodings = |name: &str| -> Vec<String> {
         let info: Value = serde_json::from_slice(&fs::read(case(name).0.join("info.json")).unwrap()).unwrap();
-        info["layers"].as_array().unwrap().iter().map(|l| format!("{}/{}", l["method"].as_str().unwrap(), l["encoding"]["kind"].as_str().unwrap_or("-"))).collect()
+        info["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| format!("{}/{}", l["method"].as_str().unwrap(), l["encoding"]["kind"].as_str().unwrap_or("-")))
+            .collect()
     };
     assert!(encodings("corrected").contains(&"patch/corrected".to_string()), "{:?}", encodings("corrected"));
     assert!(encodings("zlib").contains(&"patch/exact".to_string()));

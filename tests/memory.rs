@@ -50,11 +50,7 @@ fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
     };
     let contents: Vec<Vec<u8>> = (0..files).map(|i| text(i as u64, 256 << 10)).collect();
     let source: Tree = contents.iter().enumerate().map(|(i, c)| (format!("data/{i:05}.bin"), file(member(i, c.clone())))).collect();
-    let target: Tree = contents
-        .into_iter()
-        .enumerate()
-        .map(|(i, data)| (format!("data/{i:05}.bin"), file(member(i, edited(i, data)))))
-        .collect();
+    let target: Tree = contents.into_iter().enumerate().map(|(i, data)| (format!("data/{i:05}.bin"), file(member(i, edited(i, data))))).collect();
     let (s, t, d, o) = (dir.join("s"), dir.join("t"), dir.join("d"), dir.join("o"));
     match layers {
         Layers::Plain => {
@@ -88,7 +84,13 @@ fn apply_peak_kib(dir: &Path, mib: usize, layers: Layers) -> i64 {
         assert!(deflate >= files / 16, "every zip has a changed entry repacked: {deflate}");
     }
     drop((source, target));
-    let peak = peak_kib(Command::new(env!("CARGO_BIN_EXE_fleetdelta")).args(["apply", "--quiet"]).arg(format!("oci:{}", s.display())).arg(format!("oci:{}", d.display())).arg(format!("oci:{}", o.display())));
+    let peak = peak_kib(
+        Command::new(env!("CARGO_BIN_EXE_fleetdelta"))
+            .args(["apply", "--quiet"])
+            .arg(format!("oci:{}", s.display()))
+            .arg(format!("oci:{}", d.display()))
+            .arg(format!("oci:{}", o.display())),
+    );
     assert_same_image(&t, &o);
     peak
 }
@@ -149,14 +151,17 @@ fn diff_peak_kib(dir: &Path, mib: usize) -> i64 {
         let source: Tree = contents.iter().enumerate().map(|(i, c)| (format!("data/{i:05}.txt"), file(c.clone()))).collect();
         write_image(&s, "latest", &[layer_tar(&source)], Compression::None);
         drop(source);
-        let target: Tree = contents
-            .into_iter()
-            .enumerate()
-            .map(|(i, data)| (format!("data/{i:05}.txt"), file(edited(i, data))))
-            .collect();
+        let target: Tree = contents.into_iter().enumerate().map(|(i, data)| (format!("data/{i:05}.txt"), file(edited(i, data)))).collect();
         write_image(&t, "latest", &[layer_tar(&target)], Compression::None);
     }
-    let peak = peak_kib(Command::new(env!("CARGO_BIN_EXE_fleetdelta")).env("RAYON_NUM_THREADS", DIFF_THREADS).args(["diff", "--quiet", "--level", "fast"]).arg(format!("oci:{}", s.display())).arg(format!("oci:{}", t.display())).arg(format!("oci:{}", d.display())));
+    let peak = peak_kib(
+        Command::new(env!("CARGO_BIN_EXE_fleetdelta"))
+            .env("RAYON_NUM_THREADS", DIFF_THREADS)
+            .args(["diff", "--quiet", "--level", "fast"])
+            .arg(format!("oci:{}", s.display()))
+            .arg(format!("oci:{}", t.display()))
+            .arg(format!("oci:{}", d.display())),
+    );
     // The delta is a real one: every file was coded against its partner, not carried.
     let layer = &info(&oci(&d)).unwrap().layers[0];
     let stats = layer.stats.as_ref().expect("the layer is patched");

@@ -116,7 +116,15 @@ fn deltas_go_through_a_real_registry_diff_apply_and_pull() {
     assert_same_tagged_image(&sample("v2"), None, &device, Some("v2-plain"));
 
     // Pulling again finds the image there (by config) and downloads nothing but the manifest.
-    let again = json(run(fd(home).args(["pull", "--no-full-download", "--json", "--from", &format!("oci:{}:v2", device.display()), &format!("{repo}:v2"), &format!("oci:{}:v2", device.display())])));
+    let again = json(run(fd(home).args([
+        "pull",
+        "--no-full-download",
+        "--json",
+        "--from",
+        &format!("oci:{}:v2", device.display()),
+        &format!("{repo}:v2"),
+        &format!("oci:{}:v2", device.display()),
+    ])));
     assert_eq!(again["method"]["kind"], "unchanged");
     assert!(again["received"].as_u64().unwrap() < 2048);
     // Without --from too: the output has every blob, so nothing but the manifest comes.
@@ -248,7 +256,14 @@ fn a_stalled_download_times_out_and_resumes() {
     let img = pushed_big_image(&reg, tmp.path(), tmp.path());
     let proxy = Proxy::start(&reg.addr, Fault::StallBlob { after: 500_000, times: 1, secs: 4 });
     let out = tmp.path().join("out");
-    let report = json(run(fd(tmp.path()).args(["--idle-timeout", "1", "copy", "--json", &format!("docker://{}/big/app:v1", proxy.addr), &format!("oci:{}:v1", out.display())])));
+    let report = json(run(fd(tmp.path()).args([
+        "--idle-timeout",
+        "1",
+        "copy",
+        "--json",
+        &format!("docker://{}/big/app:v1", proxy.addr),
+        &format!("oci:{}:v1", out.display()),
+    ])));
     assert_eq!(proxy.injected(), 1);
     assert!(report["fetched"]["resumes"].as_u64().unwrap() >= 1, "{report}");
     assert_eq!(layer_tars(&out, Some("v1")), layer_tars(&img, Some("v1")));
@@ -312,7 +327,13 @@ fn a_registry_serving_wrong_bytes_is_caught_by_digest_and_nothing_changes() {
     let device = tmp.path().join("device");
     run(fd(home).args(["copy", &format!("oci:{}:v1", img.display()), &format!("oci:{}:current", device.display())]));
     let before = snapshot(&device);
-    let err = run_failing(fd(home).args(["pull", "--from", &format!("oci:{}:current", device.display()), &format!("docker://{}/app:v2", reg.addr), &format!("oci:{}:v2", device.display())]));
+    let err = run_failing(fd(home).args([
+        "pull",
+        "--from",
+        &format!("oci:{}:current", device.display()),
+        &format!("docker://{}/app:v2", reg.addr),
+        &format!("oci:{}:v2", device.display()),
+    ]));
     assert!(err.contains("digest mismatch"), "{err}");
     assert_eq!(snapshot(&device), before);
 }
@@ -385,7 +406,8 @@ fn image_indexes_resolve_to_the_requested_platform() {
     let layout = Layout::open(&img).unwrap();
     let (amd, arm) = (layout.resolve(Some("amd")).unwrap(), layout.resolve(Some("arm")).unwrap());
     let entry = |m: &BlobRef, arch: &str| serde_json::json!({"mediaType": m.media_type, "digest": m.digest.to_string(), "size": m.size, "platform": {"architecture": arch, "os": "linux"}});
-    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry(&amd, "amd64"), entry(&arm, "arm64")]})).unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry(&amd, "amd64"), entry(&arm, "arm64")]}))
+        .unwrap();
     let writer = LayoutWriter::create(&img).unwrap();
     let (digest, size) = writer.put_blob(&index).unwrap();
     writer.commit(&BlobRef { media_type: OCI_INDEX.into(), digest, size }, "multi").unwrap();

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use fleetdelta::release::{
-    plan, render_table, Change, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Readiness, Release,
-    ReleaseError, ResolvedImage, UpdateStatus,
+    plan, render_table, Change, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Readiness, Release, ReleaseError, ResolvedImage, UpdateStatus,
 };
 use fleetdelta::Digest;
 
@@ -51,10 +50,7 @@ impl FakeCatalog {
         let deltas = HashMap::from([
             (
                 ImagePair { from: digest("a1"), to: digest("a2") },
-                DeltaStatus::Ready {
-                    reference: "registry.example.com/fleet/api:delta-a1a1a1a1a1a1-a2a2a2a2a2a2".into(),
-                    size: 1_234_567,
-                },
+                DeltaStatus::Ready { reference: "registry.example.com/fleet/api:delta-a1a1a1a1a1a1-a2a2a2a2a2a2".into(), size: 1_234_567 },
             ),
             (ImagePair { from: digest("c1"), to: digest("c2") }, DeltaStatus::Building),
         ]);
@@ -106,36 +102,19 @@ fn invalid_fixture_names_file_and_service() {
 /// `bin/balena-release-update.js`) plus our documented additions (see `crates/release/src/json.rs`).
 #[test]
 fn json_matches_the_balena_shaped_snapshot() {
-    let t = plan(
-        &release("release-2024.06.1.yaml"),
-        &release("release-2024.06.2.yaml"),
-        Some(&facts("device-nano-l4t-32.4.yaml")),
-        &FakeCatalog::new(),
-    )
-    .unwrap();
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("transition-2024.06.1-to-2024.06.2.json")).unwrap())
-            .unwrap();
+    let t =
+        plan(&release("release-2024.06.1.yaml"), &release("release-2024.06.2.yaml"), Some(&facts("device-nano-l4t-32.4.yaml")), &FakeCatalog::new()).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("transition-2024.06.1-to-2024.06.2.json")).unwrap()).unwrap();
     let actual = t.to_json();
     assert_eq!(actual, expected, "actual:\n{}", t.to_json_pretty());
     // balena's fields come first, in balena's order.
     let keys: Vec<_> = actual.as_object().unwrap().keys().take(5).cloned().collect();
-    assert_eq!(
-        keys,
-        [
-            "originates_from__release",
-            "produces__release",
-            "is_produced_by__service_update",
-            "overall_status",
-            "estimated_total_payload_size"
-        ]
-    );
+    assert_eq!(keys, ["originates_from__release", "produces__release", "is_produced_by__service_update", "overall_status", "estimated_total_payload_size"]);
 }
 
 #[test]
 fn timeline_on_a_device_with_l4t_32_4() {
-    let (r1, r2, r3) =
-        (release("release-2024.06.1.yaml"), release("release-2024.06.2.yaml"), release("release-2024.07.1.yaml"));
+    let (r1, r2, r3) = (release("release-2024.06.1.yaml"), release("release-2024.06.2.yaml"), release("release-2024.07.1.yaml"));
     let device = facts("device-nano-l4t-32.4.yaml");
     let catalog = FakeCatalog::new();
 
@@ -163,8 +142,7 @@ fn timeline_on_a_device_with_l4t_32_4() {
 
     // Skipping the middle release: api and gpu as in step 1, web as in step 2, no metrics at all.
     let skip = plan(&r1, &r3, Some(&device), &catalog).unwrap();
-    let changed: Vec<_> =
-        skip.services.iter().filter(|s| s.change != Change::Unchanged).map(|s| s.service_name.as_str()).collect();
+    let changed: Vec<_> = skip.services.iter().filter(|s| s.change != Change::Unchanged).map(|s| s.service_name.as_str()).collect();
     assert_eq!(changed, ["api", "web", "gpu"]);
     assert_eq!(skip.estimated_total_payload_size, 1_234_567 + 3_200_000 + 21_000_000);
 
@@ -178,13 +156,7 @@ fn timeline_on_a_device_with_l4t_32_4() {
 #[test]
 fn optional_gpu_service_is_dropped_on_a_device_with_l4t_32_2() {
     let device = facts("device-nano-l4t-32.2.json");
-    let t = plan(
-        &release("release-2024.06.1.yaml"),
-        &release("release-2024.06.2.yaml"),
-        Some(&device),
-        &FakeCatalog::new(),
-    )
-    .unwrap();
+    let t = plan(&release("release-2024.06.1.yaml"), &release("release-2024.06.2.yaml"), Some(&device), &FakeCatalog::new()).unwrap();
     // The device never ran gpu (its contract was unmet in 2024.06.1 too): dropped, not removed.
     assert!(t.service("gpu").is_none());
     assert_eq!(t.dropped.len(), 1);
@@ -193,23 +165,14 @@ fn optional_gpu_service_is_dropped_on_a_device_with_l4t_32_2() {
     assert_eq!(t.estimated_total_payload_size, 1_234_567 + 52_000_000);
     let json = t.to_json();
     assert_eq!(json["dropped_services"][0]["service_name"], "gpu");
-    assert_eq!(
-        json["dropped_services"][0]["unmet_requirements"][0],
-        "requires sw.l4t >=32.4 but the device has 32.2.0"
-    );
+    assert_eq!(json["dropped_services"][0]["unmet_requirements"][0], "requires sw.l4t >=32.4 but the device has 32.2.0");
     assert!(render_table(&t).contains("dropped: gpu (optional; contract gpu-needs-l4t-32-4): requires sw.l4t >=32.4"));
 }
 
 #[test]
 fn monitor_contract_rejects_the_release_on_an_amd64_device() {
     let device = facts("device-generic-amd64.yaml");
-    let err = plan(
-        &release("release-2024.06.1.yaml"),
-        &release("release-2024.06.2.yaml"),
-        Some(&device),
-        &FakeCatalog::new(),
-    )
-    .unwrap_err();
+    let err = plan(&release("release-2024.06.1.yaml"), &release("release-2024.06.2.yaml"), Some(&device), &FakeCatalog::new()).unwrap_err();
     assert_eq!(
         err.to_string(),
         "release \"2024.06.2\" is rejected for this device: service \"monitor\" \

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::registry::Registry;
-use common::{Bounded, assert_same_tagged_image, fleetdelta, run, run_failing, service_image};
+use common::{assert_same_tagged_image, fleetdelta, run, run_failing, service_image, Bounded};
 use fleetdelta::delta_store::{DeltaKey, DeltaStore};
 use fleetdelta::image::Layout;
 use serde_json::Value;
@@ -152,7 +152,12 @@ fn contracts_drop_optional_services_reject_releases_and_invalid_ones_build_nothi
     assert_eq!(dropped[0]["service_name"], "gpu");
     assert!(t["is_produced_by__service_update"].as_array().unwrap().iter().all(|s| s["service_name"] != "gpu"));
 
-    let rejected = fd(home).args(["release-update", "--json", "--prepare", "--deltas", &deltas, "--device", old_supervisor.to_str().unwrap(), "--from"]).arg(&r1).arg("--to").arg(&r2).output_bounded();
+    let rejected = fd(home)
+        .args(["release-update", "--json", "--prepare", "--deltas", &deltas, "--device", old_supervisor.to_str().unwrap(), "--from"])
+        .arg(&r1)
+        .arg("--to")
+        .arg(&r2)
+        .output_bounded();
     assert_eq!(rejected.status.code(), Some(6), "unmet contracts have their own exit status");
     let err = String::from_utf8_lossy(&rejected.stderr);
     assert!(err.contains("app") && err.contains("sw.supervisor") && err.contains("12.0.0"), "{err}");
@@ -191,7 +196,12 @@ fn waiting_implies_preparing_and_times_out_on_a_build_elsewhere_with_a_clear_mes
     // --timeout implies --wait, which implies --prepare: the build elsewhere does not end,
     // and waiting runs into the deadline.
     let started = Instant::now();
-    let out = fd(home).args(["release-update", "--json", "--timeout", "1", "--poll", "0.2", "--deltas", &deltas, "--from"]).arg(&r1).arg("--to").arg(&r2).output_bounded();
+    let out = fd(home)
+        .args(["release-update", "--json", "--timeout", "1", "--poll", "0.2", "--deltas", &deltas, "--from"])
+        .arg(&r1)
+        .arg("--to")
+        .arg(&r2)
+        .output_bounded();
     assert_eq!(out.status.code(), Some(5));
     assert!(started.elapsed() < Duration::from_secs(30));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -217,12 +227,20 @@ fn an_interrupted_prepare_is_rerun_and_rebuilds_nothing_that_was_done() {
             service_image(&img, &format!("{name}-{v}"), 10 + i as u64, v, 400);
         }
     }
-    let release = |v: u64| write_release(tmp.path(), &v.to_string(), &names.iter().map(|n| (*n, format!("oci:{}:{n}-{v}", img.display()))).collect::<Vec<_>>(), "");
+    let release =
+        |v: u64| write_release(tmp.path(), &v.to_string(), &names.iter().map(|n| (*n, format!("oci:{}:{n}-{v}", img.display()))).collect::<Vec<_>>(), "");
     let (r1, r2) = (release(1), release(2));
     let store = tmp.path().join("deltas");
     let deltas = format!("oci:{}", store.display());
 
-    let mut child = fd(home).args(["release-update", "--prepare", "--level", "max", "--deltas", &deltas, "--from"]).arg(&r1).arg("--to").arg(&r2).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = fd(home)
+        .args(["release-update", "--prepare", "--level", "max", "--deltas", &deltas, "--from"])
+        .arg(&r1)
+        .arg("--to")
+        .arg(&r2)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let built = |store: &Path| Layout::open(store).map(|_| fs::read_to_string(store.join("index.json")).unwrap().matches("delta-").count()).unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(300);
     while built(&store) == 0 {

@@ -59,7 +59,13 @@ fn edit_strategy() -> impl Strategy<Value = Edit> {
         (0..3usize, path_strategy(), any::<u64>(), 0..30_000usize).prop_map(|(layer, path, seed, len)| Edit::Add { layer, path, seed, len }),
         any::<usize>().prop_map(|pick| Edit::Remove { pick }),
         (any::<usize>(), path_strategy()).prop_map(|(pick, to)| Edit::Rename { pick, to }),
-        (any::<usize>(), 0.0..1.0f64, 0..3000usize, 0..3000usize, any::<u64>()).prop_map(|(pick, at, insert, delete, seed)| Edit::Modify { pick, at, insert, delete, seed }),
+        (any::<usize>(), 0.0..1.0f64, 0..3000usize, 0..3000usize, any::<u64>()).prop_map(|(pick, at, insert, delete, seed)| Edit::Modify {
+            pick,
+            at,
+            insert,
+            delete,
+            seed
+        }),
         (any::<usize>(), prop::sample::select(vec![0o600u32, 0o755, 0o4755])).prop_map(|(pick, mode)| Edit::Chmod { pick, mode }),
         (any::<usize>(), any::<u32>()).prop_map(|(pick, t)| Edit::Touch { pick, mtime: t as u64 }),
     ]
@@ -306,7 +312,13 @@ fn gzip_files_inside_layers_are_patched_uncompressed_and_repacked_exactly() {
     // Compressed, each changed file would cost about its size; patched as text, a fraction
     // (beside the files that stay compressed).
     let budget = pair.expandable_bytes / 4 + pair.other_changed_bytes;
-    assert!(docs.payload_bytes < budget, "payload {} for {} bytes of expanded and {} of other changed gzip files", docs.payload_bytes, pair.expandable_bytes, pair.other_changed_bytes);
+    assert!(
+        docs.payload_bytes < budget,
+        "payload {} for {} bytes of expanded and {} of other changed gzip files",
+        docs.payload_bytes,
+        pair.expandable_bytes,
+        pair.other_changed_bytes
+    );
     rebuilds_exactly_and_fast_costs_more(dir.path(), &pair.source, &pair.target, &d, docs.payload_bytes);
 }
 
@@ -382,10 +394,21 @@ fn a_pigz_layer_is_rebuilt_bit_exactly_with_corrections() {
         let app = &i.layers[1];
         assert_eq!(app.method, Method::Patch, "{fidelity:?}");
         assert!(matches!(app.encoding, Some(Encoding::Corrected { .. })), "{fidelity:?}: {:?}", app.encoding);
-        assert!(app.corrections_bytes > 0 && app.corrections_bytes < app.blob_bytes / 10, "{} bytes of corrections for a {}-byte blob", app.corrections_bytes, app.blob_bytes);
+        assert!(
+            app.corrections_bytes > 0 && app.corrections_bytes < app.blob_bytes / 10,
+            "{} bytes of corrections for a {}-byte blob",
+            app.corrections_bytes,
+            app.blob_bytes
+        );
         assert!(app.encoding_summary().starts_with("corrected (preflate, "), "{}", app.encoding_summary());
         assert!(app.payload_bytes < app.blob_bytes / 4, "payload {} for a {}-byte blob", app.payload_bytes, app.blob_bytes);
-        eprintln!("pigz -9n layer of {} bytes: {} ({} bytes of corrections, {:.2}%)", app.blob_bytes, app.encoding_summary(), app.corrections_bytes, 100.0 * app.corrections_bytes as f64 / app.blob_bytes as f64);
+        eprintln!(
+            "pigz -9n layer of {} bytes: {} ({} bytes of corrections, {:.2}%)",
+            app.blob_bytes,
+            app.encoding_summary(),
+            app.corrections_bytes,
+            100.0 * app.corrections_bytes as f64 / app.blob_bytes as f64
+        );
         for layers in [LayerOutput::Original, LayerOutput::Uncompressed] {
             let o = dir.path().join(format!("o-{fidelity:?}-{layers:?}"));
             let started = std::time::Instant::now();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::registry::Registry;
 use common::serve::Serve;
-use common::{Bounded, assert_same_tagged_image, fleetdelta, run, service_image};
+use common::{assert_same_tagged_image, fleetdelta, run, service_image, Bounded};
 use fleetdelta::image::Layout;
 use fleetdelta::service::metrics::sample;
 use fleetdelta::service::routes::ROUTES;
@@ -128,7 +128,18 @@ fn a_delta_is_202_while_building_then_200_applies_bit_identically_and_survives_a
     let device = tmp.path().join("device");
     run(fd(home).args(["copy", &format!("oci:{}:v1", img.display()), &format!("oci:{}:app", device.display())]));
     let pulled: Value = serde_json::from_slice(
-        &run(fd(home).args(["pull", "--json", "--no-full-download", "--delta", &reference, "--from", &format!("oci:{}:app", device.display()), &pinned(&reg, "app", &m2), &format!("oci:{}:app-2", device.display())])).stdout,
+        &run(fd(home).args([
+            "pull",
+            "--json",
+            "--no-full-download",
+            "--delta",
+            &reference,
+            "--from",
+            &format!("oci:{}:app", device.display()),
+            &pinned(&reg, "app", &m2),
+            &format!("oci:{}:app-2", device.display()),
+        ]))
+        .stdout,
     )
     .unwrap();
     common::schema::assert_valid("pull", &pulled);
@@ -139,7 +150,11 @@ fn a_delta_is_202_while_building_then_200_applies_bit_identically_and_survives_a
     let log = serve.stop();
     assert!(log.contains("build finished"), "{log}");
     let serve = Serve::start(home, config);
-    let after = rt.block_on(ask(&client, &serve.url, &json!({"source_config": done.body["source_config"], "source": pinned(&reg, "app", &m1), "target": pinned(&reg, "app", &m2)})));
+    let after = rt.block_on(ask(
+        &client,
+        &serve.url,
+        &json!({"source_config": done.body["source_config"], "source": pinned(&reg, "app", &m1), "target": pinned(&reg, "app", &m2)}),
+    ));
     // The lookup runs in the background like a build: the first answer may be 202 for the
     // time of one registry round trip, never a build.
     let after = if after.status == 202 { rt.block_on(ask_until_done(&client, &serve.url, &request)).0 } else { after };
@@ -185,7 +200,8 @@ fn three_hundred_devices_asking_at_once_cause_one_build_and_three_hundred_answer
         out
     });
     let wall = started.elapsed();
-    let references: BTreeSet<String> = answers.iter().map(|(a, _, _)| a.body["delta"]["reference"].as_str().unwrap_or_else(|| panic!("{}: {}", a.status, a.body)).to_string()).collect();
+    let references: BTreeSet<String> =
+        answers.iter().map(|(a, _, _)| a.body["delta"]["reference"].as_str().unwrap_or_else(|| panic!("{}: {}", a.status, a.body)).to_string()).collect();
     assert!(answers.iter().all(|(a, _, _)| a.status == 200));
     assert_eq!(references.len(), 1, "every device gets the same delta: {references:?}");
     assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1, "one build for {DEVICES} devices");
@@ -382,7 +398,10 @@ fn two_instances_asked_for_the_same_pair_answer_the_same_delta() {
         let wait = |url: &str| format!("{url}/v1/deltas?wait=30");
         tokio::join!(send(post_json(&ca, &wait(&a.url), &request)), send(post_json(&cb, &wait(&b.url), &request)))
     });
-    let (x, y) = (if x.status == 202 { rt.block_on(ask_until_done(&http(), &a.url, &request)).0 } else { x }, if y.status == 202 { rt.block_on(ask_until_done(&http(), &b.url, &request)).0 } else { y });
+    let (x, y) = (
+        if x.status == 202 { rt.block_on(ask_until_done(&http(), &a.url, &request)).0 } else { x },
+        if y.status == 202 { rt.block_on(ask_until_done(&http(), &b.url, &request)).0 } else { y },
+    );
     assert_eq!((x.status, y.status), (200, 200), "{} {}", x.body, y.body);
     // Deltas are deterministic: an instance that raced the other and built too pushed the
     // same bytes, so the answers agree whoever built.
@@ -415,7 +434,10 @@ fn shutdown_abandons_a_build_cleanly_and_the_next_instance_builds_it() {
     assert!(log.contains("abandoned"), "the build finished within the test's window: make the images larger\n{log}");
     // Nothing visible: no delta under its tag, none among the target's referrers.
     let tags: Value = rt.block_on(async { send(http().get(format!("http://{}/v2/fleet/app/tags/list", reg.addr))).await.body });
-    assert!(tags["tags"].as_array().unwrap().iter().all(|t| !t.as_str().unwrap().starts_with("delta-") && !t.as_str().unwrap().starts_with("sha256-")), "{tags}");
+    assert!(
+        tags["tags"].as_array().unwrap().iter().all(|t| !t.as_str().unwrap().starts_with("delta-") && !t.as_str().unwrap().starts_with("sha256-")),
+        "{tags}"
+    );
 
     let serve = Serve::start(home, "");
     let (done, _) = rt.block_on(ask_until_done(&http(), &serve.url, &request));
@@ -449,7 +471,11 @@ fn the_openapi_file_lists_exactly_the_routes_the_server_answers() {
     }
     let unknown = rt.block_on(send(client.get(format!("{}/v1/nothing", serve.url))));
     assert_eq!(unknown.status, 404);
-    let not_pinned = rt.block_on(send(post_json(&client, &format!("{}/v1/deltas", serve.url), &json!({"target": "docker://127.0.0.1:1/a:latest", "source_config": Digest::of(b"x")}))));
+    let not_pinned = rt.block_on(send(post_json(
+        &client,
+        &format!("{}/v1/deltas", serve.url),
+        &json!({"target": "docker://127.0.0.1:1/a:latest", "source_config": Digest::of(b"x")}),
+    )));
     assert_eq!(not_pinned.status, 400);
     assert!(not_pinned.body["error"].as_str().unwrap().contains("digest"), "{}", not_pinned.body);
     let huge = rt.block_on(send(client.post(format!("{}/v1/releases", serve.url)).body(vec![b'#'; 10_000])));

@@ -233,7 +233,11 @@ pub fn run(registry: &RegistryArgs, action: Option<Action>, args: RunArgs, quiet
         crash_after: args.crash_after.clone(),
         recheck: Some(seconds(args.interval, "--interval")?),
         max_starting: args.max_starting as usize,
-        service: args.service.clone().map(|url| -> anyhow::Result<_> { Ok(fleetdelta::pull::ServiceOptions { url, max_wait: seconds(args.service_wait, "--service-wait")? }) }).transpose()?,
+        service: args
+            .service
+            .clone()
+            .map(|url| -> anyhow::Result<_> { Ok(fleetdelta::pull::ServiceOptions { url, max_wait: seconds(args.service_wait, "--service-wait")? }) })
+            .transpose()?,
         start_timeout: seconds(args.start_timeout, "--start-timeout")?,
         ..AgentOptions::default()
     };
@@ -276,7 +280,12 @@ fn act(registry: &RegistryArgs, progress: &dyn Progress, action: DeviceAction, a
     let report = if agent::agent_running(&state) {
         agent::api::send_action(&state.control_socket(), &action, args.force, wait).with_context(|| format!("the agent on {}", state.root().display()))?
     } else {
-        let mut options = AgentOptions { lock_timeout: wait, stop_timeout: seconds(args.stop_timeout, "--stop-timeout")?, stagger: Duration::ZERO, ..AgentOptions::default() };
+        let mut options = AgentOptions {
+            lock_timeout: wait,
+            stop_timeout: seconds(args.stop_timeout, "--stop-timeout")?,
+            stagger: Duration::ZERO,
+            ..AgentOptions::default()
+        };
         if let Some(command) = command {
             match action {
                 DeviceAction::Shutdown => options.shutdown_command = shell(command),
@@ -294,7 +303,9 @@ fn act(registry: &RegistryArgs, progress: &dyn Progress, action: DeviceAction, a
 
 fn make_runtime<'a>(kind: RuntimeArg, state: &StateDir, transfer: &'a fleetdelta::Transfer) -> anyhow::Result<Box<dyn Runtime + 'a>> {
     Ok(match kind {
-        RuntimeArg::Engine => Box::new(EngineRuntime::new(state.clone(), transfer).context("the container engine (use --runtime process to run services without one)")?),
+        RuntimeArg::Engine => {
+            Box::new(EngineRuntime::new(state.clone(), transfer).context("the container engine (use --runtime process to run services without one)")?)
+        }
         RuntimeArg::Process => Box::new(ProcessRuntime::new(state.clone())),
     })
 }

@@ -21,12 +21,8 @@ pub fn run(
     let (source, delta, output) = (ImageRef::parse(source)?, ImageRef::parse(delta)?, ImageRef::parse(output)?);
     // The engine stores layers uncompressed: re-encoding them exactly would be wasted work.
     let layers = if matches!(output, ImageRef::Engine(_)) { fleetdelta::LayerOutput::Uncompressed } else { layers.output() };
-    let options = ApplyOptions {
-        layers,
-        expect_target: expect_target.map(str::parse).transpose().context("--expect-target")?,
-        max_layer_bytes: max_layer_size,
-        jobs,
-    };
+    let options =
+        ApplyOptions { layers, expect_target: expect_target.map(str::parse).transpose().context("--expect-target")?, max_layer_bytes: max_layer_size, jobs };
     let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
     let (local_delta, fetched) = transfer.localize(&delta, progress).with_context(|| format!("fetching {delta}"))?;
     let staged = transfer.staging_for(&output)?;

@@ -6,7 +6,17 @@ use fleetdelta::{diff, DiffOptions, ImageRef, Progress, Transfer};
 use super::{human_bytes, FidelityArg, LevelArg};
 
 #[allow(clippy::too_many_arguments)]
-pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: FidelityArg, json: bool, source: &str, target: &str, delta: &str, progress: &dyn Progress) -> anyhow::Result<()> {
+pub fn run(
+    transfer: &Transfer,
+    level: LevelArg,
+    max_layer_size: u64,
+    fidelity: FidelityArg,
+    json: bool,
+    source: &str,
+    target: &str,
+    delta: &str,
+    progress: &dyn Progress,
+) -> anyhow::Result<()> {
     let level = level.level();
     let (source, target, delta) = (ImageRef::parse(source)?, ImageRef::parse(target)?, ImageRef::parse(delta)?);
     if matches!(delta, ImageRef::Engine(_)) {
@@ -39,11 +49,7 @@ pub fn run(transfer: &Transfer, level: LevelArg, max_layer_size: u64, fidelity: 
             100.0 * report.delta_bytes as f64 / report.full_pull_bytes.max(1) as f64
         );
         let layers = &report.plan.layers;
-        let rewritten: Vec<String> = layers
-            .iter()
-            .filter(|l| l.encoding.as_ref().is_some_and(|e| !e.keeps_digest()))
-            .map(|l| l.index.to_string())
-            .collect();
+        let rewritten: Vec<String> = layers.iter().filter(|l| l.encoding.as_ref().is_some_and(|e| !e.keeps_digest())).map(|l| l.index.to_string()).collect();
         if rewritten.is_empty() {
             outln!("bit-exact: the rebuilt image will have the target's manifest digest ({} layers)", layers.len());
         } else {

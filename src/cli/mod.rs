@@ -2,11 +2,11 @@
 
 #[macro_use]
 pub mod output;
-pub mod exit;
 mod agent_cmd;
 mod apply_cmd;
 mod copy_cmd;
 mod diff_cmd;
+pub mod exit;
 mod info_cmd;
 mod progress;
 mod pull_cmd;
@@ -290,7 +290,15 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Copy { json, source, destination } => copy_cmd::run(&transfer()?, json, &source, &destination, progress),
         Command::Pull { from, delta, no_full_download, service, service_wait, layers, json, target, output } => {
-            let args = pull_cmd::Args { from: from.as_deref(), delta: delta.as_deref(), allow_full: !no_full_download, service: service.as_deref(), service_wait, layers, json };
+            let args = pull_cmd::Args {
+                from: from.as_deref(),
+                delta: delta.as_deref(),
+                allow_full: !no_full_download,
+                service: service.as_deref(),
+                service_wait,
+                layers,
+                json,
+            };
             pull_cmd::run(&transfer()?, &args, &target, &output, progress)
         }
         #[cfg(feature = "service")]
@@ -299,7 +307,19 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Agent { action, run } => return agent_cmd::run(registry, action, run, cli.quiet, progress),
         #[cfg(feature = "service")]
         Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, fidelity, json } => {
-            let args = release_update_cmd::Args { from: &from, to: &to, device: device.as_deref(), deltas: &deltas, prepare, wait, timeout, poll, level, fidelity, json };
+            let args = release_update_cmd::Args {
+                from: &from,
+                to: &to,
+                device: device.as_deref(),
+                deltas: &deltas,
+                prepare,
+                wait,
+                timeout,
+                poll,
+                level,
+                fidelity,
+                json,
+            };
             return release_update_cmd::run(registry, &args, progress);
         }
     }?;

@@ -35,7 +35,8 @@ pub fn run(transfer: &Transfer, args: &Args, target: &str, output: &str, progres
     let from = from.map(ImageRef::parse).transpose()?;
     let output = ImageRef::parse(output)?;
     let options = PullOptions { allow_full, delta, service, apply: ApplyOptions { layers: layers.output(), ..ApplyOptions::default() }, source: None };
-    let (report, published) = pull_into(transfer, from.as_ref(), &target, &output, &options, progress).with_context(|| format!("pull docker://{target} into {output}"))?;
+    let (report, published) =
+        pull_into(transfer, from.as_ref(), &target, &output, &options, progress).with_context(|| format!("pull docker://{target} into {output}"))?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -52,7 +53,11 @@ pub fn run(transfer: &Transfer, args: &Args, target: &str, output: &str, progres
             human_bytes(report.missing_layers_bytes)
         ),
         PullMethod::Full { reason } => {
-            outln!("downloaded the missing layers of docker://{target} ({}) into {output}: {} received ({reason})", report.target_manifest, human_bytes(report.received))
+            outln!(
+                "downloaded the missing layers of docker://{target} ({}) into {output}: {} received ({reason})",
+                report.target_manifest,
+                human_bytes(report.received)
+            )
         }
     }
     if let Some(note) = &report.service {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use fleetdelta::delta_store::DeltaStore;
-use fleetdelta::release::{render_table, DeviceFacts, Release};
 use fleetdelta::release::oci_architecture;
+use fleetdelta::release::{render_table, DeviceFacts, Release};
 use fleetdelta::release_update::{release_update, UpdateOptions};
 use fleetdelta::{DiffOptions, Progress};
 

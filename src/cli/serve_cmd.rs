@@ -119,4 +119,3 @@ pub fn run(registry: &RegistryArgs, args: &ServeArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

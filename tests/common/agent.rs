@@ -7,7 +7,8 @@ use serde_json::Value;
 /// The JSON report on stdout (the output in the panic message when it is not JSON), checked
 /// against its schema (an update's report, `agent status`, an action's report).
 pub fn report(out: &Output) -> Value {
-    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    let value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
     super::schema::assert_output(&value);
     value
 }

@@ -179,7 +179,10 @@ impl Drop for Dockerd {
         }
         self.stop();
         // Overlay mounts of containers that were run may remain under the data root.
-        let _ = Command::new("sh").arg("-c").arg(format!("grep -o ' {0}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display())).status();
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("grep -o ' {0}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l", self.dir.path().display()))
+            .status();
     }
 }
 

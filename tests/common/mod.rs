@@ -89,12 +89,20 @@ pub fn wait_within(mut child: std::process::Child, limit: u64, what: &str) -> st
         while !h.is_finished() && std::time::Instant::now() < until {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        if h.is_finished() { h.join().unwrap() } else { b"(its output is still held open by a process it started)".to_vec() }
+        if h.is_finished() {
+            h.join().unwrap()
+        } else {
+            b"(its output is still held open by a process it started)".to_vec()
+        }
     };
     let (stdout, stderr) = (collect(stdout), collect(stderr));
     match status {
         Some(status) => std::process::Output { status, stdout, stderr },
-        None => panic!("{what} did not finish within {limit} s and was killed; it printed:\n{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)),
+        None => panic!(
+            "{what} did not finish within {limit} s and was killed; it printed:\n{}{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
     }
 }
 
@@ -197,11 +205,8 @@ pub fn write_image_as(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Co
 /// `compression`'s format).
 pub fn write_image_with(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: Compression, docker: bool, encode: impl Fn(&[u8]) -> Vec<u8>) -> Digest {
     let family = if docker { "application/vnd.docker.image.rootfs.diff.tar" } else { "application/vnd.oci.image.layer.v1.tar" };
-    let (manifest_type, config_type) = if docker {
-        (fleetdelta::image::manifest::DOCKER_MANIFEST, fleetdelta::image::manifest::DOCKER_CONFIG)
-    } else {
-        (OCI_MANIFEST, OCI_CONFIG)
-    };
+    let (manifest_type, config_type) =
+        if docker { (fleetdelta::image::manifest::DOCKER_MANIFEST, fleetdelta::image::manifest::DOCKER_CONFIG) } else { (OCI_MANIFEST, OCI_CONFIG) };
     let w = LayoutWriter::create(dir).unwrap();
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
@@ -214,7 +219,8 @@ pub fn write_image_with(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: 
     let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
     let (cd, cn) = w.put_blob(&config).unwrap();
     let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": manifest_type,
-        "config": {"mediaType": config_type, "digest": cd.to_string(), "size": cn}, "layers": descriptors})).unwrap();
+        "config": {"mediaType": config_type, "digest": cd.to_string(), "size": cn}, "layers": descriptors}))
+    .unwrap();
     let (md, mn) = w.put_blob(&manifest).unwrap();
     w.commit(&BlobRef { media_type: manifest_type.into(), digest: md, size: mn }, tag).unwrap();
     md
@@ -232,10 +238,12 @@ pub fn write_runnable_image(dir: &Path, tag: &str, layers: &[Vec<u8>], config: V
         descriptors.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": n}));
         diff_ids.push(Digest::of(tar).to_string());
     }
-    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": config, "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
+    let config =
+        serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": config, "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
     let (cd, cn) = w.put_blob(&config).unwrap();
     let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors})).unwrap();
+        "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors}))
+    .unwrap();
     let (md, mn) = w.put_blob(&manifest).unwrap();
     w.commit(&BlobRef { media_type: OCI_MANIFEST.into(), digest: md, size: mn }, tag).unwrap();
     md

@@ -52,7 +52,8 @@ impl Registry {
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(REGISTRY_BIN).arg("serve").arg(&config_path).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap();
+        let child =
+            Command::new(REGISTRY_BIN).arg("serve").arg(&config_path).stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).spawn().unwrap();
         let mut registry = Registry { addr: format!("127.0.0.1:{port}"), child, dir };
         registry.wait_ready();
         registry
@@ -259,9 +260,7 @@ fn gate(mut client: TcpStream, upstream: &str, seen: &std::sync::Mutex<Vec<Strin
     loop {
         let Some((head, body)) = read_request(&mut client) else { return };
         let first = head.lines().next().unwrap_or("").to_string();
-        let header = |name: &str| {
-            head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()))
-        };
+        let header = |name: &str| head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()));
         let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
         if path.starts_with("/token") {
             let asked: Vec<String> = path

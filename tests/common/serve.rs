@@ -41,7 +41,11 @@ impl Serve {
             .unwrap();
         let mut first = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-        let url = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {first:?}: {}", fs::read_to_string(&log).unwrap_or_default())).to_string();
+        let url = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}: {}", fs::read_to_string(&log).unwrap_or_default()))
+            .to_string();
         Serve { child, url, log, _dir: dir }
     }
 
@@ -76,4 +80,3 @@ impl Drop for Serve {
         let _ = self.child.wait();
     }
 }
-

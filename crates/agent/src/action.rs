@@ -159,7 +159,13 @@ impl Agent<'_> {
             self.withdraw_action(action)?;
         }
         tracing::info!(action = %action, forced = force, "acting");
-        let mut report = ActionReport { action: action.to_string(), services: services.clone(), forced: force, waited_seconds: since.elapsed().as_secs_f64(), command: None };
+        let mut report = ActionReport {
+            action: action.to_string(),
+            services: services.clone(),
+            forced: force,
+            waited_seconds: since.elapsed().as_secs_f64(),
+            command: None,
+        };
         match action {
             DeviceAction::Restart { service } | DeviceAction::Start { service } => {
                 let record = &installed.services[service];

@@ -22,8 +22,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,8 +34,8 @@ use serde_json::{json, Value};
 use super::action::DeviceAction;
 use super::error::AgentError;
 use super::lock::ReleaseRequest;
-use fleetdelta_engine::error::IoContext;
 use crate::error::Result;
+use fleetdelta_engine::error::IoContext;
 
 /// Longest request line read.
 const MAX_REQUEST_BYTES: u64 = 4096;

@@ -30,13 +30,13 @@ use std::time::Duration;
 use super::error::AgentError;
 use super::runtime::{agent_env, instance_keys, Fetched, InstanceStatus, Launch, Readiness, Runtime};
 use super::state::{Installed, InstanceRecord, StateDir};
+use crate::error::Result;
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::engine::{ContainerSpec, Engine, EngineRef, Health, LogLimit};
-use crate::error::Result;
 use fleetdelta_engine::image::ImageRef;
 use fleetdelta_engine::progress::Progress;
-use fleetdelta_pull::PullOptions;
 use fleetdelta_engine::transfer::Transfer;
+use fleetdelta_pull::PullOptions;
 
 /// Label: the agent (state directory) a container belongs to.
 pub const LABEL_AGENT: &str = "io.fleetdelta.agent";
@@ -143,7 +143,14 @@ impl<'a> EngineRuntime<'a> {
 }
 
 impl Runtime for EngineRuntime<'_> {
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<Fetched> {
+    fn fetch(
+        &self,
+        transfer: &Transfer,
+        from: Option<&InstanceRecord>,
+        to: &InstanceRecord,
+        options: &PullOptions,
+        progress: &dyn Progress,
+    ) -> Result<Fetched> {
         if self.has_image(to)? {
             return Ok(Fetched::Present);
         }

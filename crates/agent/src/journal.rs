@@ -19,8 +19,8 @@ use super::error::AgentError;
 use super::plan::UpdatePlan;
 use super::state::sync_parent;
 use super::strategy::Step;
-use fleetdelta_engine::error::IoContext;
 use crate::error::Result;
+use fleetdelta_engine::error::IoContext;
 
 /// The journal's name for the OS update, which is not a service.
 pub const OS_UPDATE: &str = "@os-update";
@@ -138,8 +138,7 @@ fn replay(text: &str, path: &Path) -> Result<Replay> {
         if line.trim().is_empty() {
             continue;
         }
-        let record: Record = serde_json::from_str(line)
-            .map_err(|e| AgentError::Journal { path: path.to_path_buf(), line: n + 1, reason: e.to_string() })?;
+        let record: Record = serde_json::from_str(line).map_err(|e| AgentError::Journal { path: path.to_path_buf(), line: n + 1, reason: e.to_string() })?;
         match record {
             Record::Begin { plan } => replay = Replay { plan: Some(plan), ..Replay::default() },
             Record::Begun { service, index, .. } => {

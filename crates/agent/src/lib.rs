@@ -44,20 +44,20 @@ use serde::Serialize;
 
 pub use action::{ActionReport, DeviceAction};
 pub use api::{ApiRequest, ApiServer};
+pub use engine_runtime::EngineRuntime;
 pub use error::{AgentError, Result};
 pub use lock::{Reason, ReleaseRequest, ServiceLock};
 pub use plan::{plan_update, ServicePlan, UpdatePlan};
-pub use engine_runtime::EngineRuntime;
 pub use process::{InstanceSpec, ProcessRuntime};
 pub use runtime::{replicas, Fetched, InstanceStatus, Launch, Readiness, Runtime};
 pub use state::{Installed, InstanceRecord, StateDir};
 pub use strategy::{Step, Strategy, UpdateKind};
 
+use api::SharedRequests;
 use fleetdelta_engine::error::IoContext;
 use fleetdelta_engine::progress::Progress;
-use fleetdelta_release::{DeviceFacts, Release};
 use fleetdelta_engine::transfer::Transfer;
-use api::SharedRequests;
+use fleetdelta_release::{DeviceFacts, Release};
 use journal::{Journal, Record, Replay, OS_UPDATE};
 
 /// How many threads stop a service's replicas.
@@ -240,7 +240,10 @@ struct Run<'p> {
 impl<'p> Run<'p> {
     /// The services whose switch is still to do (not done nor rolled back).
     fn pending(&self) -> impl Iterator<Item = &'p ServicePlan> + '_ {
-        self.plan.services.iter().filter(|s| s.switches() && !self.rolled_back.contains_key(&s.service) && self.done.get(&s.service).copied().unwrap_or(0) < s.steps.len())
+        self.plan
+            .services
+            .iter()
+            .filter(|s| s.switches() && !self.rolled_back.contains_key(&s.service) && self.done.get(&s.service).copied().unwrap_or(0) < s.steps.len())
     }
 
     /// The names of [`Run::pending`]: the services this update still changes.
@@ -273,7 +276,21 @@ impl<'a> Agent<'a> {
         api::lock(&requests).services = Installed::load(&state)?.services.into_keys().collect();
         let api = ApiServer::start(&state.socket(), requests.clone(), api::Access::Services)?;
         let control = ApiServer::start(&state.control_socket(), requests.clone(), api::Access::Control)?;
-        Ok(Agent { state, transfer, runtime, options, requests, progress, last_start: None, target: None, moved: false, powering_down: None, _api: api, _control: control, _lock: lock })
+        Ok(Agent {
+            state,
+            transfer,
+            runtime,
+            options,
+            requests,
+            progress,
+            last_start: None,
+            target: None,
+            moved: false,
+            powering_down: None,
+            _api: api,
+            _control: control,
+            _lock: lock,
+        })
     }
 
     /// The state directory.
@@ -334,7 +351,15 @@ impl<'a> Agent<'a> {
         if nothing_to_do {
             let restarted = self.reconcile(&Replay::default())?;
             let services = plan.services.iter().map(|s| self.service_report(s, Outcome::Unchanged, None)).collect();
-            return Ok(UpdateReport { from_release: installed.release, target_release: release.id, resumed, services, complete: true, restarted, os_updated: None });
+            return Ok(UpdateReport {
+                from_release: installed.release,
+                target_release: release.id,
+                resumed,
+                services,
+                complete: true,
+                restarted,
+                os_updated: None,
+            });
         }
         for s in plan.services.iter().filter(|s| !s.steps.is_empty()) {
             tracing::info!(service = %s.service, change = %s.change, kind = ?s.kind, strategy = ?s.strategy, release = %plan.target_release, "planned");
@@ -384,7 +409,11 @@ impl<'a> Agent<'a> {
         let installed = Installed::load(&self.state)?;
         let mut started = Vec::new();
         for (service, record) in &installed.services {
-            let switching = replay.plan.as_ref().and_then(|p| p.services.iter().find(|s| &s.service == service)).is_some_and(|sp| switch_under_way(sp, &replay.done, &replay.begun));
+            let switching = replay
+                .plan
+                .as_ref()
+                .and_then(|p| p.services.iter().find(|s| &s.service == service))
+                .is_some_and(|sp| switch_under_way(sp, &replay.done, &replay.begun));
             if switching {
                 continue;
             }
@@ -831,7 +860,11 @@ impl<'a> Agent<'a> {
             }
             *starting = still;
             if let Some(instance) = failed {
-                return Err(AgentError::Runtime { service: service.into(), reason: format!("instance {instance} stopped or failed its health check while starting") }.into());
+                return Err(AgentError::Runtime {
+                    service: service.into(),
+                    reason: format!("instance {instance} stopped or failed its health check while starting"),
+                }
+                .into());
             }
             if starting.len() <= at_most {
                 return Ok(());
@@ -862,8 +895,11 @@ impl<'a> Agent<'a> {
         let (runtime, timeout) = (self.runtime.as_ref(), self.options.stop_timeout);
         let per_thread = instances.len().div_ceil(STOP_THREADS).max(1);
         std::thread::scope(|s| {
-            let stops: Vec<_> = instances.chunks(per_thread).map(|chunk| s.spawn(move || chunk.iter().try_for_each(|i| runtime.stop(service, i, timeout)))).collect();
-            stops.into_iter().try_for_each(|t| t.join().unwrap_or_else(|_| Err(AgentError::Runtime { service: service.into(), reason: "a stop panicked".into() }.into())))
+            let stops: Vec<_> =
+                instances.chunks(per_thread).map(|chunk| s.spawn(move || chunk.iter().try_for_each(|i| runtime.stop(service, i, timeout)))).collect();
+            stops
+                .into_iter()
+                .try_for_each(|t| t.join().unwrap_or_else(|_| Err(AgentError::Runtime { service: service.into(), reason: "a stop panicked".into() }.into())))
         })
     }
 

@@ -24,8 +24,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::state::{sync_parent, write_file, StateDir};
-use fleetdelta_engine::error::IoContext;
 use crate::error::Result;
+use fleetdelta_engine::error::IoContext;
 
 /// Why the agent waits for a service's lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -11,9 +11,9 @@ use super::strategy::{Step, Strategy, UpdateKind};
 use crate::error::Result;
 use fleetdelta_engine::image::manifest::{Manifest, MAX_JSON_BYTES};
 use fleetdelta_engine::image::{ImageRef, Layout};
-use fleetdelta_release::{plan, Change, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Release, ResolvedImage, Service};
-use fleetdelta_release::parse_release_image;
 use fleetdelta_engine::transfer::Transfer;
+use fleetdelta_release::parse_release_image;
+use fleetdelta_release::{plan, Change, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Release, ResolvedImage, Service};
 
 /// The update of one service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,7 +113,9 @@ pub fn plan_update(transfer: &Transfer, state: &StateDir, installed: &Installed,
         let to = match (update.change, target.service(name), &update.to_image, &from) {
             (Change::Removed, ..) => None,
             // The same content under another manifest: the device keeps the image it has.
-            (Change::Unchanged, Some(service), Some(_), Some(from)) => Some(InstanceRecord { image: from.image.clone(), ..record(service, from.digest, from.config, &target.id) }),
+            (Change::Unchanged, Some(service), Some(_), Some(from)) => {
+                Some(InstanceRecord { image: from.image.clone(), ..record(service, from.digest, from.config, &target.id) })
+            }
             (_, Some(service), Some(image), _) => Some(record(service, image.digest, image.config, &target.id)),
             _ => None,
         };
@@ -169,7 +171,14 @@ fn installed_release(installed: &Installed) -> Release {
         services: installed
             .services
             .iter()
-            .map(|(name, r)| Service { name: name.clone(), image: r.image.clone(), labels: r.labels.clone(), contract: None, environment: r.environment.clone(), run: r.run.clone() })
+            .map(|(name, r)| Service {
+                name: name.clone(),
+                image: r.image.clone(),
+                labels: r.labels.clone(),
+                contract: None,
+                environment: r.environment.clone(),
+                run: r.run.clone(),
+            })
             .collect(),
     }
 }

@@ -40,12 +40,12 @@ use super::rootfs::{self, InRoot};
 use super::runtime::{agent_env, Fetched, InstanceStatus, Launch, Runtime};
 use super::state::{write_file, Installed, InstanceRecord, StateDir};
 use super::store;
-use fleetdelta_engine::error::IoContext;
 use crate::error::Result;
+use fleetdelta_engine::error::IoContext;
 use fleetdelta_engine::image::Layout;
 use fleetdelta_engine::progress::Progress;
-use fleetdelta_pull::PullOptions;
 use fleetdelta_engine::transfer::Transfer;
+use fleetdelta_pull::PullOptions;
 
 /// `PATH` when the image sets none (Docker's default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -91,10 +91,9 @@ impl ImageProcess {
         let strings = |key: &str| -> Result<Vec<String>> {
             match section.get(key) {
                 None | Some(Value::Null) => Ok(Vec::new()),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("image config: {key} holds a non-string")).into()))
-                    .collect(),
+                Some(Value::Array(items)) => {
+                    items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("image config: {key} holds a non-string")).into())).collect()
+                }
                 Some(_) => Err(bad(format!("image config: {key} is not a list")).into()),
             }
         };
@@ -191,7 +190,14 @@ impl ProcessRuntime {
 }
 
 impl Runtime for ProcessRuntime {
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<Fetched> {
+    fn fetch(
+        &self,
+        transfer: &Transfer,
+        from: Option<&InstanceRecord>,
+        to: &InstanceRecord,
+        options: &PullOptions,
+        progress: &dyn Progress,
+    ) -> Result<Fetched> {
         store::fetch(transfer, &self.state, from, to, options, progress)
     }
 

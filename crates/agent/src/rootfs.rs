@@ -17,8 +17,8 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use fleetdelta_engine::error::{Error, IoContext};
 use crate::error::Result;
+use fleetdelta_engine::error::{Error, IoContext};
 use fleetdelta_engine::image::{Image, Layout};
 use fleetdelta_engine::layer::tar_index::normalize_path;
 
@@ -151,9 +151,7 @@ fn ensure_dirs(root: &Path, rel: &str, what: &str) -> Result<PathBuf> {
     for part in rel.split('/').filter(|p| !p.is_empty()) {
         path.push(part);
         match fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(Error::UnsafePath { what: what.to_string(), path: format!("{rel} (through a symlink)") }.into())
-            }
+            Ok(m) if m.file_type().is_symlink() => return Err(Error::UnsafePath { what: what.to_string(), path: format!("{rel} (through a symlink)") }.into()),
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
                 remove_any(&path)?;
@@ -355,10 +353,12 @@ mod tests {
             descriptors.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d.to_string(), "size": n}));
         }
         let diff_ids: Vec<String> = layers.iter().map(|t| Digest::of(t).to_string()).collect();
-        let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
+        let config =
+            serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}})).unwrap();
         let (cd, cn) = w.put_blob(&config).unwrap();
         let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors})).unwrap();
+            "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors}))
+        .unwrap();
         let (md, mn) = w.put_blob(&manifest).unwrap();
         w.commit(&BlobRef { media_type: OCI_MANIFEST.into(), digest: md, size: mn }, "t").unwrap();
         let layout = Layout::open(dir).unwrap();

@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::error::Result;
 use fleetdelta_engine::progress::Progress;
-use fleetdelta_pull::PullOptions;
 use fleetdelta_engine::transfer::Transfer;
+use fleetdelta_pull::PullOptions;
 
 /// Whether an instance runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,7 +129,8 @@ pub trait Runtime: Debug + Sync {
     /// Brings the image of `to` onto the device: a delta from `from`'s image when the
     /// registry (or the builder service of `options`) has one, else the missing layers unless
     /// `options.allow_full` is false. Returns how.
-    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<Fetched>;
+    fn fetch(&self, transfer: &Transfer, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress)
+        -> Result<Fetched>;
     /// Makes a fetched image ready to start (unpacks it, where instances run from a root
     /// filesystem).
     fn prepare(&self, service: &str, record: &InstanceRecord) -> Result<()>;

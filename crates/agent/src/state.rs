@@ -36,11 +36,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::error::AgentError;
+use crate::error::Result;
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::IoContext;
-use crate::error::Result;
-use fleetdelta_release::RunOptions;
 use fleetdelta_engine::image::layout::write_atomically;
+use fleetdelta_release::RunOptions;
 
 /// Paths inside a state directory.
 #[derive(Clone, Debug)]
@@ -251,8 +251,7 @@ impl Installed {
     pub fn load(state: &StateDir) -> Result<Self> {
         let path = state.installed_file();
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| AgentError::State { path: path.clone(), reason: e.to_string() }.into()),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::State { path: path.clone(), reason: e.to_string() }.into()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Installed::default()),
             Err(e) => Err(fleetdelta_engine::Error::io(format!("reading {}", path.display()), e).into()),
         }

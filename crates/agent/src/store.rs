@@ -12,21 +12,28 @@ use std::fs::{self, File};
 use serde_json::Value;
 
 use super::rootfs::{building_name, layer_tar_name};
-use super::state::{sync_parent, write_file, Installed, InstanceRecord, StateDir};
 use super::runtime::Fetched;
-use fleetdelta_engine::error::{Error, IoContext};
+use super::state::{sync_parent, write_file, Installed, InstanceRecord, StateDir};
 use crate::error::Result;
+use fleetdelta_engine::error::{Error, IoContext};
 use fleetdelta_engine::image::manifest::{BlobRef, Manifest, MAX_JSON_BYTES};
 use fleetdelta_engine::image::{ImageRef, Layout};
 use fleetdelta_engine::progress::Progress;
+use fleetdelta_engine::transfer::Transfer;
 use fleetdelta_pull::{pull_into, PullMethod, PullOptions};
 use fleetdelta_release::parse_release_image;
-use fleetdelta_engine::transfer::Transfer;
 
 /// Brings the image of `to` into the store, from its registry (with a delta from `from`'s
 /// image when one exists) or its layout. Returns how. An image already in the store is not
 /// fetched again.
-pub fn fetch(transfer: &Transfer, state: &StateDir, from: Option<&InstanceRecord>, to: &InstanceRecord, options: &PullOptions, progress: &dyn Progress) -> Result<Fetched> {
+pub fn fetch(
+    transfer: &Transfer,
+    state: &StateDir,
+    from: Option<&InstanceRecord>,
+    to: &InstanceRecord,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<Fetched> {
     let store = state.store();
     if has_image(state, to) {
         return Ok(Fetched::Present);
@@ -155,12 +162,10 @@ fn prune_store(state: &StateDir, keep: &BTreeSet<String>) -> Result<()> {
     dir.lock().ctx(|| format!("locking {}", store.display()))?;
     let index_path = store.join("index.json");
     let bad = |reason: &str| Error::malformed(index_path.display().to_string(), reason);
-    let mut index: Value = serde_json::from_slice(&fs::read(&index_path).ctx(|| format!("reading {}", index_path.display()))?)
-        .map_err(|e| bad(&e.to_string()))?;
+    let mut index: Value =
+        serde_json::from_slice(&fs::read(&index_path).ctx(|| format!("reading {}", index_path.display()))?).map_err(|e| bad(&e.to_string()))?;
     let manifests = index.get_mut("manifests").and_then(Value::as_array_mut).ok_or_else(|| bad("no manifests array"))?;
-    manifests.retain(|m| {
-        m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str).is_some_and(|tag| keep.contains(tag))
-    });
+    manifests.retain(|m| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str).is_some_and(|tag| keep.contains(tag)));
     let mut referenced = BTreeSet::new();
     for entry in manifests.iter() {
         let blob: BlobRef = BlobRef::from_descriptor(&serde_json::from_value(entry.clone()).map_err(|e| bad(&e.to_string()))?)?;
@@ -192,7 +197,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::open(tmp.path().join("state")).unwrap();
         let (kept, old) = (Digest::of(b"kept"), Digest::of(b"old"));
-        let record = InstanceRecord { image: "x".into(), digest: kept, config: None, release: "1".into(), environment: Default::default(), labels: Default::default(), run: Default::default() };
+        let record = InstanceRecord {
+            image: "x".into(),
+            digest: kept,
+            config: None,
+            release: "1".into(),
+            environment: Default::default(),
+            labels: Default::default(),
+            run: Default::default(),
+        };
         let installed = Installed { services: [("api".to_string(), record)].into(), ..Installed::default() };
         let rootfs = state.rootfs("api", &kept);
         let dir = rootfs.parent().unwrap().to_path_buf();

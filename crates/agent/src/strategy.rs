@@ -48,10 +48,7 @@ impl Strategy {
 
     /// The hand-over timeout the labels give (milliseconds), or the default.
     pub fn handover_timeout(labels: &BTreeMap<String, String>) -> Duration {
-        labels
-            .get(LABEL_HANDOVER_TIMEOUT)
-            .and_then(|ms| ms.parse::<u64>().ok())
-            .map_or(DEFAULT_HANDOVER_TIMEOUT, Duration::from_millis)
+        labels.get(LABEL_HANDOVER_TIMEOUT).and_then(|ms| ms.parse::<u64>().ok()).map_or(DEFAULT_HANDOVER_TIMEOUT, Duration::from_millis)
     }
 
     /// The steps of an update of this kind with this strategy, and the index of the first
@@ -149,7 +146,8 @@ mod tests {
 
     #[test]
     fn labels_choose_the_strategy_and_timeout() {
-        let labels: BTreeMap<String, String> = [(LABEL_UPDATE_STRATEGY.to_string(), "hand-over".to_string()), (LABEL_HANDOVER_TIMEOUT.to_string(), "1500".to_string())].into();
+        let labels: BTreeMap<String, String> =
+            [(LABEL_UPDATE_STRATEGY.to_string(), "hand-over".to_string()), (LABEL_HANDOVER_TIMEOUT.to_string(), "1500".to_string())].into();
         assert_eq!(Strategy::from_labels(&labels), Strategy::HandOver);
         assert_eq!(Strategy::handover_timeout(&labels), Duration::from_millis(1500));
         assert_eq!(Strategy::from_labels(&BTreeMap::new()), Strategy::DownloadThenKill);

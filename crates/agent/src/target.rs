@@ -1,8 +1,8 @@
 //! Fetching the target release: a file, or an `http://` / `https://` URL.
 
 use crate::error::Result;
-use fleetdelta_release::{Release, MAX_FILE_BYTES};
 use fleetdelta_engine::transfer::Transfer;
+use fleetdelta_release::{Release, MAX_FILE_BYTES};
 
 use super::error::AgentError;
 

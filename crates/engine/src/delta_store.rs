@@ -174,7 +174,11 @@ pub fn find_in_layout(dir: &Path, key: &DeltaKey) -> Result<Option<StoredDelta>>
         return Ok(None);
     }
     let image = layout.load_image(Some(&tag))?;
-    Ok(Some(StoredDelta { reference: ImageRef::Layout { dir: dir.to_path_buf(), tag: Some(tag) }, manifest: manifest_ref.digest, download: delta_download_bytes(&image) }))
+    Ok(Some(StoredDelta {
+        reference: ImageRef::Layout { dir: dir.to_path_buf(), tag: Some(tag) },
+        manifest: manifest_ref.digest,
+        download: delta_download_bytes(&image),
+    }))
 }
 
 /// The cheapest delta for `key` among the referrers of the target manifest in `target`'s

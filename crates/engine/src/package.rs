@@ -14,13 +14,13 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 
 use crate::digest::{verify, Digest, HashingWriter};
-use crate::layer::compression::copy_hashed;
-use crate::layer::Compression;
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method};
 use crate::format::*;
 use crate::image::manifest::{BlobRef, Config, Image, Manifest, OCI_CONFIG, OCI_MANIFEST};
 use crate::image::{load_image, ImageRef, Layout, LayoutWriter};
+use crate::layer::compression::copy_hashed;
+use crate::layer::Compression;
 
 /// Media type of the delta layers this build writes: gzip-compressed tars, like any image
 /// layer, so that every OCI tool carries them unchanged (tools such as skopeo compress plain

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use reqwest::header::RETRY_AFTER;
 use reqwest::{StatusCode, Url};
 
-use super::api::{DeltaLocation, DeltaRequest, DeltaResponse};
 use super::api::DELTAS;
+use super::api::{DeltaLocation, DeltaRequest, DeltaResponse};
 use fleetdelta_engine::error::{Error, Result};
 
 /// Largest answer read from the service.
@@ -66,7 +66,14 @@ impl ServiceClient {
     pub async fn request_delta(&self, request: &DeltaRequest) -> Result<(StatusCode, Option<Duration>, DeltaResponse)> {
         let url = self.base.join(DELTAS).map_err(|e| self.failed(e.to_string()))?;
         let body = serde_json::to_vec(request).map_err(|e| self.failed(e.to_string()))?;
-        let response = self.http.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body).send().await.map_err(|e| self.failed(format!("unreachable: {e}")))?;
+        let response = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.failed(format!("unreachable: {e}")))?;
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
         if response.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {

@@ -17,16 +17,16 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::api::DeltaRequest;
+use crate::client::{ServiceClient, WaitOutcome};
 use fleetdelta_engine::apply::{apply, ApplyOptions, ApplyReport};
+use fleetdelta_engine::delta_store::{find_in_repository, DeltaKey};
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::{Error, Result};
-use fleetdelta_engine::delta_store::{find_in_repository, DeltaKey};
 use fleetdelta_engine::image::manifest::{Manifest, MAX_JSON_BYTES};
 use fleetdelta_engine::image::{load_image, Image, ImageRef, Layout, LayoutWriter};
 use fleetdelta_engine::progress::Progress;
 use fleetdelta_engine::registry::RegistryRef;
-use crate::api::DeltaRequest;
-use crate::client::{ServiceClient, WaitOutcome};
 use fleetdelta_engine::transfer::{fetch_image, FetchReport, Transfer};
 
 /// Options of [`pull`].
@@ -155,7 +155,14 @@ struct Candidate {
 /// load), and `output` the engine (the target is rebuilt with plain layers, the only kind
 /// the engine stores, then loaded, verified and tagged last; see
 /// [`Transfer::publish_report`]) or a registry. A layout `output` is written in place.
-pub fn pull_into(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, output: &ImageRef, options: &PullOptions, progress: &dyn Progress) -> Result<(PullReport, fleetdelta_engine::transfer::Published)> {
+pub fn pull_into(
+    transfer: &Transfer,
+    from: Option<&ImageRef>,
+    target: &RegistryRef,
+    output: &ImageRef,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<(PullReport, fleetdelta_engine::transfer::Published)> {
     let from = match from {
         Some(f) => Some(transfer.localize(f, progress)?.0),
         None => None,
@@ -173,7 +180,14 @@ pub fn pull_into(transfer: &Transfer, from: Option<&ImageRef>, target: &Registry
 /// Pulls `target` into `output` (a layout; the device's store may be the layout of `from`),
 /// using a delta from `from` when one exists. Every blob and digest is verified before the
 /// output is committed; a failed pull leaves `output` as it was.
-pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, output: &ImageRef, options: &PullOptions, progress: &dyn Progress) -> Result<PullReport> {
+pub fn pull(
+    transfer: &Transfer,
+    from: Option<&ImageRef>,
+    target: &RegistryRef,
+    output: &ImageRef,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<PullReport> {
     let (out_dir, _) = output.local()?;
     let out_tag = output.tag_or_default();
     let client = transfer.client();
@@ -258,7 +272,8 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
     }
     let writer = LayoutWriter::create(out_dir)?;
     let reuse: Vec<&Layout> = local.iter().map(|(l, _)| l).collect();
-    let (manifest, _, fetch): (_, Image, FetchReport) = transfer.block_on(fetch_image(client, &target.with_digest(fetched.digest), &writer, &reuse, &[], progress))?;
+    let (manifest, _, fetch): (_, Image, FetchReport) =
+        transfer.block_on(fetch_image(client, &target.with_digest(fetched.digest), &writer, &reuse, &[], progress))?;
     writer.commit(&manifest, out_tag)?;
     report.received += fetch.received;
     report.written_manifest = manifest.digest;
@@ -269,7 +284,14 @@ pub fn pull(transfer: &Transfer, from: Option<&ImageRef>, target: &RegistryRef, 
 
 /// Asks the builder service for the delta from `image` (the device's) to the target, waiting
 /// as the options allow. Returns the delta when the service has it, and what it said.
-fn ask_service(transfer: &Transfer, service: &ServiceOptions, target: &RegistryRef, target_manifest: &Digest, image: &Image, source: Option<&RegistryRef>) -> (Option<Candidate>, ServiceAnswer) {
+fn ask_service(
+    transfer: &Transfer,
+    service: &ServiceOptions,
+    target: &RegistryRef,
+    target_manifest: &Digest,
+    image: &Image,
+    source: Option<&RegistryRef>,
+) -> (Option<Candidate>, ServiceAnswer) {
     // The device's manifest digest is the registry's when it pulled the image whole; after a
     // delta (or out of a container engine) its layers may be recompressed, and the config
     // digest is what identifies it.

@@ -50,14 +50,8 @@ pub enum RequirementType {
 
 impl RequirementType {
     /// Every type, in the order they are documented.
-    pub const ALL: [RequirementType; 6] = [
-        RequirementType::Supervisor,
-        RequirementType::Os,
-        RequirementType::L4t,
-        RequirementType::Kernel,
-        RequirementType::DeviceType,
-        RequirementType::Arch,
-    ];
+    pub const ALL: [RequirementType; 6] =
+        [RequirementType::Supervisor, RequirementType::Os, RequirementType::L4t, RequirementType::Kernel, RequirementType::DeviceType, RequirementType::Arch];
 
     /// The type as written in contracts (`sw.l4t`).
     pub fn as_str(self) -> &'static str {
@@ -212,12 +206,7 @@ impl fmt::Display for Unmet {
 impl Requirement {
     /// Checks the requirement against the device's facts.
     pub fn check(&self, facts: &DeviceFacts) -> Result<(), Unmet> {
-        let unmet = |found: Option<String>, not_a_version: bool| Unmet::Requirement {
-            kind: self.kind,
-            wanted: self.wanted.to_string(),
-            found,
-            not_a_version,
-        };
+        let unmet = |found: Option<String>, not_a_version: bool| Unmet::Requirement { kind: self.kind, wanted: self.wanted.to_string(), found, not_a_version };
         let Some(fact) = facts.get(self.kind) else {
             return Err(unmet(None, false));
         };
@@ -269,10 +258,7 @@ impl Contract {
     pub(crate) fn from_raw(raw: RawContract, file: &str, service: &str, at: &str) -> Result<Self, ReleaseError> {
         let invalid = |field: String, reason: String| ReleaseError::invalid(file, Some(service), field, reason);
         if raw.kind.0 != CONTAINER_CONTRACT_TYPE {
-            return Err(invalid(
-                format!("{at}.type"),
-                format!("{:?}: a service contract has type {CONTAINER_CONTRACT_TYPE:?}", raw.kind.0),
-            ));
+            return Err(invalid(format!("{at}.type"), format!("{:?}: a service contract has type {CONTAINER_CONTRACT_TYPE:?}", raw.kind.0)));
         }
         if raw.slug.0.is_empty() || raw.slug.0.contains(char::is_whitespace) {
             return Err(invalid(format!("{at}.slug"), format!("{:?}: a slug is one word, not empty", raw.slug.0)));
@@ -291,10 +277,7 @@ impl Contract {
                         return Err(invalid(here, "an `or` entry has no type, version or slug of its own".into()));
                     }
                     if alternatives.is_empty() {
-                        return Err(invalid(
-                            format!("{here}.or"),
-                            "an `or` group lists at least one requirement".into(),
-                        ));
+                        return Err(invalid(format!("{here}.or"), "an `or` group lists at least one requirement".into()));
                     }
                     let group = alternatives
                         .into_iter()
@@ -310,11 +293,7 @@ impl Contract {
     }
 }
 
-fn requirement_from_raw(
-    raw: RawRequirement,
-    at: &str,
-    invalid: &dyn Fn(String, String) -> ReleaseError,
-) -> Result<Requirement, ReleaseError> {
+fn requirement_from_raw(raw: RawRequirement, at: &str, invalid: &dyn Fn(String, String) -> ReleaseError) -> Result<Requirement, ReleaseError> {
     if raw.or.is_some() {
         return Err(invalid(format!("{at}.or"), "`or` groups do not nest".into()));
     }
@@ -322,9 +301,8 @@ fn requirement_from_raw(
         return Err(invalid(at.to_string(), "a requirement has a `type` (or is an `or` group)".into()));
     };
     let known = || RequirementType::ALL.map(RequirementType::as_str).join(", ");
-    let kind = RequirementType::from_name(&type_name).ok_or_else(|| {
-        invalid(format!("{at}.type"), format!("unknown requirement type {type_name:?}; known: {}", known()))
-    })?;
+    let kind = RequirementType::from_name(&type_name)
+        .ok_or_else(|| invalid(format!("{at}.type"), format!("unknown requirement type {type_name:?}; known: {}", known())))?;
     if kind.is_versioned() {
         match (kind, raw.slug.as_ref().map(|s| s.0.as_str())) {
             (_, None) => {}
@@ -355,10 +333,7 @@ fn requirement_from_raw(
         Ok(Requirement { kind, wanted })
     } else {
         if raw.version.is_some() {
-            return Err(invalid(
-                format!("{at}.version"),
-                format!("a {kind} requirement names its {} in `slug`, as balena's contracts do", kind.fact_name()),
-            ));
+            return Err(invalid(format!("{at}.version"), format!("a {kind} requirement names its {} in `slug`, as balena's contracts do", kind.fact_name())));
         }
         let Some(Text(slug)) = raw.slug else {
             return Err(invalid(format!("{at}.slug"), format!("a {kind} requirement gives a slug")));
@@ -367,10 +342,7 @@ fn requirement_from_raw(
             return Err(invalid(format!("{at}.slug"), format!("{slug:?}: a slug is one word, not empty")));
         }
         if kind == RequirementType::Arch && !KNOWN_ARCHES.contains(&slug.as_str()) {
-            return Err(invalid(
-                format!("{at}.slug"),
-                format!("unknown architecture {slug:?}; known: {}", KNOWN_ARCHES.join(", ")),
-            ));
+            return Err(invalid(format!("{at}.slug"), format!("unknown architecture {slug:?}; known: {}", KNOWN_ARCHES.join(", "))));
         }
         Ok(Requirement { kind, wanted: Wanted::Exactly(slug) })
     }
@@ -424,24 +396,15 @@ mod tests {
         // (requires entries, expected unmet messages; empty = met)
         let cases: &[(&str, &[&str])] = &[
             ("  - {type: sw.supervisor, version: '>=10.6.17'}", &[]),
-            (
-                "  - {type: sw.supervisor, version: '<14.5'}",
-                &["requires sw.supervisor <14.5 but the device has 14.11.8"],
-            ),
+            ("  - {type: sw.supervisor, version: '<14.5'}", &["requires sw.supervisor <14.5 but the device has 14.11.8"]),
             ("  - {type: sw.l4t, version: '32.2'}", &[]),
             ("  - {type: sw.l4t, version: '>=32.4'}", &["requires sw.l4t >=32.4 but the device has 32.2.0"]),
             ("  - {type: sw.l4t, version: '>=32.2 <32.5'}", &[]),
             ("  - {type: sw.os, slug: balena-os, version: '>=2.88'}", &[]),
             ("  - {type: sw.kernel, slug: linux, version: '^4.9'}", &[]),
-            (
-                "  - {type: sw.kernel, version: '>=5.10'}",
-                &["requires sw.kernel >=5.10 but the device has 4.9.140-l4t-r32.2"],
-            ),
+            ("  - {type: sw.kernel, version: '>=5.10'}", &["requires sw.kernel >=5.10 but the device has 4.9.140-l4t-r32.2"]),
             ("  - {type: hw.device-type, slug: jetson-nano}", &[]),
-            (
-                "  - {type: hw.device-type, slug: jetson-tx2}",
-                &["requires hw.device-type jetson-tx2 but the device has jetson-nano"],
-            ),
+            ("  - {type: hw.device-type, slug: jetson-tx2}", &["requires hw.device-type jetson-tx2 but the device has jetson-nano"]),
             ("  - {type: arch.sw, slug: aarch64}", &[]),
             ("  - {type: arch.sw, slug: amd64}", &["requires arch.sw amd64 but the device has aarch64"]),
             // Plain tokens that are not semver compare by equality.
@@ -449,10 +412,7 @@ mod tests {
             // Several unmet requirements are all named.
             (
                 "  - {type: sw.l4t, version: '>=32.4'}\n  - {type: arch.sw, slug: amd64}",
-                &[
-                    "requires sw.l4t >=32.4 but the device has 32.2.0",
-                    "requires arch.sw amd64 but the device has aarch64",
-                ],
+                &["requires sw.l4t >=32.4 but the device has 32.2.0", "requires arch.sw amd64 but the device has aarch64"],
             ),
         ];
         for (requires, expected) in cases {
@@ -464,20 +424,12 @@ mod tests {
 
     #[test]
     fn or_groups_hold_when_one_alternative_holds() {
-        let c = contract(&format!(
-            "{HEAD}  - or:\n    - {{type: hw.device-type, slug: jetson-tx2}}\n    - {{type: hw.device-type, slug: jetson-nano}}\n"
-        ))
-        .unwrap();
+        let c =
+            contract(&format!("{HEAD}  - or:\n    - {{type: hw.device-type, slug: jetson-tx2}}\n    - {{type: hw.device-type, slug: jetson-nano}}\n")).unwrap();
         assert!(c.evaluate(&nano()).is_empty());
-        let c = contract(&format!(
-            "{HEAD}  - or:\n    - {{type: sw.l4t, version: '>=32.4'}}\n    - {{type: hw.device-type, slug: jetson-tx2}}\n"
-        ))
-        .unwrap();
+        let c = contract(&format!("{HEAD}  - or:\n    - {{type: sw.l4t, version: '>=32.4'}}\n    - {{type: hw.device-type, slug: jetson-tx2}}\n")).unwrap();
         let unmet: Vec<String> = c.evaluate(&nano()).iter().map(ToString::to_string).collect();
-        assert_eq!(
-            unmet,
-            ["requires one of: sw.l4t >=32.4 (the device has 32.2.0), hw.device-type jetson-tx2 (the device has jetson-nano)"]
-        );
+        assert_eq!(unmet, ["requires one of: sw.l4t >=32.4 (the device has 32.2.0), hw.device-type jetson-tx2 (the device has jetson-nano)"]);
     }
 
     #[test]
@@ -486,10 +438,7 @@ mod tests {
         let unmet = c.evaluate(&DeviceFacts::default());
         assert_eq!(unmet[0].to_string(), "requires sw.l4t >=32 but the device facts do not give its L4T version");
         let c = contract(&format!("{HEAD}  - or:\n    - {{type: sw.l4t, version: '>=32'}}\n")).unwrap();
-        assert_eq!(
-            c.evaluate(&DeviceFacts::default())[0].to_string(),
-            "requires one of: sw.l4t >=32 (the device facts do not give its L4T version)"
-        );
+        assert_eq!(c.evaluate(&DeviceFacts::default())[0].to_string(), "requires one of: sw.l4t >=32 (the device facts do not give its L4T version)");
     }
 
     #[test]
@@ -497,10 +446,7 @@ mod tests {
         let mut facts = nano();
         facts.os = Some("balenaOS-dev".into());
         let c = contract(&format!("{HEAD}  - {{type: sw.os, version: '>=2.0'}}\n")).unwrap();
-        assert_eq!(
-            c.evaluate(&facts)[0].to_string(),
-            "requires sw.os >=2.0 but the device has \"balenaOS-dev\", which is not a version"
-        );
+        assert_eq!(c.evaluate(&facts)[0].to_string(), "requires sw.os >=2.0 but the device has \"balenaOS-dev\", which is not a version");
     }
 
     #[test]
@@ -510,22 +456,13 @@ mod tests {
             ("type: sw.container\nslug: ''\n", "services.svc.contract.slug"),
             ("type: sw.container\n", "missing field `slug`"),
             ("type: sw.container\nslug: c\nextra: 1\n", "unknown field `extra`"),
-            (
-                &format!("{HEAD}  - {{type: sw.gpu, version: '1'}}\n"),
-                "requires[0].type: unknown requirement type \"sw.gpu\"",
-            ),
-            (
-                &format!("{HEAD}  - {{type: sw.l4t, version: '>=abc'}}\n"),
-                "requires[0].version: \">=abc\" is not a version range",
-            ),
+            (&format!("{HEAD}  - {{type: sw.gpu, version: '1'}}\n"), "requires[0].type: unknown requirement type \"sw.gpu\""),
+            (&format!("{HEAD}  - {{type: sw.l4t, version: '>=abc'}}\n"), "requires[0].version: \">=abc\" is not a version range"),
             (&format!("{HEAD}  - {{type: sw.l4t}}\n"), "requires[0].version: a sw.l4t requirement gives a version"),
             (&format!("{HEAD}  - {{type: sw.l4t, version: 32.2}}\n"), "quoted string"),
             (&format!("{HEAD}  - {{type: hw.device-type, version: '1'}}\n"), "names its device type in `slug`"),
             (&format!("{HEAD}  - {{type: arch.sw, slug: arm64}}\n"), "unknown architecture \"arm64\""),
-            (
-                &format!("{HEAD}  - {{type: sw.os, slug: ubuntu, version: '1'}}\n"),
-                "the only sw.os slug is \"balena-os\"",
-            ),
+            (&format!("{HEAD}  - {{type: sw.os, slug: ubuntu, version: '1'}}\n"), "the only sw.os slug is \"balena-os\""),
             (&format!("{HEAD}  - {{type: sw.l4t, slug: x, version: '1'}}\n"), "has no slug"),
             (&format!("{HEAD}  - or: []\n"), "requires[0].or: an `or` group lists at least one"),
             (&format!("{HEAD}  - or:\n    - or: []\n"), "requires[0].or[0].or: `or` groups do not nest"),

@@ -113,18 +113,8 @@ impl fmt::Display for RejectionMessage<'_> {
 }
 
 impl ReleaseError {
-    pub(crate) fn invalid(
-        file: &str,
-        service: Option<&str>,
-        field: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> Self {
-        ReleaseError::Invalid {
-            file: file.to_string(),
-            service: service.map(str::to_string),
-            field: field.into(),
-            reason: reason.into(),
-        }
+    pub(crate) fn invalid(file: &str, service: Option<&str>, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ReleaseError::Invalid { file: file.to_string(), service: service.map(str::to_string), field: field.into(), reason: reason.into() }
     }
 
     pub(crate) fn catalog(what: impl Into<String>, source: fleetdelta_engine::Error) -> Self {

@@ -71,12 +71,7 @@ impl DeviceFacts {
         };
         if let Some(arch) = &facts.arch {
             if !KNOWN_ARCHES.contains(&arch.as_str()) {
-                return Err(ReleaseError::invalid(
-                    file,
-                    None,
-                    "arch",
-                    format!("unknown architecture {arch:?}; known: {}", KNOWN_ARCHES.join(", ")),
-                ));
+                return Err(ReleaseError::invalid(file, None, "arch", format!("unknown architecture {arch:?}; known: {}", KNOWN_ARCHES.join(", "))));
             }
         }
         Ok(facts)

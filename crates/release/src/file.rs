@@ -18,8 +18,7 @@ pub const LABEL_OPTIONAL: &str = "io.balena.features.optional";
 /// The label choosing how the supervisor replaces a service's container.
 pub const LABEL_UPDATE_STRATEGY: &str = "io.balena.update.strategy";
 /// The update strategies balena's supervisor knows.
-pub const UPDATE_STRATEGIES: &[&str] =
-    &["download-then-kill", "kill-then-download", "delete-then-download", "hand-over"];
+pub const UPDATE_STRATEGIES: &[&str] = &["download-then-kill", "kill-then-download", "delete-then-download", "hand-over"];
 /// Prefix of balena's label form of contract requirements, which this format writes in `contract`.
 pub const LABEL_REQUIRES_PREFIX: &str = "io.balena.features.requires.";
 
@@ -114,8 +113,7 @@ impl Release {
     /// Parses a release file's text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, ReleaseError> {
         let raw: RawRelease = yaml::parse(text, file)?;
-        let invalid =
-            |service: Option<&str>, field: String, reason: String| ReleaseError::invalid(file, service, field, reason);
+        let invalid = |service: Option<&str>, field: String, reason: String| ReleaseError::invalid(file, service, field, reason);
         let id = raw.id.0;
         if id.is_empty() || id.contains(char::is_whitespace) {
             return Err(invalid(None, "id".into(), format!("{id:?}: a release id is one word, not empty")));
@@ -170,10 +168,7 @@ impl Release {
             }
             let mut environment = release_environment.clone();
             environment.extend(own);
-            let contract = raw_service
-                .contract
-                .map(|c| Contract::from_raw(c, file, &name, &format!("{at}.contract")))
-                .transpose()?;
+            let contract = raw_service.contract.map(|c| Contract::from_raw(c, file, &name, &format!("{at}.contract"))).transpose()?;
             if let Some(restart) = &raw_service.restart {
                 if !RESTART_POLICIES.contains(&restart.0.as_str()) {
                     return Err(invalid(svc, format!("{at}.restart"), format!("{:?}: one of {}", restart.0, RESTART_POLICIES.join(", "))));
@@ -235,8 +230,7 @@ impl Service {
 /// Compose's rule for service names, starting with a letter or digit: names become directory
 /// names on devices (`locks/<service>/`), so `.` and `..` must not be names.
 fn is_service_name(name: &str) -> bool {
-    name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Release files may name registry images without `docker://`, as compose files do.
@@ -387,8 +381,7 @@ impl<'de> Deserialize<'de> for Labels {
                 f.write_str("a mapping of labels or a list of key=value")
             }
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Labels, A::Error> {
-                let entries: UniqueMap<LabelText> =
-                    Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let entries: UniqueMap<LabelText> = Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(Labels(entries.0.into_iter().map(|(k, v)| (k, v.0)).collect()))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Labels, A::Error> {
@@ -520,14 +513,8 @@ mod tests {
                 "id: 1\nservices:\n  main:\n    image: x\n    labels: {io.balena.features.optional: maybe}\n".into(),
                 "services.main.labels.io.balena.features.optional: \"maybe\"",
             ),
-            (
-                "id: 1\nservices:\n  main:\n    image: x\n    labels: {io.balena.update.strategy: yolo}\n".into(),
-                "unknown update strategy",
-            ),
-            (
-                "id: 1\nservices:\n  main:\n    image: x\n    labels: {io.balena.features.requires.sw.l4t: '32.2'}\n".into(),
-                "contract.requires",
-            ),
+            ("id: 1\nservices:\n  main:\n    image: x\n    labels: {io.balena.update.strategy: yolo}\n".into(), "unknown update strategy"),
+            ("id: 1\nservices:\n  main:\n    image: x\n    labels: {io.balena.features.requires.sw.l4t: '32.2'}\n".into(), "contract.requires"),
             ("id: 1\nservices:\n  main:\n    image: x\n    labels: [a=1, a=2]\n".into(), "services.main.labels: duplicate label \"a\""),
             ("id: 1\nservices:\n  main:\n    image: x\n    labels: {a: 1, a: 2}\n".into(), "duplicate key \"a\""),
             (

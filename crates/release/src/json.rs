@@ -139,21 +139,13 @@ fn release(r: &ReleaseRef) -> WireRelease<'_> {
 }
 
 fn image(info: &ImageInfo) -> WireImage<'_> {
-    WireImage {
-        is_stored_at_image_location: &info.reference,
-        content_hash: info.digest.to_string(),
-        image_size: info.size,
-        is_produced_by_delta: None,
-    }
+    WireImage { is_stored_at_image_location: &info.reference, content_hash: info.digest.to_string(), image_size: info.size, is_produced_by_delta: None }
 }
 
 /// `None` for a service that produces no image (a removed one).
 fn service_update(s: &ServiceUpdate) -> Option<WireServiceUpdate<'_>> {
     let produces = WireImage {
-        is_produced_by_delta: s
-            .delta
-            .as_ref()
-            .map(|d| WireDeltaRef { is_stored_at_location: &d.reference, size: d.size }),
+        is_produced_by_delta: s.delta.as_ref().map(|d| WireDeltaRef { is_stored_at_location: &d.reference, size: d.size }),
         ..image(s.to_image.as_ref()?)
     };
     Some(WireServiceUpdate {
@@ -173,14 +165,7 @@ fn delta(d: &DeltaNeed) -> WireDelta<'_> {
         DeltaStatus::Building => ("preparing", None, None),
         DeltaStatus::Ready { reference, size } => ("ready", Some(reference.as_str()), Some(*size)),
     };
-    WireDelta {
-        status,
-        originates_from_image: image(&d.from),
-        produces_image: image(&d.to),
-        is_stored_at_location: location,
-        size,
-        services: &d.services,
-    }
+    WireDelta { status, originates_from_image: image(&d.from), produces_image: image(&d.to), is_stored_at_location: location, size, services: &d.services }
 }
 
 impl<'a> From<&'a Transition> for Wire<'a> {

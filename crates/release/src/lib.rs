@@ -115,17 +115,16 @@ pub mod version;
 mod yaml;
 
 pub use catalog::{DeltaStatus, ImageCatalog, ImagePair, LayerBlob, ResolvedImage};
-pub use contract::{
-    Contract, Requirement, RequirementType, Requires, Unmet, Wanted, CONTAINER_CONTRACT_TYPE, KERNEL_SLUG,
-    KNOWN_ARCHES, OS_SLUG,
-};
+pub use contract::{Contract, Requirement, RequirementType, Requires, Unmet, Wanted, CONTAINER_CONTRACT_TYPE, KERNEL_SLUG, KNOWN_ARCHES, OS_SLUG};
 pub use error::{ReleaseError, UnmetContract};
 pub use facts::{oci_architecture, DeviceFacts};
-pub use file::{parse_release_image, Healthcheck, Release, RunOptions, Service, MAX_REPLICAS, LABEL_OPTIONAL, RESTART_POLICIES, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY, UPDATE_STRATEGIES};
+pub use file::{
+    parse_release_image, Healthcheck, Release, RunOptions, Service, LABEL_OPTIONAL, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY, MAX_REPLICAS,
+    RESTART_POLICIES, UPDATE_STRATEGIES,
+};
 pub use table::{human_size, render_table};
 pub use transition::{
-    plan, short_digest, Change, DeltaNeed, DroppedService, ImageInfo, Readiness, ReadyDelta, ReleaseRef, ServiceUpdate,
-    Transition, UpdateStatus,
+    plan, short_digest, Change, DeltaNeed, DroppedService, ImageInfo, Readiness, ReadyDelta, ReleaseRef, ServiceUpdate, Transition, UpdateStatus,
 };
 
 /// Largest release or facts file read (far above any real one; bounds what a typo in a path

@@ -33,12 +33,7 @@ pub fn render_table(t: &Transition) -> String {
         }
     }
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "release {} -> {}",
-        release_name(&t.from.id, t.from.commit.as_deref()),
-        release_name(&t.to.id, t.to.commit.as_deref())
-    );
+    let _ = writeln!(out, "release {} -> {}", release_name(&t.from.id, t.from.commit.as_deref()), release_name(&t.to.id, t.to.commit.as_deref()));
     push_row(&mut out, &HEADERS.map(str::to_string), &widths);
     for row in &rows {
         push_row(&mut out, row, &widths);
@@ -58,13 +53,7 @@ pub fn render_table(t: &Transition) -> String {
     }
     for dropped in &t.dropped {
         let unmet: Vec<String> = dropped.unmet.iter().map(ToString::to_string).collect();
-        let _ = writeln!(
-            out,
-            "dropped: {} (optional; contract {}): {}",
-            dropped.service_name,
-            dropped.contract,
-            unmet.join("; ")
-        );
+        let _ = writeln!(out, "dropped: {} (optional; contract {}): {}", dropped.service_name, dropped.contract, unmet.join("; "));
     }
     out
 }
@@ -116,14 +105,7 @@ mod tests {
 
     #[test]
     fn sizes_are_human() {
-        for (bytes, text) in [
-            (0, "0 B"),
-            (1023, "1023 B"),
-            (1024, "1.0 KiB"),
-            (1536, "1.5 KiB"),
-            (5 << 20, "5.0 MiB"),
-            (3 << 30, "3.0 GiB"),
-        ] {
+        for (bytes, text) in [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (5 << 20, "5.0 MiB"), (3 << 30, "3.0 GiB")] {
             assert_eq!(human_size(bytes), text);
         }
     }

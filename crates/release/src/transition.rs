@@ -245,12 +245,7 @@ impl Transition {
 /// device (the facts describe the device now; its supervisor would not have run it), so a target
 /// service of that name is downloaded whole. Without facts, contracts are not checked and every
 /// service of `from` is taken as installed.
-pub fn plan(
-    from: &Release,
-    to: &Release,
-    facts: Option<&DeviceFacts>,
-    catalog: &dyn ImageCatalog,
-) -> Result<Transition, ReleaseError> {
+pub fn plan(from: &Release, to: &Release, facts: Option<&DeviceFacts>, catalog: &dyn ImageCatalog) -> Result<Transition, ReleaseError> {
     let mut dropped = Vec::new();
     let mut rejected = Vec::new();
     let mut not_installed: HashMap<&str, Vec<Unmet>> = HashMap::new();
@@ -262,11 +257,7 @@ pub fn plan(
                 continue;
             }
             if service.is_optional() {
-                dropped.push(DroppedService {
-                    service_name: service.name.clone(),
-                    contract: contract.slug.clone(),
-                    unmet,
-                });
+                dropped.push(DroppedService { service_name: service.name.clone(), contract: contract.slug.clone(), unmet });
             } else {
                 rejected.push(UnmetContract { service: service.name.clone(), contract: contract.slug.clone(), unmet });
             }
@@ -297,11 +288,7 @@ pub fn plan(
                 service_name: target.name.clone(),
                 change: Change::Added,
                 status: UpdateStatus::Ready,
-                reason: format!(
-                    "new in release {}: downloaded whole ({} layers), there is no source image",
-                    to.id,
-                    to_image.1.layers.len()
-                ),
+                reason: format!("new in release {}: downloaded whole ({} layers), there is no source image", to.id, to_image.1.layers.len()),
                 payload_size: to_image.0.size,
                 from_image: None,
                 to_image: Some(to_image.0),
@@ -410,18 +397,15 @@ impl Planner<'_> {
         let resolved = match self.images.get(&service.image) {
             Some(resolved) => resolved.clone(),
             None => {
-                let resolved = self.catalog.resolve(&service.image).map_err(|e| {
-                    ReleaseError::catalog(format!("image {:?} of service {:?}", service.image, service.name), e)
-                })?;
+                let resolved = self
+                    .catalog
+                    .resolve(&service.image)
+                    .map_err(|e| ReleaseError::catalog(format!("image {:?} of service {:?}", service.image, service.name), e))?;
                 if let Some(pinned) = service.pinned_digest() {
                     if pinned != resolved.digest {
                         return Err(ReleaseError::catalog(
                             format!("image {:?} of service {:?}", service.image, service.name),
-                            fleetdelta_engine::Error::DigestMismatch {
-                                what: "resolved image".into(),
-                                expected: pinned,
-                                found: resolved.digest,
-                            },
+                            fleetdelta_engine::Error::DigestMismatch { what: "resolved image".into(), expected: pinned, found: resolved.digest },
                         ));
                     }
                 }
@@ -443,25 +427,19 @@ impl Planner<'_> {
         let status = match self.deltas.get(&pair) {
             Some(status) => status.clone(),
             None => {
-                let status = self.catalog.delta_status(&pair).map_err(|e| {
-                    ReleaseError::catalog(
-                        format!("delta {} -> {}", short_digest(&pair.from), short_digest(&pair.to)),
-                        e,
-                    )
-                })?;
+                let status = self
+                    .catalog
+                    .delta_status(&pair)
+                    .map_err(|e| ReleaseError::catalog(format!("delta {} -> {}", short_digest(&pair.from), short_digest(&pair.to)), e))?;
                 self.deltas.insert(pair, status.clone());
                 status
             }
         };
         match self.needs.iter_mut().find(|n| n.pair == pair) {
             Some(need) => need.services.push(service.to_string()),
-            None => self.needs.push(DeltaNeed {
-                pair,
-                from: from_info.clone(),
-                to: to_info.clone(),
-                status: status.clone(),
-                services: vec![service.to_string()],
-            }),
+            None => {
+                self.needs.push(DeltaNeed { pair, from: from_info.clone(), to: to_info.clone(), status: status.clone(), services: vec![service.to_string()] })
+            }
         }
         let (missing, missing_size) = to.missing_from(&from);
         let pull = format!("the estimate is the {missing} of {} layers the device lacks", to.layers.len());
@@ -537,8 +515,7 @@ mod tests {
 
     impl FakeCatalog {
         fn image(mut self, reference: &str, layers: &[(u8, u64)]) -> Self {
-            let layers: Vec<LayerBlob> =
-                layers.iter().map(|&(n, size)| LayerBlob { digest: Digest::from_bytes([n; 32]), size }).collect();
+            let layers: Vec<LayerBlob> = layers.iter().map(|&(n, size)| LayerBlob { digest: Digest::from_bytes([n; 32]), size }).collect();
             let digest = Digest::of(format!("{layers:?}").as_bytes());
             self.images.insert(reference.to_string(), ResolvedImage { digest, config: None, layers });
             self
@@ -596,13 +573,7 @@ mod tests {
 
         // v1 -> v2: api changes (delta ready), web does not.
         let t = plan(&v1, &v2, None, &cat).unwrap();
-        assert_eq!(
-            changes(&t),
-            [
-                ("api", Change::DeltaUpdate, UpdateStatus::Ready, 42),
-                ("web", Change::Unchanged, UpdateStatus::Unchanged, 0)
-            ]
-        );
+        assert_eq!(changes(&t), [("api", Change::DeltaUpdate, UpdateStatus::Ready, 42), ("web", Change::Unchanged, UpdateStatus::Unchanged, 0)]);
         assert_eq!((t.overall_status, t.estimated_total_payload_size), (Readiness::Ready, 42));
         assert_eq!(t.service("api").unwrap().delta.as_ref().unwrap().reference, "api:delta-1-2");
 
@@ -701,7 +672,8 @@ mod tests {
         assert_eq!(dear.estimated_total_payload_size, 300);
     }
 
-    const GPU_CONTRACT: &str = "    contract:\n      type: sw.container\n      slug: needs-l4t-32-4\n      requires:\n        - {type: sw.l4t, version: '>=32.4'}\n";
+    const GPU_CONTRACT: &str =
+        "    contract:\n      type: sw.container\n      slug: needs-l4t-32-4\n      requires:\n        - {type: sw.l4t, version: '>=32.4'}\n";
 
     fn facts(l4t: &str) -> DeviceFacts {
         DeviceFacts { l4t: Some(l4t.into()), ..DeviceFacts::default() }
@@ -711,11 +683,8 @@ mod tests {
     fn contracts_reject_drop_or_pass() {
         let from = release("a", &[("api", "api:1")]);
         let required = release_with("b", &[("api", "api:2"), ("gpu", "worker:1")], GPU_CONTRACT);
-        let optional = release_with(
-            "b",
-            &[("api", "api:2"), ("gpu", "worker:1")],
-            &format!("    labels: {{io.balena.features.optional: '1'}}\n{GPU_CONTRACT}"),
-        );
+        let optional =
+            release_with("b", &[("api", "api:2"), ("gpu", "worker:1")], &format!("    labels: {{io.balena.features.optional: '1'}}\n{GPU_CONTRACT}"));
         // (release, l4t, expected: Ok(services planned) or Err(message part))
         type Expected = Result<&'static [&'static str], &'static str>;
         let cases: [(&Release, &str, Expected); 4] = [
@@ -738,13 +707,8 @@ mod tests {
                         // Both optional services dropped: api was on the device, so it is removed.
                         assert_eq!(changes(&t), [("api", Change::Removed, UpdateStatus::Ready, 0)]);
                         assert_eq!(t.dropped.len(), 2);
-                        assert_eq!(
-                            t.dropped[1].unmet[0].to_string(),
-                            "requires sw.l4t >=32.4 but the device has 32.2.0"
-                        );
-                        assert!(t.services[0]
-                            .reason
-                            .starts_with("left out of release b on this device (requires sw.l4t"));
+                        assert_eq!(t.dropped[1].unmet[0].to_string(), "requires sw.l4t >=32.4 but the device has 32.2.0");
+                        assert!(t.services[0].reason.starts_with("left out of release b on this device (requires sw.l4t"));
                     } else {
                         assert_eq!(planned, names);
                         assert!(t.dropped.is_empty() && t.contracts_checked);
@@ -786,8 +750,6 @@ mod tests {
         let mut cat = catalog();
         cat.images.insert(wrong_pin.clone(), cat.images["api:1"].clone());
         let err = plan(&from, &release("b", &[("api", &wrong_pin)]), None, &cat).unwrap_err();
-        assert!(
-            matches!(&err, ReleaseError::Catalog { source, .. } if matches!(**source, fleetdelta_engine::Error::DigestMismatch { .. }))
-        );
+        assert!(matches!(&err, ReleaseError::Catalog { source, .. } if matches!(**source, fleetdelta_engine::Error::DigestMismatch { .. })));
     }
 }

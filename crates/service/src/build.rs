@@ -81,7 +81,12 @@ pub async fn find_delta(client: &Client, target: &RegistryRef, key: &DeltaKey) -
     let Some(found) = find_by_tag(client, target, key).await? else { return Ok(None) };
     let fetched = client.get_manifest(target, &found.manifest.to_string()).await?;
     let doc: serde_json::Value = serde_json::from_slice(&fetched.raw).map_err(|e| Error::malformed(format!("delta {}", found.manifest), e.to_string()))?;
-    let annotations = doc.get("annotations").cloned().map(serde_json::from_value).transpose().map_err(|e| Error::malformed(format!("delta {}", found.manifest), e.to_string()))?;
+    let annotations = doc
+        .get("annotations")
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| Error::malformed(format!("delta {}", found.manifest), e.to_string()))?;
     let referrer = Referrer {
         digest: found.manifest,
         media_type: fetched.media_type,

@@ -157,7 +157,11 @@ impl ServiceConfig {
         if self.max_request_bytes == 0 || self.max_tracked_pairs == 0 {
             return bad("max_request_bytes and max_tracked_pairs must be at least 1");
         }
-        for (name, v) in [("retry_initial_seconds", self.retry_initial_seconds), ("retry_max_seconds", self.retry_max_seconds), ("shutdown_grace_seconds", self.shutdown_grace_seconds)] {
+        for (name, v) in [
+            ("retry_initial_seconds", self.retry_initial_seconds),
+            ("retry_max_seconds", self.retry_max_seconds),
+            ("shutdown_grace_seconds", self.shutdown_grace_seconds),
+        ] {
             if !v.is_finite() || !(0.0..=1e7).contains(&v) {
                 return Err(Error::malformed(what, format!("{name} must be a number of seconds between 0 and 1e7, not {v}")));
             }

@@ -57,7 +57,10 @@ impl Service {
         std::fs::create_dir_all(&scratch_root).ctx(|| format!("creating {}", scratch_root.display()))?;
         // One directory per run, removed when the service returns: builds abandoned by a
         // previous run that was killed leave theirs behind under another name, never ours.
-        let scratch = tempfile::Builder::new().prefix("fleetdelta-serve-").tempdir_in(&scratch_root).ctx(|| format!("creating a scratch directory in {}", scratch_root.display()))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("fleetdelta-serve-")
+            .tempdir_in(&scratch_root)
+            .ctx(|| format!("creating a scratch directory in {}", scratch_root.display()))?;
         let config = Arc::new(config);
         let metrics = Arc::new(metrics::Metrics::default());
         let client = Arc::new(Client::new(registry)?);

@@ -143,11 +143,16 @@ impl Metrics {
         for (bound, count) in BUILD_SECONDS_BUCKETS.iter().zip(h.buckets.iter()) {
             let _ = writeln!(out, "fleetdelta_build_seconds_bucket{{le=\"{bound}\"}} {count}");
         }
-        let _ = write!(out, "fleetdelta_build_seconds_bucket{{le=\"+Inf\"}} {}\nfleetdelta_build_seconds_sum {}\nfleetdelta_build_seconds_count {}\n", h.count, h.sum, h.count);
+        let _ = write!(
+            out,
+            "fleetdelta_build_seconds_bucket{{le=\"+Inf\"}} {}\nfleetdelta_build_seconds_sum {}\nfleetdelta_build_seconds_count {}\n",
+            h.count, h.sum, h.count
+        );
         drop(h);
 
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = write!(out, "# HELP fleetdelta_http_requests_total HTTP requests answered, by route and status.\n# TYPE fleetdelta_http_requests_total counter\n");
+        let _ =
+            write!(out, "# HELP fleetdelta_http_requests_total HTTP requests answered, by route and status.\n# TYPE fleetdelta_http_requests_total counter\n");
         for ((route, status), n) in requests.iter() {
             let _ = writeln!(out, "fleetdelta_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}", escape_label(route));
         }
@@ -162,7 +167,9 @@ fn escape_label(value: &str) -> String {
 
 /// Reads one sample's value from text in this format: `name` alone or `name{labels}`.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 #[cfg(test)]

@@ -21,8 +21,10 @@ use fleetdelta_engine::error::{Error, Result};
 use fleetdelta_engine::image::manifest::{Manifest, MAX_JSON_BYTES};
 use fleetdelta_engine::image::{ImageRef, Layout};
 use fleetdelta_engine::progress::Progress;
-use fleetdelta_release::{parse_release_image, plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Readiness, Release, ReleaseError, ResolvedImage, Transition};
 use fleetdelta_engine::transfer::Transfer;
+use fleetdelta_release::{
+    parse_release_image, plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Readiness, Release, ReleaseError, ResolvedImage, Transition,
+};
 
 /// Why a release update failed: reading an image or building a delta (the engine's error),
 /// or the releases themselves (the release model's: an invalid file, unmet contracts).
@@ -66,7 +68,14 @@ pub struct UpdateOptions {
 
 impl Default for UpdateOptions {
     fn default() -> Self {
-        UpdateOptions { store: DeltaStore::TargetRepository, diff: DiffOptions::default(), prepare: false, wait: false, timeout: None, poll: Duration::from_secs(2) }
+        UpdateOptions {
+            store: DeltaStore::TargetRepository,
+            diff: DiffOptions::default(),
+            prepare: false,
+            wait: false,
+            timeout: None,
+            poll: Duration::from_secs(2),
+        }
     }
 }
 
@@ -159,7 +168,13 @@ pub fn release_update(
             let staged = transfer.staging_for(&dest)?;
             let report = diff(&local_source, &local_target, &staged, &options.diff, progress)?;
             transfer.publish(&staged, &dest, progress)?;
-            prepared.built.push(BuiltDelta { reference: dest.to_string(), from: need.pair.from, to: need.pair.to, download: report.delta_bytes, seconds: began.elapsed().as_secs_f64() });
+            prepared.built.push(BuiltDelta {
+                reference: dest.to_string(),
+                from: need.pair.from,
+                to: need.pair.to,
+                download: report.delta_bytes,
+                seconds: began.elapsed().as_secs_f64(),
+            });
         }
         transition = plan(from, to, facts, &catalog)?;
     }
@@ -207,7 +222,6 @@ impl<'a> StoreCatalog<'a> {
     }
 }
 
-
 impl ImageCatalog for StoreCatalog<'_> {
     fn resolve(&self, reference: &str) -> Result<ResolvedImage> {
         let image = parse_release_image(reference)?;
@@ -227,7 +241,11 @@ impl ImageCatalog for StoreCatalog<'_> {
             _ => return Err(Error::unsupported(reference, "release images are registry images or OCI layouts")),
         };
         self.seen.borrow_mut().insert(manifest.digest, Seen { reference: pinned, config: manifest.config.digest });
-        Ok(ResolvedImage { digest: manifest.digest, config: Some(manifest.config.digest), layers: manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect() })
+        Ok(ResolvedImage {
+            digest: manifest.digest,
+            config: Some(manifest.config.digest),
+            layers: manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect(),
+        })
     }
 
     fn delta_status(&self, pair: &ImagePair) -> Result<DeltaStatus> {

@@ -14,15 +14,15 @@ use serde::Serialize;
 
 use super::build::find_delta;
 use super::state::{Builds, Job, Status};
+use crate::release_update::UpdateError;
 use fleetdelta_engine::delta_store::DeltaKey;
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::{Error, Result};
 use fleetdelta_engine::image::manifest::Manifest;
 use fleetdelta_engine::image::ImageRef;
 use fleetdelta_engine::registry::{Client, RegistryRef};
-use fleetdelta_release::{plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Release, ResolvedImage};
-use crate::release_update::UpdateError;
 use fleetdelta_release::parse_release_image;
+use fleetdelta_release::{plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Release, ResolvedImage};
 
 /// One delta a registered release asked for.
 #[derive(Clone, Debug, Serialize)]
@@ -166,10 +166,18 @@ impl Releases {
     /// The transition from release `from` to release `to` (both registered) for a device
     /// with `facts`, as `release-update --json` prints it. `Ok(Err(ids))` names the releases
     /// of the two that are not registered.
-    pub async fn update(&self, from: &str, to: &str, facts: Option<&DeviceFacts>, builds: &Builds) -> Result<std::result::Result<serde_json::Value, Vec<String>>, UpdateError> {
+    pub async fn update(
+        &self,
+        from: &str,
+        to: &str,
+        facts: Option<&DeviceFacts>,
+        builds: &Builds,
+    ) -> Result<std::result::Result<serde_json::Value, Vec<String>>, UpdateError> {
         let (from, to) = match (self.get(from), self.get(to)) {
             (Some(f), Some(t)) => (f, t),
-            (f, t) => return Ok(Err([(from, f.is_none()), (to, t.is_none())].into_iter().filter(|(_, missing)| *missing).map(|(id, _)| id.to_string()).collect())),
+            (f, t) => {
+                return Ok(Err([(from, f.is_none()), (to, t.is_none())].into_iter().filter(|(_, missing)| *missing).map(|(id, _)| id.to_string()).collect()))
+            }
         };
         let client = builds.client();
         let mut catalog = MemoryCatalog::default();
@@ -277,7 +285,11 @@ struct MemoryCatalog {
 impl ImageCatalog for MemoryCatalog {
     fn resolve(&self, reference: &str) -> Result<ResolvedImage> {
         let r = self.images.get(reference).ok_or_else(|| Error::NotFound(format!("image {reference} was not resolved")))?;
-        Ok(ResolvedImage { digest: r.manifest.digest, config: Some(r.manifest.config.digest), layers: r.manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect() })
+        Ok(ResolvedImage {
+            digest: r.manifest.digest,
+            config: Some(r.manifest.config.digest),
+            layers: r.manifest.layers.iter().map(|l| LayerBlob { digest: l.digest, size: l.size }).collect(),
+        })
     }
 
     fn delta_status(&self, pair: &ImagePair) -> Result<DeltaStatus> {

@@ -191,7 +191,15 @@ fn failure_status(kind: FailureKind) -> StatusCode {
 }
 
 fn failure_response(e: &Error) -> Response {
-    let body = DeltaResponse { status: DeltaState::Failed, source_config: None, target_manifest: None, delta: None, reason: Some(e.to_string()), failures: 1, retry_after_seconds: None };
+    let body = DeltaResponse {
+        status: DeltaState::Failed,
+        source_config: None,
+        target_manifest: None,
+        delta: None,
+        reason: Some(e.to_string()),
+        failures: 1,
+        retry_after_seconds: None,
+    };
     (failure_status(FailureKind::of(e)), Json(body)).into_response()
 }
 

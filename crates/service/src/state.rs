@@ -97,7 +97,11 @@ pub struct Failure {
 #[derive(Debug)]
 enum Entry {
     /// A task is looking the delta up or building it; it flips the signal when done.
-    Working { since: Instant, done: watch::Receiver<bool>, failures: u32 },
+    Working {
+        since: Instant,
+        done: watch::Receiver<bool>,
+        failures: u32,
+    },
     Ready(Built),
     Failed(Failure),
 }

@@ -101,9 +101,7 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     }
     let (source_layout, source_image) = load_image(source)?;
     if source_image.config.digest != delta.plan.source.config {
-        return Err(Error::WrongSource {
-            reason: format!("its config is {}, the delta needs {}", source_image.config.digest, delta.plan.source.config),
-        });
+        return Err(Error::WrongSource { reason: format!("its config is {}, the delta needs {}", source_image.config.digest, delta.plan.source.config) });
     }
     let (out_dir, _) = output.local()?;
     let writer = LayoutWriter::create(out_dir)?;
@@ -156,7 +154,11 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     // it (its digest was checked): the manifest is written as it is.
     for ((outcome, blob), layer) in outcomes.iter().zip(&target.layers) {
         if outcome.identical && blob.size != layer.blob.size {
-            return Err(Error::SizeMismatch { what: format!("target layer {} ({}): the target manifest's size", outcome.index, layer.blob.digest), expected: layer.blob.size, found: blob.size });
+            return Err(Error::SizeMismatch {
+                what: format!("target layer {} ({}): the target manifest's size", outcome.index, layer.blob.digest),
+                expected: layer.blob.size,
+                found: blob.size,
+            });
         }
     }
     let (manifest_digest, manifest_size) = writer.put_blob(&manifest_bytes)?;
@@ -378,7 +380,8 @@ impl Rebuild<'_> {
             return Err(Error::SizeMismatch { what: format!("{what}: the blob the delta carries"), expected: target.blob.size, found: payload.len() });
         }
         if self.options.layers == LayerOutput::Uncompressed && target.compression != Compression::None {
-            let (blob, _) = self.write_tar(plan, target, what, |out| copy_hashed(target.compression.decoder(&mut payload)?, out, self.tar_limit(target), what))?;
+            let (blob, _) =
+                self.write_tar(plan, target, what, |out| copy_hashed(target.compression.decoder(&mut payload)?, out, self.tar_limit(target), what))?;
             payload.finish()?;
             return Ok(blob);
         }

@@ -14,7 +14,8 @@ const COPY_BUFFER_BYTES: usize = 1 << 20;
 /// Rebuilds a tar from `records` into `out`, reading source layers from `sources`.
 /// Memory is bounded by the format limits: one chunk, its prefix and its frame at a time.
 pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, SourceLayer>, out: &mut dyn Write) -> Result<u64> {
-    let source = |layer: u32| sources.get(&layer).ok_or_else(|| Error::malformed("patch", format!("reads source layer {layer}, which delta.json does not list")));
+    let source =
+        |layer: u32| sources.get(&layer).ok_or_else(|| Error::malformed("patch", format!("reads source layer {layer}, which delta.json does not list")));
     let mut copy_buf = vec![0u8; COPY_BUFFER_BYTES];
     let mut prefix = Vec::new();
     let mut chunk: Vec<u8> = Vec::new();

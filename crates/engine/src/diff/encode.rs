@@ -9,13 +9,13 @@ use std::ops::Range;
 use rayon::prelude::*;
 use zstd::zstd_safe::{self, CParameter};
 
-use crate::progress::Progress;
 use crate::diff::material::Unpacked;
 use crate::diff::pair::{Partner, SourceIndex};
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::PatchStats;
 use crate::format::records::{prefix_budget, PatchHeader, Record, RecordWriter, SourceRange};
 use crate::format::{MAX_CHUNK_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
+use crate::progress::Progress;
 
 /// How hard the encoder works.
 #[derive(Clone, Copy, Debug)]
@@ -152,7 +152,14 @@ fn range_of(layer: u32, r: Range<u64>) -> SourceRange {
 /// Encodes target layer `target_index` (unpacked in `target`) against `source`, writing the
 /// patch to `out`. Returns its statistics and the source layers it reads. `progress` advances
 /// by the target bytes each record covers as it is written: the layer's tar length in all.
-pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'_>, params: &EncodeParams, out: impl Write, progress: &dyn Progress) -> Result<(PatchStats, BTreeSet<u32>)> {
+pub fn encode_layer(
+    target_index: u32,
+    target: &Unpacked,
+    source: &SourceIndex<'_>,
+    params: &EncodeParams,
+    out: impl Write,
+    progress: &dyn Progress,
+) -> Result<(PatchStats, BTreeSet<u32>)> {
     debug_assert!(params.chunk_bytes <= MAX_CHUNK_BYTES && params.prefix_bytes <= MAX_PREFIX_BYTES);
     let mut planner = Planner::new(*params, target.index.len);
     let mut layer_uses: HashMap<u32, u64> = HashMap::new();
@@ -195,11 +202,12 @@ pub fn encode_layer(target_index: u32, target: &Unpacked, source: &SourceIndex<'
     }
     // The trailing headers and end-of-archive blocks, against the tail of the source layer
     // this layer draws most from.
-    let tail_partner = layer_uses.iter().max_by_key(|(l, n)| (**n, std::cmp::Reverse(**l))).map(|(l, _)| *l).or((!source.layers.is_empty()).then_some(0)).map(|l| {
-        let layer = &source.layers[l as usize];
-        let start = layer.index.entries.iter().filter(|e| e.has_content()).map(|e| e.data_start + e.data_len).next_back().unwrap_or(0);
-        range_of(l, start..layer.index.len)
-    });
+    let tail_partner =
+        layer_uses.iter().max_by_key(|(l, n)| (**n, std::cmp::Reverse(**l))).map(|(l, _)| *l).or((!source.layers.is_empty()).then_some(0)).map(|l| {
+            let layer = &source.layers[l as usize];
+            let start = layer.index.entries.iter().filter(|e| e.has_content()).map(|e| e.data_start + e.data_len).next_back().unwrap_or(0);
+            range_of(l, start..layer.index.len)
+        });
     emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner)?;
 
     let Planner { ops, mut chunks, mut stats, mut prefix_left, .. } = planner;
@@ -418,7 +426,14 @@ mod tests {
                 assert!(r.offset >= 1000 && r.end() <= 1700, "{r:?}");
             }
         }
-        let lits: u64 = p.ops.iter().map(|o| match o { Op::Literal { len, .. } => *len, _ => 0 }).sum();
+        let lits: u64 = p
+            .ops
+            .iter()
+            .map(|o| match o {
+                Op::Literal { len, .. } => *len,
+                _ => 0,
+            })
+            .sum();
         assert_eq!(lits, 350);
         // The last piece (bytes 300..350 of 350) maps to the last part of the partner.
         assert!(p.chunks[3].prefix[0].offset >= 1500, "{:?}", p.chunks[3].prefix);
@@ -447,7 +462,14 @@ mod tests {
         let total: u64 = p.chunks.iter().map(|c| c.prefix_len).sum();
         assert!(total <= prefix_budget(100), "{total} prefix bytes");
         assert!(p.chunks.iter().filter(|c| c.prefix_len > 0).count() >= 8, "partners are used while the budget lasts");
-        let lits: u64 = p.ops.iter().map(|o| match o { Op::Literal { len, .. } => *len, _ => 0 }).sum();
+        let lits: u64 = p
+            .ops
+            .iter()
+            .map(|o| match o {
+                Op::Literal { len, .. } => *len,
+                _ => 0,
+            })
+            .sum();
         assert_eq!(lits, 100, "every byte is still coded");
     }
 }

@@ -53,7 +53,14 @@ pub enum Choice {
 /// Finds how to re-encode target layer `index` from its tar, which `open_tar` reads from the
 /// start (it may be called once per candidate encoder). When no known encoder reproduces a
 /// gzip blob, tries a correction stream, written into `scratch`.
-pub fn choose<R: std::io::Read>(layout: &Layout, layer: &Layer, index: u32, fidelity: Fidelity, scratch: &Path, open_tar: impl FnMut() -> std::io::Result<R>) -> Result<Choice> {
+pub fn choose<R: std::io::Read>(
+    layout: &Layout,
+    layer: &Layer,
+    index: u32,
+    fidelity: Fidelity,
+    scratch: &Path,
+    open_tar: impl FnMut() -> std::io::Result<R>,
+) -> Result<Choice> {
     let blob_path = layout.blob_path(&layer.blob.digest);
     let open_blob = || File::open(&blob_path).map(|f| BufReader::with_capacity(1 << 20, f));
     let found = match layer.compression {

@@ -5,8 +5,8 @@ pub mod encode;
 pub mod encoding;
 pub mod material;
 pub mod members;
-pub mod zip_members;
 pub mod pair;
+pub mod zip_members;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -26,8 +26,8 @@ use crate::image::{load_image, ImageRef, LayoutWriter};
 use crate::package::{write_delta, Payload, Role};
 use crate::progress::Progress;
 use encode::{encode_layer, EncodeParams};
-pub use encoding::{Fidelity, CORRECTIONS_BUDGET};
 use encoding::{choose, Choice};
+pub use encoding::{Fidelity, CORRECTIONS_BUDGET};
 use material::{unpack, Unpacked};
 use pair::SourceIndex;
 
@@ -120,17 +120,15 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     let writer = LayoutWriter::create(delta_dir)?;
     let scratch = writer.scratch()?;
 
-    let source_by_diff_id: HashMap<Digest, u32> =
-        source_image.layers.iter().enumerate().rev().map(|(i, l)| (l.diff_id, i as u32)).collect();
-    let to_encode: Vec<u32> = (0..target_image.layers.len() as u32)
-        .filter(|i| !source_by_diff_id.contains_key(&target_image.layers[*i as usize].diff_id))
-        .collect();
+    let source_by_diff_id: HashMap<Digest, u32> = source_image.layers.iter().enumerate().rev().map(|(i, l)| (l.diff_id, i as u32)).collect();
+    let to_encode: Vec<u32> =
+        (0..target_image.layers.len() as u32).filter(|i| !source_by_diff_id.contains_key(&target_image.layers[*i as usize].diff_id)).collect();
 
     let mut unpacked_source: Vec<Unpacked> = Vec::new();
     let mut unpacked_target: HashMap<u32, Unpacked> = HashMap::new();
     if !to_encode.is_empty() {
-        let total: u64 = source_image.layers.iter().map(|l| l.blob.size).sum::<u64>()
-            + to_encode.iter().map(|i| target_image.layers[*i as usize].blob.size).sum::<u64>();
+        let total: u64 =
+            source_image.layers.iter().map(|l| l.blob.size).sum::<u64>() + to_encode.iter().map(|i| target_image.layers[*i as usize].blob.size).sum::<u64>();
         progress.stage("unpacking layers", total);
         let jobs: Vec<(bool, u32)> = (0..source_image.layers.len() as u32).map(|i| (true, i)).chain(to_encode.iter().map(|i| (false, *i))).collect();
         let results: Vec<Unpacked> = jobs
@@ -138,7 +136,14 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
             .map(|(is_source, i)| {
                 let (layout, image, side) = if *is_source { (&source_layout, &source_image, "source") } else { (&target_layout, &target_image, "target") };
                 let layer = &image.layers[*i as usize];
-                let u = unpack(layout, layer, scratch.path(), &format!("{side}-{i}.tar"), options.max_layer_bytes, &format!("{side} layer {i} ({})", layer.blob.digest))?;
+                let u = unpack(
+                    layout,
+                    layer,
+                    scratch.path(),
+                    &format!("{side}-{i}.tar"),
+                    options.max_layer_bytes,
+                    &format!("{side} layer {i} ({})", layer.blob.digest),
+                )?;
                 progress.advance(layer.blob.size);
                 Ok(u)
             })
@@ -163,7 +168,13 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         .iter()
         .map(|(layer, ms)| {
             let plain: Vec<_> = ms.iter().map(|m| m.member).collect();
-            let u = unpacked_target[layer].expanded(&plain, scratch.path(), &format!("target-{layer}.x.tar"), options.max_layer_bytes, &format!("target layer {layer}"))?;
+            let u = unpacked_target[layer].expanded(
+                &plain,
+                scratch.path(),
+                &format!("target-{layer}.x.tar"),
+                options.max_layer_bytes,
+                &format!("target layer {layer}"),
+            )?;
             Ok((*layer, u))
         })
         .collect::<Result<_>>()?;
@@ -184,7 +195,16 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
                 Choice::Correct { encoding, path, bytes } => (encoding, Some((path, bytes))),
                 Choice::CarryBlob => {
                     progress.advance(encoded_tar(i));
-                    let plan = LayerPlan { index: *i, method: Method::Blob, source_layer: None, delta_layer: None, source_layers_used: Vec::new(), stats: None, encoding: Some(Encoding::Verbatim), members: Vec::new() };
+                    let plan = LayerPlan {
+                        index: *i,
+                        method: Method::Blob,
+                        source_layer: None,
+                        delta_layer: None,
+                        source_layers_used: Vec::new(),
+                        stats: None,
+                        encoding: Some(Encoding::Verbatim),
+                        members: Vec::new(),
+                    };
                     return Ok((plan, vec![Payload { target_layer: *i, role: Role::Blob, path: blob_path }]));
                 }
             };
@@ -279,12 +299,8 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     let exact = layers.iter().any(|l| matches!(l.encoding, Some(Encoding::Exact { .. })));
     // Source members matter only in the layers the patches read.
     let read: BTreeSet<u32> = layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
-    let source_members: Vec<SourceMembers> = expansion
-        .source
-        .into_iter()
-        .filter(|(layer, _)| read.contains(layer))
-        .map(|(layer, members)| SourceMembers { layer, members })
-        .collect();
+    let source_members: Vec<SourceMembers> =
+        expansion.source.into_iter().filter(|(layer, _)| read.contains(layer)).map(|(layer, members)| SourceMembers { layer, members }).collect();
     let mut features = Vec::new();
     if exact {
         features.push(FEATURE_EXACT_GZIP.to_string());

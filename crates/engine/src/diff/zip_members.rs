@@ -196,7 +196,9 @@ fn find_nested(target: &[u8], source: &[u8], target_at: u64, source_at: u64, dep
                     continue;
                 }
                 let data = e.data(target);
-                let Some(raw) = inflate(data, Wrapping::Deflate, e.size).filter(|raw| raw.len() as u64 == e.size && crc32fast::hash(raw) == e.crc) else { continue };
+                let Some(raw) = inflate(data, Wrapping::Deflate, e.size).filter(|raw| raw.len() as u64 == e.size && crc32fast::hash(raw) == e.crc) else {
+                    continue;
+                };
                 let Some(encoder) = fingerprint_deflate(data, &raw, guess.encoder.as_ref()) else {
                     guess.unknown += 1;
                     continue;
@@ -369,7 +371,12 @@ mod tests {
 
     #[test]
     fn a_jar_nested_as_a_stored_entry_is_looked_into() {
-        let outer = |version: u32| zip_with(&[("BOOT-INF/classes/App.class", class_text(9, 4000, 0), true), (&format!("BOOT-INF/lib/lib-{version}.0.jar"), jar(version, &zlib6()), false)], &zlib6());
+        let outer = |version: u32| {
+            zip_with(
+                &[("BOOT-INF/classes/App.class", class_text(9, 4000, 0), true), (&format!("BOOT-INF/lib/lib-{version}.0.jar"), jar(version, &zlib6()), false)],
+                &zlib6(),
+            )
+        };
         let (source, target) = (outer(1), outer(2));
         let found = find(&target, &source);
         assert_eq!(found.target.len(), 2);

@@ -102,7 +102,10 @@ pub fn read_archive(input: impl Read, writer: &LayoutWriter, expected_config: &D
     }
     let config = Config::parse(config_bytes)?;
     if config.diff_ids.len() != entry.layers.len() {
-        return Err(Error::malformed(format!("{MANIFEST_FILE} of {what}"), format!("{} layers, the config lists {} diff_ids", entry.layers.len(), config.diff_ids.len())));
+        return Err(Error::malformed(
+            format!("{MANIFEST_FILE} of {what}"),
+            format!("{} layers, the config lists {} diff_ids", entry.layers.len(), config.diff_ids.len()),
+        ));
     }
     let mut layers = Vec::with_capacity(entry.layers.len());
     for (i, (path, diff_id)) in entry.layers.iter().zip(&config.diff_ids).enumerate() {

@@ -183,18 +183,24 @@ impl Engine {
         let loaded = self.inspect(&id_name)?;
         let verified = match &loaded {
             Some(l) if l.id == image.config.digest && l.layers == image.config.diff_ids => Ok(()),
-            Some(l) => Err(self.error(format!("loading {}", dest.api_name()), format!("the engine holds {} with layers {:?}, expected {} with {:?}", l.id, l.layers, image.config.digest, image.config.diff_ids))),
+            Some(l) => Err(self.error(
+                format!("loading {}", dest.api_name()),
+                format!("the engine holds {} with layers {:?}, expected {} with {:?}", l.id, l.layers, image.config.digest, image.config.diff_ids),
+            )),
             None => Err(self.error(format!("loading {}", dest.api_name()), format!("the engine has no image {} after loading it", image.config.digest))),
         };
         if let Err(e) = verified {
             // Nothing was tagged; an untagged image this load created is taken out again.
             if before.is_none() && loaded.is_some() {
-                let _ = self.runtime.block_on(self.docker.remove_image(&id_name, Some(RemoveImageOptions { force: false, noprune: false, platforms: None }), None));
+                let _ =
+                    self.runtime.block_on(self.docker.remove_image(&id_name, Some(RemoveImageOptions { force: false, noprune: false, platforms: None }), None));
             }
             return Err(e);
         }
         let options = TagImageOptions { repo: Some(dest.name.clone()), tag: Some(dest.tag_or_default().to_string()) };
-        self.runtime.block_on(self.docker.tag_image(&id_name, Some(options))).map_err(|e| self.error(format!("tagging {} as {}", image.config.digest, dest.api_name()), e))?;
+        self.runtime
+            .block_on(self.docker.tag_image(&id_name, Some(options)))
+            .map_err(|e| self.error(format!("tagging {} as {}", image.config.digest, dest.api_name()), e))?;
         report.id = Some(image.config.digest);
         Ok(report)
     }
@@ -225,7 +231,9 @@ impl Engine {
             match (written, loaded) {
                 (Ok(stats), Ok(())) => Ok(stats),
                 // The engine stopped reading: what it said (or why the request failed) is the cause.
-                (Err(Error::Io { source, .. }), Err(e)) if source.kind() == io::ErrorKind::BrokenPipe => Err(self.error(format!("loading {}", image.config.digest), e)),
+                (Err(Error::Io { source, .. }), Err(e)) if source.kind() == io::ErrorKind::BrokenPipe => {
+                    Err(self.error(format!("loading {}", image.config.digest), e))
+                }
                 (Err(e), _) => Err(e),
                 (Ok(_), Err(e)) => Err(self.error(format!("loading {}", image.config.digest), e)),
             }

@@ -157,7 +157,8 @@ impl Engine {
             ..ContainerCreateBody::default()
         };
         let options = CreateContainerOptions { name: Some(spec.name.clone()), ..CreateContainerOptions::default() };
-        let created = self.block_on(self.docker.create_container(Some(options), body)).map_err(|e| self.error(format!("creating container {}", spec.name), e))?;
+        let created =
+            self.block_on(self.docker.create_container(Some(options), body)).map_err(|e| self.error(format!("creating container {}", spec.name), e))?;
         Ok(created.id)
     }
 
@@ -226,7 +227,8 @@ impl Engine {
     pub fn containers_labelled(&self, key: &str, value: &str) -> Result<Vec<String>> {
         let filters = HashMap::from([("label".to_string(), vec![format!("{key}={value}")])]);
         let options = ListContainersOptions { all: true, filters: Some(filters), ..ListContainersOptions::default() };
-        let found = self.block_on(self.docker.list_containers(Some(options))).map_err(|e| self.error(format!("listing containers labelled {key}={value}"), e))?;
+        let found =
+            self.block_on(self.docker.list_containers(Some(options))).map_err(|e| self.error(format!("listing containers labelled {key}={value}"), e))?;
         Ok(found.into_iter().filter_map(|c| c.names.and_then(|n| n.into_iter().next())).map(|n| n.trim_start_matches('/').to_string()).collect())
     }
 

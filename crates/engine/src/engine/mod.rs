@@ -56,8 +56,8 @@ impl EngineRef {
             Some((host, port)) => component_ok(host) && !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()),
             None => component_ok(part),
         };
-        let name_ok = name.len() <= MAX_NAME_LEN
-            && parts.iter().enumerate().all(|(i, part)| if i == 0 && parts.len() > 1 { host_ok(part) } else { component_ok(part) });
+        let name_ok =
+            name.len() <= MAX_NAME_LEN && parts.iter().enumerate().all(|(i, part)| if i == 0 && parts.len() > 1 { host_ok(part) } else { component_ok(part) });
         if !name_ok {
             return Err(invalid("expected docker-daemon:NAME[:TAG], NAME in lower-case letters, digits and ._-/ (a host may carry a :PORT)"));
         }

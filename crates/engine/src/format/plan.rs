@@ -382,9 +382,7 @@ impl DeltaPlan {
             }
             let ok = match l.method {
                 Method::Source => l.source_layer.is_some() && l.delta_layer.is_none(),
-                Method::Patch | Method::Blob => {
-                    l.source_layer.is_none() && l.delta_layer.is_some_and(|d| d != 0 && (d as usize) < delta_layers)
-                }
+                Method::Patch | Method::Blob => l.source_layer.is_none() && l.delta_layer.is_some_and(|d| d != 0 && (d as usize) < delta_layers),
             };
             if !ok {
                 return Err(bad(format!("layer plan {i} ({:?}) names no valid payload or source layer", l.method)));

@@ -209,9 +209,11 @@ impl<R: Read> RecordReader<R> {
     }
 
     fn produce(&mut self, n: u64) -> Result<()> {
-        self.produced = self.produced.checked_add(n).filter(|p| *p <= self.header.tar_len).ok_or_else(|| {
-            bad(format!("records produce more than the declared {} bytes", self.header.tar_len))
-        })?;
+        self.produced = self
+            .produced
+            .checked_add(n)
+            .filter(|p| *p <= self.header.tar_len)
+            .ok_or_else(|| bad(format!("records produce more than the declared {} bytes", self.header.tar_len)))?;
         Ok(())
     }
 
@@ -364,7 +366,11 @@ mod tests {
         let header = PatchHeader { target_layer: 3, tar_len: 100 + 7 + 5 };
         let records = vec![
             Record::Copy(SourceRange { layer: 1, offset: 5000, len: 100 }),
-            Record::Chunk { prefix: vec![SourceRange { layer: 1, offset: 10, len: 20 }, SourceRange { layer: 0, offset: 7, len: 9 }], raw_len: 12, frame: vec![1, 2, 3] },
+            Record::Chunk {
+                prefix: vec![SourceRange { layer: 1, offset: 10, len: 20 }, SourceRange { layer: 0, offset: 7, len: 9 }],
+                raw_len: 12,
+                frame: vec![1, 2, 3],
+            },
             Record::Literal(7),
             Record::Literal(5),
             Record::End,
@@ -417,13 +423,33 @@ mod tests {
             ("too long", vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 11 }), Record::End]),
             ("too short", vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 9 }), Record::End]),
             ("literal without chunk", vec![Record::Literal(10), Record::End]),
-            ("unused chunk", vec![Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0] }, Record::Literal(5), Record::Copy(SourceRange { layer: 0, offset: 0, len: 5 }), Record::End]),
+            (
+                "unused chunk",
+                vec![
+                    Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0] },
+                    Record::Literal(5),
+                    Record::Copy(SourceRange { layer: 0, offset: 0, len: 5 }),
+                    Record::End,
+                ],
+            ),
             ("oversized chunk", vec![Record::Chunk { prefix: vec![], raw_len: MAX_CHUNK_BYTES + 1, frame: vec![] }]),
-            ("oversized prefix", vec![Record::Chunk { prefix: vec![SourceRange { layer: 0, offset: 0, len: MAX_PREFIX_BYTES + 1 }], raw_len: 1, frame: vec![] }]),
-            ("empty copy", vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 0 }), Record::Copy(SourceRange { layer: 0, offset: 0, len: 10 }), Record::End]),
+            (
+                "oversized prefix",
+                vec![Record::Chunk { prefix: vec![SourceRange { layer: 0, offset: 0, len: MAX_PREFIX_BYTES + 1 }], raw_len: 1, frame: vec![] }],
+            ),
+            (
+                "empty copy",
+                vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 0 }), Record::Copy(SourceRange { layer: 0, offset: 0, len: 10 }), Record::End],
+            ),
             ("empty literal", vec![Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0] }, Record::Literal(0), Record::Literal(10), Record::End]),
-            ("empty chunk", vec![Record::Chunk { prefix: vec![], raw_len: 0, frame: vec![] }, Record::Copy(SourceRange { layer: 0, offset: 0, len: 10 }), Record::End]),
-            ("chunk past the tar", vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 5 }), Record::Chunk { prefix: vec![], raw_len: 6, frame: vec![0] }]),
+            (
+                "empty chunk",
+                vec![Record::Chunk { prefix: vec![], raw_len: 0, frame: vec![] }, Record::Copy(SourceRange { layer: 0, offset: 0, len: 10 }), Record::End],
+            ),
+            (
+                "chunk past the tar",
+                vec![Record::Copy(SourceRange { layer: 0, offset: 0, len: 5 }), Record::Chunk { prefix: vec![], raw_len: 6, frame: vec![0] }],
+            ),
             ("frame past zstd's bound", vec![Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0; 200] }, Record::Literal(10), Record::End]),
         ];
         for (name, recs) in cases {

@@ -18,10 +18,12 @@ use serde_json::{json, Value};
 use tempfile::{NamedTempFile, TempDir};
 
 use crate::digest::{verify, Digest, HashingReader, HashingWriter, SHA256_PREFIX};
-use crate::layer::compression::copy_hashed;
 use crate::error::{Error, IoContext, Result};
-use crate::image::manifest::{select_platform, BlobRef, Config, Image, Layer, Manifest, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX, OCI_MANIFEST};
+use crate::image::manifest::{
+    select_platform, BlobRef, Config, Image, Layer, Manifest, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX, OCI_MANIFEST,
+};
 use crate::image::reference::{ImageRef, DEFAULT_TAG};
+use crate::layer::compression::copy_hashed;
 
 /// The annotation that names a tag in `index.json`.
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
@@ -133,9 +135,7 @@ impl Layout {
         let index: ImageIndex = serde_json::from_slice(&raw).map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;
         let entries = index.manifests();
         let wanted = tag.unwrap_or(DEFAULT_TAG);
-        let found = entries.iter().find(|d| {
-            d.annotations().as_ref().and_then(|a| a.get(REF_NAME_ANNOTATION)).map(String::as_str) == Some(wanted)
-        });
+        let found = entries.iter().find(|d| d.annotations().as_ref().and_then(|a| a.get(REF_NAME_ANNOTATION)).map(String::as_str) == Some(wanted));
         let descriptor = match (found, tag) {
             (Some(d), _) => d,
             (None, None) if entries.len() == 1 => &entries[0],
@@ -161,11 +161,7 @@ impl Layout {
     fn collect_referenced(&self, raw: &[u8], what: &str, depth: u32, found: &mut HashSet<Digest>) -> Result<()> {
         const MAX_DEPTH: u32 = 4;
         let doc: Value = serde_json::from_slice(raw).map_err(|e| Error::malformed(what, e.to_string()))?;
-        let descriptors = ["manifests", "layers"]
-            .iter()
-            .filter_map(|k| doc.get(*k).and_then(Value::as_array))
-            .flatten()
-            .chain(doc.get("config"));
+        let descriptors = ["manifests", "layers"].iter().filter_map(|k| doc.get(*k).and_then(Value::as_array)).flatten().chain(doc.get("config"));
         for d in descriptors {
             let Some(digest) = d.get("digest").and_then(Value::as_str).and_then(|d| d.parse::<Digest>().ok()) else { continue };
             if !found.insert(digest) {
@@ -305,10 +301,7 @@ impl LayoutWriter {
 
     /// A scratch directory on the same file system, removed when dropped (drop it before commit).
     pub fn scratch(&self) -> Result<TempDir> {
-        tempfile::Builder::new()
-            .prefix(".scratch-")
-            .tempdir_in(self.staging.path())
-            .ctx(|| "creating a scratch directory".into())
+        tempfile::Builder::new().prefix(".scratch-").tempdir_in(self.staging.path()).ctx(|| "creating a scratch directory".into())
     }
 
     /// Starts writing a blob.
@@ -454,7 +447,9 @@ impl LayoutWriter {
             let mut index: Value = match read_bounded(&index_path, MAX_JSON_BYTES) {
                 Ok(raw) => serde_json::from_slice(&raw).map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?,
                 // A layout whose first commit was interrupted before its index was written.
-                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] }),
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] })
+                }
                 Err(e) => return Err(e),
             };
             let manifests = index
@@ -609,7 +604,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .tempfile_in(&dir)
         .ctx(|| format!("creating a file in {}", dir.display()))?;
     if let Ok(old) = fs::metadata(path) {
-        tmp.as_file().set_permissions(fs::Permissions::from_mode(old.permissions().mode() & 0o7777)).ctx(|| format!("setting the mode of {}", path.display()))?;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(old.permissions().mode() & 0o7777))
+            .ctx(|| format!("setting the mode of {}", path.display()))?;
     }
     tmp.write_all(bytes).ctx(|| format!("writing {}", path.display()))?;
     tmp.as_file().sync_all().ctx(|| format!("syncing {}", path.display()))?;

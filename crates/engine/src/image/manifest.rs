@@ -114,11 +114,7 @@ impl Manifest {
             return Err(Error::unsupported(what, format!("media type {media_type}")));
         }
         let config = BlobRef::from_descriptor(parsed.config())?;
-        let layers = parsed
-            .layers()
-            .iter()
-            .map(BlobRef::from_descriptor)
-            .collect::<Result<Vec<_>>>()?;
+        let layers = parsed.layers().iter().map(BlobRef::from_descriptor).collect::<Result<Vec<_>>>()?;
         let digest = Digest::of(&raw);
         Ok(Manifest { raw, digest, media_type, config, layers })
     }
@@ -150,20 +146,9 @@ impl Config {
         if parsed.rootfs().typ() != "layers" {
             return Err(Error::malformed(what, format!("rootfs.type {:?} (expected \"layers\")", parsed.rootfs().typ())));
         }
-        let diff_ids = parsed
-            .rootfs()
-            .diff_ids()
-            .iter()
-            .map(|d| d.parse::<Digest>())
-            .collect::<Result<Vec<_>>>()?;
+        let diff_ids = parsed.rootfs().diff_ids().iter().map(|d| d.parse::<Digest>()).collect::<Result<Vec<_>>>()?;
         let digest = Digest::of(&raw);
-        Ok(Config {
-            raw,
-            digest,
-            diff_ids,
-            architecture: parsed.architecture().to_string(),
-            os: parsed.os().to_string(),
-        })
+        Ok(Config { raw, digest, diff_ids, architecture: parsed.architecture().to_string(), os: parsed.os().to_string() })
     }
 }
 
@@ -182,14 +167,14 @@ impl Image {
     /// Joins a manifest and its config, checking that they agree.
     pub fn new(manifest: Manifest, config: Config) -> Result<Self> {
         if manifest.config.digest != config.digest {
-            return Err(Error::DigestMismatch {
-                what: "image config".into(),
-                expected: manifest.config.digest,
-                found: config.digest,
-            });
+            return Err(Error::DigestMismatch { what: "image config".into(), expected: manifest.config.digest, found: config.digest });
         }
         if manifest.config.size != config.raw.len() as u64 {
-            return Err(Error::SizeMismatch { what: format!("image config {}", config.digest), expected: manifest.config.size, found: config.raw.len() as u64 });
+            return Err(Error::SizeMismatch {
+                what: format!("image config {}", config.digest),
+                expected: manifest.config.size,
+                found: config.raw.len() as u64,
+            });
         }
         if manifest.layers.len() != config.diff_ids.len() {
             return Err(Error::malformed(

@@ -34,9 +34,7 @@ impl ImageRef {
     /// `docker-daemon:NAME[:TAG]`. As in skopeo, an `oci:` directory ends at the first `:`.
     pub fn parse(reference: &str) -> Result<Self> {
         let invalid = |reason: &str| Error::InvalidReference { reference: reference.to_string(), reason: reason.to_string() };
-        let (transport, rest) = reference
-            .split_once(':')
-            .ok_or_else(|| invalid("expected TRANSPORT:LOCATION, e.g. oci:DIR[:TAG]"))?;
+        let (transport, rest) = reference.split_once(':').ok_or_else(|| invalid("expected TRANSPORT:LOCATION, e.g. oci:DIR[:TAG]"))?;
         match transport {
             "oci" => {
                 let (dir, tag) = match rest.split_once(':') {
@@ -113,11 +111,7 @@ mod tests {
 
     #[test]
     fn parses_layout_references() {
-        let cases = [
-            ("oci:dir", "dir", None),
-            ("oci:some/dir:v2", "some/dir", Some("v2")),
-            ("oci:/abs/dir:1.0-rc_1", "/abs/dir", Some("1.0-rc_1")),
-        ];
+        let cases = [("oci:dir", "dir", None), ("oci:some/dir:v2", "some/dir", Some("v2")), ("oci:/abs/dir:1.0-rc_1", "/abs/dir", Some("1.0-rc_1"))];
         for (input, dir, tag) in cases {
             let r = ImageRef::parse(input).unwrap();
             assert_eq!(r, ImageRef::Layout { dir: dir.into(), tag: tag.map(String::from) }, "{input}");

@@ -41,8 +41,7 @@ impl Compression {
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
             | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
-            "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Ok(Compression::Zstd),
+            "application/vnd.oci.image.layer.v1.tar+zstd" | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Ok(Compression::Zstd),
             other => Err(Error::unsupported("layer", format!("media type {other}"))),
         }
     }
@@ -223,7 +222,12 @@ mod tests {
 
     fn text_like(len: usize) -> Vec<u8> {
         let mut x = 1u64;
-        (0..len).map(|_| { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); b'a' + (x >> 60) as u8 }).collect()
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                b'a' + (x >> 60) as u8
+            })
+            .collect()
     }
 
     #[test]

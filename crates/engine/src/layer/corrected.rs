@@ -159,7 +159,14 @@ fn fill(input: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> Result<()> {
 
 /// [`analyze`] with another window and plain-text limit (smaller ones in tests, for many
 /// chunks from small blobs).
-fn analyze_in(mut blob: impl Read, target_layer: u32, max_correction_bytes: u64, out: impl Write, first_window: usize, plain_text_limit: usize) -> Result<Outcome> {
+fn analyze_in(
+    mut blob: impl Read,
+    target_layer: u32,
+    max_correction_bytes: u64,
+    out: impl Write,
+    first_window: usize,
+    plain_text_limit: usize,
+) -> Result<Outcome> {
     let unusable = |why: String| Ok(Outcome::Unusable(why));
     // The compressed bytes not consumed yet: the header, then a window at a time.
     let mut buf = Vec::new();
@@ -581,9 +588,12 @@ mod tests {
             ("corrections flipped", edit(&|p| p.1[1].2.iter_mut().for_each(|b| *b ^= 0x5a))),
             ("first corrections flipped", edit(&|p| p.1[0].2.iter_mut().for_each(|b| *b = b.rotate_left(3)))),
             ("chunks swapped", edit(&|p| p.1.swap(1, 2))),
-            ("chunk dropped", edit(&|p| {
-                p.1.remove(1);
-            })),
+            (
+                "chunk dropped",
+                edit(&|p| {
+                    p.1.remove(1);
+                }),
+            ),
             ("end lies", edit(&|p| p.2 .0 += 1)),
         ];
         let mut caught = 0;
@@ -618,9 +628,8 @@ mod tests {
         write_varint(&mut prefix, 3).unwrap();
         // The model parameters analyze writes for an empty tar (bitcode), then two bytes of
         // arithmetic-coded corrections.
-        let corrections = vec![
-            0x00, 0x00, 0x04, 0x00, 0x02, 0x04, 0x00, 0x00, 0x02, 0x40, 0x01, 0x04, 0x00, 0x00, 0x04, 0x00, 0x04, 0x00, 0x00, 0x02, 0x02, 0x5a, 0x00,
-        ];
+        let corrections =
+            vec![0x00, 0x00, 0x04, 0x00, 0x02, 0x04, 0x00, 0x00, 0x02, 0x40, 0x01, 0x04, 0x00, 0x00, 0x04, 0x00, 0x04, 0x00, 0x00, 0x02, 0x02, 0x5a, 0x00];
         let stream = unparse(&(prefix, vec![(0, 2, corrections)], (0, 2)));
         let header = GzipHeader::plain(0, 0, 3);
         match rebuild(&header, 10 + 2 + 8, b"", &stream) {
@@ -711,15 +720,23 @@ mod tests {
         let cases: [(&str, Vec<u8>, &str); 7] = [
             ("huge window", with(&|p| p.window_bits = 40), "model parameters: a window of 2^40 bytes"),
             ("no tokens", with(&|p| p.max_token_count = 0), "model parameters: blocks of at most 0 tokens"),
-            ("hash shift", with(&|p| p.hash_algorithm = preflate_rs::HashAlgorithm::Zlib { hash_mask: 0x7fff, hash_shift: 40 }), "model parameters: a 16-bit hash shifted by 40 bits"),
+            (
+                "hash shift",
+                with(&|p| p.hash_algorithm = preflate_rs::HashAlgorithm::Zlib { hash_mask: 0x7fff, hash_shift: 40 }),
+                "model parameters: a 16-bit hash shifted by 40 bits",
+            ),
             ("long chain", with(&|p| p.max_chain = 1 << 31), "model parameters: a match chain of 2147483648"),
             ("nice length", with(&|p| p.nice_length = 259), "model parameters: match lengths nice 259"),
             ("min length", with(&|p| p.min_len = u32::MAX), "model parameters: match lengths"),
-            ("not bitcode", {
-                let mut p = parsed.clone();
-                p.1[0].2.truncate(3);
-                unparse(&p)
-            }, "chunk 0: preflate: "),
+            (
+                "not bitcode",
+                {
+                    let mut p = parsed.clone();
+                    p.1[0].2.truncate(3);
+                    unparse(&p)
+                },
+                "chunk 0: preflate: ",
+            ),
         ];
         for (name, stream, want) in cases {
             match rebuild(&a.header, blob.len() as u64, &tar, &stream) {

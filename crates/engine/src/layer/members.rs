@@ -250,7 +250,12 @@ impl<'a, W: Write> Repacker<'a, W> {
         if written != member.member.compressed_len {
             return Err(Error::malformed(
                 "rebuilt layer",
-                format!("the {} at offset {} compressed to {written} bytes, not {}", member.member.wrapping.noun(), member.member.offset, member.member.compressed_len),
+                format!(
+                    "the {} at offset {} compressed to {written} bytes, not {}",
+                    member.member.wrapping.noun(),
+                    member.member.offset,
+                    member.member.compressed_len
+                ),
             ));
         }
         Ok(())

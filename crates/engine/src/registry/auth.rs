@@ -70,11 +70,9 @@ impl Challenge {
         let params = auth_params(rest);
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => Some(Challenge::Basic),
-            "bearer" => Some(Challenge::Bearer {
-                realm: params.get("realm")?.clone(),
-                service: params.get("service").cloned(),
-                scope: params.get("scope").cloned(),
-            }),
+            "bearer" => {
+                Some(Challenge::Bearer { realm: params.get("realm")?.clone(), service: params.get("service").cloned(), scope: params.get("scope").cloned() })
+            }
             _ => None,
         }
     }
@@ -256,7 +254,10 @@ mod tests {
                     scope: Some("repository:library/debian:pull,push".into()),
                 }),
             ),
-            (r#"bearer  Realm=http://127.0.0.1:1/t , service = "a \"q\"""#, Some(Challenge::Bearer { realm: "http://127.0.0.1:1/t".into(), service: Some("a \"q\"".into()), scope: None })),
+            (
+                r#"bearer  Realm=http://127.0.0.1:1/t , service = "a \"q\"""#,
+                Some(Challenge::Bearer { realm: "http://127.0.0.1:1/t".into(), service: Some("a \"q\"".into()), scope: None }),
+            ),
             ("Bearer service=x", None),
             ("Negotiate abc", None),
             ("", None),

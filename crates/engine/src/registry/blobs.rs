@@ -103,7 +103,10 @@ impl Client {
                 // finishes; one that brings nothing gives up after the configured retries.
                 failures = if hasher.len() > before { 0 } else { failures + 1 };
                 if failures > self.options.retries {
-                    return Err(Error::Network { what, reason: format!("{e} ({failures} attempts without progress, {} of {} bytes received)", hasher.len(), blob.size) });
+                    return Err(Error::Network {
+                        what,
+                        reason: format!("{e} ({failures} attempts without progress, {} of {} bytes received)", hasher.len(), blob.size),
+                    });
                 }
                 tokio::time::sleep(self.backoff(failures)).await;
                 continue;
@@ -271,7 +274,11 @@ async fn receive(
         data = &data[dropped as usize..];
         skip -= dropped;
         if hasher.len() + data.len() as u64 > size {
-            return Err(Error::SizeMismatch { what: format!("{what}: the registry sent more than the declared size"), expected: size, found: hasher.len() + data.len() as u64 });
+            return Err(Error::SizeMismatch {
+                what: format!("{what}: the registry sent more than the declared size"),
+                expected: size,
+                found: hasher.len() + data.len() as u64,
+            });
         }
         hasher.update(data);
         out.write_all(data).map_err(|e| Error::io(format!("writing {what}"), e))?;

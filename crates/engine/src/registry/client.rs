@@ -163,7 +163,10 @@ impl Client {
                 }
                 Ok(response) if response.status() == StatusCode::UNAUTHORIZED => {
                     let message = error_message(response).await;
-                    return Err(Error::Unauthorized { registry: r.registry.clone(), reason: format!("{what}: {message} (credentials from {})", self.options.credentials.sources()) });
+                    return Err(Error::Unauthorized {
+                        registry: r.registry.clone(),
+                        reason: format!("{what}: {message} (credentials from {})", self.options.credentials.sources()),
+                    });
                 }
                 Ok(response) if is_transient(response.status()) && idempotent && attempt < self.options.retries => retry_after(response.headers()),
                 Ok(response) => return Ok(response),
@@ -202,7 +205,8 @@ impl Client {
                 }
             },
             Some(Challenge::Bearer { realm, service, scope }) => {
-                let mut url = Url::parse(&realm).map_err(|e| Error::Unauthorized { registry: registry.clone(), reason: format!("token realm {realm:?}: {e}") })?;
+                let mut url =
+                    Url::parse(&realm).map_err(|e| Error::Unauthorized { registry: registry.clone(), reason: format!("token realm {realm:?}: {e}") })?;
                 {
                     let mut q = url.query_pairs_mut();
                     if let Some(service) = &service {
@@ -407,7 +411,9 @@ mod tests {
 
     #[test]
     fn loopback_hosts_use_plain_http() {
-        for (host, expected) in [("127.0.0.1:5000", true), ("localhost", true), ("127.1.2.3", true), ("[::1]:5000", true), ("registry.io", false), ("10.0.0.1:5000", false)] {
+        for (host, expected) in
+            [("127.0.0.1:5000", true), ("localhost", true), ("127.1.2.3", true), ("[::1]:5000", true), ("registry.io", false), ("10.0.0.1:5000", false)]
+        {
             assert_eq!(is_loopback(host), expected, "{host}");
         }
         let c = Client::new(ClientOptions { insecure: vec!["reg.lan:5000".into()], ..ClientOptions::default() }).unwrap();

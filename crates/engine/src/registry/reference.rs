@@ -62,7 +62,9 @@ impl RegistryRef {
         }
         let repository = if registry == DOCKER_HUB && !repository.contains('/') { format!("library/{repository}") } else { repository };
         if repository.is_empty() || repository.len() > MAX_NAME_LEN || !repository.split('/').all(valid_component) {
-            return Err(invalid("the repository must be lower-case components of letters and digits separated by '/', joined within by '.', '_', '__' or dashes"));
+            return Err(invalid(
+                "the repository must be lower-case components of letters and digits separated by '/', joined within by '.', '_', '__' or dashes",
+            ));
         }
         Ok(RegistryRef { registry, repository, tag: tag.map(str::to_string), digest })
     }
@@ -166,7 +168,13 @@ mod tests {
             ("debian:bookworm", DOCKER_HUB, "library/debian", Some("bookworm"), false),
             ("balena/open-balena-api", DOCKER_HUB, "balena/open-balena-api", None, false),
             ("host:5000/app@sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824", "host:5000", "app", None, true),
-            ("host:5000/my__app.x--y:v2@sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824", "host:5000", "my__app.x--y", Some("v2"), true),
+            (
+                "host:5000/my__app.x--y:v2@sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+                "host:5000",
+                "my__app.x--y",
+                Some("v2"),
+                true,
+            ),
         ];
         for (text, registry, repository, tag, has_digest) in cases {
             let r = RegistryRef::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -184,9 +192,21 @@ mod tests {
     #[test]
     fn rejects_malformed_references() {
         for bad in [
-            "", "host:5000/", "host:5000/App", "host:5000/a//b", "host:5000/-a", "host:5000/a-", "host:5000/a..b", "host:5000/a___b",
-            "host:5000/a:", "host:5000/a:-x", "host:5000/a:x/y", "host:5000/a@sha256:abc", "host:5000/a@md5:00",
-            "ho st/a", "host:5000/a b",
+            "",
+            "host:5000/",
+            "host:5000/App",
+            "host:5000/a//b",
+            "host:5000/-a",
+            "host:5000/a-",
+            "host:5000/a..b",
+            "host:5000/a___b",
+            "host:5000/a:",
+            "host:5000/a:-x",
+            "host:5000/a:x/y",
+            "host:5000/a@sha256:abc",
+            "host:5000/a@md5:00",
+            "ho st/a",
+            "host:5000/a b",
         ] {
             let err = RegistryRef::parse(bad).expect_err(bad).to_string();
             assert!(err.contains("invalid image reference"), "{bad}: {err}");

@@ -73,11 +73,7 @@ pub struct Transfer {
 impl Transfer {
     /// A transfer with these client options.
     pub fn new(options: ClientOptions) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .ctx(|| "starting the async runtime".into())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().ctx(|| "starting the async runtime".into())?;
         let engine_host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| DEFAULT_ENGINE_HOST.to_string());
         Ok(Transfer {
             runtime,

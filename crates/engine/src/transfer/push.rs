@@ -31,7 +31,14 @@ pub struct PushReport {
 /// blobs of `mount_from` (a repository of the same registry) are mounted. A manifest with a
 /// `subject` is listed under the subject's referrers fallback tag when the registry does not
 /// index referrers itself.
-pub async fn push_image(client: &Client, layout: &Layout, tag: Option<&str>, dest: &RegistryRef, mount_from: Option<&str>, progress: &dyn Progress) -> Result<PushReport> {
+pub async fn push_image(
+    client: &Client,
+    layout: &Layout,
+    tag: Option<&str>,
+    dest: &RegistryRef,
+    mount_from: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<PushReport> {
     let manifest_ref = layout.resolve(tag)?;
     let image = layout.load_image(tag)?;
     let raw = layout.read_blob(&manifest_ref, MAX_JSON_BYTES)?;
@@ -68,9 +75,20 @@ pub async fn push_image(client: &Client, layout: &Layout, tag: Option<&str>, des
             .and_then(Value::as_str)
             .ok_or_else(|| Error::malformed(format!("manifest {}", manifest_ref.digest), "subject without a digest"))?
             .parse()?;
-        let annotations = doc.get("annotations").cloned().map(serde_json::from_value).transpose().map_err(|e| Error::malformed(format!("manifest {}", manifest_ref.digest), e.to_string()))?;
+        let annotations = doc
+            .get("annotations")
+            .cloned()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| Error::malformed(format!("manifest {}", manifest_ref.digest), e.to_string()))?;
         let artifact_type = doc.get("artifactType").and_then(Value::as_str).map(str::to_string).or_else(|| Some(image.manifest.config.media_type.clone()));
-        let referrer = Referrer { digest: manifest_ref.digest, media_type: manifest_ref.media_type.clone(), size: manifest_ref.size, artifact_type, annotations: annotations.unwrap_or_default() };
+        let referrer = Referrer {
+            digest: manifest_ref.digest,
+            media_type: manifest_ref.media_type.clone(),
+            size: manifest_ref.size,
+            artifact_type,
+            annotations: annotations.unwrap_or_default(),
+        };
         client.add_fallback_referrer(dest, &subject, &referrer).await?;
         report.referrers_tag_updated = true;
     }

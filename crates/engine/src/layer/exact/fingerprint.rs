@@ -265,24 +265,15 @@ mod tests {
 
     fn descriptors() -> Vec<Descriptor> {
         vec![
-            Descriptor {
-                encoder: Encoder::Pgzip { block_size: UMOCI_BLOCK_SIZE },
-                header: GzipHeader::klauspost_default(),
-            },
+            Descriptor { encoder: Encoder::Pgzip { block_size: UMOCI_BLOCK_SIZE }, header: GzipHeader::klauspost_default() },
             Descriptor { encoder: Encoder::Pgzip { block_size: 100_000 }, header: GzipHeader::klauspost_default() },
             Descriptor { encoder: Encoder::KlauspostGzip, header: GzipHeader::klauspost_default() },
-            Descriptor {
-                encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
-                header: GzipHeader::go_stdlib_default(),
-            },
+            Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_19 }, header: GzipHeader::go_stdlib_default() },
             Descriptor {
                 encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
                 header: GzipHeader { name: Some("layer.tar".into()), ..GzipHeader::plain(1_700_000_000, 0, 3) },
             },
-            Descriptor {
-                encoder: Encoder::GoGzip { release: GoRelease::Go1_27 },
-                header: GzipHeader::go_stdlib_default(),
-            },
+            Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_27 }, header: GzipHeader::go_stdlib_default() },
             Descriptor {
                 encoder: Encoder::GoGzip { release: GoRelease::Go1_27 },
                 header: GzipHeader { name: Some("layer.tar".into()), ..GzipHeader::plain(1_700_000_000, 0, 3) },

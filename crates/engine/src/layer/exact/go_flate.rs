@@ -33,16 +33,12 @@ const CODEGEN_CODE_COUNT: usize = 19;
 const LENGTH_CODES_START: usize = 257;
 
 static CODEGEN_ORDER: [usize; 19] = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
-static LENGTH_EXTRA_BITS: [u8; 29] =
-    [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
-static LENGTH_BASE: [u32; 29] =
-    [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 255];
-static OFFSET_EXTRA_BITS: [u8; 30] =
-    [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
+static LENGTH_EXTRA_BITS: [u8; 29] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
+static LENGTH_BASE: [u32; 29] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 255];
+static OFFSET_EXTRA_BITS: [u8; 30] = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
 static OFFSET_BASE: [u32; 30] = [
-    0x0000, 0x0001, 0x0002, 0x0003, 0x0004, 0x0006, 0x0008, 0x000c, 0x0010, 0x0018, 0x0020, 0x0030, 0x0040, 0x0060,
-    0x0080, 0x00c0, 0x0100, 0x0180, 0x0200, 0x0300, 0x0400, 0x0600, 0x0800, 0x0c00, 0x1000, 0x1800, 0x2000, 0x3000,
-    0x4000, 0x6000,
+    0x0000, 0x0001, 0x0002, 0x0003, 0x0004, 0x0006, 0x0008, 0x000c, 0x0010, 0x0018, 0x0020, 0x0030, 0x0040, 0x0060, 0x0080, 0x00c0, 0x0100, 0x0180, 0x0200,
+    0x0300, 0x0400, 0x0600, 0x0800, 0x0c00, 0x1000, 0x1800, 0x2000, 0x3000, 0x4000, 0x6000,
 ];
 
 /// Length code (0-28) of `length - 3`.
@@ -265,24 +261,15 @@ impl Deflater {
             self.offset = 0;
             let min_index = self.index.saturating_sub(WINDOW_SIZE) as i64;
 
-            if self.chain_head - self.hash_offset >= min_index
-                && lookahead > prev_length
-                && prev_length < self.level.lazy
-            {
-                if let Some((len, off)) =
-                    self.find_match(self.index, self.chain_head - self.hash_offset, MIN_MATCH_LENGTH - 1, lookahead)
-                {
+            if self.chain_head - self.hash_offset >= min_index && lookahead > prev_length && prev_length < self.level.lazy {
+                if let Some((len, off)) = self.find_match(self.index, self.chain_head - self.hash_offset, MIN_MATCH_LENGTH - 1, lookahead) {
                     self.length = len;
                     self.offset = off;
                 }
             }
             if prev_length >= MIN_MATCH_LENGTH && self.length <= prev_length {
                 // The previous position's match is at least as good: emit it.
-                self.tokens.push(
-                    MATCH_TYPE
-                        | (((prev_length - BASE_MATCH_LENGTH) as u32) << LENGTH_SHIFT)
-                        | (prev_offset - 1) as u32,
-                );
+                self.tokens.push(MATCH_TYPE | (((prev_length - BASE_MATCH_LENGTH) as u32) << LENGTH_SHIFT) | (prev_offset - 1) as u32);
                 let new_index = self.index + prev_length - 1;
                 let mut index = self.index + 1;
                 while index < new_index {
@@ -383,8 +370,7 @@ impl BlockWriter {
 
     /// Run-length codes for the concatenated code lengths (`generateCodegen`).
     fn generate_codegen(&mut self, num_literals: usize, num_offsets: usize) {
-        let lengths =
-            self.literal_encoding.codes[..num_literals].iter().chain(&self.offset_encoding.codes[..num_offsets]);
+        let lengths = self.literal_encoding.codes[..num_literals].iter().chain(&self.offset_encoding.codes[..num_offsets]);
         for (dst, c) in self.codegen.iter_mut().zip(lengths) {
             *dst = c.len;
         }
@@ -406,17 +392,12 @@ impl BlockWriter {
             + i64::from(self.codegen_freq[16]) * 2
             + i64::from(self.codegen_freq[17]) * 3
             + i64::from(self.codegen_freq[18]) * 7;
-        let size = header
-            + self.literal_encoding.bit_length(&self.literal_freq)
-            + self.offset_encoding.bit_length(&self.offset_freq)
-            + extra_bits;
+        let size = header + self.literal_encoding.bit_length(&self.literal_freq) + self.offset_encoding.bit_length(&self.offset_freq) + extra_bits;
         (size, num_codegens)
     }
 
     fn fixed_size(&self, extra_bits: i64) -> i64 {
-        3 + self.fixed_literal.bit_length(&self.literal_freq)
-            + self.fixed_offset.bit_length(&self.offset_freq)
-            + extra_bits
+        3 + self.fixed_literal.bit_length(&self.literal_freq) + self.fixed_offset.bit_length(&self.offset_freq) + extra_bits
     }
 
     fn write_dynamic_header(&mut self, num_literals: usize, num_offsets: usize, num_codegens: usize, eof: bool) {
@@ -456,8 +437,7 @@ impl BlockWriter {
         let mut extra_bits = 0i64;
         if stored.is_some() {
             for code in LENGTH_CODES_START + 8..num_literals {
-                extra_bits +=
-                    i64::from(self.literal_freq[code]) * i64::from(LENGTH_EXTRA_BITS[code - LENGTH_CODES_START]);
+                extra_bits += i64::from(self.literal_freq[code]) * i64::from(LENGTH_EXTRA_BITS[code - LENGTH_CODES_START]);
             }
             for (freq, bits) in self.offset_freq[..num_offsets].iter().zip(&OFFSET_EXTRA_BITS).skip(4) {
                 extra_bits += i64::from(*freq) * i64::from(*bits);
@@ -483,11 +463,8 @@ impl BlockWriter {
         } else {
             self.bits.write_bits(if eof { 3 } else { 2 }, 3);
         }
-        let (lit, off) = if dynamic {
-            (&self.literal_encoding.codes, &self.offset_encoding.codes)
-        } else {
-            (&self.fixed_literal.codes, &self.fixed_offset.codes)
-        };
+        let (lit, off) =
+            if dynamic { (&self.literal_encoding.codes, &self.offset_encoding.codes) } else { (&self.fixed_literal.codes, &self.fixed_offset.codes) };
         write_tokens(&mut self.bits, tokens, lit, off);
     }
 }
@@ -531,14 +508,8 @@ mod tests {
 
     #[test]
     fn code_tables_match_go() {
-        assert_eq!(
-            (length_code(0), length_code(8), length_code(9), length_code(254), length_code(255)),
-            (0, 8, 8, 27, 28)
-        );
-        assert_eq!(
-            (offset_code(0), offset_code(4), offset_code(5), offset_code(6), offset_code(32767)),
-            (0, 4, 4, 5, 29)
-        );
+        assert_eq!((length_code(0), length_code(8), length_code(9), length_code(254), length_code(255)), (0, 8, 8, 27, 28));
+        assert_eq!((offset_code(0), offset_code(4), offset_code(5), offset_code(6), offset_code(32767)), (0, 4, 4, 5, 29));
     }
 
     #[test]

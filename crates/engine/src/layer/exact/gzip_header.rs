@@ -98,8 +98,7 @@ impl GzipHeader {
         out.extend_from_slice(&self.mtime.to_le_bytes());
         out.extend_from_slice(&[self.xfl, self.os]);
         if let Some(extra) = &self.extra {
-            let len = u16::try_from(extra.len())
-                .map_err(|_| Error::malformed("gzip header", "extra field longer than 65535 bytes"))?;
+            let len = u16::try_from(extra.len()).map_err(|_| Error::malformed("gzip header", "extra field longer than 65535 bytes"))?;
             out.extend_from_slice(&len.to_le_bytes());
             out.extend_from_slice(extra);
         }
@@ -129,8 +128,7 @@ impl GzipHeader {
         if flags & FRESERVED != 0 {
             return Err(Error::unsupported("gzip header", format!("reserved flags {flags:#04x}")));
         }
-        let mut header =
-            GzipHeader::plain(u32::from_le_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]), fixed[8], fixed[9]);
+        let mut header = GzipHeader::plain(u32::from_le_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]), fixed[8], fixed[9]);
         header.text = flags & FTEXT != 0;
         header.header_crc = flags & FHCRC != 0;
         let mut pos = 10;
@@ -203,10 +201,7 @@ mod tests {
 
     #[test]
     fn go_default_header_is_what_umoci_writes() {
-        assert_eq!(
-            GzipHeader::klauspost_default().to_bytes().unwrap(),
-            [0x1f, 0x8b, 8, 0, 0, 0x09, 0x6e, 0x88, 0, 0xff]
-        );
+        assert_eq!(GzipHeader::klauspost_default().to_bytes().unwrap(), [0x1f, 0x8b, 8, 0, 0, 0x09, 0x6e, 0x88, 0, 0xff]);
     }
 
     #[test]

@@ -296,14 +296,8 @@ mod tests {
             Descriptor { encoder: Encoder::Pgzip { block_size: 16385 }, header: GzipHeader::klauspost_default() },
             Descriptor { encoder: Encoder::Pgzip { block_size: 40_000 }, header: GzipHeader::klauspost_default() },
             Descriptor { encoder: Encoder::KlauspostGzip, header: GzipHeader::klauspost_default() },
-            Descriptor {
-                encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
-                header: GzipHeader::go_stdlib_default(),
-            },
-            Descriptor {
-                encoder: Encoder::GoGzip { release: GoRelease::Go1_27 },
-                header: GzipHeader::go_stdlib_default(),
-            },
+            Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_19 }, header: GzipHeader::go_stdlib_default() },
+            Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_27 }, header: GzipHeader::go_stdlib_default() },
         ]
     }
 
@@ -337,22 +331,10 @@ mod tests {
     #[test]
     fn the_json_shape_is_stable() {
         let d = Descriptor { encoder: Encoder::Pgzip { block_size: 262_144 }, header: GzipHeader::klauspost_default() };
-        assert_eq!(
-            serde_json::to_string(&d).unwrap(),
-            r#"{"encoder":{"kind":"pgzip","block_size":262144},"header":{"mtime":2288912640,"xfl":0,"os":255}}"#
-        );
-        let go = Descriptor {
-            encoder: Encoder::GoGzip { release: GoRelease::Go1_19 },
-            header: GzipHeader::go_stdlib_default(),
-        };
-        assert_eq!(
-            serde_json::to_string(&go).unwrap(),
-            r#"{"encoder":{"kind":"go-gzip","release":"go1.19"},"header":{"mtime":0,"xfl":0,"os":255}}"#
-        );
-        assert_eq!(
-            serde_json::to_string(&Encoder::GoGzip { release: GoRelease::Go1_27 }).unwrap(),
-            r#"{"kind":"go-gzip","release":"go1.27"}"#
-        );
+        assert_eq!(serde_json::to_string(&d).unwrap(), r#"{"encoder":{"kind":"pgzip","block_size":262144},"header":{"mtime":2288912640,"xfl":0,"os":255}}"#);
+        let go = Descriptor { encoder: Encoder::GoGzip { release: GoRelease::Go1_19 }, header: GzipHeader::go_stdlib_default() };
+        assert_eq!(serde_json::to_string(&go).unwrap(), r#"{"encoder":{"kind":"go-gzip","release":"go1.19"},"header":{"mtime":0,"xfl":0,"os":255}}"#);
+        assert_eq!(serde_json::to_string(&Encoder::GoGzip { release: GoRelease::Go1_27 }).unwrap(), r#"{"kind":"go-gzip","release":"go1.27"}"#);
         assert_eq!(serde_json::to_string(&Encoder::KlauspostGzip).unwrap(), r#"{"kind":"klauspost-gzip"}"#);
         assert_eq!(serde_json::to_string(&Encoder::Zlib { level: 9 }).unwrap(), r#"{"kind":"zlib","level":9}"#);
         for d in all_descriptors() {

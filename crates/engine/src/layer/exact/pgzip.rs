@@ -27,10 +27,7 @@ pub const MAX_BLOCK_SIZE: u32 = 64 << 20;
 /// Checks a block size the way `SetConcurrency` does, plus our memory bound.
 pub fn check_block_size(block_size: u32) -> Result<usize> {
     if (block_size as usize) <= TAIL_SIZE || block_size > MAX_BLOCK_SIZE {
-        return Err(Error::unsupported(
-            "pgzip block size",
-            format!("{block_size} (must be above {TAIL_SIZE} and at most {MAX_BLOCK_SIZE})"),
-        ));
+        return Err(Error::unsupported("pgzip block size", format!("{block_size} (must be above {TAIL_SIZE} and at most {MAX_BLOCK_SIZE})")));
     }
     Ok(block_size as usize)
 }
@@ -71,9 +68,8 @@ pub fn encode<R: Read, W: Write>(mut input: R, mut output: W, block_size: u32, h
                 break;
             }
         }
-        let dicts: Vec<&[u8]> = std::iter::once(&tail[..])
-            .chain(blocks.iter().map(|b| if b.len() > TAIL_SIZE { &b[b.len() - TAIL_SIZE..] } else { &[][..] }))
-            .collect();
+        let dicts: Vec<&[u8]> =
+            std::iter::once(&tail[..]).chain(blocks.iter().map(|b| if b.len() > TAIL_SIZE { &b[b.len() - TAIL_SIZE..] } else { &[][..] })).collect();
         let n = blocks.len();
         let compressed: Vec<Vec<u8>> = blocks
             .par_iter()

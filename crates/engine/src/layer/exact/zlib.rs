@@ -39,16 +39,12 @@ const REPZ_3_10: usize = 17;
 const REPZ_11_138: usize = 18;
 
 static EXTRA_LBITS: [u8; 29] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
-static EXTRA_DBITS: [u8; 30] =
-    [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
+static EXTRA_DBITS: [u8; 30] = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
 static EXTRA_BLBITS: [u8; 19] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 7];
 static BL_ORDER: [usize; 19] = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
-static BASE_LENGTH: [u32; 29] =
-    [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 0];
-static BASE_DIST: [u32; 30] = [
-    0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
-    8192, 12288, 16384, 24576,
-];
+static BASE_LENGTH: [u32; 29] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 0];
+static BASE_DIST: [u32; 30] =
+    [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576];
 
 /// zlib's `_length_code`: length code (0-28) of `length - 3`.
 #[inline(always)]
@@ -478,11 +474,7 @@ impl Deflater {
         }
         loop {
             let m = cur_match;
-            if w[m + best_len] == scan_end
-                && w[m + best_len - 1] == scan_end1
-                && w[m] == w[scan]
-                && w[m + 1] == w[scan + 1]
-            {
+            if w[m + best_len] == scan_end && w[m + best_len - 1] == scan_end1 && w[m] == w[scan] && w[m + 1] == w[scan + 1] {
                 // Compare from byte 3 up to MAX_MATCH.
                 let mut s = scan + 2;
                 let mut mm = m + 2;
@@ -738,13 +730,7 @@ impl Deflater {
             }
             _ => {
                 self.bits.write_bits((2 << 1) + u64::from(last), 3);
-                self.send_all_trees(
-                    &ltree,
-                    &dtree,
-                    ltree.max_code as usize + 1,
-                    dtree.max_code as usize + 1,
-                    max_blindex + 1,
-                );
+                self.send_all_trees(&ltree, &dtree, ltree.max_code as usize + 1, dtree.max_code as usize + 1, max_blindex + 1);
                 compress_block(&mut self.bits, &self.syms, &ltree.code, &ltree.len, &dtree.code, &dtree.len);
             }
         }
@@ -895,9 +881,7 @@ impl Deflater {
                     continue;
                 }
                 if usize::from(tree.len[m]) != bits {
-                    self.opt_len = self.opt_len.wrapping_add(
-                        (bits as u64).wrapping_sub(u64::from(tree.len[m])).wrapping_mul(u64::from(tree.freq[m])),
-                    );
+                    self.opt_len = self.opt_len.wrapping_add((bits as u64).wrapping_sub(u64::from(tree.len[m])).wrapping_mul(u64::from(tree.freq[m])));
                     tree.len[m] = bits as u16;
                 }
                 n -= 1;
@@ -1099,14 +1083,8 @@ mod tests {
 
     #[test]
     fn code_tables_match_zlib() {
-        assert_eq!(
-            (length_code(0), length_code(8), length_code(9), length_code(254), length_code(255)),
-            (0, 8, 8, 27, 28)
-        );
-        assert_eq!(
-            (d_code(0), d_code(4), d_code(5), d_code(6), d_code(255), d_code(256), d_code(32767)),
-            (0, 4, 4, 5, 15, 16, 29)
-        );
+        assert_eq!((length_code(0), length_code(8), length_code(9), length_code(254), length_code(255)), (0, 8, 8, 27, 28));
+        assert_eq!((d_code(0), d_code(4), d_code(5), d_code(6), d_code(255), d_code(256), d_code(32767)), (0, 4, 4, 5, 15, 16, 29));
         assert_eq!(d_code(24576), 29);
         assert_eq!(d_code(24575), 28);
     }
@@ -1129,4 +1107,3 @@ mod tests {
         }
     }
 }
-

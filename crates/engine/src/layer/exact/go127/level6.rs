@@ -15,8 +15,7 @@
 //! `tableEntryPrev`, `hashLen`, `matchLenLimited` and `matchLenLong` are klauspost's.
 
 use crate::layer::exact::klauspost::level5::{
-    hash4, hash7, load32, load64, matchlen, matchlen_long, FastGen, INPUT_MARGIN, MAX_MATCH_LENGTH, MAX_MATCH_OFFSET,
-    MIN_NON_LITERAL_BLOCK_SIZE,
+    hash4, hash7, load32, load64, matchlen, matchlen_long, FastGen, INPUT_MARGIN, MAX_MATCH_LENGTH, MAX_MATCH_OFFSET, MIN_NON_LITERAL_BLOCK_SIZE,
 };
 use crate::layer::exact::klauspost::tokens::Tokens;
 use crate::layer::exact::klauspost::MatchFinder;

@@ -77,8 +77,7 @@ mod tests {
 
     #[test]
     fn round_trips_at_every_window_boundary_and_differs_from_klauspost() {
-        let text: Vec<u8> =
-            (0..300_000u32).map(|i| b"the quick brown fox "[(i % 20) as usize] ^ (i / 7919) as u8).collect();
+        let text: Vec<u8> = (0..300_000u32).map(|i| b"the quick brown fox "[(i % 20) as usize] ^ (i / 7919) as u8).collect();
         for len in [12, 13, 127, 128, 65534, 65535, 65536, 131_070, 200_001, 300_000] {
             assert_eq!(inflate(&deflate(&text[..len])), &text[..len], "len {len}");
         }

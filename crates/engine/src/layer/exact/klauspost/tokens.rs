@@ -29,22 +29,18 @@ pub(crate) static LENGTH_CODES: [u8; 256] = {
 };
 
 /// `length - 3` at which each length code starts.
-pub(crate) static LENGTH_BASE: [u8; 29] =
-    [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 255];
+pub(crate) static LENGTH_BASE: [u8; 29] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 255];
 
 /// Extra bits after each length code.
-pub(crate) static LENGTH_EXTRA_BITS: [u8; 32] =
-    [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0, 0, 0, 0];
+pub(crate) static LENGTH_EXTRA_BITS: [u8; 32] = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0, 0, 0, 0];
 
 /// Extra bits after each distance code.
-pub(crate) static OFFSET_EXTRA_BITS: [u8; 32] =
-    [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14];
+pub(crate) static OFFSET_EXTRA_BITS: [u8; 32] = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14];
 
 /// `offset - 1` at which each distance code starts.
 pub(crate) static OFFSET_BASE: [u32; 30] = [
-    0x0000, 0x0001, 0x0002, 0x0003, 0x0004, 0x0006, 0x0008, 0x000c, 0x0010, 0x0018, 0x0020, 0x0030, 0x0040, 0x0060,
-    0x0080, 0x00c0, 0x0100, 0x0180, 0x0200, 0x0300, 0x0400, 0x0600, 0x0800, 0x0c00, 0x1000, 0x1800, 0x2000, 0x3000,
-    0x4000, 0x6000,
+    0x0000, 0x0001, 0x0002, 0x0003, 0x0004, 0x0006, 0x0008, 0x000c, 0x0010, 0x0018, 0x0020, 0x0030, 0x0040, 0x0060, 0x0080, 0x00c0, 0x0100, 0x0180, 0x0200,
+    0x0300, 0x0400, 0x0600, 0x0800, 0x0c00, 0x1000, 0x1800, 0x2000, 0x3000, 0x4000, 0x6000,
 ];
 
 /// Distance code of `offset - 1` (< 32768).
@@ -86,13 +82,7 @@ pub(crate) struct Tokens {
 
 impl Tokens {
     pub(crate) fn new() -> Self {
-        Tokens {
-            extra_hist: [0; 32],
-            off_hist: [0; 32],
-            lit_hist: [0; 256],
-            tokens: Vec::with_capacity(MAX_STORE_BLOCK_SIZE + 1),
-            n: 0,
-        }
+        Tokens { extra_hist: [0; 32], off_hist: [0; 32], lit_hist: [0; 256], tokens: Vec::with_capacity(MAX_STORE_BLOCK_SIZE + 1), n: 0 }
     }
 
     pub(crate) fn reset(&mut self) {

@@ -6,8 +6,8 @@
 //! `writeBlockDynamic`, selected by [`Flavor`]; everything else is the same code.
 
 use super::tokens::{
-    Tokens, END_BLOCK_MARKER, LENGTH_BASE, LENGTH_CODES, LENGTH_EXTRA_BITS, LENGTH_SHIFT, MATCH_TYPE,
-    MAX_STORE_BLOCK_SIZE, OFFSET_BASE, OFFSET_EXTRA_BITS, OFFSET_MASK,
+    Tokens, END_BLOCK_MARKER, LENGTH_BASE, LENGTH_CODES, LENGTH_EXTRA_BITS, LENGTH_SHIFT, MATCH_TYPE, MAX_STORE_BLOCK_SIZE, OFFSET_BASE, OFFSET_EXTRA_BITS,
+    OFFSET_MASK,
 };
 use crate::layer::exact::bits::BitWriter;
 use crate::layer::exact::huffman::{run_length_codes, Code, HuffmanEncoder, BAD_CODE};
@@ -178,23 +178,13 @@ impl BlockWriter {
     }
 
     fn extra_bit_size(&self) -> i64 {
-        let lengths: i64 = self.literal_freq[257..LITERAL_COUNT]
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| i64::from(n) * i64::from(LENGTH_EXTRA_BITS[i & 31]))
-            .sum();
-        let offsets: i64 = self.offset_freq[..OFFSET_CODE_COUNT]
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| i64::from(n) * i64::from(OFFSET_EXTRA_BITS[i & 31]))
-            .sum();
+        let lengths: i64 = self.literal_freq[257..LITERAL_COUNT].iter().enumerate().map(|(i, &n)| i64::from(n) * i64::from(LENGTH_EXTRA_BITS[i & 31])).sum();
+        let offsets: i64 = self.offset_freq[..OFFSET_CODE_COUNT].iter().enumerate().map(|(i, &n)| i64::from(n) * i64::from(OFFSET_EXTRA_BITS[i & 31])).sum();
         lengths + offsets
     }
 
     fn fixed_size(&self, extra_bits: i64) -> i64 {
-        3 + self.fixed_literal.bit_length(&self.literal_freq)
-            + self.fixed_offset.bit_length(&self.offset_freq)
-            + extra_bits
+        3 + self.fixed_literal.bit_length(&self.literal_freq) + self.fixed_offset.bit_length(&self.offset_freq) + extra_bits
     }
 
     fn dynamic_reuse_size(&self) -> i64 {
@@ -294,8 +284,7 @@ impl BlockWriter {
             // Estimate a new table against reusing the open one, with a penalty on the
             // estimate since real tables are not optimal.
             let mut new_size = self.last_header + tokens.estimated_bits();
-            new_size += i64::from(self.literal_encoding.codes[END_BLOCK_MARKER as usize].len)
-                + (new_size >> self.log_new_table_penalty);
+            new_size += i64::from(self.literal_encoding.codes[END_BLOCK_MARKER as usize].len) + (new_size >> self.log_new_table_penalty);
             let reuse_size = self.dynamic_reuse_size() + extra_bits;
             let size = if new_size < reuse_size {
                 self.write_owed_eob();
@@ -369,27 +358,17 @@ impl BlockWriter {
     }
 
     fn can_reuse(&self, t: &Tokens) -> bool {
-        let offsets_ok = t.off_hist[..OFFSET_CODE_COUNT]
-            .iter()
-            .zip(&self.offset_encoding.codes)
-            .all(|(&v, c)| v == 0 || *c != Code::default());
-        let lengths_ok = t.extra_hist[..LITERAL_COUNT - 256]
-            .iter()
-            .zip(&self.literal_encoding.codes[256..])
-            .all(|(&v, c)| v == 0 || *c != Code::default());
-        let literals_ok =
-            t.lit_hist.iter().zip(&self.literal_encoding.codes[..256]).all(|(&v, c)| v == 0 || *c != Code::default());
+        let offsets_ok = t.off_hist[..OFFSET_CODE_COUNT].iter().zip(&self.offset_encoding.codes).all(|(&v, c)| v == 0 || *c != Code::default());
+        let lengths_ok = t.extra_hist[..LITERAL_COUNT - 256].iter().zip(&self.literal_encoding.codes[256..]).all(|(&v, c)| v == 0 || *c != Code::default());
+        let literals_ok = t.lit_hist.iter().zip(&self.literal_encoding.codes[..256]).all(|(&v, c)| v == 0 || *c != Code::default());
         offsets_ok && lengths_ok && literals_ok
     }
 
     /// Writes tokens with the open table (or the fixed code); a trailing end-of-block
     /// token is written last.
     fn write_tokens(&mut self, tokens: &[u32], fixed: bool) {
-        let (lit, off) = if fixed {
-            (&self.fixed_literal.codes, &self.fixed_offset.codes)
-        } else {
-            (&self.literal_encoding.codes, &self.offset_encoding.codes)
-        };
+        let (lit, off) =
+            if fixed { (&self.fixed_literal.codes, &self.fixed_offset.codes) } else { (&self.literal_encoding.codes, &self.offset_encoding.codes) };
         let bits = &mut self.bits;
         let (body, eob) = match tokens.split_last() {
             Some((&END_BLOCK_MARKER, body)) => (body, true),
@@ -456,8 +435,7 @@ impl BlockWriter {
         }
         self.literal_freq[END_BLOCK_MARKER as usize] = 1;
         self.tmp_lit_encoding.generate(&self.literal_freq[..NUM_LITERALS], 15);
-        let mut est_bits =
-            self.tmp_lit_encoding.can_reuse_bits(&self.literal_freq[..NUM_LITERALS]).unwrap_or(i64::from(i32::MAX));
+        let mut est_bits = self.tmp_lit_encoding.can_reuse_bits(&self.literal_freq[..NUM_LITERALS]).unwrap_or(i64::from(i32::MAX));
         if est_bits < i64::from(i32::MAX) {
             est_bits += self.last_header;
             if self.last_header == 0 {
@@ -470,8 +448,7 @@ impl BlockWriter {
             return;
         }
         if self.last_header > 0 {
-            let reuse_size =
-                self.literal_encoding.can_reuse_bits(&self.literal_freq[..256]).unwrap_or(i64::from(i32::MAX));
+            let reuse_size = self.literal_encoding.can_reuse_bits(&self.literal_freq[..256]).unwrap_or(i64::from(i32::MAX));
             if est_bits < reuse_size {
                 self.write_owed_eob();
             }
