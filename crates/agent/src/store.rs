@@ -7,16 +7,13 @@
 //! by [`prune`], which the agent runs only after the update is committed.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
-
-use serde_json::Value;
+use std::fs;
 
 use super::rootfs::{building_name, layer_tar_name};
 use super::runtime::Fetched;
-use super::state::{sync_parent, write_file, Installed, InstanceRecord, StateDir};
+use super::state::{Installed, InstanceRecord, StateDir};
 use crate::error::Result;
 use fleetdelta_engine::error::{Error, IoContext};
-use fleetdelta_engine::image::manifest::{BlobRef, Manifest, MAX_JSON_BYTES};
 use fleetdelta_engine::image::{ImageRef, Layout};
 use fleetdelta_engine::progress::Progress;
 use fleetdelta_engine::transfer::Transfer;
@@ -155,36 +152,9 @@ fn is_digest_hex(name: &str) -> bool {
 }
 
 fn prune_store(state: &StateDir, keep: &BTreeSet<String>) -> Result<()> {
-    let store = state.store();
-    let Ok(layout) = Layout::open(&store) else { return Ok(()) };
-    // The same lock as writers of the layout take while they update index.json.
-    let dir = File::open(&store).ctx(|| format!("opening {}", store.display()))?;
-    dir.lock().ctx(|| format!("locking {}", store.display()))?;
-    let index_path = store.join("index.json");
-    let bad = |reason: &str| Error::malformed(index_path.display().to_string(), reason);
-    let mut index: Value =
-        serde_json::from_slice(&fs::read(&index_path).ctx(|| format!("reading {}", index_path.display()))?).map_err(|e| bad(&e.to_string()))?;
-    let manifests = index.get_mut("manifests").and_then(Value::as_array_mut).ok_or_else(|| bad("no manifests array"))?;
-    manifests.retain(|m| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str).is_some_and(|tag| keep.contains(tag)));
-    let mut referenced = BTreeSet::new();
-    for entry in manifests.iter() {
-        let blob: BlobRef = BlobRef::from_descriptor(&serde_json::from_value(entry.clone()).map_err(|e| bad(&e.to_string()))?)?;
-        referenced.insert(blob.digest.hex());
-        let manifest = Manifest::parse(layout.read_blob(&blob, MAX_JSON_BYTES)?, Some(&blob.media_type))?;
-        referenced.insert(manifest.config.digest.hex());
-        referenced.extend(manifest.layers.iter().map(|l| l.digest.hex()));
-    }
-    write_file(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
-    let blobs = store.join("blobs").join("sha256");
-    for entry in fs::read_dir(&blobs).ctx(|| format!("reading {}", blobs.display()))? {
-        let entry = entry.ctx(|| format!("reading {}", blobs.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let is_blob = is_digest_hex(&name) && entry.file_type().is_ok_and(|t| t.is_file());
-        if is_blob && !referenced.contains(&name) {
-            fs::remove_file(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
-        }
-    }
-    sync_parent(&blobs.join("x"))
+    let Ok(layout) = Layout::open(state.store()) else { return Ok(()) };
+    layout.retain(|tag| keep.contains(tag))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ use crate::layer::compression::copy_hashed;
 
 /// The annotation that names a tag in `index.json`.
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+/// [`REF_NAME_ANNOTATION`] in an index entry, as a JSON pointer.
+const REF_NAME_POINTER: &str = "/annotations/org.opencontainers.image.ref.name";
 const LAYOUT_FILE: &str = "oci-layout";
 const LAYOUT_VERSION_JSON: &str = r#"{"imageLayoutVersion":"1.0.0"}"#;
 const INDEX_FILE: &str = "index.json";
@@ -176,6 +178,54 @@ impl Layout {
             }
         }
         Ok(())
+    }
+
+    /// Keeps the images of `index.json` whose tag `keep` accepts (untagged entries go), then
+    /// removes every blob nothing kept names, as [`Layout::gc`] does. Under the layout's
+    /// lock: writers committing meanwhile wait, and their blobs are never taken for garbage.
+    /// Returns how many blobs were removed.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Result<usize> {
+        let _guard = lock_layout(&self.root)?;
+        recover_interrupted_commits(&self.root)?;
+        let index_path = self.root.join(INDEX_FILE);
+        let what = index_path.display().to_string();
+        let mut index: Value = serde_json::from_slice(&read_bounded(&index_path, MAX_JSON_BYTES)?).map_err(|e| Error::malformed(&what, e.to_string()))?;
+        let manifests = index.get_mut("manifests").and_then(Value::as_array_mut).ok_or_else(|| Error::malformed(&what, "no manifests array"))?;
+        let before = manifests.len();
+        manifests.retain(|m| m.pointer(REF_NAME_POINTER).and_then(Value::as_str).is_some_and(&keep));
+        if manifests.len() != before {
+            write_atomically(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
+            sync_dir(&self.root)?;
+        }
+        self.gc_locked()
+    }
+
+    /// Removes the blobs that `index.json` does not name, directly or through the manifests
+    /// and indexes it names. Files of `blobs/sha256` not named by a digest are left alone.
+    /// Under the layout's lock, as [`Layout::retain`]. Returns how many blobs were removed.
+    pub fn gc(&self) -> Result<usize> {
+        let _guard = lock_layout(&self.root)?;
+        recover_interrupted_commits(&self.root)?;
+        self.gc_locked()
+    }
+
+    fn gc_locked(&self) -> Result<usize> {
+        let referenced: HashSet<String> = self.referenced_blobs()?.iter().map(Digest::hex).collect();
+        let blobs = self.root.join("blobs").join("sha256");
+        let mut removed = 0;
+        for entry in fs::read_dir(&blobs).ctx(|| format!("reading {}", blobs.display()))? {
+            let entry = entry.ctx(|| format!("reading {}", blobs.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_blob = name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if is_blob && entry.file_type().is_ok_and(|t| t.is_file()) && !referenced.contains(&name) {
+                fs::remove_file(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            sync_dir(&blobs)?;
+        }
+        Ok(removed)
     }
 
     fn select_platform(&self, index_blob: &BlobRef) -> Result<BlobRef> {
@@ -456,7 +506,7 @@ impl LayoutWriter {
                 .get_mut("manifests")
                 .and_then(Value::as_array_mut)
                 .ok_or_else(|| Error::malformed(index_path.display().to_string(), "no manifests array"))?;
-            manifests.retain(|m| m.pointer(&format!("/annotations/{}", REF_NAME_ANNOTATION.replace('/', "~1"))).and_then(Value::as_str) != Some(tag));
+            manifests.retain(|m| m.pointer(REF_NAME_POINTER).and_then(Value::as_str) != Some(tag));
             manifests.push(entry);
             write_atomically(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
             sync_dir(&self.dest)
@@ -734,6 +784,44 @@ mod tests {
         drop(live);
         let left: Vec<_> = fs::read_dir(&dest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
         assert!(left.is_empty(), "every writer removed its own staging directory: {left:?}");
+    }
+
+    /// `retain` keeps the tags asked for and every blob they need (through a nested index
+    /// too), removes the rest, and leaves files that are not blobs alone.
+    #[test]
+    fn retain_keeps_what_kept_tags_need_and_removes_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("store");
+        let manifest = |(config, config_size): (Digest, u64), (layer, layer_size): (Digest, u64)| {
+            serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.to_string(), "size": config_size},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer.to_string(), "size": layer_size}]}))
+            .unwrap()
+        };
+        let mut digests = Vec::new();
+        for (tag, content) in [("keep", b"k"), ("drop", b"d")] {
+            let w = LayoutWriter::create(&dest).unwrap();
+            let config = w.put_blob(format!("{{\"{}\": 1}}", content[0] as char).as_bytes()).unwrap();
+            let layer = w.put_blob(content).unwrap();
+            let raw = manifest(config.clone(), layer.clone());
+            let (m, n) = w.put_blob(&raw).unwrap();
+            w.commit(&BlobRef { digest: m, size: n, media_type: OCI_MANIFEST.into() }, tag).unwrap();
+            digests.push([config.0, layer.0, m]);
+        }
+        fs::write(dest.join("blobs/sha256/stray.txt"), b"not a blob").unwrap();
+        let layout = Layout::open(&dest).unwrap();
+        assert_eq!(layout.retain(|tag| tag == "keep").unwrap(), 3);
+        for d in &digests[0] {
+            assert!(layout.blob_path(d).exists(), "kept image's blob {d} removed");
+        }
+        for d in &digests[1] {
+            assert!(!layout.blob_path(d).exists(), "dropped image's blob {d} kept");
+        }
+        assert!(dest.join("blobs/sha256/stray.txt").exists(), "a file that is not a blob is left alone");
+        let kept = layout.resolve(Some("keep")).unwrap();
+        assert_eq!(kept.digest, digests[0][2]);
+        assert!(layout.resolve(Some("drop")).is_err());
+        assert_eq!(layout.gc().unwrap(), 0, "nothing more to collect");
     }
 
     #[test]
