@@ -147,14 +147,6 @@ pub fn annotations_match(annotations: &std::collections::BTreeMap<String, String
         && annotations.get(ANNOTATION_TARGET_MANIFEST) == Some(&key.target_manifest.to_string())
 }
 
-fn manifest_annotations(raw: &[u8], what: &str) -> Result<std::collections::BTreeMap<String, String>> {
-    let v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| Error::malformed(what, e.to_string()))?;
-    match v.get("annotations") {
-        None | Some(serde_json::Value::Null) => Ok(Default::default()),
-        Some(a) => serde_json::from_value(a.clone()).map_err(|e| Error::malformed(what, format!("annotations: {e}"))),
-    }
-}
-
 /// Looks for the delta of `key` in the layout `dir` (tagged [`delta_tag`], annotations checked).
 pub fn find_in_layout(dir: &Path, key: &DeltaKey) -> Result<Option<StoredDelta>> {
     let layout = match Layout::open(dir) {
@@ -168,9 +160,8 @@ pub fn find_in_layout(dir: &Path, key: &DeltaKey) -> Result<Option<StoredDelta>>
         Err(Error::NotFound(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let raw = layout.read_blob(&manifest_ref, MAX_JSON_BYTES)?;
-    let what = format!("delta {tag} in {}", dir.display());
-    if !annotations_match(&manifest_annotations(&raw, &what)?, key) {
+    let manifest = Manifest::parse(layout.read_blob(&manifest_ref, MAX_JSON_BYTES)?, Some(&manifest_ref.media_type))?;
+    if !annotations_match(&manifest.annotations, key) {
         return Ok(None);
     }
     let image = layout.load_image(Some(&tag))?;
@@ -208,11 +199,10 @@ pub async fn find_by_tag(client: &Client, target: &RegistryRef, key: &DeltaKey) 
         Err(Error::NotFound(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let what = format!("delta {tagged}");
-    if !annotations_match(&manifest_annotations(&fetched.raw, &what)?, key) {
+    let manifest = Manifest::parse(fetched.raw.clone(), Some(&fetched.media_type))?;
+    if !annotations_match(&manifest.annotations, key) {
         return Ok(None);
     }
-    let manifest = Manifest::parse(fetched.raw.clone(), Some(&fetched.media_type))?;
     let download = fetched.raw.len() as u64 + manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
     Ok(Some(StoredDelta { reference: ImageRef::Registry(target.by_digest(fetched.digest)), manifest: fetched.digest, download }))
 }

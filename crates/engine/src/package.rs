@@ -198,8 +198,7 @@ impl DeltaImage {
     /// chains: manifest annotations, `delta.json`, embedded target manifest and config.
     pub fn open(reference: &ImageRef) -> Result<Self> {
         let (layout, image) = load_image(reference)?;
-        let manifest: Value = serde_json::from_slice(&image.manifest.raw).map_err(|e| Error::malformed("delta manifest", e.to_string()))?;
-        let annotation = |key: &str| manifest.pointer(&format!("/annotations/{}", key.replace('/', "~1"))).and_then(Value::as_str).map(str::to_string);
+        let annotation = |key: &str| image.manifest.annotations.get(key).cloned();
         let version = annotation(ANNOTATION_VERSION)
             .ok_or_else(|| Error::unsupported(reference.to_string(), format!("not a fleetdelta delta (no {ANNOTATION_VERSION} annotation)")))?;
         if version != FORMAT_VERSION.to_string() {
@@ -232,8 +231,8 @@ impl DeltaImage {
         expect("delta.json source config", ANNOTATION_SOURCE_CONFIG, &plan.source.config)?;
         expect("delta.json source manifest", ANNOTATION_SOURCE_MANIFEST, &plan.source.manifest)?;
         verify(|| "delta.json target config (against the embedded target manifest)".into(), &target_manifest.config.digest, None, &plan.target.config, 0)?;
-        let subject = manifest.pointer("/subject/digest").and_then(Value::as_str).ok_or_else(|| Error::malformed("delta manifest", "no subject"))?;
-        verify(|| "delta subject".into(), &subject.parse()?, None, &target_manifest.digest, 0)?;
+        let subject = image.manifest.subject.as_ref().ok_or_else(|| Error::malformed("delta manifest", "no subject"))?;
+        verify(|| "delta subject".into(), &subject.digest, None, &target_manifest.digest, 0)?;
         let target_config = Config::parse(config_raw)?;
         let target = Image::new(target_manifest, target_config)?;
         plan.validate(target.layers.len(), image.layers.len())?;

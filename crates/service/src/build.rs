@@ -79,21 +79,8 @@ pub async fn find_delta(client: &Client, target: &RegistryRef, key: &DeltaKey) -
         return Ok(Some(found));
     }
     let Some(found) = find_by_tag(client, target, key).await? else { return Ok(None) };
-    let fetched = client.get_manifest(target, &found.manifest.to_string()).await?;
-    let doc: serde_json::Value = serde_json::from_slice(&fetched.raw).map_err(|e| Error::malformed(format!("delta {}", found.manifest), e.to_string()))?;
-    let annotations = doc
-        .get("annotations")
-        .cloned()
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(|e| Error::malformed(format!("delta {}", found.manifest), e.to_string()))?;
-    let referrer = Referrer {
-        digest: found.manifest,
-        media_type: fetched.media_type,
-        size: fetched.raw.len() as u64,
-        artifact_type: doc.pointer("/config/mediaType").and_then(|v| v.as_str()).map(str::to_string),
-        annotations: annotations.unwrap_or_default(),
-    };
+    let fetched = client.get_image_manifest(&target.by_digest(found.manifest)).await?;
+    let referrer = Referrer::from_manifest(&Manifest::parse(fetched.raw, Some(&fetched.media_type))?);
     if let Err(e) = client.add_fallback_referrer(target, &key.target_manifest, &referrer).await {
         tracing::warn!(delta = %found.manifest, error = %e, "could not list the delta among the target's referrers");
     }

@@ -1,5 +1,7 @@
 //! Image manifests and configurations: parsing separated from I/O.
 
+use std::collections::BTreeMap;
+
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 
 use crate::digest::Digest;
@@ -90,6 +92,12 @@ pub struct Manifest {
     pub config: BlobRef,
     /// The layer descriptors, base first.
     pub layers: Vec<BlobRef>,
+    /// Its annotations; empty when it has none.
+    pub annotations: BTreeMap<String, String>,
+    /// The manifest it refers to (`subject`), for referrers such as deltas.
+    pub subject: Option<BlobRef>,
+    /// Its `artifactType`, when it has one.
+    pub artifact_type: Option<String>,
 }
 
 impl Manifest {
@@ -115,8 +123,11 @@ impl Manifest {
         }
         let config = BlobRef::from_descriptor(parsed.config())?;
         let layers = parsed.layers().iter().map(BlobRef::from_descriptor).collect::<Result<Vec<_>>>()?;
+        let annotations = parsed.annotations().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let subject = parsed.subject().as_ref().map(BlobRef::from_descriptor).transpose()?;
+        let artifact_type = parsed.artifact_type().as_ref().map(ToString::to_string);
         let digest = Digest::of(&raw);
-        Ok(Manifest { raw, digest, media_type, config, layers })
+        Ok(Manifest { raw, digest, media_type, config, layers, annotations, subject, artifact_type })
     }
 }
 

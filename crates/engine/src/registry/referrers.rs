@@ -17,7 +17,7 @@ use super::client::{expect_status, read_bounded, Client, Scope};
 use super::reference::RegistryRef;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::image::manifest::{MAX_JSON_BYTES, OCI_INDEX};
+use crate::image::manifest::{Manifest, MAX_JSON_BYTES, OCI_INDEX};
 
 /// One manifest that refers to a subject.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +35,18 @@ pub struct Referrer {
 }
 
 impl Referrer {
+    /// The entry that lists `manifest` among the referrers of its subject, as the referrers
+    /// API gives it: its `artifactType`, else its config's media type.
+    pub fn from_manifest(manifest: &Manifest) -> Self {
+        Referrer {
+            digest: manifest.digest,
+            media_type: manifest.media_type.clone(),
+            size: manifest.raw.len() as u64,
+            artifact_type: manifest.artifact_type.clone().or_else(|| Some(manifest.config.media_type.clone())),
+            annotations: manifest.annotations.clone(),
+        }
+    }
+
     /// The index entry that lists this referrer.
     fn descriptor(&self) -> Value {
         let mut d = json!({ "mediaType": self.media_type, "digest": self.digest.to_string(), "size": self.size });
