@@ -125,7 +125,7 @@ impl Agent<'_> {
                 Err(held) => {
                     if self.options.lock_timeout.is_some_and(|t| started.elapsed() >= t) {
                         self.withdraw_action(action)?;
-                        return Err(AgentError::Locked { action: action.to_string(), services: held }.into());
+                        return Err(AgentError::Locked { action: action.to_string(), services: held });
                     }
                 }
             }
@@ -137,14 +137,14 @@ impl Agent<'_> {
     /// were told why), else the action is done.
     pub(super) fn try_act(&mut self, action: &DeviceAction, force: bool, since: Instant) -> Result<std::result::Result<ActionReport, Vec<String>>> {
         if let Some(going) = self.powering_down {
-            return Err(AgentError::Action { action: action.to_string(), reason: format!("the device is going down ({going})") }.into());
+            return Err(AgentError::Action { action: action.to_string(), reason: format!("the device is going down ({going})") });
         }
         let installed = Installed::load(&self.state)?;
         let services: Vec<String> = match action.service() {
             Some(service) => {
                 if !installed.services.contains_key(service) {
                     let known = installed.services.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
-                    return Err(AgentError::UnknownService { service: service.to_string(), known }.into());
+                    return Err(AgentError::UnknownService { service: service.to_string(), known });
                 }
                 vec![service.to_string()]
             }
@@ -196,7 +196,7 @@ impl Agent<'_> {
                     for (service, record) in installed.services.iter().filter(|(s, _)| !installed.stopped.contains(*s)) {
                         self.start(service, record, false, false)?;
                     }
-                    return Err(AgentError::Action { action: action.to_string(), reason }.into());
+                    return Err(AgentError::Action { action: action.to_string(), reason });
                 }
                 self.powering_down = Some(action.name());
             }

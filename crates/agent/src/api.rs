@@ -273,10 +273,10 @@ pub fn send_action(socket: &Path, action: &DeviceAction, force: bool, wait: Opti
     // No read timeout: the answer comes once the action is done, after its locks.
     let value = exchange(socket, &request, None)?;
     if let Some(services) = value.get("locked_services").and_then(|s| serde_json::from_value::<Vec<String>>(s.clone()).ok()) {
-        return Err(AgentError::Locked { action: action.to_string(), services }.into());
+        return Err(AgentError::Locked { action: action.to_string(), services });
     }
     let value = accepted(value)?;
-    serde_json::from_value(value["report"].clone()).map_err(|e| AgentError::Api(format!("unreadable report in {value}: {e}")).into())
+    serde_json::from_value(value["report"].clone()).map_err(|e| AgentError::Api(format!("unreadable report in {value}: {e}")))
 }
 
 /// Sends one request to an agent's socket and returns its answer (for `fleetdelta agent
@@ -293,14 +293,14 @@ fn exchange(socket: &Path, request: &ApiRequest, timeout: Option<Duration>) -> R
     writeln!(stream, "{line}").ctx(|| format!("writing to {}", socket.display()))?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).ctx(|| format!("reading from {}", socket.display()))?;
-    serde_json::from_str(&answer).map_err(|e| AgentError::Api(format!("unreadable answer {answer:?}: {e}")).into())
+    serde_json::from_str(&answer).map_err(|e| AgentError::Api(format!("unreadable answer {answer:?}: {e}")))
 }
 
 /// The answer when it says `"ok": true`; else the agent's message as an error.
 fn accepted(value: Value) -> Result<Value> {
     if value.get("ok") != Some(&Value::Bool(true)) {
         let error = value.get("error").and_then(Value::as_str).unwrap_or("refused").to_string();
-        return Err(AgentError::Api(error).into());
+        return Err(AgentError::Api(error));
     }
     Ok(value)
 }

@@ -167,7 +167,7 @@ impl Runtime for EngineRuntime<'_> {
             return Ok(());
         }
         let reason = format!("the engine lost the image {} ({})", self.image_ref(record).api_name(), record.image);
-        Err(AgentError::Runtime { service: service.into(), reason }.into())
+        Err(AgentError::Runtime { service: service.into(), reason })
     }
 
     fn discard(&self, service: &str, from: &InstanceRecord, to: &InstanceRecord) -> Result<()> {

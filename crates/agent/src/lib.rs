@@ -270,7 +270,7 @@ impl<'a> Agent<'a> {
         let lock_path = state.agent_lock();
         let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).ctx(|| format!("opening {}", lock_path.display()))?;
         if lock.try_lock().is_err() {
-            return Err(AgentError::Busy { state: state.root().to_path_buf() }.into());
+            return Err(AgentError::Busy { state: state.root().to_path_buf() });
         }
         let requests = SharedRequests::default();
         api::lock(&requests).services = Installed::load(&state)?.services.into_keys().collect();
@@ -302,7 +302,7 @@ impl<'a> Agent<'a> {
     /// interrupted is finished first.
     pub fn update(&mut self, target: &str) -> Result<UpdateReport> {
         if let Some(action) = self.powering_down {
-            return Err(AgentError::Action { action: "update".into(), reason: format!("the device is going down ({action})") }.into());
+            return Err(AgentError::Action { action: "update".into(), reason: format!("the device is going down ({action})") });
         }
         loop {
             self.moved = false;
@@ -642,8 +642,8 @@ impl<'a> Agent<'a> {
                     let status = Command::new(&command[0]).args(&command[1..]).env("FLEETDELTA_OS_VERSION", version).status();
                     match status {
                         Ok(s) if s.success() => {}
-                        Ok(s) => return Err(AgentError::Runtime { service: OS_UPDATE.into(), reason: format!("the OS update command exited with {s}") }.into()),
-                        Err(e) => return Err(AgentError::Runtime { service: OS_UPDATE.into(), reason: format!("starting the OS update command: {e}") }.into()),
+                        Ok(s) => return Err(AgentError::Runtime { service: OS_UPDATE.into(), reason: format!("the OS update command exited with {s}") }),
+                        Err(e) => return Err(AgentError::Runtime { service: OS_UPDATE.into(), reason: format!("starting the OS update command: {e}") }),
                     }
                 }
                 let mut installed = Installed::load(&self.state)?;
@@ -863,8 +863,7 @@ impl<'a> Agent<'a> {
                 return Err(AgentError::Runtime {
                     service: service.into(),
                     reason: format!("instance {instance} stopped or failed its health check while starting"),
-                }
-                .into());
+                });
             }
             if starting.len() <= at_most {
                 return Ok(());
@@ -873,7 +872,7 @@ impl<'a> Agent<'a> {
             let late: Vec<&str> = starting.iter().filter(|(_, d)| *d <= now).map(|(i, _)| i.as_str()).collect();
             if !late.is_empty() {
                 let reason = format!("{} instance(s) not ready {} s after their start: {}", late.len(), self.options.start_timeout.as_secs(), late.join(", "));
-                return Err(AgentError::Runtime { service: service.into(), reason }.into());
+                return Err(AgentError::Runtime { service: service.into(), reason });
             }
             std::thread::sleep(self.options.poll);
         }
@@ -899,7 +898,7 @@ impl<'a> Agent<'a> {
                 instances.chunks(per_thread).map(|chunk| s.spawn(move || chunk.iter().try_for_each(|i| runtime.stop(service, i, timeout)))).collect();
             stops
                 .into_iter()
-                .try_for_each(|t| t.join().unwrap_or_else(|_| Err(AgentError::Runtime { service: service.into(), reason: "a stop panicked".into() }.into())))
+                .try_for_each(|t| t.join().unwrap_or_else(|_| Err(AgentError::Runtime { service: service.into(), reason: "a stop panicked".into() })))
         })
     }
 

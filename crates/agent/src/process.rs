@@ -92,9 +92,9 @@ impl ImageProcess {
             match section.get(key) {
                 None | Some(Value::Null) => Ok(Vec::new()),
                 Some(Value::Array(items)) => {
-                    items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("image config: {key} holds a non-string")).into())).collect()
+                    items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("image config: {key} holds a non-string")))).collect()
                 }
-                Some(_) => Err(bad(format!("image config: {key} is not a list")).into()),
+                Some(_) => Err(bad(format!("image config: {key} is not a list"))),
             }
         };
         let cmd = match command {
@@ -103,7 +103,7 @@ impl ImageProcess {
         };
         let argv: Vec<String> = strings("Entrypoint")?.into_iter().chain(cmd).collect();
         if argv.is_empty() {
-            return Err(bad("the image has neither Entrypoint nor Cmd: nothing to run".into()).into());
+            return Err(bad("the image has neither Entrypoint nor Cmd: nothing to run".into()));
         }
         let env = strings("Env")?
             .into_iter()

@@ -66,7 +66,7 @@ impl StateDir {
     pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self> {
         let root = absolute(root.into())?;
         if !(root.join("services").is_dir() && root.join("locks").is_dir()) {
-            return Err(AgentError::NoStateDir { path: root }.into());
+            return Err(AgentError::NoStateDir { path: root });
         }
         Ok(StateDir { root })
     }
@@ -251,7 +251,7 @@ impl Installed {
     pub fn load(state: &StateDir) -> Result<Self> {
         let path = state.installed_file();
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::State { path: path.clone(), reason: e.to_string() }.into()),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::State { path: path.clone(), reason: e.to_string() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Installed::default()),
             Err(e) => Err(fleetdelta_engine::Error::io(format!("reading {}", path.display()), e).into()),
         }

@@ -35,7 +35,7 @@ pub fn load_target(transfer: &Transfer, source: &str) -> Result<(Release, String
     } else {
         let bytes = std::fs::read(source).map_err(|e| fail(e.to_string()))?;
         if bytes.len() as u64 > MAX_FILE_BYTES {
-            return Err(fail(format!("larger than {MAX_FILE_BYTES} bytes")).into());
+            return Err(fail(format!("larger than {MAX_FILE_BYTES} bytes")));
         }
         String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".into()))?
     };

@@ -803,7 +803,7 @@ mod tests {
             let w = LayoutWriter::create(&dest).unwrap();
             let config = w.put_blob(format!("{{\"{}\": 1}}", content[0] as char).as_bytes()).unwrap();
             let layer = w.put_blob(content).unwrap();
-            let raw = manifest(config.clone(), layer.clone());
+            let raw = manifest(config, layer);
             let (m, n) = w.put_blob(&raw).unwrap();
             w.commit(&BlobRef { digest: m, size: n, media_type: OCI_MANIFEST.into() }, tag).unwrap();
             digests.push([config.0, layer.0, m]);
