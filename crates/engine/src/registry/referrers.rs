@@ -9,15 +9,15 @@
 
 use std::collections::BTreeMap;
 
+use oci_spec::image::{Descriptor, ImageIndex, MediaType};
 use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
-use serde_json::{json, Value};
 
 use super::client::{expect_status, read_bounded, Client, Scope};
 use super::reference::RegistryRef;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::image::manifest::{Manifest, MAX_JSON_BYTES, OCI_INDEX};
+use crate::image::manifest::{BlobRef, Manifest, MAX_JSON_BYTES, OCI_INDEX};
 
 /// One manifest that refers to a subject.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,15 +48,27 @@ impl Referrer {
     }
 
     /// The index entry that lists this referrer.
-    fn descriptor(&self) -> Value {
-        let mut d = json!({ "mediaType": self.media_type, "digest": self.digest.to_string(), "size": self.size });
-        if let Some(t) = &self.artifact_type {
-            d["artifactType"] = json!(t);
-        }
+    fn descriptor(&self) -> Result<Descriptor> {
+        let digest: oci_spec::image::Digest =
+            self.digest.to_string().parse().map_err(|e: oci_spec::OciSpecError| Error::malformed(format!("referrer {}", self.digest), e.to_string()))?;
+        let mut d = Descriptor::new(MediaType::from(self.media_type.as_str()), self.size, digest);
+        d.set_artifact_type(self.artifact_type.as_deref().map(MediaType::from));
         if !self.annotations.is_empty() {
-            d["annotations"] = json!(self.annotations);
+            d.set_annotations(Some(self.annotations.iter().map(|(k, v)| (k.clone(), v.clone())).collect()));
         }
-        d
+        Ok(d)
+    }
+
+    /// The referrer an index entry lists.
+    fn from_descriptor(d: &Descriptor) -> Result<Self> {
+        let blob = BlobRef::from_descriptor(d)?;
+        Ok(Referrer {
+            digest: blob.digest,
+            media_type: blob.media_type,
+            size: blob.size,
+            artifact_type: d.artifact_type().as_ref().map(ToString::to_string),
+            annotations: d.annotations().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        })
     }
 }
 
@@ -92,19 +104,18 @@ impl Client {
     /// its next push, and readers treat a missing entry as "no delta yet".
     pub async fn add_fallback_referrer(&self, r: &RegistryRef, subject: &Digest, referrer: &Referrer) -> Result<()> {
         let tag = fallback_tag(subject);
-        let mut entries: Vec<Value> = match self.get_manifest(r, &tag).await {
-            Ok(index) => {
-                let v: Value = serde_json::from_slice(&index.raw).map_err(|e| Error::malformed(format!("referrers index {tag}"), e.to_string()))?;
-                v.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default()
-            }
+        let mut entries: Vec<Descriptor> = match self.get_manifest(r, &tag).await {
+            Ok(index) => parse_oci_index(&index.raw, &format!("referrers index {tag}"))?.manifests().clone(),
             Err(Error::NotFound(_)) => Vec::new(),
             Err(e) => return Err(e),
         };
         let digest = referrer.digest.to_string();
-        entries.retain(|e| e.get("digest").and_then(Value::as_str) != Some(digest.as_str()));
-        entries.push(referrer.descriptor());
-        let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries });
-        let raw = serde_json::to_vec(&index).expect("JSON values serialize");
+        entries.retain(|e| e.digest().to_string() != digest);
+        entries.push(referrer.descriptor()?);
+        let mut index = ImageIndex::default();
+        index.set_media_type(Some(MediaType::ImageIndex));
+        index.set_manifests(entries);
+        let raw = serde_json::to_vec(&index).expect("indexes serialize");
         self.put_manifest(r, &tag, OCI_INDEX, &raw).await?;
         Ok(())
     }
@@ -112,25 +123,14 @@ impl Client {
 
 /// Reads the entries of a referrers index.
 pub fn parse_index(raw: &[u8], what: &str) -> Result<Vec<Referrer>> {
-    let v: Value = serde_json::from_slice(raw).map_err(|e| Error::malformed(what, e.to_string()))?;
-    let entries = v.get("manifests").and_then(Value::as_array).ok_or_else(|| Error::malformed(what, "no manifests array"))?;
-    entries
-        .iter()
-        .map(|e| {
-            let digest: Digest = e.get("digest").and_then(Value::as_str).ok_or_else(|| Error::malformed(what, "an entry has no digest"))?.parse()?;
-            let annotations = match e.get("annotations") {
-                None | Some(Value::Null) => BTreeMap::new(),
-                Some(a) => serde_json::from_value(a.clone()).map_err(|err| Error::malformed(what, format!("annotations of {digest}: {err}")))?,
-            };
-            Ok(Referrer {
-                digest,
-                media_type: e.get("mediaType").and_then(Value::as_str).unwrap_or_default().to_string(),
-                size: e.get("size").and_then(Value::as_u64).ok_or_else(|| Error::malformed(what, format!("entry {digest} has no size")))?,
-                artifact_type: e.get("artifactType").and_then(Value::as_str).map(str::to_string),
-                annotations,
-            })
-        })
-        .collect()
+    parse_oci_index(raw, what)?.manifests().iter().map(|d| Referrer::from_descriptor(d).map_err(|e| Error::malformed(what, e.to_string()))).collect()
+}
+
+fn parse_oci_index(raw: &[u8], what: &str) -> Result<ImageIndex> {
+    if raw.len() as u64 > MAX_JSON_BYTES {
+        return Err(Error::TooLarge { what: what.into(), limit: MAX_JSON_BYTES });
+    }
+    ImageIndex::from_reader(raw).map_err(|e| Error::malformed(what, e.to_string()))
 }
 
 #[cfg(test)]
@@ -146,11 +146,24 @@ mod tests {
             artifact_type: None,
             annotations: [("io.fleetdelta.source.config".to_string(), "sha256:x".to_string())].into(),
         };
-        let raw = serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": [r.descriptor()] })).unwrap();
+        let mut index = ImageIndex::default();
+        index.set_manifests(vec![r.descriptor().unwrap()]);
+        let raw = serde_json::to_vec(&index).unwrap();
         assert_eq!(parse_index(&raw, "t").unwrap(), vec![r]);
-        for bad in [r#"{}"#, r#"{"manifests":[{"size":1}]}"#, r#"{"manifests":[{"digest":"sha256:00","size":1}]}"#] {
+        let m = "application/vnd.oci.image.manifest.v1+json";
+        let good = format!("sha256:{}", "0".repeat(64));
+        for bad in [
+            r#"{}"#.to_string(),
+            r#"{"schemaVersion":2}"#.to_string(),
+            format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{m}","size":1}}]}}"#),
+            format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{m}","digest":"sha256:00","size":1}}]}}"#),
+            format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{m}","digest":"{good}"}}]}}"#),
+            format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{m}","digest":"{good}","size":1,"annotations":{{"a":1}}}}]}}"#),
+        ] {
             assert!(parse_index(bad.as_bytes(), "t").is_err(), "{bad}");
         }
+        let one = format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{m}","digest":"{good}","size":1}}]}}"#);
+        assert_eq!(parse_index(one.as_bytes(), "t").unwrap().len(), 1, "the smallest valid entry");
         assert_eq!(fallback_tag(&Digest::of(b"")), "sha256-e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 }
