@@ -385,16 +385,6 @@ fn exact_sample_delta(dir: &Path) -> PathBuf {
     d
 }
 
-fn edit_plan(delta: &Path, edit: impl FnOnce(&mut Value)) {
-    reseal(delta, |tars, _| {
-        tars[0] = retar_file(&tars[0], "delta.json", |p| {
-            let mut plan: Value = serde_json::from_slice(p).unwrap();
-            edit(&mut plan);
-            *p = serde_json::to_vec(&plan).unwrap();
-        })
-    });
-}
-
 #[test]
 fn a_lying_encoder_descriptor_is_caught_by_the_blob_digest_and_nothing_is_written() {
     let sample_v1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sample/v1");

@@ -381,6 +381,17 @@ pub fn retar(tar_bytes: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// Rewrites the delta's `delta.json` with `edit`, and reseals the delta ([`reseal`]).
+pub fn edit_plan(delta: &Path, edit: impl FnOnce(&mut Value)) {
+    reseal(delta, |tars, _| {
+        tars[0] = retar_file(&tars[0], "delta.json", |p| {
+            let mut plan: Value = serde_json::from_slice(p).unwrap();
+            edit(&mut plan);
+            *p = serde_json::to_vec(&plan).unwrap();
+        })
+    });
+}
+
 /// Rebuilds a tar with the contents of the entry named `name` edited (the others as they are).
 pub fn retar_file(tar_bytes: &[u8], name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut archive = tar::Archive::new(tar_bytes);
