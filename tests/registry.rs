@@ -444,3 +444,40 @@ fn docker_schema2_images_keep_their_manifest_through_the_registry() {
     assert!(index.contains("application/vnd.docker.distribution.manifest.v2+json"), "{index}");
     assert_eq!(layer_tars(&back, None), layer_tars(&img, Some("v1")));
 }
+
+/// A run killed mid-download (kill -9, as a power cut would) leaves its scratch directory
+/// in `$TMPDIR`; the next run removes it when it starts, and its own when it ends.
+#[test]
+fn a_killed_runs_scratch_directory_is_removed_by_the_next_run() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = pushed_big_image(&reg, tmp.path(), tmp.path());
+    let tmpdir = tmp.path().join("tmpdir");
+    fs::create_dir_all(&tmpdir).unwrap();
+    let scratch_dirs = || -> Vec<String> {
+        fs::read_dir(&tmpdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(fleetdelta::transfer::SCRATCH_PREFIX))
+            .collect()
+    };
+    let diff_from = |registry: &str, delta: &str| {
+        let mut c = fd(tmp.path());
+        c.env("TMPDIR", &tmpdir).args(["diff", &format!("docker://{registry}/big/app:v1"), &format!("oci:{}:v1", img.display())]);
+        c.arg(format!("oci:{}", tmp.path().join(delta).display()));
+        c
+    };
+    // The proxy stalls the download for a minute: the run is killed while it waits.
+    let proxy = Proxy::start(&reg.addr, Fault::StallBlob { after: 500_000, times: 1, secs: 60 });
+    let mut killed = diff_from(&proxy.addr, "d1").spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while proxy.injected() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the download never reached the stall");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(scratch_dirs().len(), 1, "the killed run's scratch directory is there: {:?}", scratch_dirs());
+    run(&mut diff_from(&reg.addr, "d2"));
+    assert_eq!(scratch_dirs(), Vec::<String>::new(), "the next run removed the killed one's, and its own");
+}

@@ -20,6 +20,7 @@ pub mod format;
 pub mod image;
 pub mod info;
 pub mod layer;
+pub mod locked_dir;
 pub mod package;
 pub mod progress;
 pub mod registry;

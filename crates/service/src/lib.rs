@@ -37,6 +37,7 @@ pub use fleetdelta_pull::{api, client};
 pub use shutdown::ShutdownReport;
 
 use fleetdelta_engine::error::{IoContext, Result};
+use fleetdelta_engine::locked_dir::ScratchDir;
 use fleetdelta_engine::registry::{Client, ClientOptions};
 
 /// A service bound to its address, ready to run.
@@ -44,7 +45,7 @@ use fleetdelta_engine::registry::{Client, ClientOptions};
 pub struct Service {
     listener: tokio::net::TcpListener,
     app: routes::App,
-    scratch: tempfile::TempDir,
+    scratch: ScratchDir,
 }
 
 impl Service {
@@ -54,13 +55,9 @@ impl Service {
         config.validate("the service configuration")?;
         let listener = tokio::net::TcpListener::bind(config.listen).await.ctx(|| format!("listening on {}", config.listen))?;
         let scratch_root = config.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
-        std::fs::create_dir_all(&scratch_root).ctx(|| format!("creating {}", scratch_root.display()))?;
-        // One directory per run, removed when the service returns: builds abandoned by a
-        // previous run that was killed leave theirs behind under another name, never ours.
-        let scratch = tempfile::Builder::new()
-            .prefix("fleetdelta-serve-")
-            .tempdir_in(&scratch_root)
-            .ctx(|| format!("creating a scratch directory in {}", scratch_root.display()))?;
+        // One directory per run, removed when the service returns; a killed run's is removed
+        // when the next one starts (a live instance's, sharing the directory, is kept).
+        let scratch = ScratchDir::create(&scratch_root, "fleetdelta-serve-")?;
         let config = Arc::new(config);
         let metrics = Arc::new(metrics::Metrics::default());
         let client = Arc::new(Client::new(registry)?);

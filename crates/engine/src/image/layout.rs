@@ -24,6 +24,7 @@ use crate::image::manifest::{
 };
 use crate::image::reference::{ImageRef, DEFAULT_TAG};
 use crate::layer::compression::copy_hashed;
+use crate::locked_dir::{self, lock_dir, LOCK_FILE};
 
 /// The annotation that names a tag in `index.json`.
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
@@ -185,7 +186,7 @@ impl Layout {
     /// lock: writers committing meanwhile wait, and their blobs are never taken for garbage.
     /// Returns how many blobs were removed.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Result<usize> {
-        let _guard = lock_layout(&self.root)?;
+        let _guard = lock_dir(&self.root)?;
         recover_interrupted_commits(&self.root)?;
         let index_path = self.root.join(INDEX_FILE);
         let what = index_path.display().to_string();
@@ -204,7 +205,7 @@ impl Layout {
     /// and indexes it names. Files of `blobs/sha256` not named by a digest are left alone.
     /// Under the layout's lock, as [`Layout::retain`]. Returns how many blobs were removed.
     pub fn gc(&self) -> Result<usize> {
-        let _guard = lock_layout(&self.root)?;
+        let _guard = lock_dir(&self.root)?;
         recover_interrupted_commits(&self.root)?;
         self.gc_locked()
     }
@@ -327,24 +328,16 @@ impl LayoutWriter {
             (parent_dir(dest), format!(".{name}{STAGING_BESIDE_LAYOUT}"))
         };
         fs::create_dir_all(&parent).ctx(|| format!("creating {}", parent.display()))?;
-        // Under the parent's lock, a staging directory is never seen without its lock file
-        // while its writer lives: writers create both under it, and drop the lock file (at
-        // a commit into a new layout) under it too. So a lockless one is a killed writer's.
-        let _parent_guard = lock_layout(&parent)?;
-        remove_stale_staging(&parent, &prefix)?;
         if existing_layout {
+            let _guard = lock_dir(dest)?;
             recover_interrupted_commits(dest)?;
         }
-        // Permissions as the umask makes them, like any directory the user creates (the
-        // staging directory becomes the layout when the destination is new).
-        let staging = tempfile::Builder::new()
-            .prefix(&prefix)
-            .permissions(fs::Permissions::from_mode(0o777))
-            .tempdir_in(&parent)
-            .ctx(|| format!("creating a staging directory in {}", parent.display()))?;
-        let lock_path = staging.path().join(STAGING_LOCK);
-        let staging_lock = File::create(&lock_path).ctx(|| format!("creating {}", lock_path.display()))?;
-        staging_lock.lock().ctx(|| format!("locking {}", lock_path.display()))?;
+        // Under the parent's lock, a staging directory is never seen without its lock file
+        // while its writer lives: writers create both under it (locked_dir), and drop the
+        // lock file (at a commit into a new layout) under it too. So a lockless one is a
+        // killed writer's. Permissions as the umask makes them (the staging directory
+        // becomes the layout when the destination is new).
+        let (staging, staging_lock) = locked_dir::create(&parent, &prefix, true)?;
         fs::create_dir_all(staging.path().join("blobs").join("sha256")).ctx(|| "creating staging blobs directory".into())?;
         Ok(LayoutWriter { dest: dest.to_path_buf(), staging, into_existing, verified: Mutex::default(), _staging_lock: staging_lock })
     }
@@ -451,8 +444,8 @@ impl LayoutWriter {
             // Without its lock file, the staging directory is protected by the parent's lock
             // until it has become the layout (see `create`).
             let parent = parent_dir(&self.dest);
-            let _parent_guard = lock_layout(&parent)?;
-            fs::remove_file(self.staging.path().join(STAGING_LOCK)).ctx(|| "removing the staging lock".into())?;
+            let _parent_guard = lock_dir(&parent)?;
+            fs::remove_file(self.staging.path().join(LOCK_FILE)).ctx(|| "removing the staging lock".into())?;
             write_new(&self.staging.path().join(INDEX_FILE), &serde_json::to_vec(&index).expect("JSON values serialize"))?;
             write_new(&self.staging.path().join(LAYOUT_FILE), LAYOUT_VERSION_JSON.as_bytes())?;
             sync_dir(&staged_blobs)?;
@@ -470,7 +463,7 @@ impl LayoutWriter {
         let dest_blobs = self.dest.join("blobs").join("sha256");
         fs::create_dir_all(&dest_blobs).ctx(|| format!("creating {}", dest_blobs.display()))?;
         // Serialize with other writers of this layout (and the device agent's pruning).
-        let _guard = lock_layout(&self.dest)?;
+        let _guard = lock_dir(&self.dest)?;
         recover_interrupted_commits(&self.dest)?;
         let mut staged = Vec::new();
         for item in fs::read_dir(staged_blobs).ctx(|| "listing staged blobs".into())? {
@@ -526,8 +519,6 @@ impl LayoutWriter {
 const STAGING_IN_LAYOUT: &str = ".fleetdelta-staging-";
 /// Suffix after `.<name>` of staging directories beside a layout that does not exist yet.
 const STAGING_BESIDE_LAYOUT: &str = ".fleetdelta-";
-/// The file inside a staging directory that its writer holds locked.
-const STAGING_LOCK: &str = ".lock";
 /// Prefix of the temporary files that [`write_atomically`] renames into place.
 const TEMP_FILE_PREFIX: &str = ".tmp-";
 /// Prefix of a commit journal in a layout: the blobs a commit is moving in, one hex digest a
@@ -535,60 +526,11 @@ const TEMP_FILE_PREFIX: &str = ".tmp-";
 const COMMIT_JOURNAL_PREFIX: &str = ".fleetdelta-commit-";
 
 impl LayoutWriter {
-    /// Removes the staging directory under another name first (`<prefix>trash-…`), so that
-    /// a writer killed while removing it leaves a directory that reads as garbage by its
-    /// name alone. The directory's own removal on drop then finds nothing.
+    /// Removes the staging directory ([`locked_dir::discard`]); its own removal on drop then
+    /// finds nothing.
     fn discard_staging(&self) {
-        let path = self.staging.path();
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name().map(|n| n.to_string_lossy().into_owned())) else { return };
-        // The prefix ends with its last '-': tempfile's random part is alphanumeric.
-        let Some(cut) = name.rfind('-').map(|i| i + 1) else { return };
-        let trash = parent.join(format!("{}{TRASH_MARK}{}", &name[..cut], &name[cut..]));
-        if fs::rename(path, &trash).is_ok() {
-            let _ = fs::remove_dir_all(&trash);
-        }
+        locked_dir::discard(self.staging.path());
     }
-}
-
-/// After a staging prefix: a staging directory being removed ([`LayoutWriter::discard_staging`]).
-const TRASH_MARK: &str = "trash-";
-
-/// Removes the staging directories named `prefix…` in `parent` whose writer is gone, and
-/// those a writer was removing when it died. The caller holds `parent`'s lock, so a staging
-/// directory without its lock file has no live writer (see [`LayoutWriter::create`]).
-fn remove_stale_staging(parent: &Path, prefix: &str) -> Result<()> {
-    let entries = match fs::read_dir(parent) {
-        Ok(e) => e,
-        Err(e) => return Err(Error::io(format!("reading {}", parent.display()), e)),
-    };
-    for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with(prefix) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let dir = entry.path();
-        if entry.file_name().to_string_lossy()[prefix.len()..].starts_with(TRASH_MARK) {
-            // Another writer may be removing it at the same time: whoever is first wins.
-            let _ = fs::remove_dir_all(&dir);
-            continue;
-        }
-        let stale = match File::open(dir.join(STAGING_LOCK)) {
-            // A lock we can take is a lock nobody holds: its writer died.
-            Ok(lock) => lock.try_lock().is_ok(),
-            Err(_) => true,
-        };
-        if stale {
-            fs::remove_dir_all(&dir).ctx(|| format!("removing the stale staging directory {}", dir.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Takes the lock that serializes the read-modify-write of a layout's `index.json` (and,
-/// on any directory, the creation and removal of the staging directories in it).
-fn lock_layout(dest: &Path) -> Result<File> {
-    let dir = File::open(dest).ctx(|| format!("opening {}", dest.display()))?;
-    dir.lock().ctx(|| format!("locking {}", dest.display()))?;
-    Ok(dir)
 }
 
 /// Finishes the commits that were killed in `dest` (the caller holds the layout's lock, so
@@ -715,6 +657,7 @@ impl Write for BlobWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::locked_dir::TRASH_MARK;
 
     fn manifest_ref(d: Digest, size: u64) -> BlobRef {
         BlobRef { media_type: crate::image::manifest::OCI_MANIFEST.into(), digest: d, size }
@@ -778,7 +721,7 @@ mod tests {
         let w = LayoutWriter::create(&dest).unwrap();
         assert!(!trash.exists(), "a trash directory is removed by the next writer");
         assert!(!lockless.exists(), "a lockless staging directory is a killed writer's");
-        assert!(live.staging.path().join(STAGING_LOCK).exists(), "a live writer's staging directory is kept");
+        assert!(live.staging.path().join(LOCK_FILE).exists(), "a live writer's staging directory is kept");
         let (b, bn) = w.put_blob(b"b").unwrap();
         w.commit(&manifest_ref(b, bn), "v2").unwrap();
         drop(live);

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use serde::Serialize;
-use tempfile::TempDir;
 
 pub use fetch::{fetch_image, FetchReport};
 pub use push::{push_image, PushReport};
@@ -26,6 +25,7 @@ use crate::engine::{Engine, EngineRef, LoadReport, DEFAULT_ENGINE_HOST};
 use crate::error::{Error, IoContext, Result};
 use crate::image::manifest::{BlobRef, MAX_JSON_BYTES};
 use crate::image::{ImageRef, Layout, LayoutWriter};
+use crate::locked_dir::ScratchDir;
 use crate::progress::Progress;
 use crate::registry::{Client, ClientOptions, RegistryRef};
 
@@ -62,13 +62,16 @@ const MAX_ENGINE_LAYER_BYTES: u64 = 64 << 30;
 pub struct Transfer {
     runtime: tokio::runtime::Runtime,
     client: Client,
-    scratch: OnceLock<TempDir>,
+    scratch: OnceLock<ScratchDir>,
     counter: AtomicUsize,
     engine_host: String,
     engine: OnceLock<Engine>,
     /// Images read from the engine: their layers are in it, so loads leave them out.
     engine_images: Mutex<Vec<EngineImage>>,
 }
+
+/// The prefix of a transfer's scratch directory in the system's temporary directory.
+pub const SCRATCH_PREFIX: &str = "fleetdelta-scratch-";
 
 impl Transfer {
     /// A transfer with these client options.
@@ -119,7 +122,8 @@ impl Transfer {
         if let Some(dir) = self.scratch.get() {
             return Ok(dir.path().to_path_buf());
         }
-        let dir = tempfile::Builder::new().prefix("fleetdelta-").tempdir().ctx(|| "creating a scratch directory".into())?;
+        // A killed process's scratch directory is removed by the next one's creation.
+        let dir = ScratchDir::create(&std::env::temp_dir(), SCRATCH_PREFIX)?;
         Ok(self.scratch.get_or_init(|| dir).path().to_path_buf())
     }
 
