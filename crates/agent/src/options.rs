@@ -45,7 +45,7 @@ pub struct AgentOptions {
     pub recheck: Option<Duration>,
     /// Test hook: exit the process with [`CRASH_EXIT_CODE`], without any cleanup, right after
     /// doing this step and before journaling it done. `SERVICE:STEP` or `STEP` (step names as
-    /// [`Step::as_str`]), or `begin` (plan journaled), `commit-release` (installed services
+    /// [`Step::as_str`](crate::Step::as_str)), or `begin` (plan journaled), `commit-release` (installed services
     /// recorded, before pruning).
     pub crash_after: Option<String>,
 }

@@ -41,7 +41,7 @@ pub struct ServiceReport {
     pub fetched: Option<Fetched>,
 }
 
-/// What [`Agent::update`] did.
+/// What [`Agent::update`](crate::Agent::update) did.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct UpdateReport {
     /// The release the device ran.
