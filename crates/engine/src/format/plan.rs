@@ -438,3 +438,98 @@ impl DeltaPlan {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// A valid plan for a target of 3 layers and a delta of 4 (metadata, patch, blob, corrections):
+    /// the example of `docs/format.md`, with a corrected layer.
+    fn valid() -> Value {
+        let d = Digest::of(b"x").to_string();
+        json!({
+            "formatVersion": 1,
+            "features": ["exact-gzip", "gzip-corrections"],
+            "createdBy": "fleetdelta test",
+            "level": "default",
+            "source": { "manifest": d, "config": d },
+            "target": { "manifest": d, "config": d },
+            "layers": [
+                { "index": 0, "method": "source", "sourceLayer": 0, "encoding": { "kind": "verbatim" } },
+                { "index": 1, "method": "patch", "deltaLayer": 1, "sourceLayersUsed": [0],
+                  "encoding": { "kind": "corrected", "engine": CORRECTION_ENGINE, "header": { "mtime": 0, "xfl": 0, "os": 255 },
+                                "correctionsLayer": 3, "correctionsBytes": 10 } },
+                { "index": 2, "method": "blob", "deltaLayer": 2, "encoding": { "kind": "verbatim" } }
+            ]
+        })
+    }
+
+    fn validate(plan: &Value, target_layers: usize) -> Result<()> {
+        let plan: DeltaPlan = serde_json::from_value(plan.clone()).expect("the cases are well-formed JSON plans");
+        plan.validate(target_layers, 4)
+    }
+
+    #[test]
+    fn validate_refuses_each_inconsistency_by_name() {
+        validate(&valid(), 3).expect("the base plan is valid");
+        let exact = json!({ "kind": "exact", "descriptor": { "encoder": { "kind": "zlib", "level": 6 }, "header": { "mtime": 0, "xfl": 0, "os": 255 } } });
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, usize, Edit, &str)> = vec![
+            ("format version", 3, Box::new(|p| p["formatVersion"] = json!(2)), "format version 2"),
+            ("unknown feature", 3, Box::new(|p| p["features"] = json!(["exact-gzip", "gzip-corrections", "time-travel"])), "\"time-travel\""),
+            ("layer count", 4, Box::new(|_| {}), "3 layer plans for a target of 4 layers"),
+            ("index", 3, Box::new(|p| p["layers"][1]["index"] = json!(5)), "layer plan 1 has index 5"),
+            ("source with a payload", 3, Box::new(|p| p["layers"][0]["deltaLayer"] = json!(1)), "layer plan 0 (Source) names no valid"),
+            ("patch from the metadata layer", 3, Box::new(|p| p["layers"][1]["deltaLayer"] = json!(0)), "layer plan 1 (Patch) names no valid"),
+            ("patch past the delta", 3, Box::new(|p| p["layers"][1]["deltaLayer"] = json!(4)), "layer plan 1 (Patch) names no valid"),
+            ("blob with a source", 3, Box::new(|p| p["layers"][2]["sourceLayer"] = json!(0)), "layer plan 2 (Blob) names no valid"),
+            (
+                "exact blob",
+                3,
+                Box::new({
+                    let exact = exact.clone();
+                    move |p| p["layers"][2]["encoding"] = exact.clone()
+                }),
+                "layer plan 2 re-encodes a blob that is carried whole",
+            ),
+            (
+                "exact undeclared",
+                3,
+                Box::new(move |p| {
+                    p["layers"][1]["encoding"] = exact.clone();
+                    p["features"] = json!(["gzip-corrections"]);
+                }),
+                "layer plan 1 re-encodes exactly but the delta does not declare \"exact-gzip\"",
+            ),
+            ("corrections undeclared", 3, Box::new(|p| p["features"] = json!(["exact-gzip"])), "does not declare \"gzip-corrections\""),
+            ("corrections engine", 3, Box::new(|p| p["layers"][1]["encoding"]["engine"] = json!("preflate-rs 0.1")), "has corrections for \"preflate-rs 0.1\""),
+            (
+                "corrections in the metadata layer",
+                3,
+                Box::new(|p| p["layers"][1]["encoding"]["correctionsLayer"] = json!(0)),
+                "names delta layer 0 for its corrections",
+            ),
+            (
+                "corrections in the patch's layer",
+                3,
+                Box::new(|p| p["layers"][1]["encoding"]["correctionsLayer"] = json!(1)),
+                "names delta layer 1 for its corrections",
+            ),
+            (
+                "corrections past the delta",
+                3,
+                Box::new(|p| p["layers"][1]["encoding"]["correctionsLayer"] = json!(4)),
+                "names delta layer 4 for its corrections",
+            ),
+        ];
+        for (name, target_layers, edit, message) in cases {
+            let mut plan = valid();
+            edit(&mut plan);
+            match validate(&plan, target_layers) {
+                Ok(()) => panic!("{name}: accepted"),
+                Err(e) => assert!(e.to_string().contains(message), "{name}: {e}"),
+            }
+        }
+    }
+}
