@@ -11,6 +11,7 @@ pub mod zip_members;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::BufWriter;
+use std::path::Path;
 use std::str::FromStr;
 
 use rayon::prelude::*;
@@ -18,11 +19,11 @@ use rayon::prelude::*;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{
-    DeltaPlan, Encoding, LayerPlan, Method, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_DEFLATE_MEMBERS, FEATURE_EXACT_GZIP,
-    FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS,
+    DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_DEFLATE_MEMBERS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS,
+    FEATURE_GZIP_MEMBERS,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
-use crate::image::{load_image, ImageRef, LayoutWriter};
+use crate::image::{load_image, Image, ImageRef, Layout, LayoutWriter};
 use crate::package::{write_delta, Payload, Role};
 use crate::progress::Progress;
 use encode::{encode_layer, EncodeParams};
@@ -113,6 +114,11 @@ pub struct DiffReport {
 }
 
 /// Computes the delta from `source` to `target` and writes it as an image at `delta`.
+///
+/// The pipeline: read both images → unpack the layers to encode and every source layer
+/// ([`material`]) → expand gzip and zip members ([`members`]) → index the source ([`pair`])
+/// → encode each changed layer ([`encode`], choosing its re-encoding with [`encoding`]) →
+/// plan the unchanged ones → package the delta ([`crate::package`]) and commit it.
 pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &DiffOptions, progress: &dyn Progress) -> Result<DiffReport> {
     let (source_layout, source_image) = load_image(source)?;
     let (target_layout, target_image) = load_image(target)?;
@@ -123,197 +129,33 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     let source_by_diff_id: HashMap<Digest, u32> = source_image.layers.iter().enumerate().rev().map(|(i, l)| (l.diff_id, i as u32)).collect();
     let to_encode: Vec<u32> =
         (0..target_image.layers.len() as u32).filter(|i| !source_by_diff_id.contains_key(&target_image.layers[*i as usize].diff_id)).collect();
-
-    let mut unpacked_source: Vec<Unpacked> = Vec::new();
-    let mut unpacked_target: HashMap<u32, Unpacked> = HashMap::new();
-    if !to_encode.is_empty() {
-        let total: u64 =
-            source_image.layers.iter().map(|l| l.blob.size).sum::<u64>() + to_encode.iter().map(|i| target_image.layers[*i as usize].blob.size).sum::<u64>();
-        progress.stage("unpacking layers", total);
-        let jobs: Vec<(bool, u32)> = (0..source_image.layers.len() as u32).map(|i| (true, i)).chain(to_encode.iter().map(|i| (false, *i))).collect();
-        let results: Vec<Unpacked> = jobs
-            .par_iter()
-            .map(|(is_source, i)| {
-                let (layout, image, side) = if *is_source { (&source_layout, &source_image, "source") } else { (&target_layout, &target_image, "target") };
-                let layer = &image.layers[*i as usize];
-                let u = unpack(
-                    layout,
-                    layer,
-                    scratch.path(),
-                    &format!("{side}-{i}.tar"),
-                    options.max_layer_bytes,
-                    &format!("{side} layer {i} ({})", layer.blob.digest),
-                )?;
-                progress.advance(layer.blob.size);
-                Ok(u)
-            })
-            .collect::<Result<_>>()?;
-        let mut results = results.into_iter();
-        unpacked_source.extend(results.by_ref().take(source_image.layers.len()));
-        unpacked_target.extend(to_encode.iter().copied().zip(results));
-    }
-    // gzip files and zip entries inside the layers, patched uncompressed (not at the fast level).
-    let expansion = if options.level == Level::Fast || unpacked_target.is_empty() {
-        members::Expansion::default()
-    } else {
-        progress.stage("looking into gzip and zip files", 0);
-        members::find(&unpacked_target, &SourceIndex::build(&unpacked_source), options.max_layer_bytes)?
-    };
-    for (layer, ms) in &expansion.source {
-        let u = &mut unpacked_source[*layer as usize];
-        *u = u.expanded(ms, scratch.path(), &format!("source-{layer}.x.tar"), options.max_layer_bytes, &format!("source layer {layer}"))?;
-    }
-    let expanded_target: HashMap<u32, Unpacked> = expansion
-        .target
-        .iter()
-        .map(|(layer, ms)| {
-            let plain: Vec<_> = ms.iter().map(|m| m.member).collect();
-            let u = unpacked_target[layer].expanded(
-                &plain,
-                scratch.path(),
-                &format!("target-{layer}.x.tar"),
-                options.max_layer_bytes,
-                &format!("target layer {layer}"),
-            )?;
-            Ok((*layer, u))
-        })
-        .collect::<Result<_>>()?;
+    let sides = Sides { source: (&source_layout, &source_image), target: (&target_layout, &target_image) };
+    let (mut unpacked_source, unpacked_target) = unpack_layers(&sides, &to_encode, scratch.path(), options, progress)?;
+    let (expansion, expanded_target) = expand_members(&mut unpacked_source, &unpacked_target, scratch.path(), options, progress)?;
     let index = SourceIndex::build(&unpacked_source);
 
-    let params = options.level.params();
-    // In bytes of the tars the patches rebuild (expanded where the layer has members).
-    let encoded_tar = |i: &u32| expanded_target.get(i).unwrap_or(&unpacked_target[i]).index.len;
-    progress.stage("encoding layers", to_encode.iter().map(encoded_tar).sum());
-    let encoded: Vec<(LayerPlan, Vec<Payload>)> = to_encode
-        .par_iter()
-        .map(|i| {
-            let target = &unpacked_target[i];
-            let layer = &target_image.layers[*i as usize];
-            let blob_path = target_layout.blob_path(&layer.blob.digest);
-            let (encoding, corrections) = match choose(&target_layout, layer, *i, options.fidelity, scratch.path(), || Ok(target.reader()))? {
-                Choice::Encode(e) => (e, None),
-                Choice::Correct { encoding, path, bytes } => (encoding, Some((path, bytes))),
-                Choice::CarryBlob => {
-                    progress.advance(encoded_tar(i));
-                    let plan = LayerPlan {
-                        index: *i,
-                        method: Method::Blob,
-                        source_layer: None,
-                        delta_layer: None,
-                        source_layers_used: Vec::new(),
-                        stats: None,
-                        encoding: Some(Encoding::Verbatim),
-                        members: Vec::new(),
-                    };
-                    return Ok((plan, vec![Payload { target_layer: *i, role: Role::Blob, path: blob_path }]));
-                }
-            };
-            let path = scratch.path().join(format!("patch-{i}"));
-            let file = BufWriter::with_capacity(1 << 20, File::create(&path).ctx(|| format!("creating {}", path.display()))?);
-            let mut outer = zstd::stream::write::Encoder::new(file, if options.level == Level::Fast { 3 } else { 9 }).ctx(|| "starting zstd".into())?;
-            outer.window_log(RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
-            outer.include_checksum(true).ctx(|| "configuring zstd".into())?;
-            // The patch rebuilds the expanded tar when the layer has members.
-            let members = expansion.target.get(i).cloned().unwrap_or_default();
-            let (mut stats, used) = encode_layer(*i, expanded_target.get(i).unwrap_or(target), &index, &params, &mut outer, progress)?;
-            stats.members = members.len() as u64;
-            stats.member_bytes = members.iter().map(|m| m.member.compressed_len).sum();
-            outer.finish().ctx(|| "finishing patch".into())?.into_inner().map_err(|e| Error::io("writing patch", e.into_error()))?;
-            stats.payload_bytes = std::fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?.len();
-            let cost = stats.payload_bytes + corrections.as_ref().map_or(0, |(_, bytes)| *bytes);
-            let (method, encoding, payloads) = if cost as f64 >= BLOB_PREFERENCE * layer.blob.size as f64 {
-                (Method::Blob, Encoding::Verbatim, vec![Payload { target_layer: *i, role: Role::Blob, path: blob_path }])
-            } else {
-                let mut payloads = vec![Payload { target_layer: *i, role: Role::Patch, path }];
-                payloads.extend(corrections.map(|(path, _)| Payload { target_layer: *i, role: Role::Corrections, path }));
-                (Method::Patch, encoding, payloads)
-            };
-            let plan = LayerPlan {
-                index: *i,
-                method,
-                source_layer: None,
-                delta_layer: None,
-                source_layers_used: if method == Method::Patch { used.into_iter().collect() } else { Vec::new() },
-                stats: Some(stats),
-                encoding: Some(encoding),
-                members: if method == Method::Patch { members } else { Vec::new() },
-            };
-            Ok((plan, payloads))
-        })
-        .collect::<Result<_>>()?;
-
+    let changed = Changed { target: sides.target, unpacked: &unpacked_target, expanded: &expanded_target, expansion: &expansion, index: &index };
+    progress.stage("encoding layers", to_encode.iter().map(|i| changed.tar_bytes(*i)).sum());
+    let encoded: Vec<(LayerPlan, Vec<Payload>)> = to_encode.par_iter().map(|i| changed.encode(*i, scratch.path(), options, progress)).collect::<Result<_>>()?;
     let mut encoded: HashMap<u32, (LayerPlan, Vec<Payload>)> = encoded.into_iter().map(|e| (e.0.index, e)).collect();
+
     let mut layers = Vec::new();
     let mut payloads = Vec::new();
     for (i, layer) in target_image.layers.iter().enumerate() {
-        match source_by_diff_id.get(&layer.diff_id) {
-            Some(s) => {
-                let source_blob = &source_image.layers[*s as usize].blob;
-                let choice = if source_blob.digest == layer.blob.digest {
-                    Choice::Encode(Encoding::Verbatim)
-                } else {
-                    // Same tar, other compression: re-encode it as the target's blob was.
-                    let blob_path = target_layout.blob_path(&layer.blob.digest);
-                    choose(&target_layout, layer, i as u32, options.fidelity, scratch.path(), || {
-                        layer.compression.decoder(std::io::BufReader::new(File::open(&blob_path)?)).map_err(Error::into_io)
-                    })?
-                };
-                let source_plan = |encoding| LayerPlan {
-                    index: i as u32,
-                    method: Method::Source,
-                    source_layer: Some(*s),
-                    delta_layer: None,
-                    source_layers_used: Vec::new(),
-                    stats: None,
-                    encoding: Some(encoding),
-                    members: Vec::new(),
-                };
-                match choice {
-                    Choice::Encode(encoding) => layers.push(source_plan(encoding)),
-                    Choice::Correct { encoding, path, .. } => {
-                        layers.push(source_plan(encoding));
-                        payloads.push(Payload { target_layer: i as u32, role: Role::Corrections, path });
-                    }
-                    Choice::CarryBlob => {
-                        layers.push(LayerPlan {
-                            index: i as u32,
-                            method: Method::Blob,
-                            source_layer: None,
-                            delta_layer: None,
-                            source_layers_used: Vec::new(),
-                            stats: None,
-                            encoding: Some(Encoding::Verbatim),
-                            members: Vec::new(),
-                        });
-                        payloads.push(Payload { target_layer: i as u32, role: Role::Blob, path: target_layout.blob_path(&layer.blob.digest) });
-                    }
-                }
-            }
-            None => {
-                let (plan, layer_payloads) = encoded.remove(&(i as u32)).ok_or_else(|| Error::NotFound(format!("encoded layer {i}")))?;
-                layers.push(plan);
-                payloads.extend(layer_payloads);
-            }
-        }
+        let (plan, layer_payloads) = match source_by_diff_id.get(&layer.diff_id) {
+            Some(s) => plan_from_source(&sides, i as u32, *s, scratch.path(), options.fidelity)?,
+            None => encoded.remove(&(i as u32)).ok_or_else(|| Error::NotFound(format!("encoded layer {i}")))?,
+        };
+        layers.push(plan);
+        payloads.extend(layer_payloads);
     }
-    let exact = layers.iter().any(|l| matches!(l.encoding, Some(Encoding::Exact { .. })));
     // Source members matter only in the layers the patches read.
     let read: BTreeSet<u32> = layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
     let source_members: Vec<SourceMembers> =
         expansion.source.into_iter().filter(|(layer, _)| read.contains(layer)).map(|(layer, members)| SourceMembers { layer, members }).collect();
-    let mut features = Vec::new();
-    if exact {
-        features.push(FEATURE_EXACT_GZIP.to_string());
-    }
-    if !source_members.is_empty() || layers.iter().any(|l| !l.members.is_empty()) {
-        features.push(FEATURE_GZIP_MEMBERS.to_string());
-    }
-    if layers.iter().any(|l| matches!(l.encoding, Some(Encoding::Corrected { .. }))) {
-        features.push(FEATURE_GZIP_CORRECTIONS.to_string());
-    }
     let mut plan = DeltaPlan {
         format_version: FORMAT_VERSION,
-        features,
+        features: Vec::new(),
         created_by: format!("fleetdelta {}", env!("CARGO_PKG_VERSION")),
         level: options.level.name().to_string(),
         source: SourceIdentity { manifest: source_image.manifest.digest, config: source_image.config.digest },
@@ -321,9 +163,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         layers,
         source_members,
     };
-    if plan.lists_deflate_members() {
-        plan.features.push(FEATURE_DEFLATE_MEMBERS.to_string());
-    }
+    plan.features = features_used(&plan);
     let (manifest, delta_bytes) = write_delta(&writer, &mut plan, &target_image, &payloads)?;
     drop(unpacked_source);
     drop(unpacked_target);
@@ -335,4 +175,166 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         + target_image.manifest.config.size
         + target_image.layers.iter().filter(|l| !source_by_diff_id.contains_key(&l.diff_id)).map(|l| l.blob.size).sum::<u64>();
     Ok(DiffReport { delta_manifest: manifest.digest, delta_bytes, full_pull_bytes, plan })
+}
+
+/// Both images, each with the layout it is read from.
+struct Sides<'a> {
+    source: (&'a Layout, &'a Image),
+    target: (&'a Layout, &'a Image),
+}
+
+/// Unpacks every source layer and the target layers `to_encode` into `scratch`, in parallel.
+fn unpack_layers(
+    sides: &Sides,
+    to_encode: &[u32],
+    scratch: &Path,
+    options: &DiffOptions,
+    progress: &dyn Progress,
+) -> Result<(Vec<Unpacked>, HashMap<u32, Unpacked>)> {
+    let ((source_layout, source_image), (target_layout, target_image)) = (sides.source, sides.target);
+    if to_encode.is_empty() {
+        return Ok((Vec::new(), HashMap::new()));
+    }
+    let total: u64 =
+        source_image.layers.iter().map(|l| l.blob.size).sum::<u64>() + to_encode.iter().map(|i| target_image.layers[*i as usize].blob.size).sum::<u64>();
+    progress.stage("unpacking layers", total);
+    let jobs: Vec<(bool, u32)> = (0..source_image.layers.len() as u32).map(|i| (true, i)).chain(to_encode.iter().map(|i| (false, *i))).collect();
+    let results: Vec<Unpacked> = jobs
+        .par_iter()
+        .map(|(is_source, i)| {
+            let (layout, image, side) = if *is_source { (source_layout, source_image, "source") } else { (target_layout, target_image, "target") };
+            let layer = &image.layers[*i as usize];
+            let what = format!("{side} layer {i} ({})", layer.blob.digest);
+            let u = unpack(layout, layer, scratch, &format!("{side}-{i}.tar"), options.max_layer_bytes, &what)?;
+            progress.advance(layer.blob.size);
+            Ok(u)
+        })
+        .collect::<Result<_>>()?;
+    let mut results = results.into_iter();
+    let source = results.by_ref().take(source_image.layers.len()).collect();
+    Ok((source, to_encode.iter().copied().zip(results).collect()))
+}
+
+/// Finds the gzip files and zip entries inside the layers that are patched uncompressed (not
+/// at the fast level), and expands them: the source layers in place, the target layers into
+/// the map returned beside the expansion.
+fn expand_members(
+    source: &mut [Unpacked],
+    target: &HashMap<u32, Unpacked>,
+    scratch: &Path,
+    options: &DiffOptions,
+    progress: &dyn Progress,
+) -> Result<(members::Expansion, HashMap<u32, Unpacked>)> {
+    if options.level == Level::Fast || target.is_empty() {
+        return Ok((members::Expansion::default(), HashMap::new()));
+    }
+    progress.stage("looking into gzip and zip files", 0);
+    let expansion = members::find(target, &SourceIndex::build(source), options.max_layer_bytes)?;
+    for (layer, ms) in &expansion.source {
+        let u = &mut source[*layer as usize];
+        *u = u.expanded(ms, scratch, &format!("source-{layer}.x.tar"), options.max_layer_bytes, &format!("source layer {layer}"))?;
+    }
+    let expanded = expansion
+        .target
+        .iter()
+        .map(|(layer, ms)| {
+            let plain: Vec<_> = ms.iter().map(|m| m.member).collect();
+            let u = target[layer].expanded(&plain, scratch, &format!("target-{layer}.x.tar"), options.max_layer_bytes, &format!("target layer {layer}"))?;
+            Ok((*layer, u))
+        })
+        .collect::<Result<_>>()?;
+    Ok((expansion, expanded))
+}
+
+/// The target layers no source layer has, unpacked (and expanded where they hold members),
+/// with the source index their patches match against.
+struct Changed<'a> {
+    target: (&'a Layout, &'a Image),
+    unpacked: &'a HashMap<u32, Unpacked>,
+    expanded: &'a HashMap<u32, Unpacked>,
+    expansion: &'a members::Expansion,
+    index: &'a SourceIndex<'a>,
+}
+
+impl Changed<'_> {
+    /// The bytes of the tar the patch of layer `i` rebuilds (expanded where it has members).
+    fn tar_bytes(&self, i: u32) -> u64 {
+        self.expanded.get(&i).unwrap_or(&self.unpacked[&i]).index.len
+    }
+
+    /// Encodes target layer `i`: a patch (with its correction stream, if any), or the blob
+    /// itself when the patch would not be smaller enough ([`BLOB_PREFERENCE`]) or the
+    /// layer cannot be rebuilt with the fidelity asked for.
+    fn encode(&self, i: u32, scratch: &Path, options: &DiffOptions, progress: &dyn Progress) -> Result<(LayerPlan, Vec<Payload>)> {
+        let (target_layout, target_image) = self.target;
+        let target = &self.unpacked[&i];
+        let layer = &target_image.layers[i as usize];
+        let blob = || vec![Payload { target_layer: i, role: Role::Blob, path: target_layout.blob_path(&layer.blob.digest) }];
+        let (encoding, corrections) = match choose(target_layout, layer, i, options.fidelity, scratch, || Ok(target.reader()))? {
+            Choice::Encode(e) => (e, None),
+            Choice::Correct { encoding, path, bytes } => (encoding, Some((path, bytes))),
+            Choice::CarryBlob => {
+                progress.advance(self.tar_bytes(i));
+                return Ok((LayerPlan::blob(i), blob()));
+            }
+        };
+        let path = scratch.join(format!("patch-{i}"));
+        let file = BufWriter::with_capacity(1 << 20, File::create(&path).ctx(|| format!("creating {}", path.display()))?);
+        let mut outer = zstd::stream::write::Encoder::new(file, if options.level == Level::Fast { 3 } else { 9 }).ctx(|| "starting zstd".into())?;
+        outer.window_log(RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
+        outer.include_checksum(true).ctx(|| "configuring zstd".into())?;
+        // The patch rebuilds the expanded tar when the layer has members.
+        let members = self.expansion.target.get(&i).cloned().unwrap_or_default();
+        let (mut stats, used) = encode_layer(i, self.expanded.get(&i).unwrap_or(target), self.index, &options.level.params(), &mut outer, progress)?;
+        stats.members = members.len() as u64;
+        stats.member_bytes = members.iter().map(|m| m.member.compressed_len).sum();
+        outer.finish().ctx(|| "finishing patch".into())?.into_inner().map_err(|e| Error::io("writing patch", e.into_error()))?;
+        stats.payload_bytes = std::fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?.len();
+        let cost = stats.payload_bytes + corrections.as_ref().map_or(0, |(_, bytes)| *bytes);
+        if cost as f64 >= BLOB_PREFERENCE * layer.blob.size as f64 {
+            return Ok((LayerPlan { stats: Some(stats), ..LayerPlan::blob(i) }, blob()));
+        }
+        let mut payloads = vec![Payload { target_layer: i, role: Role::Patch, path }];
+        payloads.extend(corrections.map(|(path, _)| Payload { target_layer: i, role: Role::Corrections, path }));
+        Ok((LayerPlan::patch(i, used.into_iter().collect(), stats, encoding, members), payloads))
+    }
+}
+
+/// Plans target layer `i`, whose tar is source layer `s`'s: the source's blob when it is the
+/// same, else the same tar re-encoded as the target's blob was (or that blob carried whole).
+fn plan_from_source(sides: &Sides, i: u32, s: u32, scratch: &Path, fidelity: Fidelity) -> Result<(LayerPlan, Vec<Payload>)> {
+    let ((_, source_image), (target_layout, target_image)) = (sides.source, sides.target);
+    let layer = &target_image.layers[i as usize];
+    let blob_path = target_layout.blob_path(&layer.blob.digest);
+    let choice = if source_image.layers[s as usize].blob.digest == layer.blob.digest {
+        Choice::Encode(Encoding::Verbatim)
+    } else {
+        choose(target_layout, layer, i, fidelity, scratch, || {
+            layer.compression.decoder(std::io::BufReader::new(File::open(&blob_path)?)).map_err(Error::into_io)
+        })?
+    };
+    Ok(match choice {
+        Choice::Encode(encoding) => (LayerPlan::source(i, s, encoding), Vec::new()),
+        Choice::Correct { encoding, path, .. } => (LayerPlan::source(i, s, encoding), vec![Payload { target_layer: i, role: Role::Corrections, path }]),
+        Choice::CarryBlob => (LayerPlan::blob(i), vec![Payload { target_layer: i, role: Role::Blob, path: blob_path }]),
+    })
+}
+
+/// The features `plan` uses, which an applier must know ([`DeltaPlan::validate`]).
+fn features_used(plan: &DeltaPlan) -> Vec<String> {
+    let uses = |f: fn(&LayerPlan) -> bool| plan.layers.iter().any(f);
+    let mut features = Vec::new();
+    if uses(|l| matches!(l.encoding, Some(Encoding::Exact { .. }))) {
+        features.push(FEATURE_EXACT_GZIP.to_string());
+    }
+    if !plan.source_members.is_empty() || uses(|l| !l.members.is_empty()) {
+        features.push(FEATURE_GZIP_MEMBERS.to_string());
+    }
+    if uses(|l| matches!(l.encoding, Some(Encoding::Corrected { .. }))) {
+        features.push(FEATURE_GZIP_CORRECTIONS.to_string());
+    }
+    if plan.lists_deflate_members() {
+        features.push(FEATURE_DEFLATE_MEMBERS.to_string());
+    }
+    features
 }

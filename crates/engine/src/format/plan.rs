@@ -274,6 +274,33 @@ pub struct LayerPlan {
     pub members: Vec<RepackedMember>,
 }
 
+impl LayerPlan {
+    /// Target layer `index` taken from source layer `source_layer`, encoded by `encoding`.
+    pub fn source(index: u32, source_layer: u32, encoding: Encoding) -> Self {
+        LayerPlan {
+            index,
+            method: Method::Source,
+            source_layer: Some(source_layer),
+            delta_layer: None,
+            source_layers_used: Vec::new(),
+            stats: None,
+            encoding: Some(encoding),
+            members: Vec::new(),
+        }
+    }
+
+    /// Target layer `index` carried whole in the delta.
+    pub fn blob(index: u32) -> Self {
+        LayerPlan { method: Method::Blob, source_layer: None, ..LayerPlan::source(index, 0, Encoding::Verbatim) }
+    }
+
+    /// Target layer `index` rebuilt by a patch reading `source_layers_used`, with its
+    /// statistics, encoding and repacked members.
+    pub fn patch(index: u32, source_layers_used: Vec<u32>, stats: PatchStats, encoding: Encoding, members: Vec<RepackedMember>) -> Self {
+        LayerPlan { method: Method::Patch, source_layer: None, source_layers_used, stats: Some(stats), members, ..LayerPlan::source(index, 0, encoding) }
+    }
+}
+
 /// How the applier turns a rebuilt layer tar into the target's compressed blob.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
