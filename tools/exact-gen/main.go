@@ -1,5 +1,5 @@
 // Command exact-gen compresses stdin to stdout with the Go encoders whose output
-// fleetdelta's src/layer/exact module reproduces, so tests can compare the two.
+// fleetdelta's crates/engine/src/layer/exact module reproduces, so tests can compare the two.
 //
 // Build it with Debian's Go and -dev packages, outside module mode:
 //
