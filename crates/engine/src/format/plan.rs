@@ -4,9 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::format::encoders::{Descriptor, Encoder, GzipHeader, CORRECTION_ENGINE};
 use crate::format::FORMAT_VERSION;
-use crate::layer::corrected::CORRECTION_ENGINE;
-use crate::layer::exact::{Descriptor, Encoder, GzipHeader};
 
 /// Feature: some layers are re-encoded byte for byte by a named gzip encoder
 /// ([`Encoding::Exact`]). An applier without it would write other blob digests.

@@ -66,9 +66,7 @@ use crate::error::{Error, Result};
 use crate::format::records::write_varint;
 use crate::layer::exact::gzip_header::{self, GzipHeader};
 
-/// The model the corrections are written for: the exact preflate-rs release (its predictor
-/// defines what a correction means).
-pub const CORRECTION_ENGINE: &str = "preflate-rs 0.7.6";
+pub use crate::format::encoders::CORRECTION_ENGINE;
 
 /// The first bytes of every decompressed correction stream.
 pub const CORRECTIONS_MAGIC: &[u8; 8] = b"FDCORR\x00\x01";

@@ -1,8 +1,6 @@
 //! The gzip member header (RFC 1952 section 2.3) as data: every byte an encoder chose,
 //! so that a blob can be rebuilt from "encoder + header + uncompressed bytes".
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 
 const ID1: u8 = 0x1f;
@@ -26,37 +24,7 @@ pub const OS_UNIX: u8 = 3;
 /// 32 bits (year 1), which puts `00 09 6e 88` in umoci's layers.
 pub const GO_ZERO_TIME_MTIME: u32 = 0x886e_0900;
 
-/// A gzip member header.
-///
-/// JSON shape (fields other than `mtime`, `xfl` and `os` are omitted when absent/false):
-/// `{"mtime": 2288912640, "xfl": 0, "os": 255, "text": false, "name": "a.tar",
-///   "comment": "...", "extra": "hex bytes", "header_crc": false}`.
-/// `name` and `comment` are Latin-1: each byte is the `char` of the same value, so any
-/// byte string round-trips.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct GzipHeader {
-    /// MTIME, seconds since the epoch as stored (0 = none).
-    pub mtime: u32,
-    /// XFL: 2 = slowest compression, 4 = fastest, 0 otherwise (as the writer chose).
-    pub xfl: u8,
-    /// OS: 3 = Unix, 255 = unknown.
-    pub os: u8,
-    /// FTEXT flag.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub text: bool,
-    /// FNAME: the original file name, without its terminating NUL.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// FCOMMENT, without its terminating NUL.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comment: Option<String>,
-    /// FEXTRA payload (without its length), hex-encoded in JSON.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex_opt")]
-    pub extra: Option<Vec<u8>>,
-    /// FHCRC: a CRC-16 of the header follows it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub header_crc: bool,
-}
+pub use crate::format::encoders::GzipHeader;
 
 impl GzipHeader {
     /// The header the Go standard library's `compress/gzip` writes at default settings
@@ -178,21 +146,6 @@ pub fn trailer(crc: u32, len: u64) -> [u8; 8] {
     t[..4].copy_from_slice(&crc.to_le_bytes());
     t[4..].copy_from_slice(&(len as u32).to_le_bytes());
     t
-}
-
-mod hex_opt {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(bytes) => s.serialize_str(&hex::encode(bytes)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
-        Option::<String>::deserialize(d)?.map(|h| hex::decode(h).map_err(serde::de::Error::custom)).transpose()
-    }
 }
 
 #[cfg(test)]

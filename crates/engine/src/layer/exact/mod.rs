@@ -53,75 +53,9 @@ mod zlib;
 
 use std::io::{Read, Write};
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{IoContext, Result};
+pub use crate::format::encoders::{Descriptor, Encoder, GoRelease, GzipHeader};
 pub use fingerprint::{fingerprint, fingerprint_deflate, fingerprint_streaming};
-pub use gzip_header::GzipHeader;
-
-/// An encoder and its parameters: the deflate stream inside the gzip member.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum Encoder {
-    /// klauspost/pgzip 1.2.5 over klauspost/compress 1.15.12 flate, `DefaultCompression`,
-    /// with `SetConcurrency(block_size, _)` (umoci 0.4.7 uses 256 KiB; pgzip's default is
-    /// 1 MiB). JSON: `{"kind": "pgzip", "block_size": 262144}`.
-    Pgzip {
-        /// Uncompressed bytes per block.
-        block_size: u32,
-    },
-    /// klauspost/compress 1.15.12 `gzip` (one deflate stream, no blocks),
-    /// `DefaultCompression`. JSON: `{"kind": "klauspost-gzip"}`.
-    KlauspostGzip,
-    /// The Go standard library's `compress/gzip` at `DefaultCompression` (flate level 6),
-    /// as in the named Go release; Docker/moby and BuildKit write layers with it. Go 1.19's
-    /// level 6 is the classic lazy matcher (zlib-like hash chains, 16K-token blocks); Go
-    /// 1.27's is klauspost/compress's level-6 encoder taken into the standard library
-    /// (64 KiB windows, Huffman tables reused across blocks).
-    /// JSON: `{"kind": "go-gzip", "release": "go1.19"}` or `"release": "go1.27"`.
-    GoGzip {
-        /// Which generation of Go's encoder.
-        release: GoRelease,
-    },
-    /// zlib 1.2.13 deflate (window 15, memLevel 8, default strategy) at `level` 1-9:
-    /// what Python's `gzip`/`zlib`, and anything else on the system zlib, write.
-    /// JSON: `{"kind": "zlib", "level": 9}`.
-    Zlib {
-        /// Compression level, 1-9.
-        level: u8,
-    },
-    /// GNU gzip's deflate at `level` 1-9 (`gzip -9n` is how Debian compresses changelogs
-    /// and manual pages; `tar | gzip` layers too): zlib's match finder and trees with
-    /// gzip's block boundaries. JSON: `{"kind": "gnu-gzip", "level": 9}`.
-    GnuGzip {
-        /// Compression level, 1-9.
-        level: u8,
-    },
-}
-
-/// Generations of Go's standard-library deflate whose output we reproduce. A release
-/// that changes the bytes gets a new variant; the name is the first release verified.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum GoRelease {
-    /// Go 1.19 (verified against Debian bookworm's golang-1.19 1.19.8).
-    #[serde(rename = "go1.19")]
-    Go1_19,
-    /// Go 1.27, the first release verified with the rewritten `compress/flate` (Go 1.27.3,
-    /// Debian sid's golang-1.27).
-    #[serde(rename = "go1.27")]
-    Go1_27,
-}
-
-/// Everything needed to rebuild a gzip blob from its uncompressed bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Descriptor {
-    /// How the deflate stream was produced.
-    pub encoder: Encoder,
-    /// The member header, byte for byte.
-    pub header: GzipHeader,
-}
 
 impl Descriptor {
     /// Compresses `input` into `output` as the described encoder would, in bounded memory.
