@@ -33,8 +33,8 @@ use super::state::{Installed, InstanceRecord, StateDir};
 use crate::error::Result;
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::engine::{ContainerSpec, Engine, EngineRef, Health, LogLimit};
-use fleetdelta_engine::image::ImageRef;
 use fleetdelta_engine::progress::Progress;
+use fleetdelta_engine::reference::ImageRef;
 use fleetdelta_engine::transfer::Transfer;
 use fleetdelta_pull::PullOptions;
 

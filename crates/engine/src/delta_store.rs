@@ -18,8 +18,9 @@ use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{ANNOTATION_SOURCE_CONFIG, ANNOTATION_TARGET_MANIFEST, ANNOTATION_VERSION, FORMAT_VERSION};
 use crate::image::manifest::{Manifest, MAX_JSON_BYTES};
-use crate::image::{ImageRef, Layout};
+use crate::image::Layout;
 use crate::package::delta_download_bytes;
+use crate::reference::ImageRef;
 use crate::registry::{Client, RegistryRef};
 use crate::transfer::Transfer;
 

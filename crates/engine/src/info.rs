@@ -7,9 +7,9 @@ use serde::Serialize;
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::format::plan::{Encoding, Method, PatchStats, Wrapping};
-use crate::image::ImageRef;
 use crate::layer::exact::Encoder;
 use crate::package::{delta_download_bytes, DeltaImage};
+use crate::reference::ImageRef;
 
 /// A summary of a delta.
 #[derive(Clone, Debug, Serialize)]

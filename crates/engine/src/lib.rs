@@ -23,6 +23,7 @@ pub mod layer;
 pub mod locked_dir;
 pub mod package;
 pub mod progress;
+pub mod reference;
 pub mod registry;
 pub mod transfer;
 
@@ -30,8 +31,8 @@ pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};
 pub use diff::{diff, DiffOptions, DiffReport, Level};
 pub use digest::Digest;
 pub use error::{Error, Result};
-pub use image::ImageRef;
 pub use info::{info, DeltaInfo};
 pub use progress::{Progress, Silent};
+pub use reference::ImageRef;
 pub use registry::{ClientOptions, RegistryRef};
 pub use transfer::Transfer;

@@ -18,9 +18,10 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method};
 use crate::format::*;
 use crate::image::manifest::{BlobRef, Config, Image, Manifest, OCI_CONFIG, OCI_MANIFEST};
-use crate::image::{load_image, ImageRef, Layout, LayoutWriter};
+use crate::image::{Layout, LayoutWriter};
 use crate::layer::compression::copy_hashed;
 use crate::layer::Compression;
+use crate::reference::{load_image, ImageRef};
 
 /// Media type of the delta layers this build writes: gzip-compressed tars, like any image
 /// layer, so that every OCI tool carries them unchanged (tools such as skopeo compress plain

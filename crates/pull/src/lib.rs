@@ -24,8 +24,9 @@ use fleetdelta_engine::delta_store::{find_in_repository, DeltaKey};
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::{Error, Result};
 use fleetdelta_engine::image::manifest::{Manifest, MAX_JSON_BYTES};
-use fleetdelta_engine::image::{load_image, Image, ImageRef, Layout, LayoutWriter};
+use fleetdelta_engine::image::{Image, Layout, LayoutWriter};
 use fleetdelta_engine::progress::Progress;
+use fleetdelta_engine::reference::{load_image, ImageRef};
 use fleetdelta_engine::registry::RegistryRef;
 use fleetdelta_engine::transfer::{fetch_image, FetchReport, Transfer};
 

@@ -19,8 +19,9 @@ use fleetdelta_engine::diff::{diff, DiffOptions};
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::{Error, Result};
 use fleetdelta_engine::image::manifest::{Manifest, MAX_JSON_BYTES};
-use fleetdelta_engine::image::{ImageRef, Layout};
+use fleetdelta_engine::image::Layout;
 use fleetdelta_engine::progress::Progress;
+use fleetdelta_engine::reference::ImageRef;
 use fleetdelta_engine::transfer::Transfer;
 use fleetdelta_release::{
     parse_release_image, plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Readiness, Release, ReleaseError, ResolvedImage, Transition,

@@ -19,7 +19,7 @@ use fleetdelta_engine::delta_store::DeltaKey;
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::{Error, Result};
 use fleetdelta_engine::image::manifest::Manifest;
-use fleetdelta_engine::image::ImageRef;
+use fleetdelta_engine::reference::ImageRef;
 use fleetdelta_engine::registry::{Client, RegistryRef};
 use fleetdelta_release::parse_release_image;
 use fleetdelta_release::{plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Release, ResolvedImage};

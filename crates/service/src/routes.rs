@@ -24,7 +24,7 @@ use fleetdelta_engine::delta_store::{delta_tag, DeltaKey};
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::Error;
 use fleetdelta_engine::image::manifest::Manifest;
-use fleetdelta_engine::image::ImageRef;
+use fleetdelta_engine::reference::ImageRef;
 use fleetdelta_engine::registry::RegistryRef;
 use fleetdelta_release::DeviceFacts;
 

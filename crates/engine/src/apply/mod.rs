@@ -16,13 +16,14 @@ use crate::format::plan::{Encoding, LayerPlan, Method};
 use crate::format::records::RecordReader;
 use crate::format::MAX_RECORD_STREAM_WINDOW_LOG;
 use crate::image::manifest::BlobRef;
-use crate::image::{load_image, Image, ImageRef, Layer, LayoutWriter};
+use crate::image::{Image, Layer, LayoutWriter};
 use crate::layer::compression::copy_hashed;
 use crate::layer::corrected;
 use crate::layer::members::Repacker;
 use crate::layer::Compression;
 use crate::package::DeltaImage;
 use crate::progress::Progress;
+use crate::reference::{load_image, ImageRef};
 use source::{materialize, SourceLayer};
 
 /// How rebuilt layers are stored.

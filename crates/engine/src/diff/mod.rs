@@ -23,9 +23,10 @@ use crate::format::plan::{
     FEATURE_GZIP_MEMBERS,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
-use crate::image::{load_image, Image, ImageRef, Layout, LayoutWriter};
+use crate::image::{Image, Layout, LayoutWriter};
 use crate::package::{write_delta, Payload, Role};
 use crate::progress::Progress;
+use crate::reference::{load_image, ImageRef};
 use encode::{encode_layer, EncodeParams};
 use encoding::{choose, Choice};
 pub use encoding::{Fidelity, CORRECTIONS_BUDGET};

@@ -18,7 +18,7 @@ pub mod containers;
 use std::fmt;
 
 use crate::error::{Error, Result};
-use crate::image::reference::DEFAULT_TAG;
+use crate::image::DEFAULT_TAG;
 
 pub use client::{Engine, LoadReport};
 pub use containers::{ContainerSpec, ContainerState, Health, LogLimit};

@@ -22,7 +22,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::image::manifest::{
     select_platform, BlobRef, Config, Image, Layer, Manifest, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_JSON_BYTES, OCI_INDEX, OCI_MANIFEST,
 };
-use crate::image::reference::{ImageRef, DEFAULT_TAG};
+use crate::image::DEFAULT_TAG;
 use crate::layer::compression::copy_hashed;
 use crate::locked_dir::{self, lock_dir, LOCK_FILE};
 
@@ -241,14 +241,6 @@ impl Layout {
         let config = Config::parse(self.read_blob(&manifest.config, MAX_JSON_BYTES)?)?;
         Image::new(manifest, config)
     }
-}
-
-/// Opens the layout an [`ImageRef`] names and loads its image.
-pub fn load_image(reference: &ImageRef) -> Result<(Layout, Image)> {
-    let (dir, tag) = reference.local()?;
-    let layout = Layout::open(dir)?;
-    let image = layout.load_image(tag)?;
-    Ok((layout, image))
 }
 
 /// The OCI name of this machine's CPU architecture.

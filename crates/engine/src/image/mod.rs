@@ -1,9 +1,11 @@
-//! Reading and writing images: references, manifests and configs, OCI layouts.
+//! Reading and writing images: manifests and configs, OCI layouts. Where an image lives (a
+//! layout, a registry, the container engine) is [`crate::reference`].
 
 pub mod layout;
 pub mod manifest;
-pub mod reference;
 
-pub use layout::{load_image, Layout, LayoutWriter};
+pub use layout::{Layout, LayoutWriter};
 pub use manifest::{BlobRef, Config, Image, Layer, Manifest};
-pub use reference::ImageRef;
+
+/// The tag used when a reference names none.
+pub const DEFAULT_TAG: &str = "latest";

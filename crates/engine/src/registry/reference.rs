@@ -74,7 +74,7 @@ impl RegistryRef {
         match (&self.digest, &self.tag) {
             (Some(d), _) => d.to_string(),
             (None, Some(t)) => t.clone(),
-            (None, None) => crate::image::reference::DEFAULT_TAG.to_string(),
+            (None, None) => crate::image::DEFAULT_TAG.to_string(),
         }
     }
 

@@ -24,9 +24,10 @@ use crate::engine::client::EngineImage;
 use crate::engine::{Engine, EngineRef, LoadReport, DEFAULT_ENGINE_HOST};
 use crate::error::{Error, IoContext, Result};
 use crate::image::manifest::{BlobRef, MAX_JSON_BYTES};
-use crate::image::{ImageRef, Layout, LayoutWriter};
+use crate::image::{Layout, LayoutWriter};
 use crate::locked_dir::ScratchDir;
 use crate::progress::Progress;
+use crate::reference::ImageRef;
 use crate::registry::{Client, ClientOptions, RegistryRef};
 
 /// What a copy did.

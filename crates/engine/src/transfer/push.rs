@@ -48,7 +48,7 @@ pub async fn push_image(
         }
         (Some(t), _) => t.clone(),
         (None, Some(d)) => d.to_string(),
-        (None, None) => crate::image::reference::DEFAULT_TAG.to_string(),
+        (None, None) => crate::image::DEFAULT_TAG.to_string(),
     };
     let mut report = PushReport { manifest: manifest_ref.digest, blobs_uploaded: 0, bytes_uploaded: 0, blobs_skipped: 0, referrers_tag_updated: false };
     let blobs: Vec<_> = std::iter::once(&image.manifest.config).chain(image.layers.iter().map(|l| &l.blob)).collect();

@@ -1,14 +1,16 @@
-//! Image references in skopeo's transport syntax.
+//! Image references in skopeo's transport syntax: where an image lives (an OCI layout, a
+//! registry, the container engine's store). Above the transports it names, so that none of
+//! them depends on it.
 
 use std::fmt;
 use std::path::PathBuf;
 
 use crate::engine::EngineRef;
 use crate::error::{Error, Result};
+use crate::image::{Image, Layout};
 use crate::registry::RegistryRef;
 
-/// The tag used when a reference names none.
-pub const DEFAULT_TAG: &str = "latest";
+pub use crate::image::DEFAULT_TAG;
 
 /// Where an image lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +105,14 @@ impl std::str::FromStr for ImageRef {
     fn from_str(s: &str) -> Result<Self> {
         Self::parse(s)
     }
+}
+
+/// Opens the layout an [`ImageRef`] names (`oci:` only) and loads its image.
+pub fn load_image(reference: &ImageRef) -> Result<(Layout, Image)> {
+    let (dir, tag) = reference.local()?;
+    let layout = Layout::open(dir)?;
+    let image = layout.load_image(tag)?;
+    Ok((layout, image))
 }
 
 #[cfg(test)]
