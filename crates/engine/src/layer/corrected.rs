@@ -66,10 +66,9 @@ use crate::error::{Error, Result};
 use crate::format::records::write_varint;
 use crate::layer::exact::gzip_header::{self, GzipHeader};
 
+pub use crate::format::corrections::{CORRECTIONS_MAGIC, MAX_CHUNK_CORRECTIONS, MAX_CHUNK_DEFLATE, MAX_CHUNK_PLAIN, MAX_WINDOW_LOG, WINDOW_LOG};
+use crate::format::corrections::{MAX_ENGINE_LEN, TAG_CHUNK, TAG_END};
 pub use crate::format::encoders::CORRECTION_ENGINE;
-
-/// The first bytes of every decompressed correction stream.
-pub const CORRECTIONS_MAGIC: &[u8; 8] = b"FDCORR\x00\x01";
 
 /// Compressed bytes the differ hands preflate at a time (doubled, up to
 /// [`MAX_CHUNK_DEFLATE`], while not even one deflate block fits).
@@ -78,28 +77,13 @@ pub const ANALYSIS_WINDOW: usize = 1 << 20;
 /// zlib block holds at most 16383 matches of 258 bytes (4 MiB), so one always fits.
 pub const PLAIN_TEXT_LIMIT: usize = 6 << 20;
 
-/// Largest `plain_len` of a chunk: [`PLAIN_TEXT_LIMIT`], plus one last match, plus stored
-/// blocks (which preflate does not count) within a window.
-pub const MAX_CHUNK_PLAIN: u64 = 8 << 20;
-/// Largest `deflate_len` of a chunk.
-pub const MAX_CHUNK_DEFLATE: u64 = 8 << 20;
-/// Largest `corrections_len` of a chunk.
-pub const MAX_CHUNK_CORRECTIONS: u64 = 8 << 20;
 /// Bytes read to parse the gzip header (10 fixed, an extra field of up to 64 KiB, and
 /// a name and a comment, each of up to 64 KiB).
 const MAX_HEADER_BYTES: usize = 10 + 2 + 3 * (64 << 10) + 4;
-/// Longest engine name in a correction stream.
-const MAX_ENGINE_LEN: u64 = 64;
 /// Largest tar: preflate counts positions in the uncompressed stream with 32-bit signed
 /// integers, so the corrected path is for layers under 2 GiB (others are carried whole).
 pub const MAX_TAR_BYTES: u64 = (1 << 31) - (64 << 20);
-/// zstd window (log2) the differ writes the correction stream with.
-pub const WINDOW_LOG: u32 = 20;
-/// Largest zstd window (log2) the applier accepts for the correction stream.
-pub const MAX_WINDOW_LOG: u32 = 22;
 
-const TAG_END: u8 = 0;
-const TAG_CHUNK: u8 = 1;
 const WHAT: &str = "gzip corrections";
 
 /// A correction stream the differ wrote, within budget.
