@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::contract::Unmet;
+use super::requirements::Unmet;
 
 /// Everything that can go wrong while reading release and facts files or planning a transition.
 ///

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::contract::{RequirementType, KNOWN_ARCHES};
 use super::error::ReleaseError;
+use super::requirements::{RequirementType, KNOWN_ARCHES};
 use super::yaml::{self, Text};
 
 /// What is known about a device. Every fact is optional: a contract requiring a fact the device

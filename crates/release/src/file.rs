@@ -402,7 +402,7 @@ impl<'de> Deserialize<'de> for Labels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{RequirementType, Requires};
+    use crate::requirements::{RequirementType, Requires};
 
     const DIGEST: &str = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
 

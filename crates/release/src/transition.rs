@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::catalog::{DeltaStatus, ImageCatalog, ImagePair, ResolvedImage};
-use super::contract::Unmet;
 use super::error::{ReleaseError, UnmetContract};
 use super::facts::DeviceFacts;
 use super::file::{Release, Service};
+use super::requirements::Unmet;
 use fleetdelta_engine::digest::Digest;
 
 /// What happens to a service.

@@ -17,7 +17,6 @@ use tokio::sync::Semaphore;
 
 use super::config::ServiceConfig;
 use super::metrics::Metrics;
-use super::state::{Built, Job};
 use fleetdelta_engine::delta_store::{delta_tag, find_by_tag, find_in_repository, DeltaKey, StoredDelta};
 use fleetdelta_engine::diff::{diff, DiffOptions};
 use fleetdelta_engine::digest::Digest;
@@ -29,6 +28,28 @@ use fleetdelta_engine::reference::ImageRef;
 use fleetdelta_engine::registry::referrers::Referrer;
 use fleetdelta_engine::registry::{Client, RegistryRef};
 use fleetdelta_engine::transfer::{fetch_image, push_image};
+
+/// What to build: the pair, and where its images are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    /// The pair.
+    pub key: DeltaKey,
+    /// The source image, if the caller named one (its config must be `key.source_config`).
+    pub source: Option<RegistryRef>,
+    /// The target image, pinned by `key.target_manifest`.
+    pub target: RegistryRef,
+}
+
+/// A delta the service has built or found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Built {
+    /// The delta image, pinned by digest, in the target's repository.
+    pub reference: RegistryRef,
+    /// Its manifest digest.
+    pub manifest: Digest,
+    /// What a device downloads for it.
+    pub download: u64,
+}
 
 /// What every build shares.
 #[derive(Debug)]
@@ -55,7 +76,7 @@ pub struct BuildContext {
 }
 
 impl BuildContext {
-    /// See [`super::state::Builds::remember_source`].
+    /// See `Builds::remember_source` (in `state`).
     pub fn remember_source(&self, config: Digest, image: RegistryRef) {
         let mut known = self.known_sources.lock().unwrap_or_else(|p| p.into_inner());
         if known.len() >= self.config.max_tracked_pairs {

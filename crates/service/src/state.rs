@@ -20,34 +20,13 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::build::{self, BuildContext};
+pub use super::build::{Built, Job};
 use super::config::ServiceConfig;
 use super::metrics::Metrics;
 use fleetdelta_engine::delta_store::DeltaKey;
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::Error;
 use fleetdelta_engine::registry::{Client, RegistryRef};
-
-/// What to build: the pair, and where its images are.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Job {
-    /// The pair.
-    pub key: DeltaKey,
-    /// The source image, if the caller named one (its config must be `key.source_config`).
-    pub source: Option<RegistryRef>,
-    /// The target image, pinned by `key.target_manifest`.
-    pub target: RegistryRef,
-}
-
-/// A delta the service has built or found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Built {
-    /// The delta image, pinned by digest, in the target's repository.
-    pub reference: RegistryRef,
-    /// Its manifest digest.
-    pub manifest: Digest,
-    /// What a device downloads for it.
-    pub download: u64,
-}
 
 /// How a failure is reported: the caller's images are the problem, a registry is, or we are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
