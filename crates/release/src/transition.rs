@@ -246,44 +246,122 @@ impl Transition {
 /// service of that name is downloaded whole. Without facts, contracts are not checked and every
 /// service of `from` is taken as installed.
 pub fn plan(from: &Release, to: &Release, facts: Option<&DeviceFacts>, catalog: &dyn ImageCatalog) -> Result<Transition, ReleaseError> {
-    let mut dropped = Vec::new();
+    let contracts = match facts {
+        Some(facts) => check_contracts(from, to, facts)?,
+        None => Contracts::default(),
+    };
+    let mut planner = Planner { catalog, images: HashMap::new(), deltas: HashMap::new(), needs: Vec::new() };
+    let mut services = Vec::new();
+    for target in to.services.iter().filter(|t| !contracts.dropped.iter().any(|d| d.service_name == t.name)) {
+        services.push(planner.target_update(from, to, target, &contracts.not_installed)?);
+    }
+    for source in from.services.iter().filter(|s| !contracts.not_installed.contains_key(s.name.as_str())) {
+        let reason = match (to.service(&source.name), contracts.dropped.iter().find(|d| d.service_name == source.name)) {
+            (Some(_), Some(drop)) => format!("left out of release {} on this device ({}): stopped and removed", to.id, join(&drop.unmet)),
+            (None, _) => format!("not in release {}: stopped and removed", to.id),
+            (Some(_), None) => continue,
+        };
+        let from_image = planner.image(source)?;
+        services.push(ServiceUpdate {
+            service_name: source.name.clone(),
+            change: Change::Removed,
+            status: UpdateStatus::Ready,
+            reason,
+            from_image: Some(from_image.0),
+            to_image: None,
+            delta: None,
+            payload_size: 0,
+        });
+    }
+    let overall_status = services.iter().map(|s| s.status.readiness()).min().unwrap_or(Readiness::Ready);
+    let estimated_total_payload_size = estimated_payload(&services);
+    Ok(Transition {
+        from: ReleaseRef { id: from.id.clone(), commit: from.commit.clone() },
+        to: ReleaseRef { id: to.id.clone(), commit: to.commit.clone() },
+        services,
+        dropped: contracts.dropped,
+        deltas: planner.needs,
+        contracts_checked: facts.is_some(),
+        overall_status,
+        estimated_total_payload_size,
+    })
+}
+
+/// What the device facts make of the contracts of both releases.
+#[derive(Default)]
+struct Contracts<'r> {
+    /// Optional services of `to` whose contract the device does not meet.
+    dropped: Vec<DroppedService>,
+    /// Optional services of `from` whose contract the device does not meet, so it does not run
+    /// them, with why.
+    not_installed: HashMap<&'r str, Vec<Unmet>>,
+}
+
+/// Checks the contracts of `to` (rejecting it when a non-optional service's is unmet) and
+/// of `from`'s optional services against `facts`.
+fn check_contracts<'r>(from: &'r Release, to: &Release, facts: &DeviceFacts) -> Result<Contracts<'r>, ReleaseError> {
+    let mut contracts = Contracts::default();
     let mut rejected = Vec::new();
-    let mut not_installed: HashMap<&str, Vec<Unmet>> = HashMap::new();
-    if let Some(facts) = facts {
-        for service in &to.services {
-            let Some(contract) = &service.contract else { continue };
+    for service in &to.services {
+        let Some(contract) = &service.contract else { continue };
+        let unmet = contract.evaluate(facts);
+        if unmet.is_empty() {
+            continue;
+        }
+        if service.is_optional() {
+            contracts.dropped.push(DroppedService { service_name: service.name.clone(), contract: contract.slug.clone(), unmet });
+        } else {
+            rejected.push(UnmetContract { service: service.name.clone(), contract: contract.slug.clone(), unmet });
+        }
+    }
+    if !rejected.is_empty() {
+        return Err(ReleaseError::Rejected { release: to.id.clone(), services: rejected });
+    }
+    for service in from.services.iter().filter(|s| s.is_optional()) {
+        if let Some(contract) = &service.contract {
             let unmet = contract.evaluate(facts);
-            if unmet.is_empty() {
-                continue;
-            }
-            if service.is_optional() {
-                dropped.push(DroppedService { service_name: service.name.clone(), contract: contract.slug.clone(), unmet });
-            } else {
-                rejected.push(UnmetContract { service: service.name.clone(), contract: contract.slug.clone(), unmet });
-            }
-        }
-        if !rejected.is_empty() {
-            return Err(ReleaseError::Rejected { release: to.id.clone(), services: rejected });
-        }
-        for service in from.services.iter().filter(|s| s.is_optional()) {
-            if let Some(contract) = &service.contract {
-                let unmet = contract.evaluate(facts);
-                if !unmet.is_empty() {
-                    not_installed.insert(&service.name, unmet);
-                }
+            if !unmet.is_empty() {
+                contracts.not_installed.insert(&service.name, unmet);
             }
         }
     }
+    Ok(contracts)
+}
 
-    let mut planner = Planner { catalog, images: HashMap::new(), deltas: HashMap::new(), needs: Vec::new() };
-    let mut services = Vec::new();
-    for target in &to.services {
-        if dropped.iter().any(|d| d.service_name == target.name) {
-            continue;
+/// The pessimistic payload: each target image counted once, at the largest payload any
+/// service asks for it.
+fn estimated_payload(services: &[ServiceUpdate]) -> u64 {
+    let mut per_image: HashMap<Digest, u64> = HashMap::new();
+    for update in services {
+        if let Some(image) = &update.to_image {
+            let entry = per_image.entry(image.digest).or_default();
+            *entry = (*entry).max(update.payload_size);
         }
-        let to_image = planner.image(target)?;
+    }
+    per_image.values().sum()
+}
+
+/// Asks the catalog once per reference and once per image pair.
+struct Planner<'a> {
+    catalog: &'a dyn ImageCatalog,
+    images: HashMap<String, ResolvedImage>,
+    deltas: HashMap<ImagePair, DeltaStatus>,
+    needs: Vec<DeltaNeed>,
+}
+
+impl Planner<'_> {
+    /// What happens to the service `target` of `to`, given the service of that name in `from`
+    /// (added, downloaded whole, unchanged or delta-updated).
+    fn target_update(
+        &mut self,
+        from: &Release,
+        to: &Release,
+        target: &Service,
+        not_installed: &HashMap<&str, Vec<Unmet>>,
+    ) -> Result<ServiceUpdate, ReleaseError> {
+        let to_image = self.image(target)?;
         let source = from.service(&target.name);
-        let update = match source {
+        Ok(match source {
             None => ServiceUpdate {
                 service_name: target.name.clone(),
                 change: Change::Added,
@@ -310,7 +388,7 @@ pub fn plan(from: &Release, to: &Release, facts: Option<&DeviceFacts>, catalog: 
                 delta: None,
             },
             Some(source) => {
-                let from_image = planner.image(source)?;
+                let from_image = self.image(source)?;
                 if from_image.1.same_content(&to_image.1) {
                     let reason = if from_image.0.digest == to_image.0.digest {
                         format!("same image in both releases ({}): nothing to download, not restarted", short_digest(&to_image.0.digest))
@@ -333,66 +411,12 @@ pub fn plan(from: &Release, to: &Release, facts: Option<&DeviceFacts>, catalog: 
                         delta: None,
                     }
                 } else {
-                    planner.delta_update(&target.name, from_image, to_image)?
+                    self.delta_update(&target.name, from_image, to_image)?
                 }
             }
-        };
-        services.push(update);
+        })
     }
 
-    for source in &from.services {
-        if not_installed.contains_key(source.name.as_str()) {
-            continue;
-        }
-        let reason = match (to.service(&source.name), dropped.iter().find(|d| d.service_name == source.name)) {
-            (Some(_), Some(drop)) => {
-                format!("left out of release {} on this device ({}): stopped and removed", to.id, join(&drop.unmet))
-            }
-            (None, _) => format!("not in release {}: stopped and removed", to.id),
-            (Some(_), None) => continue,
-        };
-        let from_image = planner.image(source)?;
-        services.push(ServiceUpdate {
-            service_name: source.name.clone(),
-            change: Change::Removed,
-            status: UpdateStatus::Ready,
-            reason,
-            from_image: Some(from_image.0),
-            to_image: None,
-            delta: None,
-            payload_size: 0,
-        });
-    }
-
-    let overall_status = services.iter().map(|s| s.status.readiness()).min().unwrap_or(Readiness::Ready);
-    let mut per_image: HashMap<Digest, u64> = HashMap::new();
-    for update in &services {
-        if let Some(image) = &update.to_image {
-            let entry = per_image.entry(image.digest).or_default();
-            *entry = (*entry).max(update.payload_size);
-        }
-    }
-    Ok(Transition {
-        from: ReleaseRef { id: from.id.clone(), commit: from.commit.clone() },
-        to: ReleaseRef { id: to.id.clone(), commit: to.commit.clone() },
-        services,
-        dropped,
-        deltas: planner.needs,
-        contracts_checked: facts.is_some(),
-        overall_status,
-        estimated_total_payload_size: per_image.values().sum(),
-    })
-}
-
-/// Asks the catalog once per reference and once per image pair.
-struct Planner<'a> {
-    catalog: &'a dyn ImageCatalog,
-    images: HashMap<String, ResolvedImage>,
-    deltas: HashMap<ImagePair, DeltaStatus>,
-    needs: Vec<DeltaNeed>,
-}
-
-impl Planner<'_> {
     fn image(&mut self, service: &Service) -> Result<(ImageInfo, ResolvedImage), ReleaseError> {
         let resolved = match self.images.get(&service.image) {
             Some(resolved) => resolved.clone(),
