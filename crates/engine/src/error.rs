@@ -131,6 +131,9 @@ pub enum Error {
         /// The engine's message, or why it could not be reached.
         reason: String,
     },
+    /// A broken invariant of this build: a bug, never caused by input. Reported as such.
+    #[error("internal error (a bug in fleetdelta, please report it): {0}")]
+    Internal(String),
     /// A path in a tar archive that would escape the extraction root.
     #[error("{what}: unsafe path {path:?} (absolute or containing '..')")]
     UnsafePath {

@@ -216,7 +216,7 @@ impl<'a> StoreCatalog<'a> {
 
     fn key_of(&self, pair: &ImagePair) -> Result<(DeltaKey, ImageRef, ImageRef)> {
         let seen = self.seen.borrow();
-        let unknown = |d: &Digest| Error::NotFound(format!("image {d} was not resolved"));
+        let unknown = |d: &Digest| Error::Internal(format!("image {d} was not resolved before planning"));
         let source = seen.get(&pair.from).ok_or_else(|| unknown(&pair.from))?;
         let target = seen.get(&pair.to).ok_or_else(|| unknown(&pair.to))?;
         Ok((DeltaKey { source_config: source.config, target_manifest: pair.to }, source.reference.clone(), target.reference.clone()))

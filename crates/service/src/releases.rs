@@ -284,7 +284,7 @@ struct MemoryCatalog {
 
 impl ImageCatalog for MemoryCatalog {
     fn resolve(&self, reference: &str) -> Result<ResolvedImage> {
-        let r = self.images.get(reference).ok_or_else(|| Error::NotFound(format!("image {reference} was not resolved")))?;
+        let r = self.images.get(reference).ok_or_else(|| Error::Internal(format!("image {reference} was not resolved before planning")))?;
         Ok(ResolvedImage {
             digest: r.manifest.digest,
             config: Some(r.manifest.config.digest),

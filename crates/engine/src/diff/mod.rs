@@ -145,7 +145,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     for (i, layer) in target_image.layers.iter().enumerate() {
         let (plan, layer_payloads) = match source_by_diff_id.get(&layer.diff_id) {
             Some(s) => plan_from_source(&sides, i as u32, *s, scratch.path(), options.fidelity)?,
-            None => encoded.remove(&(i as u32)).ok_or_else(|| Error::NotFound(format!("encoded layer {i}")))?,
+            None => encoded.remove(&(i as u32)).ok_or_else(|| Error::Internal(format!("target layer {i} was not encoded")))?,
         };
         layers.push(plan);
         payloads.extend(layer_payloads);

@@ -419,7 +419,7 @@ impl LayoutWriter {
     pub fn commit(self, manifest: &BlobRef, tag: &str) -> Result<()> {
         let staged_blobs = self.staging.path().join("blobs").join("sha256");
         if !staged_blobs.join(manifest.digest.hex()).exists() && !self.has_blob(manifest) {
-            return Err(Error::NotFound(format!("manifest blob {} was not written", manifest.digest)));
+            return Err(Error::Internal(format!("commit of manifest {}, whose blob was not written", manifest.digest)));
         }
         let entry = json!({
             "mediaType": manifest.media_type,
