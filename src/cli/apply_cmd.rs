@@ -5,19 +5,36 @@ use fleetdelta::{apply, ApplyOptions, ImageRef, Progress, Transfer};
 
 use super::LayersArg;
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    transfer: &Transfer,
-    layers: LayersArg,
-    expect_target: Option<&str>,
-    max_layer_size: u64,
-    jobs: usize,
-    json: bool,
-    source: &str,
-    delta: &str,
-    output: &str,
-    progress: &dyn Progress,
-) -> anyhow::Result<()> {
+/// The command's flags and arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// How to store rebuilt layers.
+    #[arg(long, value_enum, default_value = "original")]
+    pub layers: LayersArg,
+    /// Refuse the delta unless it rebuilds this target manifest digest.
+    #[arg(long)]
+    pub expect_target: Option<String>,
+    /// Largest uncompressed layer accepted, in bytes.
+    #[arg(long, default_value_t = 64 << 30)]
+    pub max_layer_size: u64,
+    /// Layers rebuilt at once (1 to 1024; no more than the machine's cores are used).
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub jobs: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The image the device has.
+    pub source: String,
+    /// The delta image.
+    pub delta: String,
+    /// Where to write the rebuilt image (into docker-daemon:NAME[:TAG], with plain layers,
+    /// tagged once the engine holds it verified).
+    pub output: String,
+}
+
+pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow::Result<()> {
+    let Args { layers, ref expect_target, max_layer_size, jobs, json, ref source, ref delta, ref output } = *args;
+    let expect_target = expect_target.as_deref();
     let (source, delta, output) = (ImageRef::parse(source)?, ImageRef::parse(delta)?, ImageRef::parse(output)?);
     // The engine stores layers uncompressed: re-encoding them exactly would be wasted work.
     let layers = if matches!(output, ImageRef::Engine(_)) { fleetdelta::LayerOutput::Uncompressed } else { layers.output() };

@@ -5,7 +5,20 @@ use fleetdelta::{ImageRef, Progress, Transfer};
 
 use super::human_bytes;
 
-pub fn run(transfer: &Transfer, json: bool, source: &str, destination: &str, progress: &dyn Progress) -> anyhow::Result<()> {
+/// The command's flags and arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The image to copy.
+    pub source: String,
+    /// Where to put it.
+    pub destination: String,
+}
+
+pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow::Result<()> {
+    let Args { json, ref source, ref destination } = *args;
     let (source, destination) = (ImageRef::parse(source)?, ImageRef::parse(destination)?);
     let report = transfer.copy(&source, &destination, progress).with_context(|| format!("copy {source} -> {destination}"))?;
     if json {

@@ -5,18 +5,32 @@ use fleetdelta::{diff, DiffOptions, ImageRef, Progress, Transfer};
 
 use super::{human_bytes, FidelityArg, LevelArg};
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    transfer: &Transfer,
-    level: LevelArg,
-    max_layer_size: u64,
-    fidelity: FidelityArg,
-    json: bool,
-    source: &str,
-    target: &str,
-    delta: &str,
-    progress: &dyn Progress,
-) -> anyhow::Result<()> {
+/// The command's flags and arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Effort: fast, default or max.
+    #[arg(long, value_enum, default_value = "default")]
+    pub level: LevelArg,
+    /// Largest uncompressed layer accepted, in bytes.
+    #[arg(long, default_value_t = 64 << 30)]
+    pub max_layer_size: u64,
+    /// What the rebuilt image must preserve: exact (every digest) or content (diff_ids).
+    #[arg(long, value_enum, default_value = "exact")]
+    pub fidelity: FidelityArg,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The image the devices have (oci:DIR[:TAG], docker://HOST/REPO[:TAG|@DIGEST] or
+    /// docker-daemon:NAME[:TAG]).
+    pub source: String,
+    /// The image they need.
+    pub target: String,
+    /// Where to write the delta image.
+    pub delta: String,
+}
+
+pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow::Result<()> {
+    let Args { level, max_layer_size, fidelity, json, ref source, ref target, ref delta } = *args;
     let level = level.level();
     let (source, target, delta) = (ImageRef::parse(source)?, ImageRef::parse(target)?, ImageRef::parse(delta)?);
     if matches!(delta, ImageRef::Engine(_)) {

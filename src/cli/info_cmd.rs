@@ -5,7 +5,18 @@ use fleetdelta::{info, ImageRef, Silent, Transfer};
 
 use super::human_bytes;
 
-pub fn run(transfer: &Transfer, delta: &str, json: bool) -> anyhow::Result<()> {
+/// The command's flags and arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The delta image.
+    pub delta: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(transfer: &Transfer, args: &Args) -> anyhow::Result<()> {
+    let Args { ref delta, json } = *args;
     let delta = ImageRef::parse(delta)?;
     let (local, _) = transfer.localize(&delta, &Silent).with_context(|| format!("fetching {delta}"))?;
     let info = info(&local).with_context(|| format!("info {delta}"))?;

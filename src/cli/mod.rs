@@ -124,133 +124,19 @@ pub enum LayersArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Compute the delta from SOURCE to TARGET and write it as an OCI image to DELTA.
-    Diff {
-        /// Effort: fast, default or max.
-        #[arg(long, value_enum, default_value = "default")]
-        level: LevelArg,
-        /// Largest uncompressed layer accepted, in bytes.
-        #[arg(long, default_value_t = 64 << 30)]
-        max_layer_size: u64,
-        /// What the rebuilt image must preserve: exact (every digest) or content (diff_ids).
-        #[arg(long, value_enum, default_value = "exact")]
-        fidelity: FidelityArg,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The image the devices have (oci:DIR[:TAG], docker://HOST/REPO[:TAG|@DIGEST] or
-        /// docker-daemon:NAME[:TAG]).
-        source: String,
-        /// The image they need.
-        target: String,
-        /// Where to write the delta image.
-        delta: String,
-    },
+    Diff(diff_cmd::Args),
     /// Rebuild the target image of DELTA from SOURCE and write it to OUTPUT.
-    Apply {
-        /// How to store rebuilt layers.
-        #[arg(long, value_enum, default_value = "original")]
-        layers: LayersArg,
-        /// Refuse the delta unless it rebuilds this target manifest digest.
-        #[arg(long)]
-        expect_target: Option<String>,
-        /// Largest uncompressed layer accepted, in bytes.
-        #[arg(long, default_value_t = 64 << 30)]
-        max_layer_size: u64,
-        /// Layers rebuilt at once (1 to 1024; no more than the machine's cores are used).
-        #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
-        jobs: usize,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The image the device has.
-        source: String,
-        /// The delta image.
-        delta: String,
-        /// Where to write the rebuilt image (into docker-daemon:NAME[:TAG], with plain layers,
-        /// tagged once the engine holds it verified).
-        output: String,
-    },
+    Apply(apply_cmd::Args),
     /// Copy an image between layouts, registries and the container engine (oci:DIR[:TAG],
     /// docker://HOST/REPO[:TAG|@DIGEST], docker-daemon:NAME[:TAG]).
-    Copy {
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The image to copy.
-        source: String,
-        /// Where to put it.
-        destination: String,
-    },
+    Copy(copy_cmd::Args),
     /// Bring a registry image into a local layout or the container engine using a delta from
     /// the image the device has.
-    Pull {
-        /// The image the device has (a local layout or docker-daemon:NAME[:TAG]).
-        #[arg(long, value_name = "IMAGE")]
-        from: Option<String>,
-        /// Use this delta instead of looking among the target's referrers.
-        #[arg(long, value_name = "IMAGE")]
-        delta: Option<String>,
-        /// Never download whole layers: fail when there is no usable delta (metered links).
-        #[arg(long)]
-        no_full_download: bool,
-        /// Ask this builder service (http://HOST:PORT) for the delta, and wait while it is built.
-        #[arg(long, value_name = "URL", env = "FLEETDELTA_SERVICE")]
-        service: Option<String>,
-        /// Longest wait, in seconds, for the service to build the delta.
-        #[arg(long, value_name = "SECONDS", default_value_t = 300.0, requires = "service")]
-        service_wait: f64,
-        /// How to store rebuilt layers.
-        #[arg(long, value_enum, default_value = "original")]
-        layers: LayersArg,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The image wanted (docker://HOST/REPO[:TAG|@DIGEST]).
-        target: String,
-        /// The local layout to write it to (oci:DIR[:TAG]), or docker-daemon:NAME[:TAG].
-        output: String,
-    },
+    Pull(pull_cmd::Args),
     /// The update from one release to another: per service removed, added, unchanged or
     /// delta-updated, each delta's status, the payload estimate; builds and waits for deltas.
     #[cfg(feature = "service")]
-    ReleaseUpdate {
-        /// The release the device runs (YAML release file).
-        #[arg(long, value_name = "RELEASE")]
-        from: PathBuf,
-        /// The release it moves to.
-        #[arg(long, value_name = "RELEASE")]
-        to: PathBuf,
-        /// The device's facts (supervisor, os, l4t, kernel, device_type, arch): check contracts.
-        #[arg(long, value_name = "FACTS")]
-        device: Option<PathBuf>,
-        /// Where deltas are kept: `target` (beside each target image in its registry
-        /// repository) or oci:DIR.
-        #[arg(long, value_name = "STORE", default_value = "target")]
-        deltas: String,
-        /// Build every delta not yet built (each once per image pair).
-        #[arg(long)]
-        prepare: bool,
-        /// Wait until every delta is ready; implies --prepare (the missing deltas are built
-        /// here, those being built elsewhere are waited for).
-        #[arg(long)]
-        wait: bool,
-        /// Give up preparing and waiting after this many seconds (exit status 5; built deltas
-        /// are kept); implies --wait.
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<f64>,
-        /// Seconds between looks while waiting.
-        #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
-        poll: f64,
-        /// Effort of the deltas built.
-        #[arg(long, value_enum, default_value = "default")]
-        level: LevelArg,
-        /// What images rebuilt from the deltas built must preserve: exact (every digest) or content (diff_ids).
-        #[arg(long, value_enum, default_value = "exact")]
-        fidelity: FidelityArg,
-        /// Print JSON (balena's release-update shape, extended) instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    ReleaseUpdate(release_update_cmd::Args),
     /// Run the builder service: deltas built once per image pair, ahead of the fleet, served
     /// over HTTP (docs/api.md). Stops on SIGTERM or ctrl-c.
     #[cfg(feature = "service")]
@@ -265,13 +151,7 @@ pub enum Command {
         run: agent_cmd::RunArgs,
     },
     /// Show what a delta holds, per target layer.
-    Info {
-        /// The delta image.
-        delta: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Info(info_cmd::Args),
 }
 
 /// Parses the command line and runs the command.
@@ -282,46 +162,16 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let registry = &cli.registry;
     let transfer = || registry.transfer(None);
     match cli.command {
-        Command::Diff { level, max_layer_size, fidelity, json, source, target, delta } => {
-            diff_cmd::run(&transfer()?, level, max_layer_size, fidelity, json, &source, &target, &delta, progress)
-        }
-        Command::Apply { layers, expect_target, max_layer_size, jobs, json, source, delta, output } => {
-            apply_cmd::run(&transfer()?, layers, expect_target.as_deref(), max_layer_size, jobs, json, &source, &delta, &output, progress)
-        }
-        Command::Copy { json, source, destination } => copy_cmd::run(&transfer()?, json, &source, &destination, progress),
-        Command::Pull { from, delta, no_full_download, service, service_wait, layers, json, target, output } => {
-            let args = pull_cmd::Args {
-                from: from.as_deref(),
-                delta: delta.as_deref(),
-                allow_full: !no_full_download,
-                service: service.as_deref(),
-                service_wait,
-                layers,
-                json,
-            };
-            pull_cmd::run(&transfer()?, &args, &target, &output, progress)
-        }
+        Command::Diff(args) => diff_cmd::run(&transfer()?, &args, progress),
+        Command::Apply(args) => apply_cmd::run(&transfer()?, &args, progress),
+        Command::Copy(args) => copy_cmd::run(&transfer()?, &args, progress),
+        Command::Pull(args) => pull_cmd::run(&transfer()?, &args, progress),
         #[cfg(feature = "service")]
         Command::Serve(args) => serve_cmd::run(registry, &args),
-        Command::Info { delta, json } => info_cmd::run(&transfer()?, &delta, json),
+        Command::Info(args) => info_cmd::run(&transfer()?, &args),
         Command::Agent { action, run } => return agent_cmd::run(registry, action, run, cli.quiet, progress),
         #[cfg(feature = "service")]
-        Command::ReleaseUpdate { from, to, device, deltas, prepare, wait, timeout, poll, level, fidelity, json } => {
-            let args = release_update_cmd::Args {
-                from: &from,
-                to: &to,
-                device: device.as_deref(),
-                deltas: &deltas,
-                prepare,
-                wait,
-                timeout,
-                poll,
-                level,
-                fidelity,
-                json,
-            };
-            return release_update_cmd::run(registry, &args, progress);
-        }
+        Command::ReleaseUpdate(args) => return release_update_cmd::run(registry, &args, progress),
     }?;
     Ok(ExitCode::SUCCESS)
 }

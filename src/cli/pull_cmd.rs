@@ -8,20 +8,40 @@ use fleetdelta::{ApplyOptions, ImageRef, Progress, PullOptions, Transfer};
 
 use super::{human_bytes, LayersArg};
 
-/// The command's flags.
-#[derive(Clone, Copy)]
-pub struct Args<'a> {
-    pub from: Option<&'a str>,
-    pub delta: Option<&'a str>,
-    pub allow_full: bool,
-    pub service: Option<&'a str>,
+/// The command's flags and arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The image the device has (a local layout or docker-daemon:NAME[:TAG]).
+    #[arg(long, value_name = "IMAGE")]
+    pub from: Option<String>,
+    /// Use this delta instead of looking among the target's referrers.
+    #[arg(long, value_name = "IMAGE")]
+    pub delta: Option<String>,
+    /// Never download whole layers: fail when there is no usable delta (metered links).
+    #[arg(long)]
+    pub no_full_download: bool,
+    /// Ask this builder service (http://HOST:PORT) for the delta, and wait while it is built.
+    #[arg(long, value_name = "URL", env = "FLEETDELTA_SERVICE")]
+    pub service: Option<String>,
+    /// Longest wait, in seconds, for the service to build the delta.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300.0, requires = "service")]
     pub service_wait: f64,
+    /// How to store rebuilt layers.
+    #[arg(long, value_enum, default_value = "original")]
     pub layers: LayersArg,
+    /// Print the result as JSON.
+    #[arg(long)]
     pub json: bool,
+    /// The image wanted (docker://HOST/REPO[:TAG|@DIGEST]).
+    pub target: String,
+    /// The local layout to write it to (oci:DIR[:TAG]), or docker-daemon:NAME[:TAG].
+    pub output: String,
 }
 
-pub fn run(transfer: &Transfer, args: &Args, target: &str, output: &str, progress: &dyn Progress) -> anyhow::Result<()> {
-    let Args { from, delta, allow_full, service, service_wait, layers, json } = *args;
+pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow::Result<()> {
+    let (from, delta, service) = (args.from.as_deref(), args.delta.as_deref(), args.service.as_deref());
+    let (allow_full, service_wait, layers, json) = (!args.no_full_download, args.service_wait, args.layers, args.json);
+    let (target, output) = (args.target.as_str(), args.output.as_str());
     if !service_wait.is_finite() || !(0.0..=1e7).contains(&service_wait) {
         bail!("--service-wait must be a number of seconds, not {service_wait}");
     }

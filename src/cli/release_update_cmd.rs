@@ -1,6 +1,6 @@
 //! `fleetdelta release-update`.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,18 +13,44 @@ use fleetdelta::{DiffOptions, Progress};
 
 use super::{human_bytes, FidelityArg, LevelArg, RegistryArgs};
 
-/// The command's arguments.
-pub struct Args<'a> {
-    pub from: &'a Path,
-    pub to: &'a Path,
-    pub device: Option<&'a Path>,
-    pub deltas: &'a str,
+/// The command's flags and arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The release the device runs (YAML release file).
+    #[arg(long, value_name = "RELEASE")]
+    pub from: PathBuf,
+    /// The release it moves to.
+    #[arg(long, value_name = "RELEASE")]
+    pub to: PathBuf,
+    /// The device's facts (supervisor, os, l4t, kernel, device_type, arch): check contracts.
+    #[arg(long, value_name = "FACTS")]
+    pub device: Option<PathBuf>,
+    /// Where deltas are kept: `target` (beside each target image in its registry
+    /// repository) or oci:DIR.
+    #[arg(long, value_name = "STORE", default_value = "target")]
+    pub deltas: String,
+    /// Build every delta not yet built (each once per image pair).
+    #[arg(long)]
     pub prepare: bool,
+    /// Wait until every delta is ready; implies --prepare (the missing deltas are built
+    /// here, those being built elsewhere are waited for).
+    #[arg(long)]
     pub wait: bool,
+    /// Give up preparing and waiting after this many seconds (exit status 5; built deltas
+    /// are kept); implies --wait.
+    #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
+    /// Seconds between looks while waiting.
+    #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
     pub poll: f64,
+    /// Effort of the deltas built.
+    #[arg(long, value_enum, default_value = "default")]
     pub level: LevelArg,
+    /// What images rebuilt from the deltas built must preserve: exact (every digest) or content (diff_ids).
+    #[arg(long, value_enum, default_value = "exact")]
     pub fidelity: FidelityArg,
+    /// Print JSON (balena's release-update shape, extended) instead of a table.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -36,9 +62,9 @@ fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
 }
 
 pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> anyhow::Result<ExitCode> {
-    let from = Release::load(args.from)?;
-    let to = Release::load(args.to)?;
-    let facts = args.device.map(DeviceFacts::load).transpose()?;
+    let from = Release::load(&args.from)?;
+    let to = Release::load(&args.to)?;
+    let facts = args.device.as_deref().map(DeviceFacts::load).transpose()?;
     // Multi-platform images resolve to the device's architecture when its facts name one.
     let arch = facts.as_ref().and_then(|f| f.arch.as_deref()).and_then(oci_architecture);
     let transfer = registry.transfer(arch)?;
@@ -47,7 +73,7 @@ pub fn run(registry: &RegistryArgs, args: &Args, progress: &dyn Progress) -> any
     let wait = args.wait || args.timeout.is_some();
     let prepare = args.prepare || wait;
     let options = UpdateOptions {
-        store: DeltaStore::parse(args.deltas).context("--deltas")?,
+        store: DeltaStore::parse(&args.deltas).context("--deltas")?,
         diff: DiffOptions { level: args.level.level(), fidelity: args.fidelity.fidelity(), ..DiffOptions::default() },
         prepare,
         wait,
