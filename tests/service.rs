@@ -445,6 +445,22 @@ fn shutdown_abandons_a_build_cleanly_and_the_next_instance_builds_it() {
     assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1);
 }
 
+/// `docs/openapi.yaml` is a valid OpenAPI 3.0 document, by the OpenAPI Initiative's own JSON
+/// Schema of 3.0 (`tests/fixtures/openapi-3.0.schema.json`) and a maintained validator; and
+/// the check is real: a stray key in a response is caught.
+#[test]
+fn the_openapi_file_is_a_valid_openapi_3_0_document() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let spec: Value = serde_norway::from_str(&fs::read_to_string(root.join("docs/openapi.yaml")).unwrap()).unwrap();
+    let schema: Value = serde_json::from_slice(&fs::read(root.join("tests/fixtures/openapi-3.0.schema.json")).unwrap()).unwrap();
+    let validator = jsonschema::options().with_draft(jsonschema::Draft::Draft4).build(&schema).expect("the OpenAPI 3.0 schema compiles");
+    let errors: Vec<String> = validator.iter_errors(&spec).map(|e| format!("{e} (at {})", e.instance_path())).collect();
+    assert!(errors.is_empty(), "docs/openapi.yaml is not valid OpenAPI 3.0:\n  {}", errors.join("\n  "));
+    let mut broken = spec.clone();
+    broken["paths"]["/health"]["get"]["responses"]["200"]["or a stray key"] = Value::Null;
+    assert!(!validator.is_valid(&broken), "a stray key in a response must be refused");
+}
+
 #[test]
 fn the_openapi_file_lists_exactly_the_routes_the_server_answers() {
     let spec: Value = serde_norway::from_str(&fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.yaml")).unwrap()).unwrap();
