@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::registry::Registry;
 use common::serve::Serve;
-use common::{assert_same_tagged_image, fleetdelta, run, service_image, Bounded};
+use common::{assert_same_tagged_image, fleetdelta, run, run_failing, service_image, Bounded};
 use fleetdelta::image::Layout;
 use fleetdelta::service::metrics::sample;
 use fleetdelta::service::routes::ROUTES;
@@ -21,7 +21,13 @@ use serde_json::{json, Value};
 
 fn fd(home: &Path) -> Command {
     let mut c = fleetdelta();
-    c.env("HOME", home).env("XDG_CACHE_HOME", home.join("cache")).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE").arg("--quiet");
+    c.env("HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .arg("--quiet");
     c
 }
 
@@ -336,6 +342,28 @@ fn registering_a_release_builds_deltas_from_earlier_releases_and_release_update_
     assert_eq!(unknown.body["error"], "release 9 is not registered", "the one missing is named: {}", unknown.body);
     let neither = rt.block_on(send(client.get(format!("{}/v1/release-update?from=8&to=9", serve.url))));
     assert_eq!(neither.body["error"], "releases 8 and 9 are not registered", "{}", neither.body);
+
+    // A restart forgets nothing: the releases are registered again from the service's
+    // database (under HOME), in order; the answers are unchanged and nothing is rebuilt.
+    drop(serve);
+    let serve = Serve::start(home, "previous_releases: 2\nmax_concurrent_builds: 1\n");
+    let listed = rt.block_on(send(client.get(format!("{}/v1/releases", serve.url))));
+    assert_eq!(listed.body["releases"], json!(["1", "2", "3"]), "{}", listed.body);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let d = rt.block_on(send(client.get(format!("{}/v1/releases/3", serve.url))));
+        let statuses: Vec<&str> = d.body["deltas"].as_array().unwrap().iter().map(|p| p["status"].as_str().unwrap()).collect();
+        if statuses.iter().all(|s| *s == "ready") {
+            break;
+        }
+        assert!(!statuses.contains(&"failed") && Instant::now() < deadline, "{}", d.body);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = rt.block_on(send(client.get(format!("{}/v1/release-update?from=1&to=3", serve.url))));
+    assert_eq!(after.body, from_command, "the same answer after a restart");
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 0, "the deltas are found in the registry, not built again");
+    let again = rt.block_on(send(client.post(format!("{}/v1/releases", serve.url)).body(fs::read_to_string(&r3).unwrap())));
+    assert_eq!(again.status, 200, "still registered, so registering again changes nothing: {}", again.body);
 }
 
 #[test]
@@ -443,6 +471,17 @@ fn shutdown_abandons_a_build_cleanly_and_the_next_instance_builds_it() {
     let (done, _) = rt.block_on(ask_until_done(&http(), &serve.url, &request));
     assert_eq!(done.status, 200, "{}", done.body);
     assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1);
+}
+
+/// A database that is not one (a corrupt file) stops the service at its start, naming it.
+#[test]
+fn a_corrupt_database_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let junk = tmp.path().join("service.db");
+    fs::write(&junk, vec![0x42u8; 8192]).unwrap();
+    let stderr = run_failing(fd(tmp.path()).args(["serve", "--listen", "127.0.0.1:0", "--database"]).arg(format!("sqlite:{}", junk.display())));
+    assert!(stderr.contains(&junk.display().to_string()) && stderr.contains("database"), "{stderr}");
+    assert_eq!(fs::read(&junk).unwrap(), vec![0x42u8; 8192], "the file is left as it was");
 }
 
 /// `docs/openapi.yaml` is a valid OpenAPI 3.0 document, by the OpenAPI Initiative's own JSON

@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Log lines as JSON objects.
     #[arg(long)]
     pub log_json: bool,
+    /// Where registered releases are kept across restarts: sqlite:PATH, or sqlite::memory:
+    /// (nothing kept) [default: sqlite:$XDG_STATE_HOME/fleetdelta/service.db].
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
 }
 
 pub fn run(registry: &RegistryArgs, args: &ServeArgs) -> anyhow::Result<()> {
@@ -85,6 +89,9 @@ pub fn run(registry: &RegistryArgs, args: &ServeArgs) -> anyhow::Result<()> {
     }
     if args.log_json {
         config.log_format = LogFormat::Json;
+    }
+    if let Some(v) = &args.database {
+        config.database = Some(v.clone());
     }
     config.validate("the service configuration (file and flags)")?;
     super::init_logging(config.log_format == fleetdelta::service::config::LogFormat::Json, "info");

@@ -11,7 +11,13 @@ use super::{fleetdelta, run};
 /// fleetdelta with `home` as HOME and no credentials from the environment.
 fn fd(home: &Path) -> Command {
     let mut c = fleetdelta();
-    c.env("HOME", home).env("XDG_CACHE_HOME", home.join("cache")).env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE").arg("--quiet");
+    c.env("HOME", home)
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .arg("--quiet");
     c
 }
 

@@ -71,6 +71,11 @@ pub struct ServiceConfig {
     pub scratch_dir: Option<PathBuf>,
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
+    /// Where the service keeps what must survive a restart (the releases registered):
+    /// `sqlite:PATH` (created when missing) or `sqlite::memory:` (nothing kept). Default:
+    /// `sqlite:$STATE_DIRECTORY/service.db` (systemd), else
+    /// `$XDG_STATE_HOME/fleetdelta/service.db`, else `~/.local/state/fleetdelta/service.db`.
+    pub database: Option<String>,
 }
 
 /// How the service reaches registries.
@@ -125,6 +130,7 @@ impl Default for ServiceConfig {
             max_tracked_pairs: 100_000,
             scratch_dir: None,
             log_format: LogFormat::Text,
+            database: None,
         }
     }
 }
@@ -194,6 +200,19 @@ mod level_name {
         let name = String::deserialize(d)?;
         name.parse().map_err(serde::de::Error::custom)
     }
+}
+
+/// The database of [`ServiceConfig::database`] when none is given, its directory created.
+pub fn default_database_url() -> Result<String> {
+    let dir = match (std::env::var_os("STATE_DIRECTORY"), std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME")) {
+        // systemd's StateDirectory= may list several, separated by ':'; the first is ours.
+        (Some(s), _, _) if !s.is_empty() => PathBuf::from(s.to_string_lossy().split(':').next().unwrap_or_default()),
+        (_, Some(x), _) if !x.is_empty() => PathBuf::from(x).join("fleetdelta"),
+        (_, _, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".local/state/fleetdelta"),
+        _ => return Err(Error::unsupported("the service's database", "no $STATE_DIRECTORY, $XDG_STATE_HOME or $HOME: give `database` (or --database)")),
+    };
+    std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+    Ok(format!("sqlite:{}", dir.join("service.db").display()))
 }
 
 #[cfg(test)]

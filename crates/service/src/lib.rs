@@ -10,18 +10,20 @@
 //!   target.
 //! - [`releases`]: release registration (background builds from earlier releases) and
 //!   release-update queries.
+//! - [`db`]: the durable state (registered releases), in SQLite.
 //! - [`metrics`]: Prometheus text format.
 //! - [`shutdown`]: signals, and the order things stop in.
 //! - [`release_update`]: the transition between two releases, with each delta's status;
 //!   prepares, waits for and times out the builds (also what the CLI runs without a service).
 //! - [`api`] and [`client`] live in `fleetdelta-pull` (the device's side) and are re-exported.
 //!
-//! The registry is the store of record: the service keeps no state that a restart or a second
-//! instance needs (see `docs/scaling.md`).
+//! The registry is the store of record for deltas; the releases registered are kept in the
+//! service's database ([`db`]), so a restart forgets none (see `docs/scaling.md`).
 #![deny(missing_docs)]
 
 pub mod build;
 pub mod config;
+pub mod db;
 pub mod metrics;
 pub mod release_update;
 pub mod releases;
@@ -36,9 +38,11 @@ pub use config::ServiceConfig;
 pub use fleetdelta_pull::{api, client};
 pub use shutdown::ShutdownReport;
 
+use db::Database;
 use fleetdelta_engine::error::{IoContext, Result};
 use fleetdelta_engine::locked_dir::ScratchDir;
 use fleetdelta_engine::registry::{Client, ClientOptions};
+use releases::Releases;
 
 /// A service bound to its address, ready to run.
 #[derive(Debug)]
@@ -62,7 +66,14 @@ impl Service {
         let metrics = Arc::new(metrics::Metrics::default());
         let client = Arc::new(Client::new(registry)?);
         let builds = Arc::new(state::Builds::new(config.clone(), client, metrics.clone(), scratch.path().to_path_buf()));
-        let app = routes::App { config, builds, releases: Arc::default(), metrics, source_configs: Arc::default() };
+        let url = match &config.database {
+            Some(url) => url.clone(),
+            None => config::default_database_url()?,
+        };
+        let releases = Arc::new(Releases::with_database(Database::open(&url).await?));
+        let restored = releases.restore(config.previous_releases, &builds).await?;
+        tracing::info!(database = %url, restored, "releases restored");
+        let app = routes::App { config, builds, releases, metrics, source_configs: Arc::default() };
         Ok(Service { listener, app, scratch })
     }
 

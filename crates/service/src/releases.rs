@@ -3,9 +3,9 @@
 //! release-update queries plan a transition from what the registry and the builds say, and
 //! answer the same JSON as `fleetdelta release-update --json`.
 //!
-//! Registered releases are kept in memory, in registration order: they are the pipeline's
-//! input, cheap to post again (registration is idempotent), while the deltas they lead to
-//! live in the registry.
+//! Registered releases are kept in memory, in registration order, and in the service's
+//! database ([`crate::db`]), from which a restarted service registers them again; the deltas
+//! they lead to live in the registry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::build::find_delta;
 use super::state::{Builds, Job, Status};
+use crate::db::Database;
 use crate::release_update::UpdateError;
 use fleetdelta_engine::delta_store::DeltaKey;
 use fleetdelta_engine::digest::Digest;
@@ -82,12 +83,17 @@ pub enum RegisterError {
     /// A different release with this id was registered before.
     #[error("release {0} is already registered with other contents")]
     Conflict(String),
+    /// The release could not be recorded in the database: it is not registered.
+    #[error(transparent)]
+    Storage(Error),
 }
 
 /// The registered releases.
 #[derive(Debug, Default)]
 pub struct Releases {
     list: Mutex<Vec<Arc<Registered>>>,
+    /// Where registrations are recorded; none: in memory only.
+    db: Option<Database>,
 }
 
 impl Releases {
@@ -115,26 +121,66 @@ impl Releases {
         Some(planned)
     }
 
-    /// Registers the release in `text` (a release file) and starts resolving its images and
-    /// building its deltas in the background.
-    pub fn register(&self, text: &str, previous_releases: usize, builds: &Arc<Builds>) -> Result<Registration, RegisterError> {
+    /// Releases kept in `db` as well as in memory.
+    pub fn with_database(db: Database) -> Self {
+        Releases { list: Mutex::default(), db: Some(db) }
+    }
+
+    /// Registers the release in `text` (a release file), records it in the database, and
+    /// starts resolving its images and building its deltas in the background.
+    pub async fn register(&self, text: &str, previous_releases: usize, builds: &Arc<Builds>) -> Result<Registration, RegisterError> {
         let release = Release::parse(text, "the release posted")?;
-        let (registered, created, previous) = {
-            let mut list = self.lock();
-            match list.iter().position(|r| r.release.id == release.id) {
-                Some(i) if list[i].text != text => return Err(RegisterError::Conflict(release.id)),
-                Some(i) => {
-                    let previous: Vec<Arc<Registered>> = list[..i].iter().rev().take(previous_releases).cloned().collect();
-                    (list[i].clone(), false, previous)
-                }
-                None => {
-                    let previous: Vec<Arc<Registered>> = list.iter().rev().take(previous_releases).cloned().collect();
-                    let registered = Arc::new(Registered { release, text: text.to_string(), planned: Mutex::new(Vec::new()) });
-                    list.push(registered.clone());
-                    (registered, true, previous)
-                }
+        let (registered, created, previous) = self.insert(release, text, previous_releases)?;
+        if let (true, Some(db)) = (created, &self.db) {
+            let stored = db.add_release(&registered.release.id, text).await;
+            if !matches!(stored, Ok(true)) {
+                self.lock().retain(|r| !Arc::ptr_eq(r, &registered));
+                return Err(match stored {
+                    Err(e) => RegisterError::Storage(e),
+                    // Another instance sharing the database registered other contents first.
+                    _ => RegisterError::Conflict(registered.release.id.clone()),
+                });
             }
-        };
+        }
+        Ok(self.start(registered, created, previous, builds))
+    }
+
+    /// Registers again, in their order, the releases the database holds (a restart), and
+    /// starts their builds as their registration did. Returns how many.
+    pub async fn restore(&self, previous_releases: usize, builds: &Arc<Builds>) -> Result<usize> {
+        let Some(db) = &self.db else { return Ok(0) };
+        let stored = db.releases().await?;
+        for (id, text) in &stored {
+            let what = format!("release {id} in the database");
+            let release = Release::parse(text, &what).map_err(|e| Error::malformed(&what, e.to_string()))?;
+            let (registered, created, previous) = self.insert(release, text, previous_releases).map_err(|e| Error::malformed(&what, e.to_string()))?;
+            self.start(registered, created, previous, builds);
+        }
+        Ok(stored.len())
+    }
+
+    /// Adds `release` to the list unless it is there (with the same text); with the releases
+    /// registered before it that its deltas start from.
+    #[allow(clippy::type_complexity)]
+    fn insert(&self, release: Release, text: &str, previous_releases: usize) -> Result<(Arc<Registered>, bool, Vec<Arc<Registered>>), RegisterError> {
+        let mut list = self.lock();
+        Ok(match list.iter().position(|r| r.release.id == release.id) {
+            Some(i) if list[i].text != text => return Err(RegisterError::Conflict(release.id)),
+            Some(i) => {
+                let previous: Vec<Arc<Registered>> = list[..i].iter().rev().take(previous_releases).cloned().collect();
+                (list[i].clone(), false, previous)
+            }
+            None => {
+                let previous: Vec<Arc<Registered>> = list.iter().rev().take(previous_releases).cloned().collect();
+                let registered = Arc::new(Registered { release, text: text.to_string(), planned: Mutex::new(Vec::new()) });
+                list.push(registered.clone());
+                (registered, true, previous)
+            }
+        })
+    }
+
+    /// Plans the deltas of `registered` from `previous` and starts them in the background.
+    fn start(&self, registered: Arc<Registered>, created: bool, previous: Vec<Arc<Registered>>, builds: &Arc<Builds>) -> Registration {
         let mut planned = Vec::new();
         for earlier in &previous {
             for service in &registered.release.services {
@@ -160,7 +206,7 @@ impl Releases {
         tracing::info!(release = %id, created, previous = previous.len(), deltas = planned.len(), "release registered");
         let builds = Arc::clone(builds);
         tokio::spawn(async move { start_builds(&registered, &builds).await });
-        Ok(Registration { id, created, previous: previous.iter().map(|r| r.release.id.clone()).collect(), deltas: planned })
+        Registration { id, created, previous: previous.iter().map(|r| r.release.id.clone()).collect(), deltas: planned }
     }
 
     /// The transition from release `from` to release `to` (both registered) for a device

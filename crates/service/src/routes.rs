@@ -248,13 +248,14 @@ fn delta_answer(config: &ServiceConfig, key: &DeltaKey, status: Status) -> Respo
 
 async fn register_release(State(app): State<App>, body: Bytes) -> Response {
     let Ok(text) = std::str::from_utf8(&body) else { return error(StatusCode::BAD_REQUEST, "the release file is not UTF-8") };
-    match app.releases.register(text, app.config.previous_releases, &app.builds) {
+    match app.releases.register(text, app.config.previous_releases, &app.builds).await {
         Ok(registration) => {
             let status = if registration.created { StatusCode::ACCEPTED } else { StatusCode::OK };
             (status, Json(registration)).into_response()
         }
         Err(e @ RegisterError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ RegisterError::Conflict(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ RegisterError::Storage(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
