@@ -13,6 +13,7 @@ use super::rootfs::{building_name, layer_tar_name};
 use super::runtime::Fetched;
 use super::state::{Installed, InstanceRecord, StateDir};
 use crate::error::Result;
+use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::{Error, IoContext};
 use fleetdelta_engine::image::Layout;
 use fleetdelta_engine::progress::Progress;
@@ -133,23 +134,18 @@ enum RootfsEntry<'a> {
 
 impl<'a> RootfsEntry<'a> {
     fn parse(name: &'a str) -> Option<Self> {
-        if is_digest_hex(name) {
+        if Digest::is_hex(name) {
             return Some(RootfsEntry::Rootfs(name));
         }
         // Temporaries are named after the root filesystem they build (see rootfs.rs).
         let hex = name.strip_prefix('.')?.split('.').next()?;
         match name {
-            _ if !is_digest_hex(hex) => None,
+            _ if !Digest::is_hex(hex) => None,
             _ if name == building_name(hex) => Some(RootfsEntry::Building),
             _ if name == layer_tar_name(hex) => Some(RootfsEntry::LayerTar),
             _ => None,
         }
     }
-}
-
-/// Whether `name` is the hex of a SHA-256 digest, as blobs and root filesystems are named.
-fn is_digest_hex(name: &str) -> bool {
-    name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn prune_store(state: &StateDir, keep: &BTreeSet<String>) -> Result<()> {
@@ -161,7 +157,6 @@ fn prune_store(state: &StateDir, keep: &BTreeSet<String>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetdelta_engine::digest::Digest;
 
     #[test]
     fn prune_removes_only_what_it_recognises_and_stray_files_do_not_stop_it() {

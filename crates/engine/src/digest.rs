@@ -34,6 +34,12 @@ impl Digest {
         hex::encode(self.0)
     }
 
+    /// Whether `name` is what [`Digest::hex`] gives: 64 lowercase hex digits, as blob files
+    /// (and the agent's root filesystems) are named.
+    pub fn is_hex(name: &str) -> bool {
+        name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+
     /// The digest of `data`.
     pub fn of(data: &[u8]) -> Self {
         Digest(Sha256::digest(data).into())
@@ -58,7 +64,7 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self> {
         let bad = |reason: &str| Error::malformed(format!("digest {s:?}"), reason);
         let hex_part = s.strip_prefix(SHA256_PREFIX).ok_or_else(|| bad("only sha256 digests are supported"))?;
-        if hex_part.len() != 64 || !hex_part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if !Digest::is_hex(hex_part) {
             return Err(bad("expected 64 lowercase hex digits"));
         }
         let mut bytes = [0u8; 32];
