@@ -188,16 +188,7 @@ impl Layout {
     pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Result<usize> {
         let _guard = lock_dir(&self.root)?;
         recover_interrupted_commits(&self.root)?;
-        let index_path = self.root.join(INDEX_FILE);
-        let what = index_path.display().to_string();
-        let mut index: Value = serde_json::from_slice(&read_bounded(&index_path, MAX_JSON_BYTES)?).map_err(|e| Error::malformed(&what, e.to_string()))?;
-        let manifests = index.get_mut("manifests").and_then(Value::as_array_mut).ok_or_else(|| Error::malformed(&what, "no manifests array"))?;
-        let before = manifests.len();
-        manifests.retain(|m| m.pointer(REF_NAME_POINTER).and_then(Value::as_str).is_some_and(&keep));
-        if manifests.len() != before {
-            write_atomically(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
-            sync_dir(&self.root)?;
-        }
+        edit_index(&self.root, |manifests| manifests.retain(|m| m.pointer(REF_NAME_POINTER).and_then(Value::as_str).is_some_and(&keep)))?;
         self.gc_locked()
     }
 
@@ -217,8 +208,7 @@ impl Layout {
         for entry in fs::read_dir(&blobs).ctx(|| format!("reading {}", blobs.display()))? {
             let entry = entry.ctx(|| format!("reading {}", blobs.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let is_blob = name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if is_blob && entry.file_type().is_ok_and(|t| t.is_file()) && !referenced.contains(&name) {
+            if Digest::is_hex(&name) && entry.file_type().is_ok_and(|t| t.is_file()) && !referenced.contains(&name) {
                 fs::remove_file(entry.path()).ctx(|| format!("removing {}", entry.path().display()))?;
                 removed += 1;
             }
@@ -478,23 +468,10 @@ impl LayoutWriter {
             if !self.dest.join(LAYOUT_FILE).exists() {
                 write_atomically(&self.dest.join(LAYOUT_FILE), LAYOUT_VERSION_JSON.as_bytes())?;
             }
-            let index_path = self.dest.join(INDEX_FILE);
-            let mut index: Value = match read_bounded(&index_path, MAX_JSON_BYTES) {
-                Ok(raw) => serde_json::from_slice(&raw).map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?,
-                // A layout whose first commit was interrupted before its index was written.
-                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                    json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] })
-                }
-                Err(e) => return Err(e),
-            };
-            let manifests = index
-                .get_mut("manifests")
-                .and_then(Value::as_array_mut)
-                .ok_or_else(|| Error::malformed(index_path.display().to_string(), "no manifests array"))?;
-            manifests.retain(|m| m.pointer(REF_NAME_POINTER).and_then(Value::as_str) != Some(tag));
-            manifests.push(entry);
-            write_atomically(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
-            sync_dir(&self.dest)
+            edit_index(&self.dest, |manifests| {
+                manifests.retain(|m| m.pointer(REF_NAME_POINTER).and_then(Value::as_str) != Some(tag));
+                manifests.push(entry);
+            })
         })();
         if result.is_err() {
             // Nothing names the blobs this commit brought in: take them back out.
@@ -523,6 +500,29 @@ impl LayoutWriter {
     fn discard_staging(&self) {
         locked_dir::discard(self.staging.path());
     }
+}
+
+/// Applies `edit` to the entries of the `index.json` of the layout at `root` (the caller
+/// holds the layout's lock), and replaces the file atomically when they changed. A missing
+/// index (a first commit interrupted before writing it) reads as one without entries.
+fn edit_index(root: &Path, edit: impl FnOnce(&mut Vec<Value>)) -> Result<()> {
+    let index_path = root.join(INDEX_FILE);
+    let what = || index_path.display().to_string();
+    let mut index: Value = match read_bounded(&index_path, MAX_JSON_BYTES) {
+        Ok(raw) => serde_json::from_slice(&raw).map_err(|e| Error::malformed(what(), e.to_string()))?,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] })
+        }
+        Err(e) => return Err(e),
+    };
+    let manifests = index.get_mut("manifests").and_then(Value::as_array_mut).ok_or_else(|| Error::malformed(what(), "no manifests array"))?;
+    let before = manifests.clone();
+    edit(manifests);
+    if *manifests == before {
+        return Ok(());
+    }
+    write_atomically(&index_path, &serde_json::to_vec(&index).expect("JSON values serialize"))?;
+    sync_dir(root)
 }
 
 /// Finishes the commits that were killed in `dest` (the caller holds the layout's lock, so
