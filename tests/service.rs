@@ -6,30 +6,17 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::registry::Registry;
-use common::serve::Serve;
-use common::{assert_same_tagged_image, fleetdelta, run, run_failing, service_image, Bounded};
+use common::serve::{fd, Serve};
+use common::{assert_same_tagged_image, run, run_failing, service_image, Bounded};
 use fleetdelta::image::Layout;
 use fleetdelta::service::metrics::sample;
 use fleetdelta::service::routes::ROUTES;
 use fleetdelta::Digest;
 use serde_json::{json, Value};
-
-fn fd(home: &Path) -> Command {
-    let mut c = fleetdelta();
-    c.env("HOME", home)
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("XDG_STATE_HOME", home.join("state"))
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("DOCKER_CONFIG")
-        .env_remove("REGISTRY_AUTH_FILE")
-        .arg("--quiet");
-    c
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()

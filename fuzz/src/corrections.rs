@@ -17,7 +17,7 @@
 
 use std::io::Write;
 
-use fleetdelta::layer::corrected::{analyze, Outcome, CORRECTIONS_MAGIC, CORRECTION_ENGINE};
+use fleetdelta::layer::corrected::{analyze, encode, Outcome, CORRECTIONS_MAGIC, CORRECTION_ENGINE};
 use fleetdelta::layer::exact::{Descriptor, Encoder, GzipHeader};
 
 /// The target layer every case is for.
@@ -173,4 +173,21 @@ fn seeded(data: &[u8]) -> Option<Case> {
     let stream = if records == original { stream } else { zstd::bulk::compress(&records, 1).expect("zstd compresses") };
     let blob_len = blob.len() as u64;
     Some(Case { header, blob_len, tar, stream, records: Some(records), expect: intact.then_some(blob) })
+}
+
+/// The target's checks on one input: `encode` answers (a blob or an error, never a panic or
+/// a hang); a blob it writes has the length asked for and counts the whole tar; an intact
+/// stream rebuilds its blob. Returns whether `data` is an input of the target at all.
+pub fn check(data: &[u8]) -> bool {
+    let Some(case) = case(data) else { return false };
+    let mut out = Vec::new();
+    let result = encode(&case.header, TARGET_LAYER, case.blob_len, &case.tar[..], &case.stream[..], &mut out);
+    if let Ok(n) = result {
+        assert_eq!(n, case.tar.len() as u64, "encode counted another tar length");
+        assert_eq!(out.len() as u64, case.blob_len, "encode wrote a blob of another length");
+    }
+    if let Some(blob) = case.expect {
+        assert!(result.is_ok() && out == blob, "an intact correction stream does not rebuild its blob: {result:?}");
+    }
+    true
 }

@@ -4,6 +4,7 @@
 //! the applier's deeper checks stand between fuzz input and the patch executor.
 
 pub mod corrections;
+pub mod zip_members;
 
 use std::error::Error;
 use std::fs;

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::{fleetdelta, run};
 
-/// fleetdelta with `home` as HOME and no credentials from the environment.
-fn fd(home: &Path) -> Command {
+/// fleetdelta with `home` as HOME (and the service's database under it) and no credentials
+/// from the environment.
+pub fn fd(home: &Path) -> Command {
     let mut c = fleetdelta();
     c.env("HOME", home)
         .env("XDG_CACHE_HOME", home.join("cache"))
