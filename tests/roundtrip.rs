@@ -43,6 +43,8 @@ enum LayerChange {
     Reverse,
     DropFirst,
     AddLayer(u64),
+    /// Built again `n` seconds later: every file's mtime moves.
+    Rebuilt(u16),
 }
 
 fn path_strategy() -> impl Strategy<Value = String> {
@@ -126,6 +128,13 @@ fn apply_edits(mut layers: Vec<Tree>, edits: &[Edit], change: &LayerChange) -> V
             layers.remove(0);
         }
         LayerChange::DropFirst => {}
+        LayerChange::Rebuilt(secs) => {
+            for node in layers.iter_mut().flat_map(|t| t.values_mut()) {
+                if let Node::File { mtime, .. } = node {
+                    *mtime += u64::from(*secs);
+                }
+            }
+        }
         LayerChange::AddLayer(seed) => {
             let mut t = Tree::new();
             t.insert(format!("extra/{seed}.txt"), file(text(*seed, 5000)));
@@ -148,7 +157,7 @@ proptest! {
     fn random_edits_round_trip(
         source in prop::collection::vec(tree_strategy(), 1..4),
         edits in prop::collection::vec(edit_strategy(), 0..12),
-        change in prop_oneof![Just(LayerChange::Keep), Just(LayerChange::Reverse), Just(LayerChange::DropFirst), any::<u64>().prop_map(LayerChange::AddLayer)],
+        change in prop_oneof![Just(LayerChange::Keep), Just(LayerChange::Reverse), Just(LayerChange::DropFirst), any::<u64>().prop_map(LayerChange::AddLayer), any::<u16>().prop_map(LayerChange::Rebuilt)],
         sc in compression_strategy(),
         tc in compression_strategy(),
         level in prop::sample::select(vec![Level::Fast, Level::Default, Level::Max]),
@@ -177,6 +186,42 @@ fn unchanged_layers_cost_nothing_and_keep_their_blob_digest() {
     let stats = i.layers[1].stats.as_ref().unwrap();
     assert_eq!((stats.files, stats.files_unchanged, stats.files_similar), (20, 19, 1));
     assert!(i.layers[1].payload_bytes < 3_000, "a one-line change costs {} bytes", i.layers[1].payload_bytes);
+}
+
+/// A tree of `n` small files with directories between them, every file's mtime `mtime`.
+fn app_tree(n: u64, mtime: u64) -> Tree {
+    let mut t = Tree::new();
+    for i in 0..n {
+        if i % 10 == 0 {
+            t.insert(format!("app/m{:03}", i / 10), Node::Dir { mode: 0o755 });
+        }
+        t.insert(format!("app/m{:03}/f{i}.js", i / 10), Node::File { data: text(i, 200 + (i as usize * 37) % 3000), mode: 0o644, mtime });
+    }
+    t
+}
+
+#[test]
+fn a_rebuild_seconds_later_costs_its_changes_not_its_headers() {
+    // The same tree built twice, 5 s apart, with one file changed: every header differs (mtime
+    // and checksum). Retimed runs of the source entries make it cost what the same change
+    // costs without the moved mtimes.
+    let payload = |dir: &Path, shift: u64| {
+        let v1 = app_tree(400, 1_700_000_000);
+        let mut v2 = app_tree(400, 1_700_000_000 + shift);
+        if let Some(Node::File { data, .. }) = v2.get_mut("app/m020/f200.js") {
+            data.extend_from_slice(b"\nexport const version = 2;\n");
+        }
+        roundtrip(dir, &[v1], &[v2], Compression::Gzip, Compression::Gzip, Level::Default);
+        let i = info(&oci(&dir.join("d"))).unwrap();
+        (i.layers[0].payload_bytes, i.layers[0].stats.clone().unwrap(), i.features)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (same_time, _, features) = payload(dir.path(), 0);
+    assert!(!features.iter().any(|f| f == "retimed-headers"), "nothing to retime: {features:?}");
+    let (moved, stats, features) = payload(dir.path(), 5);
+    assert!(features.iter().any(|f| f == "retimed-headers"), "{features:?}");
+    assert!(stats.retimed_headers >= 399 + 30, "files and directories: {stats:?}");
+    assert!(moved <= same_time + 64, "moved mtimes cost {moved} bytes, the same change without them {same_time}");
 }
 
 #[test]

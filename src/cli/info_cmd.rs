@@ -25,6 +25,9 @@ pub fn run(transfer: &Transfer, args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     outln!("delta {} (format {}, level {}, {})", info.delta_manifest, info.format_version, info.level, info.created_by);
+    if !info.features.is_empty() {
+        outln!("features {}", info.features.join(", "));
+    }
     outln!("source manifest {} config {}", info.source_manifest, info.source_config);
     outln!("target manifest {} config {}", info.target_manifest, info.target_config);
     outln!(

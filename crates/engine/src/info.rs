@@ -16,6 +16,8 @@ use crate::reference::ImageRef;
 pub struct DeltaInfo {
     /// Delta format version.
     pub format_version: u32,
+    /// Format features an applier must know to apply it (`delta.json`'s `features`).
+    pub features: Vec<String>,
     /// Level it was computed at.
     pub level: String,
     /// Program that wrote it.
@@ -189,6 +191,7 @@ pub fn info(reference: &ImageRef) -> Result<DeltaInfo> {
         .collect();
     Ok(DeltaInfo {
         format_version: delta.plan.format_version,
+        features: delta.plan.features.clone(),
         level: delta.plan.level.clone(),
         created_by: delta.plan.created_by.clone(),
         delta_manifest: delta.image.manifest.digest,

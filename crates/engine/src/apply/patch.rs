@@ -8,6 +8,7 @@ use zstd::zstd_safe;
 use crate::apply::source::SourceLayer;
 use crate::error::{Error, IoContext, Result};
 use crate::format::records::{Record, RecordReader};
+use crate::format::retime::Retimer;
 
 const COPY_BUFFER_BYTES: usize = 1 << 20;
 
@@ -29,6 +30,20 @@ pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, 
                 while done < r.len {
                     let n = (r.len - done).min(COPY_BUFFER_BYTES as u64) as usize;
                     layer.read_at(r.offset + done, &mut copy_buf[..n])?;
+                    out.write_all(&copy_buf[..n]).ctx(|| "writing rebuilt layer".into())?;
+                    done += n as u64;
+                }
+                written += r.len;
+            }
+            Record::Retimed { range: r, shift } => {
+                // Whole buffers of blocks, so that no header straddles two calls.
+                let layer = source(r.layer)?;
+                let mut retimer = Retimer::new(shift);
+                let mut done = 0;
+                while done < r.len {
+                    let n = (r.len - done).min(COPY_BUFFER_BYTES as u64) as usize;
+                    layer.read_at(r.offset + done, &mut copy_buf[..n])?;
+                    retimer.apply(&mut copy_buf[..n])?;
                     out.write_all(&copy_buf[..n]).ctx(|| "writing rebuilt layer".into())?;
                     done += n as u64;
                 }

@@ -14,6 +14,7 @@ use crate::diff::pair::{Partner, SourceIndex};
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::PatchStats;
 use crate::format::records::{prefix_budget, PatchHeader, Record, RecordWriter, SourceRange};
+use crate::format::retime::{self, Retimer, BLOCK};
 use crate::format::{MAX_CHUNK_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
 use crate::progress::Progress;
 
@@ -42,7 +43,17 @@ const FRAMES_PER_THREAD: usize = 2;
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
     Copy(SourceRange),
-    Literal { chunk: usize, len: u64 },
+    Literal {
+        chunk: usize,
+        len: u64,
+    },
+    /// A run of source tar entries whose headers are retimed by `shift`; the source offset
+    /// where its walker expects the next header (so that a run extends only onto it).
+    Retimed {
+        range: SourceRange,
+        shift: i64,
+        next_header: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -185,6 +196,16 @@ pub fn encode_layer(
                 None
             }
         };
+        // An unchanged file whose headers differ only by a moved mtime: a retimed copy of its
+        // source entry, extending the run of such entries before it.
+        if let Partner::Same(l) = partner {
+            let s = source.entry(l);
+            if s.data_len == e.data_len && retime(&mut planner, source, target, l.layer, meta_from..e.data_start + e.data_len, s.meta_start, e.data_len)? {
+                *layer_uses.entry(l.layer).or_default() += e.data_len;
+                meta_from = e.data_start + e.data_len;
+                continue;
+            }
+        }
         // Headers and padding before the contents, against the partner's.
         let meta = meta_from..e.data_start;
         let meta_partner = partner_loc.or_else(|| source.at_path(&e.path)).map(|l| range_of(l.layer, source.entry(l).meta_range()));
@@ -208,7 +229,17 @@ pub fn encode_layer(
             let start = layer.index.entries.iter().filter(|e| e.has_content()).map(|e| e.data_start + e.data_len).next_back().unwrap_or(0);
             range_of(l, start..layer.index.len)
         });
-    emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner)?;
+    let run_end = match planner.ops.last() {
+        Some(Op::Retimed { range, .. }) => Some((range.layer, range.end())),
+        _ => None,
+    };
+    let tail_retimed = match run_end {
+        Some((layer, end)) if meta_from < target.index.len => retime(&mut planner, source, target, layer, meta_from..target.index.len, end, 0)?,
+        _ => false,
+    };
+    if !tail_retimed {
+        emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner)?;
+    }
 
     let Planner { ops, mut chunks, mut stats, mut prefix_left, .. } = planner;
     if params.context_bytes > 0 {
@@ -242,6 +273,11 @@ pub fn encode_layer(
                 used.insert(r.layer);
                 w.write(&Record::Copy(*r)).ctx(|| "writing patch".into())?;
                 progress.advance(r.len);
+            }
+            Op::Retimed { range, shift, .. } => {
+                used.insert(range.layer);
+                w.write(&Record::Retimed { range: *range, shift: *shift }).ctx(|| "writing patch".into())?;
+                progress.advance(range.len);
             }
             Op::Literal { chunk, len } => {
                 if current_chunk != Some(*chunk) {
@@ -334,6 +370,59 @@ fn context_ranges(partners: &[SourceRange], lens: &[u64], budget: u64) -> Vec<So
         }
     }
     surroundings(partners, &merged, lens, lo)
+}
+
+/// Plans target bytes `t` — padding, headers, then `content_len` bytes of contents — as a
+/// retimed copy of the source bytes of the same length at `s_start` in source layer `layer`,
+/// extending the run before it when that run's walker expects a header just there. Returns
+/// false, planning nothing, when the bytes are not such a copy (other changes in the headers,
+/// a header whose size is not the contents', no mtime moved).
+fn retime(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, layer: u32, t: Range<u64>, s_start: u64, content_len: u64) -> Result<bool> {
+    let len = t.end - t.start;
+    let meta_len = len - content_len;
+    let pad = meta_len % BLOCK;
+    let src_layer = &source.layers[layer as usize];
+    if meta_len < BLOCK || s_start.checked_add(len).is_none_or(|end| end > src_layer.index.len) {
+        return Ok(false);
+    }
+    let mut src = src_layer.read(s_start..s_start + meta_len)?;
+    let tgt = target.read(t.start..t.start + meta_len)?;
+    if src[..pad as usize] != tgt[..pad as usize] {
+        return Ok(false);
+    }
+    let blocks = |b: &[u8]| [b[pad as usize..][..BLOCK as usize].to_vec(), b[b.len() - BLOCK as usize..].to_vec()];
+    let shift = blocks(&src).iter().zip(blocks(&tgt)).find_map(|(s, t)| {
+        let (old, new) = (retime::header_mtime(s)?, retime::header_mtime(&t)?);
+        let shift = i64::try_from(new).ok()? - i64::try_from(old).ok()?;
+        (old != 0 && shift != 0).then_some(shift)
+    });
+    let Some(shift) = shift else { return Ok(false) };
+    let mut walker = Retimer::new(shift);
+    if walker.apply(&mut src[pad as usize..]).is_err() || src != tgt {
+        return Ok(false);
+    }
+    let header_start = s_start + pad;
+    let next_header = header_start + (meta_len - pad) + content_len.div_ceil(BLOCK) * BLOCK;
+    if content_len > 0 {
+        // The walker must skip exactly these contents to reach the next entry's header.
+        let size = retime::header_size(&src[src.len() - BLOCK as usize..]);
+        if size != Some(content_len) || walker.next_header() != Some(next_header - header_start) {
+            return Ok(false);
+        }
+    }
+    planner.stats.copied_bytes += len - pad;
+    planner.stats.retimed_headers += walker.headers();
+    match planner.ops.last_mut() {
+        Some(Op::Retimed { range, shift: s, next_header: n }) if range.layer == layer && *s == shift && range.end() == s_start && *n == header_start => {
+            range.len += len;
+            *n = next_header;
+        }
+        _ => {
+            emit_bytes(planner, source, target, t.start..t.start + pad, Some(range_of(layer, s_start..header_start)))?;
+            planner.ops.push(Op::Retimed { range: range_of(layer, header_start..s_start + len), shift, next_header });
+        }
+    }
+    Ok(true)
 }
 
 /// Emits target bytes that are not file contents: a copy when they equal the partner's.

@@ -6,6 +6,7 @@ pub mod corrections;
 pub mod encoders;
 pub mod plan;
 pub mod records;
+pub mod retime;
 
 /// The format version this build writes and the only one it reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -25,10 +25,13 @@ pub const FEATURE_GZIP_CORRECTIONS: &str = "gzip-corrections";
 /// entries of zip files (jars, wheels) inside layers; requires [`FEATURE_GZIP_MEMBERS`] too.
 /// An applier without it would read them as gzip files and fail.
 pub const FEATURE_DEFLATE_MEMBERS: &str = "deflate-members";
+/// Feature: patches may hold `RETIMED` records, source tar spans whose headers' mtimes move
+/// by a constant (see [`crate::format::retime`]).
+pub const FEATURE_RETIMED_HEADERS: &str = "retimed-headers";
 
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS, FEATURE_GZIP_CORRECTIONS, FEATURE_DEFLATE_MEMBERS];
+pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS, FEATURE_GZIP_CORRECTIONS, FEATURE_DEFLATE_MEMBERS, FEATURE_RETIMED_HEADERS];
 
 /// Largest uncompressed size of a member the differ expands (and the applier accepts).
 pub const MAX_MEMBER_RAW_BYTES: u64 = 256 << 20;
@@ -372,6 +375,10 @@ pub struct PatchStats {
     /// ... their compressed size in the target.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub member_bytes: u64,
+    /// Tar headers rebuilt from their source partner with the mtime moved (`RETIMED`
+    /// records, feature [`FEATURE_RETIMED_HEADERS`]); their bytes count as copied.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retimed_headers: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -387,6 +394,11 @@ impl DeltaPlan {
     /// Whether some member is a bare deflate stream (feature [`FEATURE_DEFLATE_MEMBERS`]).
     pub fn lists_deflate_members(&self) -> bool {
         self.members().any(|m| m.wrapping == Wrapping::Deflate)
+    }
+
+    /// Whether the delta declares `feature`.
+    pub fn declares(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
     }
 
     /// Checks the version, required features and internal consistency; `target_layers` and
@@ -417,7 +429,7 @@ impl DeltaPlan {
                 if l.method == Method::Blob {
                     return Err(bad(format!("layer plan {i} re-encodes a blob that is carried whole")));
                 }
-                if !self.features.iter().any(|f| f == FEATURE_EXACT_GZIP) {
+                if !self.declares(FEATURE_EXACT_GZIP) {
                     return Err(bad(format!("layer plan {i} re-encodes exactly but the delta does not declare {FEATURE_EXACT_GZIP:?}")));
                 }
             }
@@ -425,7 +437,7 @@ impl DeltaPlan {
                 if l.method == Method::Blob {
                     return Err(bad(format!("layer plan {i} re-encodes a blob that is carried whole")));
                 }
-                if !self.features.iter().any(|f| f == FEATURE_GZIP_CORRECTIONS) {
+                if !self.declares(FEATURE_GZIP_CORRECTIONS) {
                     return Err(bad(format!("layer plan {i} re-encodes with corrections but the delta does not declare {FEATURE_GZIP_CORRECTIONS:?}")));
                 }
                 if engine != CORRECTION_ENGINE {
@@ -447,10 +459,10 @@ impl DeltaPlan {
             }
         }
         let members_used = !self.source_members.is_empty() || self.layers.iter().any(|l| !l.members.is_empty());
-        if members_used && !self.features.iter().any(|f| f == FEATURE_GZIP_MEMBERS) {
+        if members_used && !self.declares(FEATURE_GZIP_MEMBERS) {
             return Err(bad(format!("gzip members are listed but the delta does not declare {FEATURE_GZIP_MEMBERS:?}")));
         }
-        if self.lists_deflate_members() && !self.features.iter().any(|f| f == FEATURE_DEFLATE_MEMBERS) {
+        if self.lists_deflate_members() && !self.declares(FEATURE_DEFLATE_MEMBERS) {
             return Err(bad(format!("deflate streams are listed as members but the delta does not declare {FEATURE_DEFLATE_MEMBERS:?}")));
         }
         let mut last = None;

@@ -43,6 +43,7 @@ const TAG_END: u8 = 0;
 const TAG_COPY: u8 = 1;
 const TAG_LITERAL: u8 = 2;
 const TAG_CHUNK: u8 = 3;
+const TAG_RETIMED: u8 = 4;
 
 /// A byte range of an uncompressed source layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +87,15 @@ pub enum Record {
         raw_len: u64,
         /// The zstd frame.
         frame: Vec<u8>,
+    },
+    /// Copy a source range of tar blocks that starts at a header, with every header's mtime
+    /// moved by `shift` seconds and its checksum recomputed ([`crate::format::retime`];
+    /// feature [`crate::format::plan::FEATURE_RETIMED_HEADERS`]).
+    Retimed {
+        /// The source span.
+        range: SourceRange,
+        /// Seconds added to each header's mtime.
+        shift: i64,
     },
     /// The end of the patch.
     End,
@@ -137,6 +147,11 @@ impl<W: Write> RecordWriter<W> {
                 write_varint(&mut self.out, frame.len() as u64)?;
                 self.out.write_all(frame)
             }
+            Record::Retimed { range, shift } => {
+                self.out.write_all(&[TAG_RETIMED])?;
+                self.range(range)?;
+                write_varint(&mut self.out, zigzag(*shift))
+            }
             Record::End => self.out.write_all(&[TAG_END]),
         }
     }
@@ -157,6 +172,7 @@ pub struct RecordReader<R: Read> {
     chunk_left: u64,
     prefix_budget: u64,
     ended: bool,
+    retimed_allowed: bool,
 }
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -184,7 +200,15 @@ impl<R: Read> RecordReader<R> {
             chunk_left: 0,
             prefix_budget: prefix_budget(tar_len),
             ended: false,
+            retimed_allowed: false,
         })
+    }
+
+    /// Accepts `RETIMED` records, which a delta may use only when it declares
+    /// [`crate::format::plan::FEATURE_RETIMED_HEADERS`].
+    pub fn allow_retimed(mut self, allowed: bool) -> Self {
+        self.retimed_allowed = allowed;
+        self
     }
 
     /// Returns the input, positioned after the last record read.
@@ -299,6 +323,16 @@ impl<R: Read> RecordReader<R> {
                 self.chunk_left = raw_len;
                 Ok(Record::Chunk { prefix, raw_len, frame })
             }
+            TAG_RETIMED if self.retimed_allowed => {
+                let range = self.range()?;
+                let shift = unzigzag(read_varint(&mut self.input)?);
+                if range.len == 0 {
+                    return Err(bad("a retimed span of 0 bytes"));
+                }
+                self.produce(range.len)?;
+                Ok(Record::Retimed { range, shift })
+            }
+            TAG_RETIMED => Err(bad(format!("a retimed record in a delta that does not declare {:?}", crate::format::plan::FEATURE_RETIMED_HEADERS))),
             other => Err(bad(format!("unknown record tag {other}"))),
         }
     }
@@ -363,9 +397,10 @@ mod tests {
     use super::*;
 
     fn sample() -> (PatchHeader, Vec<Record>) {
-        let header = PatchHeader { target_layer: 3, tar_len: 100 + 7 + 5 };
+        let header = PatchHeader { target_layer: 3, tar_len: 100 + 7 + 5 + 1024 };
         let records = vec![
             Record::Copy(SourceRange { layer: 1, offset: 5000, len: 100 }),
+            Record::Retimed { range: SourceRange { layer: 0, offset: 512, len: 1024 }, shift: -5 },
             Record::Chunk {
                 prefix: vec![SourceRange { layer: 1, offset: 10, len: 20 }, SourceRange { layer: 0, offset: 7, len: 9 }],
                 raw_len: 12,
@@ -387,7 +422,7 @@ mod tests {
     }
 
     fn decode(bytes: &[u8]) -> Result<Vec<Record>> {
-        let mut r = RecordReader::new(bytes, u64::MAX)?;
+        let mut r = RecordReader::new(bytes, u64::MAX)?.allow_retimed(true);
         let mut out = Vec::new();
         loop {
             let rec = r.next_record()?;
@@ -457,6 +492,18 @@ mod tests {
         }
         assert!(matches!(RecordReader::new(&encode(h, &[])[..], 9), Err(Error::TooLarge { .. })));
         assert!(decode(b"NOTAPATCH").is_err());
+        let empty_retime = vec![Record::Retimed { range: SourceRange { layer: 0, offset: 0, len: 0 }, shift: 1 }, Record::End];
+        assert!(decode(&encode(h, &empty_retime)).is_err(), "empty retimed span accepted");
+    }
+
+    #[test]
+    fn retimed_records_need_the_feature() {
+        let (h, recs) = sample();
+        let bytes = encode(h, &recs);
+        let mut r = RecordReader::new(&bytes[..], u64::MAX).unwrap();
+        assert!(matches!(r.next_record().unwrap(), Record::Copy(_)));
+        let err = r.next_record().unwrap_err().to_string();
+        assert!(err.contains("does not declare \"retimed-headers\""), "{err}");
     }
 
     #[test]
