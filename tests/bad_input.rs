@@ -54,7 +54,8 @@ impl Fixture {
 
     fn payload_blob(&self) -> PathBuf {
         let m: Value = serde_json::from_slice(&fs::read(self.manifest_path()).unwrap()).unwrap();
-        let d = m["layers"][1]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        // The last layer holds the patch (format 2 puts a small one in the only layer).
+        let d = m["layers"].as_array().unwrap().last().unwrap()["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
         self.path("d/blobs/sha256").join(d)
     }
 
@@ -105,7 +106,7 @@ fn tampered_patch_with_valid_digests_is_caught() {
     for offset_percent in [10usize, 50, 90] {
         let f = Fixture::new();
         reseal(&f.path("d"), |tars, _| {
-            tars[1] = retar(&tars[1], |patch| {
+            retar_payload(tars, |patch| {
                 let at = patch.len() * offset_percent / 100;
                 patch[at] ^= 0x01;
             });
@@ -140,7 +141,9 @@ fn forged_patches_with_huge_or_out_of_range_sizes() {
     for (name, header, records) in cases {
         let f = Fixture::new();
         let forged = patch_bytes(header, &records);
-        reseal(&f.path("d"), |tars, _| tars[1] = retar(&tars[1], |p| *p = forged.clone()));
+        reseal(&f.path("d"), |tars, _| {
+            retar_payload(tars, |p| *p = forged.clone());
+        });
         let err = f.apply_fails("s", "o");
         assert!(matches!(err, Error::TooLarge { .. } | Error::Malformed { .. }), "{name}: {err}");
     }
@@ -159,14 +162,18 @@ fn a_zstd_bomb_in_the_patch_stream_is_refused() {
     std::io::Write::write_all(&mut small_window, &raw).unwrap();
     let bomb = small_window.finish().unwrap();
     assert!(bomb.len() < 100 << 10);
-    reseal(&f.path("d"), |tars, _| tars[1] = retar(&tars[1], |p| *p = bomb.clone()));
+    reseal(&f.path("d"), |tars, _| {
+        retar_payload(tars, |p| *p = bomb.clone());
+    });
     let err = f.apply_fails("s", "o");
     assert!(matches!(err, Error::Malformed { .. }), "{err}");
 
     // The same with a window far larger than a patch stream may use: refused up front.
     let f = Fixture::new();
     let big_window = zstd::encode_all(&raw[..], 19).unwrap();
-    reseal(&f.path("d"), |tars, _| tars[1] = retar(&tars[1], |p| *p = big_window.clone()));
+    reseal(&f.path("d"), |tars, _| {
+        retar_payload(tars, |p| *p = big_window.clone());
+    });
     let err = f.apply_fails("s", "o");
     contains(&err, "memory");
 }
@@ -174,10 +181,10 @@ fn a_zstd_bomb_in_the_patch_stream_is_refused() {
 #[test]
 fn unknown_format_version_is_refused_with_a_clear_error() {
     let f = Fixture::new();
-    reseal(&f.path("d"), |_, m| m["annotations"]["io.fleetdelta.delta.version"] = Value::from("2"));
+    reseal(&f.path("d"), |_, m| m["annotations"]["io.fleetdelta.delta.version"] = Value::from("3"));
     let err = f.apply_fails("s", "o");
     assert!(matches!(err, Error::UnsupportedFormatVersion { .. }), "{err}");
-    contains(&err, "version 2");
+    contains(&err, "version 3 is not supported (this build reads versions 1 to 2)");
     assert!(info(&oci(&f.path("d"))).is_err());
 }
 
@@ -549,7 +556,7 @@ fn tampered_corrections_are_refused_and_nothing_is_written() {
     for (name, edit) in cases {
         let dir = tempfile::tempdir().unwrap();
         let (s, d, layer) = corrected_delta(dir.path());
-        reseal(&d, |tars, _| tars[layer] = retar(&tars[layer], edit));
+        reseal(&d, |tars, _| tars[layer] = retar_file(&tars[layer], "layer-0000.corrections", edit));
         let out = dir.path().join("o");
         let err = apply(&oci(&s), &oci(&d), &oci(&out), &ApplyOptions::default(), &Silent).unwrap_err();
         assert!(matches!(err, Error::Malformed { .. } | Error::DigestMismatch { .. }), "{name}: {err}");
@@ -622,7 +629,7 @@ fn corrections_hostile_to_the_model_are_refused_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let (s, d, layer) = corrected_delta(dir.path());
         reseal(&d, |tars, _| {
-            tars[layer] = retar(&tars[layer], |c| {
+            tars[layer] = retar_file(&tars[layer], "layer-0000.corrections", |c| {
                 let raw = zstd::decode_all(&c[..]).unwrap();
                 *c = zstd::encode_all(&edit_chunks(&raw, edit)[..], 3).unwrap();
             })
@@ -637,11 +644,11 @@ fn corrections_hostile_to_the_model_are_refused_and_nothing_is_written() {
 #[test]
 fn lying_corrected_encodings_are_refused_and_nothing_is_written() {
     type Edit = fn(&mut Value);
-    let cases: [(&str, Edit); 5] = [
+    // (Format 2 lets the corrections share the patch's layer: their files have other names.)
+    let cases: [(&str, Edit); 4] = [
         ("header mtime", |p| p["layers"][0]["encoding"]["header"]["mtime"] = Value::from(1)),
         ("undeclared feature", |p| p["features"] = Value::from(Vec::<String>::new())),
         ("other engine", |p| p["layers"][0]["encoding"]["engine"] = Value::from("preflate-rs 0.8.0")),
-        ("corrections in the patch layer", |p| p["layers"][0]["encoding"]["correctionsLayer"] = p["layers"][0]["deltaLayer"].clone()),
         ("corrections in no layer", |p| p["layers"][0]["encoding"]["correctionsLayer"] = Value::from(9)),
     ];
     for (name, edit) in cases {
@@ -701,8 +708,7 @@ fn a_blob_payload_longer_than_the_target_blob_is_refused_before_it_is_written() 
     let f = blob_fixture();
     // 64 MiB of zeros where the target's 200 kB blob should be (the payload tar declares it).
     reseal(&f.path("d"), |tars, _| {
-        assert_eq!(tars.len(), 2, "metadata and the noise layer's blob");
-        tars[1] = retar(&tars[1], |p| p.resize(64 << 20, 0));
+        retar_payload(tars, |p| p.resize(64 << 20, 0));
     });
     for mode in ["original", "uncompressed"] {
         let out = apply_with_file_limit(&f, 16 << 20, &["--layers", mode]);
@@ -732,7 +738,9 @@ fn a_patch_cannot_write_more_than_the_target_blob_can_hold() {
     w.write(&Record::End).unwrap();
     let patch = zstd::encode_all(&raw[..], 19).unwrap();
     assert!(patch.len() < 4096, "{} bytes", patch.len());
-    reseal(&f.path("d"), |tars, _| tars[1] = retar(&tars[1], |p| *p = patch.clone()));
+    reseal(&f.path("d"), |tars, _| {
+        retar_payload(tars, |p| *p = patch.clone());
+    });
     for mode in ["original", "uncompressed"] {
         let out = apply_with_file_limit(&f, 32 << 20, &["--layers", mode]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -769,7 +777,9 @@ fn patches_whose_records_produce_nothing_are_refused() {
         patch.window_log(20).unwrap();
         std::io::Write::write_all(&mut patch, &raw).unwrap();
         let patch = patch.finish().unwrap();
-        reseal(&f.path("d"), |tars, _| tars[1] = retar(&tars[1], |p| *p = patch.clone()));
+        reseal(&f.path("d"), |tars, _| {
+            retar_payload(tars, |p| *p = patch.clone());
+        });
         let err = f.apply_fails("s", "o");
         contains(&err, name);
     }
@@ -923,7 +933,8 @@ fn a_zstd_delta_layer_with_a_huge_window_is_refused_by_name() {
     // Recompress the patch layer with a 128 MiB window, as a tool might.
     let layout = Layout::open(f.path("d")).unwrap();
     let image = layout.load_image(None).unwrap();
-    let tar = fs::read(layout.blob_path(&image.layers[1].blob.digest)).unwrap();
+    let last = image.layers.len() - 1;
+    let tar = fs::read(layout.blob_path(&image.layers[last].blob.digest)).unwrap();
     let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
     e.set_parameter(zstd::stream::raw::CParameter::WindowLog(27)).unwrap();
     std::io::Write::write_all(&mut e, &tar).unwrap();
@@ -931,9 +942,9 @@ fn a_zstd_delta_layer_with_a_huge_window_is_refused_by_name() {
     let mut manifest: Value = serde_json::from_slice(&image.manifest.raw).unwrap();
     let d = fleetdelta::Digest::of(&blob);
     fs::write(layout.blob_path(&d), &blob).unwrap();
-    manifest["layers"][1]["mediaType"] = Value::from("application/vnd.oci.image.layer.v1.tar+zstd");
-    manifest["layers"][1]["digest"] = Value::from(d.to_string());
-    manifest["layers"][1]["size"] = Value::from(blob.len());
+    manifest["layers"][last]["mediaType"] = Value::from("application/vnd.oci.image.layer.v1.tar+zstd");
+    manifest["layers"][last]["digest"] = Value::from(d.to_string());
+    manifest["layers"][last]["size"] = Value::from(blob.len());
     let m = serde_json::to_vec(&manifest).unwrap();
     let md = fleetdelta::Digest::of(&m);
     fs::write(layout.blob_path(&md), &m).unwrap();

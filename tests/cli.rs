@@ -72,7 +72,10 @@ fn umoci_images_round_trip_through_the_cli_and_the_delta_is_an_ordinary_image() 
     assert_eq!(skopeo_digest(&copied), delta_digest, "skopeo copy keeps the delta bit for bit");
     run(tool("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v1-v2", d.join("delta").display())).arg(d.join("delta-bundle")));
     let plan: serde_json::Value = serde_json::from_slice(&fs::read(d.join("delta-bundle/rootfs/delta.json")).unwrap()).unwrap();
-    assert_eq!(plan["formatVersion"], 1);
+    assert_eq!(plan["formatVersion"], 2);
+    let patch = plan["layers"][1]["deltaLayer"].as_u64().unwrap();
+    assert_eq!(patch, 0, "a small patch shares the metadata layer: {plan}");
+    assert!(d.join("delta-bundle/rootfs/layer-0001.patch").is_file(), "umoci unpacks the patch with the metadata");
 
     // info, for people and as JSON.
     let out = run(fleetdelta().args(["info", &copied, "--json"]));

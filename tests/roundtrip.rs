@@ -225,6 +225,24 @@ fn a_rebuild_seconds_later_costs_its_changes_not_its_headers() {
 }
 
 #[test]
+fn a_one_line_change_in_a_large_layer_costs_under_two_kilobytes_in_all() {
+    // The fixed cost of a delta: manifest, config, metadata and the patch, for a same-length
+    // edit of one line of one file among 3000 (format 2: one layer, short annotations).
+    let dir = tempfile::tempdir().unwrap();
+    let v1: Tree = (0..3000).map(|i| (format!("usr/share/doc/p{}/f{i}", i / 30), file(text(i, 1000 + (i as usize * 131) % 9000)))).collect();
+    let mut v2 = v1.clone();
+    if let Some(Node::File { data, .. }) = v2.get_mut("usr/share/doc/p50/f1500") {
+        data[400..414].copy_from_slice(b"HISTSIZE=5000\n");
+    }
+    roundtrip(dir.path(), &[v1], &[v2], Compression::Gzip, Compression::Gzip, Level::Default);
+    let i = info(&oci(&dir.path().join("d"))).unwrap();
+    assert_eq!(i.format_version, 2);
+    assert!(i.payload_bytes <= 2000, "the whole delta image is {} bytes", i.payload_bytes);
+    let layout = fleetdelta::image::Layout::open(dir.path().join("d")).unwrap();
+    assert_eq!(layout.load_image(None).unwrap().layers.len(), 1, "a small patch shares the metadata layer");
+}
+
+#[test]
 fn identical_images_rebuild_with_the_same_manifest_digest() {
     let dir = tempfile::tempdir().unwrap();
     let t: Tree = (0..5).map(|i| (format!("f{i}"), file(text(i, 1000)))).collect();

@@ -364,6 +364,21 @@ pub fn reseal(delta: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>, &mut Value)) {
     fs::write(delta.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
 }
 
+/// Edits the payload file (`layer-NNNN.patch` or `.blob`) of the delta layer tars: format 2
+/// puts a small one in the metadata layer, a large one in a layer of its own. Returns the
+/// index of the tar that held it.
+pub fn retar_payload(tars: &mut [Vec<u8>], edit: impl FnOnce(&mut Vec<u8>)) -> usize {
+    let names =
+        |t: &[u8]| -> Vec<String> { tar::Archive::new(t).entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect() };
+    let (i, name) = tars
+        .iter()
+        .enumerate()
+        .find_map(|(i, t)| names(t).into_iter().find(|n| n.starts_with("layer-") && (n.ends_with(".patch") || n.ends_with(".blob"))).map(|n| (i, n)))
+        .expect("a delta layer holds a payload");
+    tars[i] = retar_file(&tars[i], &name, edit);
+    i
+}
+
 /// Replaces the single file inside a one-entry tar.
 pub fn retar(tar_bytes: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut archive = tar::Archive::new(tar_bytes);

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::format::{ANNOTATION_SOURCE_CONFIG, ANNOTATION_TARGET_MANIFEST, ANNOTATION_VERSION, FORMAT_VERSION};
+use crate::format::{reads_version, ANNOTATION_SOURCE_CONFIG, ANNOTATION_TARGET_MANIFEST, ANNOTATION_VERSION};
 use crate::image::manifest::{Manifest, MAX_JSON_BYTES};
 use crate::image::Layout;
 use crate::package::delta_download_bytes;
@@ -141,11 +141,18 @@ impl DeltaStore {
     }
 }
 
-/// Whether a delta manifest's annotations say it is the delta of `key`, in a format we read.
+/// Whether a delta manifest's annotations say it is a delta from `key`'s source, in a format
+/// we read, and not for another target (format 1 names the target in an annotation, format 2
+/// only in the `subject`, which a referrers listing implies and [`subject_matches`] checks).
 pub fn annotations_match(annotations: &std::collections::BTreeMap<String, String>, key: &DeltaKey) -> bool {
-    annotations.get(ANNOTATION_VERSION).map(String::as_str) == Some(FORMAT_VERSION.to_string().as_str())
+    annotations.get(ANNOTATION_VERSION).and_then(|v| v.parse().ok()).is_some_and(reads_version)
         && annotations.get(ANNOTATION_SOURCE_CONFIG) == Some(&key.source_config.to_string())
-        && annotations.get(ANNOTATION_TARGET_MANIFEST) == Some(&key.target_manifest.to_string())
+        && annotations.get(ANNOTATION_TARGET_MANIFEST).is_none_or(|t| *t == key.target_manifest.to_string())
+}
+
+/// Whether a delta manifest's `subject` is `key`'s target.
+fn subject_matches(manifest: &Manifest, key: &DeltaKey) -> bool {
+    manifest.subject.as_ref().is_some_and(|s| s.digest == key.target_manifest)
 }
 
 /// Looks for the delta of `key` in the layout `dir` (tagged [`delta_tag`], annotations checked).
@@ -162,7 +169,7 @@ pub fn find_in_layout(dir: &Path, key: &DeltaKey) -> Result<Option<StoredDelta>>
         Err(e) => return Err(e),
     };
     let manifest = Manifest::parse(layout.read_blob(&manifest_ref, MAX_JSON_BYTES)?, Some(&manifest_ref.media_type))?;
-    if !annotations_match(&manifest.annotations, key) {
+    if !annotations_match(&manifest.annotations, key) || !subject_matches(&manifest, key) {
         return Ok(None);
     }
     let image = layout.load_image(Some(&tag))?;
@@ -201,7 +208,7 @@ pub async fn find_by_tag(client: &Client, target: &RegistryRef, key: &DeltaKey) 
         Err(e) => return Err(e),
     };
     let manifest = Manifest::parse(fetched.raw.clone(), Some(&fetched.media_type))?;
-    if !annotations_match(&manifest.annotations, key) {
+    if !annotations_match(&manifest.annotations, key) || !subject_matches(&manifest, key) {
         return Ok(None);
     }
     let download = fetched.raw.len() as u64 + manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();

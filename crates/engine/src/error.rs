@@ -71,11 +71,12 @@ pub enum Error {
         limit: u64,
     },
     /// A delta written in a format version this build does not know.
-    #[error("delta format version {found} is not supported (this build reads version {supported})")]
+    #[error("delta format version {found} is not supported (this build reads versions {oldest} to {supported})", oldest = crate::format::OLDEST_READ_VERSION)]
     UnsupportedFormatVersion {
         /// The version found in the delta.
         found: String,
-        /// The version this build reads.
+        /// The newest version this build reads (it reads every one from
+        /// [`crate::format::OLDEST_READ_VERSION`]).
         supported: u32,
     },
     /// The source image given to the applier is not the one the delta was made against.

@@ -1,10 +1,11 @@
 //! The delta as an ordinary OCI image: writing it, and opening one with every digest checked.
 //!
 //! Layer 0 of the delta image is a tar holding `delta.json`, the target manifest and the
-//! target config; each further layer is a tar holding one payload of one target layer: its
-//! patch, its original blob, or the correction stream that re-encodes it. The manifest's
-//! `subject` is the target manifest, and annotations record the source and target digests.
-//! See `docs/format.md`.
+//! target config, then (format 2) the payload files small enough to share it; each further
+//! layer is a tar holding one payload of one target layer: its patch, its original blob, or
+//! the correction stream that re-encodes it. The manifest's `subject` is the target manifest,
+//! and an annotation records the source config, which a lookup needs. See
+//! `docs/format.md`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -117,50 +118,59 @@ fn write_tar_blob(writer: &LayoutWriter, files: Vec<(String, Box<dyn Read + '_>,
 /// layers). Fills in `plan.layers[..].delta_layer`, and the `corrections_layer` of
 /// corrected encodings.
 pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, payloads: &[Payload]) -> Result<(BlobRef, u64)> {
-    let mut payload_layers = Vec::new();
-    for (i, p) in payloads.iter().enumerate() {
-        let layer = &mut plan.layers[p.target_layer as usize];
-        match (p.role, &mut layer.encoding) {
-            (Role::Corrections, Some(Encoding::Corrected { corrections_layer, .. })) => *corrections_layer = i as u32 + 1,
-            (Role::Corrections, _) => return Err(Error::malformed("delta plan", format!("corrections for layer {} whose encoding has none", p.target_layer))),
-            _ => layer.delta_layer = Some(i as u32 + 1),
+    // Small payload files join the metadata layer; the others get a layer each, from 1.
+    let mut inline = Vec::new();
+    let mut own = Vec::new();
+    let mut inline_bytes = 0;
+    for p in payloads {
+        let size = std::fs::metadata(&p.path).ctx(|| format!("reading {}", p.path.display()))?.len();
+        if size <= INLINE_PAYLOAD_BYTES && inline_bytes + size <= MAX_INLINE_PAYLOAD_BYTES {
+            inline_bytes += size;
+            inline.push((p, size));
+        } else {
+            own.push((p, size));
         }
+    }
+    for (layer, p) in inline.iter().map(|(p, _)| (0, *p)).chain(own.iter().enumerate().map(|(i, (p, _))| (i as u32 + 1, *p))) {
+        let plan_layer = &mut plan.layers[p.target_layer as usize];
+        match (p.role, &mut plan_layer.encoding) {
+            (Role::Corrections, Some(Encoding::Corrected { corrections_layer, .. })) => *corrections_layer = layer,
+            (Role::Corrections, _) => return Err(Error::malformed("delta plan", format!("corrections for layer {} whose encoding has none", p.target_layer))),
+            _ => plan_layer.delta_layer = Some(layer),
+        }
+    }
+    let open = |p: &Payload, size: u64| -> Result<(String, Box<dyn Read>, u64)> {
         let file = File::open(&p.path).ctx(|| format!("opening {}", p.path.display()))?;
-        let size = file.metadata().ctx(|| format!("reading {}", p.path.display()))?.len();
-        let (blob, diff_id) = write_tar_blob(writer, vec![(p.role.file_name(p.target_layer), Box::new(BufReader::new(file)), size)], Effort::Fast)?;
-        payload_layers.push((blob, diff_id, p));
+        Ok((p.role.file_name(p.target_layer), Box::new(BufReader::new(file)), size))
+    };
+    let mut payload_layers = Vec::new();
+    for (p, size) in &own {
+        payload_layers.push(write_tar_blob(writer, vec![open(p, *size)?], Effort::Fast)?);
     }
     let plan_json = serde_json::to_vec(plan).expect("plans serialize");
-    let (metadata, metadata_diff_id) = write_tar_blob(
-        writer,
-        vec![
-            (PLAN_FILE.into(), Box::new(&plan_json[..]), plan_json.len() as u64),
-            (TARGET_MANIFEST_FILE.into(), Box::new(&target.manifest.raw[..]), target.manifest.raw.len() as u64),
-            (TARGET_CONFIG_FILE.into(), Box::new(&target.config.raw[..]), target.config.raw.len() as u64),
-        ],
-        Effort::Best,
-    )?;
-
-    let mut layers = vec![json!({
-        "mediaType": DELTA_LAYER_MEDIA_TYPE, "digest": metadata.digest.to_string(), "size": metadata.size,
-        "annotations": { ANNOTATION_ROLE: "metadata" },
-    })];
-    let mut diff_ids = vec![metadata_diff_id.to_string()];
-    for (blob, diff_id, p) in &payload_layers {
-        layers.push(json!({
-            "mediaType": DELTA_LAYER_MEDIA_TYPE, "digest": blob.digest.to_string(), "size": blob.size,
-            "annotations": { ANNOTATION_ROLE: p.role.name(), ANNOTATION_TARGET_LAYER: p.target_layer.to_string() },
-        }));
-        diff_ids.push(diff_id.to_string());
+    let mut files: Vec<(String, Box<dyn Read>, u64)> = vec![
+        (PLAN_FILE.into(), Box::new(&plan_json[..]), plan_json.len() as u64),
+        (TARGET_MANIFEST_FILE.into(), Box::new(&target.manifest.raw[..]), target.manifest.raw.len() as u64),
+        (TARGET_CONFIG_FILE.into(), Box::new(&target.config.raw[..]), target.config.raw.len() as u64),
+    ];
+    for (p, size) in &inline {
+        files.push(open(p, *size)?);
     }
+    let metadata = write_tar_blob(writer, files, Effort::Best)?;
+
+    let all = std::iter::once(&metadata).chain(&payload_layers);
+    let layers: Vec<Value> =
+        all.clone().map(|(blob, _)| json!({ "mediaType": DELTA_LAYER_MEDIA_TYPE, "digest": blob.digest.to_string(), "size": blob.size })).collect();
+    let diff_ids: Vec<String> = all.map(|(_, diff_id)| diff_id.to_string()).collect();
     let config = json!({
         "architecture": target.config.architecture,
         "os": target.config.os,
-        "config": { "Labels": { ANNOTATION_VERSION: FORMAT_VERSION.to_string() } },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let config_bytes = serde_json::to_vec(&config).expect("JSON values serialize");
     let (config_digest, config_size) = writer.put_blob(&config_bytes)?;
+    // Only what finding a delta needs (its source; the target is the subject): the rest is in
+    // delta.json.
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -169,15 +179,12 @@ pub fn write_delta(writer: &LayoutWriter, plan: &mut DeltaPlan, target: &Image, 
         "subject": { "mediaType": target.manifest.media_type, "digest": target.manifest.digest.to_string(), "size": target.manifest.raw.len() },
         "annotations": {
             ANNOTATION_VERSION: FORMAT_VERSION.to_string(),
-            ANNOTATION_SOURCE_MANIFEST: plan.source.manifest.to_string(),
             ANNOTATION_SOURCE_CONFIG: plan.source.config.to_string(),
-            ANNOTATION_TARGET_MANIFEST: plan.target.manifest.to_string(),
-            ANNOTATION_TARGET_CONFIG: plan.target.config.to_string(),
         },
     });
     let manifest_bytes = serde_json::to_vec(&manifest).expect("JSON values serialize");
     let (digest, size) = writer.put_blob(&manifest_bytes)?;
-    let download = size + config_size + metadata.size + payload_layers.iter().map(|(b, _, _)| b.size).sum::<u64>();
+    let download = size + config_size + metadata.0.size + payload_layers.iter().map(|(b, _)| b.size).sum::<u64>();
     Ok((BlobRef { media_type: OCI_MANIFEST.into(), digest, size }, download))
 }
 
@@ -202,20 +209,20 @@ impl DeltaImage {
         let annotation = |key: &str| image.manifest.annotations.get(key).cloned();
         let version = annotation(ANNOTATION_VERSION)
             .ok_or_else(|| Error::unsupported(reference.to_string(), format!("not a fleetdelta delta (no {ANNOTATION_VERSION} annotation)")))?;
-        if version != FORMAT_VERSION.to_string() {
-            return Err(Error::UnsupportedFormatVersion { found: version, supported: FORMAT_VERSION });
-        }
+        let version =
+            version.parse::<u32>().ok().filter(|v| reads_version(*v)).ok_or(Error::UnsupportedFormatVersion { found: version, supported: FORMAT_VERSION })?;
         let metadata_layer = image.layers.first().ok_or_else(|| Error::malformed("delta", "no layers"))?;
-        let compressed = layout.read_blob(&metadata_layer.blob, 4 * MAX_METADATA_FILE_BYTES)?;
+        let limit = 4 * MAX_METADATA_FILE_BYTES + 2 * MAX_INLINE_PAYLOAD_BYTES;
+        let compressed = layout.read_blob(&metadata_layer.blob, limit)?;
         let mut metadata = Vec::new();
-        copy_hashed(metadata_layer.compression.decoder(&compressed[..])?, &mut metadata, 4 * MAX_METADATA_FILE_BYTES, "delta metadata layer")?;
-        let mut files = read_metadata_tar(&metadata)?;
+        copy_hashed(metadata_layer.compression.decoder(&compressed[..])?, &mut metadata, limit, "delta metadata layer")?;
+        let mut files = read_metadata_tar(&metadata, version)?;
         let mut take = |name: &str| files.remove(name).ok_or_else(|| Error::malformed("delta metadata layer", format!("no {name}")));
         let (plan_raw, manifest_raw, config_raw) = (take(PLAN_FILE)?, take(TARGET_MANIFEST_FILE)?, take(TARGET_CONFIG_FILE)?);
         let probe: Value = serde_json::from_slice(&plan_raw).map_err(|e| Error::malformed(PLAN_FILE, e.to_string()))?;
         if let Some(v) = probe.get("formatVersion").and_then(Value::as_u64) {
-            if v != FORMAT_VERSION as u64 {
-                return Err(Error::UnsupportedFormatVersion { found: v.to_string(), supported: FORMAT_VERSION });
+            if v != u64::from(version) {
+                return Err(Error::malformed("delta", format!("{PLAN_FILE} has format version {v}, the manifest {version}")));
             }
         }
         let plan: DeltaPlan = serde_json::from_value(probe).map_err(|e| Error::malformed(PLAN_FILE, e.to_string()))?;
@@ -226,11 +233,13 @@ impl DeltaImage {
             let recorded: Digest = recorded.parse()?;
             verify(|| what.to_string(), &recorded, None, found, 0)
         };
-        expect("embedded target manifest", ANNOTATION_TARGET_MANIFEST, &target_manifest.digest)?;
-        expect("delta.json target manifest", ANNOTATION_TARGET_MANIFEST, &plan.target.manifest)?;
-        expect("delta.json target config", ANNOTATION_TARGET_CONFIG, &plan.target.config)?;
         expect("delta.json source config", ANNOTATION_SOURCE_CONFIG, &plan.source.config)?;
-        expect("delta.json source manifest", ANNOTATION_SOURCE_MANIFEST, &plan.source.manifest)?;
+        verify(|| "delta.json target manifest (against the embedded target manifest)".into(), &target_manifest.digest, None, &plan.target.manifest, 0)?;
+        if version == 1 {
+            expect("embedded target manifest", ANNOTATION_TARGET_MANIFEST, &target_manifest.digest)?;
+            expect("delta.json target config", ANNOTATION_TARGET_CONFIG, &plan.target.config)?;
+            expect("delta.json source manifest", ANNOTATION_SOURCE_MANIFEST, &plan.source.manifest)?;
+        }
         verify(|| "delta.json target config (against the embedded target manifest)".into(), &target_manifest.config.digest, None, &plan.target.config, 0)?;
         let subject = image.manifest.subject.as_ref().ok_or_else(|| Error::malformed("delta manifest", "no subject"))?;
         verify(|| "delta subject".into(), &subject.digest, None, &target_manifest.digest, 0)?;
@@ -265,32 +274,58 @@ impl DeltaImage {
         self.layout.verify_blob(blob, &what)?;
         let file = self.layout.open_blob(blob)?;
         let mut input = BufReader::with_capacity(256 << 10, delta_layer.compression.decoder(BufReader::with_capacity(256 << 10, file))?);
-        let mut raw = [0u8; TAR_BLOCK as usize];
-        input.read_exact(&mut raw).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => Error::malformed(&what, "truncated tar header"),
-            _ => Error::io(format!("reading {what}"), e),
-        })?;
-        let header = tar::Header::from_byte_slice(&raw);
-        let checksum_ok = header.cksum().ok() == Some(raw.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32u32 } else { *b as u32 }).sum());
-        let path_ok = header.path_bytes().as_ref() == name.as_bytes();
-        if !checksum_ok || !path_ok || header.entry_type() != tar::EntryType::Regular {
-            return Err(Error::malformed(&what, format!("expected a tar holding {name}")));
+        // The layer's entries in order, up to the one named: format 1 has it alone in its
+        // layer, format 2 may put it after the metadata files and other payloads.
+        loop {
+            let mut raw = [0u8; TAR_BLOCK as usize];
+            input.read_exact(&mut raw).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => Error::malformed(&what, format!("no {name} in it (truncated tar)")),
+                _ => Error::io(format!("reading {what}"), e),
+            })?;
+            if raw.iter().all(|b| *b == 0) {
+                return Err(Error::malformed(&what, format!("no {name} in it")));
+            }
+            let header = tar::Header::from_byte_slice(&raw);
+            let checksum_ok = header.cksum().ok() == Some(raw.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32u32 } else { *b as u32 }).sum());
+            if !checksum_ok || header.entry_type() != tar::EntryType::Regular {
+                return Err(Error::malformed(&what, format!("expected a tar of regular files holding {name}")));
+            }
+            let size = header.size().map_err(|e| Error::malformed(&what, e.to_string()))?;
+            if header.path_bytes().as_ref() == name.as_bytes() {
+                return Ok(PayloadReader { input: input.take(size), what });
+            }
+            let skip = size.div_ceil(TAR_BLOCK) * TAR_BLOCK;
+            let skipped = io::copy(&mut (&mut input).take(skip), &mut io::sink()).ctx(|| format!("reading {what}"))?;
+            if skipped != skip {
+                return Err(Error::malformed(&what, format!("no {name} in it (truncated tar)")));
+            }
         }
-        let size = header.size().map_err(|e| Error::malformed(&what, e.to_string()))?;
-        Ok(PayloadReader { input: input.take(size), what })
     }
 }
 
-/// Reads the small metadata tar: regular files only, each bounded, no duplicates.
-fn read_metadata_tar(bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
+/// Whether `name` is the name of a payload file (format 2 puts small ones in the metadata
+/// layer, after the metadata files).
+fn is_payload_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("layer-") else { return false };
+    let Some((digits, suffix)) = rest.split_once('.') else { return false };
+    digits.len() == 4 && digits.bytes().all(|b| b.is_ascii_digit()) && ["patch", "blob", "corrections"].contains(&suffix)
+}
+
+/// Reads the small metadata tar: regular files only, each bounded, no duplicates; payload
+/// files (format 2) are skipped, they are read by name when applied.
+fn read_metadata_tar(bytes: &[u8], version: u32) -> Result<BTreeMap<String, Vec<u8>>> {
     let what = "delta metadata layer";
     let mut archive = tar::Archive::new(bytes);
     let mut files = BTreeMap::new();
     for entry in archive.entries().map_err(|e| Error::malformed(what, e.to_string()))? {
         let mut entry = entry.map_err(|e| Error::malformed(what, e.to_string()))?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        if !entry.header().entry_type().is_file() || ![PLAN_FILE, TARGET_MANIFEST_FILE, TARGET_CONFIG_FILE].contains(&name.as_str()) {
+        let payload = version >= 2 && is_payload_name(&name);
+        if !entry.header().entry_type().is_file() || !(payload || [PLAN_FILE, TARGET_MANIFEST_FILE, TARGET_CONFIG_FILE].contains(&name.as_str())) {
             return Err(Error::malformed(what, format!("unexpected entry {name:?}")));
+        }
+        if payload {
+            continue;
         }
         if entry.size() > MAX_METADATA_FILE_BYTES {
             return Err(Error::TooLarge { what: format!("{what}: {name}"), limit: MAX_METADATA_FILE_BYTES });

@@ -8,8 +8,26 @@ pub mod plan;
 pub mod records;
 pub mod retime;
 
-/// The format version this build writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes, and the newest it reads.
+///
+/// Version 2 has the layout of version 1 with a smaller fixed cost: payload files may share
+/// the metadata layer ([`INLINE_PAYLOAD_BYTES`]), and the manifest carries only the
+/// annotations that finding a delta needs (see `docs/format.md`).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_READ_VERSION: u32 = 1;
+
+/// Whether this build reads deltas of format `version`.
+pub fn reads_version(version: u32) -> bool {
+    (OLDEST_READ_VERSION..=FORMAT_VERSION).contains(&version)
+}
+
+/// Payload files up to this size go into the metadata layer (format 2), so that a small
+/// delta is one layer: each further layer costs a descriptor, a diff_id and a tar.
+pub const INLINE_PAYLOAD_BYTES: u64 = 64 << 10;
+/// At most this many payload bytes in all go into the metadata layer (format 2): the applier
+/// reads that layer whole.
+pub const MAX_INLINE_PAYLOAD_BYTES: u64 = 1 << 20;
 
 /// Largest decompressed size of one chunk of literal bytes. Bounds the applier's memory.
 pub const MAX_CHUNK_BYTES: u64 = 8 << 20;
@@ -28,18 +46,19 @@ pub const MAX_METADATA_FILE_BYTES: u64 = 8 << 20;
 
 /// Manifest annotation carrying the format version; its presence marks an image as a delta.
 pub const ANNOTATION_VERSION: &str = "io.fleetdelta.delta.version";
-/// Manifest annotation: digest of the source image manifest.
+/// Manifest annotation: digest of the source image manifest (format 1 only).
 pub const ANNOTATION_SOURCE_MANIFEST: &str = "io.fleetdelta.source.manifest";
 /// Manifest annotation: digest of the source image config.
 pub const ANNOTATION_SOURCE_CONFIG: &str = "io.fleetdelta.source.config";
-/// Manifest annotation: digest of the target image manifest.
+/// Manifest annotation: digest of the target image manifest (format 1; format 2 has it only as
+/// the manifest's `subject`).
 pub const ANNOTATION_TARGET_MANIFEST: &str = "io.fleetdelta.target.manifest";
-/// Manifest annotation: digest of the target image config.
+/// Manifest annotation: digest of the target image config (format 1 only).
 pub const ANNOTATION_TARGET_CONFIG: &str = "io.fleetdelta.target.config";
-/// Layer annotation: what the delta layer holds (`metadata`, `patch`, `blob` or
+/// Layer annotation (format 1 only): what the delta layer holds (`metadata`, `patch`, `blob` or
 /// `corrections`).
 pub const ANNOTATION_ROLE: &str = "io.fleetdelta.role";
-/// Layer annotation: the index of the target layer a `patch`, `blob` or `corrections` layer
+/// Layer annotation (format 1 only): the index of the target layer a `patch`, `blob` or `corrections` layer
 /// rebuilds.
 pub const ANNOTATION_TARGET_LAYER: &str = "io.fleetdelta.target-layer";
 

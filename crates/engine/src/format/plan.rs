@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::encoders::{Descriptor, Encoder, GzipHeader, CORRECTION_ENGINE};
-use crate::format::FORMAT_VERSION;
+use crate::format::{reads_version, FORMAT_VERSION};
 
 /// Feature: some layers are re-encoded byte for byte by a named gzip encoder
 /// ([`Encoding::Exact`]). An applier without it would write other blob digests.
@@ -404,13 +404,17 @@ impl DeltaPlan {
     /// Checks the version, required features and internal consistency; `target_layers` and
     /// `source_layers` are the layer counts of the images.
     pub fn validate(&self, target_layers: usize, delta_layers: usize) -> Result<()> {
-        if self.format_version != FORMAT_VERSION {
+        if !reads_version(self.format_version) {
             return Err(Error::UnsupportedFormatVersion { found: self.format_version.to_string(), supported: FORMAT_VERSION });
         }
         if let Some(f) = self.features.iter().find(|f| !KNOWN_FEATURES.contains(&f.as_str())) {
             return Err(Error::unsupported("delta", format!("it requires feature {f:?}, unknown to this build")));
         }
         let bad = |reason: String| Error::malformed("delta.json", reason);
+        // Format 1 keeps layer 0 for the metadata and one file per payload layer; format 2
+        // lets payload files share a layer (the metadata layer included), told apart by name.
+        let shared = self.format_version >= 2;
+        let payload_layer = |d: u32| (shared || d != 0) && (d as usize) < delta_layers;
         if self.layers.len() != target_layers {
             return Err(bad(format!("{} layer plans for a target of {target_layers} layers", self.layers.len())));
         }
@@ -420,7 +424,7 @@ impl DeltaPlan {
             }
             let ok = match l.method {
                 Method::Source => l.source_layer.is_some() && l.delta_layer.is_none(),
-                Method::Patch | Method::Blob => l.source_layer.is_none() && l.delta_layer.is_some_and(|d| d != 0 && (d as usize) < delta_layers),
+                Method::Patch | Method::Blob => l.source_layer.is_none() && l.delta_layer.is_some_and(payload_layer),
             };
             if !ok {
                 return Err(bad(format!("layer plan {i} ({:?}) names no valid payload or source layer", l.method)));
@@ -444,7 +448,7 @@ impl DeltaPlan {
                     return Err(Error::unsupported("delta", format!("layer plan {i} has corrections for {engine:?}; this build has {CORRECTION_ENGINE:?}")));
                 }
                 let c = *corrections_layer;
-                if c == 0 || c as usize >= delta_layers || l.delta_layer == Some(c) {
+                if !payload_layer(c) || (!shared && l.delta_layer == Some(c)) {
                     return Err(bad(format!("layer plan {i} names delta layer {c} for its corrections")));
                 }
             }
