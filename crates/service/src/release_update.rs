@@ -153,8 +153,9 @@ pub fn release_update(
                 let transition = plan(from, to, facts, &catalog)?;
                 return Ok(ReleaseUpdate { timed_out: Some(late(&transition)), transition, prepared });
             }
-            let (key, source, target) = catalog.key_of(&need.pair)?;
-            let Some(_lock) = options.store.lock_build(&key)? else {
+            let (key, source_seen, target_seen) = catalog.key_of(&need.pair)?;
+            let target = target_seen.reference.clone();
+            let Some(_lock) = options.store.lock_build(&key, &target)? else {
                 prepared.building_elsewhere += 1;
                 continue;
             };
@@ -164,8 +165,8 @@ pub fn release_update(
             }
             let began = Instant::now();
             let dest = options.store.location(&key, &target)?;
-            let (local_source, _) = transfer.localize(&source, progress)?;
-            let (local_target, _) = transfer.localize(&target, progress)?;
+            let (local_source, _) = transfer.localize(&source_seen.reference, progress)?;
+            let (local_target, _) = transfer.localize(&target_seen.reference, progress)?;
             let staged = transfer.staging_for(&dest)?;
             let report = diff(&local_source, &local_target, &staged, &options.diff, progress)?;
             transfer.publish(&staged, &dest, progress)?;
@@ -203,10 +204,14 @@ struct Seen {
 /// [`ImageCatalog`] over the transports and a delta store. Registry images are resolved to
 /// the entry for the transfer's architecture and pinned by digest, so a tag moving while a
 /// release update runs cannot change what is diffed.
+///
+/// Images are remembered per digest *and repository*: one digest may be in several
+/// repositories, and a delta is written to and looked up in its target's repository
+/// ([`ImagePair::repository`]), never in another that happens to hold the same image.
 struct StoreCatalog<'a> {
     transfer: &'a Transfer,
     store: &'a DeltaStore,
-    seen: RefCell<HashMap<Digest, Seen>>,
+    seen: RefCell<HashMap<(Digest, String), Seen>>,
 }
 
 impl<'a> StoreCatalog<'a> {
@@ -214,12 +219,20 @@ impl<'a> StoreCatalog<'a> {
         StoreCatalog { transfer, store, seen: RefCell::new(HashMap::new()) }
     }
 
-    fn key_of(&self, pair: &ImagePair) -> Result<(DeltaKey, ImageRef, ImageRef)> {
+    /// The delta key of `pair`, with where to read its source and where its target is. The
+    /// source is read from the target's repository when it is there too, else from any
+    /// repository that has it (only its content matters); the target is the one in the pair's
+    /// repository.
+    fn key_of(&self, pair: &ImagePair) -> Result<(DeltaKey, Seen, Seen)> {
         let seen = self.seen.borrow();
-        let unknown = |d: &Digest| Error::Internal(format!("image {d} was not resolved before planning"));
-        let source = seen.get(&pair.from).ok_or_else(|| unknown(&pair.from))?;
-        let target = seen.get(&pair.to).ok_or_else(|| unknown(&pair.to))?;
-        Ok((DeltaKey { source_config: source.config, target_manifest: pair.to }, source.reference.clone(), target.reference.clone()))
+        let target = seen
+            .get(&(pair.to, pair.repository.clone()))
+            .ok_or_else(|| Error::Internal(format!("image {} in {} was not resolved before planning", pair.to, pair.repository)))?;
+        let source = seen
+            .get(&(pair.from, pair.repository.clone()))
+            .or_else(|| seen.iter().filter(|((d, _), _)| *d == pair.from).min_by(|a, b| a.0 .1.cmp(&b.0 .1)).map(|(_, s)| s))
+            .ok_or_else(|| Error::Internal(format!("image {} was not resolved before planning", pair.from)))?;
+        Ok((DeltaKey { source_config: source.config, target_manifest: pair.to }, source.clone(), target.clone()))
     }
 }
 
@@ -241,7 +254,7 @@ impl ImageCatalog for StoreCatalog<'_> {
             // parse_release_image gives registry and layout references only.
             _ => return Err(Error::unsupported(reference, "release images are registry images or OCI layouts")),
         };
-        self.seen.borrow_mut().insert(manifest.digest, Seen { reference: pinned, config: manifest.config.digest });
+        self.seen.borrow_mut().insert((manifest.digest, image.repository()), Seen { reference: pinned, config: manifest.config.digest });
         Ok(ResolvedImage {
             digest: manifest.digest,
             config: Some(manifest.config.digest),
@@ -251,7 +264,8 @@ impl ImageCatalog for StoreCatalog<'_> {
 
     fn delta_status(&self, pair: &ImagePair) -> Result<DeltaStatus> {
         let (key, _, target) = self.key_of(pair)?;
-        if self.store.is_building(&key)? {
+        let target = target.reference;
+        if self.store.is_building(&key, &target)? {
             return Ok(DeltaStatus::Building);
         }
         Ok(match self.store.find(self.transfer, &key, &target)? {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use super::build::find_delta;
-use super::state::{Builds, Job, Status};
+use super::state::{Builds, Job, PairId, Status};
 use crate::db::Database;
 use crate::release_update::UpdateError;
 use fleetdelta_engine::delta_store::DeltaKey;
@@ -22,7 +22,7 @@ use fleetdelta_engine::error::{Error, Result};
 use fleetdelta_engine::image::manifest::Manifest;
 use fleetdelta_engine::reference::ImageRef;
 use fleetdelta_engine::registry::{Client, RegistryRef};
-use fleetdelta_release::parse_release_image;
+use fleetdelta_release::{image_repository, parse_release_image};
 use fleetdelta_release::{plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Release, ResolvedImage};
 
 /// One delta a registered release asked for.
@@ -116,7 +116,8 @@ impl Releases {
         let mut planned = registered.planned.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for p in planned.iter_mut().filter(|p| matches!(p.status, "building" | "ready" | "failed")) {
             let (Some(source_config), Some(target_manifest)) = (p.source_config, p.target_manifest) else { continue };
-            refresh(p, builds.peek(&DeltaKey { source_config, target_manifest }));
+            let id = PairId { key: DeltaKey { source_config, target_manifest }, repository: image_repository(&p.to_image) };
+            refresh(p, builds.peek(&id));
         }
         Some(planned)
     }
@@ -241,7 +242,7 @@ impl Releases {
             }
             let key = DeltaKey { source_config: source.manifest.config.digest, target_manifest: target.manifest.digest };
             let reference = |delta: Digest| ImageRef::Registry(target.pinned.by_digest(delta)).to_string();
-            let status = match builds.peek(&key) {
+            let status = match builds.peek(&PairId { key, repository: target.pinned.repository_name() }) {
                 Some(Status::Working { .. }) => DeltaStatus::Building,
                 Some(Status::Ready(b)) => DeltaStatus::Ready { reference: reference(b.manifest), size: b.download },
                 _ => match find_delta(client, &target.pinned, &key).await? {
@@ -249,7 +250,8 @@ impl Releases {
                     None => DeltaStatus::Absent,
                 },
             };
-            catalog.statuses.insert(ImagePair { from: source.manifest.digest, to: target.manifest.digest }, status);
+            let pair = ImagePair { from: source.manifest.digest, to: target.manifest.digest, repository: image_repository(&service.image) };
+            catalog.statuses.insert(pair, status);
         }
         Ok(Ok(plan(&from.release, &to.release, facts, &catalog)?.to_json()))
     }
