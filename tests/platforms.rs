@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::registry::Registry;
-use common::serve::fd;
+use common::serve::{fd, Serve};
 use common::{assert_same_tagged_image, file, layer_tar, run, run_failing, text, write_platform_index, PlatformImage, Tree};
 use fleetdelta::image::manifest::{Manifest, MAX_JSON_BYTES, OCI_INDEX};
 use fleetdelta::image::platform::index_entries;
@@ -161,4 +161,149 @@ fn a_source_without_a_platform_of_the_target_is_refused_by_name() {
     assert!(err.contains("linux/arm/v7") && err.contains("delta index") && err.contains("linux/amd64, linux/arm64/v8"), "{err}");
     assert!(!device.exists(), "nothing written");
     assert!("linux/arm/v7".parse::<Platform>().is_ok());
+}
+
+/// Pushes the index tagged `v{v}` in `img` (its platform images first, by `fleetdelta copy`,
+/// then the index itself) to `docker://REG/fleet/multi:{v}`.
+fn push_index(home: &Path, img: &Path, reg: &Registry, v: u64, rt: &tokio::runtime::Runtime) {
+    let layout = Layout::open(img).unwrap();
+    for arch in ["amd64", "arm64"] {
+        run(fd(home).args(["copy", &format!("oci:{}:v{v}-{arch}", img.display()), &format!("docker://{}/fleet/multi:{v}-{arch}", reg.addr)]));
+    }
+    let top = layout.resolve_top(Some(&format!("v{v}"))).unwrap();
+    let raw = layout.read_blob(&top, MAX_JSON_BYTES).unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .put(format!("http://{}/v2/fleet/multi/manifests/{v}", reg.addr))
+            .header("content-type", OCI_INDEX)
+            .body(raw)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert!(status.is_success(), "{status}");
+}
+
+fn get_json(rt: &tokio::runtime::Runtime, url: &str, body: Option<&str>) -> (u16, Value) {
+    rt.block_on(async {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let request = match body {
+            Some(b) => client.post(url).body(b.to_string()),
+            None => client.get(url),
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null))
+    })
+}
+
+/// The service builds the deltas of a multi-platform release for the platforms the fleet runs
+/// (here arm64 only), and its release update for an arm64 device is the command's.
+#[test]
+fn registering_a_multi_platform_release_builds_the_fleet_s_platforms_and_estimates_for_the_device() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    release(&img, 1, &BOTH);
+    let (_, v2) = release(&img, 2, &BOTH);
+    push_index(home, &img, &reg, 1, &rt);
+    push_index(home, &img, &reg, 2, &rt);
+    let releases: Vec<_> = [1, 2]
+        .iter()
+        .map(|v| {
+            let path = tmp.path().join(format!("release-{v}.yaml"));
+            std::fs::write(&path, format!("id: '{v}'\nservices:\n  app:\n    image: {}/fleet/multi:{v}\n", reg.addr)).unwrap();
+            path
+        })
+        .collect();
+    let serve = Serve::start(home, "platforms: [linux/arm64]\n");
+    for path in &releases {
+        let (status, body) = get_json(&rt, &format!("{}/v1/releases", serve.url), Some(&std::fs::read_to_string(path).unwrap()));
+        assert_eq!(status, 202, "{body}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let planned = loop {
+        let (_, d) = get_json(&rt, &format!("{}/v1/releases/2", serve.url), None);
+        let planned = d["deltas"].as_array().unwrap().clone();
+        assert!(planned.iter().all(|p| p["status"] != "failed"), "{d}");
+        if !planned.is_empty() && planned.iter().all(|p| p["status"] == "ready") {
+            break planned;
+        }
+        assert!(std::time::Instant::now() < deadline, "{d}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(planned.len(), 1, "the fleet runs arm64 only: {planned:?}");
+    assert_eq!((planned[0]["platform"].as_str(), planned[0]["target_manifest"].as_str()), (Some("linux/arm64/v8"), Some(v2[1].to_string().as_str())));
+    let delta = planned[0]["delta"].as_str().unwrap().to_string();
+    assert!(delta.starts_with(&format!("docker://{}/fleet/multi@sha256:", reg.addr)), "{delta}");
+
+    // An arm64 device: the service and the command resolve the arm64 images and find the
+    // delta; without facts both resolve this machine's platform the same way.
+    let facts = tmp.path().join("arm64.yaml");
+    std::fs::write(&facts, "arch: aarch64\n").unwrap();
+    let command = |extra: &[&str]| {
+        let out = run(fd(home).args(["release-update", "--json", "--from"]).arg(&releases[0]).arg("--to").arg(&releases[1]).args(extra));
+        let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+        common::schema::assert_valid("release-update", &value);
+        value
+    };
+    let (status, from_service) = get_json(&rt, &format!("{}/v1/release-update?from=1&to=2", serve.url), Some("arch: aarch64\n"));
+    assert_eq!(status, 200, "{from_service}");
+    let from_command = command(&["--device", facts.to_str().unwrap()]);
+    assert_eq!(from_service, from_command, "the service and the command agree for an arm64 device");
+    let app = &from_command["is_produced_by__service_update"][0];
+    assert_eq!(app["produces__image"]["content_hash"], v2[1].to_string(), "{from_command}");
+    assert_eq!(
+        (app["status"].as_str(), app["produces__image"]["is_produced_by__delta"]["is_stored_at__location"].as_str()),
+        (Some("ready"), Some(delta.as_str()))
+    );
+    let (_, without_facts) = get_json(&rt, &format!("{}/v1/release-update?from=1&to=2", serve.url), None);
+    assert_eq!(without_facts, command(&[]), "the service and the command agree without facts");
+}
+
+/// `release-update --device` resolves multi-platform images in layouts for the device's
+/// architecture, and prepares that platform's delta (not this machine's).
+#[test]
+fn release_update_prepares_the_device_s_platform_from_layouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img, deltas) = (tmp.path(), tmp.path().join("img"), tmp.path().join("deltas"));
+    release(&img, 1, &BOTH);
+    let (_, v2) = release(&img, 2, &BOTH);
+    let releases: Vec<_> = [1, 2]
+        .iter()
+        .map(|v| {
+            let path = tmp.path().join(format!("release-{v}.yaml"));
+            std::fs::write(&path, format!("id: '{v}'\nservices:\n  app:\n    image: oci:{}:v{v}\n", img.display())).unwrap();
+            path
+        })
+        .collect();
+    let facts = tmp.path().join("arm64.yaml");
+    std::fs::write(&facts, "arch: aarch64\n").unwrap();
+    let store = format!("oci:{}", deltas.display());
+    let update = |extra: &[&str]| {
+        let out = run(fd(home).args(["release-update", "--json", "--deltas", &store, "--from"]).arg(&releases[0]).arg("--to").arg(&releases[1]).args(extra));
+        json(out)
+    };
+    let t = update(&["--prepare", "--device", facts.to_str().unwrap()]);
+    let app = &t["is_produced_by__service_update"][0];
+    assert_eq!((app["status"].as_str(), &app["produces__image"]["content_hash"]), (Some("ready"), &Value::String(v2[1].to_string())), "{t}");
+    let built = t["prepared"]["built"].as_array().unwrap();
+    assert_eq!(built.len(), 1, "{t}");
+    // What was built is the arm64 delta: it rebuilds the arm64 image from the arm64 one.
+    let device = tmp.path().join("device");
+    let applied = json(run(fd(home)
+        .args(["apply", "--json", &format!("oci:{}:v1-arm64", img.display()), built[0]["reference"].as_str().unwrap()])
+        .arg(format!("oci:{}:app", device.display()))));
+    assert_eq!(applied["written_manifest"], v2[1].to_string());
+    // For this machine (amd64 here, or whatever it is) the arm64 delta is not the one.
+    if fleetdelta::image::layout::host_architecture() == "amd64" {
+        let t = update(&[]);
+        let app = &t["is_produced_by__service_update"][0];
+        assert_eq!((app["status"].as_str(), &app["produces__image"]["content_hash"]), (Some("pending"), &Value::String(v2[0].to_string())), "{t}");
+    }
 }
