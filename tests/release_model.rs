@@ -49,10 +49,10 @@ impl FakeCatalog {
         ]);
         let deltas = HashMap::from([
             (
-                ImagePair { from: digest("a1"), to: digest("a2") },
+                ImagePair { from: digest("a1"), to: digest("a2"), repository: "registry.example.com/fleet/api".into() },
                 DeltaStatus::Ready { reference: "registry.example.com/fleet/api:delta-a1a1a1a1a1a1-a2a2a2a2a2a2".into(), size: 1_234_567 },
             ),
-            (ImagePair { from: digest("c1"), to: digest("c2") }, DeltaStatus::Building),
+            (ImagePair { from: digest("c1"), to: digest("c2"), repository: "registry.example.com/fleet/gpu".into() }, DeltaStatus::Building),
         ]);
         FakeCatalog { layers, deltas }
     }

@@ -187,7 +187,10 @@ fn waiting_implies_preparing_and_times_out_on_a_build_elsewhere_with_a_clear_mes
     let (app1, app2) = (layout.load_image(Some("app-1")).unwrap(), layout.load_image(Some("app-2")).unwrap());
     let key = DeltaKey { source_config: app1.config.digest, target_manifest: app2.manifest.digest };
     let store_handle = DeltaStore::Layout(store.clone());
-    let lock = store_handle.lock_build(&key).unwrap().expect("lock is free");
+    let lock = store_handle
+        .lock_build(&key, &fleetdelta::ImageRef::parse(&format!("oci:{}:app-2", tmp.path().join("img").display())).unwrap())
+        .unwrap()
+        .expect("lock is free");
     let t = release_update(home, &r1, &r2, &["--prepare", "--deltas", &deltas]);
     assert_eq!(service(&t, "app")["status"], "preparing", "{t}");
     assert_eq!(t["overall_status"], "preparing");

@@ -396,6 +396,127 @@ fn pull_with_a_service_asks_waits_applies_and_falls_back_only_where_allowed() {
     assert_same_tagged_image(&img, Some("v3"), &device, Some("app-3"));
 }
 
+/// Where a service's delta is in the JSON of a release update (`release-update --json`).
+fn delta_location<'a>(t: &'a Value, service: &str) -> &'a str {
+    let s =
+        t["is_produced_by__service_update"].as_array().unwrap().iter().find(|s| s["service_name"] == service).unwrap_or_else(|| panic!("no {service} in {t}"));
+    s["produces__image"]["is_produced_by__delta"]["is_stored_at__location"].as_str().unwrap_or_else(|| panic!("no delta for {service} in {t}"))
+}
+
+/// The defect of issue 23: one image digest in `fleet/api` and `fleet/gpu` (and a delta for
+/// the same pair left in `fleet/other` by an earlier request). A delta lives in, and is looked
+/// up in, its target's repository: `release-update --prepare --wait` builds one in each and
+/// finds both, the service answers the same, and `pull --service` for `fleet/api` gets the
+/// one in `fleet/api`.
+#[test]
+fn one_image_in_two_repositories_has_its_delta_in_each_and_the_command_and_service_agree() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    service_image(&img, "v1", 21, 1, 30);
+    service_image(&img, "v2", 21, 2, 30);
+    let mut pushed = BTreeSet::new();
+    for name in ["api", "gpu", "other"] {
+        pushed.insert((push(home, &img, "v1", &reg, name, "1"), push(home, &img, "v2", &reg, name, "2")));
+    }
+    assert_eq!(pushed.len(), 1, "the same two images in the three repositories");
+    let ((m1, c1), (m2, _)) = pushed.pop_first().unwrap();
+    let in_repository = |name: &str| format!("docker://{}/fleet/{name}@sha256:", reg.addr);
+
+    // An earlier request left a delta of the pair in fleet/other.
+    let serve = Serve::start(home, "retry_after_seconds: 1\nprevious_releases: 1\n");
+    let rt = runtime();
+    let client = http();
+    let other = json!({"source": pinned(&reg, "other", &m1), "source_config": c1, "target": pinned(&reg, "other", &m2)});
+    let (answer, _) = rt.block_on(ask_until_done(&client, &serve.url, &other));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(answer.body["delta"]["reference"].as_str().unwrap().starts_with(&in_repository("other")), "{}", answer.body);
+
+    // The command: --prepare builds a delta beside each target, and --wait finds both.
+    let image = |name: &str, v: u64| format!("{}/fleet/{name}:{v}", reg.addr);
+    let r1 = write_release(tmp.path(), "1", &[("api", image("api", 1)), ("gpu", image("gpu", 1))]);
+    let r2 = write_release(tmp.path(), "2", &[("api", image("api", 2)), ("gpu", image("gpu", 2))]);
+    let command = |extra: &[&str]| {
+        let out = run(fd(home).args(["release-update", "--json", "--from"]).arg(&r1).arg("--to").arg(&r2).args(extra));
+        let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+        common::schema::assert_valid("release-update", &value);
+        value
+    };
+    let prepared = command(&["--prepare", "--wait", "--timeout", "300"]);
+    assert_eq!(prepared["overall_status"], "ready", "{prepared}");
+    let built: Vec<&str> = prepared["prepared"]["built"].as_array().unwrap().iter().map(|b| b["reference"].as_str().unwrap()).collect();
+    assert_eq!(built.len(), 2, "one build per repository: {prepared}");
+    for name in ["api", "gpu"] {
+        let tagged = format!("docker://{}/fleet/{name}:delta-", reg.addr);
+        assert!(built.iter().any(|b| b.starts_with(&tagged)), "nothing built in fleet/{name}: {prepared}");
+    }
+    let (api_delta, gpu_delta) = (delta_location(&prepared, "api").to_string(), delta_location(&prepared, "gpu").to_string());
+    assert!(api_delta.starts_with(&in_repository("api")), "{prepared}");
+    assert!(gpu_delta.starts_with(&in_repository("gpu")), "{prepared}");
+    // Deltas are deterministic: the same bytes in both repositories.
+    assert_eq!(api_delta.rsplit_once('@').unwrap().1, gpu_delta.rsplit_once('@').unwrap().1);
+    let deltas = prepared["deltas"].as_array().unwrap();
+    assert_eq!(deltas.len(), 2, "one delta per repository: {prepared}");
+    let from_command = command(&[]);
+    assert_eq!((delta_location(&from_command, "api"), delta_location(&from_command, "gpu")), (api_delta.as_str(), gpu_delta.as_str()));
+
+    // The service: registering the releases finds both deltas where the command put them, and
+    // its release update is the command's.
+    for path in [&r1, &r2] {
+        let registered = rt.block_on(send(client.post(format!("{}/v1/releases", serve.url)).body(fs::read_to_string(path).unwrap())));
+        assert_eq!(registered.status, 202, "{}", registered.body);
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let described = loop {
+        let d = rt.block_on(send(client.get(format!("{}/v1/releases/2", serve.url))));
+        let planned = d.body["deltas"].as_array().unwrap().clone();
+        assert!(planned.iter().all(|p| p["status"] != "failed"), "{}", d.body);
+        if planned.len() == 2 && planned.iter().all(|p| p["status"] == "ready") {
+            break planned;
+        }
+        assert!(Instant::now() < deadline, "{}", d.body);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for p in &described {
+        let expected = if p["service"] == "api" { &api_delta } else { &gpu_delta };
+        assert_eq!(p["delta"].as_str(), Some(expected.as_str()), "{p}");
+    }
+    let from_service = rt.block_on(send(client.get(format!("{}/v1/release-update?from=1&to=2", serve.url))));
+    assert_eq!(from_service.status, 200, "{}", from_service.body);
+    assert_eq!(from_service.body, from_command, "the service and the command agree");
+    let with_facts = rt.block_on(send(client.post(format!("{}/v1/release-update?from=1&to=2", serve.url)).body("arch: amd64\n")));
+    let command_with_facts = {
+        let facts = tmp.path().join("facts.yaml");
+        fs::write(&facts, "arch: amd64\n").unwrap();
+        command(&["--device", facts.to_str().unwrap()])
+    };
+    assert_eq!(with_facts.body, command_with_facts);
+
+    // Asked for the pair in fleet/api, the service answers the delta in fleet/api, not the one
+    // it gave for fleet/other.
+    let api = json!({"source": pinned(&reg, "api", &m1), "source_config": c1, "target": pinned(&reg, "api", &m2)});
+    let (answer, _) = rt.block_on(ask_until_done(&client, &serve.url, &api));
+    assert_eq!((answer.status, answer.body["delta"]["reference"].as_str()), (200, Some(api_delta.as_str())), "{}", answer.body);
+    assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 1, "only fleet/other's was built by the service");
+
+    // A device pulling fleet/api through the service downloads the delta in fleet/api.
+    let device = tmp.path().join("device");
+    run(fd(home).args(["copy", &format!("oci:{}:v1", img.display()), &format!("oci:{}:api", device.display())]));
+    let pulled: Value = serde_json::from_slice(
+        &run(fd(home)
+            .args(["pull", "--json", "--no-full-download", "--service", &serve.url, "--from", &format!("oci:{}:api", device.display())])
+            .arg(format!("docker://{}", image("api", 2)))
+            .arg(format!("oci:{}:api-2", device.display())))
+        .stdout,
+    )
+    .unwrap();
+    common::schema::assert_valid("pull", &pulled);
+    assert_eq!(pulled["method"]["kind"], "delta", "{pulled}");
+    assert_eq!(pulled["method"]["delta"].as_str(), Some(api_delta.as_str()), "{pulled}");
+    assert_eq!(pulled["service"]["delta"].as_str(), Some(api_delta.as_str()), "{pulled}");
+    assert_same_tagged_image(&img, Some("v2"), &device, Some("api-2"));
+}
+
 #[test]
 fn two_instances_asked_for_the_same_pair_answer_the_same_delta() {
     let reg = Registry::start();

@@ -1,6 +1,8 @@
 //! `fleetdelta apply`.
 
 use anyhow::Context;
+use fleetdelta::image::Platform;
+use fleetdelta::platforms::{delta_for_platform, source_for_apply};
 use fleetdelta::{apply, ApplyOptions, ImageRef, Progress, Transfer};
 
 use super::LayersArg;
@@ -23,9 +25,14 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The platform to rebuild (OS/ARCH[/VARIANT]): SOURCE's entry for it when SOURCE is an
+    /// image index, and DELTA's when it is a delta index. By default, SOURCE's own platform
+    /// (this machine's when SOURCE is an index).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
     /// The image the device has.
     pub source: String,
-    /// The delta image.
+    /// The delta image, or a delta index (the delta for SOURCE's platform is taken).
     pub delta: String,
     /// Where to write the rebuilt image (into docker-daemon:NAME[:TAG], with plain layers,
     /// tagged once the engine holds it verified).
@@ -33,15 +40,16 @@ pub struct Args {
 }
 
 pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow::Result<()> {
-    let Args { layers, ref expect_target, max_layer_size, jobs, json, ref source, ref delta, ref output } = *args;
+    let Args { layers, ref expect_target, max_layer_size, jobs, json, ref platform, ref source, ref delta, ref output } = *args;
+    let platform = platform.as_deref().map(Platform::parse).transpose().context("--platform")?;
     let expect_target = expect_target.as_deref();
     let (source, delta, output) = (ImageRef::parse(source)?, ImageRef::parse(delta)?, ImageRef::parse(output)?);
     // The engine stores layers uncompressed: re-encoding them exactly would be wasted work.
     let layers = if matches!(output, ImageRef::Engine(_)) { fleetdelta::LayerOutput::Uncompressed } else { layers.output() };
     let options =
         ApplyOptions { layers, expect_target: expect_target.map(str::parse).transpose().context("--expect-target")?, max_layer_bytes: max_layer_size, jobs };
-    let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
-    let (local_delta, fetched) = transfer.localize(&delta, progress).with_context(|| format!("fetching {delta}"))?;
+    let (local_source, platform) = source_for_apply(transfer, &source, platform.as_ref(), progress).with_context(|| format!("fetching {source}"))?;
+    let (local_delta, fetched) = delta_for_platform(transfer, &delta, &platform, progress).with_context(|| format!("fetching {delta}"))?;
     let staged = transfer.staging_for(&output)?;
     let report = apply(&local_source, &local_delta, &staged, &options, progress).with_context(|| format!("apply {delta} to {source}"))?;
     let published = transfer.publish_report(&staged, &output, progress).with_context(|| format!("writing the rebuilt image to {output}"))?;

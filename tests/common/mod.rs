@@ -226,6 +226,51 @@ pub fn write_image_with(dir: &Path, tag: &str, layers: &[Vec<u8>], compression: 
     md
 }
 
+/// One platform's image of a multi-platform index: architecture, variant, layer tars.
+pub struct PlatformImage<'a> {
+    pub architecture: &'a str,
+    pub variant: Option<&'a str>,
+    pub layers: Vec<Vec<u8>>,
+}
+
+/// Writes a multi-platform image into the layout `dir`: one OCI image per platform (gzip
+/// layers, a config naming its `linux/ARCH[/VARIANT]`), each also tagged `TAG-ARCH` as a
+/// single image, and an OCI image index of them (each entry with its platform) tagged `tag`.
+/// Returns the index digest and the manifest digests in order.
+pub fn write_platform_index(dir: &Path, tag: &str, images: &[PlatformImage]) -> (Digest, Vec<Digest>) {
+    let mut manifests = Vec::new();
+    let mut entries = Vec::new();
+    for image in images {
+        let w = LayoutWriter::create(dir).unwrap();
+        let mut descriptors = Vec::new();
+        let mut diff_ids = Vec::new();
+        for tar in &image.layers {
+            let (d, n) = w.put_blob(&compress(Compression::Gzip, tar)).unwrap();
+            descriptors.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": n}));
+            diff_ids.push(Digest::of(tar).to_string());
+        }
+        let mut config = json!({"architecture": image.architecture, "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+        let mut platform = json!({"architecture": image.architecture, "os": "linux"});
+        if let Some(v) = image.variant {
+            config["variant"] = json!(v);
+            platform["variant"] = json!(v);
+        }
+        let (cd, cn) = w.put_blob(&serde_json::to_vec(&config).unwrap()).unwrap();
+        let manifest = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": cd.to_string(), "size": cn}, "layers": descriptors}))
+        .unwrap();
+        let (md, mn) = w.put_blob(&manifest).unwrap();
+        w.commit(&BlobRef { media_type: OCI_MANIFEST.into(), digest: md, size: mn }, &format!("{tag}-{}", image.architecture)).unwrap();
+        entries.push(json!({"mediaType": OCI_MANIFEST, "digest": md.to_string(), "size": mn, "platform": platform}));
+        manifests.push(md);
+    }
+    let index = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": fleetdelta::image::manifest::OCI_INDEX, "manifests": entries})).unwrap();
+    let w = LayoutWriter::create(dir).unwrap();
+    let (d, n) = w.put_blob(&index).unwrap();
+    w.commit(&BlobRef { media_type: fleetdelta::image::manifest::OCI_INDEX.into(), digest: d, size: n }, tag).unwrap();
+    (d, manifests)
+}
+
 /// Writes an OCI image whose config has this `config` section (Entrypoint, Cmd, Env,
 /// WorkingDir), as a container engine would run it.
 pub fn write_runnable_image(dir: &Path, tag: &str, layers: &[Vec<u8>], config: Value) -> Digest {

@@ -110,15 +110,23 @@ impl DeltaStore {
         }
     }
 
-    fn lock_path(&self, key: &DeltaKey) -> PathBuf {
-        self.locks_dir().join(format!("{}-{}.lock", key.source_config.hex(), key.target_manifest.hex()))
+    /// The lock of the delta of `key` for the target at `target`: one per pair in a layout
+    /// store (it holds one delta per pair), one per pair and repository beside the targets
+    /// (a target in two repositories has a delta in each).
+    fn lock_path(&self, key: &DeltaKey, target: &ImageRef) -> PathBuf {
+        let pair = format!("{}-{}", key.source_config.hex(), key.target_manifest.hex());
+        let name = match self {
+            DeltaStore::Layout(_) => format!("{pair}.lock"),
+            DeltaStore::TargetRepository => format!("{pair}-{}.lock", &Digest::of(target.repository().as_bytes()).hex()[..REPOSITORY_HASH_HEX]),
+        };
+        self.locks_dir().join(name)
     }
 
-    /// Takes the build lock of `key`; `None` when another process holds it (a build is in
-    /// progress). The lock is released when the returned file is dropped, or when its
-    /// process dies, however it dies.
-    pub fn lock_build(&self, key: &DeltaKey) -> Result<Option<File>> {
-        let path = self.lock_path(key);
+    /// Takes the build lock of the delta of `key` for the target at `target`; `None` when
+    /// another process holds it (a build is in progress). The lock is released when the
+    /// returned file is dropped, or when its process dies, however it dies.
+    pub fn lock_build(&self, key: &DeltaKey, target: &ImageRef) -> Result<Option<File>> {
+        let path = self.lock_path(key, target);
         let dir = self.locks_dir();
         fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let file = File::options().create(true).truncate(false).write(true).open(&path).ctx(|| format!("opening {}", path.display()))?;
@@ -129,9 +137,10 @@ impl DeltaStore {
         }
     }
 
-    /// Whether a build of `key` is in progress (its lock is held).
-    pub fn is_building(&self, key: &DeltaKey) -> Result<bool> {
-        let path = self.lock_path(key);
+    /// Whether a build of the delta of `key` for the target at `target` is in progress (its
+    /// lock is held).
+    pub fn is_building(&self, key: &DeltaKey, target: &ImageRef) -> Result<bool> {
+        let path = self.lock_path(key, target);
         let Ok(file) = File::open(&path) else { return Ok(false) };
         match file.try_lock_shared() {
             Ok(()) => Ok(false),
@@ -140,6 +149,10 @@ impl DeltaStore {
         }
     }
 }
+
+/// Hex digits of the repository's digest in a build lock's name (64 bits: collisions between
+/// a builder's repositories are not a concern, and a collision only serializes two builds).
+const REPOSITORY_HASH_HEX: usize = 16;
 
 /// Whether a delta manifest's annotations say it is a delta from `key`'s source, in a format
 /// we read, and not for another target (format 1 names the target in an annotation, format 2
@@ -235,12 +248,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DeltaStore::Layout(dir.path().join("deltas"));
         let key = DeltaKey { source_config: Digest::of(b"a"), target_manifest: Digest::of(b"b") };
-        assert!(!store.is_building(&key).unwrap());
-        let held = store.lock_build(&key).unwrap().expect("free");
-        assert!(store.is_building(&key).unwrap());
-        assert!(store.lock_build(&key).unwrap().is_none(), "a second builder must not take it");
+        let target = ImageRef::parse("oci:/srv/images:v2").unwrap();
+        assert!(!store.is_building(&key, &target).unwrap());
+        let held = store.lock_build(&key, &target).unwrap().expect("free");
+        assert!(store.is_building(&key, &target).unwrap());
+        assert!(store.lock_build(&key, &target).unwrap().is_none(), "a second builder must not take it");
         drop(held);
-        assert!(!store.is_building(&key).unwrap());
-        assert!(store.lock_build(&key).unwrap().is_some());
+        assert!(!store.is_building(&key, &target).unwrap());
+        assert!(store.lock_build(&key, &target).unwrap().is_some());
+    }
+
+    #[test]
+    fn beside_the_targets_each_repository_has_its_own_lock() {
+        let store = DeltaStore::TargetRepository;
+        let key = DeltaKey { source_config: Digest::of(b"a"), target_manifest: Digest::of(b"b") };
+        let api = ImageRef::parse("docker://127.0.0.1:5000/fleet/api@sha256:3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d").unwrap();
+        let api_tagged = ImageRef::parse("docker://127.0.0.1:5000/fleet/api:v2").unwrap();
+        let gpu = ImageRef::parse("docker://127.0.0.1:5000/fleet/gpu:v2").unwrap();
+        assert_eq!(store.lock_path(&key, &api), store.lock_path(&key, &api_tagged), "tags and digests do not change the repository");
+        assert_ne!(store.lock_path(&key, &api), store.lock_path(&key, &gpu));
+        let layouts = DeltaStore::Layout("/srv/deltas".into());
+        assert_eq!(layouts.lock_path(&key, &api), layouts.lock_path(&key, &gpu), "a layout store holds one delta per pair");
     }
 }

@@ -5,6 +5,8 @@
 //!   → package the delta as an OCI image;
 //! - [`apply`](mod@apply): open and verify the delta → read the source → rebuild every layer → verify
 //!   every digest → commit.
+//! - [`platforms`]: multi-platform images, a delta per platform gathered in a delta index, and
+//!   the applier's choice of the entry for its source's platform.
 //!
 //! This crate depends on no other crate of the workspace: the release model, the builder
 //! service and the device agent are built on it.
@@ -22,6 +24,7 @@ pub mod info;
 pub mod layer;
 pub mod locked_dir;
 pub mod package;
+pub mod platforms;
 pub mod progress;
 pub mod reference;
 pub mod registry;

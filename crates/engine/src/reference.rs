@@ -83,6 +83,17 @@ impl ImageRef {
         }
     }
 
+    /// The repository the image is in, which is where deltas to it live and are looked up:
+    /// `HOST[:PORT]/NAME` for a registry image, `oci:DIR` for a layout (every tag of a layout
+    /// is one repository), `docker-daemon:NAME` for the container engine.
+    pub fn repository(&self) -> String {
+        match self {
+            ImageRef::Layout { dir, .. } => format!("oci:{}", dir.display()),
+            ImageRef::Registry(r) => r.repository_name(),
+            ImageRef::Engine(e) => format!("docker-daemon:{}", e.name),
+        }
+    }
+
     /// Whether the image is reached over the network.
     pub fn is_remote(&self) -> bool {
         matches!(self, ImageRef::Registry(_))
@@ -136,6 +147,21 @@ mod tests {
         assert_eq!(engine, ImageRef::Engine(EngineRef { name: "app".into(), tag: Some("v2".into()) }));
         assert_eq!((engine.to_string().as_str(), engine.tag_or_default(), engine.is_remote()), ("docker-daemon:app:v2", "v2", false));
         assert!(engine.local().is_err());
+    }
+
+    #[test]
+    fn repositories_leave_out_tags_and_digests() {
+        let pinned = format!("docker://127.0.0.1:5000/fleet/api:v2@{}", crate::digest::Digest::of(b"m"));
+        for (reference, repository) in [
+            ("docker://127.0.0.1:5000/fleet/api:v1", "127.0.0.1:5000/fleet/api"),
+            (pinned.as_str(), "127.0.0.1:5000/fleet/api"),
+            ("docker://127.0.0.1:5000/fleet/gpu", "127.0.0.1:5000/fleet/gpu"),
+            ("docker://debian:bookworm", "docker.io/library/debian"),
+            ("oci:/srv/images:v1", "oci:/srv/images"),
+            ("docker-daemon:app:v2", "docker-daemon:app"),
+        ] {
+            assert_eq!(ImageRef::parse(reference).unwrap().repository(), repository, "{reference}");
+        }
     }
 
     #[test]

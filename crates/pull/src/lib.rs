@@ -119,7 +119,8 @@ pub enum ServiceAnswer {
         /// Seconds waited.
         waited_seconds: f64,
     },
-    /// It answered a delta reference that is no pinned registry image.
+    /// It answered a delta reference that is no pinned registry image, or one outside the
+    /// target's repository (deltas live beside their target, where the device can read).
     Unusable {
         /// The reference.
         reference: String,
@@ -309,7 +310,7 @@ fn ask_service(
     match outcome {
         Ok(WaitOutcome::Ready(delta)) => {
             let parsed = match ImageRef::parse(&delta.reference) {
-                Ok(ImageRef::Registry(r)) if r.digest == Some(delta.manifest) => r,
+                Ok(ImageRef::Registry(r)) if r.digest == Some(delta.manifest) && r.same_repository(target) => r,
                 _ => return (None, ServiceAnswer::Unusable { reference: delta.reference }),
             };
             let answer = ServiceAnswer::Ready { delta: delta.reference.clone(), download_bytes: delta.download_bytes };

@@ -53,14 +53,20 @@ impl ResolvedImage {
     }
 }
 
-/// A delta's source and target images. Deltas are unique per pair: whichever services need the
-/// same pair share one delta.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A delta's source and target images, and where the delta lives. Deltas are unique per pair
+/// and repository: whichever services need the same pair in one repository share one delta,
+/// and a target image present in two repositories has a delta in each (a delta lives in, and
+/// is looked up in, its target's repository, which is what a device pulling the target can
+/// read).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ImagePair {
     /// The image the device has.
     pub from: Digest,
     /// The image it moves to.
     pub to: Digest,
+    /// The target's repository, as [`crate::image_repository`] names it
+    /// (`HOST[:PORT]/NAME`, or `oci:DIR` for a layout).
+    pub repository: String,
 }
 
 /// Where the delta of an image pair stands.
@@ -84,7 +90,8 @@ pub trait ImageCatalog {
     /// Resolves an image reference to its digest and layers.
     fn resolve(&self, reference: &str) -> fleetdelta_engine::Result<ResolvedImage>;
 
-    /// The state of the delta between two images.
+    /// The state of the delta between two images, in the target's repository
+    /// ([`ImagePair::repository`]).
     fn delta_status(&self, pair: &ImagePair) -> fleetdelta_engine::Result<DeltaStatus>;
 }
 

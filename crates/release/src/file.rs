@@ -242,6 +242,14 @@ pub fn parse_release_image(text: &str) -> fleetdelta_engine::Result<fleetdelta_e
     }
 }
 
+/// The repository a release image is in, where deltas to it live and are looked up:
+/// `HOST[:PORT]/NAME` for a registry image (with or without `docker://`), `oci:DIR` for a
+/// layout (see [`fleetdelta_engine::ImageRef::repository`]). A reference that parses as
+/// neither is its own repository, so that it shares a delta with no other.
+pub fn image_repository(text: &str) -> String {
+    parse_release_image(text).map(|r| r.repository()).unwrap_or_else(|_| text.to_string())
+}
+
 /// The digest after the last `@`, if any; `Err` when it is there but not a sha256 digest.
 fn pinned_digest(reference: &str) -> Option<Result<Digest, fleetdelta_engine::Error>> {
     reference.rsplit_once('@').map(|(_, digest)| digest.parse())

@@ -27,7 +27,8 @@
 //! - Added fields: per service `change`, `reason` and `estimated_payload_size`; at the top
 //!   `contracts_checked`, `removed_services` (services stopped and removed: they produce no image,
 //!   which balena's service updates always have), `dropped_services` (optional services left out,
-//!   with the unmet requirements) and `deltas` (one per image pair, with the services using it).
+//!   with the unmet requirements) and `deltas` (one per image pair and target repository, with
+//!   the services using it: a delta lives in its target's repository).
 
 use serde::Serialize;
 

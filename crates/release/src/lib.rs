@@ -120,8 +120,8 @@ pub use contract::Contract;
 pub use error::{ReleaseError, UnmetContract};
 pub use facts::{oci_architecture, DeviceFacts};
 pub use file::{
-    parse_release_image, Healthcheck, Release, RunOptions, Service, LABEL_OPTIONAL, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY, MAX_REPLICAS,
-    RESTART_POLICIES, UPDATE_STRATEGIES,
+    image_repository, parse_release_image, Healthcheck, Release, RunOptions, Service, LABEL_OPTIONAL, LABEL_REQUIRES_PREFIX, LABEL_UPDATE_STRATEGY,
+    MAX_REPLICAS, RESTART_POLICIES, UPDATE_STRATEGIES,
 };
 pub use requirements::{Requirement, RequirementType, Requires, Unmet, Wanted, CONTAINER_CONTRACT_TYPE, KERNEL_SLUG, KNOWN_ARCHES, OS_SLUG};
 pub use table::{human_size, render_table};

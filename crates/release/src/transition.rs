@@ -7,7 +7,7 @@ use std::fmt;
 use super::catalog::{DeltaStatus, ImageCatalog, ImagePair, ResolvedImage};
 use super::error::{ReleaseError, UnmetContract};
 use super::facts::DeviceFacts;
-use super::file::{Release, Service};
+use super::file::{image_repository, Release, Service};
 use super::requirements::Unmet;
 use fleetdelta_engine::digest::Digest;
 
@@ -183,7 +183,7 @@ pub struct DroppedService {
 /// A delta that the transition uses, with the services that use it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeltaNeed {
-    /// The image pair.
+    /// The image pair, and the target's repository where the delta lives.
     pub pair: ImagePair,
     /// The source image (the reference of the first service using it).
     pub from: ImageInfo,
@@ -214,7 +214,8 @@ pub struct Transition {
     pub services: Vec<ServiceUpdate>,
     /// Optional services of the target release left out because the device fails their contract.
     pub dropped: Vec<DroppedService>,
-    /// The deltas the transition uses, one per image pair, in the order services first need them.
+    /// The deltas the transition uses, one per image pair and target repository, in the order
+    /// services first need them.
     pub deltas: Vec<DeltaNeed>,
     /// Whether contracts were checked (device facts were given).
     pub contracts_checked: bool,
@@ -447,15 +448,14 @@ impl Planner<'_> {
         (from_info, from): (ImageInfo, ResolvedImage),
         (to_info, to): (ImageInfo, ResolvedImage),
     ) -> Result<ServiceUpdate, ReleaseError> {
-        let pair = ImagePair { from: from.digest, to: to.digest };
+        let pair = ImagePair { from: from.digest, to: to.digest, repository: image_repository(&to_info.reference) };
         let status = match self.deltas.get(&pair) {
             Some(status) => status.clone(),
             None => {
-                let status = self
-                    .catalog
-                    .delta_status(&pair)
-                    .map_err(|e| ReleaseError::catalog(format!("delta {} -> {}", short_digest(&pair.from), short_digest(&pair.to)), e))?;
-                self.deltas.insert(pair, status.clone());
+                let status = self.catalog.delta_status(&pair).map_err(|e| {
+                    ReleaseError::catalog(format!("delta {} -> {} in {}", short_digest(&pair.from), short_digest(&pair.to), pair.repository), e)
+                })?;
+                self.deltas.insert(pair.clone(), status.clone());
                 status
             }
         };
@@ -545,7 +545,7 @@ mod tests {
             self
         }
         fn delta(mut self, from: &str, to: &str, status: DeltaStatus) -> Self {
-            let pair = ImagePair { from: self.images[from].digest, to: self.images[to].digest };
+            let pair = ImagePair { from: self.images[from].digest, to: self.images[to].digest, repository: image_repository(to) };
             self.deltas.insert(pair, status);
             self
         }
@@ -650,6 +650,32 @@ mod tests {
         let calls = cat.calls.borrow();
         assert_eq!(calls.iter().filter(|c| c.starts_with("resolve api:1")).count(), 1);
         assert_eq!(calls.iter().filter(|c| c.starts_with("delta")).count(), 2);
+    }
+
+    #[test]
+    fn one_image_in_two_repositories_has_a_delta_in_each() {
+        // The same digests under fleet/api and fleet/gpu: a delta lives in its target's
+        // repository, so each service gets the one beside its own target.
+        let layers_1 = [(1, 1000), (2, 200)];
+        let layers_2 = [(1, 1000), (3, 300)];
+        let cat = FakeCatalog::default()
+            .image("reg.example/fleet/api:1", &layers_1)
+            .image("reg.example/fleet/gpu:1", &layers_1)
+            .image("reg.example/fleet/api:2", &layers_2)
+            .image("reg.example/fleet/gpu:2", &layers_2)
+            .delta("reg.example/fleet/gpu:1", "reg.example/fleet/gpu:2", DeltaStatus::Ready { reference: "reg.example/fleet/gpu@d".into(), size: 9 });
+        let from = release("a", &[("api", "reg.example/fleet/api:1"), ("gpu", "reg.example/fleet/gpu:1")]);
+        let to = release("b", &[("api", "reg.example/fleet/api:2"), ("gpu", "reg.example/fleet/gpu:2")]);
+        let t = plan(&from, &to, None, &cat).unwrap();
+        assert_eq!(t.deltas.len(), 2, "{t:?}");
+        assert_eq!(t.deltas[0].pair.from, t.deltas[1].pair.from);
+        assert_eq!(t.deltas[0].pair.to, t.deltas[1].pair.to);
+        assert_eq!((t.deltas[0].pair.repository.as_str(), t.deltas[0].services.as_slice()), ("reg.example/fleet/api", &["api".to_string()][..]));
+        assert_eq!((t.deltas[1].pair.repository.as_str(), t.deltas[1].services.as_slice()), ("reg.example/fleet/gpu", &["gpu".to_string()][..]));
+        // gpu's delta is ready in fleet/gpu; api's is not, whatever fleet/gpu holds.
+        assert_eq!(changes(&t), [("api", Change::DeltaUpdate, UpdateStatus::Pending, 300), ("gpu", Change::DeltaUpdate, UpdateStatus::Ready, 9)]);
+        assert_eq!(t.deltas_to_build().map(|d| d.pair.repository.as_str()).collect::<Vec<_>>(), ["reg.example/fleet/api"]);
+        assert_eq!(t.overall_status, Readiness::Pending);
     }
 
     #[test]

@@ -40,6 +40,24 @@ pub struct Job {
     pub target: RegistryRef,
 }
 
+impl Job {
+    /// What single flight is per: the pair in the target's repository.
+    pub fn id(&self) -> PairId {
+        PairId { key: self.key, repository: self.target.repository_name() }
+    }
+}
+
+/// A delta as the service tracks it: a pair in the repository of its target, where the delta
+/// lives and is looked up. One image in two repositories has a delta in each, and an answer
+/// for one repository is never given for another (a device may only be able to read its own).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PairId {
+    /// The pair.
+    pub key: DeltaKey,
+    /// The target's repository, `HOST[:PORT]/NAME`.
+    pub repository: String,
+}
+
 /// A delta the service has built or found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Built {

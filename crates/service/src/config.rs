@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use fleetdelta_engine::diff::Level;
 use fleetdelta_engine::error::{Error, IoContext, Result};
+use fleetdelta_engine::image::Platform;
 
 /// Largest configuration file read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -76,6 +77,10 @@ pub struct ServiceConfig {
     /// `sqlite:$STATE_DIRECTORY/service.db` (systemd), else
     /// `$XDG_STATE_HOME/fleetdelta/service.db`, else `~/.local/state/fleetdelta/service.db`.
     pub database: Option<String>,
+    /// The platforms the fleet runs (`OS/ARCH[/VARIANT]`, e.g. `linux/arm64`): when a
+    /// release's images are multi-platform indexes, its deltas are built for these platforms
+    /// of each target. Empty (the default): every platform of the target.
+    pub platforms: Vec<String>,
 }
 
 /// How the service reaches registries.
@@ -131,6 +136,7 @@ impl Default for ServiceConfig {
             scratch_dir: None,
             log_format: LogFormat::Text,
             database: None,
+            platforms: Vec::new(),
         }
     }
 }
@@ -175,7 +181,13 @@ impl ServiceConfig {
         if self.retry_initial_seconds > self.retry_max_seconds {
             return bad("retry_initial_seconds must not exceed retry_max_seconds");
         }
+        self.fleet_platforms().map_err(|e| Error::malformed(what, format!("platforms: {e}")))?;
         Ok(())
+    }
+
+    /// [`ServiceConfig::platforms`], parsed; empty means every platform of each target.
+    pub fn fleet_platforms(&self) -> Result<Vec<Platform>> {
+        self.platforms.iter().map(|p| Platform::parse(p)).collect()
     }
 
     /// The wait before attempt `failures + 1` of a pair that failed `failures` times:
@@ -232,6 +244,10 @@ mod tests {
         assert!(ServiceConfig::parse("max_concurrent_builds: 0\n", "c.yaml").is_err());
         assert!(ServiceConfig::parse("level: extreme\n", "c.yaml").is_err());
         assert!(ServiceConfig::parse("retry_initial_seconds: 100\nretry_max_seconds: 10\n", "c.yaml").is_err());
+        let fleet = ServiceConfig::parse("platforms: [linux/amd64, linux/arm/v7]\n", "c.yaml").unwrap();
+        assert_eq!(fleet.fleet_platforms().unwrap(), vec![Platform::linux("amd64"), Platform::parse("linux/arm/v7").unwrap()]);
+        let bad = ServiceConfig::parse("platforms: [arm64]\n", "c.yaml").unwrap_err().to_string();
+        assert!(bad.contains("c.yaml") && bad.contains("platforms") && bad.contains("arm64"), "{bad}");
     }
 
     #[test]

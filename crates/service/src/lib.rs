@@ -70,7 +70,7 @@ impl Service {
             Some(url) => url.clone(),
             None => config::default_database_url()?,
         };
-        let releases = Arc::new(Releases::with_database(Database::open(&url).await?));
+        let releases = Arc::new(Releases::with_database(Database::open(&url).await?).for_platforms(config.fleet_platforms()?));
         let restored = releases.restore(config.previous_releases, &builds).await?;
         tracing::info!(database = %url, restored, "releases restored");
         let app = routes::App { config, builds, releases, metrics, source_configs: Arc::default() };

@@ -18,13 +18,16 @@ use fleetdelta_engine::delta_store::{DeltaKey, DeltaStore};
 use fleetdelta_engine::diff::{diff, DiffOptions};
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::{Error, Result};
-use fleetdelta_engine::image::manifest::{Manifest, MAX_JSON_BYTES};
-use fleetdelta_engine::image::Layout;
+use fleetdelta_engine::image::layout::host_architecture;
+use fleetdelta_engine::image::manifest::{BlobRef, Manifest, MAX_JSON_BYTES};
+use fleetdelta_engine::image::{IndexEntry, Layout};
+use fleetdelta_engine::platforms::localize_entry;
 use fleetdelta_engine::progress::Progress;
 use fleetdelta_engine::reference::ImageRef;
 use fleetdelta_engine::transfer::Transfer;
 use fleetdelta_release::{
-    parse_release_image, plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Readiness, Release, ReleaseError, ResolvedImage, Transition,
+    oci_architecture, parse_release_image, plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Readiness, Release, ReleaseError, ResolvedImage,
+    Transition,
 };
 
 /// Why a release update failed: reading an image or building a delta (the engine's error),
@@ -132,7 +135,9 @@ pub fn release_update(
 ) -> Result<ReleaseUpdate, UpdateError> {
     let started = Instant::now();
     let deadline = options.timeout.map(|t| started + t);
-    let catalog = StoreCatalog::new(transfer, &options.store);
+    // Multi-platform images resolve to the device's architecture when its facts name one.
+    let arch = facts.and_then(|f| f.arch.as_deref()).and_then(oci_architecture);
+    let catalog = StoreCatalog::new(transfer, &options.store, arch);
     let mut transition = plan(from, to, facts, &catalog)?;
     let mut prepared = PrepareReport::default();
     let late = |t: &Transition| {
@@ -153,8 +158,9 @@ pub fn release_update(
                 let transition = plan(from, to, facts, &catalog)?;
                 return Ok(ReleaseUpdate { timed_out: Some(late(&transition)), transition, prepared });
             }
-            let (key, source, target) = catalog.key_of(&need.pair)?;
-            let Some(_lock) = options.store.lock_build(&key)? else {
+            let (key, source_seen, target_seen) = catalog.key_of(&need.pair)?;
+            let target = target_seen.reference.clone();
+            let Some(_lock) = options.store.lock_build(&key, &target)? else {
                 prepared.building_elsewhere += 1;
                 continue;
             };
@@ -164,8 +170,8 @@ pub fn release_update(
             }
             let began = Instant::now();
             let dest = options.store.location(&key, &target)?;
-            let (local_source, _) = transfer.localize(&source, progress)?;
-            let (local_target, _) = transfer.localize(&target, progress)?;
+            let local_source = catalog.localize(&source_seen, progress)?;
+            let local_target = catalog.localize(&target_seen, progress)?;
             let staged = transfer.staging_for(&dest)?;
             let report = diff(&local_source, &local_target, &staged, &options.diff, progress)?;
             transfer.publish(&staged, &dest, progress)?;
@@ -198,50 +204,83 @@ pub fn release_update(
 struct Seen {
     reference: ImageRef,
     config: Digest,
+    /// For a layout whose tag names a multi-platform index: the entry resolved, which is what
+    /// is diffed (the tag alone would name this machine's platform).
+    entry: Option<BlobRef>,
 }
 
 /// [`ImageCatalog`] over the transports and a delta store. Registry images are resolved to
 /// the entry for the transfer's architecture and pinned by digest, so a tag moving while a
 /// release update runs cannot change what is diffed.
+///
+/// Images are remembered per digest *and repository*: one digest may be in several
+/// repositories, and a delta is written to and looked up in its target's repository
+/// ([`ImagePair::repository`]), never in another that happens to hold the same image.
 struct StoreCatalog<'a> {
     transfer: &'a Transfer,
     store: &'a DeltaStore,
-    seen: RefCell<HashMap<Digest, Seen>>,
+    /// The architecture multi-platform images resolve to (the device's); `None`: the
+    /// transfer's for registries, this machine's for layouts.
+    arch: Option<&'a str>,
+    seen: RefCell<HashMap<(Digest, String), Seen>>,
 }
 
 impl<'a> StoreCatalog<'a> {
-    fn new(transfer: &'a Transfer, store: &'a DeltaStore) -> Self {
-        StoreCatalog { transfer, store, seen: RefCell::new(HashMap::new()) }
+    fn new(transfer: &'a Transfer, store: &'a DeltaStore, arch: Option<&'a str>) -> Self {
+        StoreCatalog { transfer, store, arch, seen: RefCell::new(HashMap::new()) }
     }
 
-    fn key_of(&self, pair: &ImagePair) -> Result<(DeltaKey, ImageRef, ImageRef)> {
+    /// A local reference to a resolved image: a layout's index entry is taken out on its own,
+    /// anything else is localized as usual.
+    fn localize(&self, image: &Seen, progress: &dyn Progress) -> Result<ImageRef> {
+        match &image.entry {
+            Some(manifest) => Ok(localize_entry(self.transfer, &image.reference, &IndexEntry { manifest: manifest.clone(), platform: None }, progress)?.0),
+            None => Ok(self.transfer.localize(&image.reference, progress)?.0),
+        }
+    }
+
+    /// The delta key of `pair`, with where to read its source and where its target is. The
+    /// source is read from the target's repository when it is there too, else from any
+    /// repository that has it (only its content matters); the target is the one in the pair's
+    /// repository.
+    fn key_of(&self, pair: &ImagePair) -> Result<(DeltaKey, Seen, Seen)> {
         let seen = self.seen.borrow();
-        let unknown = |d: &Digest| Error::Internal(format!("image {d} was not resolved before planning"));
-        let source = seen.get(&pair.from).ok_or_else(|| unknown(&pair.from))?;
-        let target = seen.get(&pair.to).ok_or_else(|| unknown(&pair.to))?;
-        Ok((DeltaKey { source_config: source.config, target_manifest: pair.to }, source.reference.clone(), target.reference.clone()))
+        let target = seen
+            .get(&(pair.to, pair.repository.clone()))
+            .ok_or_else(|| Error::Internal(format!("image {} in {} was not resolved before planning", pair.to, pair.repository)))?;
+        let source = seen
+            .get(&(pair.from, pair.repository.clone()))
+            .or_else(|| seen.iter().filter(|((d, _), _)| *d == pair.from).min_by(|a, b| a.0 .1.cmp(&b.0 .1)).map(|(_, s)| s))
+            .ok_or_else(|| Error::Internal(format!("image {} was not resolved before planning", pair.from)))?;
+        Ok((DeltaKey { source_config: source.config, target_manifest: pair.to }, source.clone(), target.clone()))
     }
 }
 
 impl ImageCatalog for StoreCatalog<'_> {
     fn resolve(&self, reference: &str) -> Result<ResolvedImage> {
         let image = parse_release_image(reference)?;
-        let (manifest, pinned) = match &image {
+        let (manifest, pinned, entry) = match &image {
             ImageRef::Registry(r) => {
-                let fetched = self.transfer.block_on(self.transfer.client().get_image_manifest(r))?;
+                let client = self.transfer.client();
+                let fetched = match self.arch {
+                    Some(arch) => self.transfer.block_on(client.get_image_manifest_for(r, arch))?,
+                    None => self.transfer.block_on(client.get_image_manifest(r))?,
+                };
                 let manifest = Manifest::parse(fetched.raw, Some(&fetched.media_type))?;
                 let pinned = ImageRef::Registry(r.with_digest(manifest.digest));
-                (manifest, pinned)
+                (manifest, pinned, None)
             }
             ImageRef::Layout { dir, tag } => {
                 let layout = Layout::open(dir)?;
-                let blob = layout.resolve(tag.as_deref())?;
-                (Manifest::parse(layout.read_blob(&blob, MAX_JSON_BYTES)?, Some(&blob.media_type))?, image.clone())
+                let top = layout.resolve_top(tag.as_deref())?;
+                let blob = layout.resolve_for(tag.as_deref(), self.arch.unwrap_or(host_architecture()))?;
+                let entry = (top.digest != blob.digest).then(|| blob.clone());
+                (Manifest::parse(layout.read_blob(&blob, MAX_JSON_BYTES)?, Some(&blob.media_type))?, image.clone(), entry)
             }
             // parse_release_image gives registry and layout references only.
             _ => return Err(Error::unsupported(reference, "release images are registry images or OCI layouts")),
         };
-        self.seen.borrow_mut().insert(manifest.digest, Seen { reference: pinned, config: manifest.config.digest });
+        self.seen.borrow_mut().insert((manifest.digest, image.repository()), Seen { reference: pinned, config: manifest.config.digest, entry });
         Ok(ResolvedImage {
             digest: manifest.digest,
             config: Some(manifest.config.digest),
@@ -251,7 +290,8 @@ impl ImageCatalog for StoreCatalog<'_> {
 
     fn delta_status(&self, pair: &ImagePair) -> Result<DeltaStatus> {
         let (key, _, target) = self.key_of(pair)?;
-        if self.store.is_building(&key)? {
+        let target = target.reference;
+        if self.store.is_building(&key, &target)? {
             return Ok(DeltaStatus::Building);
         }
         Ok(match self.store.find(self.transfer, &key, &target)? {

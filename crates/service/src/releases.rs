@@ -13,16 +13,19 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use super::build::find_delta;
-use super::state::{Builds, Job, Status};
+use super::state::{Builds, Job, PairId, Status};
 use crate::db::Database;
 use crate::release_update::UpdateError;
 use fleetdelta_engine::delta_store::DeltaKey;
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::{Error, Result};
-use fleetdelta_engine::image::manifest::Manifest;
+use fleetdelta_engine::image::manifest::{is_index, Manifest, MAX_JSON_BYTES};
+use fleetdelta_engine::image::platform::{entry_for, index_entries, IndexEntry};
+use fleetdelta_engine::image::{Config, Platform};
+use fleetdelta_engine::progress::Silent;
 use fleetdelta_engine::reference::ImageRef;
 use fleetdelta_engine::registry::{Client, RegistryRef};
-use fleetdelta_release::parse_release_image;
+use fleetdelta_release::{image_repository, oci_architecture, parse_release_image};
 use fleetdelta_release::{plan, DeltaStatus, DeviceFacts, ImageCatalog, ImagePair, LayerBlob, Release, ResolvedImage};
 
 /// One delta a registered release asked for.
@@ -39,6 +42,10 @@ pub struct PlannedDelta {
     /// Where it stands: `resolving`, `unchanged` (same image digest), `building`, `ready`,
     /// `failed`.
     pub status: &'static str,
+    /// The platform (`OS/ARCH[/VARIANT]`) when the target is a multi-platform index: one
+    /// delta per platform the fleet runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     /// The pair, once both images are resolved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_config: Option<Digest>,
@@ -94,6 +101,8 @@ pub struct Releases {
     list: Mutex<Vec<Arc<Registered>>>,
     /// Where registrations are recorded; none: in memory only.
     db: Option<Database>,
+    /// The platforms the fleet runs; empty: every platform of each target.
+    platforms: Vec<Platform>,
 }
 
 impl Releases {
@@ -116,14 +125,21 @@ impl Releases {
         let mut planned = registered.planned.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for p in planned.iter_mut().filter(|p| matches!(p.status, "building" | "ready" | "failed")) {
             let (Some(source_config), Some(target_manifest)) = (p.source_config, p.target_manifest) else { continue };
-            refresh(p, builds.peek(&DeltaKey { source_config, target_manifest }));
+            let id = PairId { key: DeltaKey { source_config, target_manifest }, repository: image_repository(&p.to_image) };
+            refresh(p, builds.peek(&id));
         }
         Some(planned)
     }
 
     /// Releases kept in `db` as well as in memory.
     pub fn with_database(db: Database) -> Self {
-        Releases { list: Mutex::default(), db: Some(db) }
+        Releases { list: Mutex::default(), db: Some(db), platforms: Vec::new() }
+    }
+
+    /// The same, building the deltas of multi-platform images for these platforms only
+    /// (empty: every platform of each target).
+    pub fn for_platforms(self, platforms: Vec<Platform>) -> Self {
+        Releases { platforms, ..self }
     }
 
     /// Registers the release in `text` (a release file), records it in the database, and
@@ -194,6 +210,7 @@ impl Releases {
                     from_image: before.image.clone(),
                     to_image: service.image.clone(),
                     status: "resolving",
+                    platform: None,
                     source_config: None,
                     target_manifest: None,
                     delta: None,
@@ -205,7 +222,8 @@ impl Releases {
         let id = registered.release.id.clone();
         tracing::info!(release = %id, created, previous = previous.len(), deltas = planned.len(), "release registered");
         let builds = Arc::clone(builds);
-        tokio::spawn(async move { start_builds(&registered, &builds).await });
+        let fleet = self.platforms.clone();
+        tokio::spawn(async move { start_builds(&registered, &builds, &fleet).await });
         Registration { id, created, previous: previous.iter().map(|r| r.release.id.clone()).collect(), deltas: planned }
     }
 
@@ -226,10 +244,12 @@ impl Releases {
             }
         };
         let client = builds.client();
+        // Multi-platform images resolve to the device's architecture when its facts name one.
+        let arch = facts.and_then(|f| f.arch.as_deref()).and_then(oci_architecture);
         let mut catalog = MemoryCatalog::default();
         for service in from.release.services.iter().chain(to.release.services.iter()) {
             if !catalog.images.contains_key(&service.image) {
-                let resolved = resolve(client, &service.image).await?;
+                let resolved = resolve(client, &service.image, arch).await?;
                 catalog.images.insert(service.image.clone(), resolved);
             }
         }
@@ -241,7 +261,7 @@ impl Releases {
             }
             let key = DeltaKey { source_config: source.manifest.config.digest, target_manifest: target.manifest.digest };
             let reference = |delta: Digest| ImageRef::Registry(target.pinned.by_digest(delta)).to_string();
-            let status = match builds.peek(&key) {
+            let status = match builds.peek(&PairId { key, repository: target.pinned.repository_name() }) {
                 Some(Status::Working { .. }) => DeltaStatus::Building,
                 Some(Status::Ready(b)) => DeltaStatus::Ready { reference: reference(b.manifest), size: b.download },
                 _ => match find_delta(client, &target.pinned, &key).await? {
@@ -249,7 +269,8 @@ impl Releases {
                     None => DeltaStatus::Absent,
                 },
             };
-            catalog.statuses.insert(ImagePair { from: source.manifest.digest, to: target.manifest.digest }, status);
+            let pair = ImagePair { from: source.manifest.digest, to: target.manifest.digest, repository: image_repository(&service.image) };
+            catalog.statuses.insert(pair, status);
         }
         Ok(Ok(plan(&from.release, &to.release, facts, &catalog)?.to_json()))
     }
@@ -277,45 +298,157 @@ struct Resolved {
     manifest: Manifest,
 }
 
-async fn resolve(client: &Client, image: &str) -> Result<Resolved> {
-    let ImageRef::Registry(r) = parse_release_image(image)? else {
-        return Err(Error::unsupported(image, "the service works with registry images (docker://), not layouts"));
+fn registry_image(image: &str) -> Result<RegistryRef> {
+    match parse_release_image(image)? {
+        ImageRef::Registry(r) => Ok(r),
+        _ => Err(Error::unsupported(image, "the service works with registry images (docker://), not layouts")),
+    }
+}
+
+/// A release image resolved to one image: a multi-platform index to its entry for
+/// `linux/arch` (the client's architecture when `None`).
+async fn resolve(client: &Client, image: &str, arch: Option<&str>) -> Result<Resolved> {
+    let r = registry_image(image)?;
+    let fetched = match arch {
+        Some(arch) => client.get_image_manifest_for(&r, arch).await?,
+        None => client.get_image_manifest(&r).await?,
     };
-    let fetched = client.get_image_manifest(&r).await?;
     let manifest = Manifest::parse(fetched.raw, Some(&fetched.media_type))?;
     Ok(Resolved { pinned: r.with_digest(manifest.digest), manifest })
 }
 
-/// Resolves a registered release's pairs and starts their builds.
-async fn start_builds(registered: &Registered, builds: &Arc<Builds>) {
+/// A release image as registered: one image, or a multi-platform index.
+#[derive(Clone, Debug)]
+enum Top {
+    One(Box<Resolved>),
+    Index { repository: RegistryRef, entries: Vec<IndexEntry> },
+}
+
+async fn resolve_top(client: &Client, image: &str) -> Result<Top> {
+    let r = registry_image(image)?;
+    let top = client.get_manifest(&r, &r.reference()).await?;
+    if is_index(&top.media_type) {
+        return Ok(Top::Index { entries: index_entries(&top.raw, &format!("image index docker://{r}"))?, repository: r.without_tag() });
+    }
+    let manifest = Manifest::parse(top.raw, Some(&top.media_type))?;
+    Ok(Top::One(Box::new(Resolved { pinned: r.with_digest(manifest.digest), manifest })))
+}
+
+async fn resolve_entry(client: &Client, repository: &RegistryRef, entry: &IndexEntry) -> Result<Resolved> {
+    let pinned = repository.by_digest(entry.manifest.digest);
+    let fetched = client.get_manifest(&pinned, &entry.manifest.digest.to_string()).await?;
+    if is_index(&fetched.media_type) {
+        return Err(Error::unsupported(format!("image index docker://{repository}"), "an index nested in an index"));
+    }
+    Ok(Resolved { pinned, manifest: Manifest::parse(fetched.raw, Some(&fetched.media_type))? })
+}
+
+/// The image pairs of a planned delta: one for two images; one per platform when the target
+/// is an index (those of `fleet` it has, every one when `fleet` is empty), each from the
+/// source's image of that platform. A platform the source lacks is a failed pair, saying so.
+async fn platform_pairs(
+    client: &Client,
+    source: &Top,
+    target: &Top,
+    fleet: &[Platform],
+) -> Vec<(Option<Platform>, std::result::Result<(Resolved, Resolved), String>)> {
+    let (repository, targets) = match target {
+        Top::One(t) => {
+            return match source {
+                Top::One(s) => vec![(None, Ok((s.as_ref().clone(), t.as_ref().clone())))],
+                Top::Index { repository, entries } => {
+                    // The source's entry for the target's platform.
+                    let platform = match config_platform(client, t).await {
+                        Ok(p) => p,
+                        Err(e) => return vec![(None, Err(e.to_string()))],
+                    };
+                    let pair = match entry_for(entries, &platform, &format!("the source image index docker://{repository}")) {
+                        Ok(e) => resolve_entry(client, repository, e).await.map(|s| (s, t.as_ref().clone())).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    vec![(Some(platform), pair)]
+                }
+            };
+        }
+        Top::Index { repository, entries } => (repository, entries),
+    };
+    let mut pairs = Vec::new();
+    for t in targets {
+        let Some(platform) = t.platform.clone() else { continue };
+        if !fleet.is_empty() && !fleet.iter().any(|f| f.matches(&platform)) {
+            continue;
+        }
+        let source = match source {
+            Top::Index { repository, entries } => match entry_for(entries, &platform, &format!("the source image index docker://{repository}")) {
+                Ok(e) => resolve_entry(client, repository, e).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            Top::One(s) => match config_platform(client, s).await {
+                Ok(p) if p.matches(&platform) => Ok(s.as_ref().clone()),
+                Ok(p) => Err(format!("the source docker://{} is an image for {p}, and has none for {platform}", s.pinned)),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let pair = match (source, resolve_entry(client, repository, t).await) {
+            (Ok(s), Ok(t)) => Ok((s, t)),
+            (Err(e), _) => Err(e),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        pairs.push((Some(platform), pair));
+    }
+    pairs
+}
+
+/// The platform an image's config says it is for.
+async fn config_platform(client: &Client, image: &Resolved) -> Result<Platform> {
+    let config = &image.manifest.config;
+    if config.size > MAX_JSON_BYTES {
+        return Err(Error::TooLarge { what: format!("config of docker://{}", image.pinned), limit: MAX_JSON_BYTES });
+    }
+    let mut raw = Vec::with_capacity(config.size as usize);
+    client.download_blob(&image.pinned, config, &mut raw, &Silent).await?;
+    Ok(Platform::of_config(&Config::parse(raw)?))
+}
+
+/// Resolves a registered release's pairs and starts their builds: one per planned delta, or
+/// one per platform of the fleet when the target is a multi-platform index.
+async fn start_builds(registered: &Registered, builds: &Arc<Builds>, fleet: &[Platform]) {
     let planned = registered.planned.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut images: HashMap<String, std::result::Result<Resolved, String>> = HashMap::new();
+    let mut images: HashMap<String, std::result::Result<Top, String>> = HashMap::new();
     let mut updated = Vec::with_capacity(planned.len());
-    for mut p in planned {
+    for p in planned {
         for image in [&p.from_image, &p.to_image] {
             if !images.contains_key(image) {
-                let resolved = resolve(builds.client(), image).await.map_err(|e| e.to_string());
-                if let Ok(r) = &resolved {
+                let resolved = resolve_top(builds.client(), image).await.map_err(|e| e.to_string());
+                if let Ok(Top::One(r)) = &resolved {
                     builds.remember_source(r.manifest.config.digest, r.pinned.clone());
                 }
                 images.insert(image.clone(), resolved);
             }
         }
-        match (&images[&p.from_image], &images[&p.to_image]) {
-            (Ok(source), Ok(target)) if source.manifest.digest == target.manifest.digest => p.status = "unchanged",
-            (Ok(source), Ok(target)) => {
-                let key = DeltaKey { source_config: source.manifest.config.digest, target_manifest: target.manifest.digest };
-                p.source_config = Some(key.source_config);
-                p.target_manifest = Some(key.target_manifest);
-                let status = builds.ensure(Job { key, source: Some(source.pinned.clone()), target: target.pinned.clone() });
-                refresh(&mut p, Some(status));
+        let pairs = match (&images[&p.from_image], &images[&p.to_image]) {
+            (Ok(source), Ok(target)) => platform_pairs(builds.client(), source, target, fleet).await,
+            (Err(e), _) | (_, Err(e)) => vec![(None, Err(e.clone()))],
+        };
+        for (platform, pair) in pairs {
+            let mut p = PlannedDelta { platform: platform.map(|p| p.to_string()), ..p.clone() };
+            match pair {
+                Ok((source, target)) if source.manifest.digest == target.manifest.digest => p.status = "unchanged",
+                Ok((source, target)) => {
+                    builds.remember_source(source.manifest.config.digest, source.pinned.clone());
+                    let key = DeltaKey { source_config: source.manifest.config.digest, target_manifest: target.manifest.digest };
+                    p.source_config = Some(key.source_config);
+                    p.target_manifest = Some(key.target_manifest);
+                    let status = builds.ensure(Job { key, source: Some(source.pinned.clone()), target: target.pinned.clone() });
+                    refresh(&mut p, Some(status));
+                }
+                Err(e) => {
+                    p.status = "failed";
+                    p.reason = Some(e);
+                }
             }
-            (Err(e), _) | (_, Err(e)) => {
-                p.status = "failed";
-                p.reason = Some(e.clone());
-            }
+            updated.push(p);
         }
-        updated.push(p);
     }
     *registered.planned.lock().unwrap_or_else(|p| p.into_inner()) = updated;
 }

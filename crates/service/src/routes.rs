@@ -138,7 +138,7 @@ async fn request_delta(State(app): State<App>, Query(query): Query<WaitQuery>, b
     let mut status = app.builds.ensure(job.clone());
     let wait = query.wait.unwrap_or(0).min(app.config.max_wait_seconds);
     if wait > 0 {
-        status = app.builds.wait(&job.key, status, Duration::from_secs(wait)).await;
+        status = app.builds.wait(&job.id(), status, Duration::from_secs(wait)).await;
     }
     delta_answer(&app.config, &job.key, status)
 }

@@ -20,10 +20,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::build::{self, BuildContext};
-pub use super::build::{Built, Job};
+pub use super::build::{Built, Job, PairId};
 use super::config::ServiceConfig;
 use super::metrics::Metrics;
-use fleetdelta_engine::delta_store::DeltaKey;
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::Error;
 use fleetdelta_engine::registry::{Client, RegistryRef};
@@ -108,7 +107,7 @@ pub enum Status {
 /// The service's builds: the pair map, the build slots, the tasks.
 #[derive(Debug)]
 pub struct Builds {
-    entries: Mutex<HashMap<DeltaKey, Entry>>,
+    entries: Mutex<HashMap<PairId, Entry>>,
     context: Arc<BuildContext>,
     config: Arc<ServiceConfig>,
     tasks: Mutex<JoinSet<()>>,
@@ -144,13 +143,13 @@ impl Builds {
         self.context.remember_source(config, image);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeltaKey, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PairId, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Where the pair stands, without starting anything.
-    pub fn peek(&self, key: &DeltaKey) -> Option<Status> {
-        self.lock().get(key).map(Self::status_of)
+    /// Where the pair stands in its repository, without starting anything.
+    pub fn peek(&self, id: &PairId) -> Option<Status> {
+        self.lock().get(id).map(Self::status_of)
     }
 
     fn status_of(entry: &Entry) -> Status {
@@ -161,11 +160,13 @@ impl Builds {
         }
     }
 
-    /// Where the pair stands, starting its lookup-or-build when nothing is in progress and no
-    /// failure's backoff is pending. Concurrent callers for one pair share one task.
+    /// Where the pair stands in the target's repository, starting its lookup-or-build when
+    /// nothing is in progress and no failure's backoff is pending. Concurrent callers for one
+    /// pair and repository share one task.
     pub fn ensure(self: &Arc<Self>, job: Job) -> Status {
+        let id = job.id();
         let mut entries = self.lock();
-        let failures = match entries.get(&job.key) {
+        let failures = match entries.get(&id) {
             Some(Entry::Failed(f)) if Instant::now() >= f.retry_at => f.failures,
             Some(entry) => return Self::status_of(entry),
             None => 0,
@@ -192,7 +193,7 @@ impl Builds {
         }
         let (signal, done) = watch::channel(false);
         let since = Instant::now();
-        entries.insert(job.key, Entry::Working { since, done: done.clone(), failures });
+        entries.insert(id.clone(), Entry::Working { since, done: done.clone(), failures });
         drop(entries);
 
         let this = Arc::clone(self);
@@ -201,28 +202,29 @@ impl Builds {
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
             let key = job.key;
+            let repository = &id.repository;
             let outcome = build::produce(&this.context, &job).await;
             let entry = match outcome {
                 Ok(built) => Entry::Ready(built),
                 Err(e) => {
                     let failures = failures + 1;
                     let backoff = this.config.retry_backoff(failures);
-                    tracing::warn!(source_config = %key.source_config, target = %key.target_manifest, failures, retry_in_s = backoff.as_secs_f64(), error = %e, "delta failed");
+                    tracing::warn!(source_config = %key.source_config, target = %key.target_manifest, %repository, failures, retry_in_s = backoff.as_secs_f64(), error = %e, "delta failed");
                     Entry::Failed(Failure { reason: e.to_string(), kind: FailureKind::of(&e), failures, retry_at: Instant::now() + backoff })
                 }
             };
-            this.lock().insert(key, entry);
+            this.lock().insert(id, entry);
             let _ = signal.send(true);
         });
         Status::Working { since, done, failures }
     }
 
     /// Waits up to `wait` for a pair in progress to finish; returns where it stands then.
-    pub async fn wait(&self, key: &DeltaKey, status: Status, wait: Duration) -> Status {
+    pub async fn wait(&self, id: &PairId, status: Status, wait: Duration) -> Status {
         let Status::Working { mut done, .. } = status else { return status };
         // An error means the task was abandoned (shutdown): report what the map says.
         let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
-        self.peek(key).unwrap_or(Status::Unavailable("the pair was forgotten".into()))
+        self.peek(id).unwrap_or(Status::Unavailable("the pair was forgotten".into()))
     }
 
     /// Stops starting builds (shutdown has begun).

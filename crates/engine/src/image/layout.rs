@@ -133,6 +133,23 @@ impl Layout {
     /// Finds the manifest tagged `tag` (or the only manifest when no tag is given), descending
     /// into a multi-platform index to the entry for this machine's platform.
     pub fn resolve(&self, tag: Option<&str>) -> Result<BlobRef> {
+        self.resolve_for(tag, host_architecture())
+    }
+
+    /// Like [`Layout::resolve`], descending into a multi-platform index to the entry for
+    /// `linux/arch`.
+    pub fn resolve_for(&self, tag: Option<&str>, arch: &str) -> Result<BlobRef> {
+        let blob = self.resolve_top(tag)?;
+        if blob.media_type == OCI_INDEX || blob.media_type == DOCKER_MANIFEST_LIST {
+            let raw = self.read_blob(&blob, MAX_JSON_BYTES)?;
+            return select_platform(&raw, &format!("image index {}", blob.digest), arch);
+        }
+        Ok(blob)
+    }
+
+    /// The descriptor `tag` names in `index.json` (or the only one when no tag is given): an
+    /// image manifest, or a multi-platform index as it is.
+    pub fn resolve_top(&self, tag: Option<&str>) -> Result<BlobRef> {
         let index_path = self.root.join(INDEX_FILE);
         let raw = read_bounded(&index_path, MAX_JSON_BYTES)?;
         let index: ImageIndex = serde_json::from_slice(&raw).map_err(|e| Error::malformed(index_path.display().to_string(), e.to_string()))?;
@@ -144,11 +161,7 @@ impl Layout {
             (None, None) if entries.len() == 1 => &entries[0],
             _ => return Err(Error::NotFound(format!("tag {wanted:?} in {}", self.root.display()))),
         };
-        let blob = BlobRef::from_descriptor(descriptor)?;
-        if blob.media_type == OCI_INDEX || blob.media_type == DOCKER_MANIFEST_LIST {
-            return self.select_platform(&blob);
-        }
-        Ok(blob)
+        BlobRef::from_descriptor(descriptor)
     }
 
     /// Every blob that `index.json` names, directly or through the manifests and indexes it
@@ -217,11 +230,6 @@ impl Layout {
             sync_dir(&blobs)?;
         }
         Ok(removed)
-    }
-
-    fn select_platform(&self, index_blob: &BlobRef) -> Result<BlobRef> {
-        let raw = self.read_blob(index_blob, MAX_JSON_BYTES)?;
-        select_platform(&raw, &format!("image index {}", index_blob.digest), host_architecture())
     }
 
     /// Loads the image that `tag` names, verifying manifest and config digests.

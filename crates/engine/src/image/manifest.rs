@@ -144,6 +144,8 @@ pub struct Config {
     pub architecture: String,
     /// Operating system.
     pub os: String,
+    /// CPU variant (`v7`, `v8`), when the config gives one.
+    pub variant: Option<String>,
 }
 
 impl Config {
@@ -159,7 +161,8 @@ impl Config {
         }
         let diff_ids = parsed.rootfs().diff_ids().iter().map(|d| d.parse::<Digest>()).collect::<Result<Vec<_>>>()?;
         let digest = Digest::of(&raw);
-        Ok(Config { raw, digest, diff_ids, architecture: parsed.architecture().to_string(), os: parsed.os().to_string() })
+        let variant = parsed.variant().clone();
+        Ok(Config { raw, digest, diff_ids, architecture: parsed.architecture().to_string(), os: parsed.os().to_string(), variant })
     }
 }
 

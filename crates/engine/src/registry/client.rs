@@ -272,11 +272,17 @@ impl Client {
     /// Fetches the image manifest a reference names, descending into a multi-platform index
     /// to the entry for [`ClientOptions::architecture`].
     pub async fn get_image_manifest(&self, r: &RegistryRef) -> Result<FetchedManifest> {
+        self.get_image_manifest_for(r, &self.options.architecture).await
+    }
+
+    /// Like [`Client::get_image_manifest`], descending into a multi-platform index to the
+    /// entry for `linux/arch` (a device's architecture rather than the client's).
+    pub async fn get_image_manifest_for(&self, r: &RegistryRef, arch: &str) -> Result<FetchedManifest> {
         let top = self.get_manifest(r, &r.reference()).await?;
         if !is_index(&top.media_type) {
             return Ok(top);
         }
-        let entry = select_platform(&top.raw, &format!("image index {r}"), &self.options.architecture)?;
+        let entry = select_platform(&top.raw, &format!("image index {r}"), arch)?;
         let manifest = self.get_manifest(r, &entry.digest.to_string()).await?;
         if is_index(&manifest.media_type) {
             return Err(Error::unsupported(format!("image index {r}"), "an index nested in an index"));

@@ -87,6 +87,16 @@ impl RegistryRef {
         }
     }
 
+    /// The repository, `HOST[:PORT]/NAME`: where the image's deltas live and are looked up.
+    pub fn repository_name(&self) -> String {
+        format!("{}/{}", self.registry, self.repository)
+    }
+
+    /// Whether `other` is in the same repository (same registry and name).
+    pub fn same_repository(&self, other: &RegistryRef) -> bool {
+        self.registry == other.registry && self.repository == other.repository
+    }
+
     /// The same repository with another tag (and no digest).
     pub fn with_tag(&self, tag: &str) -> Self {
         RegistryRef { tag: Some(tag.to_string()), digest: None, ..self.clone() }

@@ -157,6 +157,12 @@ impl Transfer {
         Ok(ImageRef::Layout { dir, tag: Some(tag) })
     }
 
+    /// A fresh layout directory in the scratch directory (removed with the transfer), for
+    /// images staged on the way elsewhere.
+    pub fn scratch_layout(&self, what: &str) -> Result<PathBuf> {
+        Ok(self.scratch()?.join(format!("{what}-{}", self.counter.fetch_add(1, Ordering::Relaxed))))
+    }
+
     /// Where to write an image meant for `dest`: `dest` itself for a layout, a fresh scratch
     /// layout for a registry or the engine (then [`Transfer::publish`] it).
     pub fn staging_for(&self, dest: &ImageRef) -> Result<ImageRef> {
