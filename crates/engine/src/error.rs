@@ -71,12 +71,13 @@ pub enum Error {
         limit: u64,
     },
     /// A delta written in a format version this build does not know.
-    #[error("delta format version {found} is not supported (this build reads versions {oldest} to {supported})", oldest = crate::format::OLDEST_READ_VERSION)]
+    #[error("delta format version {found} is not supported (this build reads versions {oldest} to {supported})")]
     UnsupportedFormatVersion {
         /// The version found in the delta.
         found: String,
-        /// The newest version this build reads (it reads every one from
-        /// [`crate::format::OLDEST_READ_VERSION`]).
+        /// The oldest version this build reads.
+        oldest: u32,
+        /// The newest version this build reads.
         supported: u32,
     },
     /// The source image given to the applier is not the one the delta was made against.

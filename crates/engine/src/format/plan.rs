@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::encoders::{Descriptor, Encoder, GzipHeader, CORRECTION_ENGINE};
-use crate::format::{reads_version, FORMAT_VERSION};
+use crate::format::{reads_version, FORMAT_VERSION, OLDEST_READ_VERSION};
 
 /// Feature: some layers are re-encoded byte for byte by a named gzip encoder
 /// ([`Encoding::Exact`]). An applier without it would write other blob digests.
@@ -405,7 +405,7 @@ impl DeltaPlan {
     /// `source_layers` are the layer counts of the images.
     pub fn validate(&self, target_layers: usize, delta_layers: usize) -> Result<()> {
         if !reads_version(self.format_version) {
-            return Err(Error::UnsupportedFormatVersion { found: self.format_version.to_string(), supported: FORMAT_VERSION });
+            return Err(Error::UnsupportedFormatVersion { found: self.format_version.to_string(), oldest: OLDEST_READ_VERSION, supported: FORMAT_VERSION });
         }
         if let Some(f) = self.features.iter().find(|f| !KNOWN_FEATURES.contains(&f.as_str())) {
             return Err(Error::unsupported("delta", format!("it requires feature {f:?}, unknown to this build")));
