@@ -9,9 +9,10 @@ use std::process::Command;
 
 use common::registry::Registry;
 use common::{assert_same_tagged_image, file, fleetdelta, layer_tar, run, run_failing, text};
+use fleetdelta::delta_store::DeltaKey;
 use fleetdelta::image::manifest::{BlobRef, OCI_CONFIG, OCI_MANIFEST};
 use fleetdelta::image::LayoutWriter;
-use fleetdelta::registry::ClientOptions;
+use fleetdelta::registry::{collect_garbage, ClientOptions, RetentionPolicy};
 use fleetdelta::{Digest, Error, RegistryRef, Transfer};
 use serde_json::{json, Value};
 
@@ -98,6 +99,16 @@ fn gc_deletes_the_deltas_of_old_targets_and_keeps_what_kept_targets_need() {
     assert!(text.contains(&format!("would delete delta {old} [delta-v1-v2]")), "{text}");
     let report = json_of(run(fd(home).args(["gc", "--json", "--dry-run", "--repository", &repo, "--older-than", "2026-01-15"])));
     assert_eq!(report["deleted"], 0, "{report:#}");
+
+    // A pair a release still needs is never deleted (the library's protected pairs).
+    let v1 = transfer.block_on(client.get_manifest(&r, "v1")).unwrap();
+    let v1_config = fleetdelta::image::manifest::Manifest::parse(v1.raw, Some(&v1.media_type)).unwrap().config.digest;
+    let policy =
+        RetentionPolicy { keep_newest: Some(1), protected: [DeltaKey { source_config: v1_config, target_manifest: v2 }].into(), ..RetentionPolicy::default() };
+    let report = transfer.block_on(collect_garbage(client, &r, &policy, false)).unwrap();
+    assert_eq!((report.deleted, report.kept), (0, 3), "{report:#?}");
+    assert!(report.deltas.iter().any(|d| d.digest.to_string() == old && d.reason.contains("release needs it")), "{report:#?}");
+    assert!(transfer.block_on(client.get_manifest(&r, &old)).is_ok(), "a protected delta stays");
 
     // The real run: v1->v2 is gone (manifest, tag, referrers entry); v1->v3 and v2->v3 stay.
     let report = json_of(run(fd(home).args(["gc", "--json", "--repository", &repo, "--keep-targets", "1"])));
