@@ -7,6 +7,7 @@ mod apply_cmd;
 mod copy_cmd;
 mod diff_cmd;
 pub mod exit;
+mod gc_cmd;
 mod info_cmd;
 mod progress;
 mod pull_cmd;
@@ -152,6 +153,10 @@ pub enum Command {
     },
     /// Show what a delta holds, per target layer.
     Info(info_cmd::Args),
+    /// Delete the deltas of a registry repository whose target is not among the images kept
+    /// (the newest N, or those newer than a date); blobs are left to the registry's own
+    /// garbage collector.
+    Gc(gc_cmd::Args),
 }
 
 /// Parses the command line and runs the command.
@@ -169,6 +174,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         #[cfg(feature = "service")]
         Command::Serve(args) => serve_cmd::run(registry, &args),
         Command::Info(args) => info_cmd::run(&transfer()?, &args),
+        Command::Gc(args) => gc_cmd::run(&transfer()?, &args),
         Command::Agent { action, run } => return agent_cmd::run(registry, action, run, cli.quiet, progress),
         #[cfg(feature = "service")]
         Command::ReleaseUpdate(args) => return release_update_cmd::run(registry, &args, progress),

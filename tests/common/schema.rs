@@ -31,6 +31,8 @@ pub fn schema_of(value: &Value) -> &'static str {
         "pull"
     } else if has("written_manifest") {
         "apply"
+    } else if has("deltas") && has("dry_run") {
+        "gc"
     } else if has("installed") {
         "agent-status"
     } else if has("action") && has("forced") {
