@@ -12,7 +12,8 @@ use common::{assert_same_tagged_image, file, fleetdelta, layer_tar, run, run_fai
 use fleetdelta::delta_store::DeltaKey;
 use fleetdelta::image::manifest::{BlobRef, OCI_CONFIG, OCI_MANIFEST};
 use fleetdelta::image::LayoutWriter;
-use fleetdelta::registry::{collect_garbage, ClientOptions, RetentionPolicy};
+use fleetdelta::registry::ClientOptions;
+use fleetdelta::retention::{collect_garbage, RetentionPolicy};
 use fleetdelta::{Digest, Error, RegistryRef, Transfer};
 use serde_json::{json, Value};
 

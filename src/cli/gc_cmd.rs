@@ -3,7 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use fleetdelta::registry::retention::{collect_garbage, parse_cutoff, RetentionPolicy, Verdict};
+use fleetdelta::retention::{collect_garbage, parse_cutoff, RetentionPolicy, Verdict};
 use fleetdelta::{ImageRef, Transfer};
 
 /// The command's flags and arguments.

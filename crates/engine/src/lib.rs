@@ -7,6 +7,7 @@
 //!   every digest → commit.
 //! - [`platforms`]: multi-platform images, a delta per platform gathered in a delta index, and
 //!   the applier's choice of the entry for its source's platform.
+//! - [`retention`]: which deltas of a repository no kept image needs, deleted (`fleetdelta gc`).
 //!
 //! This crate depends on no other crate of the workspace: the release model, the builder
 //! service and the device agent are built on it.
@@ -28,6 +29,7 @@ pub mod platforms;
 pub mod progress;
 pub mod reference;
 pub mod registry;
+pub mod retention;
 pub mod transfer;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};

@@ -209,8 +209,11 @@ impl DeltaImage {
         let annotation = |key: &str| image.manifest.annotations.get(key).cloned();
         let version = annotation(ANNOTATION_VERSION)
             .ok_or_else(|| Error::unsupported(reference.to_string(), format!("not a fleetdelta delta (no {ANNOTATION_VERSION} annotation)")))?;
-        let version =
-            version.parse::<u32>().ok().filter(|v| reads_version(*v)).ok_or(Error::UnsupportedFormatVersion { found: version, oldest: OLDEST_READ_VERSION, supported: FORMAT_VERSION })?;
+        let version = version.parse::<u32>().ok().filter(|v| reads_version(*v)).ok_or(Error::UnsupportedFormatVersion {
+            found: version,
+            oldest: OLDEST_READ_VERSION,
+            supported: FORMAT_VERSION,
+        })?;
         let metadata_layer = image.layers.first().ok_or_else(|| Error::malformed("delta", "no layers"))?;
         let limit = 4 * MAX_METADATA_FILE_BYTES + 2 * MAX_INLINE_PAYLOAD_BYTES;
         let compressed = layout.read_blob(&metadata_layer.blob, limit)?;

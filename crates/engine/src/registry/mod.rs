@@ -6,7 +6,7 @@
 //! - [`client`] sends requests with authentication, retries with backoff, manifests.
 //! - [`blobs`] does resumable verified downloads; uploads with mount, in one request or chunks.
 //! - [`referrers`] lists the manifests that refer to a subject (how deltas of a target are found).
-//! - [`retention`] deletes the deltas no kept image needs (`fleetdelta gc`).
+//! - [`tags`] lists a repository's tags and deletes manifests (what [`crate::retention`] needs).
 //!
 //! Moving whole images between layouts and registries is [`crate::transfer`]'s job.
 
@@ -15,11 +15,10 @@ pub mod blobs;
 pub mod client;
 pub mod reference;
 pub mod referrers;
-pub mod retention;
+pub mod tags;
 
 pub use auth::{CredentialStore, Credentials};
 pub use blobs::{BlobPush, Download};
 pub use client::{Client, ClientOptions, FetchedManifest};
 pub use reference::RegistryRef;
 pub use referrers::Referrer;
-pub use retention::{collect_garbage, RetentionPolicy, RetentionReport};
