@@ -518,7 +518,7 @@ mod tests {
         let exact = json!({ "kind": "exact", "descriptor": { "encoder": { "kind": "zlib", "level": 6 }, "header": { "mtime": 0, "xfl": 0, "os": 255 } } });
         type Edit = Box<dyn Fn(&mut Value)>;
         let cases: Vec<(&str, usize, Edit, &str)> = vec![
-            ("format version", 3, Box::new(|p| p["formatVersion"] = json!(2)), "format version 2"),
+            ("format version", 3, Box::new(|p| p["formatVersion"] = json!(3)), "format version 3 is not supported (this build reads versions 1 to 2)"),
             ("unknown feature", 3, Box::new(|p| p["features"] = json!(["exact-gzip", "gzip-corrections", "time-travel"])), "\"time-travel\""),
             ("layer count", 4, Box::new(|_| {}), "3 layer plans for a target of 4 layers"),
             ("index", 3, Box::new(|p| p["layers"][1]["index"] = json!(5)), "layer plan 1 has index 5"),
@@ -573,5 +573,17 @@ mod tests {
                 Err(e) => assert!(e.to_string().contains(message), "{name}: {e}"),
             }
         }
+    }
+
+    #[test]
+    fn format_2_lets_payloads_share_the_metadata_layer_and_each_other() {
+        let mut plan = valid();
+        plan["formatVersion"] = json!(2);
+        plan["layers"][1]["deltaLayer"] = json!(0);
+        plan["layers"][1]["encoding"]["correctionsLayer"] = json!(0);
+        plan["layers"][2]["deltaLayer"] = json!(0);
+        validate(&plan, 3).expect("format 2: every payload in the metadata layer");
+        plan["formatVersion"] = json!(1);
+        assert!(validate(&plan, 3).unwrap_err().to_string().contains("names no valid payload"), "format 1 keeps layer 0 for the metadata");
     }
 }
