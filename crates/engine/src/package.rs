@@ -289,7 +289,7 @@ impl DeltaImage {
                 return Err(Error::malformed(&what, format!("no {name} in it")));
             }
             let header = tar::Header::from_byte_slice(&raw);
-            let checksum_ok = header.cksum().ok() == Some(raw.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32u32 } else { *b as u32 }).sum());
+            let checksum_ok = header.cksum().ok().map(u64::from) == Some(retime::header_checksum(&raw));
             if !checksum_ok || header.entry_type() != tar::EntryType::Regular {
                 return Err(Error::malformed(&what, format!("expected a tar of regular files holding {name}")));
             }

@@ -31,7 +31,7 @@ use crate::format::{ANNOTATION_SOURCE_CONFIG, ANNOTATION_VERSION};
 use crate::image::manifest::{is_index, Manifest, MAX_JSON_BYTES, OCI_INDEX};
 use crate::platforms::ANNOTATION_TARGET_INDEX;
 use crate::progress::Silent;
-use crate::registry::referrers::{fallback_tag, parse_index, Referrer};
+use crate::registry::referrers::{fallback_subject, fallback_tag, parse_index, Referrer};
 use crate::registry::{Client, RegistryRef};
 
 /// Which deltas a repository keeps.
@@ -108,12 +108,6 @@ struct Found {
     tags: BTreeSet<String>,
     target: Option<Digest>,
     source_config: Option<Digest>,
-}
-
-/// Whether `tag` is a referrers fallback tag; its subject when it is.
-fn fallback_subject(tag: &str) -> Option<Digest> {
-    let hex = tag.strip_prefix("sha256-")?;
-    format!("sha256:{hex}").parse().ok()
 }
 
 fn is_delta(annotations: &BTreeMap<String, String>) -> bool {
@@ -475,13 +469,5 @@ mod tests {
         assert_eq!(parse_cutoff("1d", 100_000).unwrap(), 100_000 - 86_400);
         assert_eq!(parse_cutoff("1970-01-02", 5).unwrap(), 86_400);
         assert!(parse_cutoff("soon", 0).is_err());
-    }
-
-    #[test]
-    fn fallback_tags_are_read() {
-        let d = Digest::of(b"x");
-        assert_eq!(fallback_subject(&fallback_tag(&d)), Some(d));
-        assert_eq!(fallback_subject("sha256-xyz"), None);
-        assert_eq!(fallback_subject("v1"), None);
     }
 }

@@ -7,7 +7,7 @@ use zstd::zstd_safe;
 
 use crate::apply::source::SourceLayer;
 use crate::error::{Error, IoContext, Result};
-use crate::format::records::{Record, RecordReader};
+use crate::format::records::{Record, RecordReader, SourceRange};
 use crate::format::retime::Retimer;
 
 const COPY_BUFFER_BYTES: usize = 1 << 20;
@@ -25,28 +25,12 @@ pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, 
     loop {
         match records.next_record()? {
             Record::Copy(r) => {
-                let layer = source(r.layer)?;
-                let mut done = 0;
-                while done < r.len {
-                    let n = (r.len - done).min(COPY_BUFFER_BYTES as u64) as usize;
-                    layer.read_at(r.offset + done, &mut copy_buf[..n])?;
-                    out.write_all(&copy_buf[..n]).ctx(|| "writing rebuilt layer".into())?;
-                    done += n as u64;
-                }
+                copy_range(source(r.layer)?, &r, &mut copy_buf, out, |_| Ok(()))?;
                 written += r.len;
             }
             Record::Retimed { range: r, shift } => {
-                // Whole buffers of blocks, so that no header straddles two calls.
-                let layer = source(r.layer)?;
                 let mut retimer = Retimer::new(shift);
-                let mut done = 0;
-                while done < r.len {
-                    let n = (r.len - done).min(COPY_BUFFER_BYTES as u64) as usize;
-                    layer.read_at(r.offset + done, &mut copy_buf[..n])?;
-                    retimer.apply(&mut copy_buf[..n])?;
-                    out.write_all(&copy_buf[..n]).ctx(|| "writing rebuilt layer".into())?;
-                    done += n as u64;
-                }
+                copy_range(source(r.layer)?, &r, &mut copy_buf, out, |piece| retimer.apply(piece))?;
                 written += r.len;
             }
             Record::Chunk { prefix: ranges, raw_len, frame } => {
@@ -78,4 +62,19 @@ pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, 
             Record::End => return Ok(written),
         }
     }
+}
+
+/// Copies source range `r` to `out` through `buf`, passing each piece through `edit` first.
+/// Pieces are whole buffers from the range's start ([`COPY_BUFFER_BYTES`] is a multiple of
+/// the tar block), so that a retimed span's headers never straddle two of them.
+fn copy_range(layer: &SourceLayer, r: &SourceRange, buf: &mut [u8], out: &mut dyn Write, mut edit: impl FnMut(&mut [u8]) -> Result<()>) -> Result<()> {
+    let mut done = 0;
+    while done < r.len {
+        let n = (r.len - done).min(buf.len() as u64) as usize;
+        layer.read_at(r.offset + done, &mut buf[..n])?;
+        edit(&mut buf[..n])?;
+        out.write_all(&buf[..n]).ctx(|| "writing rebuilt layer".into())?;
+        done += n as u64;
+    }
+    Ok(())
 }

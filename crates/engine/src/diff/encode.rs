@@ -390,9 +390,11 @@ fn retime(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, la
     if src[..pad as usize] != tgt[..pad as usize] {
         return Ok(false);
     }
-    let blocks = |b: &[u8]| [b[pad as usize..][..BLOCK as usize].to_vec(), b[b.len() - BLOCK as usize..].to_vec()];
-    let shift = blocks(&src).iter().zip(blocks(&tgt)).find_map(|(s, t)| {
-        let (old, new) = (retime::header_mtime(s)?, retime::header_mtime(&t)?);
+    // The shift, from the first header or the file's own (the last block): a long-name or
+    // PAX pseudo-header first may carry no time.
+    let (first, last) = (pad as usize..(pad + BLOCK) as usize, src.len() - BLOCK as usize..src.len());
+    let shift = [first, last].into_iter().find_map(|block| {
+        let (old, new) = (retime::header_mtime(&src[block.clone()])?, retime::header_mtime(&tgt[block])?);
         let shift = i64::try_from(new).ok()? - i64::try_from(old).ok()?;
         (old != 0 && shift != 0).then_some(shift)
     });

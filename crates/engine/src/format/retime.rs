@@ -90,7 +90,7 @@ pub fn retime_header(block: &mut [u8], shift: i64) -> Result<u64> {
     let new = i128::from(mtime) + i128::from(shift);
     write_octal(&mut block[MTIME_FIELD][digits], new).ok_or_else(|| bad(format!("mtime {mtime} moved by {shift} s does not fit its field")))?;
     let (digits, _) = octal_field(&block[CHECKSUM_FIELD]).ok_or_else(|| bad("a header's checksum field holds no octal number"))?;
-    let sum = checksum(block);
+    let sum = header_checksum(block);
     write_octal(&mut block[CHECKSUM_FIELD][digits], i128::from(sum)).ok_or_else(|| bad("a header's checksum does not fit its field"))?;
     Ok(size)
 }
@@ -105,8 +105,8 @@ pub fn header_mtime(block: &[u8]) -> Option<u64> {
     block.get(MTIME_FIELD).and_then(octal_field).map(|(_, v)| v)
 }
 
-/// The header checksum: the sum of its bytes with the checksum field taken as spaces.
-fn checksum(block: &[u8]) -> u64 {
+/// A tar header's checksum: the sum of its bytes with the checksum field taken as spaces.
+pub fn header_checksum(block: &[u8]) -> u64 {
     block.iter().enumerate().map(|(i, b)| if CHECKSUM_FIELD.contains(&i) { u64::from(b' ') } else { u64::from(*b) }).sum()
 }
 

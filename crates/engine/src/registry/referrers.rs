@@ -77,6 +77,12 @@ pub fn fallback_tag(subject: &Digest) -> String {
     format!("sha256-{}", subject.hex())
 }
 
+/// Whether `tag` is a referrers fallback tag ([`fallback_tag`]); its subject when it is.
+pub fn fallback_subject(tag: &str) -> Option<Digest> {
+    let hex = tag.strip_prefix("sha256-")?;
+    format!("sha256:{hex}").parse().ok()
+}
+
 impl Client {
     /// Lists the referrers of `subject` in the repository, from the referrers API or else
     /// from the fallback tag. Malformed entries are errors, not silently dropped.
@@ -136,6 +142,14 @@ fn parse_oci_index(raw: &[u8], what: &str) -> Result<ImageIndex> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fallback_tags_name_their_subject() {
+        let d = Digest::of(b"x");
+        assert_eq!(fallback_subject(&fallback_tag(&d)), Some(d));
+        assert_eq!(fallback_subject("sha256-xyz"), None);
+        assert_eq!(fallback_subject("v1"), None);
+    }
 
     #[test]
     fn referrer_index_round_trips_and_rejects_bad_entries() {
