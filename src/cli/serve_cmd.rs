@@ -49,8 +49,9 @@ pub struct ServeArgs {
     /// Log lines as JSON objects.
     #[arg(long)]
     pub log_json: bool,
-    /// Where registered releases are kept across restarts: sqlite:PATH, or sqlite::memory:
-    /// (nothing kept) [default: sqlite:$XDG_STATE_HOME/fleetdelta/service.db].
+    /// Where registered releases and the build queue are kept across restarts: sqlite:PATH,
+    /// sqlite::memory: (nothing kept), or postgres://USER@HOST/NAME (several instances
+    /// sharing the work) [default: sqlite:$XDG_STATE_HOME/fleetdelta/service.db].
     #[arg(long, value_name = "URL")]
     pub database: Option<String>,
 }

@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 
 pub mod agent;
 pub mod engine;
+pub mod http;
+pub mod postgres;
 pub mod registry;
 pub mod schema;
 pub mod serve;

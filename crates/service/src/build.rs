@@ -134,23 +134,36 @@ fn built_from(found: StoredDelta) -> Result<Built> {
     }
 }
 
-/// Looks the delta of `job` up, and builds it when absent.
-pub async fn produce(ctx: &BuildContext, job: &Job) -> Result<Built> {
-    let key = &job.key;
-    if let Some(found) = find_delta(&ctx.client, &job.target, key).await? {
-        ctx.metrics.delta_found();
-        tracing::info!(source_config = %key.source_config, target = %key.target_manifest, delta = %found.manifest, "delta found in the registry");
-        return built_from(found);
+/// Looks the delta of `job` up, and builds it when absent (waiting for a build slot); `true`
+/// with it when it was built (not found).
+pub async fn produce(ctx: &BuildContext, job: &Job) -> Result<(Built, bool)> {
+    if let Some(found) = find_delta(&ctx.client, &job.target, &job.key).await? {
+        return found_delta(ctx, job, found, "delta found in the registry");
     }
+    let _slot = build_slot(ctx).await?;
+    produce_in_slot(ctx, job).await
+}
+
+/// Waits for one of the build slots (counted as queued meanwhile).
+pub async fn build_slot(ctx: &BuildContext) -> Result<tokio::sync::SemaphorePermit<'_>> {
     ctx.metrics.queued(true);
     let slot = ctx.slots.acquire().await;
     ctx.metrics.queued(false);
-    let _slot = slot.map_err(|_| Error::unsupported("build", "the service is shutting down"))?;
+    slot.map_err(|_| Error::unsupported("build", "the service is shutting down"))
+}
+
+fn found_delta(ctx: &BuildContext, job: &Job, found: StoredDelta, how: &str) -> Result<(Built, bool)> {
+    ctx.metrics.delta_found();
+    tracing::info!(source_config = %job.key.source_config, target = %job.key.target_manifest, delta = %found.manifest, "{how}");
+    Ok((built_from(found)?, false))
+}
+
+/// [`produce`] for a caller holding a build slot.
+pub async fn produce_in_slot(ctx: &BuildContext, job: &Job) -> Result<(Built, bool)> {
+    let key = &job.key;
     // Another instance may have pushed it while this build waited for a slot.
     if let Some(found) = find_delta(&ctx.client, &job.target, key).await? {
-        ctx.metrics.delta_found();
-        tracing::info!(source_config = %key.source_config, target = %key.target_manifest, delta = %found.manifest, "delta found in the registry after waiting for a slot");
-        return built_from(found);
+        return found_delta(ctx, job, found, "delta found in the registry after waiting for a slot");
     }
     ctx.metrics.build_started();
     let started = Instant::now();
@@ -160,7 +173,17 @@ pub async fn produce(ctx: &BuildContext, job: &Job) -> Result<Built> {
     ctx.metrics.build_finished(took, result.as_ref().ok().map(|(b, full)| (*full, b.download)));
     let (built, full) = result?;
     tracing::info!(source_config = %key.source_config, target = %key.target_manifest, delta = %built.manifest, download = built.download, full_pull = full, seconds = took.as_secs_f64(), "build finished");
-    Ok(built)
+    Ok((built, true))
+}
+
+/// Whether the delta `built` is still in the registry (retention may have deleted it since
+/// it was recorded).
+pub async fn still_there(ctx: &BuildContext, built: &Built) -> Result<bool> {
+    match ctx.client.get_manifest(&built.reference, &built.manifest.to_string()).await {
+        Ok(_) => Ok(true),
+        Err(Error::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// An image's manifest, checked against the size limit.

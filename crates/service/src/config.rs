@@ -72,11 +72,16 @@ pub struct ServiceConfig {
     pub scratch_dir: Option<PathBuf>,
     /// Log format: `text` or `json`.
     pub log_format: LogFormat,
-    /// Where the service keeps what must survive a restart (the releases registered):
-    /// `sqlite:PATH` (created when missing) or `sqlite::memory:` (nothing kept). Default:
-    /// `sqlite:$STATE_DIRECTORY/service.db` (systemd), else
+    /// Where the service keeps what must survive a restart (the releases registered, the
+    /// build queue): `sqlite:PATH` (created when missing), `sqlite::memory:` (nothing kept),
+    /// or `postgres://USER[:PASSWORD]@HOST[:PORT]/NAME` for several instances sharing the
+    /// work. Default: `sqlite:$STATE_DIRECTORY/service.db` (systemd), else
     /// `$XDG_STATE_HOME/fleetdelta/service.db`, else `~/.local/state/fleetdelta/service.db`.
     pub database: Option<String>,
+    /// How long an instance's lease on a build lasts without renewal (it renews every third
+    /// of it while it builds): after an instance dies, its builds are taken over by another
+    /// within about this long.
+    pub lease_seconds: f64,
     /// The platforms the fleet runs (`OS/ARCH[/VARIANT]`, e.g. `linux/arm64`): when a
     /// release's images are multi-platform indexes, its deltas are built for these platforms
     /// of each target. Empty (the default): every platform of the target.
@@ -136,6 +141,7 @@ impl Default for ServiceConfig {
             scratch_dir: None,
             log_format: LogFormat::Text,
             database: None,
+            lease_seconds: 30.0,
             platforms: Vec::new(),
         }
     }
@@ -178,6 +184,9 @@ impl ServiceConfig {
                 return Err(Error::malformed(what, format!("{name} must be a number of seconds between 0 and 1e7, not {v}")));
             }
         }
+        if !self.lease_seconds.is_finite() || !(0.3..=86_400.0).contains(&self.lease_seconds) {
+            return Err(Error::malformed(what, format!("lease_seconds must be between 0.3 and 86400, not {}", self.lease_seconds)));
+        }
         if self.retry_initial_seconds > self.retry_max_seconds {
             return bad("retry_initial_seconds must not exceed retry_max_seconds");
         }
@@ -195,6 +204,11 @@ impl ServiceConfig {
     pub fn retry_backoff(&self, failures: u32) -> Duration {
         let exponent = failures.saturating_sub(1).min(40) as i32;
         Duration::from_secs_f64((self.retry_initial_seconds * 2f64.powi(exponent)).min(self.retry_max_seconds))
+    }
+
+    /// The lease on a build.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_seconds)
     }
 
     /// The shutdown grace period.

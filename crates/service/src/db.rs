@@ -1,50 +1,145 @@
 //! The service's durable state: the releases registered, in registration order, so that a
-//! restart forgets none. SQLite (one file, embedded) through sqlx's async driver; the
-//! registry stays the store of record for deltas.
+//! restart forgets none, and the shared build queue ([`crate::queue`]). SQLite (one file,
+//! embedded: the default) or PostgreSQL (several instances on one database), through sqlx's
+//! async `Any` driver, so that every query is written once; the registry stays the store of
+//! record for deltas.
 //!
 //! The schema is versioned by the migrations in `crates/service/migrations/`, applied in
-//! order, each once, inside a transaction ([`MIGRATIONS`]); a database written by a newer
-//! build (a version this one does not know) is refused rather than misread.
+//! order, each once, inside a transaction ([`MIGRATIONS`]); on PostgreSQL instances starting
+//! together take turns (an advisory lock). A database written by a newer build (a version
+//! this one does not know) is refused rather than misread.
 
-use std::str::FromStr;
+use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::Row;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Row};
 
 use fleetdelta_engine::error::{Error, Result};
 
-/// The schema's migrations, by version: applied in order, each once.
-pub const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_releases.sql"))];
+/// The schema's migrations, by version: (version, SQLite text, PostgreSQL text), applied in
+/// order, each once.
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_releases.sql"), include_str!("../migrations/postgres/0001_releases.sql")),
+    (2, include_str!("../migrations/0002_jobs.sql"), include_str!("../migrations/0002_jobs.sql")),
+];
+
+/// How long a request waits for a connection before the database counts as unreachable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections to a PostgreSQL database, per instance.
+const POSTGRES_CONNECTIONS: u32 = 8;
+
+/// Which database speaks: the few places their SQL differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite: one file, one writer at a time.
+    Sqlite,
+    /// PostgreSQL: several instances.
+    Postgres,
+}
+
+impl Dialect {
+    /// The database clock, in milliseconds since the Unix epoch, as an SQL expression.
+    pub fn now_ms(self) -> &'static str {
+        match self {
+            // julianday works on every SQLite version; unixepoch('subsec') needs 3.42.
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+}
 
 /// An open database.
 #[derive(Clone, Debug)]
 pub struct Database {
-    pool: SqlitePool,
-    /// The URL it was opened with, for messages.
+    pool: AnyPool,
+    dialect: Dialect,
+    /// The URL it was opened with, its password hidden, for messages.
     url: String,
 }
 
+/// `url` with its password, if any, replaced by `***`, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 impl Database {
-    /// Opens (creating it when missing) the database at `url` (`sqlite:PATH`, or
-    /// `sqlite::memory:`) and brings its schema up to date. A file that is not a database, or
-    /// one written by a newer build, is refused with its URL.
+    /// Opens the database at `url` and brings its schema up to date:
+    /// - `sqlite:PATH` (created when missing) or `sqlite::memory:`;
+    /// - `postgres://USER[:PASSWORD]@HOST[:PORT]/NAME` (also `postgresql://`, and
+    ///   `?host=/socket/dir`), for several instances sharing one database.
+    ///
+    /// A database that cannot be reached, a file that is not a database, or one written by a
+    /// newer build, is refused with its URL (the password hidden).
     pub async fn open(url: &str) -> Result<Self> {
-        let failed = |e: sqlx::Error| Error::io(format!("opening the database {url}"), std::io::Error::other(e));
-        let options = SqliteConnectOptions::from_str(url).map_err(failed)?.create_if_missing(true).journal_mode(SqliteJournalMode::Wal);
-        // One connection: writes are rare (a registration), and SQLite serializes them anyway.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.map_err(failed)?;
-        let db = Database { pool, url: url.to_string() };
+        let shown = redacted(url);
+        let failed = |e: sqlx::Error| Error::io(format!("opening the database {shown}"), std::io::Error::other(e));
+        let (dialect, connect_url) = if url.starts_with("sqlite:") {
+            // Created when missing, unless the URL says otherwise.
+            let url = if url.contains("mode=") || url.contains(":memory:") {
+                url.to_string()
+            } else {
+                format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+            };
+            (Dialect::Sqlite, url)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Dialect::Postgres, url.to_string())
+        } else {
+            return Err(Error::unsupported(format!("the database {shown}"), "give sqlite:PATH or postgres://USER@HOST/NAME"));
+        };
+        sqlx::any::install_default_drivers();
+        let options: AnyConnectOptions = connect_url.parse().map_err(failed)?;
+        let pool = match dialect {
+            // One connection: SQLite serializes writes anyway.
+            Dialect::Sqlite => AnyPoolOptions::new().max_connections(1),
+            Dialect::Postgres => AnyPoolOptions::new().max_connections(POSTGRES_CONNECTIONS),
+        }
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(failed)?;
+        if dialect == Dialect::Sqlite {
+            // The write-ahead log lets the file be read while it is written; the mode is kept
+            // in the file. (sqlx waits up to 5 s for a lock another process holds.)
+            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await.map_err(failed)?;
+        }
+        let db = Database { pool, dialect, url: shown };
         db.migrate().await?;
         Ok(db)
     }
 
-    fn error(&self, what: &str, e: sqlx::Error) -> Error {
+    /// The connection pool (for [`crate::queue`]).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Which database this is.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// An error of `what` on this database, naming it.
+    pub(crate) fn error(&self, what: &str, e: sqlx::Error) -> Error {
         Error::io(format!("database {}: {what}", self.url), std::io::Error::other(e))
     }
 
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(|e| self.error("starting the migration", e))?;
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+        if self.dialect == Dialect::Postgres {
+            // Instances starting together migrate one after the other: the others then find
+            // the schema up to date. The lock ends with the transaction.
+            sqlx::query("SELECT pg_advisory_xact_lock(7315350212)")
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.error("waiting for another instance's migration", e))?;
+        }
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")
             .execute(&mut *tx)
             .await
             .map_err(|e| self.error("reading the schema version", e))?;
@@ -61,9 +156,10 @@ impl Database {
                 format!("its schema is version {applied}, newer than this build's {known}: written by a newer fleetdelta"),
             ));
         }
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+        for (version, sqlite, postgres) in MIGRATIONS.iter().filter(|(v, _, _)| *v > applied) {
+            let sql = if self.dialect == Dialect::Sqlite { sqlite } else { postgres };
             sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|e| self.error(&format!("applying migration {version}"), e))?;
-            sqlx::query("INSERT INTO schema_migrations (version) VALUES (?)")
+            sqlx::query("INSERT INTO schema_migrations (version) VALUES ($1)")
                 .bind(version)
                 .execute(&mut *tx)
                 .await
@@ -80,17 +176,27 @@ impl Database {
             .collect()
     }
 
+    /// How many releases are registered.
+    pub async fn release_count(&self) -> Result<usize> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM releases")
+            .fetch_one(&self.pool)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| self.error("counting the releases", e))?;
+        Ok(n.max(0) as usize)
+    }
+
     /// Records a newly registered release (after those registered before it). Another
     /// instance sharing the database may have recorded it first: the same text is no
     /// change; another text under the same id returns `false` (a conflict).
     pub async fn add_release(&self, id: &str, text: &str) -> Result<bool> {
-        sqlx::query("INSERT INTO releases (id, text) VALUES (?, ?) ON CONFLICT(id) DO NOTHING")
+        sqlx::query("INSERT INTO releases (id, text) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
             .bind(id)
             .bind(text)
             .execute(&self.pool)
             .await
             .map_err(|e| self.error(&format!("recording release {id}"), e))?;
-        let stored: String = sqlx::query("SELECT text FROM releases WHERE id = ?")
+        let stored: String = sqlx::query("SELECT text FROM releases WHERE id = $1")
             .bind(id)
             .fetch_one(&self.pool)
             .await
@@ -99,7 +205,7 @@ impl Database {
         Ok(stored == text)
     }
 
-    /// Closes the connections (the file is consistent before and after).
+    /// Closes the connections (the database is consistent before and after).
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -127,5 +233,22 @@ mod tests {
         std::fs::write(&junk, vec![0x42u8; 8192]).unwrap();
         let err = Database::open(&format!("sqlite:{}", junk.display())).await.unwrap_err().to_string();
         assert!(err.contains("junk.db"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_postgres_is_refused_naming_it_without_its_password() {
+        // Port 1 on loopback: nothing listens there.
+        let err = Database::open("postgres://fleet:s3cret@127.0.0.1:1/fleetdelta").await.unwrap_err().to_string();
+        assert!(err.contains("postgres://fleet:***@127.0.0.1:1/fleetdelta"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+        let err = Database::open("mysql://db/x").await.unwrap_err().to_string();
+        assert!(err.contains("mysql://db/x") && err.contains("sqlite:PATH"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_hidden_and_other_urls_kept() {
+        assert_eq!(redacted("postgres://u:p@h:5432/d?sslmode=disable"), "postgres://u:***@h:5432/d?sslmode=disable");
+        assert_eq!(redacted("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(redacted("sqlite:/var/lib/x.db"), "sqlite:/var/lib/x.db");
     }
 }

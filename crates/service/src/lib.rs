@@ -10,7 +10,9 @@
 //!   target.
 //! - [`releases`]: release registration (background builds from earlier releases) and
 //!   release-update queries.
-//! - [`db`]: the durable state (registered releases), in SQLite.
+//! - [`db`]: the durable state (registered releases, the build queue), in SQLite or
+//!   PostgreSQL.
+//! - [`queue`]: the build queue several instances share: leases, heartbeats, take-over.
 //! - [`metrics`]: Prometheus text format.
 //! - [`shutdown`]: signals, and the order things stop in.
 //! - [`release_update`]: the transition between two releases, with each delta's status;
@@ -25,6 +27,7 @@ pub mod build;
 pub mod config;
 pub mod db;
 pub mod metrics;
+pub mod queue;
 pub mod release_update;
 pub mod releases;
 pub mod routes;
@@ -42,6 +45,7 @@ use db::Database;
 use fleetdelta_engine::error::{IoContext, Result};
 use fleetdelta_engine::locked_dir::ScratchDir;
 use fleetdelta_engine::registry::{Client, ClientOptions};
+use queue::Queue;
 use releases::Releases;
 
 /// A service bound to its address, ready to run.
@@ -65,14 +69,17 @@ impl Service {
         let config = Arc::new(config);
         let metrics = Arc::new(metrics::Metrics::default());
         let client = Arc::new(Client::new(registry)?);
-        let builds = Arc::new(state::Builds::new(config.clone(), client, metrics.clone(), scratch.path().to_path_buf()));
         let url = match &config.database {
             Some(url) => url.clone(),
             None => config::default_database_url()?,
         };
-        let releases = Arc::new(Releases::with_database(Database::open(&url).await?).for_platforms(config.fleet_platforms()?));
+        let db = Database::open(&url).await?;
+        let queue = Queue::new(db.clone(), queue::instance_name(), config.lease());
+        tracing::info!(database = %db::redacted(&url), instance = queue.owner(), "database open");
+        let builds = Arc::new(state::Builds::new(config.clone(), client, metrics.clone(), scratch.path().to_path_buf()).with_queue(queue));
+        let releases = Arc::new(Releases::with_database(db).for_platforms(config.fleet_platforms()?));
         let restored = releases.restore(config.previous_releases, &builds).await?;
-        tracing::info!(database = %url, restored, "releases restored");
+        tracing::info!(restored, "releases restored");
         let app = routes::App { config, builds, releases, metrics, source_configs: Arc::default() };
         Ok(Service { listener, app, scratch })
     }
@@ -93,6 +100,7 @@ impl Service {
         let builds = app.builds.clone();
         let grace = app.config.shutdown_grace();
         let stopping = builds.clone();
+        let housekeeping = tokio::spawn(housekeeping(app.clone()));
         let router = routes::router(app);
         tracing::info!(addr = %listener.local_addr().ctx(|| "reading the listening address".into())?, "serving");
         axum::serve(listener, router)
@@ -102,6 +110,7 @@ impl Service {
             })
             .await
             .ctx(|| "serving HTTP".into())?;
+        housekeeping.abort();
         let abandoned_builds = builds.drain(grace).await;
         if abandoned_builds > 0 {
             tracing::warn!(abandoned_builds, "abandoned builds in flight at the end of the grace period; nothing of them was published");
@@ -109,5 +118,25 @@ impl Service {
         drop(scratch);
         tracing::info!("stopped");
         Ok(ShutdownReport { abandoned_builds })
+    }
+}
+
+/// What an instance does besides answering: takes over the builds of instances that stopped
+/// renewing their leases, and registers the releases other instances registered, a few times
+/// per lease period. Errors (the database unreachable) are logged and tried again.
+async fn housekeeping(app: routes::App) {
+    let period = (app.config.lease() / 2).clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(10));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = app.builds.take_over().await {
+            tracing::warn!(error = %e, "could not look for builds to take over");
+        }
+        match app.releases.sync(app.config.previous_releases, &app.builds).await {
+            Ok(0) => {}
+            Ok(added) => tracing::info!(added, "releases registered by other instances"),
+            Err(e) => tracing::warn!(error = %e, "could not look for releases registered by other instances"),
+        }
     }
 }

@@ -126,7 +126,12 @@ impl Metrics {
         };
         scalar("fleetdelta_builds_total", "counter", "Delta builds started.", c.builds_total);
         scalar("fleetdelta_builds_failed_total", "counter", "Delta builds that failed.", c.builds_failed_total);
-        scalar("fleetdelta_deltas_found_total", "counter", "Deltas found already built in the registry.", c.deltas_found_total);
+        scalar(
+            "fleetdelta_deltas_found_total",
+            "counter",
+            "Deltas found already built (in the registry, or recorded by another instance), not built here.",
+            c.deltas_found_total,
+        );
         scalar(
             "fleetdelta_bytes_saved_total",
             "counter",

@@ -103,6 +103,8 @@ pub struct Releases {
     db: Option<Database>,
     /// The platforms the fleet runs; empty: every platform of each target.
     platforms: Vec<Platform>,
+    /// Held while registering the releases other instances registered.
+    syncing: tokio::sync::Mutex<()>,
 }
 
 impl Releases {
@@ -133,7 +135,7 @@ impl Releases {
 
     /// Releases kept in `db` as well as in memory.
     pub fn with_database(db: Database) -> Self {
-        Releases { list: Mutex::default(), db: Some(db), platforms: Vec::new() }
+        Releases { list: Mutex::default(), db: Some(db), platforms: Vec::new(), syncing: tokio::sync::Mutex::default() }
     }
 
     /// The same, building the deltas of multi-platform images for these platforms only
@@ -146,6 +148,8 @@ impl Releases {
     /// starts resolving its images and building its deltas in the background.
     pub async fn register(&self, text: &str, previous_releases: usize, builds: &Arc<Builds>) -> Result<Registration, RegisterError> {
         let release = Release::parse(text, "the release posted")?;
+        // The releases other instances registered come first: they are the previous ones.
+        self.sync(previous_releases, builds).await.map_err(RegisterError::Storage)?;
         let (registered, created, previous) = self.insert(release, text, previous_releases)?;
         if let (true, Some(db)) = (created, &self.db) {
             let stored = db.add_release(&registered.release.id, text).await;
@@ -167,12 +171,37 @@ impl Releases {
         let Some(db) = &self.db else { return Ok(0) };
         let stored = db.releases().await?;
         for (id, text) in &stored {
-            let what = format!("release {id} in the database");
-            let release = Release::parse(text, &what).map_err(|e| Error::malformed(&what, e.to_string()))?;
-            let (registered, created, previous) = self.insert(release, text, previous_releases).map_err(|e| Error::malformed(&what, e.to_string()))?;
-            self.start(registered, created, previous, builds);
+            self.register_stored(id, text, previous_releases, builds)?;
         }
         Ok(stored.len())
+    }
+
+    /// Registers the releases that other instances sharing the database registered since
+    /// this one last looked, in their order, and starts their builds (those another instance
+    /// builds already are waited for, not built twice). Returns how many were new here.
+    pub async fn sync(&self, previous_releases: usize, builds: &Arc<Builds>) -> Result<usize> {
+        let Some(db) = &self.db else { return Ok(0) };
+        // One look at a time (housekeeping and requests may ask at once).
+        let _syncing = self.syncing.lock().await;
+        if db.release_count().await? == self.lock().len() {
+            return Ok(0);
+        }
+        let mut added = 0;
+        for (id, text) in &db.releases().await? {
+            if self.get(id).is_none() {
+                self.register_stored(id, text, previous_releases, builds)?;
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
+
+    fn register_stored(&self, id: &str, text: &str, previous_releases: usize, builds: &Arc<Builds>) -> Result<()> {
+        let what = format!("release {id} in the database");
+        let release = Release::parse(text, &what).map_err(|e| Error::malformed(&what, e.to_string()))?;
+        let (registered, created, previous) = self.insert(release, text, previous_releases).map_err(|e| Error::malformed(&what, e.to_string()))?;
+        self.start(registered, created, previous, builds);
+        Ok(())
     }
 
     /// Adds `release` to the list unless it is there (with the same text); with the releases

@@ -187,6 +187,7 @@ fn failure_status(kind: FailureKind) -> StatusCode {
         FailureKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
         FailureKind::Upstream => StatusCode::BAD_GATEWAY,
         FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        FailureKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -231,7 +232,7 @@ fn delta_answer(config: &ServiceConfig, key: &DeltaKey, status: Status) -> Respo
         }
         Status::Failed(failure) => {
             let wait = failure.retry_at.saturating_duration_since(Instant::now()).as_secs_f64().ceil() as u64;
-            body.status = DeltaState::Failed;
+            body.status = if failure.kind == FailureKind::Unavailable { DeltaState::Unavailable } else { DeltaState::Failed };
             body.reason = Some(failure.reason);
             body.failures = failure.failures;
             body.retry_after_seconds = Some(wait.max(1));
@@ -263,7 +264,18 @@ async fn list_releases(State(app): State<App>) -> Response {
     Json(serde_json::json!({ "releases": app.releases.ids() })).into_response()
 }
 
+/// Registers the releases other instances sharing the database registered, when a request
+/// names one this instance does not know yet (rather than wait for housekeeping to see it).
+async fn sync_releases(app: &App) {
+    if let Err(e) = app.releases.sync(app.config.previous_releases, &app.builds).await {
+        tracing::warn!(error = %e, "could not look for releases registered by other instances");
+    }
+}
+
 async fn describe_release(State(app): State<App>, Path(id): Path<String>) -> Response {
+    if app.releases.describe(&id, &app.builds).is_none() {
+        sync_releases(&app).await;
+    }
     match app.releases.describe(&id, &app.builds) {
         Some(deltas) => Json(serde_json::json!({ "id": id, "deltas": deltas })).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("release {id} is not registered")),
@@ -286,7 +298,12 @@ async fn release_update(State(app): State<App>, Query(query): Query<UpdateQuery>
             Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         }
     };
-    match app.releases.update(&query.from, &query.to, facts.as_ref(), &app.builds).await {
+    let mut answer = app.releases.update(&query.from, &query.to, facts.as_ref(), &app.builds).await;
+    if matches!(answer, Ok(Err(_))) {
+        sync_releases(&app).await;
+        answer = app.releases.update(&query.from, &query.to, facts.as_ref(), &app.builds).await;
+    }
+    match answer {
         Ok(Ok(json)) => Json(json).into_response(),
         Ok(Err(missing)) => {
             let message = match missing.as_slice() {

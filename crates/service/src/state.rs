@@ -8,6 +8,12 @@
 //! semaphore, so at most `max_concurrent_builds` run at once, and at most
 //! `max_queued_builds` wait. A failure is kept with its reason and the time before which no
 //! new attempt starts (exponential backoff), so a broken pair is never rebuilt in a tight loop.
+//!
+//! With a [`Queue`] (the service's database), single flight spans instances: the task takes
+//! the pair's lease before building, renews it while it builds, and records the outcome
+//! there; a task that finds the lease held by another instance waits for that outcome (see
+//! [`crate::queue`]). A database that cannot be reached makes the pair
+//! [`FailureKind::Unavailable`] (HTTP 503) for a short while, never a failure with backoff.
 
 use crate::release_update::UpdateError;
 use std::collections::HashMap;
@@ -23,6 +29,7 @@ use super::build::{self, BuildContext};
 pub use super::build::{Built, Job, PairId};
 use super::config::ServiceConfig;
 use super::metrics::Metrics;
+use super::queue::{Claim, Queue};
 use fleetdelta_engine::digest::Digest;
 use fleetdelta_engine::error::Error;
 use fleetdelta_engine::registry::{Client, RegistryRef};
@@ -36,6 +43,9 @@ pub enum FailureKind {
     Upstream,
     /// Something failed here (disk, a bug): HTTP 500.
     Internal,
+    /// The service cannot work on it now (its database is unreachable): HTTP 503, and the
+    /// next request after a short wait tries again.
+    Unavailable,
 }
 
 impl FailureKind {
@@ -56,6 +66,22 @@ impl FailureKind {
             UpdateError::Engine(e) => FailureKind::of(e),
             _ => FailureKind::Unprocessable,
         }
+    }
+
+    /// Its name in the build queue.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Unprocessable => "unprocessable",
+            FailureKind::Upstream => "upstream",
+            FailureKind::Internal => "internal",
+            FailureKind::Unavailable => "unavailable",
+        }
+    }
+
+    /// The kind named `name` in the build queue (another instance's failure); unknown names
+    /// (a newer instance's) count as internal.
+    pub fn from_name(name: &str) -> Self {
+        [FailureKind::Unprocessable, FailureKind::Upstream, FailureKind::Unavailable].into_iter().find(|k| k.name() == name).unwrap_or(FailureKind::Internal)
     }
 }
 
@@ -112,6 +138,8 @@ pub struct Builds {
     config: Arc<ServiceConfig>,
     tasks: Mutex<JoinSet<()>>,
     accepting: AtomicBool,
+    /// The build queue shared with other instances; none: this instance alone.
+    queue: Option<Queue>,
 }
 
 impl Builds {
@@ -128,7 +156,37 @@ impl Builds {
             push_locks: Mutex::new(HashMap::new()),
             abandoning: AtomicBool::new(false),
         });
-        Builds { entries: Mutex::new(HashMap::new()), context, config, tasks: Mutex::new(JoinSet::new()), accepting: AtomicBool::new(true) }
+        Builds { entries: Mutex::new(HashMap::new()), context, config, tasks: Mutex::new(JoinSet::new()), accepting: AtomicBool::new(true), queue: None }
+    }
+
+    /// The same, sharing the work with other instances through `queue`.
+    pub fn with_queue(self, queue: Queue) -> Self {
+        Builds { queue: Some(queue), ..self }
+    }
+
+    /// The shared build queue, if any.
+    pub fn queue(&self) -> Option<&Queue> {
+        self.queue.as_ref()
+    }
+
+    /// Starts the jobs of instances that stopped renewing their leases, unless a task here
+    /// already waits on them (it takes the lease over at its next look). Returns how many.
+    pub async fn take_over(self: &Arc<Self>) -> fleetdelta_engine::error::Result<usize> {
+        let Some(queue) = &self.queue else { return Ok(0) };
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
+        let mut started = 0;
+        for job in queue.expired(64).await? {
+            let id = job.id();
+            if matches!(self.peek(&id), Some(Status::Working { .. })) {
+                continue;
+            }
+            tracing::warn!(source_config = %id.key.source_config, target = %id.key.target_manifest, repository = %id.repository, "taking over a delta whose instance stopped renewing its lease");
+            self.ensure(job);
+            started += 1;
+        }
+        Ok(started)
     }
 
     /// The registry client.
@@ -201,22 +259,119 @@ impl Builds {
         // Reap finished tasks so that the set only holds those in flight.
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
-            let key = job.key;
-            let repository = &id.repository;
-            let outcome = build::produce(&this.context, &job).await;
-            let entry = match outcome {
-                Ok(built) => Entry::Ready(built),
-                Err(e) => {
-                    let failures = failures + 1;
-                    let backoff = this.config.retry_backoff(failures);
-                    tracing::warn!(source_config = %key.source_config, target = %key.target_manifest, %repository, failures, retry_in_s = backoff.as_secs_f64(), error = %e, "delta failed");
-                    Entry::Failed(Failure { reason: e.to_string(), kind: FailureKind::of(&e), failures, retry_at: Instant::now() + backoff })
-                }
+            let entry = match &this.queue {
+                None => this.attempt(&job, failures).await,
+                Some(queue) => this.attempt_shared(queue, &job, failures).await,
             };
             this.lock().insert(id, entry);
             let _ = signal.send(true);
         });
         Status::Working { since, done, failures }
+    }
+
+    /// One attempt at the pair, this instance alone: its outcome as the map keeps it.
+    async fn attempt(&self, job: &Job, failures: u32) -> Entry {
+        match build::produce(&self.context, job).await {
+            Ok((built, _)) => Entry::Ready(built),
+            Err(e) => Entry::Failed(self.failure(job, &e, failures + 1)),
+        }
+    }
+
+    fn failure(&self, job: &Job, e: &Error, failures: u32) -> Failure {
+        let backoff = self.config.retry_backoff(failures);
+        let (key, repository) = (job.key, job.target.repository_name());
+        tracing::warn!(source_config = %key.source_config, target = %key.target_manifest, %repository, failures, retry_in_s = backoff.as_secs_f64(), error = %e, "delta failed");
+        Failure { reason: e.to_string(), kind: FailureKind::of(e), failures, retry_at: Instant::now() + backoff }
+    }
+
+    /// The database is unreachable: the pair is unavailable for a short while (503), and
+    /// its failures are not counted.
+    fn unavailable(&self, e: &Error, failures: u32) -> Entry {
+        tracing::warn!(error = %e, "the build queue is unreachable");
+        let wait = Duration::from_secs(self.config.retry_after_seconds.max(1));
+        Entry::Failed(Failure { reason: e.to_string(), kind: FailureKind::Unavailable, failures, retry_at: Instant::now() + wait })
+    }
+
+    /// One attempt at the pair through the shared queue: built here while this instance
+    /// holds its lease, or the outcome of the instance that holds it. The lease is taken
+    /// only with a build slot in hand, so an instance holds at most as many leases as it
+    /// has slots, and the pairs it cannot start yet stay free for other instances.
+    async fn attempt_shared(&self, queue: &Queue, job: &Job, failures: u32) -> Entry {
+        let id = job.id();
+        if let Err(e) = queue.enqueue(job).await {
+            return self.unavailable(&e, failures);
+        }
+        loop {
+            let slot = match build::build_slot(&self.context).await {
+                Ok(slot) => slot,
+                Err(e) => return Entry::Failed(self.failure(job, &e, failures)),
+            };
+            let claim = match queue.claim(&id).await {
+                Ok(claim) => claim,
+                Err(e) => return self.unavailable(&e, failures),
+            };
+            let failures = match claim {
+                Claim::Done(built) => {
+                    drop(slot);
+                    match build::still_there(&self.context, &built).await {
+                        Ok(true) => {
+                            self.context.metrics.delta_found();
+                            return Entry::Ready(built);
+                        }
+                        Ok(false) => {
+                            tracing::warn!(delta = %built.reference, "a delta recorded as ready is gone from the registry; building it again");
+                            if let Err(e) = queue.forget(&id, &built).await {
+                                return self.unavailable(&e, failures);
+                            }
+                            continue;
+                        }
+                        Err(e) => return Entry::Failed(self.failure(job, &e, failures)),
+                    }
+                }
+                Claim::Failed { reason, kind, failures, wait } => {
+                    return Entry::Failed(Failure { reason, kind: FailureKind::from_name(&kind), failures, retry_at: Instant::now() + wait })
+                }
+                Claim::Held { wait, .. } => {
+                    // Look again soon, the slot free meanwhile: the holder records its
+                    // outcome, or stops renewing. Stopping, this instance stops waiting.
+                    drop(slot);
+                    if !self.accepting.load(Ordering::SeqCst) {
+                        return Entry::Failed(Failure {
+                            reason: "the service is shutting down".into(),
+                            kind: FailureKind::Unavailable,
+                            failures,
+                            retry_at: Instant::now(),
+                        });
+                    }
+                    tokio::time::sleep(wait.clamp(Duration::from_millis(100), queue.lease() / 4)).await;
+                    continue;
+                }
+                Claim::Mine { failures } => failures,
+            };
+            let Some(outcome) = holding_lease(queue, &id, build::produce_in_slot(&self.context, job)).await else {
+                tracing::warn!(source_config = %id.key.source_config, target = %id.key.target_manifest, repository = %id.repository, "lost the lease to another instance; its outcome counts");
+                continue;
+            };
+            drop(slot);
+            return match outcome {
+                Ok((built, fresh)) => {
+                    if let Err(e) = queue.done(&id, &built, fresh).await {
+                        // The delta is in the registry: other instances find it there once
+                        // this lease expires.
+                        tracing::warn!(error = %e, "could not record a delta in the build queue");
+                    }
+                    Entry::Ready(built)
+                }
+                Err(e) => {
+                    let failure = self.failure(job, &e, failures + 1);
+                    let wait = failure.retry_at.saturating_duration_since(Instant::now());
+                    if let Err(e) = queue.failed(&id, &failure.reason, failure.kind.name(), failure.failures, wait).await {
+                        tracing::warn!(error = %e, "could not record a failure in the build queue");
+                    }
+                    Entry::Failed(failure)
+                }
+            };
+        }
     }
 
     /// Waits up to `wait` for a pair in progress to finish; returns where it stands then.
@@ -247,6 +402,34 @@ impl Builds {
         let abandoned = tasks.len();
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        if let Some(queue) = &self.queue {
+            match queue.release_all().await {
+                Ok(released) => tracing::info!(released, "gave back the leases of abandoned builds"),
+                Err(e) => tracing::warn!(error = %e, "could not give back leases; they expire by themselves"),
+            }
+        }
         abandoned
+    }
+}
+
+/// Runs `work` while renewing this instance's lease on `id` (a third of the lease apart);
+/// `None` when the lease is lost to another instance (this instance stalled past it), in
+/// which case `work` is dropped where it is: a build pushes its manifest last, so nothing
+/// half-done becomes visible. A renewal that fails (the database unreachable) is retried at
+/// the next beat; the work goes on.
+async fn holding_lease<T>(queue: &Queue, id: &PairId, work: impl std::future::Future<Output = T>) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    let mut beat = tokio::time::interval(queue.lease() / 3);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut work => return Some(out),
+            _ = beat.tick() => match queue.renew(id).await {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => tracing::warn!(error = %e, "could not renew a lease; building on"),
+            },
+        }
     }
 }
