@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 pub mod agent;
 pub mod engine;
+pub mod openapi;
 pub mod registry;
 pub mod schema;
 pub mod serve;
