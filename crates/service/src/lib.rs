@@ -11,6 +11,8 @@
 //! - [`releases`]: release registration (background builds from earlier releases) and
 //!   release-update queries.
 //! - [`db`]: the durable state (registered releases), in SQLite.
+//! - [`retention`]: the periodic deletion of old deltas (`retention:`), protecting those the
+//!   registered releases need.
 //! - [`metrics`]: Prometheus text format.
 //! - [`shutdown`]: signals, and the order things stop in.
 //! - [`release_update`]: the transition between two releases, with each delta's status;
@@ -27,6 +29,7 @@ pub mod db;
 pub mod metrics;
 pub mod release_update;
 pub mod releases;
+pub mod retention;
 pub mod routes;
 pub mod shutdown;
 pub mod state;
@@ -93,6 +96,7 @@ impl Service {
         let builds = app.builds.clone();
         let grace = app.config.shutdown_grace();
         let stopping = builds.clone();
+        let retention = app.config.retention.clone().map(|r| tokio::spawn(retention::run_periodically(r, app.releases.clone(), builds.clone())));
         let router = routes::router(app);
         tracing::info!(addr = %listener.local_addr().ctx(|| "reading the listening address".into())?, "serving");
         axum::serve(listener, router)
@@ -102,6 +106,11 @@ impl Service {
             })
             .await
             .ctx(|| "serving HTTP".into())?;
+        // A run stopped between two deletions leaves nothing half-done: each delta is taken
+        // out of its referrers index before its manifest is deleted, and the next run resumes.
+        if let Some(task) = retention {
+            task.abort();
+        }
         let abandoned_builds = builds.drain(grace).await;
         if abandoned_builds > 0 {
             tracing::warn!(abandoned_builds, "abandoned builds in flight at the end of the grace period; nothing of them was published");
