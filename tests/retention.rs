@@ -1,13 +1,16 @@
 //! `fleetdelta gc` against Debian's `docker-registry` (deletion enabled): deltas of targets no
 //! longer kept are deleted (manifest, tag, referrers entry), those a kept target needs stay
 //! and still apply; `--dry-run` deletes nothing; bad input is a clear error or an empty report.
+//! And the same as a setting of `fleetdelta serve`, which protects what its releases need.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::registry::Registry;
+use common::serve::Serve;
 use common::{assert_same_tagged_image, file, fleetdelta, layer_tar, run, run_failing, text};
 use fleetdelta::delta_store::DeltaKey;
 use fleetdelta::image::manifest::{BlobRef, OCI_CONFIG, OCI_MANIFEST};
@@ -166,4 +169,99 @@ fn gc_of_a_repository_without_deltas_or_a_registry_out_of_reach() {
     assert!(message.contains("a duration"), "{message}");
     let message = run_failing(fd(home).args(["--retries", "0", "gc", "--repository", "docker://127.0.0.1:1/fleet/app", "--keep-targets", "1"]));
     assert!(message.contains("127.0.0.1:1") && message.contains("tags of"), "{message}");
+}
+
+/// `retention:` in the service's configuration: every second, the deltas of images that are
+/// not the newest are deleted from the repository of the registered releases' images, except
+/// those a registered release needs (the deltas of its transitions from the release before
+/// it), which `gc` alone would delete.
+#[test]
+fn the_service_deletes_old_deltas_periodically_and_keeps_those_its_releases_need() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let images = tmp.path().join("images");
+    let repo = format!("docker://{}/fleet/app", reg.addr);
+    let versions =
+        [("v0", 0, "2025-12-01T00:00:00Z"), ("v1", 1, "2026-01-01T00:00:00Z"), ("v2", 2, "2026-02-01T00:00:00+01:00"), ("v3", 3, "2026-03-01T09:00:00+09:00")];
+    for (tag, version, created) in versions {
+        release_image(&images, tag, version, created);
+        run(fd(home).args(["copy", &format!("oci:{}:{tag}", images.display()), &format!("{repo}:{tag}")]));
+    }
+    // Deltas from an image no release names: to v2 (not kept, and no release needs it) and to
+    // v3 (the newest image, kept).
+    let mut by_hand = std::collections::BTreeMap::new();
+    for to in ["v2", "v3"] {
+        let out = run(fd(home).args(["diff", "--json", &format!("{repo}:v0"), &format!("{repo}:{to}"), &format!("{repo}:delta-v0-{to}")]));
+        by_hand.insert(to, json_of(out)["delta_manifest"].as_str().unwrap().to_string());
+    }
+
+    // Releases 1, 2 and 3 (v1, v2, v3): the service builds v1->v2 and v2->v3, and collects
+    // every second, keeping the deltas of the newest image only.
+    let serve = Serve::start(home, "previous_releases: 1\nretry_after_seconds: 1\nretention:\n  keep_targets: 1\n  interval_seconds: 1\n");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let call = |request: reqwest::RequestBuilder| {
+        rt.block_on(async {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.bytes().await.unwrap();
+            (status, serde_json::from_slice::<Value>(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body))))
+        })
+    };
+    for (id, tag) in [("1", "v1"), ("2", "v2"), ("3", "v3")] {
+        let release = format!("id: '{id}'\nservices:\n  app:\n    image: {}/fleet/app:{tag}\n", reg.addr);
+        let (status, body) = call(http.post(format!("{}/v1/releases", serve.url)).body(release));
+        assert_eq!(status, 202, "{body}");
+    }
+    let built = |id: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let (_, body) = call(http.get(format!("{}/v1/releases/{id}", serve.url)));
+            let delta = &body["deltas"][0];
+            assert_ne!(delta["status"], "failed", "{body}");
+            if delta["status"] == "ready" {
+                return delta["delta"].as_str().unwrap().rsplit_once('@').unwrap().1.to_string();
+            }
+            assert!(Instant::now() < deadline, "{body}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (v1_v2, v2_v3) = (built("2"), built("3"));
+
+    // The delta no release needs goes; then two more runs keep the others.
+    let transfer = Transfer::new(ClientOptions::default()).unwrap();
+    let client = transfer.client();
+    let r = RegistryRef::parse(&format!("{}/fleet/app", reg.addr)).unwrap();
+    let exists = |digest: &str| match transfer.block_on(client.get_manifest(&r, digest)) {
+        Ok(_) => true,
+        Err(Error::NotFound(_)) => false,
+        Err(e) => panic!("{e}"),
+    };
+    let runs = || serve.log().lines().filter(|l| l.contains("retention run") && l.contains("kept=")).count();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while exists(&by_hand["v2"]) {
+        assert!(Instant::now() < deadline, "v0->v2 was not deleted: {}", serve.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = runs();
+    while runs() < after + 2 {
+        assert!(Instant::now() < deadline, "no more retention runs: {}", serve.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = serve.log();
+    assert!(log.lines().any(|l| l.contains("retention deleted a delta") && l.contains(&by_hand["v2"]) && l.contains("delta-v0-v2")), "{log}");
+    assert!(!log.contains("retention failed"), "{log}");
+    assert!(matches!(transfer.block_on(client.get_manifest(&r, "delta-v0-v2")), Err(Error::NotFound(_))), "its tag is gone");
+    for (delta, what) in [(&v1_v2, "v1->v2, which release 2 needs"), (&v2_v3, "v2->v3, of the newest image"), (&by_hand["v3"], "v0->v3, of the newest image")] {
+        assert!(exists(delta), "{what} is kept: {log}");
+    }
+    for (tag, _, _) in versions {
+        assert!(exists(tag), "the image {tag} is never touched");
+    }
+    // What kept v1->v2 is the protection: gc with the same policy alone would delete it.
+    let report = json_of(run(fd(home).args(["gc", "--json", "--dry-run", "--repository", &repo, "--keep-targets", "1"])));
+    assert!(verdicts(&report).contains(&(v1_v2.clone(), "delete".into())), "{report:#}");
+    assert_eq!(report["deleted"], 1, "{report:#}");
+    serve.stop();
 }

@@ -3,18 +3,20 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::openapi::{self, assert_documented};
 use common::registry::Registry;
 use common::serve::{fd, Serve};
 use common::{assert_same_tagged_image, run, run_failing, service_image, Bounded};
 use fleetdelta::image::Layout;
 use fleetdelta::service::metrics::sample;
-use fleetdelta::service::routes::ROUTES;
+use fleetdelta::service::routes::{DELTAS, HEALTH, METRICS, RELEASE, RELEASES, RELEASE_UPDATE, ROUTES};
 use fleetdelta::Digest;
 use serde_json::{json, Value};
 
@@ -647,4 +649,207 @@ fn the_openapi_file_lists_exactly_the_routes_the_server_answers() {
     assert_eq!((health.status, &health.body["status"]), (200, &json!("ok")));
     let text = metrics(&serve.url);
     assert!(text.contains("# TYPE fleetdelta_build_seconds histogram") && text.contains("fleetdelta_build_queue_depth 0"), "{text}");
+}
+
+/// Sends requests to the service and checks every answer against `docs/openapi.yaml`,
+/// remembering which documented answers were seen.
+struct Contract {
+    spec: Value,
+    rt: tokio::runtime::Runtime,
+    client: reqwest::Client,
+    seen: RefCell<BTreeSet<(String, String, u16)>>,
+}
+
+impl Contract {
+    fn new() -> Self {
+        Contract { spec: openapi::spec(), rt: runtime(), client: http(), seen: RefCell::default() }
+    }
+
+    /// Sends `request` to `route` (its template, as in `ROUTES`) and checks the answer.
+    fn check(&self, route: &str, request: reqwest::RequestBuilder) -> openapi::Answer {
+        let request = request.build().unwrap();
+        let method = request.method().as_str().to_string();
+        let answer = self.rt.block_on(async { openapi::Answer::read(self.client.execute(request).await.unwrap()).await });
+        assert_documented(&self.spec, &method, route, &answer);
+        self.seen.borrow_mut().insert((method, route.to_string(), answer.status));
+        answer
+    }
+
+    /// [`Contract::check`] again until the answer is not 202 (each ask may wait for the build).
+    fn until_done(&self, route: &str, request: impl Fn() -> reqwest::RequestBuilder) -> openapi::Answer {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let answer = self.check(route, request());
+            if answer.status != 202 {
+                return answer;
+            }
+            assert!(Instant::now() < deadline, "still 202 after 300 s");
+        }
+    }
+}
+
+/// Documented answers no test provokes from outside, and why.
+const NOT_PROVOKED: &[(&str, &str, u16, &str)] = &[
+    ("POST", RELEASES, 503, "the database refusing a write while the service runs"),
+    ("GET", RELEASE_UPDATE, 500, "an I/O error here while planning (registry failures are 422 or 502)"),
+    ("POST", RELEASE_UPDATE, 500, "an I/O error here while planning (registry failures are 422 or 502)"),
+];
+
+/// The contract: every answer the service gives, on every route, for every status a test can
+/// provoke (bad requests, limits, a build in progress, done and failed in each way, unknown
+/// releases, conflicts, registries missing an image or out of reach, a full service), is the
+/// one `docs/openapi.yaml` documents: its status for that route and method, its media type,
+/// its `Retry-After`, its body by the documented schema. And every documented status is
+/// provoked here, but those of `NOT_PROVOKED`.
+#[test]
+fn every_answer_of_the_service_is_the_one_the_openapi_file_documents() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img) = (tmp.path(), tmp.path().join("img"));
+    for v in 1..=3 {
+        service_image(&img, &format!("v{v}"), 31, v, 20);
+    }
+    let (m1, c1) = push(home, &img, "v1", &reg, "app", "1");
+    let (m2, c2) = push(home, &img, "v2", &reg, "app", "2");
+    let (m3, _) = push(home, &img, "v3", &reg, "app", "3");
+    let serve = Serve::start(home, "retry_after_seconds: 1\nmax_request_bytes: 4096\nprevious_releases: 1\nregistry:\n  retries: 0\n");
+    let c = Contract::new();
+    let url = |path: &str| format!("{}{path}", serve.url);
+    let get = |path: &str| c.client.get(url(path));
+    let post = |path: &str, content_type: &str, body: Vec<u8>| c.client.post(url(path)).header("content-type", content_type).body(body);
+    let ask = |query: &str, request: &Value| post(&format!("{DELTAS}{query}"), "application/json", serde_json::to_vec(request).unwrap());
+    let yaml = |path: &str, text: &str| post(path, "application/yaml", text.as_bytes().to_vec());
+
+    let health = c.check(HEALTH, get(HEALTH));
+    assert_eq!((health.status, health.json()["status"].as_str()), (200, Some("ok")));
+    let metrics = c.check(METRICS, get(METRICS));
+    assert_eq!((metrics.status, metrics.media_type.as_deref()), (200, Some("text/plain")));
+
+    // Delta requests: malformed (400), too large (413), a source whose config cannot be read:
+    // missing (422) or in a registry out of reach (502).
+    let target = pinned(&reg, "app", &m2);
+    let missing = Digest::of(b"no such image");
+    for (query, request) in [
+        ("", json!({"target": format!("docker://{}/fleet/app:2", reg.addr), "source_config": c1})),
+        ("", json!({"target": target})),
+        ("", json!({"target": target, "source_config": c1, "size": 1})),
+        ("", json!({"target": "oci:/tmp/layout:2", "source_config": c1})),
+        ("?wait=soon", json!({"target": target, "source_config": c1})),
+    ] {
+        let answer = c.check(DELTAS, ask(query, &request));
+        assert_eq!(answer.status, 400, "{request}");
+        assert!(!answer.json()["error"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(c.check(DELTAS, post(DELTAS, "application/json", b"{not json".to_vec())).status, 400);
+    let too_large = c.check(DELTAS, post(DELTAS, "application/json", vec![b' '; 5000]));
+    assert_eq!(too_large.status, 413);
+    assert!(too_large.json()["error"].as_str().unwrap().contains("max_request_bytes"));
+    let answer = c.check(DELTAS, ask("", &json!({"source": pinned(&reg, "app", &missing), "target": target})));
+    assert_eq!((answer.status, answer.json()["status"].as_str()), (422, Some("failed")));
+    let answer = c.check(DELTAS, ask("", &json!({"source": format!("docker://127.0.0.1:1/fleet/app@{m1}"), "target": target})));
+    assert_eq!((answer.status, answer.json()["status"].as_str()), (502, Some("failed")));
+
+    // A pair built: 202, then 200 where it is. A pair that cannot be built: 202, then 422.
+    let pair = json!({"source": pinned(&reg, "app", &m1), "source_config": c1, "target": target});
+    let first = c.check(DELTAS, ask("", &pair));
+    assert_eq!((first.status, first.json()["status"].as_str()), (202, Some("building")));
+    let done = c.until_done(DELTAS, || ask("?wait=30", &pair));
+    assert_eq!(done.status, 200);
+    assert!(done.json()["delta"]["reference"].as_str().unwrap().starts_with(&format!("docker://{}/fleet/app@sha256:", reg.addr)));
+    let broken = json!({"source": pinned(&reg, "app", &missing), "source_config": Digest::of(b"no such config"), "target": target});
+    assert_eq!(c.check(DELTAS, ask("", &broken)).status, 202);
+    let failed = c.until_done(DELTAS, || ask("?wait=30", &broken));
+    assert_eq!((failed.status, failed.retry_after.is_some()), (422, true));
+
+    // Releases: registered (202), again (200), another text under its id (409), invalid
+    // (400), too large (413); listed, described, unknown (404).
+    let release = |id: &str, service: &str, image: &str| format!("id: '{id}'\nservices:\n  {service}:\n    image: {image}\n");
+    let image = |name: &str, v: u64| format!("{}/fleet/{name}:{v}", reg.addr);
+    assert_eq!(c.check(RELEASES, get(RELEASES)).json(), json!({"releases": []}));
+    for (text, status) in [
+        (release("1", "app", &image("app", 1)), 202),
+        (release("2", "app", &image("app", 2)), 202),
+        (release("2", "app", &image("app", 2)), 200),
+        (release("2", "app", &image("app", 3)), 409),
+        ("id: [unclosed\n".to_string(), 400),
+        ("services: {}\n".to_string(), 400),
+        ("#".repeat(5000), 413),
+    ] {
+        assert_eq!(c.check(RELEASES, yaml(RELEASES, &text)).status, status, "{text}");
+    }
+    assert_eq!(c.check(RELEASES, post(RELEASES, "application/yaml", vec![0xff, 0xfe])).status, 400);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let described = c.check(RELEASE, get("/v1/releases/2"));
+        let deltas = described.json()["deltas"].as_array().unwrap().clone();
+        assert!(deltas.iter().all(|d| d["status"] != "failed"), "{}", described.json());
+        if !deltas.is_empty() && deltas.iter().all(|d| d["status"] == "ready") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", described.json());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(c.check(RELEASE, get("/v1/releases/9")).status, 404);
+
+    // Release updates: planned (200, the JSON of `release-update --json`), with device facts;
+    // no `to` (400), bad facts (400), facts too large (413), unknown releases (404).
+    let update = |query: &str| format!("{RELEASE_UPDATE}?{query}");
+    for answer in [c.check(RELEASE_UPDATE, get(&update("from=1&to=2"))), c.check(RELEASE_UPDATE, yaml(&update("from=1&to=2"), "arch: amd64\n"))] {
+        assert_eq!(answer.status, 200);
+        common::schema::assert_valid("release-update", &answer.json());
+    }
+    assert_eq!(c.check(RELEASE_UPDATE, get(&update("from=1"))).status, 400);
+    assert_eq!(c.check(RELEASE_UPDATE, yaml(&update("from=1"), "arch: amd64\n")).status, 400);
+    assert_eq!(c.check(RELEASE_UPDATE, yaml(&update("from=1&to=2"), "arch: [unclosed\n")).status, 400);
+    assert_eq!(c.check(RELEASE_UPDATE, yaml(&update("from=1&to=2"), &"#".repeat(5000))).status, 413);
+    assert_eq!(c.check(RELEASE_UPDATE, get(&update("from=1&to=9"))).status, 404);
+    assert_eq!(c.check(RELEASE_UPDATE, yaml(&update("from=8&to=9"), "")).status, 404);
+
+    // Releases whose images are missing (422) or in a registry out of reach (502); each
+    // release's failed delta says why.
+    for (name, registry, status) in [("ghost", reg.addr.as_str(), 422), ("far", "127.0.0.1:1", 502)] {
+        for v in 1..=2 {
+            let text = release(&format!("{name}-{v}"), name, &format!("{registry}/fleet/{name}:{v}"));
+            assert_eq!(c.check(RELEASES, yaml(RELEASES, &text)).status, 202);
+        }
+        let query = update(&format!("from={name}-1&to={name}-2"));
+        assert_eq!(c.check(RELEASE_UPDATE, get(&query)).status, status);
+        assert_eq!(c.check(RELEASE_UPDATE, yaml(&query, "arch: amd64\n")).status, status);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.check(RELEASE, get(&format!("/v1/releases/{name}-2"))).json()["deltas"][0]["status"] != "failed" {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(c.check(RELEASES, get(RELEASES)).json()["releases"], json!(["1", "2", "ghost-1", "ghost-2", "far-1", "far-2"]));
+
+    // A build that fails here (500): its scratch directory replaced by a file.
+    let runs: Vec<PathBuf> = fs::read_dir(serve.scratch_dir()).unwrap().map(|e| e.unwrap().path()).collect();
+    let [run_dir] = runs.as_slice() else { panic!("one scratch directory per run: {runs:?}") };
+    fs::remove_dir_all(run_dir).unwrap();
+    fs::write(run_dir, "not a directory: builds fail here").unwrap();
+    let pair = json!({"source": pinned(&reg, "app", &m2), "source_config": c2, "target": pinned(&reg, "app", &m3)});
+    let failed = c.until_done(DELTAS, || ask("?wait=30", &pair));
+    assert_eq!((failed.status, failed.json()["status"].as_str()), (500, Some("failed")), "{}", failed.json());
+    assert!(failed.json()["reason"].as_str().unwrap().contains(&run_dir.display().to_string()), "{}", failed.json());
+
+    // A full service (503): one pair tracked at most, and that one failing within its backoff.
+    let busy = Serve::start(&tmp.path().join("busy"), "retry_after_seconds: 1\nmax_tracked_pairs: 1\nretry_initial_seconds: 600\nretry_max_seconds: 600\n");
+    let on_busy = |request: &Value| c.client.post(format!("{}{DELTAS}?wait=30", busy.url)).header("content-type", "application/json").body(request.to_string());
+    assert_eq!(c.until_done(DELTAS, || on_busy(&broken)).status, 422);
+    let unavailable = c.check(DELTAS, on_busy(&pair));
+    assert_eq!((unavailable.status, unavailable.json()["status"].as_str()), (503, Some("unavailable")), "{}", unavailable.json());
+    assert!(unavailable.retry_after.is_some());
+    let health = c.check(HEALTH, c.client.get(format!("{}{HEALTH}", busy.url)));
+    assert_eq!(health.status, 200);
+
+    // Every documented answer was seen, but those that cannot be provoked from outside.
+    let seen = c.seen.borrow();
+    let excused: BTreeSet<(String, String, u16)> = NOT_PROVOKED.iter().map(|(m, r, s, _)| (m.to_string(), r.to_string(), *s)).collect();
+    let documented = openapi::documented_statuses(&c.spec);
+    assert!(excused.is_subset(&documented) && excused.is_disjoint(&seen), "NOT_PROVOKED is out of date: {excused:?}");
+    let never: Vec<_> = documented.difference(&seen).filter(|d| !excused.contains(*d)).collect();
+    assert!(never.is_empty(), "documented in docs/openapi.yaml but never provoked: {never:?}");
+    let routes: BTreeSet<(String, String)> = seen.iter().map(|(m, r, _)| (m.clone(), r.clone())).collect();
+    assert_eq!(routes.len(), ROUTES.len(), "every route was asked: {routes:?}");
 }

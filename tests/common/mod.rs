@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 pub mod agent;
 pub mod engine;
 pub mod http;
+pub mod openapi;
 pub mod postgres;
 pub mod registry;
 pub mod schema;

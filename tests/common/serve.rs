@@ -28,7 +28,7 @@ pub struct Serve {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Serve {
@@ -53,7 +53,7 @@ impl Serve {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {first:?}: {}", fs::read_to_string(&log).unwrap_or_default()))
             .to_string();
-        Serve { child, url, log, _dir: dir }
+        Serve { child, url, log, dir }
     }
 
     /// SIGTERM, then waits for the exit (which must be a success).
@@ -68,6 +68,11 @@ impl Serve {
             assert!(Instant::now() < deadline, "serve did not stop: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The `scratch_dir` it was started with (each run makes its own directory inside).
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.dir.path().join("scratch")
     }
 
     pub fn log(&self) -> String {

@@ -355,88 +355,36 @@ async fn config_created(client: &Client, repo: &RegistryRef, manifest: &Manifest
 }
 
 /// Parses an RFC 3339 time (`2026-12-01T10:00:00Z`, offsets and fractions allowed) or a date
-/// (`2026-12-01`, midnight UTC) into seconds since the epoch.
+/// (`2026-12-01`, midnight UTC) into seconds since the epoch. A time without an offset is
+/// refused: it names no instant.
 pub fn parse_time(text: &str) -> Option<i64> {
     let text = text.trim();
-    let (date, rest) = text.split_at(text.len().min(10));
-    let mut parts = date.split('-');
-    let year: i64 = parts.next()?.parse().ok()?;
-    let month: u32 = parts.next()?.parse().ok()?;
-    let day: u32 = parts.next()?.parse().ok()?;
-    if date.len() != 10 || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-        return None;
+    if let Ok(at) = text.parse::<jiff::Timestamp>() {
+        return Some(at.as_second());
     }
-    let days = days_from_civil(year, month, day);
-    if rest.is_empty() {
-        return Some(days * 86_400);
-    }
-    let rest = rest.strip_prefix(['T', 't', ' '])?;
-    if rest.len() < 8 || rest.as_bytes()[2] != b':' || rest.as_bytes()[5] != b':' {
-        return None;
-    }
-    let field = |s: &str, max: i64| s.parse::<i64>().ok().filter(|v| (0..=max).contains(v) && s.bytes().all(|b| b.is_ascii_digit()));
-    let (h, m, s) = (field(&rest[0..2], 23)?, field(&rest[3..5], 59)?, field(&rest[6..8], 60)?);
-    let mut zone = &rest[8..];
-    if let Some(frac) = zone.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        zone = &frac[digits..];
-    }
-    let offset = match zone {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match zone.as_bytes().first()? {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            if zone.len() != 6 || zone.as_bytes()[3] != b':' {
-                return None;
-            }
-            sign * (field(&zone[1..3], 23)? * 3600 + field(&zone[4..6], 59)? * 60)
-        }
-    };
-    Some(days * 86_400 + h * 3600 + m * 60 + s - offset)
+    // strptime is strict (the whole text, this format), so `2026-12-01T10:00:00` is no date.
+    let date = jiff::civil::Date::strptime("%Y-%m-%d", text).ok()?;
+    Some(jiff::tz::Offset::UTC.to_timestamp(date.to_datetime(jiff::civil::Time::midnight())).ok()?.as_second())
 }
 
-/// Parses a duration: a number and a unit, `s`, `m`, `h`, `d` or `w` (`30d`, `12h`).
+/// Parses a duration into seconds: `30d`, `12h`, `2w`, `1h30m`, `2 weeks`, ISO 8601's `P30D`
+/// (jiff's span formats). Days are 24 hours and weeks 7 days; months and years, whose length
+/// varies, and negative durations are refused.
 pub fn parse_duration_seconds(text: &str) -> Option<i64> {
-    let text = text.trim();
-    let unit = text.chars().last()?;
-    let scale = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        'w' => 7 * 86_400,
-        _ => return None,
-    };
-    let number = &text[..text.len() - 1];
-    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+    let span: jiff::Span = text.trim().parse().ok()?;
+    if span.signum() < 0 || span.get_years() != 0 || span.get_months() != 0 {
         return None;
     }
-    number.parse::<i64>().ok()?.checked_mul(scale)
+    let seconds = span.total(jiff::SpanTotal::from(jiff::Unit::Second).days_are_24_hours()).ok()?;
+    Some(seconds.floor() as i64)
 }
 
 /// The time `text` names: a date or time ([`parse_time`]), or a duration before `now`
 /// ([`parse_duration_seconds`]). Seconds since the epoch.
 pub fn parse_cutoff(text: &str, now: i64) -> Result<i64> {
-    parse_time(text).or_else(|| parse_duration_seconds(text).map(|d| now - d)).ok_or_else(|| {
+    parse_time(text).or_else(|| parse_duration_seconds(text).and_then(|d| now.checked_sub(d))).ok_or_else(|| {
         Error::unsupported(format!("time {text:?}"), "expected a date (2026-12-01), an RFC 3339 time (2026-12-01T10:00:00Z) or a duration (90d, 12h, 2w)")
     })
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
@@ -452,22 +400,46 @@ mod tests {
             ("2026-12-01T10:00:00.123456789Z", Some(1_796_119_200)),
             ("2026-12-01T12:00:00+02:00", Some(1_796_119_200)),
             ("2026-12-01T08:30:00-01:30", Some(1_796_119_200)),
+            ("2026-12-01T15:45:00+05:45", Some(1_796_119_200)),
+            ("2026-12-01T10:00:00-00:00", Some(1_796_119_200)),
+            ("2026-12-01t10:00:00z", Some(1_796_119_200)),
+            ("2026-12-01 10:00:00Z", Some(1_796_119_200)),
+            (" 2026-12-01T10:00:00Z ", Some(1_796_119_200)),
+            ("2026-12-01", Some(1_796_083_200)),
             ("2026-13-01", None),
+            ("2026-02-30", None),
             ("2026-12-01T25:00:00Z", None),
             ("2026-12-01T10:00:00", None),
             ("2026-12-01T10:00:00.Z", None),
+            // RFC 3339 offsets stop at 23:59; jiff takes up to 25:59 (as Temporal does).
+            ("2026-12-01T10:00:00+26:00", None),
+            ("2026-12-01junk", None),
             ("yesterday", None),
             ("", None),
         ] {
             assert_eq!(parse_time(text), expected, "{text}");
         }
-        for (text, expected) in
-            [("90d", Some(90 * 86_400)), ("12h", Some(43_200)), ("2w", Some(1_209_600)), ("5s", Some(5)), ("d", None), ("-1d", None), ("3y", None)]
-        {
+        for (text, expected) in [
+            ("90d", Some(90 * 86_400)),
+            ("12h", Some(43_200)),
+            ("2w", Some(1_209_600)),
+            ("5s", Some(5)),
+            ("1h30m", Some(5_400)),
+            ("2 weeks", Some(1_209_600)),
+            ("3 days 4 hours", Some(3 * 86_400 + 4 * 3600)),
+            ("P30D", Some(30 * 86_400)),
+            ("d", None),
+            ("-1d", None),
+            ("3y", None),
+            ("2mo", None),
+            ("soon", None),
+        ] {
             assert_eq!(parse_duration_seconds(text), expected, "{text}");
         }
         assert_eq!(parse_cutoff("1d", 100_000).unwrap(), 100_000 - 86_400);
         assert_eq!(parse_cutoff("1970-01-02", 5).unwrap(), 86_400);
-        assert!(parse_cutoff("soon", 0).is_err());
+        assert_eq!(parse_cutoff("1970-01-02T02:00:00+02:00", 5).unwrap(), 86_400);
+        let err = parse_cutoff("soon", 0).unwrap_err().to_string();
+        assert!(err.contains("\"soon\"") && err.contains("duration"), "{err}");
     }
 }

@@ -11,9 +11,12 @@ use serde::Deserialize;
 use fleetdelta_engine::diff::Level;
 use fleetdelta_engine::error::{Error, IoContext, Result};
 use fleetdelta_engine::image::Platform;
+use fleetdelta_engine::retention::{parse_cutoff, RetentionPolicy};
 
 /// Largest configuration file read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Longest interval between retention runs (a year), so that the sleep is always valid.
+const MAX_RETENTION_INTERVAL: u64 = 366 * 86_400;
 
 /// Everything `fleetdelta serve` can be told. The YAML file uses the same names, for example:
 ///
@@ -86,6 +89,46 @@ pub struct ServiceConfig {
     /// release's images are multi-platform indexes, its deltas are built for these platforms
     /// of each target. Empty (the default): every platform of the target.
     pub platforms: Vec<String>,
+    /// Deleting old deltas, periodically, in the repositories of the registered releases'
+    /// images, with every delta a registered release needs protected. Absent (the default):
+    /// nothing is deleted.
+    pub retention: Option<RetentionConfig>,
+}
+
+/// The service's periodic retention ([`ServiceConfig::retention`]): `fleetdelta gc`'s policy,
+/// run every `interval_seconds` over every repository of the registered releases' images.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Keep the deltas of the newest this many images of each repository (by their config's
+    /// `created` time), as `fleetdelta gc --keep-targets`.
+    #[serde(default)]
+    pub keep_targets: Option<usize>,
+    /// Delete the deltas of images created before this date or RFC 3339 time, or longer ago
+    /// than this duration (`90d`, `2 weeks`) at each run, as `fleetdelta gc --older-than`.
+    /// With `keep_targets`, an image kept by either is kept.
+    #[serde(default)]
+    pub older_than: Option<String>,
+    /// Seconds between runs; the first runs one interval after the start.
+    #[serde(default = "RetentionConfig::default_interval")]
+    pub interval_seconds: u64,
+}
+
+impl RetentionConfig {
+    fn default_interval() -> u64 {
+        3600
+    }
+
+    /// The policy of a run at `now` (seconds since the epoch), with nothing protected yet.
+    pub fn policy(&self, now: i64) -> Result<RetentionPolicy> {
+        let keep_since = self.older_than.as_deref().map(|t| parse_cutoff(t, now)).transpose()?;
+        Ok(RetentionPolicy { keep_newest: self.keep_targets, keep_since, ..RetentionPolicy::default() })
+    }
+
+    /// The time between runs.
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.interval_seconds)
+    }
 }
 
 /// How the service reaches registries.
@@ -143,6 +186,7 @@ impl Default for ServiceConfig {
             database: None,
             lease_seconds: 30.0,
             platforms: Vec::new(),
+            retention: None,
         }
     }
 }
@@ -191,6 +235,15 @@ impl ServiceConfig {
             return bad("retry_initial_seconds must not exceed retry_max_seconds");
         }
         self.fleet_platforms().map_err(|e| Error::malformed(what, format!("platforms: {e}")))?;
+        if let Some(retention) = &self.retention {
+            if retention.keep_targets.is_none() && retention.older_than.is_none() {
+                return bad("retention needs keep_targets or older_than (or both): without either it would delete every delta");
+            }
+            if !(1..=MAX_RETENTION_INTERVAL).contains(&retention.interval_seconds) {
+                return Err(Error::malformed(what, format!("retention.interval_seconds must be between 1 and {MAX_RETENTION_INTERVAL}")));
+            }
+            retention.policy(0).map_err(|e| Error::malformed(what, format!("retention.older_than: {e}")))?;
+        }
         Ok(())
     }
 
@@ -262,6 +315,30 @@ mod tests {
         assert_eq!(fleet.fleet_platforms().unwrap(), vec![Platform::linux("amd64"), Platform::parse("linux/arm/v7").unwrap()]);
         let bad = ServiceConfig::parse("platforms: [arm64]\n", "c.yaml").unwrap_err().to_string();
         assert!(bad.contains("c.yaml") && bad.contains("platforms") && bad.contains("arm64"), "{bad}");
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_checked_when_set() {
+        assert!(ServiceConfig::parse("", "c.yaml").unwrap().retention.is_none());
+        let c = ServiceConfig::parse("retention:\n  keep_targets: 3\n", "c.yaml").unwrap();
+        let r = c.retention.unwrap();
+        assert_eq!((r.keep_targets, r.interval_seconds), (Some(3), 3600));
+        assert_eq!(r.policy(1_000_000).unwrap(), RetentionPolicy { keep_newest: Some(3), ..RetentionPolicy::default() });
+        let r = ServiceConfig::parse("retention:\n  older_than: 2 weeks\n  interval_seconds: 60\n", "c.yaml").unwrap().retention.unwrap();
+        assert_eq!(r.policy(2_000_000).unwrap().keep_since, Some(2_000_000 - 14 * 86_400));
+        assert_eq!(r.interval(), Duration::from_secs(60));
+        let dated = ServiceConfig::parse("retention:\n  older_than: 2026-12-01T12:00:00+02:00\n", "c.yaml").unwrap().retention.unwrap();
+        assert_eq!(dated.policy(0).unwrap().keep_since, Some(1_796_119_200));
+        for (text, expected) in [
+            ("retention: {}\n", "keep_targets or older_than"),
+            ("retention:\n  interval_seconds: 60\n", "keep_targets or older_than"),
+            ("retention:\n  older_than: someday\n", "retention.older_than"),
+            ("retention:\n  keep_targets: 1\n  interval_seconds: 0\n", "interval_seconds"),
+            ("retention:\n  keep_targets: 1\n  keep_releases: 2\n", "keep_releases"),
+        ] {
+            let e = ServiceConfig::parse(text, "c.yaml").unwrap_err().to_string();
+            assert!(e.contains("c.yaml") && e.contains(expected), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`db`]: the durable state (registered releases, the build queue), in SQLite or
 //!   PostgreSQL.
 //! - [`queue`]: the build queue several instances share: leases, heartbeats, take-over.
+//! - [`retention`]: the periodic deletion of old deltas (`retention:`), protecting those the
+//!   registered releases need.
 //! - [`metrics`]: Prometheus text format.
 //! - [`shutdown`]: signals, and the order things stop in.
 //! - [`release_update`]: the transition between two releases, with each delta's status;
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod queue;
 pub mod release_update;
 pub mod releases;
+pub mod retention;
 pub mod routes;
 pub mod shutdown;
 pub mod state;
@@ -101,6 +104,7 @@ impl Service {
         let grace = app.config.shutdown_grace();
         let stopping = builds.clone();
         let housekeeping = tokio::spawn(housekeeping(app.clone()));
+        let retention = app.config.retention.clone().map(|r| tokio::spawn(retention::run_periodically(r, app.releases.clone(), builds.clone())));
         let router = routes::router(app);
         tracing::info!(addr = %listener.local_addr().ctx(|| "reading the listening address".into())?, "serving");
         axum::serve(listener, router)
@@ -111,6 +115,11 @@ impl Service {
             .await
             .ctx(|| "serving HTTP".into())?;
         housekeeping.abort();
+        // A run stopped between two deletions leaves nothing half-done: each delta is taken
+        // out of its referrers index before its manifest is deleted, and the next run resumes.
+        if let Some(task) = retention {
+            task.abort();
+        }
         let abandoned_builds = builds.drain(grace).await;
         if abandoned_builds > 0 {
             tracing::warn!(abandoned_builds, "abandoned builds in flight at the end of the grace period; nothing of them was published");

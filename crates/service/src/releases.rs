@@ -117,6 +117,11 @@ impl Releases {
         self.lock().iter().map(|r| r.release.id.clone()).collect()
     }
 
+    /// Every image the registered releases name, as written in their files.
+    pub fn images(&self) -> std::collections::BTreeSet<String> {
+        self.lock().iter().flat_map(|r| r.release.services.iter().map(|s| s.image.clone())).collect()
+    }
+
     fn get(&self, id: &str) -> Option<Arc<Registered>> {
         self.lock().iter().find(|r| r.release.id == id).cloned()
     }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -106,6 +107,22 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(ErrorResponse { error: message.into() })).into_response()
 }
 
+/// A request body, or the JSON error for one that could not be read (413 over
+/// `max_request_bytes`), as every other error of the API is.
+fn body_of(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, Box<Response>> {
+    body.map_err(|r| {
+        Box::new(match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => error(r.status(), format!("the body is larger than max_request_bytes ({limit} bytes)")),
+            status => error(status, r.body_text()),
+        })
+    })
+}
+
+/// A query string, or the JSON error (400) for one that does not parse.
+fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Box<Response>> {
+    query.map(|Query(q)| q).map_err(|r| Box::new(error(r.status(), r.body_text())))
+}
+
 fn with_retry_after(mut response: Response, seconds: u64) -> Response {
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
     response
@@ -126,7 +143,11 @@ struct WaitQuery {
     wait: Option<u64>,
 }
 
-async fn request_delta(State(app): State<App>, Query(query): Query<WaitQuery>, body: Bytes) -> Response {
+async fn request_delta(State(app): State<App>, query: Result<Query<WaitQuery>, QueryRejection>, body: Result<Bytes, BytesRejection>) -> Response {
+    let (query, body) = match (query_of(query), body_of(body, app.config.max_request_bytes)) {
+        (Ok(q), Ok(b)) => (q, b),
+        (Err(response), _) | (_, Err(response)) => return *response,
+    };
     let request: DeltaRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body is not a delta request: {e}")),
@@ -247,7 +268,11 @@ fn delta_answer(config: &ServiceConfig, key: &DeltaKey, status: Status) -> Respo
     }
 }
 
-async fn register_release(State(app): State<App>, body: Bytes) -> Response {
+async fn register_release(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body_of(body, app.config.max_request_bytes) {
+        Ok(b) => b,
+        Err(response) => return *response,
+    };
     let Ok(text) = std::str::from_utf8(&body) else { return error(StatusCode::BAD_REQUEST, "the release file is not UTF-8") };
     match app.releases.register(text, app.config.previous_releases, &app.builds).await {
         Ok(registration) => {
@@ -288,7 +313,11 @@ struct UpdateQuery {
     to: String,
 }
 
-async fn release_update(State(app): State<App>, Query(query): Query<UpdateQuery>, body: Bytes) -> Response {
+async fn release_update(State(app): State<App>, query: Result<Query<UpdateQuery>, QueryRejection>, body: Result<Bytes, BytesRejection>) -> Response {
+    let (query, body): (UpdateQuery, Bytes) = match (query_of(query), body_of(body, app.config.max_request_bytes)) {
+        (Ok(q), Ok(b)) => (q, b),
+        (Err(response), _) | (_, Err(response)) => return *response,
+    };
     let facts = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {

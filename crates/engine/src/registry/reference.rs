@@ -46,12 +46,8 @@ impl RegistryRef {
             Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
             None => (name_tag, None),
         };
-        if let Some(tag) = tag {
-            let mut chars = tag.chars();
-            let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !first_ok || tag.len() > MAX_TAG_LEN || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
-                return Err(invalid("a tag is 1 to 128 letters, digits, '_', '.' or '-', not starting with '.' or '-'"));
-            }
+        if tag.is_some_and(|t| !is_valid_tag(t)) {
+            return Err(invalid("a tag is 1 to 128 letters, digits, '_', '.' or '-', not starting with '.' or '-'"));
         }
         let (registry, repository) = match name.split_once('/') {
             Some((host, rest)) if host.contains('.') || host.contains(':') || host == "localhost" => (host.to_string(), rest.to_string()),
@@ -117,6 +113,15 @@ impl RegistryRef {
     pub fn by_digest(&self, digest: Digest) -> Self {
         RegistryRef { tag: None, digest: Some(digest), ..self.clone() }
     }
+}
+
+/// Whether `tag` is a tag as the distribution spec defines it: 1 to 128 letters, digits, `_`,
+/// `.` or `-`, not starting with `.` or `-` (so never a path, whatever a registry lists).
+pub(crate) fn is_valid_tag(tag: &str) -> bool {
+    let mut chars = tag.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && tag.len() <= MAX_TAG_LEN
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 fn valid_component(c: &str) -> bool {
