@@ -114,6 +114,23 @@ pub fn restart_policy(name: &str) -> Option<RestartPolicyNameEnum> {
     }
 }
 
+/// Attempts at a start or stop that the engine did not answer in time.
+const TIMED_OUT_ATTEMPTS: u32 = 3;
+
+/// Runs an idempotent request (a start or a stop: repeated, it answers 304) again when the
+/// engine did not answer in time. An engine on a loaded device (a slow SD card, hundreds of
+/// containers changing at once) can take minutes; it usually did what was asked, and giving
+/// up would roll back through the same busy engine.
+fn patiently<T>(request: impl Fn() -> std::result::Result<T, bollard::errors::Error>) -> std::result::Result<T, bollard::errors::Error> {
+    let mut attempt = 1;
+    loop {
+        match request() {
+            Err(bollard::errors::Error::RequestTimeoutError) if attempt < TIMED_OUT_ATTEMPTS => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
 fn not_found(e: &bollard::errors::Error) -> bool {
     matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
 }
@@ -164,7 +181,7 @@ impl Engine {
 
     /// Starts a container (nothing when it runs).
     pub fn start_container(&self, name: &str) -> Result<()> {
-        match self.block_on(self.docker.start_container(name, None::<StartContainerOptions>)) {
+        match patiently(|| self.block_on(self.docker.start_container(name, None::<StartContainerOptions>))) {
             Ok(()) => Ok(()),
             // 304: already started.
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
@@ -178,7 +195,7 @@ impl Engine {
         let t = i32::try_from(timeout.as_secs().max(u64::from(timeout.subsec_nanos() > 0))).unwrap_or(i32::MAX);
         // The engine answers once the container stopped: up to `timeout` after the request.
         let docker = self.docker.clone().with_timeout(super::client::CONTROL_TIMEOUT + timeout);
-        match self.block_on(docker.stop_container(name, Some(StopContainerOptions { t: Some(t), signal: None }))) {
+        match patiently(|| self.block_on(docker.stop_container(name, Some(StopContainerOptions { t: Some(t), signal: None })))) {
             Ok(()) => Ok(()),
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
             Err(e) if not_found(&e) => Ok(()),
@@ -267,5 +284,33 @@ mod tests {
         assert_eq!(restart_policy("always"), Some(RestartPolicyNameEnum::ALWAYS));
         assert_eq!(restart_policy("unless-stopped"), Some(RestartPolicyNameEnum::UNLESS_STOPPED));
         assert_eq!(restart_policy("sometimes"), None);
+    }
+
+    #[test]
+    fn a_start_or_stop_the_engine_did_not_answer_in_time_is_asked_again_a_bounded_number_of_times() {
+        let attempts = std::cell::Cell::new(0);
+        let slow_twice = || {
+            attempts.set(attempts.get() + 1);
+            if attempts.get() < 3 {
+                Err(bollard::errors::Error::RequestTimeoutError)
+            } else {
+                Ok(attempts.get())
+            }
+        };
+        assert_eq!(patiently(slow_twice).unwrap(), 3);
+        attempts.set(0);
+        let never = || {
+            attempts.set(attempts.get() + 1);
+            Err::<(), _>(bollard::errors::Error::RequestTimeoutError)
+        };
+        assert!(matches!(patiently(never), Err(bollard::errors::Error::RequestTimeoutError)));
+        assert_eq!(attempts.get(), TIMED_OUT_ATTEMPTS);
+        attempts.set(0);
+        let refused = || {
+            attempts.set(attempts.get() + 1);
+            Err::<(), _>(bollard::errors::Error::DockerResponseServerError { status_code: 500, message: "no".into() })
+        };
+        assert!(patiently(refused).is_err());
+        assert_eq!(attempts.get(), 1, "other errors are not retried");
     }
 }
