@@ -410,6 +410,8 @@ fn a_crash_between_any_two_steps_then_a_rerun_leaves_a_consistent_device() {
         let d = Device::new();
         let r1 = d.release("1", &[("api", d.image("api", 1), ""), ("db", d.image("db", 1), "")], "");
         d.update(&r1, &[]);
+        // The agent returns once the processes are spawned; each logs its start a moment later.
+        wait_for("db's start", || !d.running_pids("db").is_empty());
         let db_pid = d.running_pids("db");
         let r2 = d.release("2", &[("api", d.image("api", 2), ""), ("db", d.image("db", 1), "")], "");
         let out = d.agent(&r2, &["--crash-after", point]).output_bounded();
