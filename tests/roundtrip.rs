@@ -225,6 +225,44 @@ fn a_rebuild_seconds_later_costs_its_changes_not_its_headers() {
 }
 
 #[test]
+fn a_binary_whose_addresses_moved_costs_its_edits_at_the_max_level() {
+    // A 640 KiB executable-like file: a 32-bit address every 16 bytes, all moved by 0x40 in
+    // v2 (code moved), a version string edited and a function inserted. Byte matchers pay a
+    // sequence per address; approximate matches (ADD records) carry differences that are
+    // mostly zeros and repeat.
+    let mut old = Vec::new();
+    let mut state = 0x9e37_79b9_u32;
+    for i in 0..40_000u32 {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        old.extend_from_slice(&(0x40_0000 + i * 24).to_le_bytes());
+        old.extend_from_slice(&state.to_le_bytes());
+        old.extend_from_slice(&[0x48, 0x8b, 0x05, (i % 7) as u8, 0xe8, 0x90, 0x90, 0xc3]);
+    }
+    let mut new = old.clone();
+    for piece in new.chunks_mut(16) {
+        let v = u32::from_le_bytes(piece[..4].try_into().unwrap()) + 0x40;
+        piece[..4].copy_from_slice(&v.to_le_bytes());
+    }
+    new[1000..1010].copy_from_slice(b"v2.0.31-fd");
+    new.splice(300_000..300_000, text(7, 700));
+    let tree = |app: Vec<u8>| -> Tree { [("usr/bin/app".to_string(), file(app)), ("etc/motd".to_string(), file(text(1, 2000)))].into_iter().collect() };
+    let (v1, v2) = (tree(old), tree(new));
+    let dir = tempfile::tempdir().unwrap();
+    let payload = |level: Level| {
+        roundtrip(dir.path(), std::slice::from_ref(&v1), std::slice::from_ref(&v2), Compression::Gzip, Compression::Gzip, level);
+        let i = info(&oci(&dir.path().join("d"))).unwrap();
+        (i.layers[0].payload_bytes, i.layers[0].stats.clone().unwrap(), i.features)
+    };
+    let (default, _, features) = payload(Level::Default);
+    assert!(!features.iter().any(|f| f == "add-ranges"), "the default level codes literals: {features:?}");
+    let (max, stats, features) = payload(Level::Max);
+    assert!(features.iter().any(|f| f == "add-ranges"), "{features:?}");
+    assert_eq!(stats.files_approximated, 1, "{stats:?}");
+    assert!(stats.added_bytes > 600_000, "{stats:?}");
+    assert!(max * 4 < default, "approximate matches: {max} bytes, literals at the default level: {default}");
+}
+
+#[test]
 fn a_one_line_change_in_a_large_layer_costs_under_two_kilobytes_in_all() {
     // The fixed cost of a delta: manifest, config, metadata and the patch, for a same-length
     // edit of one line of one file among 3000 (format 2: one layer, short annotations).

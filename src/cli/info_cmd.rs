@@ -40,16 +40,22 @@ pub fn run(transfer: &Transfer, args: &Args) -> anyhow::Result<()> {
     for l in &info.layers {
         let detail = match (&l.source_layer, &l.stats) {
             (Some(s), _) => format!("equals source layer {s}"),
-            (_, Some(st)) => format!(
-                "{} files: {} unchanged, {} similar, {} new; {} copied, {} literal in {} chunks",
-                st.files,
-                st.files_unchanged,
-                st.files_similar,
-                st.files_new,
-                human_bytes(st.copied_bytes),
-                human_bytes(st.literal_bytes),
-                st.chunks
-            ),
+            (_, Some(st)) => {
+                format!(
+                    "{} files: {} unchanged, {} similar, {} new; {} copied, {} literal in {} chunks",
+                    st.files,
+                    st.files_unchanged,
+                    st.files_similar,
+                    st.files_new,
+                    human_bytes(st.copied_bytes),
+                    human_bytes(st.literal_bytes),
+                    st.chunks
+                ) + &if st.files_approximated > 0 {
+                    format!(" ({} similar files as approximate matches: {} added to source bytes)", st.files_approximated, human_bytes(st.added_bytes))
+                } else {
+                    String::new()
+                }
+            }
             _ => String::new(),
         };
         let detail = if l.repacked_members.is_empty() {

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::digest::{verify, Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{Encoding, LayerPlan, Method, FEATURE_RETIMED_HEADERS};
+use crate::format::plan::{Encoding, LayerPlan, Method, FEATURE_ADD_RANGES, FEATURE_RETIMED_HEADERS};
 use crate::format::records::RecordReader;
 use crate::format::MAX_RECORD_STREAM_WINDOW_LOG;
 use crate::image::manifest::BlobRef;
@@ -351,7 +351,9 @@ impl Rebuild<'_> {
         let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
         decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
         let (blob, payload) = self.write_tar(plan, target, what, |out| {
-            let records = RecordReader::new(decoder, self.tar_limit(target))?.allow_retimed(self.delta.plan.declares(FEATURE_RETIMED_HEADERS));
+            let records = RecordReader::new(decoder, self.tar_limit(target))?
+                .allow_retimed(self.delta.plan.declares(FEATURE_RETIMED_HEADERS))
+                .allow_add(self.delta.plan.declares(FEATURE_ADD_RANGES));
             if records.header().target_layer != plan.index {
                 return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
             }

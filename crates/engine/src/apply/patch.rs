@@ -1,4 +1,5 @@
-//! Executing a patch record stream: source copies and chunk literals, written in order.
+//! Executing a patch record stream: source copies, chunk literals and source ranges plus
+//! chunk differences, written in order.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -52,6 +53,20 @@ pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, 
                     return Err(Error::malformed("patch chunk", format!("decompressed to {n} bytes, {raw_len} declared")));
                 }
                 chunk_pos = 0;
+            }
+            Record::Add(r) => {
+                // The reader checked that the chunk holds `r.len` more bytes.
+                let differences = &chunk[chunk_pos..chunk_pos + r.len as usize];
+                let mut at = 0;
+                copy_range(source(r.layer)?, &r, &mut copy_buf, out, |piece| {
+                    for (byte, d) in piece.iter_mut().zip(&differences[at..]) {
+                        *byte = byte.wrapping_add(*d);
+                    }
+                    at += piece.len();
+                    Ok(())
+                })?;
+                chunk_pos += r.len as usize;
+                written += r.len;
             }
             Record::Literal(n) => {
                 let end = chunk_pos + n as usize;

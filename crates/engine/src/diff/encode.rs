@@ -9,6 +9,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use zstd::zstd_safe::{self, CParameter};
 
+use crate::diff::approximate;
 use crate::diff::material::Unpacked;
 use crate::diff::pair::{Partner, SourceIndex};
 use crate::error::{Error, IoContext, Result};
@@ -33,6 +34,10 @@ pub struct EncodeParams {
     /// that moved between files (code moved to a neighbouring module, renamed files the
     /// pairing missed) are still found; 0 disables it.
     pub context_bytes: u64,
+    /// Similar files up to this size (and partners up to it) are tried as approximate
+    /// matches ([`approximate`]), kept where they beat literals; 0 disables it. The aligner
+    /// holds 16 bytes per partner byte, per worker thread.
+    pub approximate_bytes: u64,
 }
 
 /// Frames compressed ahead of the record writer, per worker thread: enough to keep every
@@ -54,11 +59,24 @@ enum Op {
         shift: i64,
         next_header: u64,
     },
+    /// A source range plus differences taken from `chunk`.
+    Add {
+        range: SourceRange,
+        chunk: usize,
+    },
+}
+
+/// Bytes of a chunk: target bytes as they are, or the differences between target bytes and
+/// the source bytes of an `ADD`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Target(Range<u64>),
+    Difference { target: Range<u64>, source: SourceRange },
 }
 
 #[derive(Debug, Default)]
 struct ChunkPlan {
-    literals: Vec<Range<u64>>,
+    literals: Vec<Piece>,
     literal_len: u64,
     prefix: Vec<SourceRange>,
     prefix_len: u64,
@@ -119,9 +137,9 @@ impl Planner {
         SourceRange { layer: p.layer, offset: start, len: width }
     }
 
-    fn piece(&mut self, range: Range<u64>, partner: Option<SourceRange>) {
-        let len = range.end - range.start;
-        let partner_len = partner.map_or(0, |p| p.len);
+    /// The chunk that takes `len` more bytes with `partner_len` more prefix bytes: the
+    /// current one, or a new one when it is full.
+    fn chunk_for(&mut self, len: u64, partner_len: u64) -> usize {
         let current = self.chunks.last().expect("there is always a current chunk");
         if current.literal_len > 0
             && (current.literal_len + len > self.params.chunk_bytes
@@ -130,12 +148,57 @@ impl Planner {
         {
             self.chunks.push(ChunkPlan::default());
         }
-        let chunk_index = self.chunks.len() - 1;
-        let chunk = self.chunks.last_mut().expect("just ensured");
+        self.chunks.len() - 1
+    }
+
+    /// Emits target bytes `range` as the source bytes `partner` (at most a chunk long) plus
+    /// differences.
+    fn add(&mut self, range: Range<u64>, partner: SourceRange) {
+        let mut done = 0;
+        while done < partner.len {
+            let len = (partner.len - done).min(self.params.chunk_bytes);
+            let chunk = self.chunk_for(len, 0);
+            let source = SourceRange { layer: partner.layer, offset: partner.offset + done, len };
+            let target = range.start + done..range.start + done + len;
+            let plan = &mut self.chunks[chunk];
+            plan.literal_len += len;
+            plan.literals.push(Piece::Difference { target, source });
+            self.ops.push(Op::Add { range: source, chunk });
+            self.stats.added_bytes += len;
+            self.stats.literal_bytes += len;
+            done += len;
+        }
+    }
+
+    /// Emits similar file contents `range` by an alignment against `partner`: adds, and
+    /// literals against the partner between them.
+    fn approximate(&mut self, range: Range<u64>, partner: SourceRange, steps: &[approximate::Step]) {
+        self.stats.files_approximated += 1;
+        let (mut t, mut o) = (range.start, partner.offset as i128);
+        for step in steps {
+            if step.add > 0 {
+                self.add(t..t + step.add, SourceRange { layer: partner.layer, offset: o as u64, len: step.add });
+                t += step.add;
+            }
+            if step.extra > 0 {
+                let window = (partner.len <= self.params.prefix_bytes).then_some(partner);
+                self.piece(t..t + step.extra, window);
+                t += step.extra;
+            }
+            o += step.add as i128 + step.seek as i128;
+        }
+        debug_assert_eq!(t, range.end);
+    }
+
+    fn piece(&mut self, range: Range<u64>, partner: Option<SourceRange>) {
+        let len = range.end - range.start;
+        let partner_len = partner.map_or(0, |p| p.len);
+        let chunk_index = self.chunk_for(len, partner_len);
+        let chunk = &mut self.chunks[chunk_index];
         chunk.literal_len += len;
         match chunk.literals.last_mut() {
-            Some(last) if last.end == range.start => last.end = range.end,
-            _ => chunk.literals.push(range),
+            Some(Piece::Target(last)) if last.end == range.start => last.end = range.end,
+            _ => chunk.literals.push(Piece::Target(range)),
         }
         if let Some(p) = partner {
             let covered = chunk.prefix.last().is_some_and(|l| l.layer == p.layer && l.offset <= p.offset && p.end() <= l.end());
@@ -173,6 +236,7 @@ pub fn encode_layer(
 ) -> Result<(PatchStats, BTreeSet<u32>)> {
     debug_assert!(params.chunk_bytes <= MAX_CHUNK_BYTES && params.prefix_bytes <= MAX_PREFIX_BYTES);
     let mut planner = Planner::new(*params, target.index.len);
+    let alignments = alignments(target, source, params)?;
     let mut layer_uses: HashMap<u32, u64> = HashMap::new();
     let mut meta_from = 0u64;
     for (i, e) in target.index.entries.iter().enumerate() {
@@ -213,6 +277,9 @@ pub fn encode_layer(
         let content = e.content_range();
         match (partner, partner_loc) {
             (Partner::Same(l), _) => planner.copy(range_of(l.layer, source.entry(l).content_range())),
+            (Partner::Similar(l), _) if alignments.contains_key(&i) => {
+                planner.approximate(content, range_of(l.layer, source.entry(l).content_range()), &alignments[&i])
+            }
             (_, Some(l)) => planner.literal(content, Some(range_of(l.layer, source.entry(l).content_range()))),
             _ => planner.literal(content, None),
         }
@@ -279,7 +346,7 @@ pub fn encode_layer(
                 w.write(&Record::Retimed { range: *range, shift: *shift }).ctx(|| "writing patch".into())?;
                 progress.advance(range.len);
             }
-            Op::Literal { chunk, len } => {
+            Op::Literal { chunk, .. } | Op::Add { chunk, .. } => {
                 if current_chunk != Some(*chunk) {
                     let plan = &chunks[*chunk];
                     if frames.is_empty() {
@@ -291,8 +358,16 @@ pub fn encode_layer(
                     w.write(&Record::Chunk { prefix: plan.prefix.clone(), raw_len: plan.literal_len, frame }).ctx(|| "writing patch".into())?;
                     current_chunk = Some(*chunk);
                 }
-                w.write(&Record::Literal(*len)).ctx(|| "writing patch".into())?;
-                progress.advance(*len);
+                let (record, len) = match op {
+                    Op::Add { range, .. } => {
+                        used.insert(range.layer);
+                        (Record::Add(*range), range.len)
+                    }
+                    Op::Literal { len, .. } => (Record::Literal(*len), *len),
+                    _ => unreachable!("matched above"),
+                };
+                w.write(&record).ctx(|| "writing patch".into())?;
+                progress.advance(len);
             }
         }
     }
@@ -427,6 +502,46 @@ fn retime(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, la
     Ok(true)
 }
 
+/// Files smaller than this are never approximated: a few records cost what they could save.
+const MIN_APPROXIMATE_BYTES: u64 = 512;
+
+/// The alignments worth using, by target entry: every similar file and partner within
+/// [`EncodeParams::approximate_bytes`] is aligned (in parallel), and kept where its
+/// estimated size beats literals.
+fn alignments(target: &Unpacked, source: &SourceIndex<'_>, params: &EncodeParams) -> Result<HashMap<usize, Vec<approximate::Step>>> {
+    if params.approximate_bytes == 0 {
+        return Ok(HashMap::new());
+    }
+    let within = |n: u64| (MIN_APPROXIMATE_BYTES..=params.approximate_bytes).contains(&n);
+    let candidates: Vec<(usize, Range<u64>, SourceRange)> = target
+        .index
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.has_content() && within(e.data_len))
+        .filter_map(|(i, e)| {
+            let digest = target.content_digests[i].as_ref()?;
+            match source.partner(&e.path, digest, e.data_len) {
+                Partner::Similar(l) => {
+                    let partner = range_of(l.layer, source.entry(l).content_range());
+                    within(partner.len).then(|| (i, e.content_range(), partner))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    let kept: Vec<Option<(usize, Vec<approximate::Step>)>> = candidates
+        .par_iter()
+        .map(|(i, content, partner)| {
+            let new = target.read(content.clone())?;
+            let old = source.layers[partner.layer as usize].read(partner.offset..partner.end())?;
+            let steps = approximate::align(&old, &new)?;
+            Ok(approximate::worth_it(&old, &new, &steps)?.then_some((*i, steps)))
+        })
+        .collect::<Result<_>>()?;
+    Ok(kept.into_iter().flatten().collect())
+}
+
 /// Emits target bytes that are not file contents: a copy when they equal the partner's.
 fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, range: Range<u64>, partner: Option<SourceRange>) -> Result<()> {
     if range.is_empty() {
@@ -449,8 +564,18 @@ fn compress_chunk(chunk: &ChunkPlan, target: &Unpacked, source: &SourceIndex<'_>
         source.layers[p.layer as usize].read_append(p.offset..p.end(), &mut prefix)?;
     }
     let mut literals = Vec::with_capacity(chunk.literal_len as usize);
-    for r in &chunk.literals {
-        target.read_append(r.clone(), &mut literals)?;
+    for piece in &chunk.literals {
+        match piece {
+            Piece::Target(r) => target.read_append(r.clone(), &mut literals)?,
+            Piece::Difference { target: t, source: r } => {
+                let start = literals.len();
+                target.read_append(t.clone(), &mut literals)?;
+                let partner = source.layers[r.layer as usize].read(r.offset..r.end())?;
+                for (byte, p) in literals[start..].iter_mut().zip(&partner) {
+                    *byte = byte.wrapping_sub(*p);
+                }
+            }
+        }
     }
     let zstd_err = |code: usize| Error::malformed("zstd compression", zstd_safe::get_error_name(code).to_string());
     let window_log = ((prefix.len() + literals.len()).max(1 << 10) as u64).next_power_of_two().trailing_zeros().clamp(10, 27);
@@ -472,7 +597,7 @@ mod tests {
     use super::*;
 
     fn params() -> EncodeParams {
-        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10, context_bytes: 0 }
+        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10, context_bytes: 0, approximate_bytes: 0 }
     }
 
     fn r(layer: u32, offset: u64, len: u64) -> SourceRange {

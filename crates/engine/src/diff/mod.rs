@@ -1,6 +1,7 @@
 //! The differ: reads both images, pairs and matches their files, encodes each changed layer
 //! and packages the result as an OCI image.
 
+pub mod approximate;
 pub mod encode;
 pub mod encoding;
 pub mod material;
@@ -19,8 +20,8 @@ use rayon::prelude::*;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{
-    DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_DEFLATE_MEMBERS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS,
-    FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS,
+    DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS, FEATURE_EXACT_GZIP,
+    FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{Image, Layout, LayoutWriter};
@@ -53,11 +54,12 @@ pub enum Level {
 impl Level {
     /// The encoder parameters for this level.
     pub fn params(self) -> EncodeParams {
-        let base = EncodeParams { zstd_level: 3, chunk_bytes: 4 << 20, prefix_bytes: MAX_PREFIX_BYTES, window_slack: 1 << 20, context_bytes: 0 };
+        let base =
+            EncodeParams { zstd_level: 3, chunk_bytes: 4 << 20, prefix_bytes: MAX_PREFIX_BYTES, window_slack: 1 << 20, context_bytes: 0, approximate_bytes: 0 };
         match self {
             Level::Fast => base,
             Level::Default => EncodeParams { zstd_level: 12, context_bytes: 2 << 20, ..base },
-            Level::Max => EncodeParams { zstd_level: 19, window_slack: 2 << 20, context_bytes: MAX_PREFIX_BYTES, ..base },
+            Level::Max => EncodeParams { zstd_level: 19, window_slack: 2 << 20, context_bytes: MAX_PREFIX_BYTES, approximate_bytes: 4 << 20, ..base },
         }
     }
 
@@ -339,6 +341,9 @@ fn features_used(plan: &DeltaPlan) -> Vec<String> {
     }
     if uses(|l| l.stats.as_ref().is_some_and(|s| s.retimed_headers > 0)) {
         features.push(FEATURE_RETIMED_HEADERS.to_string());
+    }
+    if uses(|l| l.stats.as_ref().is_some_and(|s| s.added_bytes > 0)) {
+        features.push(FEATURE_ADD_RANGES.to_string());
     }
     features
 }

@@ -28,10 +28,14 @@ pub const FEATURE_DEFLATE_MEMBERS: &str = "deflate-members";
 /// Feature: patches may hold `RETIMED` records, source tar spans whose headers' mtimes move
 /// by a constant (see [`crate::format::retime`]).
 pub const FEATURE_RETIMED_HEADERS: &str = "retimed-headers";
+/// Feature: patches may hold `ADD` records, source ranges to which the next chunk bytes are
+/// added byte by byte (bsdiff's approximate matches: a file edited in scattered places).
+pub const FEATURE_ADD_RANGES: &str = "add-ranges";
 
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
-pub const KNOWN_FEATURES: &[&str] = &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS, FEATURE_GZIP_CORRECTIONS, FEATURE_DEFLATE_MEMBERS, FEATURE_RETIMED_HEADERS];
+pub const KNOWN_FEATURES: &[&str] =
+    &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS, FEATURE_GZIP_CORRECTIONS, FEATURE_DEFLATE_MEMBERS, FEATURE_RETIMED_HEADERS, FEATURE_ADD_RANGES];
 
 /// Largest uncompressed size of a member the differ expands (and the applier accepts).
 pub const MAX_MEMBER_RAW_BYTES: u64 = 256 << 20;
@@ -379,6 +383,13 @@ pub struct PatchStats {
     /// records, feature [`FEATURE_RETIMED_HEADERS`]); their bytes count as copied.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retimed_headers: u64,
+    /// Bytes rebuilt by `ADD` records (source bytes plus differences; feature
+    /// [`FEATURE_ADD_RANGES`]), out of the similar files' literals; they count as literal.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub added_bytes: u64,
+    /// Similar files coded by approximate matches (`ADD` records) rather than literals.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files_approximated: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -44,6 +44,7 @@ const TAG_COPY: u8 = 1;
 const TAG_LITERAL: u8 = 2;
 const TAG_CHUNK: u8 = 3;
 const TAG_RETIMED: u8 = 4;
+const TAG_ADD: u8 = 5;
 
 /// A byte range of an uncompressed source layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +98,11 @@ pub enum Record {
         /// Seconds added to each header's mtime.
         shift: i64,
     },
+    /// Append source range bytes each plus (modulo 256) the next byte of the current chunk:
+    /// bsdiff's "add" of a source region that the target changed in scattered places
+    /// (feature [`crate::format::plan::FEATURE_ADD_RANGES`]). The chunk carries the
+    /// differences, mostly zeros, which compress to almost nothing.
+    Add(SourceRange),
     /// The end of the patch.
     End,
 }
@@ -152,6 +158,10 @@ impl<W: Write> RecordWriter<W> {
                 self.range(range)?;
                 write_varint(&mut self.out, zigzag(*shift))
             }
+            Record::Add(r) => {
+                self.out.write_all(&[TAG_ADD])?;
+                self.range(r)
+            }
             Record::End => self.out.write_all(&[TAG_END]),
         }
     }
@@ -173,6 +183,7 @@ pub struct RecordReader<R: Read> {
     prefix_budget: u64,
     ended: bool,
     retimed_allowed: bool,
+    add_allowed: bool,
 }
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -201,6 +212,7 @@ impl<R: Read> RecordReader<R> {
             prefix_budget: prefix_budget(tar_len),
             ended: false,
             retimed_allowed: false,
+            add_allowed: false,
         })
     }
 
@@ -208,6 +220,13 @@ impl<R: Read> RecordReader<R> {
     /// [`crate::format::plan::FEATURE_RETIMED_HEADERS`].
     pub fn allow_retimed(mut self, allowed: bool) -> Self {
         self.retimed_allowed = allowed;
+        self
+    }
+
+    /// Accepts `ADD` records, which a delta may use only when it declares
+    /// [`crate::format::plan::FEATURE_ADD_RANGES`].
+    pub fn allow_add(mut self, allowed: bool) -> Self {
+        self.add_allowed = allowed;
         self
     }
 
@@ -333,6 +352,19 @@ impl<R: Read> RecordReader<R> {
                 Ok(Record::Retimed { range, shift })
             }
             TAG_RETIMED => Err(bad(format!("a retimed record in a delta that does not declare {:?}", crate::format::plan::FEATURE_RETIMED_HEADERS))),
+            TAG_ADD if self.add_allowed => {
+                let r = self.range()?;
+                if r.len == 0 {
+                    return Err(bad("an add of 0 bytes"));
+                }
+                if r.len > self.chunk_left {
+                    return Err(bad(format!("an add of {} bytes but only {} left in the chunk", r.len, self.chunk_left)));
+                }
+                self.chunk_left -= r.len;
+                self.produce(r.len)?;
+                Ok(Record::Add(r))
+            }
+            TAG_ADD => Err(bad(format!("an add record in a delta that does not declare {:?}", crate::format::plan::FEATURE_ADD_RANGES))),
             other => Err(bad(format!("unknown record tag {other}"))),
         }
     }
@@ -397,16 +429,17 @@ mod tests {
     use super::*;
 
     fn sample() -> (PatchHeader, Vec<Record>) {
-        let header = PatchHeader { target_layer: 3, tar_len: 100 + 7 + 5 + 1024 };
+        let header = PatchHeader { target_layer: 3, tar_len: 100 + 7 + 4 + 5 + 1024 };
         let records = vec![
             Record::Copy(SourceRange { layer: 1, offset: 5000, len: 100 }),
             Record::Retimed { range: SourceRange { layer: 0, offset: 512, len: 1024 }, shift: -5 },
             Record::Chunk {
                 prefix: vec![SourceRange { layer: 1, offset: 10, len: 20 }, SourceRange { layer: 0, offset: 7, len: 9 }],
-                raw_len: 12,
+                raw_len: 16,
                 frame: vec![1, 2, 3],
             },
             Record::Literal(7),
+            Record::Add(SourceRange { layer: 1, offset: 4000, len: 4 }),
             Record::Literal(5),
             Record::End,
         ];
@@ -422,7 +455,7 @@ mod tests {
     }
 
     fn decode(bytes: &[u8]) -> Result<Vec<Record>> {
-        let mut r = RecordReader::new(bytes, u64::MAX)?.allow_retimed(true);
+        let mut r = RecordReader::new(bytes, u64::MAX)?.allow_retimed(true).allow_add(true);
         let mut out = Vec::new();
         loop {
             let rec = r.next_record()?;
@@ -504,6 +537,27 @@ mod tests {
         assert!(matches!(r.next_record().unwrap(), Record::Copy(_)));
         let err = r.next_record().unwrap_err().to_string();
         assert!(err.contains("does not declare \"retimed-headers\""), "{err}");
+    }
+
+    #[test]
+    fn add_records_need_the_feature_and_take_their_differences_from_the_chunk() {
+        let (h, recs) = sample();
+        let bytes = encode(h, &recs);
+        let mut r = RecordReader::new(&bytes[..], u64::MAX).unwrap().allow_retimed(true);
+        for _ in 0..4 {
+            r.next_record().unwrap();
+        }
+        let err = r.next_record().unwrap_err().to_string();
+        assert!(err.contains("does not declare \"add-ranges\""), "{err}");
+
+        let h = PatchHeader { target_layer: 0, tar_len: 10 };
+        let past = [Record::Chunk { prefix: vec![], raw_len: 5, frame: vec![0] }, Record::Add(SourceRange { layer: 0, offset: 0, len: 6 })];
+        let err = decode(&encode(h, &past)).unwrap_err().to_string();
+        assert!(err.contains("an add of 6 bytes but only 5 left in the chunk"), "{err}");
+        let without_chunk = [Record::Add(SourceRange { layer: 0, offset: 0, len: 10 }), Record::End];
+        assert!(decode(&encode(h, &without_chunk)).is_err());
+        let empty = [Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0] }, Record::Add(SourceRange { layer: 0, offset: 0, len: 0 })];
+        assert!(decode(&encode(h, &empty)).unwrap_err().to_string().contains("an add of 0 bytes"));
     }
 
     #[test]
