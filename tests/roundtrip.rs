@@ -260,6 +260,13 @@ fn a_binary_whose_addresses_moved_costs_its_edits_at_the_max_level() {
     assert_eq!(stats.files_approximated, 1, "{stats:?}");
     assert!(stats.added_bytes > 600_000, "{stats:?}");
     assert!(max * 4 < default, "approximate matches: {max} bytes, literals at the default level: {default}");
+
+    // A delta whose plan hides the feature is refused at the first ADD record, naming it.
+    let d = dir.path().join("d");
+    edit_plan(&d, |p| p["features"].as_array_mut().unwrap().retain(|f| f != "add-ranges"));
+    let err = apply(&oci(&dir.path().join("s")), &oci(&d), &oci(&dir.path().join("o2")), &ApplyOptions::default(), &Silent).unwrap_err().to_string();
+    assert!(err.contains("does not declare \"add-ranges\""), "{err}");
+    assert!(!dir.path().join("o2").exists(), "nothing written");
 }
 
 #[test]
