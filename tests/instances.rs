@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,19 +14,9 @@ use std::time::{Duration, Instant};
 use common::http::{ask, ask_until_done, http, metric, pinned, push, runtime, send, try_send};
 use common::postgres::Postgres;
 use common::registry::Registry;
-use common::serve::{fd, Serve};
+use common::serve::{fd, write_release, Serve};
 use common::{run, run_failing, service_image, Bounded};
 use serde_json::{json, Value};
-
-fn write_release(dir: &Path, id: &str, services: &[(String, String)]) -> PathBuf {
-    let mut yaml = format!("id: '{id}'\nservices:\n");
-    for (name, image) in services {
-        yaml.push_str(&format!("  {name}:\n    image: {image}\n"));
-    }
-    let path = dir.join(format!("release-{id}.yaml"));
-    fs::write(&path, yaml).unwrap();
-    path
-}
 
 /// One job row: (state, owner, leases, builds).
 type JobRow = (String, String, u64, u64);
@@ -72,7 +61,7 @@ fn three_instances_on_one_postgres_build_every_pair_once_and_finish_a_killed_one
         for (s, name) in SERVICES.iter().enumerate() {
             service_image(&img, &format!("{name}-{v}"), 40 + s as u64, v, 60);
             push(home, &img, &format!("{name}-{v}"), &reg, name, &v.to_string());
-            services.push((name.to_string(), format!("{}/fleet/{name}:{v}", reg.addr)));
+            services.push((*name, format!("{}/fleet/{name}:{v}", reg.addr)));
         }
         releases.push(write_release(tmp.path(), &v.to_string(), &services));
     }
@@ -266,7 +255,7 @@ fn an_instance_killed_mid_build_finishes_it_once_after_a_restart() {
     for v in 1..=2 {
         service_image(&img, &format!("v{v}"), 8, v, 600);
         push(home, &img, &format!("v{v}"), &reg, "app", &v.to_string());
-        paths.push(write_release(tmp.path(), &v.to_string(), &[("app".into(), format!("{}/fleet/app:{v}", reg.addr))]));
+        paths.push(write_release(tmp.path(), &v.to_string(), &[("app", format!("{}/fleet/app:{v}", reg.addr))]));
     }
     let config = "level: max\nlease_seconds: 1\nretry_after_seconds: 1\n";
     let serve = Serve::start(home, config);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::http::{ask, ask_until_done, http, metric, metrics, pinned, post_json, push, runtime, send, Answer};
 use common::openapi::{self, assert_documented};
 use common::registry::Registry;
-use common::serve::{fd, Serve};
+use common::serve::{fd, write_release, Serve};
 use common::{assert_same_tagged_image, run, run_failing, service_image, Bounded};
 use fleetdelta::service::routes::{DELTAS, HEALTH, METRICS, RELEASE, RELEASES, RELEASE_UPDATE, ROUTES};
 use fleetdelta::Digest;
@@ -188,16 +188,6 @@ fn a_failing_build_reports_its_reason_and_is_retried_with_growing_backoff() {
     assert_eq!(metric(&serve.url, "fleetdelta_builds_total"), 2);
     assert_eq!(metric(&serve.url, "fleetdelta_builds_failed_total"), 2);
     assert!(serve.log().contains("delta failed"));
-}
-
-fn write_release(dir: &Path, id: &str, services: &[(&str, String)]) -> PathBuf {
-    let mut yaml = format!("id: '{id}'\nservices:\n");
-    for (name, image) in services {
-        yaml.push_str(&format!("  {name}:\n    image: {image}\n"));
-    }
-    let path = dir.join(format!("release-{id}.yaml"));
-    fs::write(&path, yaml).unwrap();
-    path
 }
 
 #[test]

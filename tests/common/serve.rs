@@ -104,3 +104,14 @@ impl Drop for Serve {
         let _ = self.child.wait();
     }
 }
+
+/// Writes a release file `release-ID.yaml` in `dir` with these services (name, image).
+pub fn write_release(dir: &Path, id: &str, services: &[(&str, String)]) -> PathBuf {
+    let mut yaml = format!("id: '{id}'\nservices:\n");
+    for (name, image) in services {
+        yaml.push_str(&format!("  {name}:\n    image: {image}\n"));
+    }
+    let path = dir.join(format!("release-{id}.yaml"));
+    fs::write(&path, yaml).unwrap();
+    path
+}
