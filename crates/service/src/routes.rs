@@ -298,10 +298,12 @@ async fn sync_releases(app: &App) {
 }
 
 async fn describe_release(State(app): State<App>, Path(id): Path<String>) -> Response {
-    if app.releases.describe(&id, &app.builds).is_none() {
+    let mut described = app.releases.describe(&id, &app.builds);
+    if described.is_none() {
         sync_releases(&app).await;
+        described = app.releases.describe(&id, &app.builds);
     }
-    match app.releases.describe(&id, &app.builds) {
+    match described {
         Some(deltas) => Json(serde_json::json!({ "id": id, "deltas": deltas })).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("release {id} is not registered")),
     }

@@ -236,15 +236,25 @@ pub fn encode_layer(
 ) -> Result<(PatchStats, BTreeSet<u32>)> {
     debug_assert!(params.chunk_bytes <= MAX_CHUNK_BYTES && params.prefix_bytes <= MAX_PREFIX_BYTES);
     let mut planner = Planner::new(*params, target.index.len);
-    let alignments = alignments(target, source, params)?;
+    // Each file's partner, found once: the alignments and the walk below both use it.
+    let partners: Vec<Partner> = target
+        .index
+        .entries
+        .iter()
+        .zip(&target.content_digests)
+        .map(|(e, digest)| match e.has_content() {
+            true => source.partner(&e.path, digest.as_ref().expect("entries with contents have digests"), e.data_len),
+            false => Partner::None,
+        })
+        .collect();
+    let alignments = alignments(target, source, &partners, params)?;
     let mut layer_uses: HashMap<u32, u64> = HashMap::new();
     let mut meta_from = 0u64;
     for (i, e) in target.index.entries.iter().enumerate() {
         if !e.has_content() {
             continue;
         }
-        let digest = target.content_digests[i].as_ref().expect("entries with contents have digests");
-        let partner = source.partner(&e.path, digest, e.data_len);
+        let partner = partners[i];
         planner.stats.files += 1;
         let partner_loc = match partner {
             Partner::Same(l) => {
@@ -505,10 +515,10 @@ fn retime(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, la
 /// Files smaller than this are never approximated: a few records cost what they could save.
 const MIN_APPROXIMATE_BYTES: u64 = 512;
 
-/// The alignments worth using, by target entry: every similar file and partner within
-/// [`EncodeParams::approximate_bytes`] is aligned (in parallel), and kept where its
-/// estimated size beats literals.
-fn alignments(target: &Unpacked, source: &SourceIndex<'_>, params: &EncodeParams) -> Result<HashMap<usize, Vec<approximate::Step>>> {
+/// The alignments worth using, by target entry: every similar file (its partner in
+/// `partners`, by entry) and partner within [`EncodeParams::approximate_bytes`] is aligned
+/// (in parallel), and kept where its estimated size beats literals.
+fn alignments(target: &Unpacked, source: &SourceIndex<'_>, partners: &[Partner], params: &EncodeParams) -> Result<HashMap<usize, Vec<approximate::Step>>> {
     if params.approximate_bytes == 0 {
         return Ok(HashMap::new());
     }
@@ -517,17 +527,14 @@ fn alignments(target: &Unpacked, source: &SourceIndex<'_>, params: &EncodeParams
         .index
         .entries
         .iter()
+        .zip(partners)
         .enumerate()
-        .filter(|(_, e)| e.has_content() && within(e.data_len))
-        .filter_map(|(i, e)| {
-            let digest = target.content_digests[i].as_ref()?;
-            match source.partner(&e.path, digest, e.data_len) {
-                Partner::Similar(l) => {
-                    let partner = range_of(l.layer, source.entry(l).content_range());
-                    within(partner.len).then(|| (i, e.content_range(), partner))
-                }
-                _ => None,
+        .filter_map(|(i, (e, partner))| match partner {
+            Partner::Similar(l) if within(e.data_len) => {
+                let partner = range_of(l.layer, source.entry(*l).content_range());
+                within(partner.len).then(|| (i, e.content_range(), partner))
             }
+            _ => None,
         })
         .collect();
     let kept: Vec<Option<(usize, Vec<approximate::Step>)>> = candidates
