@@ -5,4 +5,5 @@ peers    the peer tools (xdelta3, zstd, bsdiff, rdiff) and the Debian packages t
 runner   one comparison: fleetdelta at each level, the peers and the baselines on one pair
 report   ratios against the issue's targets, results.md, results.csv and the matplotlib plot
 encoders the --encoders benchmark (exact re-encoding per gzip encoder)
+apply    the --apply benchmark (apply speed against rdiff patch, pigz and cp)
 """

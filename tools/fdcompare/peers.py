@@ -1,7 +1,7 @@
 """The peer delta tools fleetdelta is compared with (xdelta3, zstd --patch-from at -19 and -3,
 bsdiff, rdiff): their commands, one measured and verified run each, and `ensure_tools`, which
 installs the Debian packages the comparison needs (the peers, /usr/bin/time and, for the
-plot, python3-matplotlib)."""
+plot, python3-matplotlib; pigz for --apply)."""
 
 import importlib
 import os
@@ -70,7 +70,7 @@ def run_peer(pair, tool, old, new, work, timeout):
 def have_matplotlib():
     importlib.invalidate_caches()
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         return False
     return True
@@ -92,13 +92,15 @@ def apt_install(packages, why="missing tools"):
                    check=True, capture_output=True)
 
 
-def ensure_tools(plot=True):
-    """Install what is missing: the peers, /usr/bin/time and (`plot`) python3-matplotlib.
+def ensure_tools(plot=True, extra=None):
+    """Install what is missing: the peers, `extra` ({binary: Debian package}, e.g. --apply's
+    pigz), /usr/bin/time and (`plot`) python3-matplotlib.
 
     Debian's python3-matplotlib is importable by Debian's python3 only: when this script runs
     under another interpreter (a venv, pyenv) that cannot import it, it is run again under
     /usr/bin/python3 with the same arguments."""
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    tools = dict(TOOLS, **(extra or {}))
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if not os.path.exists(TIME_BIN):
         missing.append("time")
     need_plot = plot and not have_matplotlib()

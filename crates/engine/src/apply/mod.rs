@@ -128,18 +128,24 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     let target_bytes = |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| t.blob.size);
     progress.stage("rebuilding layers", delta.plan.layers.iter().map(target_bytes).sum());
     let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options };
-    let outcomes: Vec<(LayerOutcome, BlobRef)> = pool.install(|| {
-        delta
-            .plan
-            .layers
+    // Largest first: with fewer workers than layers, the longest rebuild starts at once
+    // rather than after shorter ones, which would leave a worker idle at the end.
+    let mut order: Vec<usize> = (0..delta.plan.layers.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(target_bytes(&delta.plan.layers[i])));
+    let mut outcomes: Vec<(usize, (LayerOutcome, BlobRef))> = pool.install(|| {
+        order
             .par_iter()
-            .map(|l| {
+            .with_max_len(1)
+            .map(|&i| {
+                let l = &delta.plan.layers[i];
                 let r = ctx.layer(l);
                 progress.advance(target_bytes(l));
-                r
+                r.map(|r| (i, r))
             })
             .collect::<Result<_>>()
     })?;
+    outcomes.sort_by_key(|(i, _)| *i);
+    let outcomes: Vec<(LayerOutcome, BlobRef)> = outcomes.into_iter().map(|(_, o)| o).collect();
     drop(sources);
     drop(scratch);
 

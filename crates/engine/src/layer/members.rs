@@ -111,7 +111,7 @@ impl<R: BufRead> Read for Decoder<R> {
 
 /// Inflates the `m.compressed_len` bytes of `input` as one gzip member or deflate stream
 /// into `output`, checking that they hold exactly that and that it holds `m.raw_len` bytes.
-fn inflate_member(input: &mut dyn Read, m: &Member, output: &mut dyn Write, what: &str) -> Result<()> {
+pub fn inflate_member(input: &mut dyn Read, m: &Member, output: &mut dyn Write, what: &str) -> Result<()> {
     let mut decoder = Decoder::new(m.wrapping, BufReader::with_capacity(64 << 10, input.take(m.compressed_len)));
     // Errors of `output` (the size limit) keep their kind; the others are the member's.
     let n = io::copy(&mut (&mut decoder).take(m.raw_len + 1), output).map_err(|e| match e.downcast::<Error>() {

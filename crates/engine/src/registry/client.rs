@@ -6,7 +6,7 @@
 //! one), and errors quote the registry's own error codes.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -100,27 +100,36 @@ pub struct FetchedManifest {
 /// with exponential backoff, and bounded reads. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Client {
-    http: reqwest::Client,
+    /// Made on first use: building one loads the system's root certificates, a cost a
+    /// command that never reaches a registry (an apply between local layouts) should not pay.
+    http: OnceLock<reqwest::Client>,
     /// Without proxies, for loopback registries (as Go's `ProxyFromEnvironment` does).
-    direct: reqwest::Client,
+    direct: OnceLock<reqwest::Client>,
     pub(crate) options: ClientOptions,
     /// `Authorization` values by registry and scope set.
     auth: Mutex<HashMap<String, String>>,
 }
 
 impl Client {
-    /// Builds a client.
+    /// Builds a client (its HTTP connections are set up when first needed).
     pub fn new(options: ClientOptions) -> Result<Self> {
-        let builder = || {
-            reqwest::Client::builder()
-                .user_agent(concat!("fleetdelta/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(options.connect_timeout)
-                .read_timeout(options.idle_timeout)
-        };
-        let failed = |e: reqwest::Error| Error::Network { what: "creating the HTTP client".into(), reason: e.to_string() };
-        let http = builder().build().map_err(failed)?;
-        let direct = builder().no_proxy().build().map_err(failed)?;
-        Ok(Client { http, direct, options, auth: Mutex::new(HashMap::new()) })
+        Ok(Client { http: OnceLock::new(), direct: OnceLock::new(), options, auth: Mutex::new(HashMap::new()) })
+    }
+
+    /// The HTTP client for `host`: without proxies for a loopback address.
+    fn http_for(&self, host: &str) -> Result<&reqwest::Client> {
+        let direct = is_loopback(host);
+        let cell = if direct { &self.direct } else { &self.http };
+        if let Some(c) = cell.get() {
+            return Ok(c);
+        }
+        let builder = reqwest::Client::builder()
+            .user_agent(concat!("fleetdelta/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(self.options.connect_timeout)
+            .read_timeout(self.options.idle_timeout);
+        let builder = if direct { builder.no_proxy() } else { builder };
+        let client = builder.build().map_err(|e| Error::Network { what: "creating the HTTP client".into(), reason: e.to_string() })?;
+        Ok(cell.get_or_init(|| client))
     }
 
     /// The options in use.
@@ -147,7 +156,7 @@ impl Client {
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<Response> {
         let key = auth_key(r, scopes);
-        let http = if is_loopback(r.api_host()) { &self.direct } else { &self.http };
+        let http = self.http_for(r.api_host())?;
         let mut authenticated = false;
         let mut attempt = 0u32;
         loop {
@@ -220,7 +229,7 @@ impl Client {
                         q.append_pair("scope", s);
                     }
                 }
-                let http = if url.host_str().is_some_and(is_loopback) { &self.direct } else { &self.http };
+                let http = self.http_for(url.host_str().unwrap_or_default())?;
                 let mut request = http.get(url);
                 if let Some(c) = &credentials {
                     request = request.header(AUTHORIZATION, c.basic_header());

@@ -11,6 +11,7 @@
 mod trees;
 
 use crate::layer::exact::bits::BitWriter;
+use crate::layer::exact::klauspost::level5::match_len;
 use trees::{d_code, length_code, StaticTrees, Tree, EXTRA_DBITS};
 
 const W_SIZE: usize = 1 << 15;
@@ -356,17 +357,9 @@ impl Deflater {
         loop {
             let m = cur_match;
             if w[m + best_len] == scan_end && w[m + best_len - 1] == scan_end1 && w[m] == w[scan] && w[m + 1] == w[scan + 1] {
-                // Compare from byte 3 up to MAX_MATCH.
-                let mut s = scan + 2;
-                let mut mm = m + 2;
-                loop {
-                    s += 1;
-                    mm += 1;
-                    if w[s] != w[mm] || s >= strend {
-                        break;
-                    }
-                }
-                let len = MAX_MATCH - (strend - s.min(strend));
+                // Compare from byte 3 up to MAX_MATCH (byte 2 follows from the hash, as in
+                // zlib): the first difference, or MAX_MATCH, a word at a time.
+                let len = 3 + match_len(&w[scan + 3..strend], &w[m + 3..m + MAX_MATCH]);
                 if len > best_len {
                     self.match_start = cur_match;
                     best_len = len;
