@@ -19,7 +19,7 @@ pub struct Args {
     /// Largest uncompressed layer accepted, in bytes.
     #[arg(long, default_value_t = 64 << 30)]
     pub max_layer_size: u64,
-    /// Layers rebuilt at once (1 to 1024; no more than the machine's cores are used).
+    /// Layers rebuilt at once, and threads compressing byte-exact pgzip blocks (1 to 1024; no more than the machine's cores are used).
     #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub jobs: usize,
     /// Print the result as JSON.

@@ -46,8 +46,10 @@ pub struct ApplyOptions {
     pub expect_target: Option<Digest>,
     /// Largest uncompressed layer accepted.
     pub max_layer_bytes: u64,
-    /// Layers rebuilt at once (each needs at most about 24 MiB); at least 1 and at most the
-    /// number of cores, whatever is asked.
+    /// Layers rebuilt at once (each needs at most about 24 MiB), and threads compressing the
+    /// blocks of byte-exact pgzip layers; at least 1 and at most the number of cores, whatever
+    /// is asked. A layer re-encoded byte for byte is patched on one thread and compressed on
+    /// another, as a pipeline.
     pub jobs: usize,
 }
 
@@ -108,7 +110,12 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     let writer = LayoutWriter::create(out_dir)?;
     let scratch = writer.scratch()?;
     let jobs = options.jobs.clamp(1, std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build().map_err(|e| Error::io("starting workers", io::Error::other(e)))?;
+    let workers = |n: usize| rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| Error::io("starting workers", io::Error::other(e)));
+    let pool = workers(jobs)?;
+    // Byte-exact encoders (pgzip compresses its blocks in parallel) get a pool of their own,
+    // as wide: `--jobs` bounds them too. Not the layers' pool: an encoder waiting there for a
+    // worker held by the patch that feeds it would wait for ever.
+    let encoders = workers(jobs)?;
 
     let needed: BTreeSet<u32> = delta.plan.layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
     let source_bytes = |i: &u32| source_image.layers.get(*i as usize).map_or(0, |l| l.blob.size);
@@ -127,7 +134,7 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
 
     let target_bytes = |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| t.blob.size);
     progress.stage("rebuilding layers", delta.plan.layers.iter().map(target_bytes).sum());
-    let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options };
+    let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options, encoders: &encoders };
     // Largest first: with fewer workers than layers, the longest rebuild starts at once
     // rather than after shorter ones, which would leave a worker idle at the end.
     let mut order: Vec<usize> = (0..delta.plan.layers.len()).collect();
@@ -203,6 +210,8 @@ struct Rebuild<'a> {
     sources: &'a HashMap<u32, SourceLayer>,
     writer: &'a LayoutWriter,
     options: &'a ApplyOptions,
+    /// Where byte-exact encoders run.
+    encoders: &'a rayon::ThreadPool,
 }
 
 impl Rebuild<'_> {
@@ -282,9 +291,12 @@ impl Rebuild<'_> {
         let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
         let blob = self.writer.blob_limited(target.blob.size, &format!("{what} ({how}), past the target manifest's size"))?;
         let (encoded, written) = std::thread::scope(|scope| {
+            let encoders = self.encoders;
             let encoder = scope.spawn(move || {
-                let mut blob = blob;
-                encode(&mut io::BufReader::with_capacity(1 << 20, reader), &mut blob).map(|()| blob)
+                encoders.install(move || {
+                    let mut blob = blob;
+                    encode(&mut io::BufReader::with_capacity(1 << 20, reader), &mut blob).map(|()| blob)
+                })
             });
             let mut out = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, writer));
             let result = body(&mut out);
