@@ -159,8 +159,10 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     let (expansion, expanded_target) = expand_members(&mut unpacked_source, &unpacked_target, scratch.path(), options, progress)?;
     let index = SourceIndex::build(&unpacked_source);
 
-    let patched = to_encode.iter().map(|i| target_image.layers[*i as usize].blob.size).sum();
-    let params = options.level.params_for(patched, target_image.layers.iter().map(|l| l.blob.size).sum());
+    // The blobs of the layers no source layer has: what the delta patches, and what a pull
+    // without it would download.
+    let new_layer_bytes: u64 = to_encode.iter().map(|i| target_image.layers[*i as usize].blob.size).sum();
+    let params = options.level.params_for(new_layer_bytes, target_image.layers.iter().map(|l| l.blob.size).sum());
     let changed = Changed { target: sides.target, unpacked: &unpacked_target, expanded: &expanded_target, expansion: &expansion, index: &index, params };
     progress.stage("encoding layers", to_encode.iter().map(|i| changed.tar_bytes(*i)).sum());
     let encoded: Vec<(LayerPlan, Vec<Payload>)> = to_encode.par_iter().map(|i| changed.encode(*i, scratch.path(), options, progress)).collect::<Result<_>>()?;
@@ -198,9 +200,7 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
     drop(scratch);
     writer.commit(&manifest, delta.tag_or_default())?;
     progress.finish();
-    let full_pull_bytes = target_image.manifest.raw.len() as u64
-        + target_image.manifest.config.size
-        + target_image.layers.iter().filter(|l| !source_by_diff_id.contains_key(&l.diff_id)).map(|l| l.blob.size).sum::<u64>();
+    let full_pull_bytes = target_image.manifest.raw.len() as u64 + target_image.manifest.config.size + new_layer_bytes;
     Ok(DiffReport { delta_manifest: manifest.digest, delta_bytes, full_pull_bytes, plan })
 }
 

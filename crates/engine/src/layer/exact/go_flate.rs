@@ -98,7 +98,7 @@ fn hash4(b: &[u8]) -> usize {
 /// Common prefix of `a` and `b`, at most `max` bytes (both at least `max` long).
 #[inline(always)]
 fn match_len(a: &[u8], b: &[u8], max: usize) -> usize {
-    crate::layer::exact::klauspost::level5::match_len(&a[..max], &b[..max])
+    crate::layer::exact::match_len::match_len(&a[..max], &b[..max])
 }
 
 impl Deflater {

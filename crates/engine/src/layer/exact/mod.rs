@@ -48,6 +48,7 @@ mod go_flate;
 pub mod gzip_header;
 mod huffman;
 mod klauspost;
+mod match_len;
 pub mod pgzip;
 mod zlib;
 

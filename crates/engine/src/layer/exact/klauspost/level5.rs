@@ -9,6 +9,7 @@
 
 use super::tokens::{Tokens, MAX_STORE_BLOCK_SIZE};
 use super::MatchFinder;
+use crate::layer::exact::match_len::match_len;
 
 const TABLE_BITS: u32 = 15;
 const TABLE_SIZE: usize = 1 << TABLE_BITS;
@@ -42,28 +43,6 @@ pub(crate) fn load64(b: &[u8], i: i32) -> u64 {
 pub(crate) fn load32(b: &[u8], i: i32) -> u32 {
     let i = i as usize;
     u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
-}
-
-/// Length of the common prefix of `a` and `b` (`a` the shorter), 8 bytes at a time.
-/// Every match finder's inner loop: written with plain indices, which the compiler
-/// checks once per word, rather than zipped iterators, which it did not inline.
-#[inline(always)]
-pub(crate) fn match_len(a: &[u8], b: &[u8]) -> usize {
-    let b = &b[..a.len()];
-    let mut n = 0;
-    while n + 8 <= a.len() {
-        let x = u64::from_le_bytes(a[n..n + 8].try_into().expect("8 bytes"));
-        let y = u64::from_le_bytes(b[n..n + 8].try_into().expect("8 bytes"));
-        let diff = x ^ y;
-        if diff != 0 {
-            return n + (diff.trailing_zeros() >> 3) as usize;
-        }
-        n += 8;
-    }
-    while n < a.len() && a[n] == b[n] {
-        n += 1;
-    }
-    n
 }
 
 /// Common prefix of `src[s..]` and `src[t..]`, at most 254 bytes (`matchlen`).
@@ -371,14 +350,6 @@ impl MatchFinder for FastL5 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn match_len_counts_the_common_prefix() {
-        assert_eq!(match_len(b"abcdefghijk", b"abcdefghijX"), 10);
-        assert_eq!(match_len(b"abc", b"abcd"), 3);
-        assert_eq!(match_len(b"", b"x"), 0);
-        assert_eq!(match_len(b"Xbcdefghij", b"abcdefghij"), 0);
-    }
 
     #[test]
     fn repeated_text_yields_matches_and_random_bytes_none() {

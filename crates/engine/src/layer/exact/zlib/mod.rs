@@ -11,7 +11,7 @@
 mod trees;
 
 use crate::layer::exact::bits::BitWriter;
-use crate::layer::exact::klauspost::level5::match_len;
+use crate::layer::exact::match_len::match_len;
 use trees::{d_code, length_code, StaticTrees, Tree, EXTRA_DBITS};
 
 const W_SIZE: usize = 1 << 15;
