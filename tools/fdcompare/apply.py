@@ -6,7 +6,6 @@ of v1 with every layer decompressed), each output verified; and on the same data
 patch` of the concatenated uncompressed tars, `pigz -p P -6` of the target layers an apply
 must rebuild and compress, and `cp` of NEW. Writes OUT/apply.md and OUT/apply.csv."""
 
-import csv
 import gzip
 import json
 import os
@@ -18,7 +17,7 @@ import tempfile
 from .common import (CHUNK, CompareError, Measured, blob_path, concat_layers, dir_bytes, log,
                      measure, open_layer, read_image, read_json, verify_image)
 from .encoders import put_json_blob, sha256_file
-from .report import fmt_bytes, machine_line, ratio
+from .report import fmt_bytes, machine_line, ratio, write_dict_csv
 
 # The tools --apply needs beyond the comparison's: binary -> Debian package.
 APPLY_TOOLS = {"pigz": "pigz"}
@@ -403,14 +402,7 @@ def csv_value(v):
 
 
 def write_apply_csv(path, results):
-    cells = [c for info, rows in results for c in apply_cells(info, rows)]
-    if not cells:
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(cells[0]))
-        w.writeheader()
-        for c in cells:
-            w.writerow({k: csv_value(v) for k, v in c.items()})
+    write_dict_csv(path, [c for info, rows in results for c in apply_cells(info, rows)], csv_value)
 
 
 def run_apply(names, args):

@@ -3,7 +3,6 @@ encoder's real tool, fleetdelta diff --fidelity exact and content and the apply 
 verified, and the real tool's encode throughput against fleetdelta's port
 (examples/exact_encode). Writes OUT/encoders.md and OUT/encoders.csv."""
 
-import csv
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ import zlib
 
 from .common import (CHUNK, REPO, CompareError, Measured, blob_path, log, measure, open_layer,
                      read_image, read_image_digest, read_json, verify_image)
-from .report import fmt_bytes, machine_line, ratio
+from .report import fmt_bytes, machine_line, ratio, write_dict_csv
 
 
 # The encoders whose output fleetdelta's applier reproduces (crates/engine/src/layer/exact), each with the
@@ -449,15 +448,8 @@ def write_encoders_markdown(path, rows, load):
 
 
 def write_encoders_csv(path, rows):
-    cells = [encoder_cells(r) for r in rows]
-    if not cells:
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(cells[0]))
-        w.writeheader()
-        for c in cells:
-            w.writerow({k: ("" if v is None else f"{v:.4f}" if isinstance(v, float) else v)
-                        for k, v in c.items()})
+    write_dict_csv(path, [encoder_cells(r) for r in rows],
+                   lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else v)
 
 
 def run_encoders(names, pairs, args):

@@ -1,5 +1,6 @@
 """The comparison's reports: ratios against the issue's targets (`assess`), the formatting
-helpers, `machine_line`, OUT/results.md, OUT/results.csv, and OUT/payload-vs-time.svg, the
+helpers, `machine_line`, OUT/results.md, OUT/results.csv (and `write_dict_csv`, the other
+benchmarks' CSV writer), and OUT/payload-vs-time.svg, the
 payload-against-diff-time plot drawn with matplotlib (Debian's python3-matplotlib)."""
 
 import csv
@@ -149,6 +150,18 @@ def write_csv(path, results):
                             r.apply.status if r.apply else "",
                             (r.apply.rss_kib or "") if r.apply else "",
                             {True: "yes", False: "no", None: ""}[r.verified], r.note])
+
+
+def write_dict_csv(path, cells, value):
+    """Writes `cells` (dicts with the same keys, in the first's order) as a CSV with a header
+    row, each value through `value`; writes nothing when there are none."""
+    if not cells:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(cells[0]))
+        w.writeheader()
+        for c in cells:
+            w.writerow({k: value(v) for k, v in c.items()})
 
 
 # ---------------------------------------------------------------- the plot
