@@ -5,6 +5,14 @@
 //! directory, the staging directory itself is renamed into place; into an existing layout, the
 //! verified blobs are moved in and `index.json` is replaced atomically, so the images already
 //! there are never touched.
+//!
+//! Durability: the data of a commit is made durable with one `syncfs` of the staging
+//! directory's file system (where every staged blob and file lives), not one `fdatasync` per
+//! blob; each sync costs the file system a journal commit (a device's flash wears with them,
+//! and on a small image they were a third of an apply's wall time). It is as safe because
+//! nothing names a staged blob until the commit: a power cut before the `syncfs` returns
+//! leaves only a staging directory, which the next writer removes, and the steps after it
+//! (rename, journal, `index.json`) are synced one by one as before.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -283,6 +291,10 @@ pub struct LayoutWriter {
     verified: Mutex<HashSet<Digest>>,
     /// Held while the writer lives: marks the staging directory as in use.
     _staging_lock: File,
+    /// The staging directory, opened before anything is written into it: `syncfs` through
+    /// this descriptor reports every writeback error of its file system since it was opened
+    /// (Linux 5.8 and later), so none of the staged blobs' errors can go unseen.
+    staging_dir: File,
 }
 
 impl LayoutWriter {
@@ -329,7 +341,8 @@ impl LayoutWriter {
         // becomes the layout when the destination is new).
         let (staging, staging_lock) = locked_dir::create(&parent, &prefix, true)?;
         fs::create_dir_all(staging.path().join("blobs").join("sha256")).ctx(|| "creating staging blobs directory".into())?;
-        Ok(LayoutWriter { dest: dest.to_path_buf(), staging, into_existing, verified: Mutex::default(), _staging_lock: staging_lock })
+        let staging_dir = File::open(staging.path()).ctx(|| format!("opening {}", staging.path().display()))?;
+        Ok(LayoutWriter { dest: dest.to_path_buf(), staging, into_existing, verified: Mutex::default(), _staging_lock: staging_lock, staging_dir })
     }
 
     /// A scratch directory on the same file system, removed when dropped (drop it before commit).
@@ -426,6 +439,8 @@ impl LayoutWriter {
             "annotations": { REF_NAME_ANNOTATION: tag },
         });
         if self.into_existing {
+            // The staged blobs are durable before any of them is moved in.
+            self.sync_staging()?;
             let committed = self.commit_in_place(&staged_blobs, entry, tag);
             self.discard_staging();
             committed
@@ -436,10 +451,11 @@ impl LayoutWriter {
             let parent = parent_dir(&self.dest);
             let _parent_guard = lock_dir(&parent)?;
             fs::remove_file(self.staging.path().join(LOCK_FILE)).ctx(|| "removing the staging lock".into())?;
-            write_new(&self.staging.path().join(INDEX_FILE), &serde_json::to_vec(&index).expect("JSON values serialize"))?;
-            write_new(&self.staging.path().join(LAYOUT_FILE), LAYOUT_VERSION_JSON.as_bytes())?;
-            sync_dir(&staged_blobs)?;
-            sync_dir(self.staging.path())?;
+            write_unsynced(&self.staging.path().join(INDEX_FILE), &serde_json::to_vec(&index).expect("JSON values serialize"))?;
+            write_unsynced(&self.staging.path().join(LAYOUT_FILE), LAYOUT_VERSION_JSON.as_bytes())?;
+            // Blobs, files and directory entries of the new layout, all at once; then the
+            // rename that makes it the destination.
+            self.sync_staging()?;
             let staging = self.staging.keep();
             if let Err(e) = fs::rename(&staging, &self.dest) {
                 let _ = fs::remove_dir_all(&staging);
@@ -447,6 +463,11 @@ impl LayoutWriter {
             }
             sync_dir(&parent)
         }
+    }
+
+    /// Makes everything written under the staging directory durable (see the module's doc).
+    fn sync_staging(&self) -> Result<()> {
+        rustix::fs::syncfs(&self.staging_dir).map_err(|e| Error::io(format!("syncing the file system of {}", self.staging.path().display()), e.into()))
     }
 
     fn commit_in_place(&self, staged_blobs: &Path, entry: Value, tag: &str) -> Result<()> {
@@ -568,6 +589,11 @@ fn recover_interrupted_commits(dest: &Path) -> Result<()> {
     sync_dir(dest)
 }
 
+/// Writes a new file, unsynced (its mode as the umask gives): the commit syncs it.
+fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
+    fs::write(path, bytes).ctx(|| format!("writing {}", path.display()))
+}
+
 /// Writes a new file and syncs it (its mode as the umask gives).
 fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = File::create(path).ctx(|| format!("creating {}", path.display()))?;
@@ -633,9 +659,8 @@ impl BlobWriter {
         if let Some((expected, what)) = expected {
             verify(|| what.to_string(), expected, None, &digest, len)?;
         }
-        // On a device, power may fail at any moment: the data must be on disk before any
-        // index can point at it.
-        file.as_file().sync_data().ctx(|| format!("syncing blob {digest}"))?;
+        // Not synced here: the commit makes every staged blob durable at once, before anything
+        // can name it (see the module's doc).
         let target = self.dir.join(digest.hex());
         file.persist(&target).map_err(|e| Error::io(format!("storing blob {digest}"), e.error))?;
         Ok((digest, len))
