@@ -12,7 +12,9 @@
 //! and on a small image they were a third of an apply's wall time). It is as safe because
 //! nothing names a staged blob until the commit: a power cut before the `syncfs` returns
 //! leaves only a staging directory, which the next writer removes, and the steps after it
-//! (rename, journal, `index.json`) are synced one by one as before.
+//! (rename, journal, `index.json`) are synced one by one as before. On kernels before 5.8,
+//! whose `syncfs` does not report writeback errors, every blob and file is synced on its own
+//! as well ([`syncfs_reports_errors`]).
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -589,9 +591,29 @@ fn recover_interrupted_commits(dest: &Path) -> Result<()> {
     sync_dir(dest)
 }
 
-/// Writes a new file, unsynced (its mode as the umask gives): the commit syncs it.
+/// Writes a new file that the commit syncs (its mode as the umask gives).
 fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
+    if !syncfs_reports_errors() {
+        return write_new(path, bytes);
+    }
     fs::write(path, bytes).ctx(|| format!("writing {}", path.display()))
+}
+
+/// Whether the running kernel's `syncfs` reports the writeback errors of its file system
+/// (Linux 5.8 and later); before, it returned success whatever failed to reach the disk.
+fn syncfs_reports_errors() -> bool {
+    static REPORTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REPORTS.get_or_init(|| kernel_at_least(&rustix::system::uname().release().to_string_lossy(), (5, 8)))
+}
+
+/// Whether a kernel release string (`6.1.0-13-amd64`, `5.10.160-l4t`) is at least `min`; an
+/// unreadable one is taken as older.
+fn kernel_at_least(release: &str, min: (u32, u32)) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    match (parts.next().and_then(|p| p.parse::<u32>().ok()), parts.next().and_then(|p| p.parse::<u32>().ok())) {
+        (Some(major), Some(minor)) => (major, minor) >= min,
+        _ => false,
+    }
 }
 
 /// Writes a new file and syncs it (its mode as the umask gives).
@@ -659,8 +681,11 @@ impl BlobWriter {
         if let Some((expected, what)) = expected {
             verify(|| what.to_string(), expected, None, &digest, len)?;
         }
-        // Not synced here: the commit makes every staged blob durable at once, before anything
-        // can name it (see the module's doc).
+        // The commit makes every staged blob durable at once, before anything can name it
+        // (see the module's doc), where the kernel reports what that sync failed to write.
+        if !syncfs_reports_errors() {
+            file.as_file().sync_data().ctx(|| format!("syncing blob {digest}"))?;
+        }
         let target = self.dir.join(digest.hex());
         file.persist(&target).map_err(|e| Error::io(format!("storing blob {digest}"), e.error))?;
         Ok((digest, len))
@@ -808,6 +833,17 @@ mod tests {
         fs::write(tmp.path().join("precious"), b"x").unwrap();
         assert!(LayoutWriter::create(tmp.path()).is_err());
         assert!(Layout::open(tmp.path()).is_err());
+    }
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(kernel_at_least("6.1.0-13-amd64", (5, 8)));
+        assert!(kernel_at_least("5.8.0", (5, 8)));
+        assert!(kernel_at_least("5.10.160-l4t-r35", (5, 8)));
+        assert!(!kernel_at_least("5.4.255-yocto", (5, 8)));
+        assert!(!kernel_at_least("4.19.118", (5, 8)));
+        assert!(!kernel_at_least("", (5, 8)));
+        assert!(!kernel_at_least("unknown", (5, 8)));
     }
 
     #[test]
