@@ -132,6 +132,49 @@ fn a_delta_index_goes_through_a_registry_and_devices_find_their_platform_s_delta
 }
 
 #[test]
+fn copy_takes_an_index_whole_and_it_keeps_its_digest() {
+    let reg = Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (home, img, deltas, back) = (tmp.path(), tmp.path().join("img"), tmp.path().join("deltas"), tmp.path().join("back"));
+    release(&img, 1, &BOTH);
+    let (v2_index, v2) = release(&img, 2, &BOTH);
+    let at = |dir: &Path, tag: &str| format!("oci:{}:{tag}", dir.display());
+    let delta_index: Digest = json(run(fd(home).args(["diff", "--json", &at(&img, "v1"), &at(&img, "v2"), &at(&deltas, "v1-v2")])))["delta_manifest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // Into a registry and back, the delta index and the multi-platform image each keep their
+    // digest, and every platform's image comes along.
+    for (from, remote, tag, digest) in [(at(&deltas, "v1-v2"), "delta-1-2", "delta", delta_index), (at(&img, "v2"), "2", "v2", v2_index)] {
+        let remote = format!("docker://{}/fleet/multi:{remote}", reg.addr);
+        let pushed = json(run(fd(home).args(["copy", "--json", &from, &remote])));
+        assert_eq!(pushed["manifest"], digest.to_string(), "{pushed}");
+        assert!(pushed["pushed"]["blobs_uploaded"].as_u64().unwrap() >= 4, "two images' configs and layers: {pushed}");
+        let fetched = json(run(fd(home).args(["copy", "--json", &remote, &at(&back, tag)])));
+        assert_eq!(fetched["manifest"], digest.to_string(), "{fetched}");
+        let top = Layout::open(&back).unwrap().resolve_top(Some(tag)).unwrap();
+        assert_eq!((top.digest, top.media_type.as_str()), (digest, OCI_INDEX));
+    }
+    // Layout to layout too.
+    let copied = json(run(fd(home).args(["copy", "--json", &at(&img, "v2"), &at(&tmp.path().join("copy"), "v2")])));
+    assert_eq!(copied["manifest"], v2_index.to_string(), "{copied}");
+
+    // Each platform applies from the copied delta index, against the copied target.
+    let device = tmp.path().join("device");
+    for (arch, target) in [("amd64", v2[0]), ("arm64", v2[1])] {
+        let applied = json(run(fd(home).args(["apply", "--json", &at(&img, &format!("v1-{arch}")), &at(&back, "delta"), &at(&device, arch)])));
+        assert_eq!(applied["written_manifest"], target.to_string(), "{arch}: {applied}");
+        assert_same_tagged_image(&img, Some(&format!("v2-{arch}")), &device, Some(arch));
+    }
+
+    // The container engine holds one image per name: an index is refused before it is asked.
+    let err = run_failing(fd(home).args(["copy", &at(&img, "v2"), "docker-daemon:fleet/multi:2"]));
+    assert!(err.contains("image index") && err.contains("one image per name"), "{err}");
+}
+
+#[test]
 fn a_source_without_a_platform_of_the_target_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let (home, img, deltas) = (tmp.path(), tmp.path().join("img"), tmp.path().join("deltas"));

@@ -20,7 +20,7 @@ pub struct Args {
 pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow::Result<()> {
     let Args { json, ref source, ref destination } = *args;
     let (source, destination) = (ImageRef::parse(source)?, ImageRef::parse(destination)?);
-    let report = transfer.copy(&source, &destination, progress).with_context(|| format!("copy {source} -> {destination}"))?;
+    let report = fleetdelta::platforms::copy(transfer, &source, &destination, progress).with_context(|| format!("copy {source} -> {destination}"))?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

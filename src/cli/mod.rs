@@ -129,7 +129,8 @@ pub enum Command {
     /// Rebuild the target image of DELTA from SOURCE and write it to OUTPUT.
     Apply(apply_cmd::Args),
     /// Copy an image between layouts, registries and the container engine (oci:DIR[:TAG],
-    /// docker://HOST/REPO[:TAG|@DIGEST], docker-daemon:NAME[:TAG]).
+    /// docker://HOST/REPO[:TAG|@DIGEST], docker-daemon:NAME[:TAG]); an image index (a
+    /// multi-platform image or a delta index) whole, keeping its digest.
     Copy(copy_cmd::Args),
     /// Bring a registry image into a local layout or the container engine using a delta from
     /// the image the device has.

@@ -24,7 +24,8 @@ use crate::image::platform::{entry_for, index_entries, IndexEntry, Platform};
 use crate::image::{Layout, LayoutWriter, DEFAULT_TAG};
 use crate::progress::Progress;
 use crate::reference::{load_image, ImageRef};
-use crate::transfer::{push_image, FetchReport, PushReport, Transfer};
+use crate::transfer::{push_image, CopyReport, FetchReport, PushReport, Transfer};
+use oci_spec::image::ImageIndex;
 
 /// Annotation of a delta index: the digest of the target image index it rebuilds.
 pub const ANNOTATION_TARGET_INDEX: &str = "io.fleetdelta.target.index";
@@ -242,23 +243,57 @@ fn diff_indexes(
     }
     let raw = delta_index(source_index, target_index, &built)?;
     let index = BlobRef { media_type: OCI_INDEX.into(), digest: Digest::of(&raw), size: raw.len() as u64 };
-    match delta {
+    let images: Vec<IndexImage<'_>> = built
+        .iter()
+        .map(|(layout, d)| IndexImage { layout, tag: DEFAULT_TAG, manifest: &d.manifest, what: format!("the delta for {}", describe(&d.platform)) })
+        .collect();
+    write_index(transfer, delta, &images, &index, &raw, progress)?;
+    Ok(PlatformsReport { index: Some(index), deltas: built.into_iter().map(|(_, d)| d).collect(), pushed: None })
+}
+
+/// One image of an index being written: its manifest, in a local layout under `tag`.
+struct IndexImage<'a> {
+    layout: &'a Layout,
+    tag: &'a str,
+    manifest: &'a BlobRef,
+    /// The image in messages: `the delta for linux/arm64`.
+    what: String,
+}
+
+/// Writes the index `raw` (whose blob is `index`) and every image it lists to `dest`, a layout
+/// or a registry: the images first (in a registry, each by digest, so that its subject's
+/// referrers list it), then the index, byte for byte. Returns what was pushed to a registry,
+/// the images' pushes added up.
+fn write_index(
+    transfer: &Transfer,
+    dest: &ImageRef,
+    images: &[IndexImage<'_>],
+    index: &BlobRef,
+    raw: &[u8],
+    progress: &dyn Progress,
+) -> Result<Option<PushReport>> {
+    match dest {
         ImageRef::Layout { dir, tag } => {
             let writer = LayoutWriter::create(dir)?;
-            for (layout, d) in &built {
-                let image = layout.load_image(Some(DEFAULT_TAG))?;
-                for (i, blob) in std::iter::once(&image.manifest.config).chain(image.layers.iter().map(|l| &l.blob)).enumerate() {
-                    writer.add_existing_blob(layout, blob, &format!("blob {i} of the delta for {}", describe(&d.platform)))?;
+            for image in images {
+                let loaded = image.layout.load_image(Some(image.tag))?;
+                for (i, blob) in std::iter::once(&loaded.manifest.config).chain(loaded.layers.iter().map(|l| &l.blob)).enumerate() {
+                    writer.add_existing_blob(image.layout, blob, &format!("blob {i} of {}", image.what))?;
                 }
-                writer.add_existing_blob(layout, &d.manifest, &format!("the delta manifest for {}", describe(&d.platform)))?;
+                writer.add_existing_blob(image.layout, image.manifest, &format!("the manifest of {}", image.what))?;
             }
-            writer.put_blob(&raw)?;
-            writer.commit(&index, tag.as_deref().unwrap_or(DEFAULT_TAG))?;
+            writer.put_blob(raw)?;
+            writer.commit(index, tag.as_deref().unwrap_or(DEFAULT_TAG))?;
+            Ok(None)
         }
         ImageRef::Registry(r) => transfer.block_on(async {
-            // Each delta by digest (listed among its subject's referrers), then the index.
-            for (layout, d) in &built {
-                push_image(transfer.client(), layout, Some(DEFAULT_TAG), &r.by_digest(d.manifest.digest), None, progress).await?;
+            let mut total = PushReport { manifest: index.digest, blobs_uploaded: 0, bytes_uploaded: 0, blobs_skipped: 0, referrers_tag_updated: false };
+            for image in images {
+                let pushed = push_image(transfer.client(), image.layout, Some(image.tag), &r.by_digest(image.manifest.digest), None, progress).await?;
+                total.blobs_uploaded += pushed.blobs_uploaded;
+                total.bytes_uploaded += pushed.bytes_uploaded;
+                total.blobs_skipped += pushed.blobs_skipped;
+                total.referrers_tag_updated |= pushed.referrers_tag_updated;
             }
             let reference = match (&r.tag, &r.digest) {
                 (_, Some(d)) if *d != index.digest => return Err(Error::DigestMismatch { what: format!("push to {r}"), expected: *d, found: index.digest }),
@@ -266,11 +301,74 @@ fn diff_indexes(
                 (None, Some(d)) => d.to_string(),
                 (None, None) => DEFAULT_TAG.to_string(),
             };
-            transfer.client().put_manifest(r, &reference, OCI_INDEX, &raw).await.map(|_| ())
-        })?,
-        other => return Err(Error::unsupported(other.to_string(), "a delta is written to a layout or a registry")),
+            transfer.client().put_manifest(r, &reference, &index.media_type, raw).await?;
+            Ok(Some(total))
+        }),
+        other => Err(Error::unsupported(other.to_string(), "an image index is written to a layout or a registry")),
     }
-    Ok(PlatformsReport { index: Some(index), deltas: built.into_iter().map(|(_, d)| d).collect(), pushed: None })
+}
+
+/// Copies what `src` names to `dst`. One image is copied as [`Transfer::copy`] does. An image
+/// index (a multi-platform image, or a delta index) is copied whole: every image it lists,
+/// attestation manifests included, then the index itself byte for byte, so that it keeps its
+/// digest and the images keep theirs. An index cannot go into the container engine, which
+/// holds one image per name.
+pub fn copy(transfer: &Transfer, src: &ImageRef, dst: &ImageRef, progress: &dyn Progress) -> Result<CopyReport> {
+    let Top::Index { digest, .. } = read_top(transfer, src)? else { return transfer.copy(src, dst, progress) };
+    if matches!(dst, ImageRef::Engine(_)) {
+        return Err(Error::unsupported(
+            format!("copying the image index {src} into {dst}"),
+            "the container engine holds one image per name: copy the image of one platform (by digest) instead",
+        ));
+    }
+    let (index, raw) = index_blob(transfer, src, digest)?;
+    let what = format!("the image index {src}");
+    let parsed = ImageIndex::from_reader(&raw[..]).map_err(|e| Error::malformed(&what, e.to_string()))?;
+    let mut fetched: Option<FetchReport> = None;
+    let mut locals = Vec::with_capacity(parsed.manifests().len());
+    for descriptor in parsed.manifests() {
+        let manifest = BlobRef::from_descriptor(descriptor)?;
+        if is_index(&manifest.media_type) {
+            return Err(Error::unsupported(&what, format!("its entry {} is an index itself, which copy does not follow", manifest.digest)));
+        }
+        let platform = descriptor.platform().as_ref().map(Platform::of_spec);
+        progress.stage(&format!("image for {}", describe(&platform)), 0);
+        let (local, report) = localize_entry(transfer, src, &IndexEntry { manifest: manifest.clone(), platform: platform.clone() }, progress)?;
+        if let Some(r) = report {
+            let total = fetched.get_or_insert_with(|| FetchReport { manifest: Some(digest), ..FetchReport::default() });
+            total.received += r.received;
+            total.blobs_downloaded += r.blobs_downloaded;
+            total.blobs_reused += r.blobs_reused;
+            total.resumes += r.resumes;
+        }
+        let (dir, tag) = local.local()?;
+        locals.push((Layout::open(dir)?, tag.unwrap_or(DEFAULT_TAG).to_string(), manifest, format!("the image for {}", describe(&platform))));
+    }
+    let images: Vec<IndexImage<'_>> = locals.iter().map(|(layout, tag, manifest, what)| IndexImage { layout, tag, manifest, what: what.clone() }).collect();
+    let pushed = write_index(transfer, dst, &images, &index, &raw, progress)?;
+    Ok(CopyReport { manifest: Some(digest), fetched, pushed, loaded: None })
+}
+
+/// The blob and bytes of the index `image` names (a layout or a registry), checked against
+/// `digest`, what [`read_top`] found there.
+fn index_blob(transfer: &Transfer, image: &ImageRef, digest: Digest) -> Result<(BlobRef, Vec<u8>)> {
+    let (media_type, raw) = match image {
+        ImageRef::Layout { dir, tag } => {
+            let layout = Layout::open(dir)?;
+            let blob = layout.resolve_top(tag.as_deref())?;
+            (blob.media_type.clone(), layout.read_blob(&blob, MAX_JSON_BYTES)?)
+        }
+        ImageRef::Registry(r) => {
+            let fetched = transfer.block_on(transfer.client().get_manifest(r, &digest.to_string()))?;
+            (fetched.media_type, fetched.raw)
+        }
+        other => return Err(Error::unsupported(other.to_string(), "only layouts and registries hold image indexes")),
+    };
+    let found = Digest::of(&raw);
+    if found != digest {
+        return Err(Error::DigestMismatch { what: format!("the image index {image}"), expected: digest, found });
+    }
+    Ok((BlobRef { media_type, digest, size: raw.len() as u64 }, raw))
 }
 
 fn describe(platform: &Option<Platform>) -> String {

@@ -61,7 +61,7 @@ impl Platform {
         (&self.os, &self.architecture, variant)
     }
 
-    fn of_spec(p: &oci_spec::image::Platform) -> Self {
+    pub(crate) fn of_spec(p: &oci_spec::image::Platform) -> Self {
         Platform { os: p.os().to_string(), architecture: p.architecture().to_string(), variant: p.variant().clone() }
     }
 }
