@@ -82,6 +82,13 @@ struct ChunkPlan {
     prefix_len: u64,
 }
 
+impl ChunkPlan {
+    /// Whether the last range of the prefix holds all of `p`.
+    fn prefix_covers(&self, p: &SourceRange) -> bool {
+        self.prefix.last().is_some_and(|l| l.layer == p.layer && l.offset <= p.offset && p.end() <= l.end())
+    }
+}
+
 /// Accumulates operations and chunks in output order.
 struct Planner {
     params: EncodeParams,
@@ -137,10 +144,14 @@ impl Planner {
         SourceRange { layer: p.layer, offset: start, len: width }
     }
 
-    /// The chunk that takes `len` more bytes with `partner_len` more prefix bytes: the
-    /// current one, or a new one when it is full.
-    fn chunk_for(&mut self, len: u64, partner_len: u64) -> usize {
+    /// The chunk that takes `len` more bytes coded against `partner`: the current one, or a
+    /// new one when it is full. A partner the current chunk's prefix already holds adds
+    /// nothing to it (the bytes between an approximate match's adds are all coded against the
+    /// same partner: counting it again for each would give every one a chunk of its own,
+    /// and zstd would load the partner into its match finder for each).
+    fn chunk_for(&mut self, len: u64, partner: Option<SourceRange>) -> usize {
         let current = self.chunks.last().expect("there is always a current chunk");
+        let partner_len = partner.filter(|p| !current.prefix_covers(p)).map_or(0, |p| p.len);
         if current.literal_len > 0
             && (current.literal_len + len > self.params.chunk_bytes
                 || current.prefix_len + partner_len > self.params.prefix_bytes
@@ -157,7 +168,7 @@ impl Planner {
         let mut done = 0;
         while done < partner.len {
             let len = (partner.len - done).min(self.params.chunk_bytes);
-            let chunk = self.chunk_for(len, 0);
+            let chunk = self.chunk_for(len, None);
             let source = SourceRange { layer: partner.layer, offset: partner.offset + done, len };
             let target = range.start + done..range.start + done + len;
             let plan = &mut self.chunks[chunk];
@@ -192,8 +203,7 @@ impl Planner {
 
     fn piece(&mut self, range: Range<u64>, partner: Option<SourceRange>) {
         let len = range.end - range.start;
-        let partner_len = partner.map_or(0, |p| p.len);
-        let chunk_index = self.chunk_for(len, partner_len);
+        let chunk_index = self.chunk_for(len, partner);
         let chunk = &mut self.chunks[chunk_index];
         chunk.literal_len += len;
         match chunk.literals.last_mut() {
@@ -201,8 +211,7 @@ impl Planner {
             _ => chunk.literals.push(Piece::Target(range)),
         }
         if let Some(p) = partner {
-            let covered = chunk.prefix.last().is_some_and(|l| l.layer == p.layer && l.offset <= p.offset && p.end() <= l.end());
-            if !covered && p.len <= self.prefix_left {
+            if !chunk.prefix_covers(&p) && p.len <= self.prefix_left {
                 self.prefix_left -= p.len;
                 chunk.prefix_len += p.len;
                 match chunk.prefix.last_mut() {
@@ -671,6 +680,19 @@ mod tests {
         let sizes: Vec<_> = p.chunks.iter().map(|c| (c.literal_len, c.prefix_len)).collect();
         assert_eq!(sizes, vec![(80, 120), (80, 120), (40, 60)]);
         assert_eq!(p.chunks[0].prefix, vec![SourceRange { layer: 0, offset: 0, len: 120 }], "adjacent partners merge");
+    }
+
+    #[test]
+    fn the_bytes_between_an_approximate_match_s_adds_share_one_chunk_and_prefix() {
+        // A partner of 120 bytes where a prefix holds at most 150: counted again for each
+        // piece between adds, every piece would have had a chunk (and a prefix) of its own.
+        let mut p = Planner::new(params(), 1000);
+        let partner = r(0, 0, 120);
+        let steps: Vec<approximate::Step> = (0..4).map(|_| approximate::Step { add: 10, extra: 5, seek: 0 }).collect();
+        p.approximate(0..60, partner, &steps);
+        assert_eq!(p.chunks.len(), 1);
+        assert_eq!((p.chunks[0].literal_len, p.chunks[0].prefix_len), (60, 120));
+        assert_eq!(p.chunks[0].prefix, vec![partner]);
     }
 
     #[test]
