@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fleetdelta, run, text, tool, Bounded};
+use common::{fleetdelta, run, run_failing, text, tool, Bounded};
 use fleetdelta::image::Layout;
 
 fn write_tree(root: &Path, files: &[(&str, Vec<u8>)]) {
@@ -118,6 +118,61 @@ fn umoci_images_round_trip_through_the_cli_and_the_delta_is_an_ordinary_image() 
     let raw_ref = format!("oci:{}:v2", d.join("raw").display());
     run(fleetdelta().args(["apply", "--layers", "uncompressed", &v1, &delta, &raw_ref]));
     assert_eq!(config_of(&raw_ref), config_of(&v2));
+}
+
+/// `info --files` on the bundled sample pair (idna 3.6 -> 3.7 in its second layer): every
+/// entry of the patched layer with what it costs, the costs adding up to the patch, the
+/// changed modules costly and the unchanged ones copied; a wrong source refused by name.
+#[test]
+fn info_files_tells_where_each_patch_byte_goes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/sample");
+    let (v1, v2) = (format!("oci:{}", sample.join("v1").display()), format!("oci:{}", sample.join("v2").display()));
+    let delta = format!("oci:{}:d", tmp.path().join("delta").display());
+    run(fleetdelta().args(["diff", "--quiet", &v1, &v2, &delta]));
+
+    let out = run(fleetdelta().args(["--quiet", "info", &delta, "--files", "--source", &v1, "--json"]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    common::schema::assert_valid("info", &info);
+    let layers = info["layers"].as_array().unwrap();
+    assert!(layers.iter().all(|l| l["files"].is_null() == (l["method"] != "patch")), "files for patch layers only: {info:#}");
+    let layer = layers.iter().find(|l| l["method"] == "patch").expect("a patched layer");
+    let files = &layer["files"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
+    let entries = files["entries"].as_array().unwrap();
+    let costs: u64 = entries.iter().map(|e| n(&e["cost_bytes"])).sum();
+    assert_eq!(costs, n(&files["chunk_cost_bytes"]));
+    assert_eq!(costs + n(&files["records_and_framing_bytes"]), n(&files["patch_bytes"]), "the costs share the patch: {files:#}");
+    assert!(n(&files["patch_bytes"]) <= n(&layer["payload_bytes"]));
+    let tar_bytes: u64 = entries.iter().flat_map(|e| ["contents", "header"].map(|p| e[p].as_object().unwrap().values().map(n).sum::<u64>())).sum();
+    assert_eq!(tar_bytes, n(&layer["stats"]["tar_bytes"]), "every byte of the rebuilt tar counted once");
+    assert_eq!(entries.last().unwrap()["kind"], "end-of-archive");
+    let entry = |name: &str| {
+        let path = format!("usr/local/lib/python3.11/dist-packages/idna/{name}");
+        entries.iter().find(|e| e["path"] == path.as_str()).unwrap_or_else(|| panic!("no {path} in {files:#}"))
+    };
+    let changed = entry("idnadata.py");
+    assert!(n(&changed["cost_bytes"]) > 0 && n(&changed["contents"]["literal_bytes"]) > 0, "{changed}");
+    let unchanged = entry("uts46data.py");
+    assert_eq!(n(&unchanged["size"]), 206_503);
+    assert_eq!(n(&unchanged["contents"]["literal_bytes"]) + n(&unchanged["contents"]["added_bytes"]), 0, "{unchanged}");
+    assert!(n(&changed["cost_bytes"]) > n(&unchanged["cost_bytes"]));
+
+    // For people: the costliest file first, and where the rest goes.
+    let out = run(fleetdelta().args(["--quiet", "info", &delta, "--files", "--source", &v1, "--top", "3"]));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let listed: Vec<&str> = text.lines().skip_while(|l| !l.contains("by file (estimated")).skip(2).take(3).collect();
+    assert!(listed[0].ends_with("idna/idnadata.py"), "{text}");
+    assert!(text.contains("more entries") && text.contains("tar headers and padding") && text.contains("records and framing"), "{text}");
+
+    // The target is not the source; --files needs a source.
+    let err = run_failing(fleetdelta().args(["info", &delta, "--files", "--source", &v2]));
+    let digest = |k: &str| info[k].as_str().unwrap().to_string();
+    assert!(err.contains("not the one this delta was made against"), "{err}");
+    assert!(err.contains(&digest("target_config")) && err.contains(&digest("source_config")), "both configs named: {err}");
+    let out = fleetdelta().args(["info", &delta, "--files"]).output_bounded();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--source"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `fleetdelta info`.
 
 use anyhow::Context;
-use fleetdelta::{info, ImageRef, Silent, Transfer};
+use fleetdelta::info::{info_with_files, Coding, FileCost, FilesOptions, LayerFiles};
+use fleetdelta::{info, ApplyOptions, ImageRef, Progress, Silent, Transfer};
 
 use super::human_bytes;
 
@@ -13,13 +14,36 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also show where each patch's bytes go, file by file: replays every patch against
+    /// --source (storing nothing) and estimates each file's share of the compressed chunks by
+    /// compressing them again. Text lists the --top files of each patched layer, JSON all of
+    /// them (`files` under each patched layer).
+    #[arg(long, requires = "source")]
+    pub files: bool,
+    /// The image the delta was made against, which --files reads.
+    #[arg(long, value_name = "IMAGE", requires = "files")]
+    pub source: Option<String>,
+    /// With --files, the files listed per patched layer, most costly first.
+    #[arg(long, value_name = "N", default_value_t = 20, requires = "files")]
+    pub top: usize,
 }
 
-pub fn run(transfer: &Transfer, args: &Args) -> anyhow::Result<()> {
-    let Args { ref delta, json } = *args;
+pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow::Result<()> {
+    let Args { ref delta, json, files, ref source, top } = *args;
     let delta = ImageRef::parse(delta)?;
     let (local, _) = transfer.localize(&delta, &Silent).with_context(|| format!("fetching {delta}"))?;
-    let info = info(&local).with_context(|| format!("info {delta}"))?;
+    let info = match (files, source) {
+        (true, Some(source)) => {
+            let source = ImageRef::parse(source)?;
+            let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
+            let scratch = transfer.scratch_layout("info-files")?;
+            std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+            // The applier's bound on a layer, for the source layers decompressed and the tars rebuilt.
+            let options = FilesOptions { source: local_source, scratch, max_layer_bytes: ApplyOptions::default().max_layer_bytes };
+            info_with_files(&local, &options, progress).with_context(|| format!("info --files {delta} against {source}"))?
+        }
+        _ => info(&local).with_context(|| format!("info {delta}"))?,
+    };
     if json {
         outln!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
@@ -75,5 +99,86 @@ pub fn run(transfer: &Transfer, args: &Args) -> anyhow::Result<()> {
             l.encoding_summary()
         );
     }
+    for l in &info.layers {
+        if let Some(files) = &l.files {
+            print_files(l.index, files, top);
+        }
+    }
     Ok(())
+}
+
+/// The `top` costliest entries of a patched layer, then where the rest of its patch goes.
+fn print_files(layer: u32, files: &LayerFiles, top: usize) {
+    let share = |n: u64| 100.0 * n as f64 / files.patch_bytes.max(1) as f64;
+    outln!();
+    outln!(
+        "layer {layer}: {} of patch, by file (estimated: each chunk compressed again at zstd {}, flushed between files, scaled to the real frame)",
+        human_bytes(files.patch_bytes),
+        files.estimate_zstd_level
+    );
+    let mut entries: Vec<&FileCost> = files.entries.iter().filter(|e| e.is_entry()).collect();
+    entries.sort_by_key(|e| (std::cmp::Reverse(e.cost_bytes), std::cmp::Reverse(e.contents.literal_bytes + e.contents.added_bytes)));
+    outln!("{:>10}  {:>6}  {:>10}  {:>10}  {:<40}  path", "cost", "share", "size", "hdr cost", "coded as");
+    for e in entries.iter().take(top) {
+        let uncompressed = match e.members_patched_uncompressed {
+            0 => String::new(),
+            1 => " (patched uncompressed)".into(),
+            n => format!(" ({n} members patched uncompressed)"),
+        };
+        outln!(
+            "{:>10}  {:>5.1}%  {:>10}  {:>10}  {:<40}  {}{uncompressed}",
+            human_bytes(e.cost_bytes),
+            share(e.cost_bytes),
+            human_bytes(e.size),
+            human_bytes(e.header_cost_bytes),
+            coded_as(e),
+            e.path
+        );
+    }
+    if entries.len() > top {
+        let rest: u64 = entries[top..].iter().map(|e| e.cost_bytes).sum();
+        outln!("{:>10}  {:>5.1}%  ({} more entries)", human_bytes(rest), share(rest), entries.len() - top);
+    }
+    outln!(
+        "{:>10}  {:>5.1}%  tar headers and padding (counted above with their entries, and the end of the archive)",
+        human_bytes(files.header_cost_bytes),
+        share(files.header_cost_bytes)
+    );
+    outln!(
+        "{:>10}  {:>5.1}%  records and framing (the patch beyond its chunks' frames, at least the records compressed alone)",
+        human_bytes(files.records_and_framing_bytes),
+        share(files.records_and_framing_bytes)
+    );
+    if files.chunk_frame_bytes != files.chunk_cost_bytes {
+        outln!(
+            "{:>10}  {:>5}   chunk frames before the patch's own zstd frame ({} in the patch, which the files share)",
+            human_bytes(files.chunk_frame_bytes),
+            "",
+            human_bytes(files.chunk_cost_bytes)
+        );
+    }
+}
+
+/// How an entry was rebuilt: its contents' bytes by record, and its headers' when a chunk
+/// carried any of them.
+fn coded_as(e: &FileCost) -> String {
+    let contents = describe(&e.contents);
+    let h = &e.header;
+    if h.literal_bytes + h.added_bytes == 0 {
+        return contents;
+    }
+    format!("{contents}; header {}", describe(&Coding { copied_bytes: 0, retimed_bytes: 0, ..*h }))
+}
+
+fn describe(c: &Coding) -> String {
+    let parts: Vec<String> = [("copied", c.copied_bytes), ("retimed", c.retimed_bytes), ("added", c.added_bytes), ("literal", c.literal_bytes)]
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(how, n)| format!("{how} {}", human_bytes(*n)))
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" + ")
+    }
 }

@@ -174,7 +174,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Pull(args) => pull_cmd::run(&transfer()?, &args, progress),
         #[cfg(feature = "service")]
         Command::Serve(args) => serve_cmd::run(registry, &args),
-        Command::Info(args) => info_cmd::run(&transfer()?, &args),
+        Command::Info(args) => info_cmd::run(&transfer()?, &args, progress),
         Command::Gc(args) => gc_cmd::run(&transfer()?, &args),
         Command::Agent { action, run } => return agent_cmd::run(registry, action, run, cli.quiet, progress),
         #[cfg(feature = "service")]

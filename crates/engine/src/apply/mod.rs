@@ -6,6 +6,7 @@ pub mod source;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
+use std::path::Path;
 
 use rayon::prelude::*;
 use serde_json::Value;
@@ -16,12 +17,12 @@ use crate::format::plan::{Encoding, LayerPlan, Method, FEATURE_ADD_RANGES, FEATU
 use crate::format::records::RecordReader;
 use crate::format::MAX_RECORD_STREAM_WINDOW_LOG;
 use crate::image::manifest::BlobRef;
-use crate::image::{Image, Layer, LayoutWriter};
+use crate::image::{Image, Layer, Layout, LayoutWriter};
 use crate::layer::compression::copy_hashed;
 use crate::layer::corrected;
 use crate::layer::members::Repacker;
 use crate::layer::Compression;
-use crate::package::DeltaImage;
+use crate::package::{DeltaImage, PayloadReader};
 use crate::progress::Progress;
 use crate::reference::{load_image, ImageRef};
 use source::{materialize, SourceLayer};
@@ -103,9 +104,7 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
         verify(|| "target manifest of the delta".into(), expected, None, &delta.target.manifest.digest, 0)?;
     }
     let (source_layout, source_image) = load_image(source)?;
-    if source_image.config.digest != delta.plan.source.config {
-        return Err(Error::WrongSource { reason: format!("its config is {}, the delta needs {}", source_image.config.digest, delta.plan.source.config) });
-    }
+    check_source(&delta, &source_image)?;
     let (out_dir, _) = output.local()?;
     let writer = LayoutWriter::create(out_dir)?;
     let scratch = writer.scratch()?;
@@ -118,19 +117,7 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     let encoders = workers(jobs)?;
 
     let needed: BTreeSet<u32> = delta.plan.layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
-    let source_bytes = |i: &u32| source_image.layers.get(*i as usize).map_or(0, |l| l.blob.size);
-    progress.stage("preparing source layers", needed.iter().map(source_bytes).sum());
-    let sources: HashMap<u32, SourceLayer> = pool.install(|| {
-        needed
-            .par_iter()
-            .map(|i| {
-                let members = delta.plan.source_members.iter().find(|m| m.layer == *i).map_or(&[][..], |m| &m.members[..]);
-                let s = materialize(&source_layout, &source_image, *i, scratch.path(), options.max_layer_bytes, members)?;
-                progress.advance(source_bytes(i));
-                Ok((*i, s))
-            })
-            .collect::<Result<_>>()
-    })?;
+    let sources = pool.install(|| prepare_sources(&delta, &source_layout, &source_image, &needed, scratch.path(), options.max_layer_bytes, progress))?;
 
     let target_bytes = |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| t.blob.size);
     progress.stage("rebuilding layers", delta.plan.layers.iter().map(target_bytes).sum());
@@ -191,6 +178,70 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     })
 }
 
+/// Checks that `source` is the image `delta` was made against: its config digest is the one
+/// the delta requires (which pins every source layer's diff_id).
+pub(crate) fn check_source(delta: &DeltaImage, source: &Image) -> Result<()> {
+    if source.config.digest != delta.plan.source.config {
+        return Err(Error::WrongSource { reason: format!("its config is {}, the delta needs {}", source.config.digest, delta.plan.source.config) });
+    }
+    Ok(())
+}
+
+/// Makes the source layers `needed` available as `delta`'s patches read them (decompressed
+/// into `scratch`, expanded where the plan lists members), in parallel on the current rayon
+/// pool, each at most `limit` bytes long.
+pub(crate) fn prepare_sources(
+    delta: &DeltaImage,
+    layout: &Layout,
+    image: &Image,
+    needed: &BTreeSet<u32>,
+    scratch: &Path,
+    limit: u64,
+    progress: &dyn Progress,
+) -> Result<HashMap<u32, SourceLayer>> {
+    let source_bytes = |i: &u32| image.layers.get(*i as usize).map_or(0, |l| l.blob.size);
+    progress.stage("preparing source layers", needed.iter().map(source_bytes).sum());
+    needed
+        .par_iter()
+        .map(|i| {
+            let members = delta.plan.source_members.iter().find(|m| m.layer == *i).map_or(&[][..], |m| &m.members[..]);
+            let s = materialize(layout, image, *i, scratch, limit, members)?;
+            progress.advance(source_bytes(i));
+            Ok((*i, s))
+        })
+        .collect()
+}
+
+/// The record stream of `plan`'s patch, whose output may not exceed `limit` bytes, checked
+/// to be for that layer, and the length of the patch file; `what` names the layer in
+/// errors. Close it with [`finish_patch`].
+pub(crate) fn open_patch(delta: &DeltaImage, plan: &LayerPlan, limit: u64, what: &str) -> Result<(PatchRecords, u64)> {
+    let payload = delta.open_payload(plan)?;
+    let patch_bytes = payload.len();
+    let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
+    decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
+    let records =
+        RecordReader::new(decoder, limit)?.allow_retimed(delta.plan.declares(FEATURE_RETIMED_HEADERS)).allow_add(delta.plan.declares(FEATURE_ADD_RANGES));
+    if records.header().target_layer != plan.index {
+        return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
+    }
+    Ok((records, patch_bytes))
+}
+
+/// A patch's records, as [`open_patch`] reads them from the delta.
+pub(crate) type PatchRecords = RecordReader<zstd::stream::read::Decoder<'static, io::BufReader<PayloadReader>>>;
+
+/// Checks that nothing follows the END record of a patch [`open_patch`] opened, and that its
+/// payload file was read to its end.
+pub(crate) fn finish_patch(records: PatchRecords, what: &str) -> Result<()> {
+    let mut decoder = records.into_inner();
+    let mut trailing = [0u8; 1];
+    if decoder.read(&mut trailing).map_err(|e| Error::malformed(what, format!("patch stream: {e}")))? != 0 {
+        return Err(Error::malformed(what, "data after the end of the patch"));
+    }
+    decoder.finish().into_inner().finish()
+}
+
 /// Replaces the layer descriptors' digest, size and media type, keeping everything else.
 fn rewrite_manifest<'a>(raw: &[u8], layers: impl Iterator<Item = &'a BlobRef>) -> Result<Vec<u8>> {
     let mut manifest: Value = serde_json::from_slice(raw).map_err(|e| Error::malformed("target manifest", e.to_string()))?;
@@ -205,7 +256,7 @@ fn rewrite_manifest<'a>(raw: &[u8], layers: impl Iterator<Item = &'a BlobRef>) -
 
 struct Rebuild<'a> {
     delta: &'a DeltaImage,
-    source_layout: &'a crate::image::Layout,
+    source_layout: &'a Layout,
     source: &'a Image,
     sources: &'a HashMap<u32, SourceLayer>,
     writer: &'a LayoutWriter,
@@ -365,17 +416,8 @@ impl Rebuild<'_> {
     }
 
     fn run_patch(&self, plan: &LayerPlan, target: &Layer, what: &str) -> Result<BlobRef> {
-        let payload = self.delta.open_payload(plan)?;
-        let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
-        decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
-        let (blob, payload) = self.write_tar(plan, target, what, |out| {
-            let records = RecordReader::new(decoder, self.tar_limit(target))?
-                .allow_retimed(self.delta.plan.declares(FEATURE_RETIMED_HEADERS))
-                .allow_add(self.delta.plan.declares(FEATURE_ADD_RANGES));
-            if records.header().target_layer != plan.index {
-                return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
-            }
-            let mut records = records;
+        let (mut records, _) = open_patch(self.delta, plan, self.tar_limit(target), what)?;
+        let (blob, ()) = self.write_tar(plan, target, what, move |out| {
             if plan.members.is_empty() {
                 patch::run_patch(&mut records, self.sources, out)?;
             } else {
@@ -384,14 +426,8 @@ impl Rebuild<'_> {
                 patch::run_patch(&mut records, self.sources, &mut repack)?;
                 repack.finish()?;
             }
-            let mut decoder = records.into_inner();
-            let mut trailing = [0u8; 1];
-            if decoder.read(&mut trailing).map_err(|e| Error::malformed(what, format!("patch stream: {e}")))? != 0 {
-                return Err(Error::malformed(what, "data after the end of the patch"));
-            }
-            Ok(decoder.finish().into_inner())
+            finish_patch(records, what)
         })?;
-        payload.finish()?;
         Ok(blob)
     }
 

@@ -13,18 +13,62 @@ use crate::format::retime::Retimer;
 
 const COPY_BUFFER_BYTES: usize = 1 << 20;
 
+/// Where a replayed patch goes: the rebuilt tar's bytes, and what produced them for a
+/// caller that wants to know ([`mod@crate::info`]'s per-file costs). The applier's output is
+/// any [`Write`] ([`run_patch`]), which ignores both.
+pub trait PatchOutput: Write {
+    /// `record` has been read and is about to append its bytes, if it appends any.
+    fn record(&mut self, _record: &Record) -> Result<()> {
+        Ok(())
+    }
+
+    /// The current chunk has been consumed whole (its last byte appended): its reference
+    /// `prefix`, its decompressed bytes `chunk` and its compressed `frame`.
+    fn chunk_consumed(&mut self, _prefix: &[u8], _chunk: &[u8], _frame: &[u8]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A plain [`Write`] as a [`PatchOutput`] that ignores what produced its bytes.
+struct Plain<'a>(&'a mut dyn Write);
+
+impl Write for Plain<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl PatchOutput for Plain<'_> {}
+
 /// Rebuilds a tar from `records` into `out`, reading source layers from `sources`.
 /// Memory is bounded by the format limits: one chunk, its prefix and its frame at a time.
 pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, SourceLayer>, out: &mut dyn Write) -> Result<u64> {
+    replay_patch(records, sources, &mut Plain(out))
+}
+
+/// [`run_patch`] into an output that is told which record appends which bytes, and is shown
+/// each chunk once it has been consumed.
+pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, SourceLayer>, out: &mut dyn PatchOutput) -> Result<u64> {
     let source =
         |layer: u32| sources.get(&layer).ok_or_else(|| Error::malformed("patch", format!("reads source layer {layer}, which delta.json does not list")));
     let mut copy_buf = vec![0u8; COPY_BUFFER_BYTES];
     let mut prefix = Vec::new();
     let mut chunk: Vec<u8> = Vec::new();
+    let mut frame: Vec<u8> = Vec::new();
     let mut chunk_pos = 0usize;
     let mut written = 0u64;
     loop {
-        match records.next_record()? {
+        let record = records.next_record()?;
+        out.record(&record)?;
+        match record {
             Record::Copy(r) => {
                 copy_range(source(r.layer)?, &r, &mut copy_buf, out, |_| Ok(()))?;
                 written += r.len;
@@ -34,7 +78,9 @@ pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, 
                 copy_range(source(r.layer)?, &r, &mut copy_buf, out, |piece| retimer.apply(piece))?;
                 written += r.len;
             }
-            Record::Chunk { prefix: ranges, raw_len, frame } => {
+            Record::Chunk { prefix: ranges, raw_len, frame: next } => {
+                // Kept until the chunk is consumed, for the output to see.
+                frame = next;
                 prefix.clear();
                 for r in &ranges {
                     let start = prefix.len();
@@ -67,12 +113,22 @@ pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, 
                 })?;
                 chunk_pos += r.len as usize;
                 written += r.len;
+                if chunk_pos == chunk.len() {
+                    out.chunk_consumed(&prefix, &chunk, &frame)?;
+                    // Freed now: the next chunk's frame is read before this one would be replaced.
+                    frame = Vec::new();
+                }
             }
             Record::Literal(n) => {
                 let end = chunk_pos + n as usize;
                 out.write_all(&chunk[chunk_pos..end]).ctx(|| "writing rebuilt layer".into())?;
                 chunk_pos = end;
                 written += n;
+                if chunk_pos == chunk.len() {
+                    out.chunk_consumed(&prefix, &chunk, &frame)?;
+                    // Freed now: the next chunk's frame is read before this one would be replaced.
+                    frame = Vec::new();
+                }
             }
             Record::End => return Ok(written),
         }

@@ -1,15 +1,25 @@
-//! What a delta holds, per target layer, for people and for scripts.
+//! What a delta holds, per target layer, for people and for scripts; and with the source
+//! image, where each patch's bytes go, file by file ([`info_with_files`]).
 
-use std::collections::BTreeMap;
+mod chunk_cost;
+mod files;
+mod tar_walk;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::apply::{check_source, prepare_sources};
 use crate::digest::Digest;
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::format::plan::{Encoding, Method, PatchStats, Wrapping};
 use crate::layer::exact::Encoder;
 use crate::package::{delta_download_bytes, DeltaImage};
-use crate::reference::ImageRef;
+use crate::progress::Progress;
+use crate::reference::{load_image, ImageRef};
+pub use files::{Coding, FileCost, LayerFiles};
+pub use tar_walk::EntryKind;
 
 /// A summary of a delta.
 #[derive(Clone, Debug, Serialize)]
@@ -71,6 +81,9 @@ pub struct LayerInfo {
     /// [`describe_encoder`] names it): `"zip entries by zlib -6"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub repacked_members: BTreeMap<String, u64>,
+    /// For `patch`, with [`info_with_files`]: where the patch's bytes go, file by file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<LayerFiles>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -154,7 +167,58 @@ impl LayerInfo {
 
 /// Opens and verifies the delta `reference` names, and summarizes it.
 pub fn info(reference: &ImageRef) -> Result<DeltaInfo> {
+    Ok(summarize(&DeltaImage::open(reference)?))
+}
+
+/// Options of [`info_with_files`].
+#[derive(Clone, Debug)]
+pub struct FilesOptions {
+    /// The image the delta was made against: the patches read its layers.
+    pub source: ImageRef,
+    /// Where the source layers are decompressed, in a directory of their own removed
+    /// afterwards.
+    pub scratch: PathBuf,
+    /// Largest uncompressed layer accepted.
+    pub max_layer_bytes: u64,
+}
+
+/// [`info`], with each patched layer's [`LayerFiles`]: its patch replayed against the source
+/// image as the applier would (storing nothing it rebuilds), each byte of the rebuilt tar
+/// counted for its entry by the record that wrote it, and each chunk's zstd frame shared
+/// among the entries that took its bytes. The shares are estimated: each chunk is compressed
+/// again, flushed wherever its bytes pass from one entry (or from an entry's headers to its
+/// contents) to the next, and what each flush wrote, less what a flush itself costs, is
+/// scaled to the real frame ([`LayerFiles`]). The records
+/// cost the patch beyond its chunks' frames (at least what they cost compressed alone), the
+/// chunks the rest ([`LayerFiles::records_and_framing_bytes`]).
+///
+/// Refuses a source image other than the delta's ([`crate::Error::WrongSource`]).
+pub fn info_with_files(reference: &ImageRef, options: &FilesOptions, progress: &dyn Progress) -> Result<DeltaInfo> {
     let delta = DeltaImage::open(reference)?;
+    let mut summary = summarize(&delta);
+    let (layout, source) = load_image(&options.source)?;
+    check_source(&delta, &source)?;
+    let patched: Vec<usize> = (0..delta.plan.layers.len()).filter(|i| delta.plan.layers[*i].method == Method::Patch).collect();
+    let needed: BTreeSet<u32> = patched.iter().flat_map(|i| delta.plan.layers[*i].source_layers_used.iter().copied()).collect();
+    let scratch = tempfile::Builder::new()
+        .prefix(".info-files-")
+        .tempdir_in(&options.scratch)
+        .ctx(|| format!("creating a scratch directory in {}", options.scratch.display()))?;
+    let sources = prepare_sources(&delta, &layout, &source, &needed, scratch.path(), options.max_layer_bytes, progress)?;
+    let levels = files::zstd_levels(&delta);
+    let tar_bytes = |i: &usize| delta.plan.layers[*i].stats.as_ref().map_or(0, |s| s.tar_bytes);
+    progress.stage("replaying patches", patched.iter().map(tar_bytes).sum());
+    for i in patched {
+        let files = files::layer_files(&delta, &delta.plan.layers[i], &sources, levels, options.max_layer_bytes)?;
+        progress.advance(tar_bytes(&i));
+        summary.layers[i].files = Some(files);
+    }
+    progress.finish();
+    Ok(summary)
+}
+
+/// What `delta` holds, from its plan.
+fn summarize(delta: &DeltaImage) -> DeltaInfo {
     let target = &delta.target;
     let layers = delta
         .plan
@@ -186,10 +250,11 @@ pub fn info(reference: &ImageRef) -> Result<DeltaInfo> {
                     *m.entry(format!("{kind} by {encoder}")).or_default() += 1;
                     m
                 }),
+                files: None,
             }
         })
         .collect();
-    Ok(DeltaInfo {
+    DeltaInfo {
         format_version: delta.plan.format_version,
         features: delta.plan.features.clone(),
         level: delta.plan.level.clone(),
@@ -202,5 +267,5 @@ pub fn info(reference: &ImageRef) -> Result<DeltaInfo> {
         payload_bytes: delta_download_bytes(&delta.image),
         target_bytes: delta_download_bytes(target),
         layers,
-    })
+    }
 }
