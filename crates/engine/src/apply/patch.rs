@@ -22,8 +22,15 @@ pub trait PatchOutput: Write {
         Ok(())
     }
 
+    /// Whether [`PatchOutput::chunk_consumed`] needs each chunk's frame: when not, the frame
+    /// is freed as soon as it is decompressed (the applier's peak memory).
+    fn wants_frames(&self) -> bool {
+        false
+    }
+
     /// The current chunk has been consumed whole (its last byte appended): its reference
-    /// `prefix`, its decompressed bytes `chunk` and its compressed `frame`.
+    /// `prefix`, its decompressed bytes `chunk` and its compressed `frame` (empty unless
+    /// [`PatchOutput::wants_frames`]).
     fn chunk_consumed(&mut self, _prefix: &[u8], _chunk: &[u8], _frame: &[u8]) -> Result<()> {
         Ok(())
     }
@@ -79,8 +86,6 @@ pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u3
                 written += r.len;
             }
             Record::Chunk { prefix: ranges, raw_len, frame: next } => {
-                // Kept until the chunk is consumed, for the output to see.
-                frame = next;
                 prefix.clear();
                 for r in &ranges {
                     let start = prefix.len();
@@ -94,11 +99,13 @@ pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u3
                 let zstd_err = |code: usize| Error::malformed("patch chunk", zstd_safe::get_error_name(code).to_string());
                 let mut dctx = zstd_safe::DCtx::create();
                 dctx.ref_prefix(&prefix).map_err(zstd_err)?;
-                let n = dctx.decompress(&mut chunk, &frame).map_err(zstd_err)?;
+                let n = dctx.decompress(&mut chunk, &next).map_err(zstd_err)?;
                 if n as u64 != raw_len {
                     return Err(Error::malformed("patch chunk", format!("decompressed to {n} bytes, {raw_len} declared")));
                 }
                 chunk_pos = 0;
+                // Kept until the chunk is consumed, for an output that wants to see it.
+                frame = if out.wants_frames() { next } else { Vec::new() };
             }
             Record::Add(r) => {
                 // The reader checked that the chunk holds `r.len` more bytes.

@@ -327,6 +327,10 @@ impl PatchOutput for Tally {
         self.records.write(record).ctx(alone)
     }
 
+    fn wants_frames(&self) -> bool {
+        true
+    }
+
     fn chunk_consumed(&mut self, prefix: &[u8], chunk: &[u8], frame: &[u8]) -> Result<()> {
         let lengths: Vec<usize> = self.pieces.iter().map(|p| p.2).collect();
         let costs = piece_costs(prefix, chunk, &lengths, frame.len() as u64, self.levels.chunks)?;
