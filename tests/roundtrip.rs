@@ -225,6 +225,24 @@ fn a_rebuild_seconds_later_costs_its_changes_not_its_headers() {
 }
 
 #[test]
+fn unchanged_directory_headers_between_changed_files_are_copied() {
+    // Every file changes (a line appended: new size, new header), none of the 40 directories
+    // does: their headers are copies of the source's, not literals between the files'.
+    let v1 = app_tree(400, 1_700_000_000);
+    let mut v2 = v1.clone();
+    for node in v2.values_mut() {
+        if let Node::File { data, .. } = node {
+            data.extend_from_slice(b"\nexport const version = 2;\n");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    roundtrip(dir.path(), &[v1], &[v2], Compression::Gzip, Compression::Gzip, Level::Default);
+    let stats = info(&oci(&dir.path().join("d"))).unwrap().layers[0].stats.clone().unwrap();
+    assert_eq!((stats.files, stats.files_unchanged), (400, 0), "{stats:?}");
+    assert!(stats.copied_bytes >= 40 * 512, "the directories' headers: {stats:?}");
+}
+
+#[test]
 fn a_binary_whose_addresses_moved_costs_its_edits_not_a_sequence_per_address() {
     // A 640 KiB executable-like file: a 32-bit address every 16 bytes, all moved by 0x40 in
     // v2 (code moved), a version string edited and a function inserted. Byte matchers pay a

@@ -11,7 +11,7 @@ use zstd::zstd_safe::{self, CParameter};
 
 use crate::diff::approximate;
 use crate::diff::material::Unpacked;
-use crate::diff::pair::{Partner, SourceIndex};
+use crate::diff::pair::{Loc, Partner, SourceIndex};
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::PatchStats;
 use crate::format::records::{prefix_budget, PatchHeader, Record, RecordWriter, SourceRange};
@@ -261,6 +261,14 @@ pub fn encode_layer(
     let mut meta_from = 0u64;
     for (i, e) in target.index.entries.iter().enumerate() {
         if !e.has_content() {
+            // A directory, link or empty file whose header the source has at the same path:
+            // a copy of it, or a retimed one. Left to the literals before the next file
+            // otherwise.
+            if let Some(l) = source.at_path(&e.path).filter(|_| e.data_len == 0) {
+                if header_alone(&mut planner, source, target, l, meta_from..e.data_start)? {
+                    meta_from = e.data_start;
+                }
+            }
             continue;
         }
         let partner = partners[i];
@@ -283,7 +291,13 @@ pub fn encode_layer(
         // source entry, extending the run of such entries before it.
         if let Partner::Same(l) = partner {
             let s = source.entry(l);
-            if s.data_len == e.data_len && retime(&mut planner, source, target, l.layer, meta_from..e.data_start + e.data_len, s.meta_start, e.data_len)? {
+            // The source bytes before its contents as long as the target's before them: its
+            // own metadata when both start at the end of the previous file's contents.
+            let meta_len = e.data_start - meta_from;
+            if s.data_len == e.data_len
+                && s.data_start >= meta_len
+                && retime(&mut planner, source, target, l.layer, meta_from..e.data_start + e.data_len, s.data_start - meta_len, e.data_len)?
+            {
                 *layer_uses.entry(l.layer).or_default() += e.data_len;
                 meta_from = e.data_start + e.data_len;
                 continue;
@@ -492,6 +506,12 @@ fn retime(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, la
         let shift = i64::try_from(new).ok()? - i64::try_from(old).ok()?;
         (old != 0 && shift != 0).then_some(shift)
     });
+    // Headers without a time (a directory written with mtime 0) extend the run before them
+    // at its shift.
+    let shift = shift.or_else(|| match planner.ops.last() {
+        Some(Op::Retimed { range, shift, next_header }) if range.layer == layer && range.end() == s_start && *next_header == s_start + pad => Some(*shift),
+        _ => None,
+    });
     let Some(shift) = shift else { return Ok(false) };
     let mut walker = Retimer::new(shift);
     if walker.apply(&mut src[pad as usize..]).is_err() || src != tgt {
@@ -518,6 +538,30 @@ fn retime(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, la
             planner.ops.push(Op::Retimed { range: range_of(layer, header_start..s_start + len), shift, next_header });
         }
     }
+    Ok(true)
+}
+
+/// Emits the header of a target entry without contents (a directory, a link), the blocks at
+/// the end of `t` (which starts with the previous file's padding), from the header of the
+/// source entry `l` at the same path: a retimed copy extending the run before it where the
+/// source's padding is the same too, else a copy when the header blocks are the same bytes.
+/// Says whether it did; otherwise the bytes stay with the literals before the next file.
+fn header_alone(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked, l: Loc, t: Range<u64>) -> Result<bool> {
+    let s = source.entry(l);
+    let (len, header_start) = (t.end - t.start, t.start.div_ceil(BLOCK) * BLOCK);
+    let header_len = t.end.saturating_sub(header_start);
+    if s.data_len != 0 || header_len == 0 || s.data_start < s.meta_start + header_len {
+        return Ok(false);
+    }
+    if s.data_start >= len && retime(planner, source, target, l.layer, t.clone(), s.data_start - len, 0)? {
+        return Ok(true);
+    }
+    let s_header = s.data_start - header_len..s.data_start;
+    if target.read(header_start..t.end)? != source.layers[l.layer as usize].read(s_header.clone())? {
+        return Ok(false);
+    }
+    emit_bytes(planner, source, target, t.start..header_start, None)?;
+    planner.copy(range_of(l.layer, s_header));
     Ok(true)
 }
 
