@@ -75,12 +75,24 @@ fn a_delta_index_rebuilds_every_platform_bit_for_bit() {
     assert_eq!(doc["annotations"][ANNOTATION_TARGET_INDEX], v2_index.to_string());
     let entries = index_entries(&raw, "the delta index").unwrap();
     assert_eq!(entries.len(), 2);
-    for (entry, (target, name)) in entries.iter().zip(v2.iter().zip(names)) {
+    for (entry, (target, name)) in entries.iter().zip(v2.iter().zip(names.iter().copied())) {
         assert_eq!(entry.platform.as_ref().unwrap().to_string(), name);
         let delta = Manifest::parse(layout.read_blob(&entry.manifest, MAX_JSON_BYTES).unwrap(), Some(&entry.manifest.media_type)).unwrap();
         assert_eq!(delta.subject.as_ref().map(|s| s.digest), Some(*target), "the delta for {name} rebuilds {name}'s manifest");
         assert!(!delta.annotations.contains_key("io.fleetdelta.target.manifest"), "format 2 names its target by the subject only");
     }
+
+    // `info` of a delta index: every platform's delta, in the index's order.
+    let info = json(run(fd(home).args(["info", "--json", &at(&deltas, "v1-v2")])));
+    assert_eq!(info["delta_index"], out["delta_manifest"], "{info}");
+    let described = info["platforms"].as_array().unwrap();
+    assert_eq!(described.iter().map(|p| p["platform"].as_str().unwrap()).collect::<Vec<_>>(), names, "{info}");
+    for (p, target) in described.iter().zip(&v2) {
+        common::schema::assert_valid("info", &p["info"]);
+        assert_eq!(p["info"]["target_manifest"], target.to_string(), "{p}");
+    }
+    let text = String::from_utf8(run(fd(home).args(["info", &at(&deltas, "v1-v2")])).stdout).unwrap();
+    assert!(text.contains("platform linux/amd64\n") && text.contains("platform linux/arm64/v8\n"), "{text}");
 
     // Each device applies the delta index to the image it has: the delta of its platform is
     // taken (an arm64 source gets the arm64 delta, whatever this machine is), and the rebuilt

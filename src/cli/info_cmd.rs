@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use fleetdelta::info::{info_with_files, Coding, FileCost, FilesOptions, LayerFiles};
-use fleetdelta::{info, ApplyOptions, ImageRef, Progress, Silent, Transfer};
+use fleetdelta::platforms::{delta_for_platform, info_index, source_for_apply};
+use fleetdelta::{info, ApplyOptions, DeltaInfo, ImageRef, Progress, Silent, Transfer};
 
 use super::human_bytes;
 
@@ -31,23 +32,46 @@ pub struct Args {
 pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow::Result<()> {
     let Args { ref delta, json, files, ref source, top } = *args;
     let delta = ImageRef::parse(delta)?;
-    let (local, _) = transfer.localize(&delta, &Silent).with_context(|| format!("fetching {delta}"))?;
     let info = match (files, source) {
         (true, Some(source)) => {
             let source = ImageRef::parse(source)?;
-            let (local_source, _) = transfer.localize(&source, progress).with_context(|| format!("fetching {source}"))?;
+            // From a delta index, the delta of the source's platform.
+            let (local_source, platform) = source_for_apply(transfer, &source, None, progress).with_context(|| format!("fetching {source}"))?;
+            let (local, _) = delta_for_platform(transfer, &delta, &platform, &Silent).with_context(|| format!("fetching {delta}"))?;
             let scratch = transfer.scratch_layout("info-files")?;
             std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
             // The applier's bound on a layer, for the source layers decompressed and the tars rebuilt.
             let options = FilesOptions { source: local_source, scratch, max_layer_bytes: ApplyOptions::default().max_layer_bytes };
             info_with_files(&local, &options, progress).with_context(|| format!("info --files {delta} against {source}"))?
         }
-        _ => info(&local).with_context(|| format!("info {delta}"))?,
+        _ => {
+            if let Some(index) = info_index(transfer, &delta, &Silent).with_context(|| format!("info {delta}"))? {
+                if json {
+                    outln!("{}", serde_json::to_string_pretty(&index)?);
+                    return Ok(());
+                }
+                outln!("delta index {} ({} platforms)", index.delta_index, index.platforms.len());
+                for p in &index.platforms {
+                    outln!();
+                    outln!("platform {}", p.platform.as_deref().unwrap_or("(none given)"));
+                    print_info(&p.info, top);
+                }
+                return Ok(());
+            }
+            let (local, _) = transfer.localize(&delta, &Silent).with_context(|| format!("fetching {delta}"))?;
+            info(&local).with_context(|| format!("info {delta}"))?
+        }
     };
     if json {
         outln!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
+    print_info(&info, top);
+    Ok(())
+}
+
+/// One delta in words: its images, payload and layers, and with --files where its bytes go.
+fn print_info(info: &DeltaInfo, top: usize) {
     outln!("delta {} (format {}, level {}, {})", info.delta_manifest, info.format_version, info.level, info.created_by);
     if !info.features.is_empty() {
         outln!("features {}", info.features.join(", "));
@@ -104,7 +128,6 @@ pub fn run(transfer: &Transfer, args: &Args, progress: &dyn Progress) -> anyhow:
             print_files(l.index, files, top);
         }
     }
-    Ok(())
 }
 
 /// The `top` costliest entries of a patched layer, then where the rest of its patch goes.

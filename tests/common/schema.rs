@@ -27,6 +27,8 @@ pub fn schema_of(value: &Value) -> &'static str {
         "diff"
     } else if has("format_version") {
         "info"
+    } else if has("delta_index") {
+        "info-index"
     } else if has("missing_layers_bytes") {
         "pull"
     } else if has("written_manifest") {

@@ -12,6 +12,7 @@
 //! falls back to the machine's own architecture where a platform can be known: a source index
 //! without an entry for a platform of the target is an error that names it.
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::diff::{diff, DiffOptions, DiffReport};
@@ -22,6 +23,7 @@ use crate::image::layout::host_architecture;
 use crate::image::manifest::{is_index, BlobRef, Manifest, MAX_JSON_BYTES, OCI_INDEX};
 use crate::image::platform::{entry_for, index_entries, IndexEntry, Platform};
 use crate::image::{Layout, LayoutWriter, DEFAULT_TAG};
+use crate::info::{info, DeltaInfo};
 use crate::progress::Progress;
 use crate::reference::{load_image, ImageRef};
 use crate::transfer::{push_image, CopyReport, FetchReport, PushReport, Transfer};
@@ -369,6 +371,37 @@ fn index_blob(transfer: &Transfer, image: &ImageRef, digest: Digest) -> Result<(
         return Err(Error::DigestMismatch { what: format!("the image index {image}"), expected: digest, found });
     }
     Ok((BlobRef { media_type, digest, size: raw.len() as u64 }, raw))
+}
+
+/// One platform's delta of a delta index, summarized.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlatformInfo {
+    /// The entry's platform (`linux/arm64/v8`); absent when the entry gives none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Its delta, as [`crate::info()`] summarizes one.
+    pub info: DeltaInfo,
+}
+
+/// A delta index, summarized: every platform's delta in the index's order.
+#[derive(Clone, Debug, Serialize)]
+pub struct IndexInfo {
+    /// The delta index's digest.
+    pub delta_index: Digest,
+    /// One per entry.
+    pub platforms: Vec<PlatformInfo>,
+}
+
+/// Summarizes the delta `delta` names when it is a delta index, each platform's delta
+/// fetched and verified as [`crate::info()`] does one; `None` when it is one delta.
+pub fn info_index(transfer: &Transfer, delta: &ImageRef, progress: &dyn Progress) -> Result<Option<IndexInfo>> {
+    let Top::Index { digest, entries } = read_top(transfer, delta)? else { return Ok(None) };
+    let mut platforms = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let (local, _) = localize_entry(transfer, delta, entry, progress)?;
+        platforms.push(PlatformInfo { platform: entry.platform.as_ref().map(Platform::to_string), info: info(&local)? });
+    }
+    Ok(Some(IndexInfo { delta_index: digest, platforms }))
 }
 
 fn describe(platform: &Option<Platform>) -> String {
