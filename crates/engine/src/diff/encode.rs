@@ -638,7 +638,18 @@ fn compress_chunk(chunk: &ChunkPlan, target: &Unpacked, source: &SourceIndex<'_>
         }
     }
     let zstd_err = |code: usize| Error::malformed("zstd compression", zstd_safe::get_error_name(code).to_string());
-    let window_log = ((prefix.len() + literals.len()).max(1 << 10) as u64).next_power_of_two().trailing_zeros().clamp(10, 27);
+    let mut cctx = chunk_compressor(&prefix, literals.len(), level, "zstd compression")?;
+    let mut frame = Vec::with_capacity(zstd_safe::compress_bound(literals.len()));
+    cctx.compress2(&mut frame, &literals).map_err(zstd_err)?;
+    Ok(frame)
+}
+
+/// The zstd context a chunk of `chunk_len` bytes is compressed with at `level`, `prefix` its
+/// reference; `info --files` compresses chunks again with the same one (errors name `what`).
+pub(crate) fn chunk_compressor<'p>(prefix: &'p [u8], chunk_len: usize, level: i32, what: &str) -> Result<zstd_safe::CCtx<'p>> {
+    let zstd_err = |code: usize| Error::malformed(what, zstd_safe::get_error_name(code).to_string());
+    // The window: the prefix and the chunk.
+    let window_log = ((prefix.len() + chunk_len).max(1 << 10) as u64).next_power_of_two().trailing_zeros().clamp(10, 27);
     let mut cctx = zstd_safe::CCtx::create();
     cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(zstd_err)?;
     cctx.set_parameter(CParameter::WindowLog(window_log)).map_err(zstd_err)?;
@@ -646,10 +657,8 @@ fn compress_chunk(chunk: &ChunkPlan, target: &Unpacked, source: &SourceIndex<'_>
     // Long-distance matching finds the long runs shared with the prefix cheaply, as
     // `zstd --patch-from` does; it matters most at fast levels whose hash tables are small.
     cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(zstd_err)?;
-    cctx.ref_prefix(&prefix).map_err(zstd_err)?;
-    let mut frame = Vec::with_capacity(zstd_safe::compress_bound(literals.len()));
-    cctx.compress2(&mut frame, &literals).map_err(zstd_err)?;
-    Ok(frame)
+    cctx.ref_prefix(prefix).map_err(zstd_err)?;
+    Ok(cctx)
 }
 
 #[cfg(test)]

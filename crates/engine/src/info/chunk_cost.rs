@@ -13,8 +13,9 @@
 //! compression writes beyond that per flush, is taken off each piece's count (down to 0).
 //! What is left, scaled so that it sums to the real frame's length, is the pieces' costs.
 
-use zstd::zstd_safe::{self, zstd_sys::ZSTD_EndDirective, CParameter, InBuffer, OutBuffer};
+use zstd::zstd_safe::{self, zstd_sys::ZSTD_EndDirective, InBuffer, OutBuffer};
 
+use crate::diff::encode::chunk_compressor;
 use crate::error::{Error, Result};
 
 /// Output buffer of the recompression, drained after every call.
@@ -54,15 +55,9 @@ pub fn piece_costs(prefix: &[u8], chunk: &[u8], pieces: &[usize], frame_len: u64
 /// out).
 fn recompress(prefix: &[u8], chunk: &[u8], pieces: &[usize], level: i32) -> Result<Vec<u64>> {
     let zstd_err = |code: usize| Error::malformed("recompressing a patch chunk", zstd_safe::get_error_name(code).to_string());
-    // The window the differ gives a chunk: its prefix and itself (crate::diff::encode).
-    let window_log = ((prefix.len() + chunk.len()).max(1 << 10) as u64).next_power_of_two().trailing_zeros().clamp(10, 27);
-    let mut cctx = zstd_safe::CCtx::create();
-    cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(zstd_err)?;
-    cctx.set_parameter(CParameter::WindowLog(window_log)).map_err(zstd_err)?;
-    cctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(zstd_err)?;
-    cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(zstd_err)?;
+    // The differ's settings for a chunk.
+    let mut cctx = chunk_compressor(prefix, chunk.len(), level, "recompressing a patch chunk")?;
     cctx.set_pledged_src_size(Some(chunk.len() as u64)).map_err(zstd_err)?;
-    cctx.ref_prefix(prefix).map_err(zstd_err)?;
     let mut buffer = vec![0u8; OUTPUT_BUFFER_BYTES];
     let mut run = |input: &[u8], directive: ZSTD_EndDirective| -> Result<u64> {
         let mut input = InBuffer::around(input);
@@ -130,9 +125,7 @@ mod tests {
 
     /// What the differ writes for `chunk` against `prefix`.
     fn frame(prefix: &[u8], chunk: &[u8], level: i32) -> Vec<u8> {
-        let mut cctx = zstd_safe::CCtx::create();
-        cctx.set_parameter(CParameter::CompressionLevel(level)).unwrap();
-        cctx.ref_prefix(prefix).unwrap();
+        let mut cctx = chunk_compressor(prefix, chunk.len(), level, "a test chunk").unwrap();
         let mut out = Vec::with_capacity(zstd_safe::compress_bound(chunk.len()));
         cctx.compress2(&mut out, chunk).unwrap();
         out
