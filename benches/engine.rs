@@ -11,6 +11,10 @@
 //! is what `--fidelity content` recompression uses. The synthetic layers are written by the
 //! Go 1.19 encoder port, as docker would, so the engine groups rebuild them bit for bit.
 //!
+//! A fourth group measures the aligner of approximate matches (`diff::approximate::align`, a
+//! suffix array of the partner and bsdiff's scan) on an 8 MiB code-like file against a
+//! version where code moved (insertions and deletions) and a tenth of the immediates changed.
+//!
 //! `cargo bench --bench engine` (a few minutes on 2 cores).
 
 use std::collections::BTreeMap;
@@ -355,7 +359,42 @@ fn bench_encoders(c: &mut Criterion, pair: &Pair) {
     group.finish();
 }
 
+/// An executable-like pair for the aligner: `binary` contents, then a new version with a few
+/// hundred insertions and deletions (code that moved) and every tenth 4-byte word changed in
+/// its low byte (addresses that moved with it).
+fn moved_code(rng: &mut Rng, len: usize) -> (Vec<u8>, Vec<u8>) {
+    let old = binary(rng, len);
+    let mut new = Vec::with_capacity(len + len / 64);
+    let mut at = 0;
+    while at < old.len() {
+        let run = (1 + rng.below(64 << 10) as usize).min(old.len() - at);
+        new.extend_from_slice(&old[at..at + run]);
+        at += run;
+        match rng.below(3) {
+            0 => {
+                let len = 1 + rng.below(512) as usize;
+                new.extend_from_slice(&binary(rng, len));
+            }
+            1 => at += rng.below(256) as usize,
+            _ => {}
+        }
+    }
+    for word in new.chunks_mut(40) {
+        word[0] = word[0].wrapping_add(8);
+    }
+    (old, new)
+}
+
+fn bench_align(c: &mut Criterion) {
+    let (old, new) = moved_code(&mut Rng::new(20), 8 << 20);
+    let mut group = c.benchmark_group("align");
+    configure(&mut group, new.len() as u64);
+    group.bench_function("moved-code-8MiB", |b| b.iter(|| diff::approximate::align(&old, &new).unwrap()));
+    group.finish();
+}
+
 fn engine(c: &mut Criterion) {
+    bench_align(c);
     let pair = synthetic();
     bench_diff(c, "synthetic", &pair, &[Level::Fast, Level::Default]);
     bench_apply(c, "synthetic", &pair);
