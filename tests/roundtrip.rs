@@ -243,6 +243,24 @@ fn unchanged_directory_headers_between_changed_files_are_copied() {
 }
 
 #[test]
+fn a_same_length_edit_costs_its_bytes_not_the_headers_after_directories() {
+    // One file of 400 edited in place (same length, same header), 40 directories between the
+    // files: every other header, padding and file is a copy, whatever precedes it.
+    let v1 = app_tree(400, 1_700_000_000);
+    let mut v2 = v1.clone();
+    if let Some(Node::File { data, .. }) = v2.get_mut("app/m020/f200.js") {
+        data[10..14].copy_from_slice(b"v2!!");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for level in [Level::Fast, Level::Default, Level::Max] {
+        roundtrip(dir.path(), std::slice::from_ref(&v1), std::slice::from_ref(&v2), Compression::Gzip, Compression::Gzip, level);
+        let stats = info(&oci(&dir.path().join("d"))).unwrap().layers[0].stats.clone().unwrap();
+        assert_eq!((stats.files, stats.files_unchanged), (400, 399), "{level:?}: {stats:?}");
+        assert!(stats.literal_bytes <= 4_096, "{level:?}: {} bytes of literals for a 4-byte edit: {stats:?}", stats.literal_bytes);
+    }
+}
+
+#[test]
 fn a_binary_whose_addresses_moved_costs_its_edits_not_a_sequence_per_address() {
     // A 640 KiB executable-like file: a 32-bit address every 16 bytes, all moved by 0x40 in
     // v2 (code moved), a version string edited and a function inserted. Byte matchers pay a

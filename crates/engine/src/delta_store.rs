@@ -156,7 +156,7 @@ const REPOSITORY_HASH_HEX: usize = 16;
 
 /// Whether a delta manifest's annotations say it is a delta from `key`'s source, in a format
 /// we read, and not for another target (format 1 names the target in an annotation, format 2
-/// only in the `subject`, which a referrers listing implies and [`subject_matches`] checks).
+/// only in the `subject`, which a referrers listing implies and `subject_matches` checks).
 pub fn annotations_match(annotations: &std::collections::BTreeMap<String, String>, key: &DeltaKey) -> bool {
     annotations.get(ANNOTATION_VERSION).and_then(|v| v.parse().ok()).is_some_and(reads_version)
         && annotations.get(ANNOTATION_SOURCE_CONFIG) == Some(&key.source_config.to_string())

@@ -303,9 +303,15 @@ pub fn encode_layer(
                 continue;
             }
         }
-        // Headers and padding before the contents, against the partner's.
+        // Headers and padding before the contents, against the partner's: the source bytes
+        // before its contents as long as the target's where its metadata holds that many (the
+        // target's may start after a directory's header, already planned), else all of it.
         let meta = meta_from..e.data_start;
-        let meta_partner = partner_loc.or_else(|| source.at_path(&e.path)).map(|l| range_of(l.layer, source.entry(l).meta_range()));
+        let meta_partner = partner_loc.or_else(|| source.at_path(&e.path)).map(|l| {
+            let s = source.entry(l);
+            let start = s.data_start.checked_sub(meta.end - meta.start).filter(|start| *start >= s.meta_start).unwrap_or(s.meta_start);
+            range_of(l.layer, start..s.data_start)
+        });
         emit_bytes(&mut planner, source, target, meta, meta_partner)?;
         let content = e.content_range();
         match (partner, partner_loc) {
@@ -556,8 +562,15 @@ fn header_alone(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpack
     if s.data_start >= len && retime(planner, source, target, l.layer, t.clone(), s.data_start - len, 0)? {
         return Ok(true);
     }
+    // The padding and the header as one copy where the source's bytes before its header are
+    // the same, else the header alone.
+    let layer = &source.layers[l.layer as usize];
+    if s.data_start >= s.meta_start + len && target.read(t.clone())? == layer.read(s.data_start - len..s.data_start)? {
+        planner.copy(range_of(l.layer, s.data_start - len..s.data_start));
+        return Ok(true);
+    }
     let s_header = s.data_start - header_len..s.data_start;
-    if target.read(header_start..t.end)? != source.layers[l.layer as usize].read(s_header.clone())? {
+    if target.read(header_start..t.end)? != layer.read(s_header.clone())? {
         return Ok(false);
     }
     emit_bytes(planner, source, target, t.start..header_start, None)?;

@@ -14,7 +14,7 @@
 //! leaves only a staging directory, which the next writer removes, and the steps after it
 //! (rename, journal, `index.json`) are synced one by one as before. On kernels before 5.8,
 //! whose `syncfs` does not report writeback errors, every blob and file is synced on its own
-//! as well ([`syncfs_reports_errors`]).
+//! as well (`syncfs_reports_errors`).
 
 use std::collections::HashSet;
 use std::fs::{self, File};
