@@ -9,8 +9,8 @@
 //! found by binary search in it and extended while at least half their bytes agree. The
 //! suffix array comes from libsais (4 bytes per partner byte, several times faster than
 //! bsdiff's own qsufsort at 16 bytes per byte), and the target is scanned in independent
-//! partitions on rayon's pool. It is tried per similar file, and kept only when its estimated
-//! size beats the file's literals against the same partner. A wrong alignment can only cost
+//! partitions on rayon's pool. It is tried per similar binary file ([`is_binary`]), and kept
+//! only when its estimated size beats the file's literals against the same partner. A wrong alignment can only cost
 //! size, never correctness: every step is checked to stay inside both files, and the applier
 //! verifies what it rebuilds.
 
@@ -261,6 +261,13 @@ fn scan(index: &SuffixIndex<'_>, new: &[u8], range: Range<usize>) -> Vec<Piece> 
     pieces
 }
 
+/// Whether `data` is binary (holds a NUL byte): executables, libraries, compiled modules. Text
+/// (sources, scripts, bundles) has none, and zstd against the partner codes its inserted and
+/// deleted lines better than an alignment does.
+pub fn is_binary(data: &[u8]) -> bool {
+    data.contains(&0)
+}
+
 /// The chunk bytes of an alignment: for each step, the differences of its add, then its extra
 /// bytes.
 pub fn chunk_bytes(old: &[u8], new: &[u8], steps: &[Step]) -> Vec<u8> {
@@ -396,5 +403,12 @@ mod tests {
         assert_eq!(rebuild(&[], &new, &align(&[], &new).unwrap()), new);
         assert_eq!(align(b"some partner", &[]).unwrap(), Vec::new());
         assert_eq!(rebuild(b"x", b"xxxxxy", &align(b"x", b"xxxxxy").unwrap()), b"xxxxxy");
+    }
+
+    #[test]
+    fn only_binary_contents_are_aligned() {
+        assert!(is_binary(b"\x7fELF\x02\x01\x01\x00\x00"));
+        assert!(!is_binary(b"export const version = '4.2.1';\n"));
+        assert!(!is_binary(&[]));
     }
 }

@@ -581,7 +581,7 @@ fn header_alone(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpack
 /// Files smaller than this are never approximated: a few records cost what they could save.
 const MIN_APPROXIMATE_BYTES: u64 = 512;
 
-/// The alignments worth using, by target entry: every similar file (its partner in
+/// The alignments worth using, by target entry: every similar binary file (its partner in
 /// `partners`, by entry) and partner within [`EncodeParams::approximate_bytes`] is aligned
 /// (in parallel), and kept where its estimated size beats literals.
 fn alignments(target: &Unpacked, source: &SourceIndex<'_>, partners: &[Partner], params: &EncodeParams) -> Result<HashMap<usize, Vec<approximate::Step>>> {
@@ -607,6 +607,9 @@ fn alignments(target: &Unpacked, source: &SourceIndex<'_>, partners: &[Partner],
         .par_iter()
         .map(|(i, content, partner)| {
             let new = target.read(content.clone())?;
+            if !approximate::is_binary(&new) {
+                return Ok(None);
+            }
             let old = source.layers[partner.layer as usize].read(partner.offset..partner.end())?;
             let steps = approximate::align(&old, &new)?;
             Ok(approximate::worth_it(&old, &new, &steps)?.then_some((*i, steps)))
