@@ -255,9 +255,7 @@ fn scan(index: &SuffixIndex<'_>, new: &[u8], range: Range<usize>) -> Vec<Piece> 
         pieces.push(Piece { old_at: last_pos, add: forward, extra: at - backward - (last_at + forward) });
         (last_at, last_pos, last_offset) = (at - backward, pos - backward, pos as isize - at as isize);
     }
-    if pieces.is_empty() {
-        pieces.push(Piece { old_at: 0, add: 0, extra: range.len() });
-    }
+    // Not empty: the last pass of the loop reaches `end`, and a pass that reaches it pushes.
     pieces
 }
 
