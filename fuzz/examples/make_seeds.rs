@@ -48,6 +48,22 @@ fn mixed_tar() -> BoxResult<Vec<u8>> {
 
 fn main() -> BoxResult<()> {
     let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
+
+    // A difference chunk: mostly zeros with a few changed bytes, as approximate matches give.
+    let differences: Vec<u8> = (0..4000u32).map(|i| if i % 97 < 2 { (i / 97) as u8 } else { 0 }).collect();
+    let stream = fleetdelta::format::lzma::compress(&differences)?;
+    let mut chunk = (differences.len() as u16).to_le_bytes().to_vec();
+    chunk.extend_from_slice(&stream);
+    write(&seeds.join("difference_chunk"), "differences", &chunk)?;
+    let mut with_differences = Vec::new();
+    let header = fleetdelta::format::records::PatchHeader { target_layer: 0, tar_len: differences.len() as u64 + 1 };
+    let mut w = fleetdelta::format::records::RecordWriter::new(&mut with_differences, header)?;
+    w.write(&fleetdelta::format::records::Record::Differences { raw_len: differences.len() as u64, frame: stream })?;
+    w.write(&fleetdelta::format::records::Record::AddDifferences(fleetdelta::format::records::SourceRange { layer: 0, offset: 0, len: differences.len() as u64 }))?;
+    w.write(&fleetdelta::format::records::Record::Copy(fleetdelta::format::records::SourceRange { layer: 0, offset: 0, len: 1 }))?;
+    w.write(&fleetdelta::format::records::Record::End)?;
+    write(&seeds.join("patch_records"), "differences.patch", &with_differences)?;
+
     let fixture = Fixture::build()?;
 
     write(&seeds.join("patch_records"), "fixture.patch", &fixture.records)?;
@@ -60,6 +76,7 @@ fn main() -> BoxResult<()> {
     w.write(&Record::Literal(3))?;
     w.write(&Record::End)?;
     write(&seeds.join("patch_records"), "tiny.patch", &tiny)?;
+
 
     let mut records = vec![0u8];
     records.extend_from_slice(&fixture.records);

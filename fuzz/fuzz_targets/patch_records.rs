@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(reader) = RecordReader::new(data, 1 << 30) else { return };
-    let mut reader = reader.allow_retimed(true).allow_add(true);
+    let mut reader = reader.allow_retimed(true).allow_add(true).allow_differences(true);
     let header = reader.header();
     let mut records = Vec::new();
     loop {

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::digest::{verify, Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{Encoding, LayerPlan, Method, FEATURE_ADD_RANGES, FEATURE_RETIMED_HEADERS};
+use crate::format::plan::{Encoding, LayerPlan, Method, FEATURE_ADD_RANGES, FEATURE_DIFFERENCE_CHUNKS, FEATURE_RETIMED_HEADERS};
 use crate::format::records::RecordReader;
 use crate::format::MAX_RECORD_STREAM_WINDOW_LOG;
 use crate::image::manifest::BlobRef;
@@ -220,8 +220,10 @@ pub(crate) fn open_patch(delta: &DeltaImage, plan: &LayerPlan, limit: u64, what:
     let patch_bytes = payload.len();
     let mut decoder = zstd::stream::read::Decoder::new(payload).ctx(|| "starting zstd".into())?;
     decoder.window_log_max(MAX_RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
-    let records =
-        RecordReader::new(decoder, limit)?.allow_retimed(delta.plan.declares(FEATURE_RETIMED_HEADERS)).allow_add(delta.plan.declares(FEATURE_ADD_RANGES));
+    let records = RecordReader::new(decoder, limit)?
+        .allow_retimed(delta.plan.declares(FEATURE_RETIMED_HEADERS))
+        .allow_add(delta.plan.declares(FEATURE_ADD_RANGES))
+        .allow_differences(delta.plan.declares(FEATURE_DIFFERENCE_CHUNKS));
     if records.header().target_layer != plan.index {
         return Err(Error::malformed(what, format!("its patch is for target layer {}", records.header().target_layer)));
     }

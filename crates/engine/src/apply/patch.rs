@@ -1,5 +1,6 @@
 //! Executing a patch record stream: source copies, chunk literals and source ranges plus
-//! chunk differences, written in order.
+//! differences (from the chunk, or from a difference chunk, [`crate::format::lzma`]), written
+//! in order.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -8,10 +9,13 @@ use zstd::zstd_safe;
 
 use crate::apply::source::SourceLayer;
 use crate::error::{Error, IoContext, Result};
+use crate::format::lzma::DifferenceStream;
 use crate::format::records::{Record, RecordReader, SourceRange};
 use crate::format::retime::Retimer;
 
 const COPY_BUFFER_BYTES: usize = 1 << 20;
+/// Difference chunk bytes decoded at a time (the applier's memory, per layer rebuilt at once).
+const DIFFERENCE_BUFFER_BYTES: usize = 64 << 10;
 
 /// Where a replayed patch goes: the rebuilt tar's bytes, and what produced them for a
 /// caller that wants to know ([`mod@crate::info`]'s per-file costs). The applier's output is
@@ -32,6 +36,12 @@ pub trait PatchOutput: Write {
     /// `prefix`, its decompressed bytes `chunk` and its compressed `frame` (empty unless
     /// [`PatchOutput::wants_frames`]).
     fn chunk_consumed(&mut self, _prefix: &[u8], _chunk: &[u8], _frame: &[u8]) -> Result<()> {
+        Ok(())
+    }
+
+    /// The current difference chunk has been consumed whole: its bytes and its LZMA stream
+    /// (empty unless [`PatchOutput::wants_frames`]).
+    fn differences_consumed(&mut self, _chunk: &[u8], _frame: &[u8]) -> Result<()> {
         Ok(())
     }
 }
@@ -56,7 +66,8 @@ impl Write for Plain<'_> {
 impl PatchOutput for Plain<'_> {}
 
 /// Rebuilds a tar from `records` into `out`, reading source layers from `sources`.
-/// Memory is bounded by the format limits: one chunk, its prefix and its frame at a time.
+/// Memory is bounded by the format limits: one chunk, its prefix and its frame at a time, and
+/// one difference chunk's frame and LZMA dictionary (its bytes are decoded as they are used).
 pub fn run_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u32, SourceLayer>, out: &mut dyn Write) -> Result<u64> {
     replay_patch(records, sources, &mut Plain(out))
 }
@@ -71,6 +82,12 @@ pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u3
     let mut chunk: Vec<u8> = Vec::new();
     let mut frame: Vec<u8> = Vec::new();
     let mut chunk_pos = 0usize;
+    // The current difference chunk, decoded as adds take its bytes; what has been taken, for
+    // an output that wants to see the chunk.
+    let mut differences: Option<DifferenceStream> = None;
+    let mut differences_buf = Vec::new();
+    let mut differences_seen: Vec<u8> = Vec::new();
+    let mut differences_pos = 0u64;
     let mut written = 0u64;
     loop {
         let record = records.next_record()?;
@@ -124,6 +141,39 @@ pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u3
                     out.chunk_consumed(&prefix, &chunk, &frame)?;
                     // Freed now: the next chunk's frame is read before this one would be replaced.
                     frame = Vec::new();
+                }
+            }
+            Record::Differences { raw_len, frame: next } => {
+                // The reader checked that the previous one was consumed whole (and finished).
+                differences = Some(DifferenceStream::new(next, raw_len)?);
+                differences_pos = 0;
+                differences_seen.clear();
+            }
+            Record::AddDifferences(r) => {
+                // The reader checked that the difference chunk holds `r.len` more bytes.
+                let stream = differences.as_mut().ok_or_else(|| Error::malformed("patch", "an add before any difference chunk"))?;
+                let keep = out.wants_frames();
+                differences_buf.resize(DIFFERENCE_BUFFER_BYTES, 0);
+                copy_range(source(r.layer)?, &r, &mut copy_buf, out, |piece| {
+                    for piece in piece.chunks_mut(DIFFERENCE_BUFFER_BYTES) {
+                        let d = &mut differences_buf[..piece.len()];
+                        stream.read_exact(d)?;
+                        for (byte, d) in piece.iter_mut().zip(d.iter()) {
+                            *byte = byte.wrapping_add(*d);
+                        }
+                        if keep {
+                            differences_seen.extend_from_slice(d);
+                        }
+                    }
+                    Ok(())
+                })?;
+                differences_pos += r.len;
+                written += r.len;
+                if let Some(stream) = differences.take_if(|s| differences_pos == s.raw_len()) {
+                    let frame = if keep { stream.frame().to_vec() } else { Vec::new() };
+                    stream.finish()?;
+                    out.differences_consumed(&differences_seen, &frame)?;
+                    differences_seen = Vec::new();
                 }
             }
             Record::Literal(n) => {

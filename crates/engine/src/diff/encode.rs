@@ -13,10 +13,11 @@ use crate::diff::approximate;
 use crate::diff::material::Unpacked;
 use crate::diff::pair::{Loc, Partner, SourceIndex};
 use crate::error::{Error, IoContext, Result};
+use crate::format::lzma;
 use crate::format::plan::PatchStats;
 use crate::format::records::{prefix_budget, PatchHeader, Record, RecordWriter, SourceRange};
 use crate::format::retime::{self, Retimer, BLOCK};
-use crate::format::{MAX_CHUNK_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
+use crate::format::{MAX_CHUNK_BYTES, MAX_DIFFERENCE_CHUNK_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
 use crate::progress::Progress;
 
 /// How hard the encoder works.
@@ -38,6 +39,9 @@ pub struct EncodeParams {
     /// matches ([`approximate`]), kept where they beat literals; 0 disables it. The aligner
     /// holds 16 bytes per partner byte, per worker thread.
     pub approximate_bytes: u64,
+    /// The differences of approximate matches go to difference chunks, LZMA streams of their
+    /// own ([`crate::format::lzma`]), rather than into the chunks beside the literals.
+    pub difference_chunks: bool,
 }
 
 /// Frames compressed ahead of the record writer, per worker thread: enough to keep every
@@ -64,6 +68,19 @@ enum Op {
         range: SourceRange,
         chunk: usize,
     },
+    /// A source range plus differences taken from difference chunk `chunk`.
+    AddDifferences {
+        range: SourceRange,
+        chunk: usize,
+    },
+}
+
+/// A difference chunk: the differences of `ADD-DIFFERENCES` records in order, each target
+/// bytes minus their source bytes.
+#[derive(Debug, Default)]
+struct DifferencePlan {
+    pieces: Vec<(Range<u64>, SourceRange)>,
+    len: u64,
 }
 
 /// Bytes of a chunk: target bytes as they are, or the differences between target bytes and
@@ -94,6 +111,7 @@ struct Planner {
     params: EncodeParams,
     ops: Vec<Op>,
     chunks: Vec<ChunkPlan>,
+    differences: Vec<DifferencePlan>,
     stats: PatchStats,
     /// Prefix bytes the chunks may still read ([`prefix_budget`]): past it, literals are
     /// coded without their partner (only pathological layers get there).
@@ -102,7 +120,14 @@ struct Planner {
 
 impl Planner {
     fn new(params: EncodeParams, tar_len: u64) -> Self {
-        Planner { params, ops: Vec::new(), chunks: vec![ChunkPlan::default()], stats: PatchStats::default(), prefix_left: prefix_budget(tar_len) }
+        Planner {
+            params,
+            ops: Vec::new(),
+            chunks: vec![ChunkPlan::default()],
+            differences: vec![DifferencePlan::default()],
+            stats: PatchStats::default(),
+            prefix_left: prefix_budget(tar_len),
+        }
     }
 
     fn copy(&mut self, r: SourceRange) {
@@ -165,6 +190,9 @@ impl Planner {
     /// Emits target bytes `range` as the source bytes `partner` (at most a chunk long) plus
     /// differences.
     fn add(&mut self, range: Range<u64>, partner: SourceRange) {
+        if self.params.difference_chunks {
+            return self.add_differences(range, partner);
+        }
         let mut done = 0;
         while done < partner.len {
             let len = (partner.len - done).min(self.params.chunk_bytes);
@@ -175,6 +203,27 @@ impl Planner {
             plan.literal_len += len;
             plan.literals.push(Piece::Difference { target, source });
             self.ops.push(Op::Add { range: source, chunk });
+            self.stats.added_bytes += len;
+            self.stats.literal_bytes += len;
+            done += len;
+        }
+    }
+
+    /// [`Planner::add`] with the differences in difference chunks.
+    fn add_differences(&mut self, range: Range<u64>, partner: SourceRange) {
+        let limit = self.params.chunk_bytes.min(MAX_DIFFERENCE_CHUNK_BYTES);
+        let mut done = 0;
+        while done < partner.len {
+            if self.differences.last().is_some_and(|d| d.len >= limit) {
+                self.differences.push(DifferencePlan::default());
+            }
+            let index = self.differences.len() - 1;
+            let plan = &mut self.differences[index];
+            let len = (partner.len - done).min(limit - plan.len);
+            let source = SourceRange { layer: partner.layer, offset: partner.offset + done, len };
+            plan.pieces.push((range.start + done..range.start + done + len, source));
+            plan.len += len;
+            self.ops.push(Op::AddDifferences { range: source, chunk: index });
             self.stats.added_bytes += len;
             self.stats.literal_bytes += len;
             done += len;
@@ -347,7 +396,7 @@ pub fn encode_layer(
         emit_bytes(&mut planner, source, target, meta_from..target.index.len, tail_partner)?;
     }
 
-    let Planner { ops, mut chunks, mut stats, mut prefix_left, .. } = planner;
+    let Planner { ops, mut chunks, differences, mut stats, mut prefix_left, .. } = planner;
     if params.context_bytes > 0 {
         let lens: Vec<u64> = source.layers.iter().map(|l| l.index.len).collect();
         for c in &mut chunks {
@@ -363,6 +412,7 @@ pub fn encode_layer(
         }
     }
     stats.chunks = chunks.iter().filter(|c| c.literal_len > 0).count() as u64;
+    stats.difference_chunks = differences.iter().filter(|d| d.len > 0).count() as u64;
     stats.tar_bytes = target.index.len;
 
     let mut used = BTreeSet::new();
@@ -373,6 +423,9 @@ pub fn encode_layer(
     let mut to_compress = chunks.iter().filter(|c| c.literal_len > 0);
     let mut frames: VecDeque<Vec<u8>> = VecDeque::new();
     let mut current_chunk = None;
+    let mut differences_to_compress = differences.iter().filter(|d| d.len > 0);
+    let mut difference_frames: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut current_differences = None;
     for op in &ops {
         match op {
             Op::Copy(r) => {
@@ -383,6 +436,21 @@ pub fn encode_layer(
             Op::Retimed { range, shift, .. } => {
                 used.insert(range.layer);
                 w.write(&Record::Retimed { range: *range, shift: *shift }).ctx(|| "writing patch".into())?;
+                progress.advance(range.len);
+            }
+            Op::AddDifferences { range, chunk } => {
+                if current_differences != Some(*chunk) {
+                    if difference_frames.is_empty() {
+                        let next: Vec<&DifferencePlan> = differences_to_compress.by_ref().take(batch).collect();
+                        difference_frames = next.par_iter().map(|d| compress_differences(d, target, source)).collect::<Result<_>>()?;
+                    }
+                    let frame =
+                        difference_frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more difference chunks referenced than compressed"))?;
+                    w.write(&Record::Differences { raw_len: differences[*chunk].len, frame }).ctx(|| "writing patch".into())?;
+                    current_differences = Some(*chunk);
+                }
+                used.insert(range.layer);
+                w.write(&Record::AddDifferences(*range)).ctx(|| "writing patch".into())?;
                 progress.advance(range.len);
             }
             Op::Literal { chunk, .. } | Op::Add { chunk, .. } => {
@@ -633,6 +701,27 @@ fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked
     Ok(())
 }
 
+/// Compresses one difference chunk: its target bytes minus their source bytes, as an LZMA
+/// stream.
+fn compress_differences(plan: &DifferencePlan, target: &Unpacked, source: &SourceIndex<'_>) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(plan.len as usize);
+    for (t, r) in &plan.pieces {
+        append_differences(&mut bytes, t.clone(), r, target, source)?;
+    }
+    lzma::compress(&bytes)
+}
+
+/// Appends target bytes `t` minus source bytes `r` (as long), byte by byte modulo 256.
+fn append_differences(out: &mut Vec<u8>, t: Range<u64>, r: &SourceRange, target: &Unpacked, source: &SourceIndex<'_>) -> Result<()> {
+    let start = out.len();
+    target.read_append(t, out)?;
+    let partner = source.layers[r.layer as usize].read(r.offset..r.end())?;
+    for (byte, p) in out[start..].iter_mut().zip(&partner) {
+        *byte = byte.wrapping_sub(*p);
+    }
+    Ok(())
+}
+
 /// Compresses one chunk's literals with its prefix as zstd reference.
 fn compress_chunk(chunk: &ChunkPlan, target: &Unpacked, source: &SourceIndex<'_>, level: i32) -> Result<Vec<u8>> {
     let mut prefix = Vec::with_capacity(chunk.prefix_len as usize);
@@ -643,14 +732,7 @@ fn compress_chunk(chunk: &ChunkPlan, target: &Unpacked, source: &SourceIndex<'_>
     for piece in &chunk.literals {
         match piece {
             Piece::Target(r) => target.read_append(r.clone(), &mut literals)?,
-            Piece::Difference { target: t, source: r } => {
-                let start = literals.len();
-                target.read_append(t.clone(), &mut literals)?;
-                let partner = source.layers[r.layer as usize].read(r.offset..r.end())?;
-                for (byte, p) in literals[start..].iter_mut().zip(&partner) {
-                    *byte = byte.wrapping_sub(*p);
-                }
-            }
+            Piece::Difference { target: t, source: r } => append_differences(&mut literals, t.clone(), r, target, source)?,
         }
     }
     let zstd_err = |code: usize| Error::malformed("zstd compression", zstd_safe::get_error_name(code).to_string());
@@ -682,7 +764,7 @@ mod tests {
     use super::*;
 
     fn params() -> EncodeParams {
-        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10, context_bytes: 0, approximate_bytes: 0 }
+        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10, context_bytes: 0, approximate_bytes: 0, difference_chunks: false }
     }
 
     fn r(layer: u32, offset: u64, len: u64) -> SourceRange {

@@ -20,8 +20,8 @@ use rayon::prelude::*;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{
-    DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS, FEATURE_EXACT_GZIP,
-    FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS,
+    DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS, FEATURE_DIFFERENCE_CHUNKS,
+    FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{Image, Layout, LayoutWriter};
@@ -61,12 +61,26 @@ const APPROXIMATE_BYTES: u64 = 64 << 20;
 impl Level {
     /// The encoder parameters for this level.
     pub fn params(self) -> EncodeParams {
-        let base =
-            EncodeParams { zstd_level: 3, chunk_bytes: 4 << 20, prefix_bytes: MAX_PREFIX_BYTES, window_slack: 1 << 20, context_bytes: 0, approximate_bytes: 0 };
+        let base = EncodeParams {
+            zstd_level: 3,
+            chunk_bytes: 4 << 20,
+            prefix_bytes: MAX_PREFIX_BYTES,
+            window_slack: 1 << 20,
+            context_bytes: 0,
+            approximate_bytes: 0,
+            difference_chunks: false,
+        };
         match self {
             Level::Fast => base,
             Level::Default => EncodeParams { zstd_level: 12, context_bytes: 2 << 20, approximate_bytes: APPROXIMATE_BYTES, ..base },
-            Level::Max => EncodeParams { zstd_level: 19, window_slack: 2 << 20, context_bytes: MAX_PREFIX_BYTES, approximate_bytes: APPROXIMATE_BYTES, ..base },
+            Level::Max => EncodeParams {
+                zstd_level: 19,
+                window_slack: 2 << 20,
+                context_bytes: MAX_PREFIX_BYTES,
+                approximate_bytes: APPROXIMATE_BYTES,
+                difference_chunks: true,
+                ..base
+            },
         }
     }
 
@@ -373,8 +387,12 @@ fn features_used(plan: &DeltaPlan) -> Vec<String> {
     if uses(|l| l.stats.as_ref().is_some_and(|s| s.retimed_headers > 0)) {
         features.push(FEATURE_RETIMED_HEADERS.to_string());
     }
-    if uses(|l| l.stats.as_ref().is_some_and(|s| s.added_bytes > 0)) {
+    // `ADD` records: adds whose differences are in the chunks, not in difference chunks.
+    if uses(|l| l.stats.as_ref().is_some_and(|s| s.added_bytes > 0 && s.difference_chunks == 0)) {
         features.push(FEATURE_ADD_RANGES.to_string());
+    }
+    if uses(|l| l.stats.as_ref().is_some_and(|s| s.difference_chunks > 0)) {
+        features.push(FEATURE_DIFFERENCE_CHUNKS.to_string());
     }
     features
 }

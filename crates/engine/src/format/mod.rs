@@ -4,6 +4,7 @@
 
 pub mod corrections;
 pub mod encoders;
+pub mod lzma;
 pub mod plan;
 pub mod records;
 pub mod retime;
@@ -31,6 +32,9 @@ pub const MAX_INLINE_PAYLOAD_BYTES: u64 = 1 << 20;
 
 /// Largest decompressed size of one chunk of literal bytes. Bounds the applier's memory.
 pub const MAX_CHUNK_BYTES: u64 = 8 << 20;
+/// Largest decompressed size of one difference chunk (`DIFFERENCES`, [`lzma`]): with its
+/// dictionary, what it adds to the applier's memory.
+pub const MAX_DIFFERENCE_CHUNK_BYTES: u64 = 4 << 20;
 /// Largest total size of the reference prefix of one chunk. Bounds the applier's memory.
 pub const MAX_PREFIX_BYTES: u64 = 8 << 20;
 /// Largest number of source ranges making up one chunk's prefix.

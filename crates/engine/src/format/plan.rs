@@ -31,11 +31,22 @@ pub const FEATURE_RETIMED_HEADERS: &str = "retimed-headers";
 /// Feature: patches may hold `ADD` records, source ranges to which the next chunk bytes are
 /// added byte by byte (bsdiff's approximate matches: a file edited in scattered places).
 pub const FEATURE_ADD_RANGES: &str = "add-ranges";
+/// Feature: patches may hold difference chunks (`DIFFERENCES`, LZMA streams, see
+/// [`crate::format::lzma`]) and `ADD-DIFFERENCES` records that take their differences from
+/// them: bsdiff's separate difference stream, so that literals keep zstd and their prefix.
+pub const FEATURE_DIFFERENCE_CHUNKS: &str = "difference-chunks";
 
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
-pub const KNOWN_FEATURES: &[&str] =
-    &[FEATURE_EXACT_GZIP, FEATURE_GZIP_MEMBERS, FEATURE_GZIP_CORRECTIONS, FEATURE_DEFLATE_MEMBERS, FEATURE_RETIMED_HEADERS, FEATURE_ADD_RANGES];
+pub const KNOWN_FEATURES: &[&str] = &[
+    FEATURE_EXACT_GZIP,
+    FEATURE_GZIP_MEMBERS,
+    FEATURE_GZIP_CORRECTIONS,
+    FEATURE_DEFLATE_MEMBERS,
+    FEATURE_RETIMED_HEADERS,
+    FEATURE_ADD_RANGES,
+    FEATURE_DIFFERENCE_CHUNKS,
+];
 
 /// Largest uncompressed size of a member the differ expands (and the applier accepts).
 pub const MAX_MEMBER_RAW_BYTES: u64 = 256 << 20;
@@ -390,6 +401,10 @@ pub struct PatchStats {
     /// Similar files coded by approximate matches (`ADD` records) rather than literals.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub files_approximated: u64,
+    /// Difference chunks (LZMA streams, feature [`FEATURE_DIFFERENCE_CHUNKS`]) that the
+    /// `added_bytes` take their differences from; none when they come from the chunks.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub difference_chunks: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -4,6 +4,10 @@
 //! uncompressed source layer; `CHUNK` records carry one zstd frame of literal bytes,
 //! compressed against a prefix assembled from source ranges (the partners of the literal
 //! bytes, in the same order); `LITERAL` records take the next bytes of the current chunk.
+//! `ADD` records add source bytes and the next bytes of the current chunk; where a delta has
+//! difference chunks (`DIFFERENCES`, LZMA streams without prefix, [`crate::format::lzma`]),
+//! `ADD-DIFFERENCES` records take theirs from the current difference chunk instead, so that the
+//! differences and the literals are compressed apart, as bsdiff keeps them.
 //! The stream ends with `END`. Integers are unsigned LEB128; copy and prefix offsets are
 //! zigzag deltas from the end of the previous range read from the same source layer.
 //!
@@ -19,7 +23,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
 use crate::error::{Error, Result};
-use crate::format::{MAX_CHUNK_BYTES, MAX_FRAME_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
+use crate::format::{MAX_CHUNK_BYTES, MAX_DIFFERENCE_CHUNK_BYTES, MAX_FRAME_BYTES, MAX_PREFIX_BYTES, MAX_PREFIX_RANGES};
 
 /// The first bytes of every patch.
 pub const PATCH_MAGIC: &[u8; 8] = b"FDPATCH\x01";
@@ -45,6 +49,8 @@ const TAG_LITERAL: u8 = 2;
 const TAG_CHUNK: u8 = 3;
 const TAG_RETIMED: u8 = 4;
 const TAG_ADD: u8 = 5;
+const TAG_DIFFERENCES: u8 = 6;
+const TAG_ADD_DIFFERENCES: u8 = 7;
 
 /// A byte range of an uncompressed source layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +109,17 @@ pub enum Record {
     /// (feature [`crate::format::plan::FEATURE_ADD_RANGES`]). The chunk carries the
     /// differences, mostly zeros, which compress to almost nothing.
     Add(SourceRange),
+    /// A new difference chunk replaces the current one (which must have been consumed whole):
+    /// a raw LZMA2 stream ([`crate::format::lzma`]; feature
+    /// [`crate::format::plan::FEATURE_DIFFERENCE_CHUNKS`]).
+    Differences {
+        /// Decompressed length.
+        raw_len: u64,
+        /// The LZMA2 stream.
+        frame: Vec<u8>,
+    },
+    /// Like [`Record::Add`], with the differences taken from the current difference chunk.
+    AddDifferences(SourceRange),
     /// The end of the patch.
     End,
 }
@@ -162,6 +179,16 @@ impl<W: Write> RecordWriter<W> {
                 self.out.write_all(&[TAG_ADD])?;
                 self.range(r)
             }
+            Record::Differences { raw_len, frame } => {
+                self.out.write_all(&[TAG_DIFFERENCES])?;
+                write_varint(&mut self.out, *raw_len)?;
+                write_varint(&mut self.out, frame.len() as u64)?;
+                self.out.write_all(frame)
+            }
+            Record::AddDifferences(r) => {
+                self.out.write_all(&[TAG_ADD_DIFFERENCES])?;
+                self.range(r)
+            }
             Record::End => self.out.write_all(&[TAG_END]),
         }
     }
@@ -180,10 +207,12 @@ pub struct RecordReader<R: Read> {
     cursors: HashMap<u32, u64>,
     produced: u64,
     chunk_left: u64,
+    differences_left: u64,
     prefix_budget: u64,
     ended: bool,
     retimed_allowed: bool,
     add_allowed: bool,
+    differences_allowed: bool,
 }
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -209,10 +238,12 @@ impl<R: Read> RecordReader<R> {
             cursors: HashMap::new(),
             produced: 0,
             chunk_left: 0,
+            differences_left: 0,
             prefix_budget: prefix_budget(tar_len),
             ended: false,
             retimed_allowed: false,
             add_allowed: false,
+            differences_allowed: false,
         })
     }
 
@@ -227,6 +258,13 @@ impl<R: Read> RecordReader<R> {
     /// [`crate::format::plan::FEATURE_ADD_RANGES`].
     pub fn allow_add(mut self, allowed: bool) -> Self {
         self.add_allowed = allowed;
+        self
+    }
+
+    /// Accepts `DIFFERENCES` and `ADD-DIFFERENCES` records, which a delta may use only when it
+    /// declares [`crate::format::plan::FEATURE_DIFFERENCE_CHUNKS`].
+    pub fn allow_differences(mut self, allowed: bool) -> Self {
+        self.differences_allowed = allowed;
         self
     }
 
@@ -260,6 +298,32 @@ impl<R: Read> RecordReader<R> {
         Ok(())
     }
 
+    /// A chunk's (`what`) decompressed length, at most `max`, and its frame, checked against
+    /// the format limits and the bytes left to produce.
+    fn chunk_body(&mut self, what: &str, max: u64) -> Result<(u64, Vec<u8>)> {
+        let raw_len = read_varint(&mut self.input)?;
+        if raw_len > max {
+            return Err(Error::TooLarge { what: what.into(), limit: max });
+        }
+        if raw_len == 0 {
+            return Err(bad(format!("a {what} of 0 bytes")));
+        }
+        if raw_len > self.header.tar_len - self.produced {
+            return Err(bad(format!("a {what} of {raw_len} bytes, more than the {} bytes left to produce", self.header.tar_len - self.produced)));
+        }
+        let frame_len = read_varint(&mut self.input)?;
+        let frame_limit = (zstd::zstd_safe::compress_bound(raw_len as usize) as u64).min(MAX_FRAME_BYTES);
+        if frame_len > frame_limit {
+            return Err(bad(format!("a {what} frame of {frame_len} bytes for {raw_len} bytes, more than zstd's bound of {frame_limit}")));
+        }
+        let mut frame = Vec::new();
+        (&mut self.input).take(frame_len).read_to_end(&mut frame).map_err(|e| Error::io("reading patch", e))?;
+        if frame.len() as u64 != frame_len {
+            return Err(bad(format!("truncated {what} frame")));
+        }
+        Ok((raw_len, frame))
+    }
+
     /// The next record. After [`Record::End`] the output length has been checked.
     pub fn next_record(&mut self) -> Result<Record> {
         if self.ended {
@@ -274,6 +338,9 @@ impl<R: Read> RecordReader<R> {
                 }
                 if self.chunk_left != 0 {
                     return Err(bad(format!("{} bytes of the last chunk unused", self.chunk_left)));
+                }
+                if self.differences_left != 0 {
+                    return Err(bad(format!("{} bytes of the last difference chunk unused", self.differences_left)));
                 }
                 self.ended = true;
                 Ok(Record::End)
@@ -319,26 +386,7 @@ impl<R: Read> RecordReader<R> {
                 self.prefix_budget = self.prefix_budget.checked_sub(prefix_len).ok_or_else(|| {
                     bad(format!("chunk prefixes read more than {PREFIX_BYTES_PER_TAR_BYTE} bytes per byte of the {}-byte tar", self.header.tar_len))
                 })?;
-                let raw_len = read_varint(&mut self.input)?;
-                if raw_len > MAX_CHUNK_BYTES {
-                    return Err(Error::TooLarge { what: "chunk".into(), limit: MAX_CHUNK_BYTES });
-                }
-                if raw_len == 0 {
-                    return Err(bad("a chunk of 0 bytes"));
-                }
-                if raw_len > self.header.tar_len - self.produced {
-                    return Err(bad(format!("a chunk of {raw_len} bytes, more than the {} bytes left to produce", self.header.tar_len - self.produced)));
-                }
-                let frame_len = read_varint(&mut self.input)?;
-                let frame_limit = (zstd::zstd_safe::compress_bound(raw_len as usize) as u64).min(MAX_FRAME_BYTES);
-                if frame_len > frame_limit {
-                    return Err(bad(format!("a chunk frame of {frame_len} bytes for {raw_len} bytes, more than zstd's bound of {frame_limit}")));
-                }
-                let mut frame = Vec::new();
-                (&mut self.input).take(frame_len).read_to_end(&mut frame).map_err(|e| Error::io("reading patch", e))?;
-                if frame.len() as u64 != frame_len {
-                    return Err(bad("truncated chunk frame"));
-                }
+                let (raw_len, frame) = self.chunk_body("chunk", MAX_CHUNK_BYTES)?;
                 self.chunk_left = raw_len;
                 Ok(Record::Chunk { prefix, raw_len, frame })
             }
@@ -365,6 +413,29 @@ impl<R: Read> RecordReader<R> {
                 Ok(Record::Add(r))
             }
             TAG_ADD => Err(bad(format!("an add record in a delta that does not declare {:?}", crate::format::plan::FEATURE_ADD_RANGES))),
+            TAG_DIFFERENCES if self.differences_allowed => {
+                if self.differences_left != 0 {
+                    return Err(bad(format!("new difference chunk while {} bytes of the previous one are unused", self.differences_left)));
+                }
+                let (raw_len, frame) = self.chunk_body("difference chunk", MAX_DIFFERENCE_CHUNK_BYTES)?;
+                self.differences_left = raw_len;
+                Ok(Record::Differences { raw_len, frame })
+            }
+            TAG_ADD_DIFFERENCES if self.differences_allowed => {
+                let r = self.range()?;
+                if r.len == 0 {
+                    return Err(bad("an add of 0 bytes"));
+                }
+                if r.len > self.differences_left {
+                    return Err(bad(format!("an add of {} bytes but only {} left in the difference chunk", r.len, self.differences_left)));
+                }
+                self.differences_left -= r.len;
+                self.produce(r.len)?;
+                Ok(Record::AddDifferences(r))
+            }
+            TAG_DIFFERENCES | TAG_ADD_DIFFERENCES => {
+                Err(bad(format!("a difference chunk or its add in a delta that does not declare {:?}", crate::format::plan::FEATURE_DIFFERENCE_CHUNKS)))
+            }
             other => Err(bad(format!("unknown record tag {other}"))),
         }
     }
@@ -455,7 +526,7 @@ mod tests {
     }
 
     fn decode(bytes: &[u8]) -> Result<Vec<Record>> {
-        let mut r = RecordReader::new(bytes, u64::MAX)?.allow_retimed(true).allow_add(true);
+        let mut r = RecordReader::new(bytes, u64::MAX)?.allow_retimed(true).allow_add(true).allow_differences(true);
         let mut out = Vec::new();
         loop {
             let rec = r.next_record()?;
@@ -558,6 +629,46 @@ mod tests {
         assert!(decode(&encode(h, &without_chunk)).is_err());
         let empty = [Record::Chunk { prefix: vec![], raw_len: 10, frame: vec![0] }, Record::Add(SourceRange { layer: 0, offset: 0, len: 0 })];
         assert!(decode(&encode(h, &empty)).unwrap_err().to_string().contains("an add of 0 bytes"));
+    }
+
+    #[test]
+    fn difference_chunks_need_the_feature_and_are_consumed_apart_from_the_chunk() {
+        let h = PatchHeader { target_layer: 0, tar_len: 20 };
+        let differences = |raw_len: u64| Record::Differences { raw_len, frame: vec![9, 8] };
+        let chunk = |raw_len: u64| Record::Chunk { prefix: vec![SourceRange { layer: 0, offset: 0, len: 3 }], raw_len, frame: vec![1] };
+        let add = |len: u64| Record::AddDifferences(SourceRange { layer: 0, offset: 0, len });
+        // Adds and literals interleave, each taking from its own chunk.
+        let recs = vec![
+            differences(8),
+            chunk(6),
+            add(5),
+            Record::Literal(4),
+            add(3),
+            Record::Literal(2),
+            Record::Copy(SourceRange { layer: 1, offset: 0, len: 6 }),
+            Record::End,
+        ];
+        let bytes = encode(h, &recs);
+        assert_eq!(decode(&bytes).unwrap(), recs);
+        let mut r = RecordReader::new(&bytes[..], u64::MAX).unwrap().allow_add(true);
+        let err = r.next_record().unwrap_err().to_string();
+        assert!(err.contains("does not declare \"difference-chunks\""), "{err}");
+
+        let cases: Vec<(&str, Vec<Record>)> = vec![
+            ("add past the difference chunk", vec![differences(4), add(5)]),
+            ("add without a difference chunk", vec![chunk(20), add(5)]),
+            ("unused difference chunk", vec![differences(4), add(2), Record::Copy(SourceRange { layer: 0, offset: 0, len: 18 }), Record::End]),
+            ("new difference chunk before the last is used", vec![differences(4), add(2), differences(2)]),
+            ("empty difference chunk", vec![differences(0)]),
+            ("oversized difference chunk", vec![Record::Differences { raw_len: MAX_DIFFERENCE_CHUNK_BYTES + 1, frame: vec![] }]),
+            ("difference chunk past the tar", vec![differences(21)]),
+            ("frame past the bound", vec![Record::Differences { raw_len: 10, frame: vec![0; 200] }]),
+            ("empty add", vec![differences(4), add(0)]),
+        ];
+        for (name, recs) in cases {
+            let h = PatchHeader { target_layer: 0, tar_len: if name.starts_with("oversized") { u64::MAX } else { 20 } };
+            assert!(decode(&encode(h, &recs)).is_err(), "{name} accepted");
+        }
     }
 
     #[test]

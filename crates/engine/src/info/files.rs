@@ -124,7 +124,7 @@ impl Coding {
         *match how {
             Appended::Copied => &mut self.copied_bytes,
             Appended::Retimed => &mut self.retimed_bytes,
-            Appended::Added => &mut self.added_bytes,
+            Appended::Added | Appended::AddedDifferences => &mut self.added_bytes,
             Appended::Literal => &mut self.literal_bytes,
         } += n;
     }
@@ -208,7 +208,10 @@ fn records_alone(header: PatchHeader, level: i32) -> Result<RecordsAlone> {
 enum Appended {
     Copied,
     Retimed,
+    /// Source bytes plus differences from the chunk.
     Added,
+    /// Source bytes plus differences from the difference chunk.
+    AddedDifferences,
     Literal,
 }
 
@@ -229,6 +232,8 @@ struct Tally {
     entries: Vec<[PartTally; 2]>,
     /// The current chunk's bytes taken so far, as runs taken by one part of one entry.
     pieces: Vec<(usize, Part, usize)>,
+    /// The same for the current difference chunk.
+    difference_pieces: Vec<(usize, Part, usize)>,
     chunk_frame_bytes: u64,
     levels: Levels,
     records: RecordsAlone,
@@ -244,7 +249,16 @@ fn slot(part: Part) -> usize {
 impl Tally {
     fn new(walk: TarWalk, header: PatchHeader, levels: Levels) -> Result<Self> {
         let records = records_alone(header, levels.records)?;
-        Ok(Tally { walk, appending: Appended::Copied, entries: Vec::new(), pieces: Vec::new(), chunk_frame_bytes: 0, levels, records })
+        Ok(Tally {
+            walk,
+            appending: Appended::Copied,
+            entries: Vec::new(),
+            pieces: Vec::new(),
+            difference_pieces: Vec::new(),
+            chunk_frame_bytes: 0,
+            levels,
+            records,
+        })
     }
 
     fn finish(mut self, patch_bytes: u64) -> Result<LayerFiles> {
@@ -286,14 +300,18 @@ impl Tally {
 
 impl Write for Tally {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let Tally { walk, appending, entries, pieces, .. } = self;
-        let from_chunk = matches!(appending, Appended::Added | Appended::Literal);
+        let Tally { walk, appending, entries, pieces, difference_pieces, .. } = self;
+        let mut pieces = match appending {
+            Appended::Added | Appended::Literal => Some(pieces),
+            Appended::AddedDifferences => Some(difference_pieces),
+            Appended::Copied | Appended::Retimed => None,
+        };
         walk.feed(buf, |entry, part, n| {
             if entries.len() <= entry {
                 entries.resize(entry + 1, Default::default());
             }
             entries[entry][slot(part)].coding.add(*appending, n as u64);
-            if from_chunk {
+            if let Some(pieces) = pieces.as_mut() {
                 match pieces.last_mut() {
                     Some((e, p, len)) if *e == entry && *p == part => *len += n,
                     _ => pieces.push((entry, part, n)),
@@ -316,7 +334,12 @@ impl PatchOutput for Tally {
             Record::Copy(_) => self.appending = Appended::Copied,
             Record::Retimed { .. } => self.appending = Appended::Retimed,
             Record::Add(_) => self.appending = Appended::Added,
+            Record::AddDifferences(_) => self.appending = Appended::AddedDifferences,
             Record::Literal(_) => self.appending = Appended::Literal,
+            Record::Differences { raw_len, frame } => {
+                self.chunk_frame_bytes += frame.len() as u64;
+                return self.records.write(&Record::Differences { raw_len: *raw_len, frame: Vec::new() }).ctx(alone);
+            }
             Record::Chunk { prefix, raw_len, frame } => {
                 self.chunk_frame_bytes += frame.len() as u64;
                 let without_frame = Record::Chunk { prefix: prefix.clone(), raw_len: *raw_len, frame: Vec::new() };
@@ -332,9 +355,23 @@ impl PatchOutput for Tally {
     }
 
     fn chunk_consumed(&mut self, prefix: &[u8], chunk: &[u8], frame: &[u8]) -> Result<()> {
-        let lengths: Vec<usize> = self.pieces.iter().map(|p| p.2).collect();
+        let pieces = std::mem::take(&mut self.pieces);
+        self.share(pieces, prefix, chunk, frame)
+    }
+
+    fn differences_consumed(&mut self, chunk: &[u8], frame: &[u8]) -> Result<()> {
+        // Shared by zstd's estimate as well: the pieces' relative costs, not the codec's.
+        let pieces = std::mem::take(&mut self.difference_pieces);
+        self.share(pieces, &[], chunk, frame)
+    }
+}
+
+impl Tally {
+    /// Shares `frame`'s bytes among the `pieces` that took `chunk`'s bytes.
+    fn share(&mut self, pieces: Vec<(usize, Part, usize)>, prefix: &[u8], chunk: &[u8], frame: &[u8]) -> Result<()> {
+        let lengths: Vec<usize> = pieces.iter().map(|p| p.2).collect();
         let costs = piece_costs(prefix, chunk, &lengths, frame.len() as u64, self.levels.chunks)?;
-        for ((entry, part, _), cost) in self.pieces.drain(..).zip(costs) {
+        for ((entry, part, _), cost) in pieces.into_iter().zip(costs) {
             self.entries[entry][slot(part)].cost += cost;
         }
         Ok(())
