@@ -785,30 +785,55 @@ fn patches_whose_records_produce_nothing_are_refused() {
     }
 }
 
+/// Replaces the delta's layer-1 patch with `records` and declares `feature` in its plan.
+fn with_patch(f: &Fixture, records: &[Record], feature: &str) {
+    let n = layer_tars(&f.path("t"), None)[1].len() as u64;
+    let patch = patch_bytes(PatchHeader { target_layer: 1, tar_len: n }, records);
+    reseal(&f.path("d"), |tars, _| {
+        retar_payload(tars, |p| *p = patch.clone());
+        tars[0] = retar_file(&tars[0], "delta.json", |raw| {
+            let mut plan: Value = serde_json::from_slice(raw).unwrap();
+            plan["features"].as_array_mut().unwrap().push(feature.into());
+            *raw = serde_json::to_vec(&plan).unwrap();
+        });
+    });
+}
+
 /// A delta whose layer-1 patch rebuilds the target's first 1000 bytes from source layer 1 plus
 /// the difference chunk `frame`, and the rest from a chunk; its plan declares the feature.
 fn with_difference_chunk(f: &Fixture, frame: Vec<u8>) {
     let target = &layer_tars(&f.path("t"), None)[1];
     let n = target.len() as u64;
     let rest = zstd::encode_all(&target[1000..], 3).unwrap();
-    let patch = patch_bytes(
-        PatchHeader { target_layer: 1, tar_len: n },
-        &[
-            Record::Differences { raw_len: 1000, frame },
-            Record::AddDifferences(SourceRange { layer: 1, offset: 0, len: 1000 }),
-            Record::Chunk { prefix: vec![], raw_len: n - 1000, frame: rest },
-            Record::Literal(n - 1000),
-            Record::End,
-        ],
-    );
-    reseal(&f.path("d"), |tars, _| {
-        retar_payload(tars, |p| *p = patch.clone());
-        tars[0] = retar_file(&tars[0], "delta.json", |raw| {
-            let mut plan: Value = serde_json::from_slice(raw).unwrap();
-            plan["features"].as_array_mut().unwrap().push("difference-chunks".into());
-            *raw = serde_json::to_vec(&plan).unwrap();
-        });
-    });
+    let records = [
+        Record::Differences { raw_len: 1000, frame },
+        Record::AddDifferences(SourceRange { layer: 1, offset: 0, len: 1000 }),
+        Record::Chunk { prefix: vec![], raw_len: n - 1000, frame: rest },
+        Record::Literal(n - 1000),
+        Record::End,
+    ];
+    with_patch(f, &records, "difference-chunks");
+}
+
+#[test]
+fn add_records_written_by_hand_rebuild_by_the_format() {
+    // The differ writes difference chunks now; deltas with ADD records (differences in the
+    // chunk, between literals) still apply.
+    let f = Fixture::new();
+    let (source, target) = (&layer_tars(&f.path("s"), None)[1], &layer_tars(&f.path("t"), None)[1]);
+    let n = target.len() as u64;
+    let mut chunk: Vec<u8> = target[..600].iter().zip(&source[..600]).map(|(t, s)| t.wrapping_sub(*s)).collect();
+    chunk.extend_from_slice(&target[600..]);
+    let records = [
+        Record::Chunk { prefix: vec![], raw_len: n, frame: zstd::encode_all(&chunk[..], 3).unwrap() },
+        Record::Add(SourceRange { layer: 1, offset: 0, len: 400 }),
+        Record::Add(SourceRange { layer: 1, offset: 400, len: 200 }),
+        Record::Literal(n - 600),
+        Record::End,
+    ];
+    with_patch(&f, &records, "add-ranges");
+    apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &ApplyOptions::default(), &Silent).unwrap();
+    assert_eq!(layer_tars(&f.path("o"), None)[1], *target);
 }
 
 #[test]
@@ -817,17 +842,20 @@ fn difference_chunks_rebuild_by_the_format_and_lying_ones_are_refused_by_name() 
     let f = Fixture::new();
     let (source, target) = (&layer_tars(&f.path("s"), None)[1], &layer_tars(&f.path("t"), None)[1]);
     let differences: Vec<u8> = target[..1000].iter().zip(&source[..1000]).map(|(t, s)| t.wrapping_sub(*s)).collect();
-    with_difference_chunk(&f, fleetdelta::format::lzma::compress(&differences).unwrap());
+    with_difference_chunk(&f, fleetdelta::format::lzma::compress(&differences, fleetdelta::format::lzma::Effort::Strong).unwrap());
     apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &ApplyOptions::default(), &Silent).unwrap();
     assert_eq!(layer_tars(&f.path("o"), None)[1], *target);
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("patch difference chunk (LZMA)", vec![0xff; 64]),
-        ("decompresses to more than the 1000 bytes declared", fleetdelta::format::lzma::compress(&[0u8; 2000]).unwrap()),
-        ("the stream ends after 500 of 1000 bytes", fleetdelta::format::lzma::compress(&[0u8; 500]).unwrap()),
+        (
+            "decompresses to more than the 1000 bytes declared",
+            fleetdelta::format::lzma::compress(&[0u8; 2000], fleetdelta::format::lzma::Effort::Strong).unwrap(),
+        ),
+        ("the stream ends after 500 of 1000 bytes", fleetdelta::format::lzma::compress(&[0u8; 500], fleetdelta::format::lzma::Effort::Strong).unwrap()),
         // Well formed, but not the target's differences: the rebuilt layer's checks catch it
         // (here the exact re-encoding outgrows the blob's size before the diff_id is known).
-        ("target layer 1", fleetdelta::format::lzma::compress(&[1u8; 1000]).unwrap()),
+        ("target layer 1", fleetdelta::format::lzma::compress(&[1u8; 1000], fleetdelta::format::lzma::Effort::Strong).unwrap()),
     ];
     for (needle, frame) in cases {
         let f = Fixture::new();

@@ -292,14 +292,16 @@ fn a_binary_whose_addresses_moved_costs_its_edits_not_a_sequence_per_address() {
     let (fast, _, features) = payload(Level::Fast);
     assert!(!features.iter().any(|f| f == "add-ranges"), "the fast level codes literals: {features:?}");
     let mut sizes = Vec::new();
-    // At max the differences travel in difference chunks (LZMA), at default in the chunks.
-    for (level, feature) in [(Level::Max, "difference-chunks"), (Level::Default, "add-ranges")] {
+    // The differences travel in difference chunks (LZMA), apart from the literals; the differ
+    // no longer writes ADD records (the applier still reads them, see tests/bad_input.rs).
+    for level in [Level::Max, Level::Default] {
+        let feature = "difference-chunks";
         let (approximated, stats, features) = payload(level);
         assert!(features.iter().any(|f| f == feature), "{level:?}: {features:?}");
-        assert_eq!(features.iter().filter(|f| *f == "add-ranges" || *f == "difference-chunks").count(), 1, "{level:?}: {features:?}");
+        assert!(!features.iter().any(|f| f == "add-ranges"), "{level:?}: {features:?}");
         assert_eq!(stats.files_approximated, 1, "{level:?}: {stats:?}");
         assert!(stats.added_bytes > 600_000, "{level:?}: {stats:?}");
-        assert_eq!(stats.difference_chunks > 0, level == Level::Max, "{level:?}: {stats:?}");
+        assert!(stats.difference_chunks > 0, "{level:?}: {stats:?}");
         assert!(approximated * 4 < fast, "{level:?}: approximate matches take {approximated} bytes, literals at the fast level {fast}");
         sizes.push(approximated);
 
@@ -310,9 +312,7 @@ fn a_binary_whose_addresses_moved_costs_its_edits_not_a_sequence_per_address() {
         assert!(err.contains(&format!("does not declare \"{feature}\"")), "{err}");
         assert!(!dir.path().join("o2").exists(), "nothing written");
     }
-    // Two streams cost their framing: on this small, regular file max's is a little larger
-    // than default's single chunk (1,603 against 1,459 bytes), never by much.
-    assert!(sizes[0] < sizes[1] + sizes[1] / 4, "max {} bytes, default {}", sizes[0], sizes[1]);
+    assert!(sizes[0] <= sizes[1], "max {} bytes, default {}", sizes[0], sizes[1]);
 }
 
 #[test]

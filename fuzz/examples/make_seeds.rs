@@ -51,7 +51,7 @@ fn main() -> BoxResult<()> {
 
     // A difference chunk: mostly zeros with a few changed bytes, as approximate matches give.
     let differences: Vec<u8> = (0..4000u32).map(|i| if i % 97 < 2 { (i / 97) as u8 } else { 0 }).collect();
-    let stream = fleetdelta::format::lzma::compress(&differences)?;
+    let stream = fleetdelta::format::lzma::compress(&differences, fleetdelta::format::lzma::Effort::Strong)?;
     let mut chunk = (differences.len() as u16).to_le_bytes().to_vec();
     chunk.extend_from_slice(&stream);
     write(&seeds.join("difference_chunk"), "differences", &chunk)?;

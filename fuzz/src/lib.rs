@@ -22,7 +22,6 @@ use tempfile::TempDir;
 pub type BoxResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
 const UNCOMPRESSED_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
-const ROLE_ANNOTATION: &str = "io.fleetdelta.role";
 
 /// Deterministic xorshift bytes: `text` picks words, otherwise raw bytes.
 pub fn pseudo_random(seed: u64, len: usize, text: bool) -> Vec<u8> {
@@ -116,6 +115,20 @@ fn fixture_dir() -> std::io::Result<TempDir> {
     tempfile::Builder::new().prefix(&format!("{FIXTURE_PREFIX}{}-", std::process::id())).tempdir_in(parent)
 }
 
+/// The name and contents of the patch entry (`layer-<index>.patch`) in a delta layer's tar.
+fn patch_entry(tar_bytes: &[u8]) -> BoxResult<Option<(String, Vec<u8>)>> {
+    for entry in tar::Archive::new(tar_bytes).entries()? {
+        let mut entry = entry?;
+        let name = String::from_utf8(entry.path_bytes().into_owned())?;
+        if name.starts_with("layer-") && name.ends_with(".patch") {
+            let mut payload = Vec::new();
+            entry.read_to_end(&mut payload)?;
+            return Ok(Some((name, payload)));
+        }
+    }
+    Ok(None)
+}
+
 /// The source image and a real delta from it, with what is needed to re-seal edited copies.
 #[derive(Debug)]
 pub struct Fixture {
@@ -125,7 +138,9 @@ pub struct Fixture {
     delta_root: PathBuf,
     manifest: Value,
     config: Value,
+    /// The delta layer that holds the patch, and that layer's tar.
     patch_layer: usize,
+    patch_layer_tar: Vec<u8>,
     patch_name: String,
     /// The delta's original patch payload: a zstd stream of patch records.
     pub payload: Vec<u8>,
@@ -160,21 +175,17 @@ impl Fixture {
         let image = Layout::open(&delta_root)?.load_image(None)?;
         let manifest: Value = serde_json::from_slice(&image.manifest.raw)?;
         let config: Value = serde_json::from_slice(&image.config.raw)?;
-        let patch_layer = manifest["layers"]
-            .as_array()
-            .and_then(|layers| layers.iter().position(|l| l["annotations"][ROLE_ANNOTATION] == "patch"))
-            .ok_or("the fixture delta has no patch layer")?;
-        let layer = &image.layers[patch_layer];
-        let blob = fs::read(delta_root.join("blobs/sha256").join(layer.blob.digest.hex()))?;
-        let mut tar_bytes = Vec::new();
-        layer.compression.decoder(&blob[..])?.read_to_end(&mut tar_bytes)?;
-        let mut archive = tar::Archive::new(&tar_bytes[..]);
-        let mut entry = archive.entries()?.next().ok_or("empty patch layer")??;
-        let patch_name = String::from_utf8(entry.path_bytes().into_owned())?;
-        let mut payload = Vec::new();
-        entry.read_to_end(&mut payload)?;
-        let records = zstd::stream::decode_all(&payload[..])?;
-        Ok(Fixture { dir, source, delta_root, manifest, config, patch_layer, patch_name, payload, records })
+        // The patch is the entry `layer-<index>.patch` of whichever layer holds it: format 2
+        // puts small payloads in the metadata layer, beside `delta.json`.
+        for (patch_layer, layer) in image.layers.iter().enumerate() {
+            let blob = fs::read(delta_root.join("blobs/sha256").join(layer.blob.digest.hex()))?;
+            let mut patch_layer_tar = Vec::new();
+            layer.compression.decoder(&blob[..])?.read_to_end(&mut patch_layer_tar)?;
+            let Some((patch_name, payload)) = patch_entry(&patch_layer_tar)? else { continue };
+            let records = zstd::stream::decode_all(&payload[..])?;
+            return Ok(Fixture { dir, source, delta_root, manifest, config, patch_layer, patch_layer_tar, patch_name, payload, records });
+        }
+        Err("the fixture delta has no patch".into())
     }
 
     /// Where the fixture's images live.
@@ -195,14 +206,21 @@ impl Fixture {
             fs::copy(self.delta_root.join("blobs/sha256").join(digest.hex()), blobs.join(digest.hex()))?;
         }
 
-        let mut h = tar::Header::new_gnu();
-        h.set_path(&self.patch_name)?;
-        h.set_size(payload.len() as u64);
-        h.set_mode(0o644);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_cksum();
+        // The patch layer's tar again, with the payload replaced and every other entry kept.
         let mut b = tar::Builder::new(Vec::new());
-        b.append(&h, payload)?;
+        for entry in tar::Archive::new(&self.patch_layer_tar[..]).entries()? {
+            let mut entry = entry?;
+            let mut header = entry.header().clone();
+            if entry.path_bytes().as_ref() == self.patch_name.as_bytes() {
+                header.set_size(payload.len() as u64);
+                header.set_cksum();
+                b.append(&header, payload)?;
+            } else {
+                let mut data = Vec::new();
+                entry.read_to_end(&mut data)?;
+                b.append(&header, &data[..])?;
+            }
+        }
         let tar_bytes = b.into_inner()?;
         let tar_digest = Digest::of(&tar_bytes);
         fs::write(blobs.join(tar_digest.hex()), &tar_bytes)?;

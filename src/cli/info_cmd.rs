@@ -99,7 +99,12 @@ fn print_info(info: &DeltaInfo, top: usize) {
                     human_bytes(st.literal_bytes),
                     st.chunks
                 ) + &if st.files_approximated > 0 {
-                    format!(" ({} similar files as approximate matches: {} added to source bytes)", st.files_approximated, human_bytes(st.added_bytes))
+                    let differences = if st.difference_chunks > 0 { format!(", differences in {} LZMA chunks", st.difference_chunks) } else { String::new() };
+                    format!(
+                        " ({} similar files as approximate matches: {} added to source bytes{differences})",
+                        st.files_approximated,
+                        human_bytes(st.added_bytes)
+                    )
                 } else {
                     String::new()
                 }

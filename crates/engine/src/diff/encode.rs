@@ -40,8 +40,9 @@ pub struct EncodeParams {
     /// holds 16 bytes per partner byte, per worker thread.
     pub approximate_bytes: u64,
     /// The differences of approximate matches go to difference chunks, LZMA streams of their
-    /// own ([`crate::format::lzma`]), rather than into the chunks beside the literals.
-    pub difference_chunks: bool,
+    /// own ([`crate::format::lzma`]) compressed with this effort, rather than into the chunks
+    /// beside the literals; `None` keeps them in the chunks.
+    pub difference_chunks: Option<lzma::Effort>,
 }
 
 /// Frames compressed ahead of the record writer, per worker thread: enough to keep every
@@ -190,7 +191,7 @@ impl Planner {
     /// Emits target bytes `range` as the source bytes `partner` (at most a chunk long) plus
     /// differences.
     fn add(&mut self, range: Range<u64>, partner: SourceRange) {
-        if self.params.difference_chunks {
+        if self.params.difference_chunks.is_some() {
             return self.add_differences(range, partner);
         }
         let mut done = 0;
@@ -442,7 +443,8 @@ pub fn encode_layer(
                 if current_differences != Some(*chunk) {
                     if difference_frames.is_empty() {
                         let next: Vec<&DifferencePlan> = differences_to_compress.by_ref().take(batch).collect();
-                        difference_frames = next.par_iter().map(|d| compress_differences(d, target, source)).collect::<Result<_>>()?;
+                        let effort = params.difference_chunks.unwrap_or(lzma::Effort::Strong);
+                        difference_frames = next.par_iter().map(|d| compress_differences(d, target, source, effort)).collect::<Result<_>>()?;
                     }
                     let frame =
                         difference_frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more difference chunks referenced than compressed"))?;
@@ -703,12 +705,12 @@ fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked
 
 /// Compresses one difference chunk: its target bytes minus their source bytes, as an LZMA
 /// stream.
-fn compress_differences(plan: &DifferencePlan, target: &Unpacked, source: &SourceIndex<'_>) -> Result<Vec<u8>> {
+fn compress_differences(plan: &DifferencePlan, target: &Unpacked, source: &SourceIndex<'_>, effort: lzma::Effort) -> Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(plan.len as usize);
     for (t, r) in &plan.pieces {
         append_differences(&mut bytes, t.clone(), r, target, source)?;
     }
-    lzma::compress(&bytes)
+    lzma::compress(&bytes, effort)
 }
 
 /// Appends target bytes `t` minus source bytes `r` (as long), byte by byte modulo 256.
@@ -764,7 +766,7 @@ mod tests {
     use super::*;
 
     fn params() -> EncodeParams {
-        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10, context_bytes: 0, approximate_bytes: 0, difference_chunks: false }
+        EncodeParams { zstd_level: 3, chunk_bytes: 100, prefix_bytes: 150, window_slack: 10, context_bytes: 0, approximate_bytes: 0, difference_chunks: None }
     }
 
     fn r(layer: u32, offset: u64, len: u64) -> SourceRange {
