@@ -129,9 +129,7 @@ pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u3
                 let differences = &chunk[chunk_pos..chunk_pos + r.len as usize];
                 let mut at = 0;
                 copy_range(source(r.layer)?, &r, &mut copy_buf, out, |piece| {
-                    for (byte, d) in piece.iter_mut().zip(&differences[at..]) {
-                        *byte = byte.wrapping_add(*d);
-                    }
+                    add_differences(piece, &differences[at..at + piece.len()]);
                     at += piece.len();
                     Ok(())
                 })?;
@@ -158,9 +156,7 @@ pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u3
                     for piece in piece.chunks_mut(DIFFERENCE_BUFFER_BYTES) {
                         let d = &mut differences_buf[..piece.len()];
                         stream.read_exact(d)?;
-                        for (byte, d) in piece.iter_mut().zip(d.iter()) {
-                            *byte = byte.wrapping_add(*d);
-                        }
+                        add_differences(piece, d);
                         if keep {
                             differences_seen.extend_from_slice(d);
                         }
@@ -189,6 +185,13 @@ pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u3
             }
             Record::End => return Ok(written),
         }
+    }
+}
+
+/// Adds `differences` to the source bytes `bytes` (as long), byte by byte modulo 256: an add.
+fn add_differences(bytes: &mut [u8], differences: &[u8]) {
+    for (byte, d) in bytes.iter_mut().zip(differences) {
+        *byte = byte.wrapping_add(*d);
     }
 }
 

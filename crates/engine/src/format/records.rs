@@ -324,6 +324,22 @@ impl<R: Read> RecordReader<R> {
         Ok((raw_len, frame))
     }
 
+    /// An add's source range, its differences taken from the current chunk, or from the
+    /// current difference chunk when `from_differences`.
+    fn add(&mut self, from_differences: bool) -> Result<SourceRange> {
+        let r = self.range()?;
+        if r.len == 0 {
+            return Err(bad("an add of 0 bytes"));
+        }
+        let (left, what) = if from_differences { (&mut self.differences_left, "difference chunk") } else { (&mut self.chunk_left, "chunk") };
+        if r.len > *left {
+            return Err(bad(format!("an add of {} bytes but only {} left in the {what}", r.len, *left)));
+        }
+        *left -= r.len;
+        self.produce(r.len)?;
+        Ok(r)
+    }
+
     /// The next record. After [`Record::End`] the output length has been checked.
     pub fn next_record(&mut self) -> Result<Record> {
         if self.ended {
@@ -400,18 +416,7 @@ impl<R: Read> RecordReader<R> {
                 Ok(Record::Retimed { range, shift })
             }
             TAG_RETIMED => Err(bad(format!("a retimed record in a delta that does not declare {:?}", crate::format::plan::FEATURE_RETIMED_HEADERS))),
-            TAG_ADD if self.add_allowed => {
-                let r = self.range()?;
-                if r.len == 0 {
-                    return Err(bad("an add of 0 bytes"));
-                }
-                if r.len > self.chunk_left {
-                    return Err(bad(format!("an add of {} bytes but only {} left in the chunk", r.len, self.chunk_left)));
-                }
-                self.chunk_left -= r.len;
-                self.produce(r.len)?;
-                Ok(Record::Add(r))
-            }
+            TAG_ADD if self.add_allowed => Ok(Record::Add(self.add(false)?)),
             TAG_ADD => Err(bad(format!("an add record in a delta that does not declare {:?}", crate::format::plan::FEATURE_ADD_RANGES))),
             TAG_DIFFERENCES if self.differences_allowed => {
                 if self.differences_left != 0 {
@@ -421,18 +426,7 @@ impl<R: Read> RecordReader<R> {
                 self.differences_left = raw_len;
                 Ok(Record::Differences { raw_len, frame })
             }
-            TAG_ADD_DIFFERENCES if self.differences_allowed => {
-                let r = self.range()?;
-                if r.len == 0 {
-                    return Err(bad("an add of 0 bytes"));
-                }
-                if r.len > self.differences_left {
-                    return Err(bad(format!("an add of {} bytes but only {} left in the difference chunk", r.len, self.differences_left)));
-                }
-                self.differences_left -= r.len;
-                self.produce(r.len)?;
-                Ok(Record::AddDifferences(r))
-            }
+            TAG_ADD_DIFFERENCES if self.differences_allowed => Ok(Record::AddDifferences(self.add(true)?)),
             TAG_DIFFERENCES | TAG_ADD_DIFFERENCES => {
                 Err(bad(format!("a difference chunk or its add in a delta that does not declare {:?}", crate::format::plan::FEATURE_DIFFERENCE_CHUNKS)))
             }
