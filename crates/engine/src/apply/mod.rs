@@ -2,6 +2,7 @@
 //! digest and commits the rebuilt image by rename.
 
 pub mod patch;
+pub mod pipe;
 pub mod source;
 
 use std::collections::{BTreeSet, HashMap};
@@ -332,7 +333,8 @@ impl Rebuild<'_> {
 
     /// [`Rebuild::write_tar`] through a byte-exact `encode` (of the tar it reads into the blob
     /// it writes), named `how` in a digest mismatch. The encoder reads the tar from a pipe on
-    /// its own thread while `body` writes it, so memory stays bounded.
+    /// its own thread while `body` writes it, through a [`pipe::pipe`] that lets `body` run a
+    /// few MiB ahead: the two work at once, and memory stays bounded.
     fn write_tar_encoded<T>(
         &self,
         target: &Layer,
@@ -341,21 +343,22 @@ impl Rebuild<'_> {
         encode: impl FnOnce(&mut dyn Read, &mut dyn Write) -> Result<()> + Send,
         body: impl FnOnce(&mut dyn Write) -> Result<T>,
     ) -> Result<(BlobRef, T)> {
-        let (reader, writer) = io::pipe().ctx(|| "creating a pipe".into())?;
+        let (writer, reader) = pipe::pipe();
         let blob = self.writer.blob_limited(target.blob.size, &format!("{what} ({how}), past the target manifest's size"))?;
         let (encoded, written) = std::thread::scope(|scope| {
             let encoders = self.encoders;
             let encoder = scope.spawn(move || {
                 encoders.install(move || {
                     let mut blob = blob;
-                    encode(&mut io::BufReader::with_capacity(1 << 20, reader), &mut blob).map(|()| blob)
+                    let mut reader = reader;
+                    encode(&mut reader, &mut blob).map(|()| blob)
                 })
             });
-            let mut out = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, writer));
+            let mut out = HashingWriter::new(writer);
             let result = body(&mut out);
-            let (buffered, diff_id, len) = out.finish();
+            let (mut writer, diff_id, len) = out.finish();
             // Flushing and dropping our end of the pipe is the encoder's end of input.
-            let closed = buffered.into_inner().map(drop).map_err(|e| Error::io(format!("writing {what}"), e.into_error()));
+            let closed = writer.flush().map(|()| drop(writer)).map_err(|e| Error::io(format!("writing {what}"), e));
             let encoded = encoder.join().unwrap_or_else(|_| Err(Error::malformed(what, "the encoder thread panicked")));
             (encoded, result.and_then(|r| closed.map(|()| (r, diff_id, len))))
         });

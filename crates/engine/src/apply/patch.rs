@@ -117,12 +117,20 @@ pub fn replay_patch<R: Read>(records: &mut RecordReader<R>, sources: &HashMap<u3
                 let mut dctx = zstd_safe::DCtx::create();
                 dctx.ref_prefix(&prefix).map_err(zstd_err)?;
                 let n = dctx.decompress(&mut chunk, &next).map_err(zstd_err)?;
+                drop(dctx);
                 if n as u64 != raw_len {
                     return Err(Error::malformed("patch chunk", format!("decompressed to {n} bytes, {raw_len} declared")));
                 }
                 chunk_pos = 0;
-                // Kept until the chunk is consumed, for an output that wants to see it.
-                frame = if out.wants_frames() { next } else { Vec::new() };
+                // Kept until the chunk is consumed, for an output that wants to see it. Else
+                // the prefix (up to 8 MiB) is freed now, so that it is not held beside the
+                // chunk and a difference chunk's frame and dictionary while the adds run.
+                if out.wants_frames() {
+                    frame = next;
+                } else {
+                    frame = Vec::new();
+                    prefix = Vec::new();
+                }
             }
             Record::Add(r) => {
                 // The reader checked that the chunk holds `r.len` more bytes.
