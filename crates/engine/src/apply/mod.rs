@@ -26,7 +26,7 @@ use crate::layer::Compression;
 use crate::package::{DeltaImage, PayloadReader};
 use crate::progress::Progress;
 use crate::reference::{load_image, ImageRef};
-use source::{materialize, SourceLayer};
+use source::{Preparer, SourceLayer};
 
 /// How rebuilt layers are stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -117,27 +117,41 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     // worker held by the patch that feeds it would wait for ever.
     let encoders = workers(jobs)?;
 
-    let needed: BTreeSet<u32> = delta.plan.layers.iter().flat_map(|l| l.source_layers_used.iter().copied()).collect();
-    let sources = pool.install(|| prepare_sources(&delta, &source_layout, &source_image, &needed, scratch.path(), options.max_layer_bytes, progress))?;
-
     let target_bytes = |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| t.blob.size);
-    progress.stage("rebuilding layers", delta.plan.layers.iter().map(target_bytes).sum());
-    let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options, encoders: &encoders };
     // Largest first: with fewer workers than layers, the longest rebuild starts at once
     // rather than after shorter ones, which would leave a worker idle at the end.
     let mut order: Vec<usize> = (0..delta.plan.layers.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(target_bytes(&delta.plan.layers[i])));
-    let mut outcomes: Vec<(usize, (LayerOutcome, BlobRef))> = pool.install(|| {
-        order
-            .par_iter()
-            .with_max_len(1)
-            .map(|&i| {
-                let l = &delta.plan.layers[i];
-                let r = ctx.layer(l);
-                progress.advance(target_bytes(l));
-                r.map(|r| (i, r))
-            })
-            .collect::<Result<_>>()
+    // Source layers are prepared while the rebuild reads them, in the order it needs them.
+    let mut needed: Vec<u32> = Vec::new();
+    for l in order.iter().flat_map(|&i| &delta.plan.layers[i].source_layers_used) {
+        if !needed.contains(l) {
+            needed.push(*l);
+        }
+    }
+    let (sources, preparers) = start_sources(&delta, &source_layout, &source_image, &needed, scratch.path(), options.max_layer_bytes)?;
+
+    progress.stage("rebuilding layers", delta.plan.layers.iter().map(target_bytes).sum());
+    let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options, encoders: &encoders };
+    let mut outcomes: Vec<(usize, (LayerOutcome, BlobRef))> = std::thread::scope(|scope| {
+        let preparing = source::prepare(scope, preparers, jobs);
+        let rebuilt = pool.install(|| {
+            order
+                .par_iter()
+                .with_max_len(1)
+                .map(|&i| {
+                    let l = &delta.plan.layers[i];
+                    let r = ctx.layer(l);
+                    progress.advance(target_bytes(l));
+                    r.map(|r| (i, r))
+                })
+                .collect::<Result<Vec<_>>>()
+        });
+        if rebuilt.is_err() {
+            sources.values().for_each(SourceLayer::cancel);
+        }
+        // A source layer that could not be prepared explains a rebuild that failed reading it.
+        preparing.join().and(rebuilt)
     })?;
     outcomes.sort_by_key(|(i, _)| *i);
     let outcomes: Vec<(LayerOutcome, BlobRef)> = outcomes.into_iter().map(|(_, o)| o).collect();
@@ -188,9 +202,30 @@ pub(crate) fn check_source(delta: &DeltaImage, source: &Image) -> Result<()> {
     Ok(())
 }
 
-/// Makes the source layers `needed` available as `delta`'s patches read them (decompressed
-/// into `scratch`, expanded where the plan lists members), in parallel on the current rayon
-/// pool, each at most `limit` bytes long.
+/// Starts making the source layers `needed` available as `delta`'s patches read them
+/// (decompressed into `scratch`, expanded where the plan lists members), each at most `limit`
+/// bytes long: their views, readable at once, and their preparers, in the order of `needed`,
+/// to run with [`source::prepare`].
+pub(crate) fn start_sources<'a>(
+    delta: &'a DeltaImage,
+    layout: &'a Layout,
+    image: &'a Image,
+    needed: &[u32],
+    scratch: &Path,
+    limit: u64,
+) -> Result<(HashMap<u32, SourceLayer>, Vec<Preparer<'a>>)> {
+    let mut sources = HashMap::new();
+    let mut preparers = Vec::new();
+    for &i in needed {
+        let members = delta.plan.source_members.iter().find(|m| m.layer == i).map_or(&[][..], |m| &m.members[..]);
+        let (view, preparer) = source::start(layout, image, i, scratch, limit, members)?;
+        sources.insert(i, view);
+        preparers.push(preparer);
+    }
+    Ok((sources, preparers))
+}
+
+/// [`start_sources`], then waits until every layer is prepared, on up to `threads` threads.
 pub(crate) fn prepare_sources(
     delta: &DeltaImage,
     layout: &Layout,
@@ -198,19 +233,16 @@ pub(crate) fn prepare_sources(
     needed: &BTreeSet<u32>,
     scratch: &Path,
     limit: u64,
+    threads: usize,
     progress: &dyn Progress,
 ) -> Result<HashMap<u32, SourceLayer>> {
-    let source_bytes = |i: &u32| image.layers.get(*i as usize).map_or(0, |l| l.blob.size);
-    progress.stage("preparing source layers", needed.iter().map(source_bytes).sum());
-    needed
-        .par_iter()
-        .map(|i| {
-            let members = delta.plan.source_members.iter().find(|m| m.layer == *i).map_or(&[][..], |m| &m.members[..]);
-            let s = materialize(layout, image, *i, scratch, limit, members)?;
-            progress.advance(source_bytes(i));
-            Ok((*i, s))
-        })
-        .collect()
+    let source_bytes: u64 = needed.iter().map(|i| image.layers.get(*i as usize).map_or(0, |l| l.blob.size)).sum();
+    progress.stage("preparing source layers", source_bytes);
+    let needed: Vec<u32> = needed.iter().copied().collect();
+    let (sources, preparers) = start_sources(delta, layout, image, &needed, scratch, limit)?;
+    std::thread::scope(|scope| source::prepare(scope, preparers, threads).join())?;
+    progress.advance(source_bytes);
+    Ok(sources)
 }
 
 /// The record stream of `plan`'s patch, whose output may not exceed `limit` bytes, checked

@@ -5,17 +5,28 @@
 //! entries seen inflated, see [`crate::layer::members`]) gets a view of it: the plain tar as
 //! it is, plus one scratch file with the members' contents, read through a map of spans.
 //! Only the members are written; the tar is never copied to make the view.
+//!
+//! Layers are prepared while the rebuild reads them: [`start`] returns the view at once and a
+//! [`Preparer`] that decompresses the layer and inflates its members in order, on a thread of
+//! its own, publishing how many bytes from the start can be read. A read waits for the bytes
+//! it needs. Patches read their sources mostly forwards, so the rebuild follows the
+//! decompression instead of waiting for all of it.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::{Scope, ScopedJoinHandle};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::Member;
 use crate::image::{Image, Layout};
 use crate::layer::members::inflate_member;
 use crate::layer::Compression;
+
+/// Bytes decompressed between two publications of a layer's progress.
+const PREPARE_STEP_BYTES: usize = 1 << 20;
 
 /// One uncompressed source layer on disk, expanded as the delta reads it.
 #[derive(Debug)]
@@ -24,8 +35,8 @@ pub struct SourceLayer {
     file: File,
     /// The members' contents and where they lie; empty when nothing is expanded.
     expanded: Option<Expanded>,
-    /// Length of the layer as the delta reads it (expanded).
-    len: u64,
+    /// How much of it is ready.
+    ready: Arc<Readiness>,
     index: u32,
 }
 
@@ -52,28 +63,73 @@ struct Span {
     tar_end: u64,
 }
 
-impl SourceLayer {
-    /// Length of the (expanded) tar.
-    pub fn len(&self) -> u64 {
-        self.len
+/// How far a layer has been prepared, shared by its [`Preparer`] and its readers.
+#[derive(Debug, Default)]
+struct Readiness {
+    state: Mutex<Ready>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Ready {
+    /// Bytes of the (expanded) layer readable from its start.
+    bytes: u64,
+    /// Its length, once it is prepared whole.
+    len: Option<u64>,
+    /// Preparing failed (its preparer returns the error).
+    failed: bool,
+    /// The rebuild gave up: the preparer stops.
+    cancelled: bool,
+}
+
+impl Readiness {
+    fn update(&self, f: impl FnOnce(&mut Ready)) {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
+        self.changed.notify_all();
     }
 
-    /// Whether the tar is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    fn cancelled(&self) -> bool {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).cancelled
     }
 
-    /// Reads `buf.len()` bytes at `offset` of the (expanded) tar, refusing ranges outside it.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.len) {
-            return Err(Error::malformed("patch", format!("range {offset}+{} is outside source layer {} ({} bytes)", buf.len(), self.index, self.len)));
+    /// Waits until bytes up to `end` can be read; returns how many can. Refuses a range past
+    /// the layer's end, and a layer whose preparing failed or was given up.
+    fn wait_for(&self, offset: u64, end: u64, index: u32) -> Result<u64> {
+        let mut ready = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(len) = ready.len.filter(|len| end > *len) {
+                return Err(Error::malformed("patch", format!("range {offset}+{} is outside source layer {index} ({len} bytes)", end - offset)));
+            }
+            if ready.bytes >= end {
+                return Ok(ready.bytes);
+            }
+            if ready.failed || ready.cancelled {
+                return Err(Error::malformed("patch", format!("reads source layer {index}, which could not be prepared")));
+            }
+            ready = self.changed.wait(ready).unwrap_or_else(PoisonError::into_inner);
         }
+    }
+}
+
+impl SourceLayer {
+    /// Length of the (expanded) tar, once it is prepared whole.
+    pub fn len(&self) -> Option<u64> {
+        self.ready.state.lock().unwrap_or_else(PoisonError::into_inner).len
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the (expanded) tar, refusing ranges outside it;
+    /// waits for them while the layer is being prepared.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(end) = offset.checked_add(buf.len() as u64) else {
+            return Err(Error::malformed("patch", format!("range {offset}+{} is outside source layer {}", buf.len(), self.index)));
+        };
+        let ready = self.ready.wait_for(offset, end, self.index)?;
         let Some(expanded) = &self.expanded else {
             return self.file.read_exact_at(buf, offset).ctx(|| format!("reading source layer {}", self.index));
         };
         let (mut pos, mut done) = (offset, 0usize);
         while done < buf.len() {
-            let (file, at, available) = expanded.locate(pos, self.len);
+            let (file, at, available) = expanded.locate(pos, ready);
             let n = (buf.len() - done).min(usize::try_from(available).unwrap_or(usize::MAX));
             let file = if file == Part::Tar { &self.file } else { &expanded.contents };
             file.read_exact_at(&mut buf[done..done + n], at).ctx(|| format!("reading source layer {}", self.index))?;
@@ -81,6 +137,11 @@ impl SourceLayer {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    /// Tells its preparer to stop: the rebuild has failed.
+    pub fn cancel(&self) {
+        self.ready.update(|r| r.cancelled = true);
     }
 }
 
@@ -91,9 +152,20 @@ enum Part {
     Contents,
 }
 
+/// The expanded offset up to which a layer with member `spans` is readable when `tar` bytes
+/// of its plain tar are written and its first `inflated` members are.
+fn readable(spans: &[Span], members: &[Member], tar: u64, inflated: usize) -> u64 {
+    match (members.get(inflated), inflated.checked_sub(1).map(|i| spans[i])) {
+        // Plain tar up to the next member, which is not there yet.
+        (Some(m), _) => spans[inflated].expanded - (m.offset - tar.min(m.offset)),
+        (None, Some(last)) => last.expanded + last.raw_len + tar.saturating_sub(last.tar_end),
+        (None, None) => tar,
+    }
+}
+
 impl Expanded {
-    /// Where expanded offset `pos` (below `len`) is read: the file, the offset in it, and
-    /// how many bytes from there are contiguous.
+    /// Where expanded offset `pos` (below `len`, the bytes readable) is read: the file, the
+    /// offset in it, and how many bytes from there are contiguous.
     fn locate(&self, pos: u64, len: u64) -> (Part, u64, u64) {
         // The first member whose contents end after `pos` (empty members never do).
         let i = self.spans.partition_point(|s| s.expanded + s.raw_len <= pos);
@@ -102,66 +174,233 @@ impl Expanded {
             next => {
                 // Plain tar, after member i-1 (or from the start) and before member i (or the end).
                 let (expanded_start, tar_start) = i.checked_sub(1).map_or((0, 0), |p| (self.spans[p].expanded + self.spans[p].raw_len, self.spans[p].tar_end));
-                let end = next.map_or(len, |s| s.expanded);
+                let end = next.map_or(len, |s| s.expanded.min(len));
                 (Part::Tar, tar_start + (pos - expanded_start), end - pos)
             }
         }
     }
+
 }
 
-/// Makes source layer `index` available uncompressed: a plain-tar blob is used in place;
-/// a compressed one is decompressed into `dir`. The source is not hashed: every rebuilt layer
-/// is checked against its diff_id before the output is committed, so a damaged source fails
-/// that check, and a layer reused as it is is verified on its own copy. With `members`, the
-/// layer is made available expanded (each member inflated into a file in `dir`; see
-/// [`crate::layer::members`]), as the delta's patches read it; the expanded length may not
-/// exceed `limit`.
-pub fn materialize(layout: &Layout, image: &Image, index: u32, dir: &Path, limit: u64, members: &[Member]) -> Result<SourceLayer> {
+/// Starts making source layer `index` available uncompressed, as the delta's patches read it:
+/// returns its view, which can be read at once (reads wait), and the [`Preparer`] that
+/// writes it, to run on another thread. A plain-tar blob is used in place; a compressed one
+/// is decompressed into `dir`. The source is not hashed: every rebuilt layer is checked
+/// against its diff_id before the output is committed, so a damaged source fails that
+/// check, and a layer reused as it is is verified on its own copy. With `members`, the layer
+/// is made available expanded (each member inflated into a file in `dir`; see
+/// [`crate::layer::members`]); the expanded length may not exceed `limit`.
+pub fn start<'a>(layout: &Layout, image: &Image, index: u32, dir: &Path, limit: u64, members: &'a [Member]) -> Result<(SourceLayer, Preparer<'a>)> {
     let layer = image.layers.get(index as usize).ok_or_else(|| Error::malformed("patch", format!("source layer {index} does not exist")))?;
     let what = format!("source layer {index} ({})", layer.blob.digest);
-    let blob = layout.open_blob(&layer.blob)?;
-    let (file, tar_len) = if layer.compression == Compression::None {
-        if layer.blob.size > limit {
-            return Err(Error::TooLarge { what, limit });
-        }
-        (blob, layer.blob.size)
-    } else {
-        let path = dir.join(format!("source-{index}.tar"));
-        let len = layout.decompress_layer(layer, &path, limit, &what)?;
-        (File::open(&path).ctx(|| format!("opening {}", path.display()))?, len)
-    };
-    if members.is_empty() {
-        return Ok(SourceLayer { file, expanded: None, len: tar_len, index });
-    }
-    let (spans, len) = spans(members, tar_len, limit, &what)?;
-    let path = dir.join(format!("source-{index}.members"));
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(&path).ctx(|| format!("creating {}", path.display()))?);
-    for m in members {
-        let mut compressed = io::BufReader::with_capacity(64 << 10, At { file: &file, at: m.offset }).take(m.compressed_len);
-        inflate_member(&mut compressed, m, &mut out, &format!("{what}: the {} at offset {}", m.wrapping.noun(), m.offset))?;
-    }
-    out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
-    let contents = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
-    Ok(SourceLayer { file, expanded: Some(Expanded { contents, spans }), len, index })
+    start_blob(layout.open_blob(&layer.blob)?, layer.compression, what, index, dir, limit, members)
 }
 
-/// The spans of `members` (in order, not overlapping, inside a tar of `tar_len` bytes) and
-/// the expanded length, at most `limit`.
-fn spans(members: &[Member], tar_len: u64, limit: u64, what: &str) -> Result<(Vec<Span>, u64)> {
+/// [`start`] for a layer blob already open: `blob`, compressed with `compression`, named `what`.
+fn start_blob<'a>(blob: File, compression: Compression, what: String, index: u32, dir: &Path, limit: u64, members: &'a [Member]) -> Result<(SourceLayer, Preparer<'a>)> {
+    let (file, input) = if compression == Compression::None {
+        let size = blob.metadata().ctx(|| format!("reading the size of {what}"))?.len();
+        if size > limit {
+            return Err(Error::TooLarge { what, limit });
+        }
+        (blob, Input::Tar { size })
+    } else {
+        let path = dir.join(format!("source-{index}.tar"));
+        let file = File::options().read(true).write(true).create_new(true).open(&path).ctx(|| format!("creating {}", path.display()))?;
+        let out = file.try_clone().ctx(|| format!("opening {}", path.display()))?;
+        (file, Input::Compressed { blob, compression, out })
+    };
+    let read_tar = file.try_clone().ctx(|| format!("opening {what}"))?;
+    let (expanded, contents) = if members.is_empty() {
+        (None, None)
+    } else {
+        let spans = spans(members, limit, &what)?;
+        let path = dir.join(format!("source-{index}.members"));
+        let writer = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
+        let contents = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
+        (Some(Expanded { contents, spans }), Some(BufWriter::with_capacity(1 << 20, writer)))
+    };
+    let ready = Arc::new(Readiness::default());
+    let spans = expanded.as_ref().map_or_else(Vec::new, |e| e.spans.clone());
+    let preparer = Preparer { what, input: Some(input), read_tar, members, spans, contents, limit, ready: Arc::clone(&ready) };
+    Ok((SourceLayer { file, expanded, ready, index }, preparer))
+}
+
+/// What a [`Preparer`] reads.
+#[derive(Debug)]
+enum Input {
+    /// The blob is the plain tar, of `size` bytes.
+    Tar { size: u64 },
+    /// A compressed blob, decompressed into `out`.
+    Compressed { blob: File, compression: Compression, out: File },
+}
+
+/// Writes one source layer's files for its [`SourceLayer`] (see [`start`]).
+#[derive(Debug)]
+pub struct Preparer<'a> {
+    what: String,
+    /// Taken when the work starts.
+    input: Option<Input>,
+    /// The tar, read for the members.
+    read_tar: File,
+    members: &'a [Member],
+    /// The members' spans.
+    spans: Vec<Span>,
+    /// Where the members' contents are written.
+    contents: Option<BufWriter<File>>,
+    limit: u64,
+    ready: Arc<Readiness>,
+}
+
+impl Preparer<'_> {
+    /// Writes the layer, publishing what can be read as it goes. Returns early, without
+    /// error, when the rebuild gives up ([`SourceLayer::cancel`]).
+    pub fn run(mut self) -> Result<()> {
+        let result = self.write();
+        let ready = &self.ready;
+        match result {
+            Ok(Some(len)) => ready.update(|r| {
+                r.bytes = len;
+                r.len = Some(len);
+            }),
+            Ok(None) => {}
+            Err(_) => ready.update(|r| r.failed = true),
+        }
+        result.map(drop)
+    }
+
+    /// The layer's length, or `None` when cancelled.
+    fn write(&mut self) -> Result<Option<u64>> {
+        let mut inflated = 0;
+        let (blob, compression, mut out) = match self.input.take() {
+            Some(Input::Compressed { blob, compression, out }) => (blob, compression, out),
+            // The blob is the tar: only its members are written.
+            Some(Input::Tar { size }) => return self.finish(size, &mut inflated),
+            // `run` takes the preparer: it never writes twice.
+            None => return Err(Error::malformed(&self.what, "prepared twice")),
+        };
+        let mut decoder = compression.decoder(io::BufReader::with_capacity(1 << 20, blob))?;
+        let mut buf = vec![0u8; PREPARE_STEP_BYTES];
+        let mut tar = 0u64;
+        loop {
+            let n = read_full(&mut decoder, &mut buf).ctx(|| format!("reading {}", self.what))?;
+            if n == 0 {
+                break;
+            }
+            tar += n as u64;
+            if tar > self.limit {
+                return Err(Error::TooLarge { what: self.what.clone(), limit: self.limit });
+            }
+            out.write_all(&buf[..n]).ctx(|| format!("writing {} decompressed", self.what))?;
+            if self.inflate_whole(tar, &mut inflated)?.is_none() {
+                return Ok(None);
+            }
+        }
+        self.finish(tar, &mut inflated)
+    }
+
+    /// With `tar` bytes of the plain tar written, inflates the members whole in them after the
+    /// first `inflated` ones, publishing what is readable after each. Returns what is
+    /// readable, or `None` when cancelled.
+    fn inflate_whole(&mut self, tar: u64, inflated: &mut usize) -> Result<Option<u64>> {
+        let Some(contents) = &mut self.contents else {
+            self.ready.update(|r| r.bytes = tar);
+            return Ok((!self.ready.cancelled()).then_some(tar));
+        };
+        loop {
+            contents.flush().ctx(|| format!("writing the inflated files of {}", self.what))?;
+            let readable = readable(&self.spans, self.members, tar, *inflated);
+            self.ready.update(|r| r.bytes = readable);
+            let Some(m) = self.members.get(*inflated).filter(|m| m.offset + m.compressed_len <= tar) else { return Ok(Some(readable)) };
+            if self.ready.cancelled() {
+                return Ok(None);
+            }
+            let mut compressed = io::BufReader::with_capacity(64 << 10, At { file: &self.read_tar, at: m.offset }).take(m.compressed_len);
+            inflate_member(&mut compressed, m, contents, &format!("{}: the {} at offset {}", self.what, m.wrapping.noun(), m.offset))?;
+            *inflated += 1;
+        }
+    }
+
+    /// With the whole tar (`tar` bytes) written: the members left, then the layer's length.
+    fn finish(&mut self, tar: u64, inflated: &mut usize) -> Result<Option<u64>> {
+        let Some(len) = self.inflate_whole(tar, inflated)? else { return Ok(None) };
+        if let Some(m) = self.members.get(*inflated) {
+            return Err(Error::malformed(&self.what, format!("ends at byte {tar}, before the end of the {} at offset {} the delta lists", m.wrapping.noun(), m.offset)));
+        }
+        if len > self.limit {
+            return Err(too_large(&self.what, self.limit));
+        }
+        Ok(Some(len))
+    }
+}
+
+/// Fills `buf` from `input`, short only at its end.
+fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Source layers being prepared on threads of their own (see [`prepare`]).
+#[derive(Debug)]
+pub struct Preparing<'scope> {
+    threads: Vec<ScopedJoinHandle<'scope, Result<()>>>,
+}
+
+impl Preparing<'_> {
+    /// Waits for every preparer; the first error, if any.
+    pub fn join(self) -> Result<()> {
+        let mut first = Ok(());
+        for t in self.threads {
+            let r = t.join().unwrap_or_else(|_| Err(Error::malformed("source layers", "a thread preparing them panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+/// Runs `preparers` on up to `threads` threads of `scope`, in order: the first ones start
+/// first. A thread whose preparer fails takes no more.
+pub fn prepare<'scope, 'env: 'scope>(scope: &'scope Scope<'scope, 'env>, preparers: Vec<Preparer<'env>>, threads: usize) -> Preparing<'scope> {
+    let queue = Arc::new(Mutex::new(preparers.into_iter()));
+    let threads = (0..threads.max(1))
+        .map(|_| {
+            let queue = Arc::clone(&queue);
+            scope.spawn(move || {
+                loop {
+                    let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                    let Some(p) = next else { return Ok(()) };
+                    p.run()?;
+                }
+            })
+        })
+        .collect();
+    Preparing { threads }
+}
+
+/// The spans of `members` (in order, not overlapping), each ending at most `limit` bytes
+/// into the expanded layer. Whether they lie inside the tar is checked as it is written.
+fn spans(members: &[Member], limit: u64, what: &str) -> Result<Vec<Span>> {
     let (mut spans, mut tar_at, mut expanded_at, mut contents) = (Vec::with_capacity(members.len()), 0u64, 0u64, 0u64);
     for m in members {
         let gap = m.offset.checked_sub(tar_at).ok_or_else(|| Error::malformed(what, "members overlap or are out of order"))?;
-        let tar_end = m.offset.checked_add(m.compressed_len).filter(|end| *end <= tar_len).ok_or_else(|| {
-            Error::malformed(what, format!("ends at byte {tar_len}, before the end of the {} at offset {} the delta lists", m.wrapping.noun(), m.offset))
-        })?;
+        let tar_end = m.offset.checked_add(m.compressed_len).ok_or_else(|| Error::malformed(what, format!("the {} at offset {} ends past any tar", m.wrapping.noun(), m.offset)))?;
         let start = expanded_at + gap;
         spans.push(Span { expanded: start, raw_len: m.raw_len, contents, tar_end });
         expanded_at = start.checked_add(m.raw_len).filter(|e| *e <= limit).ok_or_else(|| too_large(what, limit))?;
         contents += m.raw_len;
         tar_at = tar_end;
     }
-    let len = expanded_at.checked_add(tar_len - tar_at).filter(|e| *e <= limit).ok_or_else(|| too_large(what, limit))?;
-    Ok((spans, len))
+    Ok(spans)
 }
 
 fn too_large(what: &str, limit: u64) -> Error {
@@ -186,45 +425,162 @@ impl Read for At<'_> {
 mod tests {
     use super::*;
     use crate::format::plan::Wrapping;
+    use std::io::Write as _;
 
-    /// A view with the spans of `members` over `tar`, whose members' contents are `contents`.
-    fn view(dir: &Path, tar: &[u8], members: &[Member], contents: &[u8]) -> SourceLayer {
-        let (spans, len) = spans(members, tar.len() as u64, u64::MAX, "l").unwrap();
-        std::fs::write(dir.join("tar"), tar).unwrap();
-        std::fs::write(dir.join("contents"), contents).unwrap();
-        let open = |n: &str| File::open(dir.join(n)).unwrap();
-        SourceLayer { file: open("tar"), expanded: Some(Expanded { contents: open("contents"), spans }), len, index: 0 }
+    /// A gzip member of `data` (flate2, level 6).
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// `tar` stored in `dir` as a blob compressed with `compression` (gzip or none).
+    fn blob(dir: &Path, tar: &[u8], compression: Compression) -> File {
+        let bytes = if compression == Compression::Gzip { gz(tar) } else { tar.to_vec() };
+        let path = dir.join(format!("blob-{compression:?}"));
+        std::fs::write(&path, bytes).unwrap();
+        File::open(path).unwrap()
+    }
+
+    /// A "tar" of plain runs and gzip members, the members listed as a delta lists them, and
+    /// the expanded bytes a patch reads: `parts` are (bytes, whether it is a member).
+    fn layer(parts: &[(Vec<u8>, bool)]) -> (Vec<u8>, Vec<Member>, Vec<u8>) {
+        let (mut tar, mut members, mut expanded) = (Vec::new(), Vec::new(), Vec::new());
+        for (bytes, member) in parts {
+            if *member {
+                let z = gz(bytes);
+                members.push(Member { offset: tar.len() as u64, compressed_len: z.len() as u64, raw_len: bytes.len() as u64, wrapping: Wrapping::Gzip });
+                tar.extend_from_slice(&z);
+            } else {
+                tar.extend_from_slice(bytes);
+            }
+            expanded.extend_from_slice(bytes);
+        }
+        (tar, members, expanded)
+    }
+
+    fn noise(seed: u32, n: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn text(seed: u32, n: usize) -> Vec<u8> {
+        (0..n).map(|i| b"abcdefgh \n"[(i as u32 / 7 + seed) as usize % 10]).collect()
     }
 
     #[test]
     fn every_range_of_the_view_reads_as_the_expanded_tar() {
-        // tar: "aaaa" [member 1: 3 bytes -> "XYZXY"] "bb" [empty member: 2 bytes -> ""] [member: 1 -> "Q"] "cc"
-        let tar = b"aaaa123bb45Qcc";
-        let members = [
-            Member { offset: 4, compressed_len: 3, raw_len: 5, wrapping: Wrapping::Gzip },
-            Member { offset: 9, compressed_len: 2, raw_len: 0, wrapping: Wrapping::Gzip },
-            Member { offset: 11, compressed_len: 1, raw_len: 1, wrapping: Wrapping::Deflate },
-        ];
-        let expanded = b"aaaaXYZXYbbQcc";
-        let dir = tempfile::tempdir().unwrap();
-        let v = view(dir.path(), tar, &members, b"XYZXYQ");
-        assert_eq!(v.len(), expanded.len() as u64);
-        for start in 0..expanded.len() {
-            for end in start..=expanded.len() {
-                let mut buf = vec![0; end - start];
-                v.read_at(start as u64, &mut buf).unwrap();
-                assert_eq!(buf, &expanded[start..end], "{start}..{end}");
+        // "aaaa" [member -> "XYZXY"] "bb" [empty member] [member -> "Q"] "cc"
+        let (tar, members, expanded) =
+            layer(&[(b"aaaa".to_vec(), false), (b"XYZXY".to_vec(), true), (b"bb".to_vec(), false), (vec![], true), (b"Q".to_vec(), true), (b"cc".to_vec(), false)]);
+        assert_eq!(expanded, b"aaaaXYZXYbbQcc");
+        for compression in [Compression::None, Compression::Gzip] {
+            let dir = tempfile::tempdir().unwrap();
+            let (v, p) = start_blob(blob(dir.path(), &tar, compression), compression, "l".into(), 0, dir.path(), u64::MAX, &members).unwrap();
+            p.run().unwrap();
+            assert_eq!(v.len(), Some(expanded.len() as u64));
+            for start in 0..expanded.len() {
+                for end in start..=expanded.len() {
+                    let mut buf = vec![0; end - start];
+                    v.read_at(start as u64, &mut buf).unwrap();
+                    assert_eq!(buf, &expanded[start..end], "{compression:?} {start}..{end}");
+                }
             }
+            assert!(v.read_at(10, &mut [0; 5]).unwrap_err().to_string().contains("outside source layer 0"));
         }
-        assert!(v.read_at(10, &mut [0; 5]).unwrap_err().to_string().contains("outside source layer 0"));
     }
 
     #[test]
-    fn members_outside_the_tar_or_out_of_order_or_too_large_are_refused() {
+    fn reads_wait_for_the_bytes_they_need_while_the_layer_is_prepared() {
+        // Several MiB, so that the preparer publishes many times; members across the steps.
+        let mut parts = Vec::new();
+        for i in 0..12 {
+            parts.push((noise(i, 700_000), false));
+            parts.push((text(i, 300_000 + i as usize * 1000), true));
+        }
+        let (tar, members, expanded) = layer(&parts);
+        for compression in [Compression::None, Compression::Gzip] {
+            let dir = tempfile::tempdir().unwrap();
+            let (v, p) = start_blob(blob(dir.path(), &tar, compression), compression, "l".into(), 3, dir.path(), u64::MAX, &members).unwrap();
+            std::thread::scope(|scope| {
+                let preparing = prepare(scope, vec![p], 1);
+                // Forwards, as a patch reads, in odd pieces; then one range near the start.
+                let mut got = Vec::new();
+                let mut buf = vec![0; 333_333];
+                while got.len() < expanded.len() {
+                    let n = buf.len().min(expanded.len() - got.len());
+                    v.read_at(got.len() as u64, &mut buf[..n]).unwrap();
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(got == expanded, "{compression:?}: the expanded layer differs");
+                v.read_at(5, &mut buf[..10]).unwrap();
+                assert_eq!(&buf[..10], &expanded[5..15]);
+                preparing.join().unwrap();
+            });
+            assert_eq!(v.len(), Some(expanded.len() as u64));
+        }
+    }
+
+    #[test]
+    fn a_layer_that_cannot_be_prepared_fails_its_readers_and_its_preparer() {
+        let (tar, members, expanded) = layer(&[(noise(1, 3 << 20), false), (text(1, 1000), true), (b"end".to_vec(), false)]);
+        // The gzip blob cut short: the decompression fails part way.
+        let dir = tempfile::tempdir().unwrap();
+        let whole = gz(&tar);
+        let path = dir.path().join("cut");
+        std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+        let (v, p) = start_blob(File::open(&path).unwrap(), Compression::Gzip, "source layer 2 (cut)".into(), 2, dir.path(), u64::MAX, &members).unwrap();
+        std::thread::scope(|scope| {
+            let preparing = prepare(scope, vec![p], 1);
+            let err = v.read_at(tar.len() as u64 - 2, &mut [0; 2]).unwrap_err().to_string();
+            assert!(err.contains("source layer 2, which could not be prepared"), "{err}");
+            let err = preparing.join().unwrap_err().to_string();
+            assert!(err.contains("source layer 2 (cut)"), "{err}");
+        });
+
+        // A member the delta lists past the end of the tar.
+        let mut listed = members.clone();
+        listed.push(Member { offset: tar.len() as u64 - 1, compressed_len: 5, raw_len: 1, wrapping: Wrapping::Gzip });
+        let dir = tempfile::tempdir().unwrap();
+        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::None), Compression::None, "l".into(), 0, dir.path(), u64::MAX, &listed).unwrap();
+        let err = p.run().unwrap_err().to_string();
+        assert!(err.contains(&format!("ends at byte {}, before the end of the gzip member at offset {}", tar.len(), tar.len() - 1)), "{err}");
+        assert!(v.read_at(0, &mut [0; 1]).is_ok(), "bytes before the failure stay readable");
+        assert!(v.read_at(expanded.len() as u64 - 1, &mut [0; 1]).unwrap_err().to_string().contains("could not be prepared"));
+
+        // Larger than the limit, compressed or expanded.
+        let dir = tempfile::tempdir().unwrap();
+        let (_, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 0, dir.path(), 1 << 20, &[]).unwrap();
+        assert!(matches!(p.run().unwrap_err(), Error::TooLarge { limit: 1048576, .. }));
+        let dir = tempfile::tempdir().unwrap();
+        let (_, p) = start_blob(blob(dir.path(), &tar, Compression::None), Compression::None, "l".into(), 0, dir.path(), expanded.len() as u64 - 1, &members).unwrap();
+        assert!(matches!(p.run().unwrap_err(), Error::TooLarge { .. }));
+    }
+
+    #[test]
+    fn a_cancelled_preparer_stops_and_its_readers_fail() {
+        let tar = noise(9, 8 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 4, dir.path(), u64::MAX, &[]).unwrap();
+        v.cancel();
+        p.run().unwrap();
+        assert_eq!(v.len(), None, "stopped before the end");
+        assert!(v.read_at(tar.len() as u64 - 1, &mut [0; 1]).unwrap_err().to_string().contains("could not be prepared"));
+    }
+
+    #[test]
+    fn members_out_of_order_or_too_large_are_refused() {
         let m = |offset, compressed_len, raw_len| Member { offset, compressed_len, raw_len, wrapping: Wrapping::Gzip };
-        assert!(spans(&[m(4, 3, 5), m(6, 1, 1)], 20, u64::MAX, "l").unwrap_err().to_string().contains("out of order"));
-        assert!(spans(&[m(18, 3, 5)], 20, u64::MAX, "l").unwrap_err().to_string().contains("before the end of the gzip member at offset 18"));
-        assert!(matches!(spans(&[m(0, 3, 50)], 20, 60, "l").unwrap_err(), Error::TooLarge { limit: 60, .. }));
-        assert!(spans(&[m(0, 3, 43)], 20, 60, "l").is_ok());
+        assert!(spans(&[m(4, 3, 5), m(6, 1, 1)], u64::MAX, "l").unwrap_err().to_string().contains("out of order"));
+        assert!(spans(&[m(u64::MAX - 1, 3, 5)], u64::MAX, "l").unwrap_err().to_string().contains("ends past any tar"));
+        assert!(matches!(spans(&[m(0, 3, 61)], 60, "l").unwrap_err(), Error::TooLarge { limit: 60, .. }));
+        assert!(spans(&[m(0, 3, 60)], 60, "l").is_ok());
     }
 }

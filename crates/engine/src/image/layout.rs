@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -118,24 +118,6 @@ impl Layout {
         let (blob_digest, blob_len) = hashed.finish();
         verify(|| what.to_string(), &layer.blob.digest, Some(layer.blob.size), &blob_digest, blob_len)?;
         verify(|| format!("{what} (uncompressed)"), &layer.diff_id, None, &diff_id, len)?;
-        out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
-        Ok(len)
-    }
-
-    /// Decompresses a layer into `path` (at most `limit` bytes) without hashing it: for a
-    /// reader that verifies everything it builds from the layer (apply checks each rebuilt
-    /// layer against its diff_id before committing it, so a damaged source cannot reach the
-    /// output unnoticed, and hashing the source read every byte once more). Returns the
-    /// uncompressed length.
-    pub fn decompress_layer(&self, layer: &Layer, path: &Path, limit: u64, what: &str) -> Result<u64> {
-        let blob = BufReader::with_capacity(1 << 20, self.open_blob(&layer.blob)?);
-        let out = File::create(path).ctx(|| format!("creating {}", path.display()))?;
-        let mut out = BufWriter::with_capacity(1 << 20, out);
-        let mut limited = layer.compression.decoder(blob)?.take(limit.saturating_add(1));
-        let len = std::io::copy(&mut limited, &mut out).ctx(|| format!("reading {what}"))?;
-        if len > limit {
-            return Err(Error::TooLarge { what: what.to_string(), limit });
-        }
         out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
         Ok(len)
     }
