@@ -147,9 +147,8 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
                 })
                 .collect::<Result<Vec<_>>>()
         });
-        if rebuilt.is_err() {
-            sources.values().for_each(SourceLayer::cancel);
-        }
+        // The rebuild is over: what the preparers have not written yet, nobody will read.
+        sources.values().for_each(SourceLayer::cancel);
         // A source layer that could not be prepared explains a rebuild that failed reading it.
         preparing.join().and(rebuilt)
     })?;
@@ -240,6 +239,7 @@ pub(crate) fn prepare_sources(
     progress.stage("preparing source layers", source_bytes);
     let needed: Vec<u32> = needed.iter().copied().collect();
     let (sources, preparers) = start_sources(delta, layout, image, &needed, scratch, limit)?;
+    sources.values().for_each(SourceLayer::want_all);
     std::thread::scope(|scope| source::prepare(scope, preparers, threads).join())?;
     progress.advance(source_bytes);
     Ok(sources)

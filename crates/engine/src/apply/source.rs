@@ -10,7 +10,11 @@
 //! [`Preparer`] that decompresses the layer and inflates its members in order, on a thread of
 //! its own, publishing how many bytes from the start can be read. A read waits for the bytes
 //! it needs. Patches read their sources mostly forwards, so the rebuild follows the
-//! decompression instead of waiting for all of it.
+//! decompression instead of waiting for all of it. A preparer runs at most
+//! [`PREPARE_AHEAD_BYTES`] past the furthest byte read so far, and stops when the rebuild is
+//! over: a layer the patches read only the start of is not decompressed whole, and the
+//! threads stay free for the rebuild. (Whatever is not read cannot reach the output, which is
+//! verified against the target's digests anyway.)
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -27,6 +31,8 @@ use crate::layer::Compression;
 
 /// Bytes decompressed between two publications of a layer's progress.
 const PREPARE_STEP_BYTES: usize = 1 << 20;
+/// How far a preparer runs past the furthest byte its readers have asked for.
+pub const PREPARE_AHEAD_BYTES: u64 = 32 << 20;
 
 /// One uncompressed source layer on disk, expanded as the delta reads it.
 #[derive(Debug)]
@@ -76,6 +82,8 @@ struct Ready {
     bytes: u64,
     /// Its length, once it is prepared whole.
     len: Option<u64>,
+    /// The furthest byte a reader has asked for (`u64::MAX`: all of them).
+    wanted: u64,
     /// Preparing failed (its preparer returns the error).
     failed: bool,
     /// The rebuild gave up: the preparer stops.
@@ -88,14 +96,25 @@ impl Readiness {
         self.changed.notify_all();
     }
 
-    fn cancelled(&self) -> bool {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).cancelled
+    /// Waits while the preparer is [`PREPARE_AHEAD_BYTES`] ahead of its readers; false
+    /// once it is cancelled.
+    fn go_on(&self) -> bool {
+        let mut ready = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while !ready.cancelled && ready.bytes >= ready.wanted.saturating_add(PREPARE_AHEAD_BYTES) {
+            ready = self.changed.wait(ready).unwrap_or_else(PoisonError::into_inner);
+        }
+        !ready.cancelled
     }
 
     /// Waits until bytes up to `end` can be read; returns how many can. Refuses a range past
     /// the layer's end, and a layer whose preparing failed or was given up.
     fn wait_for(&self, offset: u64, end: u64, index: u32) -> Result<u64> {
         let mut ready = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if end > ready.wanted {
+            ready.wanted = end;
+            // The preparer may be waiting for readers to catch up.
+            self.changed.notify_all();
+        }
         loop {
             if let Some(len) = ready.len.filter(|len| end > *len) {
                 return Err(Error::malformed("patch", format!("range {offset}+{} is outside source layer {index} ({len} bytes)", end - offset)));
@@ -139,7 +158,12 @@ impl SourceLayer {
         Ok(())
     }
 
-    /// Tells its preparer to stop: the rebuild has failed.
+    /// Lets its preparer write the whole layer, however little of it is read.
+    pub fn want_all(&self) {
+        self.ready.update(|r| r.wanted = u64::MAX);
+    }
+
+    /// Tells its preparer to stop: the rebuild is over (done, or failed).
     pub fn cancel(&self) {
         self.ready.update(|r| r.cancelled = true);
     }
@@ -283,6 +307,9 @@ impl Preparer<'_> {
         let mut buf = vec![0u8; PREPARE_STEP_BYTES];
         let mut tar = 0u64;
         loop {
+            if !self.ready.go_on() {
+                return Ok(None);
+            }
             let n = read_full(&mut decoder, &mut buf).ctx(|| format!("reading {}", self.what))?;
             if n == 0 {
                 break;
@@ -292,9 +319,7 @@ impl Preparer<'_> {
                 return Err(Error::TooLarge { what: self.what.clone(), limit: self.limit });
             }
             out.write_all(&buf[..n]).ctx(|| format!("writing {} decompressed", self.what))?;
-            if self.inflate_whole(tar, &mut inflated)?.is_none() {
-                return Ok(None);
-            }
+            self.inflate_whole(tar, &mut inflated)?;
         }
         self.finish(tar, &mut inflated)
     }
@@ -305,14 +330,14 @@ impl Preparer<'_> {
     fn inflate_whole(&mut self, tar: u64, inflated: &mut usize) -> Result<Option<u64>> {
         let Some(contents) = &mut self.contents else {
             self.ready.update(|r| r.bytes = tar);
-            return Ok((!self.ready.cancelled()).then_some(tar));
+            return Ok(Some(tar));
         };
         loop {
             contents.flush().ctx(|| format!("writing the inflated files of {}", self.what))?;
             let readable = readable(&self.spans, self.members, tar, *inflated);
             self.ready.update(|r| r.bytes = readable);
             let Some(m) = self.members.get(*inflated).filter(|m| m.offset + m.compressed_len <= tar) else { return Ok(Some(readable)) };
-            if self.ready.cancelled() {
+            if !self.ready.go_on() {
                 return Ok(None);
             }
             let mut compressed = io::BufReader::with_capacity(64 << 10, At { file: &self.read_tar, at: m.offset }).take(m.compressed_len);
@@ -573,6 +598,33 @@ mod tests {
         p.run().unwrap();
         assert_eq!(v.len(), None, "stopped before the end");
         assert!(v.read_at(tar.len() as u64 - 1, &mut [0; 1]).unwrap_err().to_string().contains("could not be prepared"));
+    }
+
+    #[test]
+    fn a_preparer_runs_only_so_far_ahead_of_its_readers() {
+        let tar = text(3, (PREPARE_AHEAD_BYTES + (16 << 20)) as usize);
+        let dir = tempfile::tempdir().unwrap();
+        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 0, dir.path(), u64::MAX, &[]).unwrap();
+        std::thread::scope(|scope| {
+            let preparing = prepare(scope, vec![p], 1);
+            let mut start = [0u8; 10];
+            v.read_at(0, &mut start).unwrap();
+            assert_eq!(start, tar[..10]);
+            let bytes = || v.ready.state.lock().unwrap().bytes;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while bytes() < PREPARE_AHEAD_BYTES && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // Ample time to decompress the 16 MiB left, were it not held back.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            assert!(v.len().is_none() && bytes() <= 10 + PREPARE_AHEAD_BYTES + PREPARE_STEP_BYTES as u64, "ran to {} bytes", bytes());
+            // A read further on lets it go on.
+            let mut end = [0u8; 10];
+            v.read_at(tar.len() as u64 - 10, &mut end).unwrap();
+            assert_eq!(end, tar[tar.len() - 10..]);
+            v.cancel();
+            preparing.join().unwrap();
+        });
     }
 
     #[test]
