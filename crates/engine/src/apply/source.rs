@@ -10,11 +10,10 @@
 //! [`Preparer`] that decompresses the layer and inflates its members in order, on a thread of
 //! its own, publishing how many bytes from the start can be read. A read waits for the bytes
 //! it needs. Patches read their sources mostly forwards, so the rebuild follows the
-//! decompression instead of waiting for all of it. A preparer runs at most
-//! [`PREPARE_AHEAD_BYTES`] past the furthest byte read so far, and stops when the rebuild is
-//! over: a layer the patches read only the start of is not decompressed whole, and the
-//! threads stay free for the rebuild. (Whatever is not read cannot reach the output, which is
-//! verified against the target's digests anyway.)
+//! decompression instead of waiting for all of it. Preparers stop when the rebuild is over:
+//! what they have not written by then is read by nobody. (They never wait for their readers:
+//! with fewer threads than layers, a preparer waiting for readers that wait for a layer queued
+//! behind it would wait for ever.)
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -31,8 +30,6 @@ use crate::layer::Compression;
 
 /// Bytes decompressed between two publications of a layer's progress.
 const PREPARE_STEP_BYTES: usize = 1 << 20;
-/// How far a preparer runs past the furthest byte its readers have asked for.
-pub const PREPARE_AHEAD_BYTES: u64 = 32 << 20;
 
 /// One uncompressed source layer on disk, expanded as the delta reads it.
 #[derive(Debug)]
@@ -82,8 +79,6 @@ struct Ready {
     bytes: u64,
     /// Its length, once it is prepared whole.
     len: Option<u64>,
-    /// The furthest byte a reader has asked for (`u64::MAX`: all of them).
-    wanted: u64,
     /// Preparing failed (its preparer returns the error).
     failed: bool,
     /// The rebuild gave up: the preparer stops.
@@ -96,25 +91,15 @@ impl Readiness {
         self.changed.notify_all();
     }
 
-    /// Waits while the preparer is [`PREPARE_AHEAD_BYTES`] ahead of its readers; false
-    /// once it is cancelled.
+    /// Whether the preparer should go on: false once it is cancelled.
     fn go_on(&self) -> bool {
-        let mut ready = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        while !ready.cancelled && ready.bytes >= ready.wanted.saturating_add(PREPARE_AHEAD_BYTES) {
-            ready = self.changed.wait(ready).unwrap_or_else(PoisonError::into_inner);
-        }
-        !ready.cancelled
+        !self.state.lock().unwrap_or_else(PoisonError::into_inner).cancelled
     }
 
     /// Waits until bytes up to `end` can be read; returns how many can. Refuses a range past
     /// the layer's end, and a layer whose preparing failed or was given up.
     fn wait_for(&self, offset: u64, end: u64, index: u32) -> Result<u64> {
         let mut ready = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if end > ready.wanted {
-            ready.wanted = end;
-            // The preparer may be waiting for readers to catch up.
-            self.changed.notify_all();
-        }
         loop {
             if let Some(len) = ready.len.filter(|len| end > *len) {
                 return Err(Error::malformed("patch", format!("range {offset}+{} is outside source layer {index} ({len} bytes)", end - offset)));
@@ -156,11 +141,6 @@ impl SourceLayer {
             pos += n as u64;
         }
         Ok(())
-    }
-
-    /// Lets its preparer write the whole layer, however little of it is read.
-    pub fn want_all(&self) {
-        self.ready.update(|r| r.wanted = u64::MAX);
     }
 
     /// Tells its preparer to stop: the rebuild is over (done, or failed).
@@ -601,28 +581,27 @@ mod tests {
     }
 
     #[test]
-    fn a_preparer_runs_only_so_far_ahead_of_its_readers() {
-        let tar = text(3, (PREPARE_AHEAD_BYTES + (16 << 20)) as usize);
+    fn one_thread_prepares_layers_read_back_and_forth() {
+        // The rebuild reads layer B while A is unfinished, then A again: with one thread for
+        // both, B is prepared after A, never while A waits for readers (which would deadlock).
+        let a = text(5, 48 << 20);
+        let b = text(6, 3 << 20);
         let dir = tempfile::tempdir().unwrap();
-        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 0, dir.path(), u64::MAX, &[]).unwrap();
+        let da = dir.path().join("a");
+        let db = dir.path().join("b");
+        std::fs::create_dir_all(&da).unwrap();
+        std::fs::create_dir_all(&db).unwrap();
+        let (va, pa) = start_blob(blob(&da, &a, Compression::Gzip), Compression::Gzip, "a".into(), 0, &da, u64::MAX, &[]).unwrap();
+        let (vb, pb) = start_blob(blob(&db, &b, Compression::Gzip), Compression::Gzip, "b".into(), 1, &db, u64::MAX, &[]).unwrap();
         std::thread::scope(|scope| {
-            let preparing = prepare(scope, vec![p], 1);
-            let mut start = [0u8; 10];
-            v.read_at(0, &mut start).unwrap();
-            assert_eq!(start, tar[..10]);
-            let bytes = || v.ready.state.lock().unwrap().bytes;
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while bytes() < PREPARE_AHEAD_BYTES && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            // Ample time to decompress the 16 MiB left, were it not held back.
-            std::thread::sleep(std::time::Duration::from_millis(500));
-            assert!(v.len().is_none() && bytes() <= 10 + PREPARE_AHEAD_BYTES + PREPARE_STEP_BYTES as u64, "ran to {} bytes", bytes());
-            // A read further on lets it go on.
-            let mut end = [0u8; 10];
-            v.read_at(tar.len() as u64 - 10, &mut end).unwrap();
-            assert_eq!(end, tar[tar.len() - 10..]);
-            v.cancel();
+            let preparing = prepare(scope, vec![pa, pb], 1);
+            let mut buf = [0u8; 10];
+            va.read_at(0, &mut buf).unwrap();
+            assert_eq!(buf, a[..10]);
+            vb.read_at(b.len() as u64 - 10, &mut buf).unwrap();
+            assert_eq!(buf, b[b.len() - 10..]);
+            va.read_at(a.len() as u64 - 10, &mut buf).unwrap();
+            assert_eq!(buf, a[a.len() - 10..]);
             preparing.join().unwrap();
         });
     }
