@@ -224,7 +224,7 @@ pub(crate) fn start_sources<'a>(
     Ok((sources, preparers))
 }
 
-/// [`start_sources`], then waits until every layer is prepared, on up to `threads` threads.
+/// [`start_sources`], then waits until every layer is prepared, on as many threads as cores.
 pub(crate) fn prepare_sources(
     delta: &DeltaImage,
     layout: &Layout,
@@ -232,9 +232,9 @@ pub(crate) fn prepare_sources(
     needed: &BTreeSet<u32>,
     scratch: &Path,
     limit: u64,
-    threads: usize,
     progress: &dyn Progress,
 ) -> Result<HashMap<u32, SourceLayer>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let source_bytes: u64 = needed.iter().map(|i| image.layers.get(*i as usize).map_or(0, |l| l.blob.size)).sum();
     progress.stage("preparing source layers", source_bytes);
     let needed: Vec<u32> = needed.iter().copied().collect();

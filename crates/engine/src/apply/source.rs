@@ -117,7 +117,7 @@ impl Readiness {
 
 impl SourceLayer {
     /// Length of the (expanded) tar, once it is prepared whole.
-    pub fn len(&self) -> Option<u64> {
+    pub fn prepared_len(&self) -> Option<u64> {
         self.ready.state.lock().unwrap_or_else(PoisonError::into_inner).len
     }
 
@@ -183,7 +183,6 @@ impl Expanded {
             }
         }
     }
-
 }
 
 /// Starts making source layer `index` available uncompressed, as the delta's patches read it:
@@ -201,7 +200,15 @@ pub fn start<'a>(layout: &Layout, image: &Image, index: u32, dir: &Path, limit: 
 }
 
 /// [`start`] for a layer blob already open: `blob`, compressed with `compression`, named `what`.
-fn start_blob<'a>(blob: File, compression: Compression, what: String, index: u32, dir: &Path, limit: u64, members: &'a [Member]) -> Result<(SourceLayer, Preparer<'a>)> {
+fn start_blob<'a>(
+    blob: File,
+    compression: Compression,
+    what: String,
+    index: u32,
+    dir: &Path,
+    limit: u64,
+    members: &'a [Member],
+) -> Result<(SourceLayer, Preparer<'a>)> {
     let (file, input) = if compression == Compression::None {
         let size = blob.metadata().ctx(|| format!("reading the size of {what}"))?.len();
         if size > limit {
@@ -330,7 +337,10 @@ impl Preparer<'_> {
     fn finish(&mut self, tar: u64, inflated: &mut usize) -> Result<Option<u64>> {
         let Some(len) = self.inflate_whole(tar, inflated)? else { return Ok(None) };
         if let Some(m) = self.members.get(*inflated) {
-            return Err(Error::malformed(&self.what, format!("ends at byte {tar}, before the end of the {} at offset {} the delta lists", m.wrapping.noun(), m.offset)));
+            return Err(Error::malformed(
+                &self.what,
+                format!("ends at byte {tar}, before the end of the {} at offset {} the delta lists", m.wrapping.noun(), m.offset),
+            ));
         }
         if len > self.limit {
             return Err(too_large(&self.what, self.limit));
@@ -380,12 +390,10 @@ pub fn prepare<'scope, 'env: 'scope>(scope: &'scope Scope<'scope, 'env>, prepare
     let threads = (0..threads.max(1))
         .map(|_| {
             let queue = Arc::clone(&queue);
-            scope.spawn(move || {
-                loop {
-                    let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
-                    let Some(p) = next else { return Ok(()) };
-                    p.run()?;
-                }
+            scope.spawn(move || loop {
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                let Some(p) = next else { return Ok(()) };
+                p.run()?;
             })
         })
         .collect();
@@ -398,7 +406,10 @@ fn spans(members: &[Member], limit: u64, what: &str) -> Result<Vec<Span>> {
     let (mut spans, mut tar_at, mut expanded_at, mut contents) = (Vec::with_capacity(members.len()), 0u64, 0u64, 0u64);
     for m in members {
         let gap = m.offset.checked_sub(tar_at).ok_or_else(|| Error::malformed(what, "members overlap or are out of order"))?;
-        let tar_end = m.offset.checked_add(m.compressed_len).ok_or_else(|| Error::malformed(what, format!("the {} at offset {} ends past any tar", m.wrapping.noun(), m.offset)))?;
+        let tar_end = m
+            .offset
+            .checked_add(m.compressed_len)
+            .ok_or_else(|| Error::malformed(what, format!("the {} at offset {} ends past any tar", m.wrapping.noun(), m.offset)))?;
         let start = expanded_at + gap;
         spans.push(Span { expanded: start, raw_len: m.raw_len, contents, tar_end });
         expanded_at = start.checked_add(m.raw_len).filter(|e| *e <= limit).ok_or_else(|| too_large(what, limit))?;
@@ -430,7 +441,6 @@ impl Read for At<'_> {
 mod tests {
     use super::*;
     use crate::format::plan::Wrapping;
-    use std::io::Write as _;
 
     /// A gzip member of `data` (flate2, level 6).
     fn gz(data: &[u8]) -> Vec<u8> {
@@ -483,14 +493,20 @@ mod tests {
     #[test]
     fn every_range_of_the_view_reads_as_the_expanded_tar() {
         // "aaaa" [member -> "XYZXY"] "bb" [empty member] [member -> "Q"] "cc"
-        let (tar, members, expanded) =
-            layer(&[(b"aaaa".to_vec(), false), (b"XYZXY".to_vec(), true), (b"bb".to_vec(), false), (vec![], true), (b"Q".to_vec(), true), (b"cc".to_vec(), false)]);
+        let (tar, members, expanded) = layer(&[
+            (b"aaaa".to_vec(), false),
+            (b"XYZXY".to_vec(), true),
+            (b"bb".to_vec(), false),
+            (vec![], true),
+            (b"Q".to_vec(), true),
+            (b"cc".to_vec(), false),
+        ]);
         assert_eq!(expanded, b"aaaaXYZXYbbQcc");
         for compression in [Compression::None, Compression::Gzip] {
             let dir = tempfile::tempdir().unwrap();
             let (v, p) = start_blob(blob(dir.path(), &tar, compression), compression, "l".into(), 0, dir.path(), u64::MAX, &members).unwrap();
             p.run().unwrap();
-            assert_eq!(v.len(), Some(expanded.len() as u64));
+            assert_eq!(v.prepared_len(), Some(expanded.len() as u64));
             for start in 0..expanded.len() {
                 for end in start..=expanded.len() {
                     let mut buf = vec![0; end - start];
@@ -529,7 +545,7 @@ mod tests {
                 assert_eq!(&buf[..10], &expanded[5..15]);
                 preparing.join().unwrap();
             });
-            assert_eq!(v.len(), Some(expanded.len() as u64));
+            assert_eq!(v.prepared_len(), Some(expanded.len() as u64));
         }
     }
 
@@ -565,7 +581,8 @@ mod tests {
         let (_, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 0, dir.path(), 1 << 20, &[]).unwrap();
         assert!(matches!(p.run().unwrap_err(), Error::TooLarge { limit: 1048576, .. }));
         let dir = tempfile::tempdir().unwrap();
-        let (_, p) = start_blob(blob(dir.path(), &tar, Compression::None), Compression::None, "l".into(), 0, dir.path(), expanded.len() as u64 - 1, &members).unwrap();
+        let (_, p) =
+            start_blob(blob(dir.path(), &tar, Compression::None), Compression::None, "l".into(), 0, dir.path(), expanded.len() as u64 - 1, &members).unwrap();
         assert!(matches!(p.run().unwrap_err(), Error::TooLarge { .. }));
     }
 
@@ -576,7 +593,7 @@ mod tests {
         let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 4, dir.path(), u64::MAX, &[]).unwrap();
         v.cancel();
         p.run().unwrap();
-        assert_eq!(v.len(), None, "stopped before the end");
+        assert_eq!(v.prepared_len(), None, "stopped before the end");
         assert!(v.read_at(tar.len() as u64 - 1, &mut [0; 1]).unwrap_err().to_string().contains("could not be prepared"));
     }
 

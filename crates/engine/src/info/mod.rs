@@ -204,8 +204,7 @@ pub fn info_with_files(reference: &ImageRef, options: &FilesOptions, progress: &
         .prefix(".info-files-")
         .tempdir_in(&options.scratch)
         .ctx(|| format!("creating a scratch directory in {}", options.scratch.display()))?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let sources = prepare_sources(&delta, &layout, &source, &needed, scratch.path(), options.max_layer_bytes, threads, progress)?;
+    let sources = prepare_sources(&delta, &layout, &source, &needed, scratch.path(), options.max_layer_bytes, progress)?;
     let levels = files::zstd_levels(&delta);
     let tar_bytes = |i: &usize| delta.plan.layers[*i].stats.as_ref().map_or(0, |s| s.tar_bytes);
     progress.stage("replaying patches", patched.iter().map(tar_bytes).sum());
