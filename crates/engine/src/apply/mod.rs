@@ -239,6 +239,7 @@ pub(crate) fn prepare_sources(
     progress.stage("preparing source layers", source_bytes);
     let needed: Vec<u32> = needed.iter().copied().collect();
     let (sources, preparers) = start_sources(delta, layout, image, &needed, scratch, limit)?;
+    sources.values().for_each(SourceLayer::want_all);
     std::thread::scope(|scope| source::prepare(scope, preparers, threads).join())?;
     progress.advance(source_bytes);
     Ok(sources)

@@ -10,10 +10,16 @@
 //! [`Preparer`] that decompresses the layer and inflates its members in order, on a thread of
 //! its own, publishing how many bytes from the start can be read. A read waits for the bytes
 //! it needs. Patches read their sources mostly forwards, so the rebuild follows the
-//! decompression instead of waiting for all of it. Preparers stop when the rebuild is over:
-//! what they have not written by then is read by nobody. (They never wait for their readers:
-//! with fewer threads than layers, a preparer waiting for readers that wait for a layer queued
-//! behind it would wait for ever.)
+//! decompression instead of waiting for all of it.
+//!
+//! A preparer runs at most [`PREPARE_AHEAD_BYTES`] past the furthest byte its readers have
+//! asked for, and stops when the rebuild is over, so that a layer the patches read only the
+//! start of is not decompressed whole (what is not read cannot reach the output, which is
+//! verified against the target's digests anyway). Each layer has a thread of its own, which
+//! costs memory only while it works; the work itself is bounded by [`Permits`], one per
+//! `--jobs`, taken for one step (1 MiB of tar, or one member) at a time and never held while
+//! waiting for readers. So a preparer waiting for its readers never keeps another layer, which
+//! those readers may be waiting for, from being prepared.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
@@ -30,6 +36,8 @@ use crate::layer::Compression;
 
 /// Bytes decompressed between two publications of a layer's progress.
 const PREPARE_STEP_BYTES: usize = 1 << 20;
+/// How far a preparer runs past the furthest byte its readers have asked for.
+pub const PREPARE_AHEAD_BYTES: u64 = 32 << 20;
 
 /// One uncompressed source layer on disk, expanded as the delta reads it.
 #[derive(Debug)]
@@ -79,6 +87,9 @@ struct Ready {
     bytes: u64,
     /// Its length, once it is prepared whole.
     len: Option<u64>,
+    /// The furthest byte a reader has asked for; 0 until one asks, and until then the
+    /// preparer waits (unless it is among the first, see [`prepare`]).
+    wanted: u64,
     /// Preparing failed (its preparer returns the error).
     failed: bool,
     /// The rebuild gave up: the preparer stops.
@@ -91,15 +102,30 @@ impl Readiness {
         self.changed.notify_all();
     }
 
-    /// Whether the preparer should go on: false once it is cancelled.
+    /// Waits while the preparer has no reader yet or is [`PREPARE_AHEAD_BYTES`] ahead of
+    /// them; false once it is cancelled.
     fn go_on(&self) -> bool {
-        !self.state.lock().unwrap_or_else(PoisonError::into_inner).cancelled
+        let mut ready = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while !ready.cancelled && (ready.wanted == 0 || ready.bytes >= ready.wanted.saturating_add(PREPARE_AHEAD_BYTES)) {
+            ready = self.changed.wait(ready).unwrap_or_else(PoisonError::into_inner);
+        }
+        !ready.cancelled
+    }
+
+    /// Whether the preparer was cancelled.
+    fn cancelled(&self) -> bool {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).cancelled
     }
 
     /// Waits until bytes up to `end` can be read; returns how many can. Refuses a range past
     /// the layer's end, and a layer whose preparing failed or was given up.
     fn wait_for(&self, offset: u64, end: u64, index: u32) -> Result<u64> {
         let mut ready = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if end > ready.wanted {
+            ready.wanted = end;
+            // The preparer may be waiting for its readers.
+            self.changed.notify_all();
+        }
         loop {
             if let Some(len) = ready.len.filter(|len| end > *len) {
                 return Err(Error::malformed("patch", format!("range {offset}+{} is outside source layer {index} ({len} bytes)", end - offset)));
@@ -141,6 +167,11 @@ impl SourceLayer {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    /// Lets its preparer write the whole layer, however little of it is read.
+    pub fn want_all(&self) {
+        self.ready.update(|r| r.wanted = u64::MAX);
     }
 
     /// Tells its preparer to stop: the rebuild is over (done, or failed).
@@ -229,7 +260,7 @@ fn start_blob<'a>(
         let path = dir.join(format!("source-{index}.members"));
         let writer = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
         let contents = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
-        (Some(Expanded { contents, spans }), Some(BufWriter::with_capacity(1 << 20, writer)))
+        (Some(Expanded { contents, spans }), Some(BufWriter::with_capacity(256 << 10, writer)))
     };
     let ready = Arc::new(Readiness::default());
     let spans = expanded.as_ref().map_or_else(Vec::new, |e| e.spans.clone());
@@ -266,8 +297,8 @@ pub struct Preparer<'a> {
 impl Preparer<'_> {
     /// Writes the layer, publishing what can be read as it goes. Returns early, without
     /// error, when the rebuild gives up ([`SourceLayer::cancel`]).
-    pub fn run(mut self) -> Result<()> {
-        let result = self.write();
+    pub fn run(mut self, permits: &Permits) -> Result<()> {
+        let result = self.write(permits);
         let ready = &self.ready;
         match result {
             Ok(Some(len)) => ready.update(|r| {
@@ -281,22 +312,27 @@ impl Preparer<'_> {
     }
 
     /// The layer's length, or `None` when cancelled.
-    fn write(&mut self) -> Result<Option<u64>> {
+    fn write(&mut self, permits: &Permits) -> Result<Option<u64>> {
         let mut inflated = 0;
         let (blob, compression, mut out) = match self.input.take() {
             Some(Input::Compressed { blob, compression, out }) => (blob, compression, out),
             // The blob is the tar: only its members are written.
-            Some(Input::Tar { size }) => return self.finish(size, &mut inflated),
+            Some(Input::Tar { size }) => return self.finish(size, &mut inflated, permits),
             // `run` takes the preparer: it never writes twice.
             None => return Err(Error::malformed(&self.what, "prepared twice")),
         };
-        let mut decoder = compression.decoder(io::BufReader::with_capacity(1 << 20, blob))?;
+        // Nothing is allocated before the first step: a layer nobody reads costs a thread.
+        if !self.ready.go_on() {
+            return Ok(None);
+        }
+        let mut decoder = compression.decoder(io::BufReader::with_capacity(64 << 10, blob))?;
         let mut buf = vec![0u8; PREPARE_STEP_BYTES];
         let mut tar = 0u64;
         loop {
             if !self.ready.go_on() {
                 return Ok(None);
             }
+            let permit = permits.take();
             let n = read_full(&mut decoder, &mut buf).ctx(|| format!("reading {}", self.what))?;
             if n == 0 {
                 break;
@@ -306,15 +342,17 @@ impl Preparer<'_> {
                 return Err(Error::TooLarge { what: self.what.clone(), limit: self.limit });
             }
             out.write_all(&buf[..n]).ctx(|| format!("writing {} decompressed", self.what))?;
-            self.inflate_whole(tar, &mut inflated)?;
+            drop(permit);
+            self.inflate_whole(tar, &mut inflated, permits, false)?;
         }
-        self.finish(tar, &mut inflated)
+        self.finish(tar, &mut inflated, permits)
     }
 
     /// With `tar` bytes of the plain tar written, inflates the members whole in them after the
-    /// first `inflated` ones, publishing what is readable after each. Returns what is
-    /// readable, or `None` when cancelled.
-    fn inflate_whole(&mut self, tar: u64, inflated: &mut usize) -> Result<Option<u64>> {
+    /// first `inflated` ones, publishing what is readable after each, and taking a permit
+    /// for each (after waiting for readers if `throttled`). Returns what is readable, or
+    /// `None` when cancelled.
+    fn inflate_whole(&mut self, tar: u64, inflated: &mut usize, permits: &Permits, throttled: bool) -> Result<Option<u64>> {
         let Some(contents) = &mut self.contents else {
             self.ready.update(|r| r.bytes = tar);
             return Ok(Some(tar));
@@ -324,9 +362,10 @@ impl Preparer<'_> {
             let readable = readable(&self.spans, self.members, tar, *inflated);
             self.ready.update(|r| r.bytes = readable);
             let Some(m) = self.members.get(*inflated).filter(|m| m.offset + m.compressed_len <= tar) else { return Ok(Some(readable)) };
-            if !self.ready.go_on() {
+            if if throttled { !self.ready.go_on() } else { self.ready.cancelled() } {
                 return Ok(None);
             }
+            let _permit = permits.take();
             let mut compressed = io::BufReader::with_capacity(64 << 10, At { file: &self.read_tar, at: m.offset }).take(m.compressed_len);
             inflate_member(&mut compressed, m, contents, &format!("{}: the {} at offset {}", self.what, m.wrapping.noun(), m.offset))?;
             *inflated += 1;
@@ -334,8 +373,8 @@ impl Preparer<'_> {
     }
 
     /// With the whole tar (`tar` bytes) written: the members left, then the layer's length.
-    fn finish(&mut self, tar: u64, inflated: &mut usize) -> Result<Option<u64>> {
-        let Some(len) = self.inflate_whole(tar, inflated)? else { return Ok(None) };
+    fn finish(&mut self, tar: u64, inflated: &mut usize, permits: &Permits) -> Result<Option<u64>> {
+        let Some(len) = self.inflate_whole(tar, inflated, permits, true)? else { return Ok(None) };
         if let Some(m) = self.members.get(*inflated) {
             return Err(Error::malformed(
                 &self.what,
@@ -363,6 +402,41 @@ fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Steps of preparing that may run at once (decompressing a piece of a layer, inflating a
+/// member): `--jobs` of them, whatever the number of layers.
+#[derive(Debug)]
+pub struct Permits {
+    free: Mutex<usize>,
+    changed: Condvar,
+}
+
+/// A step's permit, given back when dropped.
+struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    /// `n` permits (at least one).
+    pub fn new(n: usize) -> Self {
+        Permits { free: Mutex::new(n.max(1)), changed: Condvar::new() }
+    }
+
+    /// Waits for a permit.
+    fn take(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while *free == 0 {
+            free = self.changed.wait(free).unwrap_or_else(PoisonError::into_inner);
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.changed.notify_one();
+    }
+}
+
 /// Source layers being prepared on threads of their own (see [`prepare`]).
 #[derive(Debug)]
 pub struct Preparing<'scope> {
@@ -383,18 +457,19 @@ impl Preparing<'_> {
     }
 }
 
-/// Runs `preparers` on up to `threads` threads of `scope`, in order: the first ones start
-/// first. A thread whose preparer fails takes no more.
-pub fn prepare<'scope, 'env: 'scope>(scope: &'scope Scope<'scope, 'env>, preparers: Vec<Preparer<'env>>, threads: usize) -> Preparing<'scope> {
-    let queue = Arc::new(Mutex::new(preparers.into_iter()));
-    let threads = (0..threads.max(1))
-        .map(|_| {
-            let queue = Arc::clone(&queue);
-            scope.spawn(move || loop {
-                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
-                let Some(p) = next else { return Ok(()) };
-                p.run()?;
-            })
+/// Runs `preparers`, each on a thread of `scope`, with `jobs` [`Permits`] among them. The
+/// first `jobs` start at once; the others wait for their first reader.
+pub fn prepare<'scope, 'env: 'scope>(scope: &'scope Scope<'scope, 'env>, preparers: Vec<Preparer<'env>>, jobs: usize) -> Preparing<'scope> {
+    let permits = Arc::new(Permits::new(jobs));
+    let threads = preparers
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if i < jobs.max(1) {
+                p.ready.update(|r| r.wanted = r.wanted.max(1));
+            }
+            let permits = Arc::clone(&permits);
+            scope.spawn(move || p.run(&permits))
         })
         .collect();
     Preparing { threads }
@@ -486,6 +561,12 @@ mod tests {
             .collect()
     }
 
+    /// Runs `p` to its end on this thread, as if everything were read.
+    fn run_whole(v: &SourceLayer, p: Preparer<'_>) -> Result<()> {
+        v.want_all();
+        p.run(&Permits::new(1))
+    }
+
     fn text(seed: u32, n: usize) -> Vec<u8> {
         (0..n).map(|i| b"abcdefgh \n"[(i as u32 / 7 + seed) as usize % 10]).collect()
     }
@@ -505,7 +586,7 @@ mod tests {
         for compression in [Compression::None, Compression::Gzip] {
             let dir = tempfile::tempdir().unwrap();
             let (v, p) = start_blob(blob(dir.path(), &tar, compression), compression, "l".into(), 0, dir.path(), u64::MAX, &members).unwrap();
-            p.run().unwrap();
+            run_whole(&v, p).unwrap();
             assert_eq!(v.prepared_len(), Some(expanded.len() as u64));
             for start in 0..expanded.len() {
                 for end in start..=expanded.len() {
@@ -571,19 +652,19 @@ mod tests {
         listed.push(Member { offset: tar.len() as u64 - 1, compressed_len: 5, raw_len: 1, wrapping: Wrapping::Gzip });
         let dir = tempfile::tempdir().unwrap();
         let (v, p) = start_blob(blob(dir.path(), &tar, Compression::None), Compression::None, "l".into(), 0, dir.path(), u64::MAX, &listed).unwrap();
-        let err = p.run().unwrap_err().to_string();
+        let err = run_whole(&v, p).unwrap_err().to_string();
         assert!(err.contains(&format!("ends at byte {}, before the end of the gzip member at offset {}", tar.len(), tar.len() - 1)), "{err}");
         assert!(v.read_at(0, &mut [0; 1]).is_ok(), "bytes before the failure stay readable");
         assert!(v.read_at(expanded.len() as u64 - 1, &mut [0; 1]).unwrap_err().to_string().contains("could not be prepared"));
 
         // Larger than the limit, compressed or expanded.
         let dir = tempfile::tempdir().unwrap();
-        let (_, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 0, dir.path(), 1 << 20, &[]).unwrap();
-        assert!(matches!(p.run().unwrap_err(), Error::TooLarge { limit: 1048576, .. }));
+        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 0, dir.path(), 1 << 20, &[]).unwrap();
+        assert!(matches!(run_whole(&v, p).unwrap_err(), Error::TooLarge { limit: 1048576, .. }));
         let dir = tempfile::tempdir().unwrap();
-        let (_, p) =
+        let (v, p) =
             start_blob(blob(dir.path(), &tar, Compression::None), Compression::None, "l".into(), 0, dir.path(), expanded.len() as u64 - 1, &members).unwrap();
-        assert!(matches!(p.run().unwrap_err(), Error::TooLarge { .. }));
+        assert!(matches!(run_whole(&v, p).unwrap_err(), Error::TooLarge { .. }));
     }
 
     #[test]
@@ -592,7 +673,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 4, dir.path(), u64::MAX, &[]).unwrap();
         v.cancel();
-        p.run().unwrap();
+        p.run(&Permits::new(1)).unwrap();
         assert_eq!(v.prepared_len(), None, "stopped before the end");
         assert!(v.read_at(tar.len() as u64 - 1, &mut [0; 1]).unwrap_err().to_string().contains("could not be prepared"));
     }
@@ -619,6 +700,55 @@ mod tests {
             assert_eq!(buf, b[b.len() - 10..]);
             va.read_at(a.len() as u64 - 10, &mut buf).unwrap();
             assert_eq!(buf, a[a.len() - 10..]);
+            preparing.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_preparer_runs_only_so_far_ahead_of_its_readers() {
+        let tar = text(3, (PREPARE_AHEAD_BYTES + (16 << 20)) as usize);
+        let dir = tempfile::tempdir().unwrap();
+        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 0, dir.path(), u64::MAX, &[]).unwrap();
+        std::thread::scope(|scope| {
+            let preparing = prepare(scope, vec![p], 1);
+            let mut start = [0u8; 10];
+            v.read_at(0, &mut start).unwrap();
+            assert_eq!(start, tar[..10]);
+            let bytes = || v.ready.state.lock().unwrap().bytes;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while bytes() < PREPARE_AHEAD_BYTES && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // Ample time to decompress the 16 MiB left, were it not held back.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            assert!(v.prepared_len().is_none() && bytes() <= 10 + PREPARE_AHEAD_BYTES + PREPARE_STEP_BYTES as u64, "ran to {} bytes", bytes());
+            // A read further on lets it go on.
+            let mut end = [0u8; 10];
+            v.read_at(tar.len() as u64 - 10, &mut end).unwrap();
+            assert_eq!(end, tar[tar.len() - 10..]);
+            v.cancel();
+            preparing.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_layer_nobody_reads_is_not_prepared() {
+        // With one permit, the first layer may start at once; the second waits for a reader.
+        let a = text(7, 1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&da).unwrap();
+        std::fs::create_dir_all(&db).unwrap();
+        let (va, pa) = start_blob(blob(&da, &a, Compression::Gzip), Compression::Gzip, "a".into(), 0, &da, u64::MAX, &[]).unwrap();
+        let (vb, pb) = start_blob(blob(&db, &a, Compression::Gzip), Compression::Gzip, "b".into(), 1, &db, u64::MAX, &[]).unwrap();
+        std::thread::scope(|scope| {
+            let preparing = prepare(scope, vec![pa, pb], 1);
+            let mut buf = [0u8; 10];
+            va.read_at(a.len() as u64 - 10, &mut buf).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert_eq!(vb.ready.state.lock().unwrap().bytes, 0, "the layer nobody read was prepared");
+            va.cancel();
+            vb.cancel();
             preparing.join().unwrap();
         });
     }
