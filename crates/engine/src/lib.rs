@@ -30,6 +30,8 @@ pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod retention;
+#[cfg(test)]
+mod test_bytes;
 pub mod transfer;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, LayerOutput};

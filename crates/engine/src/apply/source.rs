@@ -516,6 +516,7 @@ impl Read for At<'_> {
 mod tests {
     use super::*;
     use crate::format::plan::Wrapping;
+    use crate::test_bytes::noise;
 
     /// A gzip member of `data` (flate2, level 6).
     fn gz(data: &[u8]) -> Vec<u8> {
@@ -547,18 +548,6 @@ mod tests {
             expanded.extend_from_slice(bytes);
         }
         (tar, members, expanded)
-    }
-
-    fn noise(seed: u32, n: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
     }
 
     /// Runs `p` to its end on this thread, as if everything were read.
@@ -604,7 +593,7 @@ mod tests {
         // Several MiB, so that the preparer publishes many times; members across the steps.
         let mut parts = Vec::new();
         for i in 0..12 {
-            parts.push((noise(i, 700_000), false));
+            parts.push((noise(u64::from(i), 700_000), false));
             parts.push((text(i, 300_000 + i as usize * 1000), true));
         }
         let (tar, members, expanded) = layer(&parts);

@@ -109,19 +109,7 @@ pub(super) fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Bytes that do not compress: a xorshift generator.
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_bytes::noise;
 
     /// What the differ writes for `chunk` against `prefix`.
     fn frame(prefix: &[u8], chunk: &[u8], level: i32) -> Vec<u8> {

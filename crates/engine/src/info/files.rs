@@ -381,6 +381,7 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_bytes::noise;
 
     /// A tar of `files` (path, contents), written by the tar crate.
     fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
@@ -392,18 +393,6 @@ mod tests {
             b.append_data(&mut h, path, *data).unwrap();
         }
         b.into_inner().unwrap()
-    }
-
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     /// Feeds `tar` to a tally as a patch would: the first `copied` bytes by a COPY, the rest
