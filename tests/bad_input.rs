@@ -249,15 +249,41 @@ fn a_damaged_uncompressed_source_layer_is_caught_by_the_rebuilt_layers_diff_id()
     assert!(!root.join("o").exists() || fleetdelta::image::Layout::open(root.join("o")).and_then(|l| l.load_image(None)).is_err(), "nothing written");
 }
 
-/// A gzip source layer that inflates past the layer limit (a decompression bomb on the
-/// device) is refused by name, although apply no longer hashes its sources; nothing is written.
+/// Source and target layers over the layer limit: refused by name, whichever the applier
+/// meets first (source layers are decompressed while the rebuild runs); nothing is written.
 #[test]
-fn a_source_layer_inflating_past_the_limit_is_refused_by_name() {
+fn layers_past_the_limit_are_refused_by_name() {
     let f = Fixture::new();
     let opts = ApplyOptions { max_layer_bytes: 100_000, ..ApplyOptions::default() };
     let err = apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &opts, &Silent).unwrap_err();
-    assert!(matches!(&err, Error::TooLarge { what, limit: 100_000 } if what.contains("source layer 1")), "{err}");
+    assert!(matches!(&err, Error::TooLarge { what, limit: 100_000 } if what.contains("layer 1")), "{err}");
     assert!(!f.path("o").exists(), "nothing written");
+}
+
+/// A gzip source layer that inflates past the layer limit (a decompression bomb on the
+/// device), read by a target layer within it, is refused by name, although apply no longer
+/// hashes its sources; nothing is written.
+#[test]
+fn a_source_layer_inflating_past_the_limit_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let app: Tree = (0..3).map(|i| (format!("app/{i}"), file(text(50 + i, 10_000)))).collect();
+    let mut source = app.clone();
+    source.insert("big".into(), file(vec![0; 400_000]));
+    let mut target = app.clone();
+    if let Some(Node::File { data, .. }) = target.get_mut("app/1") {
+        data.splice(100..200, text(5, 300));
+    }
+    write_image(&root.join("s"), "latest", &[layer_tar(&source)], Compression::Gzip);
+    write_image(&root.join("t"), "latest", &[layer_tar(&target)], Compression::Gzip);
+    diff(&oci(&root.join("s")), &oci(&root.join("t")), &oci(&root.join("d")), &DiffOptions::default(), &Silent).unwrap();
+    apply(&oci(&root.join("s")), &oci(&root.join("d")), &oci(&root.join("ok")), &ApplyOptions::default(), &Silent).unwrap();
+    for _ in 0..5 {
+        let opts = ApplyOptions { max_layer_bytes: 100_000, ..ApplyOptions::default() };
+        let err = apply(&oci(&root.join("s")), &oci(&root.join("d")), &oci(&root.join("o")), &opts, &Silent).unwrap_err();
+        assert!(matches!(&err, Error::TooLarge { what, limit: 100_000 } if what.contains("source layer 0")), "{err}");
+        assert!(!root.join("o").exists(), "nothing written");
+    }
 }
 
 #[test]
