@@ -326,14 +326,15 @@ impl Preparer<'_> {
             return Ok(None);
         }
         let mut decoder = compression.decoder(io::BufReader::with_capacity(64 << 10, blob))?;
-        let mut buf = vec![0u8; PREPARE_STEP_BYTES];
+        let mut buf = Vec::with_capacity(PREPARE_STEP_BYTES);
         let mut tar = 0u64;
         loop {
             if !self.ready.go_on() {
                 return Ok(None);
             }
             let permit = permits.take();
-            let n = read_full(&mut decoder, &mut buf).ctx(|| format!("reading {}", self.what))?;
+            buf.clear();
+            let n = (&mut decoder).take(PREPARE_STEP_BYTES as u64).read_to_end(&mut buf).ctx(|| format!("reading {}", self.what))?;
             if n == 0 {
                 break;
             }
@@ -386,20 +387,6 @@ impl Preparer<'_> {
         }
         Ok(Some(len))
     }
-}
-
-/// Fills `buf` from `input`, short only at its end.
-fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match input.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Steps of preparing that may run at once (decompressing a piece of a layer, inflating a
@@ -528,9 +515,14 @@ mod tests {
     /// `tar` stored in `dir` as a blob compressed with `compression` (gzip or none).
     fn blob(dir: &Path, tar: &[u8], compression: Compression) -> File {
         let bytes = if compression == Compression::Gzip { gz(tar) } else { tar.to_vec() };
-        let path = dir.join(format!("blob-{compression:?}"));
+        let path = dir.join(format!("blob-{}", crate::digest::Digest::of(&bytes)));
         std::fs::write(&path, bytes).unwrap();
         File::open(path).unwrap()
+    }
+
+    /// Source layer `index` of `tar` stored gzip-compressed in `dir`, started.
+    fn gzip_layer<'a>(dir: &Path, index: u32, tar: &[u8]) -> (SourceLayer, Preparer<'a>) {
+        start_blob(blob(dir, tar, Compression::Gzip), Compression::Gzip, format!("l{index}"), index, dir, u64::MAX, &[]).unwrap()
     }
 
     /// A "tar" of plain runs and gzip members, the members listed as a delta lists them, and
@@ -660,7 +652,7 @@ mod tests {
     fn a_cancelled_preparer_stops_and_its_readers_fail() {
         let tar = noise(9, 8 << 20);
         let dir = tempfile::tempdir().unwrap();
-        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 4, dir.path(), u64::MAX, &[]).unwrap();
+        let (v, p) = gzip_layer(dir.path(), 4, &tar);
         v.cancel();
         p.run(&Permits::new(1)).unwrap();
         assert_eq!(v.prepared_len(), None, "stopped before the end");
@@ -674,12 +666,8 @@ mod tests {
         let a = text(5, 48 << 20);
         let b = text(6, 3 << 20);
         let dir = tempfile::tempdir().unwrap();
-        let da = dir.path().join("a");
-        let db = dir.path().join("b");
-        std::fs::create_dir_all(&da).unwrap();
-        std::fs::create_dir_all(&db).unwrap();
-        let (va, pa) = start_blob(blob(&da, &a, Compression::Gzip), Compression::Gzip, "a".into(), 0, &da, u64::MAX, &[]).unwrap();
-        let (vb, pb) = start_blob(blob(&db, &b, Compression::Gzip), Compression::Gzip, "b".into(), 1, &db, u64::MAX, &[]).unwrap();
+        let (va, pa) = gzip_layer(dir.path(), 0, &a);
+        let (vb, pb) = gzip_layer(dir.path(), 1, &b);
         std::thread::scope(|scope| {
             let preparing = prepare(scope, vec![pa, pb], 1);
             let mut buf = [0u8; 10];
@@ -697,7 +685,7 @@ mod tests {
     fn a_preparer_runs_only_so_far_ahead_of_its_readers() {
         let tar = text(3, (PREPARE_AHEAD_BYTES + (16 << 20)) as usize);
         let dir = tempfile::tempdir().unwrap();
-        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::Gzip), Compression::Gzip, "l".into(), 0, dir.path(), u64::MAX, &[]).unwrap();
+        let (v, p) = gzip_layer(dir.path(), 0, &tar);
         std::thread::scope(|scope| {
             let preparing = prepare(scope, vec![p], 1);
             let mut start = [0u8; 10];
@@ -725,11 +713,8 @@ mod tests {
         // With one permit, the first layer may start at once; the second waits for a reader.
         let a = text(7, 1 << 20);
         let dir = tempfile::tempdir().unwrap();
-        let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-        std::fs::create_dir_all(&da).unwrap();
-        std::fs::create_dir_all(&db).unwrap();
-        let (va, pa) = start_blob(blob(&da, &a, Compression::Gzip), Compression::Gzip, "a".into(), 0, &da, u64::MAX, &[]).unwrap();
-        let (vb, pb) = start_blob(blob(&db, &a, Compression::Gzip), Compression::Gzip, "b".into(), 1, &db, u64::MAX, &[]).unwrap();
+        let (va, pa) = gzip_layer(dir.path(), 0, &a);
+        let (vb, pb) = gzip_layer(dir.path(), 1, &a);
         std::thread::scope(|scope| {
             let preparing = prepare(scope, vec![pa, pb], 1);
             let mut buf = [0u8; 10];
