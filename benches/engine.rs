@@ -15,6 +15,10 @@
 //! suffix array of the partner and bsdiff's scan) on an 8 MiB code-like file against a
 //! version where code moved (insertions and deletions) and a tenth of the immediates changed.
 //!
+//! A fifth group measures the AArch64 code view (`layer::aarch64_code`) both ways, as the
+//! applier reads a source executable's code and writes a target's, on 8 MiB of code-like
+//! words (one in eight a `BL`, one in eight an `ADRP`).
+//!
 //! `cargo bench --bench engine` (a few minutes on 2 cores).
 
 use std::collections::BTreeMap;
@@ -393,8 +397,46 @@ fn bench_align(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_aarch64_code(c: &mut Criterion) {
+    use fleetdelta::layer::aarch64_code::{AbsoluteReader, RelativeWriter};
+    use std::io::Read;
+    let mut rng = Rng::new(21);
+    let code: Vec<u8> = (0..(8 << 20) / 4)
+        .flat_map(|i| {
+            let r = rng.next() as u32;
+            match i % 8 {
+                1 => 0x9400_0000 | (r & 0x03ff_ffff),
+                5 => 0x9000_0000 | (r & 0x60ff_ffe0),
+                _ => r,
+            }
+            .to_le_bytes()
+        })
+        .collect();
+    let mut group = c.benchmark_group("aarch64-code");
+    configure(&mut group, code.len() as u64);
+    group.bench_function("read-absolute-8MiB", |b| {
+        b.iter(|| {
+            let mut seen = Vec::with_capacity(code.len());
+            AbsoluteReader::new(&code[..]).read_to_end(&mut seen).unwrap();
+            seen
+        })
+    });
+    group.bench_function("write-relative-8MiB", |b| {
+        b.iter(|| {
+            let (mut w, mut out) = (RelativeWriter::default(), Vec::with_capacity(code.len()));
+            for piece in code.chunks(256 << 10) {
+                w.write(piece, &mut out).unwrap();
+            }
+            w.finish(&mut out).unwrap();
+            out
+        })
+    });
+    group.finish();
+}
+
 fn engine(c: &mut Criterion) {
     bench_align(c);
+    bench_aarch64_code(c);
     let pair = synthetic();
     bench_diff(c, "synthetic", &pair, &[Level::Fast, Level::Default]);
     bench_apply(c, "synthetic", &pair);

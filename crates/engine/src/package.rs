@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::digest::{verify, Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
-use crate::format::plan::{DeltaPlan, Encoding, LayerPlan, Method};
+use crate::format::plan::{check_features_known, DeltaPlan, Encoding, LayerPlan, Method};
 use crate::format::*;
 use crate::image::manifest::{BlobRef, Config, Image, Manifest, OCI_CONFIG, OCI_MANIFEST};
 use crate::image::{Layout, LayoutWriter};
@@ -227,6 +227,9 @@ impl DeltaImage {
             if v != u64::from(version) {
                 return Err(Error::malformed("delta", format!("{PLAN_FILE} has format version {v}, the manifest {version}")));
             }
+        }
+        if let Some(features) = probe.get("features").and_then(Value::as_array) {
+            check_features_known(features.iter().filter_map(Value::as_str))?;
         }
         let plan: DeltaPlan = serde_json::from_value(probe).map_err(|e| Error::malformed(PLAN_FILE, e.to_string()))?;
 

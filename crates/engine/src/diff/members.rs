@@ -10,6 +10,10 @@
 //! A changed zip file (jar, wheel) whose partner is a zip too is looked into entry by entry
 //! ([`crate::diff::zip_members`]): its changed deflated entries are expanded on the same
 //! terms, while its headers and unchanged entries stay as they are.
+//!
+//! A changed AArch64 executable or shared library whose partner is one too has its code
+//! seen with absolute call targets and page addresses ([`crate::layer::aarch64_code`]), in
+//! both layers: code that only moved is then the same bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -20,6 +24,7 @@ use crate::diff::pair::{Loc, Partner, SourceIndex};
 use crate::diff::zip_members;
 use crate::error::Result;
 use crate::format::plan::{Member, RepackedMember, Wrapping, MAX_MEMBER_RAW_BYTES};
+use crate::layer::aarch64_code::looks_like_aarch64_elf;
 use crate::layer::exact::{fingerprint, Encoder};
 use crate::layer::members::{inflate, looks_like_gzip, looks_like_zip, MIN_GZIP_BYTES, MIN_ZIP_BYTES};
 use crate::layer::TarEntry;
@@ -59,6 +64,7 @@ struct Candidate {
 enum Kind {
     Gzip,
     Zip,
+    Aarch64Elf,
 }
 
 impl Kind {
@@ -69,6 +75,8 @@ impl Kind {
             Some(Kind::Gzip)
         } else if len <= MAX_ZIP_BYTES && looks_like_zip(head) {
             Some(Kind::Zip)
+        } else if len <= MAX_MEMBER_RAW_BYTES && looks_like_aarch64_elf(head) {
+            Some(Kind::Aarch64Elf)
         } else {
             None
         }
@@ -130,6 +138,13 @@ pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u6
                     let source = found.source.into_iter().map(|m| Member { offset: m.offset + p.data_start, ..m });
                     (target.collect(), source.collect())
                 }
+                Kind::Aarch64Elf => match (code_span(data), code_span(source_data)) {
+                    (Some((at, len)), Some((source_at, source_len))) => (
+                        vec![RepackedMember::aarch64_code(Member::aarch64_code(e.data_start + at, len))],
+                        vec![Member::aarch64_code(p.data_start + source_at, source_len)],
+                    ),
+                    _ => Default::default(),
+                },
             })
         })
         .collect::<Result<_>>()?;
@@ -174,4 +189,74 @@ fn gzip_file(data: &[u8], offset: u64, source_data: &[u8], source_offset: u64) -
     let source_raw = inflate(source_data, Wrapping::Gzip, MAX_MEMBER_RAW_BYTES)?;
     let member = Member::gzip(offset, data.len() as u64, raw.len() as u64);
     Some((RepackedMember::gzip(member, descriptor), Member::gzip(source_offset, source_data.len() as u64, source_raw.len() as u64)))
+}
+
+/// Where the code of an ELF file is, as (offset, length) in the file: from the start of the
+/// 4 KiB page (of addresses) holding its first executable section to the end of its last
+/// one; executable segments when there are no section headers. `None` when the file does
+/// not parse, holds no code, or its code's offsets and addresses disagree on word alignment.
+pub fn code_span(data: &[u8]) -> Option<(u64, u64)> {
+    use object::elf::{FileHeader64, PF_X, PT_LOAD, SHF_EXECINSTR, SHT_PROGBITS};
+    use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
+    let header = FileHeader64::<object::LittleEndian>::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    // (file offset, size, address) of each piece of code.
+    let mut code: Vec<(u64, u64, u64)> = header
+        .sections(endian, data)
+        .ok()?
+        .iter()
+        .filter(|s| s.sh_type(endian) == SHT_PROGBITS && s.sh_flags(endian).contains(SHF_EXECINSTR))
+        .map(|s| (s.sh_offset(endian), s.sh_size(endian), s.sh_addr(endian)))
+        .collect();
+    if code.is_empty() {
+        code = header
+            .program_headers(endian, data)
+            .ok()?
+            .iter()
+            .filter(|p| p.p_type(endian) == PT_LOAD && p.p_flags(endian).contains(PF_X))
+            .map(|p| (p.p_offset(endian), p.p_filesz(endian), p.p_vaddr(endian)))
+            .collect();
+    }
+    code.retain(|c| c.1 > 0);
+    let &(offset, _, address) = code.iter().min_by_key(|c| c.0)?;
+    let end = code.iter().map(|c| c.0.saturating_add(c.1)).max()?;
+    let start = offset.checked_sub(address % 4096)?;
+    (offset % 4 == address % 4 && end <= data.len() as u64 && end - start >= 4).then_some((start, end - start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small AArch64 ELF file: `.text` of 256 bytes at file offset 64, address 0x400040.
+    fn elf() -> Vec<u8> {
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/seeds/aarch64_code/elf-text")).unwrap()
+    }
+
+    #[test]
+    fn the_code_span_starts_at_the_page_of_the_first_code_address() {
+        let data = elf();
+        assert!(looks_like_aarch64_elf(&data));
+        // 0x400040 is 64 bytes into its page: the span starts 64 bytes before .text.
+        assert_eq!(code_span(&data), Some((0, 64 + 256)));
+    }
+
+    #[test]
+    fn files_whose_tables_lie_have_no_code_span() {
+        let data = elf();
+        // .text's size past the end of the file.
+        let mut long = data.clone();
+        // The section headers start at 344; .text's is the second, its size at +32.
+        let text_size = 344 + 64 + 32;
+        long[text_size..text_size + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert_eq!(code_span(&long), None);
+        // Offset and address disagreeing on word alignment.
+        let mut skewed = data.clone();
+        let text_addr = 344 + 64 + 16;
+        skewed[text_addr..text_addr + 8].copy_from_slice(&0x400042u64.to_le_bytes());
+        assert_eq!(code_span(&skewed), None);
+        // Cut short, or no ELF at all.
+        assert_eq!(code_span(&data[..100]), None);
+        assert_eq!(code_span(b"#!/bin/sh\necho hello\n"), None);
+    }
 }

@@ -21,8 +21,8 @@ use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::format::lzma::Effort;
 use crate::format::plan::{
-    DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS, FEATURE_DIFFERENCE_CHUNKS,
-    FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS,
+    DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_AARCH64_CODE, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS,
+    FEATURE_DIFFERENCE_CHUNKS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{Image, Layout, LayoutWriter};
@@ -387,6 +387,9 @@ fn features_used(plan: &DeltaPlan) -> Vec<String> {
     }
     if plan.lists_deflate_members() {
         features.push(FEATURE_DEFLATE_MEMBERS.to_string());
+    }
+    if plan.lists_aarch64_code() {
+        features.push(FEATURE_AARCH64_CODE.to_string());
     }
     if uses(|l| l.stats.as_ref().is_some_and(|s| s.retimed_headers > 0)) {
         features.push(FEATURE_RETIMED_HEADERS.to_string());

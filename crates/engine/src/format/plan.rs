@@ -35,6 +35,10 @@ pub const FEATURE_ADD_RANGES: &str = "add-ranges";
 /// [`crate::format::lzma`]) and `ADD-DIFFERENCES` records that take their differences from
 /// them: bsdiff's separate difference stream, so that literals keep zstd and their prefix.
 pub const FEATURE_DIFFERENCE_CHUNKS: &str = "difference-chunks";
+/// Feature: some members are AArch64 code seen with absolute call targets and page
+/// addresses ([`Wrapping::Aarch64Code`], see [`crate::layer::aarch64_code`]); requires
+/// [`FEATURE_GZIP_MEMBERS`] too. An applier without it would misread the patches.
+pub const FEATURE_AARCH64_CODE: &str = "aarch64-code";
 
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
@@ -46,6 +50,7 @@ pub const KNOWN_FEATURES: &[&str] = &[
     FEATURE_RETIMED_HEADERS,
     FEATURE_ADD_RANGES,
     FEATURE_DIFFERENCE_CHUNKS,
+    FEATURE_AARCH64_CODE,
 ];
 
 /// Largest uncompressed size of a member the differ expands (and the applier accepts).
@@ -103,6 +108,9 @@ pub enum Wrapping {
     Gzip,
     /// A bare deflate stream (a zip entry's data: its headers stay in the tar as they are).
     Deflate,
+    /// AArch64 code of an executable, seen with absolute call targets and page addresses
+    /// ([`crate::layer::aarch64_code`]): as many bytes seen as stored.
+    Aarch64Code,
 }
 
 impl Wrapping {
@@ -117,6 +125,7 @@ impl Wrapping {
         match self {
             Wrapping::Gzip => 20,
             Wrapping::Deflate => 2,
+            Wrapping::Aarch64Code => 4,
         }
     }
 
@@ -125,6 +134,7 @@ impl Wrapping {
         match self {
             Wrapping::Gzip => "gzip member",
             Wrapping::Deflate => "deflate stream",
+            Wrapping::Aarch64Code => "AArch64 code span",
         }
     }
 }
@@ -138,6 +148,11 @@ impl Member {
     /// A raw deflate stream of `compressed_len` bytes at `offset`, holding `raw_len` bytes.
     pub fn deflate(offset: u64, compressed_len: u64, raw_len: u64) -> Self {
         Member { offset, compressed_len, raw_len, wrapping: Wrapping::Deflate }
+    }
+
+    /// A span of AArch64 code of `len` bytes at `offset`.
+    pub fn aarch64_code(offset: u64, len: u64) -> Self {
+        Member { offset, compressed_len: len, raw_len: len, wrapping: Wrapping::Aarch64Code }
     }
 
     /// The byte range of the compressed bytes in the layer tar.
@@ -184,6 +199,11 @@ impl RepackedMember {
         RepackedMember { member: Member { wrapping: Wrapping::Deflate, ..member }, descriptor: None, encoder: Some(encoder) }
     }
 
+    /// A span of AArch64 code, which needs no encoder.
+    pub fn aarch64_code(member: Member) -> Self {
+        RepackedMember { member: Member { wrapping: Wrapping::Aarch64Code, ..member }, descriptor: None, encoder: None }
+    }
+
     /// The encoder, whichever the wrapping.
     pub fn encoder(&self) -> Option<&Encoder> {
         self.descriptor.as_ref().map(|d| &d.encoder).or(self.encoder.as_ref())
@@ -194,6 +214,7 @@ impl RepackedMember {
         let ok = match self.member.wrapping {
             Wrapping::Gzip => self.descriptor.is_some() && self.encoder.is_none(),
             Wrapping::Deflate => self.descriptor.is_none() && self.encoder.as_ref().is_some_and(|e| !matches!(e, Encoder::Pgzip { .. })),
+            Wrapping::Aarch64Code => self.descriptor.is_none() && self.encoder.is_none(),
         };
         if ok {
             return Ok(());
@@ -201,8 +222,19 @@ impl RepackedMember {
         let needs = match self.member.wrapping {
             Wrapping::Gzip => "a descriptor and no bare encoder",
             Wrapping::Deflate => "an encoder (not pgzip) and no gzip descriptor",
+            Wrapping::Aarch64Code => "neither an encoder nor a descriptor",
         };
         Err(Error::malformed("delta.json", format!("{what}: the {} at offset {} needs {needs}", self.member.wrapping.noun(), self.member.offset)))
+    }
+}
+
+/// Refuses `features` that this build does not know, naming the first. Readers call it on the
+/// raw plan before parsing it whole: a feature's new fields would otherwise fail the parse
+/// with a message about a field rather than the feature.
+pub fn check_features_known<'a>(features: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    match features.into_iter().find(|f| !KNOWN_FEATURES.contains(f)) {
+        Some(f) => Err(Error::unsupported("delta", format!("it requires feature {f:?}, unknown to this build"))),
+        None => Ok(()),
     }
 }
 
@@ -216,6 +248,9 @@ pub fn validate_members<'a>(members: impl IntoIterator<Item = &'a Member>, what:
         }
         if m.compressed_len < m.wrapping.min_compressed_len() {
             return bad(format!("{} compressed bytes cannot hold a {}", m.compressed_len, m.wrapping.noun()));
+        }
+        if m.wrapping == Wrapping::Aarch64Code && m.raw_len != m.compressed_len {
+            return bad(format!("an AArch64 code span of {} bytes cannot be seen as {}", m.compressed_len, m.raw_len));
         }
         if m.raw_len > MAX_MEMBER_RAW_BYTES {
             return bad(format!("{} uncompressed bytes exceed the limit of {MAX_MEMBER_RAW_BYTES}", m.raw_len));
@@ -422,6 +457,11 @@ impl DeltaPlan {
         self.members().any(|m| m.wrapping == Wrapping::Deflate)
     }
 
+    /// Whether some member is AArch64 code (feature [`FEATURE_AARCH64_CODE`]).
+    pub fn lists_aarch64_code(&self) -> bool {
+        self.members().any(|m| m.wrapping == Wrapping::Aarch64Code)
+    }
+
     /// Whether the delta declares `feature`.
     pub fn declares(&self, feature: &str) -> bool {
         self.features.iter().any(|f| f == feature)
@@ -433,9 +473,7 @@ impl DeltaPlan {
         if !reads_version(self.format_version) {
             return Err(Error::UnsupportedFormatVersion { found: self.format_version.to_string(), oldest: OLDEST_READ_VERSION, supported: FORMAT_VERSION });
         }
-        if let Some(f) = self.features.iter().find(|f| !KNOWN_FEATURES.contains(&f.as_str())) {
-            return Err(Error::unsupported("delta", format!("it requires feature {f:?}, unknown to this build")));
-        }
+        check_features_known(self.features.iter().map(String::as_str))?;
         let bad = |reason: String| Error::malformed("delta.json", reason);
         // Format 1 keeps layer 0 for the metadata and one file per payload layer; format 2
         // lets payload files share a layer (the metadata layer included), told apart by name.
@@ -494,6 +532,9 @@ impl DeltaPlan {
         }
         if self.lists_deflate_members() && !self.declares(FEATURE_DEFLATE_MEMBERS) {
             return Err(bad(format!("deflate streams are listed as members but the delta does not declare {FEATURE_DEFLATE_MEMBERS:?}")));
+        }
+        if self.lists_aarch64_code() && !self.declares(FEATURE_AARCH64_CODE) {
+            return Err(bad(format!("AArch64 code is listed as members but the delta does not declare {FEATURE_AARCH64_CODE:?}")));
         }
         let mut last = None;
         for s in &self.source_members {

@@ -245,9 +245,13 @@ fn summarize(delta: &DeltaImage) -> DeltaInfo {
                     let kind = match r.member.wrapping {
                         Wrapping::Gzip => "gzip files",
                         Wrapping::Deflate => "zip entries",
+                        Wrapping::Aarch64Code => "AArch64 code",
                     };
-                    let encoder = r.encoder().map_or_else(|| "no encoder".to_string(), describe_encoder);
-                    *m.entry(format!("{kind} by {encoder}")).or_default() += 1;
+                    let key = match r.encoder() {
+                        Some(encoder) => format!("{kind} by {}", describe_encoder(encoder)),
+                        None => format!("{kind} (branch targets made absolute)"),
+                    };
+                    *m.entry(key).or_default() += 1;
                     m
                 }),
                 files: None,

@@ -19,6 +19,7 @@ use flate2::bufread::{DeflateDecoder, GzDecoder};
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{Member, RepackedMember, Wrapping};
+use crate::layer::aarch64_code::{AbsoluteReader, RelativeWriter};
 use crate::layer::exact::MemberEncoder;
 
 /// Where `offset` of the real tar lies in the expanded tar, given the members before it.
@@ -78,10 +79,12 @@ pub fn inflate(data: &[u8], wrapping: Wrapping, max_raw: u64) -> Option<Vec<u8>>
     Some(raw)
 }
 
-/// A gzip or bare deflate decoder over a buffered reader, giving the reader back after.
+/// A gzip or bare deflate decoder (or the AArch64 code view) over a buffered reader, giving
+/// the reader back after.
 enum Decoder<R: BufRead> {
     Gzip(GzDecoder<R>),
     Deflate(DeflateDecoder<R>),
+    Aarch64Code(AbsoluteReader<R>),
 }
 
 impl<R: BufRead> Decoder<R> {
@@ -89,6 +92,7 @@ impl<R: BufRead> Decoder<R> {
         match wrapping {
             Wrapping::Gzip => Decoder::Gzip(GzDecoder::new(input)),
             Wrapping::Deflate => Decoder::Deflate(DeflateDecoder::new(input)),
+            Wrapping::Aarch64Code => Decoder::Aarch64Code(AbsoluteReader::new(input)),
         }
     }
 
@@ -96,6 +100,7 @@ impl<R: BufRead> Decoder<R> {
         match self {
             Decoder::Gzip(d) => d.into_inner(),
             Decoder::Deflate(d) => d.into_inner(),
+            Decoder::Aarch64Code(d) => d.into_inner(),
         }
     }
 }
@@ -105,6 +110,7 @@ impl<R: BufRead> Read for Decoder<R> {
         match self {
             Decoder::Gzip(d) => d.read(buf),
             Decoder::Deflate(d) => d.read(buf),
+            Decoder::Aarch64Code(d) => d.read(buf),
         }
     }
 }
@@ -180,9 +186,31 @@ pub struct Repacker<'a, W: Write> {
 
 struct Current<'a> {
     member: &'a RepackedMember,
-    encoder: MemberEncoder,
+    encoder: Packer,
     left: u64,
     written: u64,
+}
+
+/// What turns a member's contents back into its bytes.
+enum Packer {
+    Deflate(MemberEncoder),
+    Aarch64Code(RelativeWriter),
+}
+
+impl Packer {
+    fn write(&mut self, data: &[u8], output: &mut impl Write) -> Result<()> {
+        match self {
+            Packer::Deflate(e) => e.write(data, output),
+            Packer::Aarch64Code(w) => w.write(data, output).ctx(|| "writing AArch64 code".into()),
+        }
+    }
+
+    fn finish(self, output: &mut impl Write) -> Result<()> {
+        match self {
+            Packer::Deflate(e) => e.finish(output).map(drop),
+            Packer::Aarch64Code(w) => w.finish(output).ctx(|| "writing AArch64 code".into()),
+        }
+    }
 }
 
 /// Passes what the encoder produces for one member on to `inner`, counting it.
@@ -231,9 +259,10 @@ impl<'a, W: Write> Repacker<'a, W> {
             }
             self.shift += i128::from(member.member.raw_len) - i128::from(member.member.compressed_len);
             self.advance();
-            let encoder = match (&member.descriptor, &member.encoder) {
-                (Some(descriptor), None) => descriptor.member_encoder()?,
-                (None, Some(encoder)) => encoder.deflate_encoder()?,
+            let encoder = match (member.member.wrapping, &member.descriptor, &member.encoder) {
+                (Wrapping::Aarch64Code, None, None) => Packer::Aarch64Code(RelativeWriter::default()),
+                (Wrapping::Gzip | Wrapping::Deflate, Some(descriptor), None) => Packer::Deflate(descriptor.member_encoder()?),
+                (Wrapping::Gzip | Wrapping::Deflate, None, Some(encoder)) => Packer::Deflate(encoder.deflate_encoder()?),
                 _ => return Err(Error::malformed("delta.json", format!("the member at offset {} names no single encoder", member.member.offset))),
             };
             self.current = Some(Current { member, encoder, left: member.member.raw_len, written: 0 });

@@ -1,5 +1,6 @@
 //! Layers: compression and the structure of the tar archives inside them.
 
+pub mod aarch64_code;
 pub mod compression;
 pub mod corrected;
 pub mod exact;
