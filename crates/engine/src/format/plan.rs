@@ -134,7 +134,7 @@ impl Wrapping {
         match self {
             Wrapping::Gzip => "gzip member",
             Wrapping::Deflate => "deflate stream",
-            Wrapping::Aarch64Code => "AArch64 code span",
+            Wrapping::Aarch64Code => "span of AArch64 code",
         }
     }
 }
@@ -577,6 +577,38 @@ mod tests {
     fn validate(plan: &Value, target_layers: usize) -> Result<()> {
         let plan: DeltaPlan = serde_json::from_value(plan.clone()).expect("the cases are well-formed JSON plans");
         plan.validate(target_layers, 4)
+    }
+
+    #[test]
+    fn aarch64_code_spans_are_declared_as_long_seen_as_stored_and_need_no_encoder() {
+        let span = json!({ "offset": 1024, "compressedLen": 4096, "rawLen": 4096, "wrapping": "aarch64-code" });
+        let with = |edit: &dyn Fn(&mut Value)| {
+            let mut p = valid();
+            p["features"] = json!(["exact-gzip", "gzip-corrections", "gzip-members", "aarch64-code"]);
+            p["layers"][1]["members"] = json!([span.clone()]);
+            p["sourceMembers"] = json!([{ "layer": 0, "members": [span.clone()] }]);
+            edit(&mut p);
+            validate(&p, 3)
+        };
+        with(&|_| {}).unwrap();
+        type Edit = fn(&mut Value);
+        let cases: [(Edit, &str); 5] = [
+            (|p| p["features"] = json!(["exact-gzip", "gzip-corrections", "gzip-members"]), "does not declare \"aarch64-code\""),
+            (|p| p["layers"][1]["members"][0]["rawLen"] = json!(4100), "cannot be seen as 4100"),
+            (|p| p["sourceMembers"][0]["members"][0]["compressedLen"] = json!(4000), "cannot be seen as 4096"),
+            (|p| p["layers"][1]["members"][0]["encoder"] = json!({ "kind": "zlib", "level": 6 }), "needs neither an encoder nor a descriptor"),
+            (
+                |p| {
+                    p["layers"][1]["members"][0]["compressedLen"] = json!(3);
+                    p["layers"][1]["members"][0]["rawLen"] = json!(3);
+                },
+                "3 compressed bytes cannot hold a span of AArch64 code",
+            ),
+        ];
+        for (edit, message) in cases {
+            let e = with(&edit).unwrap_err().to_string();
+            assert!(e.contains(message), "{message}: {e}");
+        }
     }
 
     #[test]

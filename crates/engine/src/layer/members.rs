@@ -9,6 +9,10 @@
 //! The applier rebuilds the expanded target tar and [`Repacker`] turns it back into the
 //! real one, compressing each member with the encoder that reproduces its original bytes.
 //!
+//! A member may also be a span of AArch64 code ([`crate::layer::aarch64_code`]), seen with
+//! absolute call targets and page addresses: as many bytes seen as stored, converted back
+//! by the [`Repacker`] as it writes.
+//!
 //! Offsets in [`Member`] are positions in the real tar; positions in the expanded tar
 //! follow from them (see [`expanded_offset`]). Tar headers are never rewritten: a header
 //! in the expanded view still states the compressed size, which only the real tar obeys.
