@@ -116,7 +116,7 @@ fn print_info(info: &DeltaInfo, top: usize) {
         } else {
             let by: Vec<String> = l.repacked_members.iter().map(|(e, n)| format!("{n} {e}")).collect();
             let bytes = l.stats.as_ref().map_or(0, |s| s.member_bytes);
-            format!("{detail}; compressed files patched uncompressed ({}), repacked exactly: {}", human_bytes(bytes), by.join(", "))
+            format!("{detail}; files patched in another form ({}), turned back exactly: {}", human_bytes(bytes), by.join(", "))
         };
         outln!(
             "{:>5}  {:<6}  {:>10}  {:>10}  {:>6.1}%  {:<32}  {detail}",

@@ -78,7 +78,9 @@ pub struct LayerInfo {
     pub encoding: Option<Encoding>,
     /// gzip files and zip entries inside the layer that the patch writes uncompressed,
     /// counted by kind and by the encoder that compresses them again (as
-    /// [`describe_encoder`] names it): `"zip entries by zlib -6"`.
+    /// [`describe_encoder`] names it): `"zip entries by zlib -6"`; and AArch64 code spans
+    /// the patch writes with absolute call targets (`"AArch64 code spans seen by their call
+    /// targets"`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub repacked_members: BTreeMap<String, u64>,
     /// For `patch`, with [`info_with_files`]: where the patch's bytes go, file by file.
@@ -245,11 +247,11 @@ fn summarize(delta: &DeltaImage) -> DeltaInfo {
                     let kind = match r.member.wrapping {
                         Wrapping::Gzip => "gzip files",
                         Wrapping::Deflate => "zip entries",
-                        Wrapping::Aarch64Code => "AArch64 code",
+                        Wrapping::Aarch64Code => "AArch64 code spans",
                     };
                     let key = match r.encoder() {
                         Some(encoder) => format!("{kind} by {}", describe_encoder(encoder)),
-                        None => format!("{kind} (branch targets made absolute)"),
+                        None => format!("{kind} seen by their call targets"),
                     };
                     *m.entry(key).or_default() += 1;
                     m
