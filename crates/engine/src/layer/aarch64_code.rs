@@ -26,9 +26,6 @@
 
 use std::io::{self, Read, Write};
 
-/// The ELF machine number of AArch64 (`EM_AARCH64`).
-pub const EM_AARCH64: u16 = 183;
-
 /// Bytes converted at a time by the reader and writer.
 const BUFFER_BYTES: usize = 64 << 10;
 
@@ -70,7 +67,8 @@ pub fn convert(words: &mut [u8], at: u64, direction: Direction) {
 /// Whether `head` (a file's first bytes, at least 20) starts a little-endian 64-bit ELF
 /// file for AArch64.
 pub fn looks_like_aarch64_elf(head: &[u8]) -> bool {
-    head.len() >= 20 && head.starts_with(b"\x7fELF\x02\x01") && u16::from_le_bytes([head[18], head[19]]) == EM_AARCH64
+    use object::elf::{ELFCLASS64, ELFDATA2LSB, ELFMAG, EM_AARCH64};
+    head.len() >= 20 && head[..4] == ELFMAG && head[4] == ELFCLASS64.0 && head[5] == ELFDATA2LSB.0 && u16::from_le_bytes([head[18], head[19]]) == EM_AARCH64.0
 }
 
 /// A reader giving the bytes of `inner` converted to [`Direction::Absolute`].
@@ -156,7 +154,8 @@ impl RelativeWriter {
     /// Converts `data` and writes the whole words to `output`; a partial word waits.
     pub fn write(&mut self, mut data: &[u8], output: &mut impl Write) -> io::Result<()> {
         while !data.is_empty() {
-            let n = (BUFFER_BYTES - self.buf.len().min(BUFFER_BYTES)).min(data.len()).max(1);
+            // The buffer holds at most a partial word here: whole words have been written.
+            let n = (BUFFER_BYTES - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..n]);
             data = &data[n..];
             let whole = self.buf.len() / 4 * 4;
@@ -280,11 +279,11 @@ mod tests {
     fn aarch64_elf_files_are_told_from_others() {
         let mut head = [0u8; 20];
         head[..6].copy_from_slice(b"\x7fELF\x02\x01");
-        head[18..20].copy_from_slice(&EM_AARCH64.to_le_bytes());
+        head[18..20].copy_from_slice(&object::elf::EM_AARCH64.0.to_le_bytes());
         assert!(looks_like_aarch64_elf(&head));
         head[18] = 62; // x86-64
         assert!(!looks_like_aarch64_elf(&head));
-        head[18..20].copy_from_slice(&EM_AARCH64.to_le_bytes());
+        head[18..20].copy_from_slice(&object::elf::EM_AARCH64.0.to_le_bytes());
         head[5] = 2; // big-endian
         assert!(!looks_like_aarch64_elf(&head));
         assert!(!looks_like_aarch64_elf(&head[..19]));
