@@ -19,6 +19,10 @@
 //! applier reads a source executable's code and writes a target's, on 8 MiB of code-like
 //! words (one in eight a `BL`, one in eight an `ADRP`).
 //!
+//! A sixth group measures the x86-64 code view (`layer::x86_64_code`) both ways, as the differ
+//! sees a target executable's code and the applier writes it back, on 8 MiB of instructions
+//! (two in seven with a 32-bit reference) through an address map of 4096 segments.
+//!
 //! `cargo bench --bench engine` (a few minutes on 2 cores).
 
 use std::collections::BTreeMap;
@@ -434,9 +438,50 @@ fn bench_aarch64_code(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_x86_64_code(c: &mut Criterion) {
+    use fleetdelta::format::address_map::{Projection, Segment};
+    use fleetdelta::layer::x86_64_code::{Converter, Direction};
+    // Instructions as compilers emit them: register moves, calls, RIP-relative loads,
+    // immediates, conditional branches, returns; addresses moved by a map of 4096 segments.
+    let mut rng = Rng::new(22);
+    let mut code = Vec::with_capacity(8 << 20);
+    while code.len() < 8 << 20 {
+        let r = rng.next();
+        let v = (r >> 32) as u32 & 0x00ff_ffff;
+        match r % 7 {
+            0 => code.extend([0x48, 0x89, 0xc7]),
+            1 => code.extend([&[0xe8][..], &v.to_le_bytes()].concat()),
+            2 => code.extend([&[0x48, 0x8b, 0x05][..], &v.to_le_bytes()].concat()),
+            3 => code.extend([0x48, 0x83, 0xc0, v as u8]),
+            4 => code.extend([&[0x0f, 0x85][..], &v.to_le_bytes()].concat()),
+            5 => code.push(0xc3),
+            _ => code.extend([0x0f, 0x1f, 0x40, 0x00]),
+        }
+    }
+    let segments: Vec<Segment> =
+        (0..4096u32).map(|k| Segment { new: 0x40_0000 + k * 0x1000, old: 0x40_0000 + k * 0x1000 - (k % 64) * 16, len: 0x1000 - 1024 }).collect();
+    let projection = Projection::new(&segments);
+    let mut group = c.benchmark_group("x86-64-code");
+    configure(&mut group, code.len() as u64);
+    for (name, direction) in [("see-8MiB", Direction::ToOld), ("write-back-8MiB", Direction::ToNew)] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let (mut w, mut out) = (Converter::new(projection.clone(), 0x40_0000, direction), Vec::with_capacity(code.len()));
+                for piece in code.chunks(256 << 10) {
+                    w.write(piece, &mut out).unwrap();
+                }
+                w.finish(&mut out).unwrap();
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
 fn engine(c: &mut Criterion) {
     bench_align(c);
     bench_aarch64_code(c);
+    bench_x86_64_code(c);
     let pair = synthetic();
     bench_diff(c, "synthetic", &pair, &[Level::Fast, Level::Default]);
     bench_apply(c, "synthetic", &pair);

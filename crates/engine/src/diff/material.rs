@@ -22,7 +22,7 @@ use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::Member;
 use crate::image::{Layer, Layout};
-use crate::layer::members::{expand, expanded_offset};
+use crate::layer::members::{expand, expanded_offset, Seen};
 use crate::layer::TarIndex;
 
 /// Bytes read at a time when a tar or a file in it is read whole (indexing, digesting,
@@ -154,11 +154,13 @@ impl Unpacked {
     /// `dir/name`, its index moved to expanded offsets and each member entry's contents
     /// digested anew. Each member lies within one entry's contents: a gzip file fills it, a
     /// zip entry's deflate stream is a part of it.
-    pub fn expanded(&self, members: &[Member], dir: &Path, name: &str, limit: u64, what: &str) -> Result<Unpacked> {
+    pub fn expanded<M: Seen>(&self, seen: &[M], dir: &Path, name: &str, limit: u64, what: &str) -> Result<Unpacked> {
         let path = dir.join(name);
         let file = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
         let mut out = BufWriter::with_capacity(READ_BLOCK_BYTES, file);
-        let len = expand(self.reader(), members, &mut out, limit, what)?;
+        let len = expand(self.reader(), seen, &mut out, limit, what)?;
+        let members: Vec<Member> = seen.iter().map(|m| *m.member()).collect();
+        let members = &members[..];
         out.into_inner().map_err(|e| Error::io(format!("writing {}", path.display()), e.into_error()))?;
         let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
         let mut index = self.index.clone();

@@ -14,11 +14,16 @@
 //! A changed AArch64 executable or shared library whose partner is one too has its code
 //! seen with absolute call targets and page addresses ([`crate::layer::aarch64_code`]), in
 //! both layers: code that only moved is then the same bytes.
+//!
+//! A changed x86-64 executable or shared library whose partner is one too has its code seen
+//! with each reference coded in the partner's addresses ([`crate::layer::x86_64_code`]),
+//! through the address map [`crate::diff::address_map`] derives; the partner is read as it is.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rayon::prelude::*;
 
+use crate::diff::address_map;
 use crate::diff::material::Unpacked;
 use crate::diff::pair::{Loc, Partner, SourceIndex};
 use crate::diff::zip_members;
@@ -27,6 +32,7 @@ use crate::format::plan::{Member, RepackedMember, Wrapping, MAX_MEMBER_RAW_BYTES
 use crate::layer::aarch64_code::looks_like_aarch64_elf;
 use crate::layer::exact::{fingerprint, Encoder};
 use crate::layer::members::{inflate, looks_like_gzip, looks_like_zip, MIN_GZIP_BYTES, MIN_ZIP_BYTES};
+use crate::layer::x86_64_code::looks_like_x86_64_elf;
 use crate::layer::TarEntry;
 
 /// Largest compressed gzip file considered.
@@ -65,6 +71,7 @@ enum Kind {
     Gzip,
     Zip,
     Aarch64Elf,
+    X8664Elf,
 }
 
 impl Kind {
@@ -77,6 +84,8 @@ impl Kind {
             Some(Kind::Zip)
         } else if len <= MAX_MEMBER_RAW_BYTES && looks_like_aarch64_elf(head) {
             Some(Kind::Aarch64Elf)
+        } else if len <= MAX_MEMBER_RAW_BYTES && looks_like_x86_64_elf(head) {
+            Some(Kind::X8664Elf)
         } else {
             None
         }
@@ -144,6 +153,10 @@ pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u6
                         vec![Member::aarch64_code(p.data_start + source_at, source_len)],
                     ),
                     _ => Default::default(),
+                },
+                Kind::X8664Elf => match address_map::x86_64_code(data, source_data) {
+                    Some(view) => (vec![RepackedMember::x86_64_code(Member::x86_64_code(e.data_start + view.offset, view.len), view.map)], Vec::new()),
+                    None => Default::default(),
                 },
             })
         })

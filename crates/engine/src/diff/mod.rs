@@ -1,6 +1,7 @@
 //! The differ: reads both images, pairs and matches their files, encodes each changed layer
 //! and packages the result as an OCI image.
 
+pub mod address_map;
 pub mod approximate;
 pub mod encode;
 pub mod encoding;
@@ -22,7 +23,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::lzma::Effort;
 use crate::format::plan::{
     DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_AARCH64_CODE, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS,
-    FEATURE_DIFFERENCE_CHUNKS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS,
+    FEATURE_DIFFERENCE_CHUNKS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS, FEATURE_X86_64_CODE,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{Image, Layout, LayoutWriter};
@@ -288,8 +289,7 @@ fn expand_members(
         .target
         .iter()
         .map(|(layer, ms)| {
-            let plain: Vec<_> = ms.iter().map(|m| m.member).collect();
-            let u = target[layer].expanded(&plain, scratch, &format!("target-{layer}.x.tar"), options.max_layer_bytes, &format!("target layer {layer}"))?;
+            let u = target[layer].expanded(ms, scratch, &format!("target-{layer}.x.tar"), options.max_layer_bytes, &format!("target layer {layer}"))?;
             Ok((*layer, u))
         })
         .collect::<Result<_>>()?;
@@ -390,6 +390,9 @@ fn features_used(plan: &DeltaPlan) -> Vec<String> {
     }
     if plan.lists_aarch64_code() {
         features.push(FEATURE_AARCH64_CODE.to_string());
+    }
+    if plan.lists_x86_64_code() {
+        features.push(FEATURE_X86_64_CODE.to_string());
     }
     if uses(|l| l.stats.as_ref().is_some_and(|s| s.retimed_headers > 0)) {
         features.push(FEATURE_RETIMED_HEADERS.to_string());

@@ -2,6 +2,7 @@
 //! (`delta.json`, see [`plan`]) and the per-layer patch record streams (see [`records`]).
 //! `docs/format.md` is the prose specification; the constants here are its limits.
 
+pub mod address_map;
 pub mod corrections;
 pub mod encoders;
 pub mod lzma;

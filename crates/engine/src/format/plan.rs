@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::format::address_map::AddressMap;
 use crate::format::encoders::{Descriptor, Encoder, GzipHeader, CORRECTION_ENGINE};
 use crate::format::{reads_version, FORMAT_VERSION, OLDEST_READ_VERSION};
 
@@ -39,6 +40,11 @@ pub const FEATURE_DIFFERENCE_CHUNKS: &str = "difference-chunks";
 /// addresses ([`Wrapping::Aarch64Code`], see [`crate::layer::aarch64_code`]); requires
 /// [`FEATURE_GZIP_MEMBERS`] too. An applier without it would misread the patches.
 pub const FEATURE_AARCH64_CODE: &str = "aarch64-code";
+/// Feature: some members of rebuilt layers are x86-64 code whose references are seen in the
+/// old file's addresses, through an address map ([`Wrapping::X8664Code`], see
+/// [`crate::layer::x86_64_code`]); requires [`FEATURE_GZIP_MEMBERS`] too. An applier without
+/// it would misread the patches.
+pub const FEATURE_X86_64_CODE: &str = "x86-64-code";
 
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
@@ -51,6 +57,7 @@ pub const KNOWN_FEATURES: &[&str] = &[
     FEATURE_ADD_RANGES,
     FEATURE_DIFFERENCE_CHUNKS,
     FEATURE_AARCH64_CODE,
+    FEATURE_X86_64_CODE,
 ];
 
 /// Largest uncompressed size of a member the differ expands (and the applier accepts).
@@ -111,6 +118,11 @@ pub enum Wrapping {
     /// AArch64 code of an executable, seen with absolute call targets and page addresses
     /// ([`crate::layer::aarch64_code`]): as many bytes seen as stored.
     Aarch64Code,
+    /// x86-64 code of an executable, its references seen in the old file's addresses
+    /// ([`crate::layer::x86_64_code`]): as many bytes seen as stored. Only in rebuilt layers,
+    /// with an [`AddressMap`]; the source file is read as it is.
+    #[serde(rename = "x86-64-code")]
+    X8664Code,
 }
 
 impl Wrapping {
@@ -126,6 +138,7 @@ impl Wrapping {
             Wrapping::Gzip => 20,
             Wrapping::Deflate => 2,
             Wrapping::Aarch64Code => 4,
+            Wrapping::X8664Code => 1,
         }
     }
 
@@ -135,6 +148,7 @@ impl Wrapping {
             Wrapping::Gzip => "gzip member",
             Wrapping::Deflate => "deflate stream",
             Wrapping::Aarch64Code => "span of AArch64 code",
+            Wrapping::X8664Code => "span of x86-64 code",
         }
     }
 }
@@ -153,6 +167,16 @@ impl Member {
     /// A span of AArch64 code of `len` bytes at `offset`.
     pub fn aarch64_code(offset: u64, len: u64) -> Self {
         Member { offset, compressed_len: len, raw_len: len, wrapping: Wrapping::Aarch64Code }
+    }
+
+    /// A span of x86-64 code of `len` bytes at `offset`.
+    pub fn x86_64_code(offset: u64, len: u64) -> Self {
+        Member { offset, compressed_len: len, raw_len: len, wrapping: Wrapping::X8664Code }
+    }
+
+    /// Whether the member is seen as long as it is stored (a span of code).
+    pub fn is_code(&self) -> bool {
+        matches!(self.wrapping, Wrapping::Aarch64Code | Wrapping::X8664Code)
     }
 
     /// The byte range of the compressed bytes in the layer tar.
@@ -186,22 +210,30 @@ pub struct RepackedMember {
     /// For a raw deflate stream: the encoder that reproduces its bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder: Option<Encoder>,
+    /// For x86-64 code: where its addresses were in the source file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_map: Option<AddressMap>,
 }
 
 impl RepackedMember {
     /// A gzip member rebuilt by `descriptor`.
     pub fn gzip(member: Member, descriptor: Descriptor) -> Self {
-        RepackedMember { member: Member { wrapping: Wrapping::Gzip, ..member }, descriptor: Some(descriptor), encoder: None }
+        RepackedMember { member: Member { wrapping: Wrapping::Gzip, ..member }, descriptor: Some(descriptor), encoder: None, address_map: None }
     }
 
     /// A raw deflate stream rebuilt by `encoder`.
     pub fn deflate(member: Member, encoder: Encoder) -> Self {
-        RepackedMember { member: Member { wrapping: Wrapping::Deflate, ..member }, descriptor: None, encoder: Some(encoder) }
+        RepackedMember { member: Member { wrapping: Wrapping::Deflate, ..member }, descriptor: None, encoder: Some(encoder), address_map: None }
     }
 
     /// A span of AArch64 code, which needs no encoder.
     pub fn aarch64_code(member: Member) -> Self {
-        RepackedMember { member: Member { wrapping: Wrapping::Aarch64Code, ..member }, descriptor: None, encoder: None }
+        RepackedMember { member: Member { wrapping: Wrapping::Aarch64Code, ..member }, descriptor: None, encoder: None, address_map: None }
+    }
+
+    /// A span of x86-64 code seen through `map`.
+    pub fn x86_64_code(member: Member, map: AddressMap) -> Self {
+        RepackedMember { member: Member { wrapping: Wrapping::X8664Code, ..member }, descriptor: None, encoder: None, address_map: Some(map) }
     }
 
     /// The encoder, whichever the wrapping.
@@ -211,18 +243,26 @@ impl RepackedMember {
 
     /// Checks that the member names what its wrapping needs, and only that.
     pub fn validate(&self, what: &str) -> Result<()> {
+        let mapped = self.address_map.is_some();
         let ok = match self.member.wrapping {
-            Wrapping::Gzip => self.descriptor.is_some() && self.encoder.is_none(),
-            Wrapping::Deflate => self.descriptor.is_none() && self.encoder.as_ref().is_some_and(|e| !matches!(e, Encoder::Pgzip { .. })),
-            Wrapping::Aarch64Code => self.descriptor.is_none() && self.encoder.is_none(),
+            Wrapping::Gzip => self.descriptor.is_some() && self.encoder.is_none() && !mapped,
+            Wrapping::Deflate => self.descriptor.is_none() && self.encoder.as_ref().is_some_and(|e| !matches!(e, Encoder::Pgzip { .. })) && !mapped,
+            Wrapping::Aarch64Code => self.descriptor.is_none() && self.encoder.is_none() && !mapped,
+            Wrapping::X8664Code => self.descriptor.is_none() && self.encoder.is_none() && mapped,
         };
         if ok {
+            if let Some(map) = &self.address_map {
+                map.segments().map_err(|e| {
+                    Error::malformed("delta.json", format!("{what}: the {} at offset {}: {e}", self.member.wrapping.noun(), self.member.offset))
+                })?;
+            }
             return Ok(());
         }
         let needs = match self.member.wrapping {
-            Wrapping::Gzip => "a descriptor and no bare encoder",
-            Wrapping::Deflate => "an encoder (not pgzip) and no gzip descriptor",
-            Wrapping::Aarch64Code => "neither an encoder nor a descriptor",
+            Wrapping::Gzip => "a descriptor, and no bare encoder or address map",
+            Wrapping::Deflate => "an encoder (not pgzip), and no gzip descriptor or address map",
+            Wrapping::Aarch64Code => "neither an encoder, a descriptor nor an address map",
+            Wrapping::X8664Code => "an address map, and neither an encoder nor a descriptor",
         };
         Err(Error::malformed("delta.json", format!("{what}: the {} at offset {} needs {needs}", self.member.wrapping.noun(), self.member.offset)))
     }
@@ -249,8 +289,8 @@ pub fn validate_members<'a>(members: impl IntoIterator<Item = &'a Member>, what:
         if m.compressed_len < m.wrapping.min_compressed_len() {
             return bad(format!("{} compressed bytes cannot hold a {}", m.compressed_len, m.wrapping.noun()));
         }
-        if m.wrapping == Wrapping::Aarch64Code && m.raw_len != m.compressed_len {
-            return bad(format!("an AArch64 code span of {} bytes cannot be seen as {}", m.compressed_len, m.raw_len));
+        if m.is_code() && m.raw_len != m.compressed_len {
+            return bad(format!("a {} of {} bytes cannot be seen as {}", m.wrapping.noun(), m.compressed_len, m.raw_len));
         }
         if m.raw_len > MAX_MEMBER_RAW_BYTES {
             return bad(format!("{} uncompressed bytes exceed the limit of {MAX_MEMBER_RAW_BYTES}", m.raw_len));
@@ -462,6 +502,11 @@ impl DeltaPlan {
         self.members().any(|m| m.wrapping == Wrapping::Aarch64Code)
     }
 
+    /// Whether some member is x86-64 code (feature [`FEATURE_X86_64_CODE`]).
+    pub fn lists_x86_64_code(&self) -> bool {
+        self.members().any(|m| m.wrapping == Wrapping::X8664Code)
+    }
+
     /// Whether the delta declares `feature`.
     pub fn declares(&self, feature: &str) -> bool {
         self.features.iter().any(|f| f == feature)
@@ -536,6 +581,9 @@ impl DeltaPlan {
         if self.lists_aarch64_code() && !self.declares(FEATURE_AARCH64_CODE) {
             return Err(bad(format!("AArch64 code is listed as members but the delta does not declare {FEATURE_AARCH64_CODE:?}")));
         }
+        if self.lists_x86_64_code() && !self.declares(FEATURE_X86_64_CODE) {
+            return Err(bad(format!("x86-64 code is listed as members but the delta does not declare {FEATURE_X86_64_CODE:?}")));
+        }
         let mut last = None;
         for s in &self.source_members {
             if last.is_some_and(|l| l >= s.layer) {
@@ -543,6 +591,10 @@ impl DeltaPlan {
             }
             last = Some(s.layer);
             validate_members(&s.members, &format!("source layer {}", s.layer))?;
+            // A source file is read as it is: the map of x86-64 code is the target's.
+            if let Some(m) = s.members.iter().find(|m| m.wrapping == Wrapping::X8664Code) {
+                return Err(bad(format!("source layer {}: the member at offset {} is x86-64 code, which only rebuilt layers list", s.layer, m.offset)));
+            }
         }
         Ok(())
     }
@@ -596,13 +648,47 @@ mod tests {
             (|p| p["features"] = json!(["exact-gzip", "gzip-corrections", "gzip-members"]), "does not declare \"aarch64-code\""),
             (|p| p["layers"][1]["members"][0]["rawLen"] = json!(4100), "cannot be seen as 4100"),
             (|p| p["sourceMembers"][0]["members"][0]["compressedLen"] = json!(4000), "cannot be seen as 4096"),
-            (|p| p["layers"][1]["members"][0]["encoder"] = json!({ "kind": "zlib", "level": 6 }), "needs neither an encoder nor a descriptor"),
+            (|p| p["layers"][1]["members"][0]["encoder"] = json!({ "kind": "zlib", "level": 6 }), "needs neither an encoder, a descriptor nor an address map"),
             (
                 |p| {
                     p["layers"][1]["members"][0]["compressedLen"] = json!(3);
                     p["layers"][1]["members"][0]["rawLen"] = json!(3);
                 },
                 "3 compressed bytes cannot hold a span of AArch64 code",
+            ),
+        ];
+        for (edit, message) in cases {
+            let e = with(&edit).unwrap_err().to_string();
+            assert!(e.contains(message), "{message}: {e}");
+        }
+    }
+
+    #[test]
+    fn x86_64_code_spans_are_declared_and_carry_a_map_in_rebuilt_layers_only() {
+        let map = json!({ "code": 0x401000, "segments": [0x401000, 0x800, -0x40, 0x100, 0x200, 0x30] });
+        let span = json!({ "offset": 1024, "compressedLen": 4096, "rawLen": 4096, "wrapping": "x86-64-code", "addressMap": map });
+        let with = |edit: &dyn Fn(&mut Value)| {
+            let mut p = valid();
+            p["features"] = json!(["exact-gzip", "gzip-corrections", "gzip-members", "x86-64-code"]);
+            p["layers"][1]["members"] = json!([span.clone()]);
+            edit(&mut p);
+            validate(&p, 3)
+        };
+        with(&|_| {}).unwrap();
+        type Edit = fn(&mut Value);
+        let cases: [(Edit, &str); 6] = [
+            (|p| p["features"] = json!(["exact-gzip", "gzip-corrections", "gzip-members"]), "does not declare \"x86-64-code\""),
+            (|p| p["layers"][1]["members"][0]["rawLen"] = json!(4100), "cannot be seen as 4100"),
+            (|p| drop(p["layers"][1]["members"][0].as_object_mut().unwrap().remove("addressMap")), "needs an address map"),
+            (|p| p["layers"][1]["members"][0]["addressMap"]["segments"] = json!([0x401000, 0x800]), "not whole segments of three"),
+            (|p| p["layers"][1]["members"][0]["addressMap"]["segments"] = json!([0x401000, 0x800, 0, 0, 0x100, -0x400]), "overlap in old addresses"),
+            (
+                |p| {
+                    let mut source = p["layers"][1]["members"][0].clone();
+                    source.as_object_mut().unwrap().remove("addressMap");
+                    p["sourceMembers"] = json!([{ "layer": 0, "members": [source] }]);
+                },
+                "x86-64 code, which only rebuilt layers list",
             ),
         ];
         for (edit, message) in cases {

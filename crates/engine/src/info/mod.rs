@@ -248,10 +248,12 @@ fn summarize(delta: &DeltaImage) -> DeltaInfo {
                         Wrapping::Gzip => "gzip files",
                         Wrapping::Deflate => "zip entries",
                         Wrapping::Aarch64Code => "AArch64 code spans",
+                        Wrapping::X8664Code => "x86-64 code spans",
                     };
-                    let key = match r.encoder() {
-                        Some(encoder) => format!("{kind} by {}", describe_encoder(encoder)),
-                        None => format!("{kind} seen by their call targets"),
+                    let key = match (r.encoder(), r.member.wrapping) {
+                        (Some(encoder), _) => format!("{kind} by {}", describe_encoder(encoder)),
+                        (None, Wrapping::X8664Code) => format!("{kind} seen through the old file's addresses"),
+                        (None, _) => format!("{kind} seen by their call targets"),
                     };
                     *m.entry(key).or_default() += 1;
                     m

@@ -10,8 +10,9 @@
 //! real one, compressing each member with the encoder that reproduces its original bytes.
 //!
 //! A member may also be a span of AArch64 code ([`crate::layer::aarch64_code`]), seen with
-//! absolute call targets and page addresses: as many bytes seen as stored, converted back
-//! by the [`Repacker`] as it writes.
+//! absolute call targets and page addresses, or of x86-64 code ([`crate::layer::x86_64_code`],
+//! rebuilt layers only), seen with its references in the old file's addresses: as many bytes
+//! seen as stored, converted back by the [`Repacker`] as it writes.
 //!
 //! Offsets in [`Member`] are positions in the real tar; positions in the expanded tar
 //! follow from them (see [`expanded_offset`]). Tar headers are never rewritten: a header
@@ -22,9 +23,39 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use flate2::bufread::{DeflateDecoder, GzDecoder};
 
 use crate::error::{Error, IoContext, Result};
+use crate::format::address_map::AddressMap;
 use crate::format::plan::{Member, RepackedMember, Wrapping};
 use crate::layer::aarch64_code::{AbsoluteReader, RelativeWriter};
 use crate::layer::exact::MemberEncoder;
+use crate::layer::x86_64_code::{self, Converter};
+
+/// A member as it is read: its place and wrapping, and for x86-64 code (a member of a
+/// rebuilt layer) its address map.
+pub trait Seen {
+    /// Where it is and what frames it.
+    fn member(&self) -> &Member;
+
+    /// The address map of x86-64 code; `None` for every other member.
+    fn address_map(&self) -> Option<&AddressMap> {
+        None
+    }
+}
+
+impl Seen for Member {
+    fn member(&self) -> &Member {
+        self
+    }
+}
+
+impl Seen for RepackedMember {
+    fn member(&self) -> &Member {
+        &self.member
+    }
+
+    fn address_map(&self) -> Option<&AddressMap> {
+        self.address_map.as_ref()
+    }
+}
 
 /// Where `offset` of the real tar lies in the expanded tar, given the members before it.
 pub fn expanded_offset(members: &[Member], offset: u64) -> u64 {
@@ -35,16 +66,17 @@ pub fn expanded_offset(members: &[Member], offset: u64) -> u64 {
 /// Copies the tar read from `input` to `output`, each of `members` (in order, not
 /// overlapping) inflated: each must hold exactly one gzip member or deflate stream, as its
 /// wrapping says, whose contents are `raw_len` bytes. Returns the expanded length, which may not exceed `limit`.
-pub fn expand(mut input: impl Read, members: &[Member], output: impl Write, limit: u64, what: &str) -> Result<u64> {
+pub fn expand<M: Seen>(mut input: impl Read, members: &[M], output: impl Write, limit: u64, what: &str) -> Result<u64> {
     let mut out = Limited { inner: output, left: limit, limit, what: what.to_string() };
     let mut at = 0u64;
-    for m in members {
+    for seen in members {
+        let m = seen.member();
         let gap = m.offset.checked_sub(at).ok_or_else(|| Error::malformed(what, "members overlap or are out of order"))?;
         let n = io::copy(&mut (&mut input).take(gap), &mut out).map_err(|e| Error::io(format!("expanding {what}"), e))?;
         if n != gap {
             return Err(Error::malformed(what, format!("ends at byte {}, before the {} at offset {} the delta lists", at + n, m.wrapping.noun(), m.offset)));
         }
-        inflate_member(&mut input, m, &mut out, &format!("{what}: the {} at offset {}", m.wrapping.noun(), m.offset))?;
+        inflate_member(&mut input, seen, &mut out, &format!("{what}: the {} at offset {}", m.wrapping.noun(), m.offset))?;
         at = m.offset + m.compressed_len;
     }
     io::copy(&mut input, &mut out).map_err(|e| Error::io(format!("expanding {what}"), e))?;
@@ -70,10 +102,11 @@ pub fn looks_like_zip(data: &[u8]) -> bool {
 }
 
 /// The contents of `data` if it is exactly one gzip member or deflate stream, as `wrapping`
-/// says (what [`expand`] accepts), of at most `max_raw` bytes; `None` otherwise.
+/// says (what [`expand`] accepts), of at most `max_raw` bytes; `None` otherwise (and for
+/// x86-64 code, which needs its map).
 pub fn inflate(data: &[u8], wrapping: Wrapping, max_raw: u64) -> Option<Vec<u8>> {
     let mut raw = Vec::new();
-    Decoder::new(wrapping, data).take(max_raw.saturating_add(1)).read_to_end(&mut raw).ok()?;
+    Decoder::new(wrapping, data)?.take(max_raw.saturating_add(1)).read_to_end(&mut raw).ok()?;
     if raw.len() as u64 > max_raw {
         return None;
     }
@@ -92,11 +125,14 @@ enum Decoder<R: BufRead> {
 }
 
 impl<R: BufRead> Decoder<R> {
-    fn new(wrapping: Wrapping, input: R) -> Self {
+    /// The decoder of `wrapping`; none for x86-64 code, seen through its map by
+    /// [`inflate_member`].
+    fn new(wrapping: Wrapping, input: R) -> Option<Self> {
         match wrapping {
-            Wrapping::Gzip => Decoder::Gzip(GzDecoder::new(input)),
-            Wrapping::Deflate => Decoder::Deflate(DeflateDecoder::new(input)),
-            Wrapping::Aarch64Code => Decoder::Aarch64Code(AbsoluteReader::new(input)),
+            Wrapping::Gzip => Some(Decoder::Gzip(GzDecoder::new(input))),
+            Wrapping::Deflate => Some(Decoder::Deflate(DeflateDecoder::new(input))),
+            Wrapping::Aarch64Code => Some(Decoder::Aarch64Code(AbsoluteReader::new(input))),
+            Wrapping::X8664Code => None,
         }
     }
 
@@ -121,8 +157,15 @@ impl<R: BufRead> Read for Decoder<R> {
 
 /// Inflates the `m.compressed_len` bytes of `input` as one gzip member or deflate stream
 /// into `output`, checking that they hold exactly that and that it holds `m.raw_len` bytes.
-pub fn inflate_member(input: &mut dyn Read, m: &Member, output: &mut dyn Write, what: &str) -> Result<()> {
-    let mut decoder = Decoder::new(m.wrapping, BufReader::with_capacity(64 << 10, input.take(m.compressed_len)));
+/// A span of code is converted to its seen form.
+pub fn inflate_member<M: Seen + ?Sized>(input: &mut dyn Read, seen: &M, output: &mut dyn Write, what: &str) -> Result<()> {
+    let m = seen.member();
+    if m.wrapping == Wrapping::X8664Code {
+        let map = seen.address_map().ok_or_else(|| Error::malformed(what, "x86-64 code without an address map"))?;
+        return see_x86_64_code(input, m.compressed_len, map, output, what);
+    }
+    let mut decoder =
+        Decoder::new(m.wrapping, BufReader::with_capacity(64 << 10, input.take(m.compressed_len))).ok_or_else(|| Error::malformed(what, "has no decoder"))?;
     // Errors of `output` (the size limit) keep their kind; the others are the member's.
     let n = io::copy(&mut (&mut decoder).take(m.raw_len + 1), output).map_err(|e| match e.downcast::<Error>() {
         Ok(inner) => inner,
@@ -143,6 +186,26 @@ pub fn inflate_member(input: &mut dyn Read, m: &Member, output: &mut dyn Write, 
         return Err(Error::malformed(what, format!("is followed by {} bytes the member does not use", buffered as u64 + unread)));
     }
     Ok(())
+}
+
+/// Writes the `len` bytes of x86-64 code read from `input` to `output` as the differ sees
+/// them.
+fn see_x86_64_code(input: &mut dyn Read, len: u64, map: &AddressMap, mut output: &mut dyn Write, what: &str) -> Result<()> {
+    let mut converter = Converter::new(map.projection()?, map.code, x86_64_code::Direction::ToOld);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = len;
+    // Errors of `output` (the size limit) keep their kind.
+    let write_error = |e: io::Error| e.downcast::<Error>().unwrap_or_else(|e| Error::io(format!("writing {what}"), e));
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = input.read(&mut buf[..want]).ctx(|| format!("reading {what}"))?;
+        if n == 0 {
+            return Err(Error::malformed(what, format!("ends {left} bytes before the end of the span")));
+        }
+        converter.write(&buf[..n], &mut output).map_err(write_error)?;
+        left -= n as u64;
+    }
+    converter.finish(&mut output).map_err(write_error)
 }
 
 /// A `Write` that fails with [`Error::TooLarge`] beyond `left` bytes.
@@ -199,6 +262,7 @@ struct Current<'a> {
 enum Packer {
     Deflate(MemberEncoder),
     Aarch64Code(RelativeWriter),
+    X8664Code(Converter),
 }
 
 impl Packer {
@@ -206,6 +270,7 @@ impl Packer {
         match self {
             Packer::Deflate(e) => e.write(data, output),
             Packer::Aarch64Code(w) => w.write(data, output).ctx(|| "writing AArch64 code".into()),
+            Packer::X8664Code(c) => c.write(data, output).ctx(|| "writing x86-64 code".into()),
         }
     }
 
@@ -213,6 +278,7 @@ impl Packer {
         match self {
             Packer::Deflate(e) => e.finish(output).map(drop),
             Packer::Aarch64Code(w) => w.finish(output).ctx(|| "writing AArch64 code".into()),
+            Packer::X8664Code(c) => c.finish(output).ctx(|| "writing x86-64 code".into()),
         }
     }
 }
@@ -265,6 +331,13 @@ impl<'a, W: Write> Repacker<'a, W> {
             self.advance();
             let encoder = match (member.member.wrapping, &member.descriptor, &member.encoder) {
                 (Wrapping::Aarch64Code, None, None) => Packer::Aarch64Code(RelativeWriter::default()),
+                (Wrapping::X8664Code, None, None) => {
+                    let map = member
+                        .address_map
+                        .as_ref()
+                        .ok_or_else(|| Error::malformed("delta.json", format!("the x86-64 code at offset {} has no address map", member.member.offset)))?;
+                    Packer::X8664Code(Converter::new(map.projection()?, map.code, x86_64_code::Direction::ToNew))
+                }
                 (Wrapping::Gzip | Wrapping::Deflate, Some(descriptor), None) => Packer::Deflate(descriptor.member_encoder()?),
                 (Wrapping::Gzip | Wrapping::Deflate, None, Some(encoder)) => Packer::Deflate(encoder.deflate_encoder()?),
                 _ => return Err(Error::malformed("delta.json", format!("the member at offset {} names no single encoder", member.member.offset))),

@@ -6,6 +6,7 @@ pub mod corrected;
 pub mod exact;
 pub mod members;
 pub mod tar_index;
+pub mod x86_64_code;
 
 pub use compression::Compression;
 pub use tar_index::{EntryKind, TarEntry, TarIndex};

@@ -1,0 +1,293 @@
+//! Where a new x86-64 executable's code and data were in the old one: the [`AddressMap`] of
+//! its code view ([`crate::layer::x86_64_code`]).
+//!
+//! Neither symbols nor debug information are needed (Debian strips its binaries). Both
+//! files' code is decoded and every 32-bit reference in it blanked, so that a function that
+//! only moved reads the same in both; windows of that code at instruction starts, and
+//! windows of the other loaded sections at 8-byte steps, are hashed. A window found exactly
+//! once in each file anchors a new address to an old one. Anchors in a row with the same
+//! shift make a segment; segments that would claim the same old addresses keep the longest;
+//! each segment then reaches forward to the next, as far as the old side has room. Segments
+//! that hold no reference's end or target are dropped: they would only cost bytes.
+
+use std::collections::BTreeMap;
+
+use object::elf::{FileHeader64, SHF_ALLOC, SHF_EXECINSTR, SHT_NOBITS};
+use object::read::elf::{FileHeader, SectionHeader};
+use object::LittleEndian;
+
+use crate::format::address_map::{AddressMap, Segment};
+use crate::layer::x86_64_code::scan;
+
+/// Bytes hashed per anchor window.
+const WINDOW: usize = 24;
+
+/// Anchors further apart than this do not make one segment.
+const MAX_ANCHOR_GAP: u64 = 4096;
+
+/// The fewest anchors a segment needs.
+const MIN_ANCHORS: u32 = 2;
+
+/// The fewest reference ends and targets a segment must hold to be kept.
+const MIN_HITS: u32 = 1;
+
+/// One in this many windows (by hash, so the same in both files) is an anchor candidate.
+const SAMPLE: u64 = 2;
+
+/// The code view of a changed x86-64 executable: its code's place in the file and its map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeView {
+    /// Where the code starts in the file.
+    pub offset: u64,
+    /// How long it is.
+    pub len: u64,
+    /// Where its addresses were in the old file.
+    pub map: AddressMap,
+}
+
+/// A loaded section: where it is in the file and in memory, and whether it is code.
+#[derive(Clone, Copy, Debug)]
+struct Section {
+    offset: u64,
+    size: u64,
+    address: u64,
+    code: bool,
+}
+
+/// The loaded sections of an x86-64 ELF file with bytes in it, if it parses and every one
+/// lies within the file and below 4 GiB of addresses.
+fn sections(data: &[u8]) -> Option<Vec<Section>> {
+    let header = FileHeader64::<LittleEndian>::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let mut out = Vec::new();
+    for s in header.sections(endian, data).ok()?.iter() {
+        let flags = s.sh_flags(endian);
+        if !flags.contains(SHF_ALLOC) || s.sh_type(endian) == SHT_NOBITS || s.sh_size(endian) == 0 {
+            continue;
+        }
+        let section = Section { offset: s.sh_offset(endian), size: s.sh_size(endian), address: s.sh_addr(endian), code: flags.contains(SHF_EXECINSTR) };
+        let end = section.offset.checked_add(section.size)?;
+        if end > data.len() as u64 || section.address.checked_add(section.size)? > 1 << 32 {
+            return None;
+        }
+        out.push(section);
+    }
+    Some(out)
+}
+
+/// Where the code is: from the first code section to the end of the last (file offsets), and
+/// the address of its first byte.
+fn code_span(sections: &[Section]) -> Option<(u64, u64, u64)> {
+    let first = sections.iter().filter(|s| s.code).min_by_key(|s| s.offset)?;
+    let end = sections.iter().filter(|s| s.code).map(|s| s.offset + s.size).max()?;
+    Some((first.offset, end - first.offset, first.address))
+}
+
+/// A 64-bit hash of a window, seeded by what kind of bytes it is.
+fn hash(window: &[u8], seed: u64) -> u64 {
+    let word = |i: usize| u64::from_le_bytes(window[i..i + 8].try_into().expect("8 bytes"));
+    let mut h = seed ^ word(0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= word(8).rotate_left(21).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    h ^= word(16).rotate_left(42).wrapping_mul(0x1656_67b1_9e37_79f9);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^ (h >> 32)
+}
+
+/// The sampled windows of a file, as (hash, address), sorted, with every hash found more
+/// than once dropped; and when `references` is given, the end and target address of every
+/// reference of its code.
+fn windows(data: &[u8], sections: &[Section], mut references: Option<&mut Vec<(u32, u32)>>) -> Option<Vec<(u64, u32)>> {
+    let mut out = Vec::new();
+    let mut keep = |h: u64, address: u64| {
+        if h.is_multiple_of(SAMPLE) {
+            out.push((h, address as u32));
+        }
+    };
+    let (offset, len, address) = code_span(sections)?;
+    let mut code = data[offset as usize..(offset + len) as usize].to_vec();
+    let mut starts = Vec::new();
+    scan(&data[offset as usize..(offset + len) as usize], address, true, |f| {
+        starts.push(f.start);
+        if let Some(at) = f.field {
+            starts.push(usize::MAX);
+            starts.push(at);
+            if let Some(r) = references.as_mut() {
+                let end = address.wrapping_add((f.start + f.len) as u64) as u32;
+                let v = u32::from_le_bytes(code[at..at + 4].try_into().expect("4 bytes"));
+                r.push((end, end.wrapping_add(v)));
+            }
+        }
+    });
+    // Blank the references, then hash the windows at instruction starts.
+    let mut i = 0;
+    let mut instruction_starts = Vec::with_capacity(starts.len());
+    while i < starts.len() {
+        if starts[i] == usize::MAX {
+            code[starts[i + 1]..starts[i + 1] + 4].fill(0);
+            i += 2;
+        } else {
+            instruction_starts.push(starts[i]);
+            i += 1;
+        }
+    }
+    drop(starts);
+    for &s in &instruction_starts {
+        if s + WINDOW <= code.len() {
+            keep(hash(&code[s..s + WINDOW], 0), address + s as u64);
+        }
+    }
+    drop(code);
+    for s in sections.iter().filter(|s| !s.code) {
+        let bytes = &data[s.offset as usize..(s.offset + s.size) as usize];
+        let mut at = ((8 - s.address % 8) % 8) as usize;
+        while at + WINDOW <= bytes.len() {
+            keep(hash(&bytes[at..at + WINDOW], 0x5eed), s.address + at as u64);
+            at += 8;
+        }
+    }
+    out.sort_unstable();
+    let mut unique = Vec::with_capacity(out.len());
+    let mut i = 0;
+    while i < out.len() {
+        let j = i + out[i..].iter().take_while(|w| w.0 == out[i].0).count();
+        if j == i + 1 {
+            unique.push(out[i]);
+        }
+        i = j;
+    }
+    Some(unique)
+}
+
+/// A run of anchors with one shift: new addresses `start..end`, old = new + `shift`.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    start: u64,
+    end: u64,
+    shift: i64,
+    anchors: u32,
+}
+
+/// The segments that anchors `(new, old)` (sorted by new) make.
+fn segments(anchors: &[(u32, u32)], image_end: u64) -> Vec<Segment> {
+    let mut runs: Vec<Run> = Vec::new();
+    for &(new, old) in anchors {
+        let (new, shift) = (u64::from(new), i64::from(old) - i64::from(new));
+        match runs.last_mut() {
+            Some(r) if r.shift == shift && new <= r.end + MAX_ANCHOR_GAP => {
+                r.end = new + WINDOW as u64;
+                r.anchors += 1;
+            }
+            _ => runs.push(Run { start: new, end: new + WINDOW as u64, shift, anchors: 1 }),
+        }
+    }
+    runs.retain(|r| r.anchors >= MIN_ANCHORS);
+    // Not overlapping in new addresses: a run ends where the next starts.
+    let mut clipped: Vec<Run> = Vec::with_capacity(runs.len());
+    for r in runs {
+        while let Some(last) = clipped.last_mut() {
+            if last.end <= r.start {
+                break;
+            }
+            last.end = r.start;
+            if last.end <= last.start {
+                clipped.pop();
+            } else {
+                break;
+            }
+        }
+        clipped.push(r);
+    }
+    let old = |r: &Run, x: u64| (x as i64 + r.shift) as u64;
+    // Nor in old addresses: the longest runs first.
+    let mut order: Vec<usize> =
+        (0..clipped.len()).filter(|&i| old(&clipped[i], clipped[i].start) as i64 >= 0 && old(&clipped[i], clipped[i].end) <= 1 << 32).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(clipped[i].end - clipped[i].start));
+    let mut taken: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut kept = Vec::new();
+    for i in order {
+        let r = clipped[i];
+        let (start, end) = (old(&r, r.start), old(&r, r.end));
+        let before = taken.range(..end).next_back().is_some_and(|(_, &e)| e > start);
+        if !before {
+            taken.insert(start, end);
+            kept.push(r);
+        }
+    }
+    kept.sort_by_key(|r| r.start);
+    // Each reaches forward to the next, as far as the old addresses after it are free.
+    for i in 0..kept.len() {
+        let next_new = kept.get(i + 1).map_or(image_end.max(kept[i].end), |n| n.start);
+        let old_end = old(&kept[i], kept[i].end);
+        let next_old = taken.range(old_end..).next().map_or(1 << 32, |(&s, _)| s);
+        let reach = (next_new - kept[i].end).min(next_old - old_end);
+        if let Some((_, e)) = taken.range_mut(..=old(&kept[i], kept[i].start)).next_back() {
+            *e += reach;
+        }
+        kept[i].end += reach;
+    }
+    let mut out: Vec<Segment> = Vec::with_capacity(kept.len());
+    for r in kept {
+        let (new, len, old) = (r.start as u32, (r.end - r.start) as u32, old(&r, r.start) as u32);
+        match out.last_mut() {
+            Some(l) if u64::from(l.new) + u64::from(l.len) == r.start && u64::from(l.old) + u64::from(l.len) == u64::from(old) => l.len += len,
+            _ => out.push(Segment { new, old, len }),
+        }
+    }
+    out
+}
+
+/// The segments that hold the end or the target of some reference: the others change
+/// nothing the view sees, and would cost bytes in the delta. Neighbours of one shift merge.
+fn used(segments: Vec<Segment>, references: &[(u32, u32)]) -> Vec<Segment> {
+    let mut hits = vec![0u32; segments.len()];
+    let mut hit = |x: u32| {
+        let i = segments.partition_point(|s| s.new <= x);
+        if let Some(i) = i.checked_sub(1) {
+            if u64::from(x) < u64::from(segments[i].new) + u64::from(segments[i].len) {
+                hits[i] += 1;
+            }
+        }
+    };
+    for &(end, target) in references {
+        hit(end);
+        hit(target);
+    }
+    let mut out: Vec<Segment> = Vec::with_capacity(segments.len());
+    for (s, h) in segments.into_iter().zip(hits) {
+        if h < MIN_HITS {
+            continue;
+        }
+        match out.last_mut() {
+            Some(l) if u64::from(l.new) + u64::from(l.len) == u64::from(s.new) && u64::from(l.old) + u64::from(l.len) == u64::from(s.old) => l.len += s.len,
+            _ => out.push(s),
+        }
+    }
+    out
+}
+
+/// The code view of `new`, an x86-64 ELF file, against `old`, its partner: `None` unless both
+/// parse, have code and share anchors.
+pub fn x86_64_code(new: &[u8], old: &[u8]) -> Option<CodeView> {
+    let (new_sections, old_sections) = (sections(new)?, sections(old)?);
+    let (offset, len, code) = code_span(&new_sections)?;
+    let mut references = Vec::new();
+    let (new_windows, old_windows) = (windows(new, &new_sections, Some(&mut references))?, windows(old, &old_sections, None)?);
+    let mut anchors = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < new_windows.len() && j < old_windows.len() {
+        match new_windows[i].0.cmp(&old_windows[j].0) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                anchors.push((new_windows[i].1, old_windows[j].1));
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    anchors.sort_unstable();
+    let image_end = new_sections.iter().map(|s| s.address + s.size).max()?;
+    let segments = used(segments(&anchors, image_end), &references);
+    (!segments.is_empty()).then(|| CodeView { offset, len, map: AddressMap::new(code, &segments) })
+}

@@ -1,0 +1,275 @@
+//! Address maps: where the code and data of a new executable were in the old one.
+//!
+//! An [`AddressMap`] lists segments of 32-bit addresses, each a range of the new file's
+//! addresses and the range of the same length in the old file's addresses that holds the
+//! same function or data. [`Projection`] extends it to a bijection of all 2^32 addresses, so
+//! that anything computed through it can be turned back exactly, whatever the bytes: an
+//! address inside a segment moves with it; the addresses outside every segment keep their
+//! order, the k-th one of the new side going to the k-th one of the old side. Addresses below
+//! every segment of both sides and above every segment of both sides are unchanged.
+//!
+//! The x86-64 code view ([`crate::layer::x86_64_code`]) codes each 32-bit reference of the
+//! new code as the distance it has in the old file's addresses, so that a call whose caller
+//! and callee both moved, by different amounts, is the same bytes as before.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The most segments a map may have (the differ keeps far fewer: one per run of code or
+/// data that moved by one amount).
+pub const MAX_SEGMENTS: usize = 1 << 18;
+
+/// The map of one span of x86-64 code, as `delta.json` carries it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressMap {
+    /// The address of the span's first byte in the new file (the address of the instruction
+    /// at span position `p` is `code + p`, modulo 2^32).
+    pub code: u64,
+    /// The segments, three numbers each, in order of their new addresses: the gap from the
+    /// end of the previous segment (from 0 for the first), the length (at least 1), and how
+    /// much the old start minus the new start differs from the previous segment's (from 0).
+    pub segments: Vec<i64>,
+}
+
+/// One segment: `len` new addresses from `new`, the same number of old ones from `old`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// First new address.
+    pub new: u32,
+    /// First old address.
+    pub old: u32,
+    /// Number of addresses (at least 1).
+    pub len: u32,
+}
+
+impl AddressMap {
+    /// The map of `segments` (in order of new address, not overlapping on either side), for
+    /// code starting at address `code`.
+    pub fn new(code: u64, segments: &[Segment]) -> Self {
+        let mut flat = Vec::with_capacity(segments.len() * 3);
+        let (mut end, mut shift) = (0i64, 0i64);
+        for s in segments {
+            let this = i64::from(s.old) - i64::from(s.new);
+            flat.extend([i64::from(s.new) - end, i64::from(s.len), this - shift]);
+            (end, shift) = (i64::from(s.new) + i64::from(s.len), this);
+        }
+        AddressMap { code, segments: flat }
+    }
+
+    /// The segments, checked: whole triples, each within 32-bit addresses, in order, at least
+    /// one address long, and overlapping no other on either side.
+    pub fn segments(&self) -> Result<Vec<Segment>> {
+        let bad = |reason: String| Err(Error::malformed("delta.json", format!("address map: {reason}")));
+        if !self.segments.len().is_multiple_of(3) {
+            return bad(format!("{} numbers are not whole segments of three", self.segments.len()));
+        }
+        if self.segments.len() / 3 > MAX_SEGMENTS {
+            return bad(format!("{} segments exceed the limit of {MAX_SEGMENTS}", self.segments.len() / 3));
+        }
+        let mut out = Vec::with_capacity(self.segments.len() / 3);
+        let (mut end, mut shift) = (0i64, 0i64);
+        for (k, t) in self.segments.chunks_exact(3).enumerate() {
+            let (gap, len) = (t[0], t[1]);
+            // Out of every 32-bit range when it overflows.
+            shift = shift.checked_add(t[2]).unwrap_or(i64::MAX);
+            let new = end.checked_add(gap);
+            let old = new.and_then(|n| n.checked_add(shift));
+            let fits = |start: Option<i64>| start.is_some_and(|s| s >= 0 && s.checked_add(len).is_some_and(|e| e <= 1 << 32));
+            if gap < 0 || len < 1 || !fits(new) || !fits(old) {
+                return bad(format!("segment {k} (gap {gap}, length {len}, shift {shift}) is out of order or outside 32-bit addresses"));
+            }
+            let (new, old) = (new.unwrap_or_default(), old.unwrap_or_default());
+            out.push(Segment { new: new as u32, old: old as u32, len: len as u32 });
+            end = new + len;
+        }
+        let mut by_old: Vec<&Segment> = out.iter().collect();
+        by_old.sort_by_key(|s| s.old);
+        if let Some(w) = by_old.windows(2).find(|w| u64::from(w[0].old) + u64::from(w[0].len) > u64::from(w[1].old)) {
+            return bad(format!("segments at new addresses {:#x} and {:#x} overlap in old addresses", w[0].new, w[1].new));
+        }
+        Ok(out)
+    }
+
+    /// The bijection this map defines, checked as [`AddressMap::segments`] says.
+    pub fn projection(&self) -> Result<Projection> {
+        Ok(Projection::new(&self.segments()?))
+    }
+}
+
+/// One side's segments in address order, with how many segment addresses lie before each.
+#[derive(Clone, Debug, Default)]
+struct Side {
+    /// (start on this side, start on the other side, length), by start on this side.
+    segments: Vec<(u64, u64, u64)>,
+    /// `before[i]`: the total length of `segments[..i]`.
+    before: Vec<u64>,
+    /// `free[i]`: how many addresses outside every segment lie below `segments[i]`.
+    free: Vec<u64>,
+}
+
+impl Side {
+    fn new(mut segments: Vec<(u64, u64, u64)>) -> Side {
+        segments.sort_unstable();
+        let mut before = Vec::with_capacity(segments.len());
+        let mut total = 0;
+        for s in &segments {
+            before.push(total);
+            total += s.2;
+        }
+        let free = segments.iter().zip(&before).map(|(s, b)| s.0 - b).collect();
+        Side { segments, before, free }
+    }
+
+    /// Where `x` goes: through its segment if one holds it, else to the address of the same
+    /// rank among the other side's free addresses.
+    fn map(&self, x: u32, other: &Side) -> u32 {
+        let x = u64::from(x);
+        let i = self.segments.partition_point(|s| s.0 <= x);
+        if i > 0 {
+            let (start, to, len) = self.segments[i - 1];
+            if x < start + len {
+                return (to + (x - start)) as u32;
+            }
+        }
+        // `x` is free: the segments wholly below it are the first `i`.
+        let rank = x - if i > 0 { self.before[i - 1] + self.segments[i - 1].2 } else { 0 };
+        // The other side's free address of that rank lies after every segment whose start
+        // has at most `rank` free addresses below it.
+        let k = other.free.partition_point(|&f| f <= rank);
+        let skipped = if k > 0 { other.before[k - 1] + other.segments[k - 1].2 } else { 0 };
+        (rank + skipped) as u32
+    }
+}
+
+/// A bijection of 32-bit addresses built from an [`AddressMap`]: new to old and back.
+#[derive(Clone, Debug, Default)]
+pub struct Projection {
+    new: Side,
+    old: Side,
+}
+
+impl Projection {
+    /// The bijection of `segments` (not overlapping on either side: see
+    /// [`AddressMap::segments`]).
+    pub fn new(segments: &[Segment]) -> Self {
+        let (new, old) =
+            segments.iter().map(|s| ((u64::from(s.new), u64::from(s.old), u64::from(s.len)), (u64::from(s.old), u64::from(s.new), u64::from(s.len)))).unzip();
+        Projection { new: Side::new(new), old: Side::new(old) }
+    }
+
+    /// The old address of new address `x`.
+    pub fn to_old(&self, x: u32) -> u32 {
+        self.new.map(x, &self.old)
+    }
+
+    /// The new address of old address `x`: the inverse of [`Projection::to_old`].
+    pub fn to_new(&self, x: u32) -> u32 {
+        self.old.map(x, &self.new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn seg(new: u32, old: u32, len: u32) -> Segment {
+        Segment { new, old, len }
+    }
+
+    #[test]
+    fn addresses_move_with_their_segment_and_the_rest_keep_their_order() {
+        // Code at 0x1000 grew by 0x10 before a function that moved to 0x2010.
+        let p = Projection::new(&[seg(0x1000, 0x1000, 0x800), seg(0x2010, 0x2000, 0x100)]);
+        assert_eq!(p.to_old(0x1010), 0x1010);
+        assert_eq!(p.to_old(0x2020), 0x2010);
+        // Below and far above every segment: unchanged.
+        assert_eq!(p.to_old(0x10), 0x10);
+        assert_eq!(p.to_old(u32::MAX), u32::MAX);
+        // Free addresses between segments: in order, onto the old side's free addresses.
+        assert_eq!(p.to_old(0x1800), 0x1800);
+        // The new side has 0x10 more free addresses between the segments than the old: its
+        // last 0x10 go to the old side's first free addresses after the segments.
+        assert_eq!(p.to_old(0x1fff), 0x1fff);
+        assert_eq!(p.to_old(0x2000), 0x2100);
+        assert_eq!(p.to_old(0x2110), 0x2110);
+        for x in [0u32, 0x17ff, 0x1800, 0x1fff, 0x2000, 0x200f, 0x2010, 0x210f, 0x2110, 0x8000_0000, u32::MAX] {
+            assert_eq!(p.to_new(p.to_old(x)), x, "{x:#x}");
+        }
+    }
+
+    #[test]
+    fn maps_round_trip_through_json_numbers() {
+        let segments = vec![seg(0x40_1000, 0x40_0ff0, 0x300), seg(0x40_2000, 0x40_2100, 1), seg(0x50_0000, 0x10, 0x20)];
+        let map = AddressMap::new(0x40_1000, &segments);
+        assert_eq!(map.segments[..6], [0x40_1000, 0x300, -0x10, 0xd00, 1, 0x110]);
+        let json = serde_json::to_string(&map).unwrap();
+        let back: AddressMap = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.segments().unwrap(), segments);
+    }
+
+    #[test]
+    fn maps_that_overlap_leave_32_bits_or_are_cut_are_refused() {
+        let refused = |segments: Vec<i64>| {
+            let e = AddressMap { code: 0, segments }.segments().unwrap_err().to_string();
+            assert!(e.contains("address map"), "{e}");
+            e
+        };
+        refused(vec![0, 10]);
+        refused(vec![0, 0, 0]);
+        refused(vec![-1, 10, 0]);
+        refused(vec![0xffff_fff0, 0x20, 0]);
+        refused(vec![0x100, 0x20, -0x200]);
+        refused(vec![0x100, 0x20, i64::MAX, 0x100, 0x20, i64::MAX]);
+        // Two segments claiming the same old addresses.
+        let e = refused(vec![0x100, 0x20, 0, 0x10, 0x20, -0x30]);
+        assert!(e.contains("overlap in old addresses"), "{e}");
+    }
+
+    /// Segments not overlapping on either side, from arbitrary numbers.
+    fn segments() -> impl Strategy<Value = Vec<Segment>> {
+        prop::collection::vec((0u32..0x1000, 1u32..0x1000, 0u32..0x4000), 0..40).prop_map(|raw| {
+            let mut out: Vec<Segment> = Vec::new();
+            let mut new = 0u32;
+            for (gap, len, old) in raw {
+                new = new.saturating_add(gap);
+                let s = seg(new, old * 16, len);
+                let clear = |o: &Segment| u64::from(s.old) + u64::from(s.len) <= u64::from(o.old) || u64::from(o.old) + u64::from(o.len) <= u64::from(s.old);
+                if u64::from(new) + u64::from(len) <= 0x100_0000 && out.iter().all(clear) {
+                    out.push(s);
+                    new += len;
+                }
+            }
+            out
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_projection_is_a_bijection(segments in segments(), probes in prop::collection::vec(any::<u32>(), 64), near in prop::collection::vec(0u32..0x200_0000, 256)) {
+            let p = AddressMap::new(0, &segments).projection().unwrap();
+            for &x in probes.iter().chain(&near) {
+                prop_assert_eq!(p.to_new(p.to_old(x)), x);
+                prop_assert_eq!(p.to_old(p.to_new(x)), x);
+            }
+            for s in &segments {
+                prop_assert_eq!(p.to_old(s.new), s.old);
+                prop_assert_eq!(p.to_old(s.new + s.len - 1), s.old + s.len - 1);
+            }
+        }
+
+        #[test]
+        fn free_addresses_keep_their_order(segments in segments(), mut xs in prop::collection::vec(0u32..0x200_0000, 2..64)) {
+            let p = Projection::new(&segments);
+            let free = |x: u32| !segments.iter().any(|s| x >= s.new && u64::from(x) < u64::from(s.new) + u64::from(s.len));
+            xs.retain(|&x| free(x));
+            xs.sort_unstable();
+            xs.dedup();
+            for w in xs.windows(2) {
+                prop_assert!(p.to_old(w[0]) < p.to_old(w[1]));
+            }
+        }
+    }
+}
