@@ -466,7 +466,7 @@ fn bench_x86_64_code(c: &mut Criterion) {
     for (name, direction) in [("see-8MiB", Direction::ToOld), ("write-back-8MiB", Direction::ToNew)] {
         group.bench_function(name, |b| {
             b.iter(|| {
-                let (mut w, mut out) = (Converter::new(projection.clone(), 0x40_0000, direction), Vec::with_capacity(code.len()));
+                let (mut w, mut out) = (Converter::code(projection.clone(), 0x40_0000, direction), Vec::with_capacity(code.len()));
                 for piece in code.chunks(256 << 10) {
                     w.write(piece, &mut out).unwrap();
                 }

@@ -19,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
         view.map.projection().expect("the differ's maps are valid");
     }
     // The first byte counts the segments, six bytes each (gap, length, shift); then two
-    // bytes place the span in the rest, the layer.
+    // bytes place the span in the rest, the layer, and a third lays it out: pointer words
+    // first, then code.
     let Some((&count, rest)) = data.split_first() else { return };
     let count = usize::from(count % 8);
     if rest.len() < 6 * count + 2 {
@@ -33,14 +34,21 @@ fuzz_target!(|data: &[u8]| {
             [i64::from(u16::from_le_bytes([g0, g1])) * 16, i64::from(u16::from_le_bytes([l0, l1])), i64::from(i16::from_le_bytes([s0, s1])) * 16]
         })
         .collect();
-    let map = AddressMap { code: 0x1000, segments };
+    let mut map = AddressMap { code: 0x1000, segments, ..Default::default() };
     let Ok(projection) = map.projection() else { return };
     for x in [0u32, 0xfff, 0x1000, 0x1_0000, 0x10_0000, u32::MAX] {
         assert_eq!(projection.to_new(projection.to_old(x)), x);
     }
-    let [a, b, layer @ ..] = rest else { return };
+    let [a, b, c, layer @ ..] = rest else { return };
     let offset = u64::from(*a).min(layer.len() as u64);
     let len = (u64::from(*b) * 7).min(layer.len() as u64 - offset);
+    let words = 8 * u64::from(c % 8);
+    if words > 0 && words <= len {
+        (map.pointers, map.code_at) = (vec![0, words], words);
+    }
+    if map.regions(len).is_err() {
+        return;
+    }
     let members = [RepackedMember::x86_64_code(Member::x86_64_code(offset, len), map)];
     let mut seen = Vec::new();
     let n = expand(layer, &members, &mut seen, 1 << 20, "fuzz").expect("any bytes have a seen form");

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use object::elf::{FileHeader64, SHF_ALLOC, SHF_EXECINSTR, SHT_NOBITS};
+use object::elf::{FileHeader64, SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS, SHT_RELA};
 use object::read::elf::{FileHeader, SectionHeader};
 use object::LittleEndian;
 
@@ -52,6 +52,8 @@ struct Section {
     size: u64,
     address: u64,
     code: bool,
+    /// Writable data or relocations: where 64-bit pointers are.
+    pointers: bool,
 }
 
 /// The loaded sections of an x86-64 ELF file with bytes in it, if it parses and every one
@@ -65,7 +67,9 @@ fn sections(data: &[u8]) -> Option<Vec<Section>> {
         if !flags.contains(SHF_ALLOC) || s.sh_type(endian) == SHT_NOBITS || s.sh_size(endian) == 0 {
             continue;
         }
-        let section = Section { offset: s.sh_offset(endian), size: s.sh_size(endian), address: s.sh_addr(endian), code: flags.contains(SHF_EXECINSTR) };
+        let code = flags.contains(SHF_EXECINSTR);
+        let pointers = !code && (flags.contains(SHF_WRITE) || s.sh_type(endian) == SHT_RELA);
+        let section = Section { offset: s.sh_offset(endian), size: s.sh_size(endian), address: s.sh_addr(endian), code, pointers };
         let end = section.offset.checked_add(section.size)?;
         if end > data.len() as u64 || section.address.checked_add(section.size)? > 1 << 32 {
             return None;
@@ -237,8 +241,9 @@ fn segments(anchors: &[(u32, u32)], image_end: u64) -> Vec<Segment> {
     out
 }
 
-/// The segments that hold the end or the target of some reference: the others change
-/// nothing the view sees, and would cost bytes in the delta. Neighbours of one shift merge.
+/// The segments that hold the end or the target of some reference, or a pointer: the others
+/// change nothing the view sees, and would cost bytes in the delta. Neighbours of one shift
+/// merge.
 fn used(segments: Vec<Segment>, references: &[(u32, u32)]) -> Vec<Segment> {
     let mut hits = vec![0u32; segments.len()];
     let mut hit = |x: u32| {
@@ -287,7 +292,51 @@ pub fn x86_64_code(new: &[u8], old: &[u8]) -> Option<CodeView> {
         }
     }
     anchors.sort_unstable();
+    // The pointer ranges: the whole words (at addresses that are multiples of 8) of the
+    // writable sections and relocation tables, as (file offset, length).
+    let mut pointers: Vec<(u64, u64)> = new_sections
+        .iter()
+        .filter(|s| s.pointers)
+        .filter_map(|s| {
+            let skip = (8 - s.address % 8) % 8;
+            let len = s.size.checked_sub(skip)? / 8 * 8;
+            (len > 0).then_some((s.offset + skip, len))
+        })
+        .collect();
+    pointers.sort_unstable();
+    // Neither over the code nor over each other (sections of odd files may overlap).
+    let mut end = 0;
+    pointers.retain(|&(at, n)| {
+        let clear = at >= end && (at + n <= offset || at >= offset + len);
+        if clear {
+            end = at + n;
+        }
+        clear
+    });
+    for &(at, len) in &pointers {
+        for w in new[at as usize..(at + len) as usize].chunks_exact(8) {
+            let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            if v >> 32 == 0 {
+                references.push((v as u32, v as u32));
+            }
+        }
+    }
     let image_end = new_sections.iter().map(|s| s.address + s.size).max()?;
     let segments = used(segments(&anchors, image_end), &references);
-    (!segments.is_empty()).then(|| CodeView { offset, len, map: AddressMap::new(code, &segments) })
+    if segments.is_empty() {
+        return None;
+    }
+    // One span from the first pointer range or the code, whichever comes first in the file,
+    // to the end of the last.
+    let start = pointers.first().map_or(offset, |p| p.0.min(offset));
+    let end = pointers.iter().map(|p| p.0 + p.1).chain([offset + len]).max()?;
+    let mut map = AddressMap::new(code, &segments);
+    map.code_at = offset - start;
+    map.code_len = Some(len);
+    let mut last = 0;
+    for (at, n) in pointers {
+        map.pointers.extend([at - start - last, n]);
+        last = at - start + n;
+    }
+    Some(CodeView { offset: start, len: end - start, map })
 }

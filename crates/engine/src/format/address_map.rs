@@ -20,17 +20,56 @@ use crate::error::{Error, Result};
 /// data that moved by one amount).
 pub const MAX_SEGMENTS: usize = 1 << 18;
 
-/// The map of one span of x86-64 code, as `delta.json` carries it.
+/// The map of one span of an x86-64 file, as `delta.json` carries it, with what the span
+/// holds: its code, and ranges of 64-bit pointers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AddressMap {
-    /// The address of the span's first byte in the new file (the address of the instruction
-    /// at span position `p` is `code + p`, modulo 2^32).
+    /// The address of the code's first byte in the new file (the address of the byte at span
+    /// position `code_at + p` is `code + p`, modulo 2^32).
     pub code: u64,
+    /// Where the code starts in the span.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub code_at: u64,
+    /// How long the code is; to the end of the span when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_len: Option<u64>,
     /// The segments, three numbers each, in order of their new addresses: the gap from the
     /// end of the previous segment (from 0 for the first), the length (at least 1), and how
     /// much the old start minus the new start differs from the previous segment's (from 0).
     pub segments: Vec<i64>,
+    /// Ranges of 64-bit pointers, two numbers each, in span order: the gap from the end of
+    /// the previous range (from the span's start for the first) and the length, a multiple of
+    /// 8. They do not overlap the code.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pointers: Vec<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What a range of a span holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holds {
+    /// x86-64 instructions, the first at address `ip`.
+    Code {
+        /// Address of the range's first byte.
+        ip: u64,
+    },
+    /// 64-bit little-endian pointers.
+    Pointers,
+}
+
+/// A range of a span, in span positions, and what it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// First position.
+    pub start: u64,
+    /// Position after the last.
+    pub end: u64,
+    /// What the bytes are.
+    pub holds: Holds,
 }
 
 /// One segment: `len` new addresses from `new`, the same number of old ones from `old`.
@@ -55,7 +94,7 @@ impl AddressMap {
             flat.extend([i64::from(s.new) - end, i64::from(s.len), this - shift]);
             (end, shift) = (i64::from(s.new) + i64::from(s.len), this);
         }
-        AddressMap { code, segments: flat }
+        AddressMap { code, segments: flat, ..Default::default() }
     }
 
     /// The segments, checked: whole triples, each within 32-bit addresses, in order, at least
@@ -89,6 +128,38 @@ impl AddressMap {
         if let Some(w) = by_old.windows(2).find(|w| u64::from(w[0].old) + u64::from(w[0].len) > u64::from(w[1].old)) {
             return bad(format!("segments at new addresses {:#x} and {:#x} overlap in old addresses", w[0].new, w[1].new));
         }
+        Ok(out)
+    }
+
+    /// The ranges of a span of `len` bytes that the view converts, in order, checked: the
+    /// code and the pointer ranges lie inside the span and do not overlap, and each pointer
+    /// range is whole words.
+    pub fn regions(&self, len: u64) -> Result<Vec<Region>> {
+        let bad = |reason: String| Err(Error::malformed("delta.json", format!("address map: {reason}")));
+        let code_end = match self.code_len {
+            Some(n) => self.code_at.checked_add(n),
+            None => Some(len),
+        };
+        let Some(code_end) = code_end.filter(|&e| e <= len && e >= self.code_at) else {
+            return bad(format!("the code at {} ({:?} bytes) is outside the span of {len} bytes", self.code_at, self.code_len));
+        };
+        let mut out = vec![Region { start: self.code_at, end: code_end, holds: Holds::Code { ip: self.code } }];
+        if !self.pointers.len().is_multiple_of(2) {
+            return bad(format!("{} numbers are not whole pointer ranges of two", self.pointers.len()));
+        }
+        let mut end = 0u64;
+        for (k, r) in self.pointers.chunks_exact(2).enumerate() {
+            let start = end.checked_add(r[0]);
+            let stop = start.and_then(|s| s.checked_add(r[1]));
+            let (Some(start), Some(stop)) = (start, stop) else { return bad(format!("pointer range {k} ends beyond 2^64")) };
+            if r[1] == 0 || !r[1].is_multiple_of(8) || stop > len || (start < code_end && self.code_at < stop && code_end > self.code_at) {
+                return bad(format!("pointer range {k} ({start}..{stop}) is empty, not whole words, outside the span of {len} bytes or over the code"));
+            }
+            out.push(Region { start, end: stop, holds: Holds::Pointers });
+            end = stop;
+        }
+        out.sort_by_key(|r| r.start);
+        out.retain(|r| r.end > r.start);
         Ok(out)
     }
 
@@ -204,6 +275,7 @@ mod tests {
     fn maps_round_trip_through_json_numbers() {
         let segments = vec![seg(0x40_1000, 0x40_0ff0, 0x300), seg(0x40_2000, 0x40_2100, 1), seg(0x50_0000, 0x10, 0x20)];
         let map = AddressMap::new(0x40_1000, &segments);
+        assert_eq!(map.regions(100).unwrap(), [Region { start: 0, end: 100, holds: Holds::Code { ip: 0x40_1000 } }]);
         assert_eq!(map.segments[..6], [0x40_1000, 0x300, -0x10, 0xd00, 1, 0x110]);
         let json = serde_json::to_string(&map).unwrap();
         let back: AddressMap = serde_json::from_str(&json).unwrap();
@@ -211,9 +283,29 @@ mod tests {
     }
 
     #[test]
+    fn spans_hold_code_and_pointer_ranges_that_do_not_overlap() {
+        let map = AddressMap { code: 0x40_2000, code_at: 0x1000, code_len: Some(0x800), pointers: vec![0x10, 0x40, 0x1800, 0x18], ..Default::default() };
+        assert_eq!(
+            map.regions(0x4000).unwrap(),
+            [
+                Region { start: 0x10, end: 0x50, holds: Holds::Pointers },
+                Region { start: 0x1000, end: 0x1800, holds: Holds::Code { ip: 0x40_2000 } },
+                Region { start: 0x1850, end: 0x1868, holds: Holds::Pointers },
+            ]
+        );
+        let refused = |m: AddressMap, len: u64| m.regions(len).unwrap_err().to_string();
+        // Past the span, over the code, not whole words, cut.
+        assert!(refused(map.clone(), 0x1860).contains("outside the span"));
+        assert!(refused(AddressMap { pointers: vec![0xff8, 0x10], ..map.clone() }, 0x4000).contains("over the code"));
+        assert!(refused(AddressMap { pointers: vec![0, 12], ..map.clone() }, 0x4000).contains("not whole words"));
+        assert!(refused(AddressMap { pointers: vec![0], ..map.clone() }, 0x4000).contains("not whole pointer ranges"));
+        assert!(refused(AddressMap { code_len: Some(0x4000), ..map }, 0x4000).contains("outside the span"));
+    }
+
+    #[test]
     fn maps_that_overlap_leave_32_bits_or_are_cut_are_refused() {
         let refused = |segments: Vec<i64>| {
-            let e = AddressMap { code: 0, segments }.segments().unwrap_err().to_string();
+            let e = AddressMap { segments, ..Default::default() }.segments().unwrap_err().to_string();
             assert!(e.contains("address map"), "{e}");
             e
         };

@@ -252,9 +252,10 @@ impl RepackedMember {
         };
         if ok {
             if let Some(map) = &self.address_map {
-                map.segments().map_err(|e| {
-                    Error::malformed("delta.json", format!("{what}: the {} at offset {}: {e}", self.member.wrapping.noun(), self.member.offset))
-                })?;
+                let at =
+                    |e: Error| Error::malformed("delta.json", format!("{what}: the {} at offset {}: {e}", self.member.wrapping.noun(), self.member.offset));
+                map.segments().map_err(at)?;
+                map.regions(self.member.raw_len).map_err(at)?;
             }
             return Ok(());
         }

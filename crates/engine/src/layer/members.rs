@@ -191,7 +191,7 @@ pub fn inflate_member<M: Seen + ?Sized>(input: &mut dyn Read, seen: &M, output: 
 /// Writes the `len` bytes of x86-64 code read from `input` to `output` as the differ sees
 /// them.
 fn see_x86_64_code(input: &mut dyn Read, len: u64, map: &AddressMap, mut output: &mut dyn Write, what: &str) -> Result<()> {
-    let mut converter = Converter::new(map.projection()?, map.code, x86_64_code::Direction::ToOld);
+    let mut converter = Converter::new(map, len, x86_64_code::Direction::ToOld)?;
     let mut buf = vec![0u8; 64 << 10];
     let mut left = len;
     // Errors of `output` (the size limit) keep their kind.
@@ -336,7 +336,7 @@ impl<'a, W: Write> Repacker<'a, W> {
                         .address_map
                         .as_ref()
                         .ok_or_else(|| Error::malformed("delta.json", format!("the x86-64 code at offset {} has no address map", member.member.offset)))?;
-                    Packer::X8664Code(Converter::new(map.projection()?, map.code, x86_64_code::Direction::ToNew))
+                    Packer::X8664Code(Converter::new(map, member.member.raw_len, x86_64_code::Direction::ToNew)?)
                 }
                 (Wrapping::Gzip | Wrapping::Deflate, Some(descriptor), None) => Packer::Deflate(descriptor.member_encoder()?),
                 (Wrapping::Gzip | Wrapping::Deflate, None, Some(encoder)) => Packer::Deflate(encoder.deflate_encoder()?),

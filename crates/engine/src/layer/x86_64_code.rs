@@ -37,7 +37,8 @@ use std::io::{self, Write};
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind};
 
-use crate::format::address_map::Projection;
+use crate::error::Result;
+use crate::format::address_map::{AddressMap, Holds, Projection, Region};
 
 /// Bytes converted at a time by [`Converter`].
 const BUFFER_BYTES: usize = 64 << 10;
@@ -131,34 +132,96 @@ pub fn looks_like_x86_64_elf(head: &[u8]) -> bool {
     head.len() >= 20 && head[..4] == ELFMAG && head[4] == ELFCLASS64.0 && head[5] == ELFDATA2LSB.0 && u16::from_le_bytes([head[18], head[19]]) == EM_X86_64.0
 }
 
-/// Converts a span pushed in pieces of any size, writing what is done.
+/// Converts the 64-bit pointers of `words` (whole words): a word whose high 32 bits are
+/// zero is an address, mapped as the direction says; any other word is left as it is.
+pub fn convert_pointers(words: &mut [u8], projection: &Projection, direction: Direction) {
+    for w in words.chunks_exact_mut(8) {
+        let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        if v >> 32 != 0 {
+            continue;
+        }
+        let out = match direction {
+            Direction::ToOld => projection.to_old(v as u32),
+            Direction::ToNew => projection.to_new(v as u32),
+        };
+        w.copy_from_slice(&u64::from(out).to_le_bytes());
+    }
+}
+
+/// Converts a span pushed in pieces of any size, writing what is done: its code's references
+/// and its pointers, as its [`AddressMap`] places them; other bytes pass as they are.
+///
+/// [`AddressMap`]: crate::format::address_map::AddressMap
 #[derive(Debug)]
 pub struct Converter {
     projection: Projection,
     direction: Direction,
+    regions: Vec<Region>,
+    /// The region holding or following `at`.
+    next: usize,
+    /// Span position of the next byte pushed.
+    at: u64,
+    /// Code waiting for the rest of an instruction, or a partial pointer.
     buf: Vec<u8>,
-    /// Address of `buf[0]`, an instruction's start.
+    /// Address of `buf[0]` in code, an instruction's start.
     ip: u64,
 }
 
 impl Converter {
-    /// Converts a span starting at address `code`.
-    pub fn new(projection: Projection, code: u64, direction: Direction) -> Self {
-        Converter { projection, direction, buf: Vec::with_capacity(BUFFER_BYTES), ip: code }
+    /// Converts a span of `len` bytes laid out and mapped by `map` (checked).
+    pub fn new(map: &AddressMap, len: u64, direction: Direction) -> Result<Self> {
+        Ok(Self::with_regions(map.projection()?, map.regions(len)?, direction))
     }
 
-    /// Converts `data` and writes what is done to `output`; up to 14 bytes wait for the
-    /// rest of their instruction.
+    /// Converts a span that is all code, starting at address `ip`.
+    pub fn code(projection: Projection, ip: u64, direction: Direction) -> Self {
+        Self::with_regions(projection, vec![Region { start: 0, end: u64::MAX, holds: Holds::Code { ip } }], direction)
+    }
+
+    fn with_regions(projection: Projection, regions: Vec<Region>, direction: Direction) -> Self {
+        Converter { projection, direction, regions, next: 0, at: 0, buf: Vec::with_capacity(BUFFER_BYTES), ip: 0 }
+    }
+
+    /// Converts `data` and writes what is done to `output`; up to 14 bytes of code wait for
+    /// the rest of their instruction, up to 7 of a pointer for the rest of it.
     pub fn write(&mut self, mut data: &[u8], output: &mut impl Write) -> io::Result<()> {
         while !data.is_empty() {
-            let n = (BUFFER_BYTES - self.buf.len()).min(data.len());
+            while self.regions.get(self.next).is_some_and(|r| r.end <= self.at) {
+                self.next += 1;
+            }
+            let Some(&region) = self.regions.get(self.next) else {
+                self.at += data.len() as u64;
+                return output.write_all(data);
+            };
+            if self.at < region.start {
+                let n = (region.start - self.at).min(data.len() as u64) as usize;
+                output.write_all(&data[..n])?;
+                (self.at, data) = (self.at + n as u64, &data[n..]);
+                continue;
+            }
+            if self.at == region.start {
+                if let Holds::Code { ip } = region.holds {
+                    self.ip = ip;
+                }
+            }
+            let n = (region.end - self.at).min(data.len() as u64).min((BUFFER_BYTES - self.buf.len()) as u64) as usize;
             self.buf.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.buf.len() == BUFFER_BYTES {
-                let done = convert(&mut self.buf, self.ip, &self.projection, self.direction, false);
-                output.write_all(&self.buf[..done])?;
-                self.ip = self.ip.wrapping_add(done as u64);
-                self.buf.drain(..done);
+            (self.at, data) = (self.at + n as u64, &data[n..]);
+            let ends = self.at == region.end;
+            match region.holds {
+                Holds::Code { .. } if ends || self.buf.len() == BUFFER_BYTES => {
+                    let done = convert(&mut self.buf, self.ip, &self.projection, self.direction, ends);
+                    output.write_all(&self.buf[..done])?;
+                    self.ip = self.ip.wrapping_add(done as u64);
+                    self.buf.drain(..done);
+                }
+                Holds::Code { .. } => {}
+                Holds::Pointers => {
+                    let whole = self.buf.len() / 8 * 8;
+                    convert_pointers(&mut self.buf[..whole], &self.projection, self.direction);
+                    output.write_all(&self.buf[..whole])?;
+                    self.buf.drain(..whole);
+                }
             }
         }
         Ok(())
@@ -166,7 +229,9 @@ impl Converter {
 
     /// Converts and writes the rest: the span ends here.
     pub fn finish(mut self, output: &mut impl Write) -> io::Result<()> {
-        convert(&mut self.buf, self.ip, &self.projection, self.direction, true);
+        if let Some(Region { holds: Holds::Code { .. }, .. }) = self.regions.get(self.next) {
+            convert(&mut self.buf, self.ip, &self.projection, self.direction, true);
+        }
         output.write_all(&self.buf)
     }
 }
@@ -284,7 +349,7 @@ mod tests {
         #[test]
         fn pieces_of_any_size_give_the_bytes_of_the_whole(code in code(), p in projection(), cuts in prop::collection::vec(1usize..3000, 1..20)) {
             let whole = converted(code.clone(), 0x40_1000, &p, Direction::ToOld);
-            let mut c = Converter::new(p.clone(), 0x40_1000, Direction::ToOld);
+            let mut c = Converter::code(p.clone(), 0x40_1000, Direction::ToOld);
             let mut out = Vec::new();
             let mut rest = &code[..];
             for n in cuts.into_iter().cycle() {
@@ -297,6 +362,77 @@ mod tests {
             }
             c.finish(&mut out).unwrap();
             prop_assert_eq!(out, whole);
+        }
+    }
+
+    /// Pushes `span` through a converter of `map` in pieces of `step` bytes.
+    fn through(map: &AddressMap, span: &[u8], direction: Direction, step: usize) -> Vec<u8> {
+        let mut c = Converter::new(map, span.len() as u64, direction).unwrap();
+        let mut out = Vec::new();
+        for piece in span.chunks(step) {
+            c.write(piece, &mut out).unwrap();
+        }
+        c.finish(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn pointers_move_with_their_targets_and_other_words_and_bytes_stay() {
+        // A span: 16 bytes of other data, two pointer words, then code calling 0x3100.
+        let map = AddressMap {
+            code: 0x1040,
+            code_at: 32,
+            code_len: Some(5),
+            pointers: vec![16, 16],
+            ..AddressMap::new(0, &[Segment { new: 0x1040, old: 0x1000, len: 0x100 }, Segment { new: 0x3100, old: 0x3000, len: 0x100 }])
+        };
+        let mut span = vec![0x11u8; 16];
+        span.extend(0x3140u64.to_le_bytes());
+        span.extend(0x1_0000_3140u64.to_le_bytes());
+        span.extend(call(0x1040, 0x3100));
+        span.extend([0xe8, 0, 0, 0, 0]);
+        let seen = through(&map, &span, Direction::ToOld, 3);
+        assert_eq!(seen[..16], span[..16]);
+        assert_eq!(seen[16..24], 0x3040u64.to_le_bytes(), "a pointer into a segment moves with it");
+        assert_eq!(seen[24..32], span[24..32], "a word above 4 GiB is no address");
+        assert_eq!(seen[32..37], call(0x1000, 0x3000)[..], "the call is the old one");
+        assert_eq!(seen[37..], span[37..], "bytes after the code are not code");
+        for step in [1, 7, 64] {
+            assert_eq!(through(&map, &seen, Direction::ToNew, step), span);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn spans_of_code_and_pointers_convert_the_same_in_any_pieces_and_back(
+            code in code(),
+            p in projection(),
+            head in prop::collection::vec(any::<u8>(), 0..300),
+            words in prop::collection::vec(0u64..0x50_0000, 0..64),
+            step in 1usize..5000,
+        ) {
+            let mut span = head.clone();
+            let pointers_at = span.len() as u64;
+            span.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+            let code_at = span.len() as u64;
+            span.extend(&code);
+            span.extend(&head);
+            let mut map = AddressMap { code: 0x40_1000, code_at, code_len: Some(code.len() as u64), ..Default::default() };
+            if !words.is_empty() {
+                map.pointers = vec![pointers_at, 8 * words.len() as u64];
+            }
+            let converter = |direction, bytes: &[u8], step| {
+                let mut c = Converter::with_regions(p.clone(), map.regions(bytes.len() as u64).unwrap(), direction);
+                let mut out = Vec::new();
+                for piece in bytes.chunks(step) {
+                    c.write(piece, &mut out).unwrap();
+                }
+                c.finish(&mut out).unwrap();
+                out
+            };
+            let whole = converter(Direction::ToOld, &span, span.len().max(1));
+            prop_assert_eq!(&converter(Direction::ToOld, &span, step), &whole);
+            prop_assert_eq!(converter(Direction::ToNew, &whole, step), span);
         }
     }
 
@@ -315,7 +451,7 @@ mod tests {
         let p = Projection::new(&[Segment { new: 0x40_0000, old: 0x30_0000, len: 0x1_0000 }, Segment { new: 0x41_0000, old: 0x50_0000, len: 0x4_0000 }]);
         let whole = converted(code.clone(), 0x40_0000, &p, Direction::ToOld);
         assert_ne!(whole, code);
-        let mut c = Converter::new(p.clone(), 0x40_0000, Direction::ToOld);
+        let mut c = Converter::code(p.clone(), 0x40_0000, Direction::ToOld);
         let mut out = Vec::new();
         for piece in code.chunks(4093) {
             c.write(piece, &mut out).unwrap();
