@@ -16,8 +16,10 @@ use object::elf::{FileHeader64, SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS,
 use object::read::elf::{FileHeader, SectionHeader};
 use object::LittleEndian;
 
+use crate::diff::approximate::compressed_len;
+use crate::error::{Error, Result};
 use crate::format::address_map::{AddressMap, Segment};
-use crate::layer::x86_64_code::scan;
+use crate::layer::x86_64_code::{scan, Converter, Direction};
 
 /// Bytes hashed per anchor window.
 const WINDOW: usize = 24;
@@ -269,6 +271,26 @@ fn used(segments: Vec<Segment>, references: &[(u32, u32)]) -> Vec<Segment> {
         }
     }
     out
+}
+
+/// Files up to this size are coded through their view only when [`worth_it`] says so; larger
+/// ones always are (their maps cost little beside what moved code costs).
+pub const TRIAL_MAX_BYTES: u64 = 16 << 20;
+
+/// zstd level of the trial: what matters is the difference, cheaply.
+const TRIAL_LEVEL: i32 = 3;
+
+/// Whether `view` of `new` is estimated smaller than `new` as it is, its map included, both
+/// compressed against `old`.
+pub fn worth_it(new: &[u8], old: &[u8], view: &CodeView) -> Result<bool> {
+    let (start, end) = (view.offset as usize, (view.offset + view.len) as usize);
+    let mut seen = new[..start].to_vec();
+    let mut converter = Converter::new(&view.map, view.len, Direction::ToOld)?;
+    converter.write(&new[start..end], &mut seen).and_then(|()| converter.finish(&mut seen)).map_err(|e| Error::io("seeing x86-64 code", e))?;
+    seen.extend_from_slice(&new[end..]);
+    let map = serde_json::to_vec(&view.map).map_err(|e| Error::malformed("address map", e.to_string()))?.len() as u64;
+    let (plain, through) = rayon::join(|| compressed_len(old, new, TRIAL_LEVEL, true), || compressed_len(old, &seen, TRIAL_LEVEL, true));
+    Ok(through? + map / 2 < plain?)
 }
 
 /// The code view of `new`, an x86-64 ELF file, against `old`, its partner: `None` unless both

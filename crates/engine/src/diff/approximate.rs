@@ -288,15 +288,26 @@ pub fn chunk_bytes(old: &[u8], new: &[u8], steps: &[Step]) -> Vec<u8> {
 pub fn worth_it(old: &[u8], new: &[u8], steps: &[Step]) -> Result<bool> {
     let records = steps.iter().map(|s| u64::from(s.add > 0) * ADD_RECORD_BYTES + u64::from(s.extra > 0) * LITERAL_RECORD_BYTES).sum::<u64>();
     // Both at once: on a large executable they are the last serial step of its alignment.
-    let (literals, approximate) = rayon::join(|| compressed_len(old, new), || compressed_len(old, &chunk_bytes(old, new, steps)));
+    let (literals, approximate) =
+        rayon::join(|| compressed_len(old, new, ESTIMATE_LEVEL, false), || compressed_len(old, &chunk_bytes(old, new, steps), ESTIMATE_LEVEL, false));
     let (literals, approximate) = (literals?, approximate? + records);
     Ok((approximate as f64) < literals as f64 * KEEP_BELOW)
 }
 
-fn compressed_len(prefix: &[u8], data: &[u8]) -> Result<u64> {
+/// How many bytes zstd at `level` compresses `data` to, with `prefix` as its reference
+/// prefix: the differ's estimate of what coding `data` against `prefix` costs. With
+/// `whole_prefix`, the window spans the prefix and the data (up to 2^27 bytes) and long matches
+/// are searched all over it, so that a fast level still finds what the data shares with the
+/// prefix.
+pub fn compressed_len(prefix: &[u8], data: &[u8], level: i32, whole_prefix: bool) -> Result<u64> {
     let zstd_err = |code: usize| Error::malformed("zstd compression", zstd_safe::get_error_name(code).to_string());
     let mut cctx = zstd_safe::CCtx::create();
-    cctx.set_parameter(CParameter::CompressionLevel(ESTIMATE_LEVEL)).map_err(zstd_err)?;
+    cctx.set_parameter(CParameter::CompressionLevel(level)).map_err(zstd_err)?;
+    if whole_prefix {
+        let span = (prefix.len() + data.len()).max(1 << 10);
+        cctx.set_parameter(CParameter::WindowLog(span.next_power_of_two().trailing_zeros().min(27))).map_err(zstd_err)?;
+        cctx.set_parameter(CParameter::EnableLongDistanceMatching(true)).map_err(zstd_err)?;
+    }
     cctx.set_parameter(CParameter::ChecksumFlag(false)).map_err(zstd_err)?;
     cctx.ref_prefix(prefix).map_err(zstd_err)?;
     let mut frame = Vec::with_capacity(zstd_safe::compress_bound(data.len()));
@@ -337,8 +348,8 @@ mod tests {
         assert_eq!(bytes.len(), new.len());
         assert_eq!(rebuild(&old, &new, &steps), new);
         assert!(worth_it(&old, &new, &steps).unwrap());
-        let literal = compressed_len(&old, &new).unwrap();
-        let approximate = compressed_len(&old, &bytes).unwrap();
+        let literal = compressed_len(&old, &new, ESTIMATE_LEVEL, false).unwrap();
+        let approximate = compressed_len(&old, &bytes, ESTIMATE_LEVEL, false).unwrap();
         assert!(approximate * 4 < literal, "{approximate} bytes approximated, {literal} as literals");
     }
 

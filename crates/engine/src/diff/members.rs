@@ -18,6 +18,7 @@
 //! A changed x86-64 executable or shared library whose partner is one too has its code seen
 //! with each reference coded in the partner's addresses ([`crate::layer::x86_64_code`]),
 //! through the address map [`crate::diff::address_map`] derives; the partner is read as it is.
+//! A file of up to 16 MiB gets the view only when a quick trial says it pays for its map.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -155,8 +156,10 @@ pub fn find(targets: &HashMap<u32, Unpacked>, index: &SourceIndex<'_>, limit: u6
                     _ => Default::default(),
                 },
                 Kind::X8664Elf => match address_map::x86_64_code(data, source_data) {
-                    Some(view) => (vec![RepackedMember::x86_64_code(Member::x86_64_code(e.data_start + view.offset, view.len), view.map)], Vec::new()),
-                    None => Default::default(),
+                    Some(view) if data.len() as u64 > address_map::TRIAL_MAX_BYTES || address_map::worth_it(data, source_data, &view)? => {
+                        (vec![RepackedMember::x86_64_code(Member::x86_64_code(e.data_start + view.offset, view.len), view.map)], Vec::new())
+                    }
+                    _ => Default::default(),
                 },
             })
         })
