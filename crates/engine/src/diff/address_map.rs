@@ -18,7 +18,7 @@ use object::LittleEndian;
 
 use crate::diff::approximate::compressed_len;
 use crate::error::{Error, Result};
-use crate::format::address_map::{AddressMap, Segment};
+use crate::format::address_map::{AddressMap, Segment, MAX_SEGMENTS};
 use crate::layer::x86_64_code::{scan, Converter, Direction};
 
 /// Bytes hashed per anchor window.
@@ -345,7 +345,7 @@ pub fn x86_64_code(new: &[u8], old: &[u8]) -> Option<CodeView> {
     }
     let image_end = new_sections.iter().map(|s| s.address + s.size).max()?;
     let segments = used(segments(&anchors, image_end), &references);
-    if segments.is_empty() {
+    if segments.is_empty() || segments.len() > MAX_SEGMENTS {
         return None;
     }
     // One span from the first pointer range or the code, whichever comes first in the file,
