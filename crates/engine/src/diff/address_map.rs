@@ -36,14 +36,15 @@ const MIN_HITS: u32 = 1;
 /// One in this many windows (by hash, so the same in both files) is an anchor candidate.
 const SAMPLE: u64 = 2;
 
-/// The code view of a changed x86-64 executable: its code's place in the file and its map.
+/// The code view of a changed x86-64 executable: the span of the file it covers (its code and
+/// pointer ranges, and what lies between) and its map, which places them in the span.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CodeView {
-    /// Where the code starts in the file.
+    /// Where the span starts in the file.
     pub offset: u64,
     /// How long it is.
     pub len: u64,
-    /// Where its addresses were in the old file.
+    /// Where the new file's addresses were in the old file, and the span's layout.
     pub map: AddressMap,
 }
 
@@ -361,4 +362,82 @@ pub fn x86_64_code(new: &[u8], old: &[u8]) -> Option<CodeView> {
         last = at - start + n;
     }
     Some(CodeView { offset: start, len: end - start, map })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fuzz seed: a small x86-64 executable (a C program, stripped).
+    fn elf() -> Vec<u8> {
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/seeds/x86_64_code/elf-exec")).unwrap()
+    }
+
+    #[test]
+    fn runs_of_anchors_make_segments_that_reach_to_the_next() {
+        // Three anchors moved by -0x10, then four by +0x100, then one alone (noise).
+        let anchors =
+            [(0x1000, 0x0ff0), (0x1040, 0x1030), (0x1080, 0x1070), (0x2000, 0x2100), (0x2020, 0x2120), (0x2040, 0x2140), (0x2060, 0x2160), (0x3000, 0x500)];
+        let segments = segments(&anchors, 0x4000);
+        assert_eq!(
+            segments,
+            [
+                // The first reaches to the second.
+                Segment { new: 0x1000, old: 0x0ff0, len: 0x1000 },
+                // The second reaches to the end of the image.
+                Segment { new: 0x2000, old: 0x2100, len: 0x2000 },
+            ]
+        );
+    }
+
+    #[test]
+    fn segments_that_claim_the_same_old_addresses_keep_the_longest() {
+        // Two runs moved onto the same old code: the longer one keeps it.
+        let anchors = [(0x1000, 0x5000), (0x1100, 0x5100), (0x1200, 0x5200), (0x3000, 0x5000), (0x3040, 0x5040)];
+        let segments = segments(&anchors, 0x1218);
+        assert_eq!(segments, [Segment { new: 0x1000, old: 0x5000, len: 0x218 }]);
+    }
+
+    #[test]
+    fn segments_that_no_reference_uses_are_dropped() {
+        let segments = [
+            Segment { new: 0x1000, old: 0x1000, len: 0x100 },
+            Segment { new: 0x1100, old: 0x1110, len: 0x100 },
+            Segment { new: 0x1200, old: 0x1220, len: 0x100 },
+        ];
+        // A call from the first segment into the third; the second holds nothing.
+        assert_eq!(used(segments.to_vec(), &[(0x1010, 0x1250)]), [segments[0], segments[2]]);
+    }
+
+    #[test]
+    fn a_file_against_itself_maps_its_addresses_onto_themselves() {
+        let data = elf();
+        let view = x86_64_code(&data, &data).expect("a code view");
+        assert!(view.offset + view.len <= data.len() as u64);
+        let map = &view.map;
+        assert!(map.code_len.is_some_and(|n| n > 0), "{map:?}");
+        assert!(!map.pointers.is_empty(), "the relocations and .data.rel.ro hold pointers: {map:?}");
+        let projection = map.projection().unwrap();
+        for s in map.segments().unwrap() {
+            assert_eq!(s.new, s.old);
+            assert_eq!(projection.to_old(s.new), s.new);
+        }
+    }
+
+    #[test]
+    fn files_that_are_not_x86_64_executables_or_lie_have_no_view() {
+        let data = elf();
+        assert_eq!(x86_64_code(&data[..200], &data), None);
+        assert_eq!(x86_64_code(b"#!/bin/sh\necho hello\n", &data), None);
+        // A section table whose first section claims to run past the end of the file.
+        let header = FileHeader64::<LittleEndian>::parse(&data[..]).unwrap();
+        let endian = header.endian().unwrap();
+        let (shoff, shentsize) = (header.e_shoff(endian) as usize, usize::from(header.e_shentsize(endian)));
+        let mut long = data.clone();
+        for k in 1..usize::from(header.e_shnum(endian)) {
+            let size_at = shoff + k * shentsize + 32;
+            long[size_at..size_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        }
+        assert_eq!(x86_64_code(&long, &data), None);
+    }
 }
