@@ -112,33 +112,21 @@ fn windows(data: &[u8], sections: &[Section], mut references: Option<&mut Vec<(u
         }
     };
     let (offset, len, address) = code_span(sections)?;
-    let mut code = data[offset as usize..(offset + len) as usize].to_vec();
-    let mut starts = Vec::new();
-    scan(&data[offset as usize..(offset + len) as usize], address, true, |f| {
-        starts.push(f.start);
+    let raw = &data[offset as usize..(offset + len) as usize];
+    // A copy of the code with its references blanked, and where its instructions start.
+    let mut code = raw.to_vec();
+    let mut instruction_starts = Vec::new();
+    scan(raw, address, true, |f| {
+        instruction_starts.push(f.start);
         if let Some(at) = f.field {
-            starts.push(usize::MAX);
-            starts.push(at);
             if let Some(r) = references.as_mut() {
                 let end = address.wrapping_add((f.start + f.len) as u64) as u32;
-                let v = u32::from_le_bytes(code[at..at + 4].try_into().expect("4 bytes"));
+                let v = u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
                 r.push((end, end.wrapping_add(v)));
             }
+            code[at..at + 4].fill(0);
         }
     });
-    // Blank the references, then hash the windows at instruction starts.
-    let mut i = 0;
-    let mut instruction_starts = Vec::with_capacity(starts.len());
-    while i < starts.len() {
-        if starts[i] == usize::MAX {
-            code[starts[i + 1]..starts[i + 1] + 4].fill(0);
-            i += 2;
-        } else {
-            instruction_starts.push(starts[i]);
-            i += 1;
-        }
-    }
-    drop(starts);
     for &s in &instruction_starts {
         if s + WINDOW <= code.len() {
             keep(hash(&code[s..s + WINDOW], 0), address + s as u64);
@@ -154,16 +142,7 @@ fn windows(data: &[u8], sections: &[Section], mut references: Option<&mut Vec<(u
         }
     }
     out.sort_unstable();
-    let mut unique = Vec::with_capacity(out.len());
-    let mut i = 0;
-    while i < out.len() {
-        let j = i + out[i..].iter().take_while(|w| w.0 == out[i].0).count();
-        if j == i + 1 {
-            unique.push(out[i]);
-        }
-        i = j;
-    }
-    Some(unique)
+    Some(out.chunk_by(|a, b| a.0 == b.0).filter(|same| same.len() == 1).map(|same| same[0]).collect())
 }
 
 /// A run of anchors with one shift: new addresses `start..end`, old = new + `shift`.
@@ -235,13 +214,17 @@ fn segments(anchors: &[(u32, u32)], image_end: u64) -> Vec<Segment> {
     }
     let mut out: Vec<Segment> = Vec::with_capacity(kept.len());
     for r in kept {
-        let (new, len, old) = (r.start as u32, (r.end - r.start) as u32, old(&r, r.start) as u32);
-        match out.last_mut() {
-            Some(l) if u64::from(l.new) + u64::from(l.len) == r.start && u64::from(l.old) + u64::from(l.len) == u64::from(old) => l.len += len,
-            _ => out.push(Segment { new, old, len }),
-        }
+        push_merged(&mut out, Segment { new: r.start as u32, old: old(&r, r.start) as u32, len: (r.end - r.start) as u32 });
     }
     out
+}
+
+/// Appends `s` to `out`, or lengthens the last segment when `s` continues it on both sides.
+fn push_merged(out: &mut Vec<Segment>, s: Segment) {
+    match out.last_mut() {
+        Some(l) if u64::from(l.new) + u64::from(l.len) == u64::from(s.new) && u64::from(l.old) + u64::from(l.len) == u64::from(s.old) => l.len += s.len,
+        _ => out.push(s),
+    }
 }
 
 /// The segments that hold the end or the target of some reference, or a pointer: the others
@@ -263,12 +246,8 @@ fn used(segments: Vec<Segment>, references: &[(u32, u32)]) -> Vec<Segment> {
     }
     let mut out: Vec<Segment> = Vec::with_capacity(segments.len());
     for (s, h) in segments.into_iter().zip(hits) {
-        if h < MIN_HITS {
-            continue;
-        }
-        match out.last_mut() {
-            Some(l) if u64::from(l.new) + u64::from(l.len) == u64::from(s.new) && u64::from(l.old) + u64::from(l.len) == u64::from(s.old) => l.len += s.len,
-            _ => out.push(s),
+        if h >= MIN_HITS {
+            push_merged(&mut out, s);
         }
     }
     out

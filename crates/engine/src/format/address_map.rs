@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::format::is_zero;
 
 /// The most segments a map may have: the applier holds a map's segments twice (about 80
 /// bytes each), so this bounds its memory at about 5 MiB. The differ needs one per run of
@@ -44,10 +45,6 @@ pub struct AddressMap {
     /// 8. They do not overlap the code.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pointers: Vec<u64>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// What a range of a span holds.
@@ -84,6 +81,11 @@ pub struct Segment {
     pub len: u32,
 }
 
+/// Refuses a map of `delta.json` for `reason`.
+fn bad<T>(reason: String) -> Result<T> {
+    Err(Error::malformed("delta.json", format!("address map: {reason}")))
+}
+
 impl AddressMap {
     /// The map of `segments` (in order of new address, not overlapping on either side), for
     /// code starting at address `code`.
@@ -101,7 +103,6 @@ impl AddressMap {
     /// The segments, checked: whole triples, each within 32-bit addresses, in order, at least
     /// one address long, and overlapping no other on either side.
     pub fn segments(&self) -> Result<Vec<Segment>> {
-        let bad = |reason: String| Err(Error::malformed("delta.json", format!("address map: {reason}")));
         if !self.segments.len().is_multiple_of(3) {
             return bad(format!("{} numbers are not whole segments of three", self.segments.len()));
         }
@@ -136,7 +137,6 @@ impl AddressMap {
     /// code and the pointer ranges lie inside the span and do not overlap, and each pointer
     /// range is whole words.
     pub fn regions(&self, len: u64) -> Result<Vec<Region>> {
-        let bad = |reason: String| Err(Error::malformed("delta.json", format!("address map: {reason}")));
         let code_end = match self.code_len {
             Some(n) => self.code_at.checked_add(n),
             None => Some(len),
@@ -171,11 +171,11 @@ impl AddressMap {
 }
 
 /// One side's segments in address order, with how many segment addresses lie before each.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Side {
     /// (start on this side, start on the other side, length), by start on this side.
     segments: Vec<(u64, u64, u64)>,
-    /// `before[i]`: the total length of `segments[..i]`.
+    /// `before[i]`: the total length of `segments[..i]` (one more entry than `segments`).
     before: Vec<u64>,
     /// `free[i]`: how many addresses outside every segment lie below `segments[i]`.
     free: Vec<u64>,
@@ -184,12 +184,12 @@ struct Side {
 impl Side {
     fn new(mut segments: Vec<(u64, u64, u64)>) -> Side {
         segments.sort_unstable();
-        let mut before = Vec::with_capacity(segments.len());
-        let mut total = 0;
-        for s in &segments {
-            before.push(total);
-            total += s.2;
-        }
+        let before: Vec<u64> = std::iter::once(0)
+            .chain(segments.iter().scan(0, |total, s| {
+                *total += s.2;
+                Some(*total)
+            }))
+            .collect();
         let free = segments.iter().zip(&before).map(|(s, b)| s.0 - b).collect();
         Side { segments, before, free }
     }
@@ -206,17 +206,16 @@ impl Side {
             }
         }
         // `x` is free: the segments wholly below it are the first `i`.
-        let rank = x - if i > 0 { self.before[i - 1] + self.segments[i - 1].2 } else { 0 };
+        let rank = x - self.before[i];
         // The other side's free address of that rank lies after every segment whose start
         // has at most `rank` free addresses below it.
         let k = other.free.partition_point(|&f| f <= rank);
-        let skipped = if k > 0 { other.before[k - 1] + other.segments[k - 1].2 } else { 0 };
-        (rank + skipped) as u32
+        (rank + other.before[k]) as u32
     }
 }
 
 /// A bijection of 32-bit addresses built from an [`AddressMap`]: new to old and back.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Projection {
     new: Side,
     old: Side,

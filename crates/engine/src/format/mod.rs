@@ -19,6 +19,11 @@ pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build reads.
 pub const OLDEST_READ_VERSION: u32 = 1;
 
+/// Whether `n` is its type's zero: serde leaves such fields out of the JSON it writes.
+pub(crate) fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
+}
+
 /// Whether this build reads deltas of format `version`.
 pub fn reads_version(version: u32) -> bool {
     (OLDEST_READ_VERSION..=FORMAT_VERSION).contains(&version)

@@ -6,7 +6,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::address_map::AddressMap;
 use crate::format::encoders::{Descriptor, Encoder, GzipHeader, CORRECTION_ENGINE};
-use crate::format::{reads_version, FORMAT_VERSION, OLDEST_READ_VERSION};
+use crate::format::{is_zero, reads_version, FORMAT_VERSION, OLDEST_READ_VERSION};
 
 /// Feature: some layers are re-encoded byte for byte by a named gzip encoder
 /// ([`Encoding::Exact`]). An applier without it would write other blob digests.
@@ -481,10 +481,6 @@ pub struct PatchStats {
     /// `added_bytes` take their differences from; none when they come from the chunks.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub difference_chunks: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 impl DeltaPlan {

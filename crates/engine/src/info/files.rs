@@ -30,7 +30,7 @@ use crate::diff::Level;
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{LayerPlan, Member, Method};
 use crate::format::records::{PatchHeader, Record, RecordWriter};
-use crate::format::RECORD_STREAM_WINDOW_LOG;
+use crate::format::{is_zero, RECORD_STREAM_WINDOW_LOG};
 use crate::package::DeltaImage;
 
 /// The zstd level of the frame around a patch's records, as the differ writes it
@@ -95,10 +95,6 @@ pub struct FileCost {
     /// uncompressed bytes are the ones counted in `contents`).
     #[serde(skip_serializing_if = "is_zero")]
     pub members_patched_uncompressed: u32,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
 
 /// Bytes of one part of a tar entry, by the record that rebuilt them.

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::apply::{check_source, prepare_sources};
 use crate::digest::Digest;
 use crate::error::{IoContext, Result};
+use crate::format::is_zero;
 use crate::format::plan::{Encoding, Method, PatchStats, Wrapping};
 use crate::layer::exact::Encoder;
 use crate::package::{delta_download_bytes, DeltaImage};
@@ -86,10 +87,6 @@ pub struct LayerInfo {
     /// For `patch`, with [`info_with_files`]: where the patch's bytes go, file by file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub files: Option<LayerFiles>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// Serializes a value of the delta format (whose keys are camelCase, as deltas store them)

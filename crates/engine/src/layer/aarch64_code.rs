@@ -67,8 +67,7 @@ pub fn convert(words: &mut [u8], at: u64, direction: Direction) {
 /// Whether `head` (a file's first bytes, at least 20) starts a little-endian 64-bit ELF
 /// file for AArch64.
 pub fn looks_like_aarch64_elf(head: &[u8]) -> bool {
-    use object::elf::{ELFCLASS64, ELFDATA2LSB, ELFMAG, EM_AARCH64};
-    head.len() >= 20 && head[..4] == ELFMAG && head[4] == ELFCLASS64.0 && head[5] == ELFDATA2LSB.0 && u16::from_le_bytes([head[18], head[19]]) == EM_AARCH64.0
+    super::elf64_le_machine(head) == Some(object::elf::EM_AARCH64.0)
 }
 
 /// A reader giving the bytes of `inner` converted to [`Direction::Absolute`].

@@ -128,8 +128,7 @@ pub fn convert(buf: &mut [u8], ip: u64, projection: &Projection, direction: Dire
 /// Whether `head` (a file's first bytes, at least 20) starts a little-endian 64-bit ELF
 /// file for x86-64.
 pub fn looks_like_x86_64_elf(head: &[u8]) -> bool {
-    use object::elf::{ELFCLASS64, ELFDATA2LSB, ELFMAG, EM_X86_64};
-    head.len() >= 20 && head[..4] == ELFMAG && head[4] == ELFCLASS64.0 && head[5] == ELFDATA2LSB.0 && u16::from_le_bytes([head[18], head[19]]) == EM_X86_64.0
+    super::elf64_le_machine(head) == Some(object::elf::EM_X86_64.0)
 }
 
 /// Converts the 64-bit pointers of `words` (whole words): a word whose high 32 bits are
