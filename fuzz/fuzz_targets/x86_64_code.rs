@@ -1,8 +1,9 @@
 //! The differ decodes the code and hashes the sections of any x86-64 ELF file it pairs, and
 //! the applier turns x86-64 code spans back from their seen form through an address map
 //! the delta carries. With arbitrary bytes: the code view found lies inside the file and its
-//! map is valid; a map made of arbitrary numbers is refused by name or is a bijection; and a
-//! span seen through it then repacked gives the layer's bytes back.
+//! map and layout are valid; a map made of arbitrary numbers is refused by name or is a
+//! bijection; and a span (of code and pointers, or of call frames) seen through it then
+//! repacked gives the layer's bytes back.
 #![no_main]
 
 use std::io::Write;
@@ -17,10 +18,11 @@ fuzz_target!(|data: &[u8]| {
     if let Some(view) = x86_64_code(data, data) {
         assert!(view.offset.checked_add(view.len).is_some_and(|end| end <= data.len() as u64), "span {}+{} of {}", view.offset, view.len, data.len());
         view.map.projection().expect("the differ's maps are valid");
+        view.map.regions(view.len).expect("the differ's layouts are valid");
     }
     // The first byte counts the segments, six bytes each (gap, length, shift); then two
     // bytes place the span in the rest, the layer, and a third lays it out: pointer words
-    // first, then code.
+    // first, then code, or call frames (`.eh_frame_hdr`, then `.eh_frame`).
     let Some((&count, rest)) = data.split_first() else { return };
     let count = usize::from(count % 8);
     if rest.len() < 6 * count + 2 {
@@ -45,6 +47,13 @@ fuzz_target!(|data: &[u8]| {
     let words = 8 * u64::from(c % 8);
     if words > 0 && words <= len {
         (map.pointers, map.code_at) = (vec![0, words], words);
+    }
+    if c & 0x40 != 0 {
+        let rest = len.saturating_sub(map.code_at);
+        let hdr = (u64::from(c >> 3 & 7) * 12 + 12).min(rest);
+        map.code_len = Some(0);
+        map.eh_frame_hdr = Some([map.code_at, hdr, 0x2000]);
+        map.eh_frame = Some([map.code_at + hdr, rest - hdr, 0x2000 + hdr]);
     }
     if map.regions(len).is_err() {
         return;

@@ -9,6 +9,10 @@
 //! shift make a segment; segments that would claim the same old addresses keep the longest;
 //! each segment then reaches forward to the next, as far as the old side has room. Segments
 //! that hold no reference's end or target are dropped: they would only cost bytes.
+//!
+//! Call frame entries are then placed through that map ([`crate::diff::call_frames`]) and the
+//! map is made again with them, so that `.eh_frame` and `.eh_frame_hdr` are seen in the old
+//! file's addresses too ([`crate::layer::call_frames`]).
 
 use std::collections::BTreeMap;
 
@@ -17,8 +21,9 @@ use object::read::elf::{FileHeader, SectionHeader};
 use object::LittleEndian;
 
 use crate::diff::approximate::compressed_len;
+use crate::diff::call_frames::{self, FrameSections, Place};
 use crate::error::{Error, Result};
-use crate::format::address_map::{AddressMap, Segment, MAX_SEGMENTS};
+use crate::format::address_map::{AddressMap, Projection, Segment, MAX_SEGMENTS};
 use crate::layer::x86_64_code::{scan, Converter, Direction};
 
 /// Bytes hashed per anchor window.
@@ -60,12 +65,14 @@ struct Section {
 }
 
 /// The loaded sections of an x86-64 ELF file with bytes in it, if it parses and every one
-/// lies within the file and below 4 GiB of addresses.
-fn sections(data: &[u8]) -> Option<Vec<Section>> {
+/// lies within the file and below 4 GiB of addresses; and where its call frame information is.
+fn sections(data: &[u8]) -> Option<(Vec<Section>, FrameSections)> {
     let header = FileHeader64::<LittleEndian>::parse(data).ok()?;
     let endian = header.endian().ok()?;
     let mut out = Vec::new();
-    for s in header.sections(endian, data).ok()?.iter() {
+    let mut frames = FrameSections::default();
+    let table = header.sections(endian, data).ok()?;
+    for s in table.iter() {
         let flags = s.sh_flags(endian);
         if !flags.contains(SHF_ALLOC) || s.sh_type(endian) == SHT_NOBITS || s.sh_size(endian) == 0 {
             continue;
@@ -77,9 +84,15 @@ fn sections(data: &[u8]) -> Option<Vec<Section>> {
         if end > data.len() as u64 || section.address.checked_add(section.size)? > 1 << 32 {
             return None;
         }
+        let place = Some(Place { offset: section.offset, size: section.size, address: section.address });
+        match table.section_name(endian, s).ok() {
+            Some(b".eh_frame") if !pointers && !code => frames.eh_frame = place,
+            Some(b".eh_frame_hdr") if !pointers && !code => frames.eh_frame_hdr = place,
+            _ => {}
+        }
         out.push(section);
     }
-    Some(out)
+    Some((out, frames))
 }
 
 /// Where the code is: from the first code section to the end of the last (file offsets), and
@@ -154,8 +167,8 @@ struct Run {
     anchors: u32,
 }
 
-/// The segments that anchors `(new, old)` (sorted by new) make.
-fn segments(anchors: &[(u32, u32)], image_end: u64) -> Vec<Segment> {
+/// The runs that anchors `(new, old)` (sorted by new) make.
+fn runs(anchors: &[(u32, u32)]) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
     for &(new, old) in anchors {
         let (new, shift) = (u64::from(new), i64::from(old) - i64::from(new));
@@ -168,6 +181,12 @@ fn segments(anchors: &[(u32, u32)], image_end: u64) -> Vec<Segment> {
         }
     }
     runs.retain(|r| r.anchors >= MIN_ANCHORS);
+    runs
+}
+
+/// The segments that `runs` make.
+fn segments(mut runs: Vec<Run>, image_end: u64) -> Vec<Segment> {
+    runs.sort_by_key(|r| r.start);
     // Not overlapping in new addresses: a run ends where the next starts.
     let mut clipped: Vec<Run> = Vec::with_capacity(runs.len());
     for r in runs {
@@ -276,10 +295,12 @@ pub fn worth_it(new: &[u8], old: &[u8], view: &CodeView) -> Result<bool> {
 /// The code view of `new`, an x86-64 ELF file, against `old`, its partner: `None` unless both
 /// parse, have code and share anchors.
 pub fn x86_64_code(new: &[u8], old: &[u8]) -> Option<CodeView> {
-    let (new_sections, old_sections) = (sections(new)?, sections(old)?);
+    let ((new_sections, new_frames), (old_sections, old_frames)) = (sections(new)?, sections(old)?);
     let (offset, len, code) = code_span(&new_sections)?;
     let mut references = Vec::new();
-    let (new_windows, old_windows) = (windows(new, &new_sections, Some(&mut references))?, windows(old, &old_sections, None)?);
+    // Both files decoded at once.
+    let (new_windows, old_windows) = rayon::join(|| windows(new, &new_sections, Some(&mut references)), || windows(old, &old_sections, None));
+    let (new_windows, old_windows) = (new_windows?, old_windows?);
     let mut anchors = Vec::new();
     let (mut i, mut j) = (0, 0);
     while i < new_windows.len() && j < old_windows.len() {
@@ -324,17 +345,41 @@ pub fn x86_64_code(new: &[u8], old: &[u8]) -> Option<CodeView> {
         }
     }
     let image_end = new_sections.iter().map(|s| s.address + s.size).max()?;
-    let segments = used(segments(&anchors, image_end), &references);
+    let mut segments = used(segments(runs(&anchors), image_end), &references);
+    // Call frame information, over neither the code nor the pointers: its entries placed
+    // through the code's map, then the map made again with them.
+    let clear = |p: &Place| p.offset + p.size <= offset || p.offset >= offset + len;
+    let clear = |p: &Option<Place>| p.filter(|p| clear(p) && pointers.iter().all(|&(at, n)| at + n <= p.offset || at >= p.offset + p.size));
+    let frames = FrameSections { eh_frame: clear(&new_frames.eh_frame), eh_frame_hdr: clear(&new_frames.eh_frame_hdr) };
+    let pieces = call_frames::matched(new, &frames, old, &old_frames, &Projection::new(&segments));
+    if !pieces.is_empty() {
+        let mut all = runs(&anchors);
+        for &(n, o, l) in &pieces {
+            let (start, shift) = (u64::from(n), i64::from(o) - i64::from(n));
+            all.push(Run { start, end: start + u64::from(l), shift, anchors: MIN_ANCHORS });
+            references.push((n, n));
+        }
+        segments = used(self::segments(all, image_end), &references);
+    }
     if segments.is_empty() || segments.len() > MAX_SEGMENTS {
         return None;
     }
-    // One span from the first pointer range or the code, whichever comes first in the file,
-    // to the end of the last.
-    let start = pointers.first().map_or(offset, |p| p.0.min(offset));
-    let end = pointers.iter().map(|p| p.0 + p.1).chain([offset + len]).max()?;
+    // One span from the first pointer range, call frames or the code, whichever comes first
+    // in the file, to the end of the last.
+    let places = [frames.eh_frame, frames.eh_frame_hdr];
+    let start = pointers.iter().map(|p| p.0).chain(places.iter().flatten().map(|p| p.offset)).chain([offset]).min()?;
+    let end = pointers.iter().map(|p| p.0 + p.1).chain(places.iter().flatten().map(|p| p.offset + p.size)).chain([offset + len]).max()?;
     let mut map = AddressMap::new(code, &segments);
     map.code_at = offset - start;
     map.code_len = Some(len);
+    if !pieces.is_empty() {
+        let at = |p: Option<Place>| p.map(|p| [p.offset - start, p.size, p.address]);
+        (map.eh_frame, map.eh_frame_hdr) = (at(frames.eh_frame), at(frames.eh_frame_hdr));
+        // Sections of odd files may overlap each other: then neither is converted.
+        if map.regions(end - start).is_err() {
+            (map.eh_frame, map.eh_frame_hdr) = (None, None);
+        }
+    }
     let mut last = 0;
     for (at, n) in pointers {
         map.pointers.extend([at - start - last, n]);
@@ -357,7 +402,7 @@ mod tests {
         // Three anchors moved by -0x10, then four by +0x100, then one alone (noise).
         let anchors =
             [(0x1000, 0x0ff0), (0x1040, 0x1030), (0x1080, 0x1070), (0x2000, 0x2100), (0x2020, 0x2120), (0x2040, 0x2140), (0x2060, 0x2160), (0x3000, 0x500)];
-        let segments = segments(&anchors, 0x4000);
+        let segments = segments(runs(&anchors), 0x4000);
         assert_eq!(
             segments,
             [
@@ -373,7 +418,7 @@ mod tests {
     fn segments_that_claim_the_same_old_addresses_keep_the_longest() {
         // Two runs moved onto the same old code: the longer one keeps it.
         let anchors = [(0x1000, 0x5000), (0x1100, 0x5100), (0x1200, 0x5200), (0x3000, 0x5000), (0x3040, 0x5040)];
-        let segments = segments(&anchors, 0x1218);
+        let segments = segments(runs(&anchors), 0x1218);
         assert_eq!(segments, [Segment { new: 0x1000, old: 0x5000, len: 0x218 }]);
     }
 

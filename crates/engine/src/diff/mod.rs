@@ -3,6 +3,7 @@
 
 pub mod address_map;
 pub mod approximate;
+pub mod call_frames;
 pub mod encode;
 pub mod encoding;
 pub mod material;
@@ -23,7 +24,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::lzma::Effort;
 use crate::format::plan::{
     DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_AARCH64_CODE, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS,
-    FEATURE_DIFFERENCE_CHUNKS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS, FEATURE_X86_64_CODE,
+    FEATURE_DIFFERENCE_CHUNKS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS, FEATURE_X86_64_CALL_FRAMES,
+    FEATURE_X86_64_CODE,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{Image, Layout, LayoutWriter};
@@ -393,6 +395,9 @@ fn features_used(plan: &DeltaPlan) -> Vec<String> {
     }
     if plan.lists_x86_64_code() {
         features.push(FEATURE_X86_64_CODE.to_string());
+    }
+    if plan.lists_call_frames() {
+        features.push(FEATURE_X86_64_CALL_FRAMES.to_string());
     }
     if uses(|l| l.stats.as_ref().is_some_and(|s| s.retimed_headers > 0)) {
         features.push(FEATURE_RETIMED_HEADERS.to_string());

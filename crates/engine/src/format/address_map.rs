@@ -22,6 +22,10 @@ use crate::format::is_zero;
 /// code or data that moved by one amount (about 10,000 for a 33 MB Rust executable).
 pub const MAX_SEGMENTS: usize = 1 << 16;
 
+/// The most pointer ranges a map may list (a real executable has one per writable section and
+/// relocation table: a few dozen); the applier holds them all.
+pub const MAX_POINTER_RANGES: usize = 1 << 12;
+
 /// The map of one span of an x86-64 file, as `delta.json` carries it, with what the span
 /// holds: its code, and ranges of 64-bit pointers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +49,13 @@ pub struct AddressMap {
     /// 8. They do not overlap the code.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pointers: Vec<u64>,
+    /// Where `.eh_frame` is: its span position, length and address (feature
+    /// `x86-64-call-frames`, see [`crate::layer::call_frames`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eh_frame: Option<[u64; 3]>,
+    /// Where `.eh_frame_hdr` is, the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eh_frame_hdr: Option<[u64; 3]>,
 }
 
 /// What a range of a span holds.
@@ -57,6 +68,28 @@ pub enum Holds {
     },
     /// 64-bit little-endian pointers.
     Pointers,
+    /// Records of `.eh_frame`.
+    EhFrame {
+        /// Address of the range's first byte.
+        address: u64,
+    },
+    /// `.eh_frame_hdr`: its header and table.
+    EhFrameHdr {
+        /// Address of the range's first byte.
+        address: u64,
+    },
+}
+
+impl Holds {
+    /// What a reader calls it.
+    fn noun(self) -> &'static str {
+        match self {
+            Holds::Code { .. } => "code",
+            Holds::Pointers => "pointer range",
+            Holds::EhFrame { .. } => ".eh_frame",
+            Holds::EhFrameHdr { .. } => ".eh_frame_hdr",
+        }
+    }
 }
 
 /// A range of a span, in span positions, and what it holds.
@@ -148,6 +181,9 @@ impl AddressMap {
         if !self.pointers.len().is_multiple_of(2) {
             return bad(format!("{} numbers are not whole pointer ranges of two", self.pointers.len()));
         }
+        if self.pointers.len() / 2 > MAX_POINTER_RANGES {
+            return bad(format!("{} pointer ranges exceed the limit of {MAX_POINTER_RANGES}", self.pointers.len() / 2));
+        }
         let mut end = 0u64;
         for (k, r) in self.pointers.chunks_exact(2).enumerate() {
             let start = end.checked_add(r[0]);
@@ -159,9 +195,37 @@ impl AddressMap {
             out.push(Region { start, end: stop, holds: Holds::Pointers });
             end = stop;
         }
+        for (frames, holds) in [(self.eh_frame, Holds::EhFrame { address: 0 }), (self.eh_frame_hdr, Holds::EhFrameHdr { address: 0 })] {
+            let Some([start, n, address]) = frames else { continue };
+            let stop = start.checked_add(n).filter(|&e| e <= len);
+            let (Some(stop), true) = (stop, address.checked_add(n).is_some_and(|e| e <= 1 << 32)) else {
+                return bad(format!("{} at {start} ({n} bytes, address {address:#x}) is outside the span of {len} bytes or 32-bit addresses", holds.noun()));
+            };
+            let holds = match holds {
+                Holds::EhFrame { .. } => Holds::EhFrame { address },
+                _ => Holds::EhFrameHdr { address },
+            };
+            out.push(Region { start, end: stop, holds });
+        }
         out.sort_by_key(|r| r.start);
         out.retain(|r| r.end > r.start);
+        if let Some(w) = out.windows(2).find(|w| w[0].end > w[1].start) {
+            return bad(format!(
+                "the {} at {}..{} overlaps the {} at {}..{}",
+                w[0].holds.noun(),
+                w[0].start,
+                w[0].end,
+                w[1].holds.noun(),
+                w[1].start,
+                w[1].end
+            ));
+        }
         Ok(out)
+    }
+
+    /// Whether the map converts call frame information (`.eh_frame` or `.eh_frame_hdr`).
+    pub fn has_call_frames(&self) -> bool {
+        self.eh_frame.is_some() || self.eh_frame_hdr.is_some()
     }
 
     /// The bijection this map defines, checked as [`AddressMap::segments`] says.
@@ -299,7 +363,18 @@ mod tests {
         assert!(refused(AddressMap { pointers: vec![0xff8, 0x10], ..map.clone() }, 0x4000).contains("over the code"));
         assert!(refused(AddressMap { pointers: vec![0, 12], ..map.clone() }, 0x4000).contains("not whole words"));
         assert!(refused(AddressMap { pointers: vec![0], ..map.clone() }, 0x4000).contains("not whole pointer ranges"));
-        assert!(refused(AddressMap { code_len: Some(0x4000), ..map }, 0x4000).contains("outside the span"));
+        assert!(refused(AddressMap { code_len: Some(0x4000), ..map.clone() }, 0x4000).contains("outside the span"));
+        // Too many ranges: refused before any is read.
+        let many = AddressMap { code_len: Some(0), pointers: [0, 8].repeat(MAX_POINTER_RANGES + 1), ..map.clone() };
+        assert!(refused(many, 1 << 20).contains("exceed the limit"));
+        // Call frames: placed, and refused where they overlap another range or leave the span.
+        let frames = AddressMap { eh_frame: Some([0x2000, 0x100, 0x50_0000]), eh_frame_hdr: Some([0x1f00, 0x100, 0x4f_ff00]), ..map.clone() };
+        let regions = frames.regions(0x4000).unwrap();
+        assert_eq!(regions[3], Region { start: 0x1f00, end: 0x2000, holds: Holds::EhFrameHdr { address: 0x4f_ff00 } });
+        assert_eq!(regions[4], Region { start: 0x2000, end: 0x2100, holds: Holds::EhFrame { address: 0x50_0000 } });
+        assert!(refused(AddressMap { eh_frame: Some([0x1ff0, 0x100, 0]), ..frames.clone() }, 0x4000).contains("overlaps"));
+        assert!(refused(AddressMap { eh_frame: Some([0x3f00, 0x200, 0]), ..frames.clone() }, 0x4000).contains("outside the span"));
+        assert!(refused(AddressMap { eh_frame: Some([0x2000, 0x100, u64::from(u32::MAX)]), ..frames }, 0x4000).contains("32-bit addresses"));
     }
 
     #[test]

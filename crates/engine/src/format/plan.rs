@@ -45,6 +45,11 @@ pub const FEATURE_AARCH64_CODE: &str = "aarch64-code";
 /// [`crate::layer::x86_64_code`]); requires [`FEATURE_GZIP_MEMBERS`] too. An applier without
 /// it would misread the patches.
 pub const FEATURE_X86_64_CODE: &str = "x86-64-code";
+/// Feature: some x86-64 code spans also see their call frame information (`.eh_frame`,
+/// `.eh_frame_hdr`) in the old file's addresses ([`AddressMap::eh_frame`], see
+/// [`crate::layer::call_frames`]); requires [`FEATURE_X86_64_CODE`] too. An applier without it
+/// would write those sections back wrong.
+pub const FEATURE_X86_64_CALL_FRAMES: &str = "x86-64-call-frames";
 
 /// Features a delta may require of the applier, beyond the base format. An applier refuses a
 /// delta that requires a feature it does not know.
@@ -58,6 +63,7 @@ pub const KNOWN_FEATURES: &[&str] = &[
     FEATURE_DIFFERENCE_CHUNKS,
     FEATURE_AARCH64_CODE,
     FEATURE_X86_64_CODE,
+    FEATURE_X86_64_CALL_FRAMES,
 ];
 
 /// Largest uncompressed size of a member the differ expands (and the applier accepts).
@@ -504,6 +510,12 @@ impl DeltaPlan {
         self.members().any(|m| m.wrapping == Wrapping::X8664Code)
     }
 
+    /// Whether some x86-64 code span converts call frame information (feature
+    /// [`FEATURE_X86_64_CALL_FRAMES`]).
+    pub fn lists_call_frames(&self) -> bool {
+        self.layers.iter().flat_map(|l| &l.members).any(|m| m.address_map.as_ref().is_some_and(AddressMap::has_call_frames))
+    }
+
     /// Whether the delta declares `feature`.
     pub fn declares(&self, feature: &str) -> bool {
         self.features.iter().any(|f| f == feature)
@@ -580,6 +592,9 @@ impl DeltaPlan {
         }
         if self.lists_x86_64_code() && !self.declares(FEATURE_X86_64_CODE) {
             return Err(bad(format!("x86-64 code is listed as members but the delta does not declare {FEATURE_X86_64_CODE:?}")));
+        }
+        if self.lists_call_frames() && !self.declares(FEATURE_X86_64_CALL_FRAMES) {
+            return Err(bad(format!("x86-64 call frames are listed in an address map but the delta does not declare {FEATURE_X86_64_CALL_FRAMES:?}")));
         }
         let mut last = None;
         for s in &self.source_members {
@@ -673,8 +688,33 @@ mod tests {
         };
         with(&|_| {}).unwrap();
         type Edit = fn(&mut Value);
-        let cases: [(Edit, &str); 6] = [
+        // Call frames need their own feature, and a place inside the span.
+        let frames = |p: &mut Value| {
+            p["layers"][1]["members"][0]["addressMap"]["codeAt"] = json!(1024);
+            p["layers"][1]["members"][0]["addressMap"]["ehFrame"] = json!([0, 64, 0x400000]);
+        };
+        with(&|p| {
+            frames(p);
+            p["features"].as_array_mut().unwrap().push(json!("x86-64-call-frames"));
+        })
+        .unwrap();
+        let cases: [(Edit, &str); 9] = [
             (|p| p["features"] = json!(["exact-gzip", "gzip-corrections", "gzip-members"]), "does not declare \"x86-64-code\""),
+            (
+                |p| {
+                    p["layers"][1]["members"][0]["addressMap"]["codeAt"] = json!(1024);
+                    p["layers"][1]["members"][0]["addressMap"]["ehFrame"] = json!([0, 64, 0x400000]);
+                },
+                "does not declare \"x86-64-call-frames\"",
+            ),
+            (|p| p["layers"][1]["members"][0]["addressMap"]["ehFrameHdr"] = json!([4090, 12, 0x400000]), "outside the span of 4096 bytes"),
+            (
+                |p| {
+                    p["layers"][1]["members"][0]["addressMap"]["codeLen"] = json!(1024);
+                    p["layers"][1]["members"][0]["addressMap"]["ehFrame"] = json!([1000, 64, 0x400000]);
+                },
+                "the code at 0..1024 overlaps the .eh_frame at 1000..1064",
+            ),
             (|p| p["layers"][1]["members"][0]["rawLen"] = json!(4100), "cannot be seen as 4100"),
             (|p| drop(p["layers"][1]["members"][0].as_object_mut().unwrap().remove("addressMap")), "needs an address map"),
             (|p| p["layers"][1]["members"][0]["addressMap"]["segments"] = json!([0x401000, 0x800]), "not whole segments of three"),

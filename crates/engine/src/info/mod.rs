@@ -249,6 +249,9 @@ fn summarize(delta: &DeltaImage) -> DeltaInfo {
                     };
                     let key = match (r.encoder(), r.member.wrapping) {
                         (Some(encoder), _) => format!("{kind} by {}", describe_encoder(encoder)),
+                        (None, Wrapping::X8664Code) if r.address_map.as_ref().is_some_and(|m| m.has_call_frames()) => {
+                            format!("{kind} and their call frames seen through the old file's addresses")
+                        }
                         (None, Wrapping::X8664Code) => format!("{kind} seen through the old file's addresses"),
                         (None, _) => format!("{kind} seen by their call targets"),
                     };

@@ -1,6 +1,7 @@
 //! Layers: compression and the structure of the tar archives inside them.
 
 pub mod aarch64_code;
+pub mod call_frames;
 pub mod compression;
 pub mod corrected;
 pub mod exact;

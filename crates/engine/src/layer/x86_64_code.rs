@@ -39,6 +39,7 @@ use iced_x86::{Decoder, DecoderOptions, Instruction, OpKind};
 
 use crate::error::Result;
 use crate::format::address_map::{AddressMap, Holds, Projection, Region};
+use crate::layer::call_frames::{self, Cies};
 
 /// Bytes converted at a time by [`Converter`].
 const BUFFER_BYTES: usize = 64 << 10;
@@ -162,8 +163,26 @@ pub struct Converter {
     at: u64,
     /// Code waiting for the rest of an instruction, or a partial pointer.
     buf: Vec<u8>,
-    /// Address of `buf[0]` in code, an instruction's start.
+    /// Address of `buf[0]`: in code, an instruction's start; in call frames, a record's.
     ip: u64,
+    /// The CIEs of `.eh_frame` seen so far.
+    cies: Cies,
+    /// The address of `.eh_frame_hdr`, which its table's fields count from.
+    hdr: u32,
+    /// In `.eh_frame`, that the rest passes as it is; in `.eh_frame_hdr`, how many table
+    /// fields are left to convert (`None` before its header).
+    frames: Frames,
+}
+
+/// Where the converter is in a region of call frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frames {
+    /// At a record of `.eh_frame`, or before `.eh_frame_hdr`'s header.
+    Start,
+    /// Converting this many more fields of `.eh_frame_hdr`'s table.
+    Table(u64),
+    /// The rest of the region passes as it is.
+    Pass,
 }
 
 impl Converter {
@@ -178,7 +197,18 @@ impl Converter {
     }
 
     fn with_regions(projection: Projection, regions: Vec<Region>, direction: Direction) -> Self {
-        Converter { projection, direction, regions, next: 0, at: 0, buf: Vec::with_capacity(BUFFER_BYTES), ip: 0 }
+        Converter {
+            projection,
+            direction,
+            regions,
+            next: 0,
+            at: 0,
+            buf: Vec::with_capacity(BUFFER_BYTES),
+            ip: 0,
+            cies: Cies::default(),
+            hdr: 0,
+            frames: Frames::Start,
+        }
     }
 
     /// Converts `data` and writes what is done to `output`; up to 14 bytes of code wait for
@@ -199,9 +229,10 @@ impl Converter {
                 continue;
             }
             if self.at == region.start {
-                if let Holds::Code { ip } = region.holds {
-                    self.ip = ip;
+                if let Holds::Code { ip: address } | Holds::EhFrame { address } | Holds::EhFrameHdr { address } = region.holds {
+                    self.ip = address;
                 }
+                (self.cies, self.frames) = (Cies::default(), Frames::Start);
             }
             let n = (region.end - self.at).min(data.len() as u64).min((BUFFER_BYTES - self.buf.len()) as u64) as usize;
             self.buf.extend_from_slice(&data[..n]);
@@ -221,9 +252,69 @@ impl Converter {
                     output.write_all(&self.buf[..whole])?;
                     self.buf.drain(..whole);
                 }
+                Holds::EhFrame { .. } => self.eh_frame(ends, output)?,
+                Holds::EhFrameHdr { .. } => self.eh_frame_hdr(ends, output)?,
             }
         }
         Ok(())
+    }
+
+    /// Writes the first `n` bytes of the buffer and drops them.
+    fn emit(&mut self, n: usize, output: &mut impl Write) -> io::Result<()> {
+        output.write_all(&self.buf[..n])?;
+        self.buf.drain(..n);
+        self.ip = self.ip.wrapping_add(n as u64);
+        Ok(())
+    }
+
+    /// Converts and writes the whole records of `.eh_frame` buffered (all that is left when
+    /// the region `ends`).
+    fn eh_frame(&mut self, ends: bool, output: &mut impl Write) -> io::Result<()> {
+        loop {
+            if self.frames == Frames::Pass {
+                return self.emit(self.buf.len(), output);
+            }
+            if self.buf.len() < 4 {
+                return if ends { self.emit(self.buf.len(), output) } else { Ok(()) };
+            }
+            let Some(total) = call_frames::record_bytes(&self.buf) else {
+                self.frames = Frames::Pass;
+                continue;
+            };
+            if self.buf.len() < total {
+                if ends {
+                    self.frames = Frames::Pass;
+                    continue;
+                }
+                return Ok(());
+            }
+            call_frames::convert_record(&mut self.buf[..total], self.ip as u32, &mut self.cies, &self.projection, self.direction);
+            self.emit(total, output)?;
+        }
+    }
+
+    /// Converts and writes `.eh_frame_hdr` buffered: its header, then whole table fields.
+    fn eh_frame_hdr(&mut self, ends: bool, output: &mut impl Write) -> io::Result<()> {
+        loop {
+            match self.frames {
+                Frames::Start if self.buf.len() >= call_frames::HDR_BYTES => {
+                    let fields = call_frames::convert_hdr_header(&mut self.buf[..call_frames::HDR_BYTES], self.ip as u32, &self.projection, self.direction);
+                    // The table's fields are relative to the section's start.
+                    self.frames = fields.map_or(Frames::Pass, Frames::Table);
+                    self.hdr = self.ip as u32;
+                    self.emit(call_frames::HDR_BYTES, output)?;
+                }
+                Frames::Table(left) if left > 0 && self.buf.len() >= 4 => {
+                    let n = left.min(self.buf.len() as u64 / 4);
+                    call_frames::convert_hdr_fields(&mut self.buf[..n as usize * 4], self.hdr, &self.projection, self.direction);
+                    self.frames = Frames::Table(left - n);
+                    self.emit(n as usize * 4, output)?;
+                }
+                Frames::Table(0) => self.frames = Frames::Pass,
+                Frames::Pass => return self.emit(self.buf.len(), output),
+                _ => return if ends { self.emit(self.buf.len(), output) } else { Ok(()) },
+            }
+        }
     }
 
     /// Converts and writes the rest: the span ends here.
