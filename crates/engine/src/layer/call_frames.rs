@@ -205,6 +205,8 @@ pub enum Record {
         len: u32,
         /// Its function's address, when converted.
         function: Option<u32>,
+        /// Its function's length in bytes, when its address is converted.
+        function_len: Option<u32>,
         /// Its LSDA's address, when converted.
         lsda: Option<u32>,
     },
@@ -232,7 +234,9 @@ pub fn records(section: &[u8], address: u32) -> Vec<Record> {
                 out.push(Record::Cie { address: a, bytes: rec.to_vec() });
             } else {
                 let (function, lsda) = cies.0.get(&a.wrapping_add(4).wrapping_sub(id)).map_or((None, None), |cie| fde_targets(rec, a, cie));
-                out.push(Record::Fde { address: a, len: total as u32, function, lsda });
+                // The length follows the address, in the same 4-byte form.
+                let function_len = function.map(|_| read(rec, 12));
+                out.push(Record::Fde { address: a, len: total as u32, function, function_len, lsda });
             }
         }
         at += total;
