@@ -145,6 +145,17 @@ pub fn relative(p: &Projection, d: Direction, base: u32, v: u32) -> u32 {
 #[derive(Debug, Default)]
 pub struct Cies(HashMap<u32, Cie>);
 
+impl Cies {
+    /// Remembers the CIE record `rec` at `address` if it is known, up to [`MAX_CIES`].
+    fn remember(&mut self, address: u32, rec: &[u8]) {
+        if let Some(cie) = parse_cie(rec) {
+            if self.0.len() < MAX_CIES {
+                self.0.insert(address, cie);
+            }
+        }
+    }
+}
+
 /// Converts one record of `.eh_frame` at address `address` (length field included, whole):
 /// an FDE's CIE pointer, and its function and LSDA pointers when its CIE says they are
 /// PC-relative 32-bit; a CIE is remembered and passes as it is.
@@ -154,11 +165,7 @@ pub fn convert_record(rec: &mut [u8], address: u32, cies: &mut Cies, p: &Project
     }
     let id = read(rec, 4);
     if id == 0 {
-        if let Some(cie) = parse_cie(rec) {
-            if cies.0.len() < MAX_CIES {
-                cies.0.insert(address, cie);
-            }
-        }
+        cies.remember(address, rec);
         return;
     }
     // The CIE pointer counts back from its own address: seen as `old(f) - old(f - v)`.
@@ -226,11 +233,7 @@ pub fn records(section: &[u8], address: u32) -> Vec<Record> {
         if rec.len() >= 8 {
             let id = read(rec, 4);
             if id == 0 {
-                if let Some(cie) = parse_cie(rec) {
-                    if cies.0.len() < MAX_CIES {
-                        cies.0.insert(a, cie);
-                    }
-                }
+                cies.remember(a, rec);
                 out.push(Record::Cie { address: a, bytes: rec.to_vec() });
             } else {
                 let (function, lsda) = cies.0.get(&a.wrapping_add(4).wrapping_sub(id)).map_or((None, None), |cie| fde_targets(rec, a, cie));
@@ -278,7 +281,7 @@ pub fn convert_hdr_fields(fields: &mut [u8], address: u32, p: &Projection, d: Di
 pub(crate) mod tests {
     use super::*;
     use crate::format::address_map::{AddressMap, Segment};
-    use crate::layer::x86_64_code::Converter;
+    use crate::layer::x86_64_code::tests::{segments, through};
     use proptest::prelude::*;
 
     /// A CIE of augmentation `aug` with augmentation data `data`.
@@ -410,23 +413,6 @@ pub(crate) mod tests {
         })
     }
 
-    fn projection() -> impl Strategy<Value = Vec<Segment>> {
-        prop::collection::vec((0u32..0x800, 1u32..0x800, -0x3000i64..0x3000), 0..12).prop_map(|raw| {
-            let mut segments: Vec<Segment> = Vec::new();
-            let mut new = 0x1000u32;
-            for (gap, len, shift) in raw {
-                new += gap;
-                let old = (i64::from(new) + shift).max(0) as u32;
-                let clear = |o: &Segment| old + len <= o.old || o.old + o.len <= old;
-                if segments.iter().all(clear) {
-                    segments.push(Segment { new, old, len });
-                }
-                new += len;
-            }
-            segments
-        })
-    }
-
     proptest! {
         #[test]
         fn call_frames_convert_the_same_in_any_pieces_and_back(
@@ -434,7 +420,7 @@ pub(crate) mod tests {
             table in prop::collection::vec(any::<u8>(), 0..200),
             count in 0u32..60,
             usual in any::<bool>(),
-            segments in projection(),
+            segments in segments(0x1000, 0x800),
             step in 1usize..3000,
         ) {
             // The span: .eh_frame_hdr, then .eh_frame.
@@ -449,18 +435,9 @@ pub(crate) mod tests {
                 eh_frame: Some([hdr_len, frames.len() as u64, 0x1000]),
                 ..AddressMap::new(0, &segments)
             };
-            let through = |direction, bytes: &[u8], step: usize| {
-                let mut c = Converter::new(&map, bytes.len() as u64, direction).unwrap();
-                let mut out = Vec::new();
-                for piece in bytes.chunks(step) {
-                    c.write(piece, &mut out).unwrap();
-                }
-                c.finish(&mut out).unwrap();
-                out
-            };
-            let whole = through(Direction::ToOld, &span, span.len().max(1));
-            prop_assert_eq!(&through(Direction::ToOld, &span, step), &whole);
-            prop_assert_eq!(through(Direction::ToNew, &whole, step), span);
+            let whole = through(&map, &span, Direction::ToOld, span.len().max(1));
+            prop_assert_eq!(&through(&map, &span, Direction::ToOld, step), &whole);
+            prop_assert_eq!(through(&map, &whole, Direction::ToNew, step), span);
         }
     }
 }

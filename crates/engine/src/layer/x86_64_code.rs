@@ -327,7 +327,7 @@ impl Converter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::format::address_map::Segment;
     use proptest::prelude::*;
@@ -412,21 +412,27 @@ mod tests {
         prop::collection::vec(piece, 0..400).prop_map(|v| v.concat())
     }
 
-    fn projection() -> impl Strategy<Value = Projection> {
-        prop::collection::vec((0u32..0x2000, 1u32..0x2000, -0x3000i64..0x3000), 0..12).prop_map(|raw| {
+    /// Segments not overlapping on either side, from address `start` on, moved by up to
+    /// 0x3000 either way.
+    pub(crate) fn segments(start: u32, max_len: u32) -> impl Strategy<Value = Vec<Segment>> {
+        prop::collection::vec((0u32..max_len, 1u32..max_len, -0x3000i64..0x3000), 0..12).prop_map(move |raw| {
             let mut segments: Vec<Segment> = Vec::new();
-            let mut new = 0x40_0000u32;
+            let mut new = start;
             for (gap, len, shift) in raw {
                 new += gap;
-                let old = (i64::from(new) + shift) as u32;
+                let old = (i64::from(new) + shift).max(0) as u32;
                 let clear = |o: &Segment| old + len <= o.old || o.old + o.len <= old;
                 if segments.iter().all(clear) {
                     segments.push(Segment { new, old, len });
                 }
                 new += len;
             }
-            Projection::new(&segments)
+            segments
         })
+    }
+
+    fn projection() -> impl Strategy<Value = Projection> {
+        segments(0x40_0000, 0x2000).prop_map(|s| Projection::new(&s))
     }
 
     proptest! {
@@ -456,7 +462,7 @@ mod tests {
     }
 
     /// Pushes `span` through a converter of `map` in pieces of `step` bytes.
-    fn through(map: &AddressMap, span: &[u8], direction: Direction, step: usize) -> Vec<u8> {
+    pub(crate) fn through(map: &AddressMap, span: &[u8], direction: Direction, step: usize) -> Vec<u8> {
         let mut c = Converter::new(map, span.len() as u64, direction).unwrap();
         let mut out = Vec::new();
         for piece in span.chunks(step) {
