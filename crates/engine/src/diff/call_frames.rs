@@ -86,22 +86,17 @@ pub fn matched(new: &[u8], new_sections: &FrameSections, old: &[u8], old_section
                 gaps.extend((1..i2 - i1).map(|k| (i1 + k, j1 + k)));
             }
         }
-        for &(i, j) in &pairs {
+        for (&(i, j), changed) in pairs.iter().map(|p| (p, false)).chain(gaps.iter().map(|p| (p, true))) {
             let (a, b) = (&new_fdes[i], &old_fdes[j]);
             out.push((a.address, b.address, a.len.min(b.len), false));
             if let (Some(l), Some(ol)) = (a.lsda, b.lsda) {
                 out.push((l, ol, 1, true));
             }
-        }
-        for (i, j) in gaps {
-            let (a, b) = (&new_fdes[i], &old_fdes[j]);
-            out.push((a.address, b.address, a.len.min(b.len), false));
-            if let (Some(l), Some(ol)) = (a.lsda, b.lsda) {
-                out.push((l, ol, 1, true));
+            if changed {
+                // The function itself: the code's map did not place it (it changed), so its
+                // callers would see another distance to it.
+                out.push((a.function, b.function, a.function_len.min(b.function_len).max(1), false));
             }
-            // The function itself: the code's map did not place it (it changed), so its
-            // callers would see another distance to it.
-            out.push((a.function, b.function, a.function_len.min(b.function_len).max(1), false));
         }
     }
     if let (Some(n), Some(o)) = (new_sections.eh_frame_hdr, old_sections.eh_frame_hdr) {

@@ -195,15 +195,13 @@ impl AddressMap {
             out.push(Region { start, end: stop, holds: Holds::Pointers });
             end = stop;
         }
-        for (frames, holds) in [(self.eh_frame, Holds::EhFrame { address: 0 }), (self.eh_frame_hdr, Holds::EhFrameHdr { address: 0 })] {
-            let Some([start, n, address]) = frames else { continue };
+        let kinds = [(self.eh_frame, (|address| Holds::EhFrame { address }) as fn(u64) -> Holds), (self.eh_frame_hdr, |address| Holds::EhFrameHdr { address })];
+        for (place, holds) in kinds {
+            let Some([start, n, address]) = place else { continue };
+            let holds = holds(address);
             let stop = start.checked_add(n).filter(|&e| e <= len);
             let (Some(stop), true) = (stop, address.checked_add(n).is_some_and(|e| e <= 1 << 32)) else {
                 return bad(format!("{} at {start} ({n} bytes, address {address:#x}) is outside the span of {len} bytes or 32-bit addresses", holds.noun()));
-            };
-            let holds = match holds {
-                Holds::EhFrame { .. } => Holds::EhFrame { address },
-                _ => Holds::EhFrameHdr { address },
             };
             out.push(Region { start, end: stop, holds });
         }

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 
 use crate::format::address_map::Projection;
-use crate::layer::x86_64_code::Direction;
+use crate::layer::x86_64_code::{relative, Direction};
 
 /// The only pointer encoding converted: 32-bit signed, relative to the pointer's address.
 pub const PCREL_SDATA4: u8 = 0x1b;
@@ -130,15 +130,6 @@ fn read(b: &[u8], at: usize) -> u32 {
 
 fn put(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-/// A distance `v` from `base` converted: seen as `old(base + v) - old(base)`, written back
-/// as `new(old(base) + s) - base`.
-pub fn relative(p: &Projection, d: Direction, base: u32, v: u32) -> u32 {
-    match d {
-        Direction::ToOld => p.to_old(base.wrapping_add(v)).wrapping_sub(p.to_old(base)),
-        Direction::ToNew => p.to_new(p.to_old(base).wrapping_add(v)).wrapping_sub(base),
-    }
 }
 
 /// The CIEs of a section seen so far, by address.

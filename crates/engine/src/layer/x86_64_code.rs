@@ -117,13 +117,19 @@ pub fn convert(buf: &mut [u8], ip: u64, projection: &Projection, direction: Dire
     for (at, end) in fields {
         let e = ip.wrapping_add(end as u64) as u32;
         let v = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
-        let out = match direction {
-            Direction::ToOld => projection.to_old(e.wrapping_add(v)).wrapping_sub(projection.to_old(e)),
-            Direction::ToNew => projection.to_new(projection.to_old(e).wrapping_add(v)).wrapping_sub(e),
-        };
-        buf[at..at + 4].copy_from_slice(&out.to_le_bytes());
+        buf[at..at + 4].copy_from_slice(&relative(projection, direction, e, v).to_le_bytes());
     }
     done
+}
+
+/// A distance `v` from address `base` converted: seen as `old(base + v) - old(base)`, written
+/// back as `new(old(base) + s) - base` (modulo 2^32). References in code count from their
+/// instruction's end; call frames from the pointer itself or their section's start.
+pub fn relative(projection: &Projection, direction: Direction, base: u32, v: u32) -> u32 {
+    match direction {
+        Direction::ToOld => projection.to_old(base.wrapping_add(v)).wrapping_sub(projection.to_old(base)),
+        Direction::ToNew => projection.to_new(projection.to_old(base).wrapping_add(v)).wrapping_sub(base),
+    }
 }
 
 /// Whether `head` (a file's first bytes, at least 20) starts a little-endian 64-bit ELF
@@ -167,10 +173,7 @@ pub struct Converter {
     ip: u64,
     /// The CIEs of `.eh_frame` seen so far.
     cies: Cies,
-    /// The address of `.eh_frame_hdr`, which its table's fields count from.
-    hdr: u32,
-    /// In `.eh_frame`, that the rest passes as it is; in `.eh_frame_hdr`, how many table
-    /// fields are left to convert (`None` before its header).
+    /// Where the converter is in a region of call frames.
     frames: Frames,
 }
 
@@ -197,18 +200,7 @@ impl Converter {
     }
 
     fn with_regions(projection: Projection, regions: Vec<Region>, direction: Direction) -> Self {
-        Converter {
-            projection,
-            direction,
-            regions,
-            next: 0,
-            at: 0,
-            buf: Vec::with_capacity(BUFFER_BYTES),
-            ip: 0,
-            cies: Cies::default(),
-            hdr: 0,
-            frames: Frames::Start,
-        }
+        Converter { projection, direction, regions, next: 0, at: 0, buf: Vec::with_capacity(BUFFER_BYTES), ip: 0, cies: Cies::default(), frames: Frames::Start }
     }
 
     /// Converts `data` and writes what is done to `output`; up to 14 bytes of code wait for
@@ -253,7 +245,7 @@ impl Converter {
                     self.buf.drain(..whole);
                 }
                 Holds::EhFrame { .. } => self.eh_frame(ends, output)?,
-                Holds::EhFrameHdr { .. } => self.eh_frame_hdr(ends, output)?,
+                Holds::EhFrameHdr { address } => self.eh_frame_hdr(address as u32, ends, output)?,
             }
         }
         Ok(())
@@ -293,20 +285,19 @@ impl Converter {
         }
     }
 
-    /// Converts and writes `.eh_frame_hdr` buffered: its header, then whole table fields.
-    fn eh_frame_hdr(&mut self, ends: bool, output: &mut impl Write) -> io::Result<()> {
+    /// Converts and writes `.eh_frame_hdr` (at `address`) buffered: its header, then whole
+    /// table fields, which count from the section's start.
+    fn eh_frame_hdr(&mut self, address: u32, ends: bool, output: &mut impl Write) -> io::Result<()> {
         loop {
             match self.frames {
                 Frames::Start if self.buf.len() >= call_frames::HDR_BYTES => {
-                    let fields = call_frames::convert_hdr_header(&mut self.buf[..call_frames::HDR_BYTES], self.ip as u32, &self.projection, self.direction);
-                    // The table's fields are relative to the section's start.
+                    let fields = call_frames::convert_hdr_header(&mut self.buf[..call_frames::HDR_BYTES], address, &self.projection, self.direction);
                     self.frames = fields.map_or(Frames::Pass, Frames::Table);
-                    self.hdr = self.ip as u32;
                     self.emit(call_frames::HDR_BYTES, output)?;
                 }
                 Frames::Table(left) if left > 0 && self.buf.len() >= 4 => {
                     let n = left.min(self.buf.len() as u64 / 4);
-                    call_frames::convert_hdr_fields(&mut self.buf[..n as usize * 4], self.hdr, &self.projection, self.direction);
+                    call_frames::convert_hdr_fields(&mut self.buf[..n as usize * 4], address, &self.projection, self.direction);
                     self.frames = Frames::Table(left - n);
                     self.emit(n as usize * 4, output)?;
                 }
