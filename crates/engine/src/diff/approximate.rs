@@ -286,15 +286,24 @@ pub fn chunk_bytes(old: &[u8], new: &[u8], steps: &[Step]) -> Vec<u8> {
     out
 }
 
-/// Whether coding `new` by `steps` is estimated smaller than coding it as literals,
-/// both compressed with `old` as zstd's reference prefix (as a chunk's prefix holds it).
-pub fn worth_it(old: &[u8], new: &[u8], steps: &[Step]) -> Result<bool> {
+/// bsdiff's alignment of `new` against `old`, when coding `new` by it is estimated smaller
+/// than coding it as literals, both compressed with `old` as zstd's reference prefix (as a
+/// chunk's prefix holds it); `None` otherwise. The literals' estimate is made while the
+/// alignment runs: building the partner's suffix array takes one thread, and on a large
+/// executable it is the longest serial step of the differ (go-cli-amd64's default diff
+/// left a core idle for a third of its time).
+pub fn align_if_smaller(old: &[u8], new: &[u8]) -> Result<Option<Vec<Step>>> {
+    let (steps, literals) = rayon::join(|| align(old, new), || compressed_len(old, new, ESTIMATE_LEVEL, false));
+    let steps = steps?;
+    let approximate = approximate_len(old, new, &steps)?;
+    Ok(((approximate as f64) < literals? as f64 * KEEP_BELOW).then_some(steps))
+}
+
+/// The estimated size of coding `new` by `steps`: its chunk bytes compressed against `old`,
+/// plus its records.
+fn approximate_len(old: &[u8], new: &[u8], steps: &[Step]) -> Result<u64> {
     let records = steps.iter().map(|s| u64::from(s.add > 0) * ADD_RECORD_BYTES + u64::from(s.extra > 0) * LITERAL_RECORD_BYTES).sum::<u64>();
-    // Both at once: on a large executable they are the last serial step of its alignment.
-    let (literals, approximate) =
-        rayon::join(|| compressed_len(old, new, ESTIMATE_LEVEL, false), || compressed_len(old, &chunk_bytes(old, new, steps), ESTIMATE_LEVEL, false));
-    let (literals, approximate) = (literals?, approximate? + records);
-    Ok((approximate as f64) < literals as f64 * KEEP_BELOW)
+    Ok(compressed_len(old, &chunk_bytes(old, new, steps), ESTIMATE_LEVEL, false)? + records)
 }
 
 /// How many bytes zstd at `level` compresses `data` to, with `prefix` as its reference
@@ -350,7 +359,7 @@ mod tests {
         let bytes = chunk_bytes(&old, &new, &steps);
         assert_eq!(bytes.len(), new.len());
         assert_eq!(rebuild(&old, &new, &steps), new);
-        assert!(worth_it(&old, &new, &steps).unwrap());
+        assert_eq!(align_if_smaller(&old, &new).unwrap().as_deref(), Some(&steps[..]), "kept, as aligned");
         let literal = compressed_len(&old, &new, ESTIMATE_LEVEL, false).unwrap();
         let approximate = compressed_len(&old, &bytes, ESTIMATE_LEVEL, false).unwrap();
         assert!(approximate * 4 < literal, "{approximate} bytes approximated, {literal} as literals");
@@ -360,8 +369,7 @@ mod tests {
     fn unrelated_files_are_not_worth_approximating() {
         let old: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         let new: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8 ^ 0x5a).collect();
-        let steps = align(&old, &new).unwrap();
-        assert!(!worth_it(&old, &new, &steps).unwrap());
+        assert_eq!(align_if_smaller(&old, &new).unwrap(), None);
     }
 
     /// Rebuilds `new` from `old` and an alignment as the applier does.

@@ -419,7 +419,8 @@ pub fn encode_layer(
     let mut used = BTreeSet::new();
     let mut w = RecordWriter::new(out, PatchHeader { target_layer: target_index, tar_len: target.index.len }).ctx(|| "writing patch".into())?;
     // Chunks are compressed in parallel a batch at a time, in the order the records use
-    // them, so that the frames held at once do not grow with the layer.
+    // them, so that the frames held at once do not grow with the layer. A batch of chunks and
+    // one of difference chunks are compressed together when both are due.
     let batch = rayon::current_num_threads().max(1) * FRAMES_PER_THREAD;
     let mut to_compress = chunks.iter().filter(|c| c.literal_len > 0);
     let mut frames: VecDeque<Vec<u8>> = VecDeque::new();
@@ -442,9 +443,11 @@ pub fn encode_layer(
             Op::AddDifferences { range, chunk } => {
                 if current_differences != Some(*chunk) {
                     if difference_frames.is_empty() {
+                        let next_chunks: Vec<&ChunkPlan> = if frames.is_empty() { to_compress.by_ref().take(batch).collect() } else { Vec::new() };
                         let next: Vec<&DifferencePlan> = differences_to_compress.by_ref().take(batch).collect();
-                        let effort = params.difference_chunks.unwrap_or(lzma::Effort::Strong);
-                        difference_frames = next.par_iter().map(|d| compress_differences(d, target, source, effort)).collect::<Result<_>>()?;
+                        let (c, d) = compress_batches(&next_chunks, &next, target, source, params)?;
+                        frames.extend(c);
+                        difference_frames = d;
                     }
                     let frame =
                         difference_frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more difference chunks referenced than compressed"))?;
@@ -460,7 +463,11 @@ pub fn encode_layer(
                     let plan = &chunks[*chunk];
                     if frames.is_empty() {
                         let next: Vec<&ChunkPlan> = to_compress.by_ref().take(batch).collect();
-                        frames = next.par_iter().map(|c| compress_chunk(c, target, source, params.zstd_level)).collect::<Result<_>>()?;
+                        let next_differences: Vec<&DifferencePlan> =
+                            if difference_frames.is_empty() { differences_to_compress.by_ref().take(batch).collect() } else { Vec::new() };
+                        let (c, d) = compress_batches(&next, &next_differences, target, source, params)?;
+                        frames = c;
+                        difference_frames.extend(d);
                     }
                     let frame = frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more chunks referenced than compressed"))?;
                     used.extend(plan.prefix.iter().map(|p| p.layer));
@@ -681,8 +688,7 @@ fn alignments(target: &Unpacked, source: &SourceIndex<'_>, partners: &[Partner],
                 return Ok(None);
             }
             let old = source.layers[partner.layer as usize].read(partner.offset..partner.end())?;
-            let steps = approximate::align(&old, &new)?;
-            Ok(approximate::worth_it(&old, &new, &steps)?.then_some((*i, steps)))
+            Ok(approximate::align_if_smaller(&old, &new)?.map(|steps| (*i, steps)))
         })
         .collect::<Result<_>>()?;
     Ok(kept.into_iter().flatten().collect())
@@ -701,6 +707,24 @@ fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked
     }
     planner.literal(range, partner);
     Ok(())
+}
+
+/// Compresses a batch of chunks and a batch of difference chunks side by side: a layer
+/// holding one chunk and a few difference chunks (an executable coded by an approximate
+/// match) would otherwise compress its chunk on one thread while the others wait.
+fn compress_batches(
+    chunks: &[&ChunkPlan],
+    differences: &[&DifferencePlan],
+    target: &Unpacked,
+    source: &SourceIndex<'_>,
+    params: &EncodeParams,
+) -> Result<(VecDeque<Vec<u8>>, VecDeque<Vec<u8>>)> {
+    let effort = params.difference_chunks.unwrap_or(lzma::Effort::Strong);
+    let (frames, difference_frames) = rayon::join(
+        || chunks.par_iter().map(|c| compress_chunk(c, target, source, params.zstd_level)).collect::<Result<VecDeque<_>>>(),
+        || differences.par_iter().map(|d| compress_differences(d, target, source, effort)).collect::<Result<VecDeque<_>>>(),
+    );
+    Ok((frames?, difference_frames?))
 }
 
 /// Compresses one difference chunk: its target bytes minus their source bytes, as an LZMA
