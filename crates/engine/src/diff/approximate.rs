@@ -53,7 +53,7 @@ const KEEP_BELOW: f64 = 1.0;
 
 /// The target is scanned in partitions of this many bytes, in parallel; each boundary costs at
 /// most one more step.
-const PARTITION_BYTES: usize = 4 << 20;
+const PARTITION_BYTES: usize = 1 << 20;
 
 /// bsdiff's alignment of `new` against `old`, checked to stay inside both.
 pub fn align(old: &[u8], new: &[u8]) -> Result<Vec<Step>> {
@@ -62,7 +62,7 @@ pub fn align(old: &[u8], new: &[u8]) -> Result<Vec<Step>> {
     } else {
         let index = SuffixIndex::new(old)?;
         let bounds: Vec<Range<usize>> = (0..new.len()).step_by(PARTITION_BYTES).map(|s| s..(s + PARTITION_BYTES).min(new.len())).collect();
-        let parts: Vec<Vec<Piece>> = bounds.into_par_iter().map(|range| scan(&index, new, range)).collect();
+        let parts: Vec<Vec<Piece>> = bounds.into_par_iter().with_max_len(1).map(|range| scan(&index, new, range)).collect();
         parts.into_iter().flatten().collect()
     };
     let steps: Vec<Step> = pieces
