@@ -423,10 +423,10 @@ pub fn encode_layer(
     // one of difference chunks are compressed together when both are due.
     let batch = rayon::current_num_threads().max(1) * FRAMES_PER_THREAD;
     let mut to_compress = chunks.iter().filter(|c| c.literal_len > 0);
-    let mut frames: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut frames = Frames::new();
     let mut current_chunk = None;
     let mut differences_to_compress = differences.iter().filter(|d| d.len > 0);
-    let mut difference_frames: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut difference_frames = Frames::new();
     let mut current_differences = None;
     for op in &ops {
         match op {
@@ -709,6 +709,9 @@ fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked
     Ok(())
 }
 
+/// Compressed frames, in the order the records use them.
+type Frames = VecDeque<Vec<u8>>;
+
 /// Compresses a batch of chunks and a batch of difference chunks side by side: a layer
 /// holding one chunk and a few difference chunks (an executable coded by an approximate
 /// match) would otherwise compress its chunk on one thread while the others wait.
@@ -718,11 +721,11 @@ fn compress_batches(
     target: &Unpacked,
     source: &SourceIndex<'_>,
     params: &EncodeParams,
-) -> Result<(VecDeque<Vec<u8>>, VecDeque<Vec<u8>>)> {
+) -> Result<(Frames, Frames)> {
     let effort = params.difference_chunks.unwrap_or(lzma::Effort::Strong);
     let (frames, difference_frames) = rayon::join(
-        || chunks.par_iter().map(|c| compress_chunk(c, target, source, params.zstd_level)).collect::<Result<VecDeque<_>>>(),
-        || differences.par_iter().map(|d| compress_differences(d, target, source, effort)).collect::<Result<VecDeque<_>>>(),
+        || chunks.par_iter().map(|c| compress_chunk(c, target, source, params.zstd_level)).collect::<Result<Frames>>(),
+        || differences.par_iter().map(|d| compress_differences(d, target, source, effort)).collect::<Result<Frames>>(),
     );
     Ok((frames?, difference_frames?))
 }

@@ -14,7 +14,7 @@ pub mod zip_members;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::BufWriter;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use rayon::prelude::*;
@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::format::lzma::Effort;
+use crate::format::plan::PatchStats;
 use crate::format::plan::{
     DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_AARCH64_CODE, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS,
     FEATURE_DIFFERENCE_CHUNKS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS, FEATURE_X86_64_CALL_FRAMES,
@@ -182,16 +183,35 @@ pub fn diff(source: &ImageRef, target: &ImageRef, delta: &ImageRef, options: &Di
         (0..target_image.layers.len() as u32).filter(|i| !source_by_diff_id.contains_key(&target_image.layers[*i as usize].diff_id)).collect();
     let sides = Sides { source: (&source_layout, &source_image), target: (&target_layout, &target_image) };
     let (mut unpacked_source, unpacked_target) = unpack_layers(&sides, &to_encode, scratch.path(), options, progress)?;
-    let (expansion, expanded_target) = expand_members(&mut unpacked_source, &unpacked_target, scratch.path(), options, progress)?;
-    let index = SourceIndex::build(&unpacked_source);
 
     // The blobs of the layers no source layer has: what the delta patches, and what a pull
     // without it would download.
     let new_layer_bytes: u64 = to_encode.iter().map(|i| target_image.layers[*i as usize].blob.size).sum();
     let params = options.level.params_for(new_layer_bytes, target_image.layers.iter().map(|l| l.blob.size).sum());
-    let changed = Changed { target: sides.target, unpacked: &unpacked_target, expanded: &expanded_target, expansion: &expansion, index: &index, params };
-    progress.stage("encoding layers", to_encode.iter().map(|i| changed.tar_bytes(*i)).sum());
-    let encoded: Vec<(LayerPlan, Vec<Payload>)> = to_encode.par_iter().map(|i| changed.encode(*i, scratch.path(), options, progress)).collect::<Result<_>>()?;
+    let patch_path = |i: u32| scratch.path().join(format!("patch-{i}"));
+    // How each changed blob was compressed is found while the patches are made: finding it
+    // re-encodes the blob, patching reads the tars, neither needs the other, and each has
+    // long steps on one thread (a gzip file inside a layer, a suffix array) that would
+    // leave the other threads waiting. A layer carried as its blob throws its patch away.
+    let (choices, patched) = rayon::join(
+        || to_encode.par_iter().map(|i| choose_encoding(&sides, &unpacked_target, *i, scratch.path(), options.fidelity)).collect::<Result<Vec<Choice>>>(),
+        || -> Result<_> {
+            let (expansion, expanded_target) = expand_members(&mut unpacked_source, &unpacked_target, scratch.path(), options, progress)?;
+            let index = SourceIndex::build(&unpacked_source);
+            let changed = Changed { unpacked: &unpacked_target, expanded: &expanded_target, expansion: &expansion, index: &index, params };
+            progress.stage("encoding layers", to_encode.iter().map(|i| changed.tar_bytes(*i)).sum());
+            let patches: Vec<Result<(PatchStats, BTreeSet<u32>)>> =
+                to_encode.par_iter().map(|i| changed.patch(*i, &patch_path(*i), options, progress)).collect();
+            Ok((expansion, expanded_target, patches))
+        },
+    );
+    let (choices, (expansion, expanded_target, patches)) = (choices?, patched?);
+    let encoded: Vec<(LayerPlan, Vec<Payload>)> = to_encode
+        .iter()
+        .zip(choices)
+        .zip(patches)
+        .map(|((i, choice), patch)| layer_plan(sides.target, *i, choice, patch, patch_path(*i), &expansion))
+        .collect::<Result<_>>()?;
     let mut encoded: HashMap<u32, (LayerPlan, Vec<Payload>)> = encoded.into_iter().map(|e| (e.0.index, e)).collect();
 
     let mut layers = Vec::new();
@@ -301,7 +321,6 @@ fn expand_members(
 /// The target layers no source layer has, unpacked (and expanded where they hold members),
 /// with the source index their patches match against.
 struct Changed<'a> {
-    target: (&'a Layout, &'a Image),
     unpacked: &'a HashMap<u32, Unpacked>,
     expanded: &'a HashMap<u32, Unpacked>,
     expansion: &'a members::Expansion,
@@ -316,42 +335,58 @@ impl Changed<'_> {
         self.expanded.get(&i).unwrap_or(&self.unpacked[&i]).index.len
     }
 
-    /// Encodes target layer `i`: a patch (with its correction stream, if any), or the blob
-    /// itself when the patch would not be smaller enough ([`BLOB_PREFERENCE`]) or the
-    /// layer cannot be rebuilt with the fidelity asked for.
-    fn encode(&self, i: u32, scratch: &Path, options: &DiffOptions, progress: &dyn Progress) -> Result<(LayerPlan, Vec<Payload>)> {
-        let (target_layout, target_image) = self.target;
-        let target = &self.unpacked[&i];
-        let layer = &target_image.layers[i as usize];
-        let blob = || vec![Payload { target_layer: i, role: Role::Blob, path: target_layout.blob_path(&layer.blob.digest) }];
-        let (encoding, corrections) = match choose(target_layout, layer, i, options.fidelity, scratch, || Ok(target.reader()))? {
-            Choice::Encode(e) => (e, None),
-            Choice::Correct { encoding, path, bytes } => (encoding, Some((path, bytes))),
-            Choice::CarryBlob => {
-                progress.advance(self.tar_bytes(i));
-                return Ok((LayerPlan::blob(i), blob()));
-            }
-        };
-        let path = scratch.join(format!("patch-{i}"));
-        let file = BufWriter::with_capacity(1 << 20, File::create(&path).ctx(|| format!("creating {}", path.display()))?);
+    /// Writes the patch of target layer `i` to `path` (rebuilding the expanded tar when the
+    /// layer has members); returns its statistics and the source layers it reads.
+    fn patch(&self, i: u32, path: &Path, options: &DiffOptions, progress: &dyn Progress) -> Result<(PatchStats, BTreeSet<u32>)> {
+        let file = BufWriter::with_capacity(1 << 20, File::create(path).ctx(|| format!("creating {}", path.display()))?);
         let mut outer = zstd::stream::write::Encoder::new(file, if options.level == Level::Fast { 3 } else { 9 }).ctx(|| "starting zstd".into())?;
         outer.window_log(RECORD_STREAM_WINDOW_LOG).ctx(|| "configuring zstd".into())?;
         outer.include_checksum(true).ctx(|| "configuring zstd".into())?;
-        // The patch rebuilds the expanded tar when the layer has members.
-        let members = self.expansion.target.get(&i).cloned().unwrap_or_default();
-        let (mut stats, used) = encode_layer(i, self.expanded.get(&i).unwrap_or(target), self.index, &self.params, &mut outer, progress)?;
+        let members = self.expansion.target.get(&i).map_or(&[][..], |m| &m[..]);
+        let (mut stats, used) = encode_layer(i, self.expanded.get(&i).unwrap_or(&self.unpacked[&i]), self.index, &self.params, &mut outer, progress)?;
         stats.members = members.len() as u64;
         stats.member_bytes = members.iter().map(|m| m.member.compressed_len).sum();
         outer.finish().ctx(|| "finishing patch".into())?.into_inner().map_err(|e| Error::io("writing patch", e.into_error()))?;
-        stats.payload_bytes = std::fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?.len();
-        let cost = stats.payload_bytes + corrections.as_ref().map_or(0, |(_, bytes)| *bytes);
-        if cost as f64 >= BLOB_PREFERENCE * layer.blob.size as f64 {
-            return Ok((LayerPlan { stats: Some(stats), ..LayerPlan::blob(i) }, blob()));
-        }
-        let mut payloads = vec![Payload { target_layer: i, role: Role::Patch, path }];
-        payloads.extend(corrections.map(|(path, _)| Payload { target_layer: i, role: Role::Corrections, path }));
-        Ok((LayerPlan::patch(i, used.into_iter().collect(), stats, encoding, members), payloads))
+        stats.payload_bytes = std::fs::metadata(path).ctx(|| format!("reading {}", path.display()))?.len();
+        Ok((stats, used))
     }
+}
+
+/// The plan and payloads of changed target layer `i`, whose blob is re-encoded as `choice`
+/// says and whose `patch` was written to `path`: the patch (with its correction stream, if
+/// any), or the blob itself when the patch would not be smaller enough ([`BLOB_PREFERENCE`])
+/// or the layer cannot be rebuilt with the fidelity asked for.
+fn layer_plan(
+    (target_layout, target_image): (&Layout, &Image),
+    i: u32,
+    choice: Choice,
+    patch: Result<(PatchStats, BTreeSet<u32>)>,
+    path: PathBuf,
+    expansion: &members::Expansion,
+) -> Result<(LayerPlan, Vec<Payload>)> {
+    let layer = &target_image.layers[i as usize];
+    let blob = || vec![Payload { target_layer: i, role: Role::Blob, path: target_layout.blob_path(&layer.blob.digest) }];
+    let (encoding, corrections) = match choice {
+        Choice::Encode(e) => (e, None),
+        Choice::Correct { encoding, path, bytes } => (encoding, Some((path, bytes))),
+        Choice::CarryBlob => return Ok((LayerPlan::blob(i), blob())),
+    };
+    let (stats, used) = patch?;
+    let members = expansion.target.get(&i).cloned().unwrap_or_default();
+    let cost = stats.payload_bytes + corrections.as_ref().map_or(0, |(_, bytes)| *bytes);
+    if cost as f64 >= BLOB_PREFERENCE * layer.blob.size as f64 {
+        return Ok((LayerPlan { stats: Some(stats), ..LayerPlan::blob(i) }, blob()));
+    }
+    let mut payloads = vec![Payload { target_layer: i, role: Role::Patch, path }];
+    payloads.extend(corrections.map(|(path, _)| Payload { target_layer: i, role: Role::Corrections, path }));
+    Ok((LayerPlan::patch(i, used.into_iter().collect(), stats, encoding, members), payloads))
+}
+
+/// How to re-encode changed target layer `i` from its unpacked tar ([`choose`]).
+fn choose_encoding(sides: &Sides, unpacked: &HashMap<u32, Unpacked>, i: u32, scratch: &Path, fidelity: Fidelity) -> Result<Choice> {
+    let (target_layout, target_image) = sides.target;
+    let target = &unpacked[&i];
+    choose(target_layout, &target_image.layers[i as usize], i, fidelity, scratch, || Ok(target.reader()))
 }
 
 /// Plans target layer `i`, whose tar is source layer `s`'s: the source's blob when it is the
