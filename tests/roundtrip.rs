@@ -749,6 +749,31 @@ fn a_layer_only_recompressed_is_re_encoded_exactly_or_carried_whole() {
     }
 }
 
+/// A changed layer whose blob no encoder reproduces (zstd at level 19): exact fidelity carries
+/// the blob whole, and the patch made meanwhile is dropped; content fidelity ships the patch
+/// and says the digest will differ.
+#[test]
+fn a_changed_layer_no_encoder_reproduces_is_carried_whole_or_patched_and_recompressed() {
+    use fleetdelta::diff::Fidelity;
+    let dir = tempfile::tempdir().unwrap();
+    let old: Tree = (0..30).map(|i| (format!("lib/{i}.so"), file(text(i, 20_000)))).collect();
+    let mut new = old.clone();
+    new.insert("lib/0.so".into(), file(text(99, 20_000)));
+    let (s, t) = (dir.path().join("s"), dir.path().join("t"));
+    write_image(&s, "latest", &[layer_tar(&old)], Compression::Gzip);
+    write_image_with(&t, "latest", &[layer_tar(&new)], Compression::Zstd, false, |tar| zstd::encode_all(tar, 19).unwrap());
+    for (fidelity, method, keeps_digest) in [(Fidelity::Exact, Method::Blob, true), (Fidelity::Content, Method::Patch, false)] {
+        let d = dir.path().join(format!("d-{fidelity:?}"));
+        diff(&oci(&s), &oci(&t), &oci(&d), &DiffOptions { fidelity, ..Default::default() }, &Silent).unwrap();
+        let i = info(&oci(&d)).unwrap();
+        assert_eq!(i.layers[0].method, method, "{fidelity:?}");
+        let o = dir.path().join(format!("o-{fidelity:?}"));
+        let report = apply(&oci(&s), &oci(&d), &oci(&o), &ApplyOptions::default(), &Silent).unwrap();
+        assert_eq!(report.identical(), keeps_digest, "{fidelity:?}");
+        assert_same_image(&t, &o);
+    }
+}
+
 #[test]
 fn gzip_files_inside_layers_are_patched_uncompressed_and_repacked_exactly() {
     let dir = tempfile::tempdir().unwrap();
