@@ -418,15 +418,16 @@ pub fn encode_layer(
 
     let mut used = BTreeSet::new();
     let mut w = RecordWriter::new(out, PatchHeader { target_layer: target_index, tar_len: target.index.len }).ctx(|| "writing patch".into())?;
-    // Chunks are compressed in parallel a batch at a time, in the order the records use
-    // them, so that the frames held at once do not grow with the layer. A batch of chunks and
-    // one of difference chunks are compressed together when both are due.
-    let batch = rayon::current_num_threads().max(1) * FRAMES_PER_THREAD;
-    let mut to_compress = chunks.iter().filter(|c| c.literal_len > 0);
-    let mut frames = Frames::new();
+    let mut frames = Frames {
+        chunks: chunks.iter().filter(|c| c.literal_len > 0).collect(),
+        differences: differences.iter().filter(|d| d.len > 0).collect(),
+        chunk_frames: VecDeque::new(),
+        difference_frames: VecDeque::new(),
+        target,
+        source,
+        params,
+    };
     let mut current_chunk = None;
-    let mut differences_to_compress = differences.iter().filter(|d| d.len > 0);
-    let mut difference_frames = Frames::new();
     let mut current_differences = None;
     for op in &ops {
         match op {
@@ -442,15 +443,7 @@ pub fn encode_layer(
             }
             Op::AddDifferences { range, chunk } => {
                 if current_differences != Some(*chunk) {
-                    if difference_frames.is_empty() {
-                        let next_chunks: Vec<&ChunkPlan> = if frames.is_empty() { to_compress.by_ref().take(batch).collect() } else { Vec::new() };
-                        let next: Vec<&DifferencePlan> = differences_to_compress.by_ref().take(batch).collect();
-                        let (c, d) = compress_batches(&next_chunks, &next, target, source, params)?;
-                        frames.extend(c);
-                        difference_frames = d;
-                    }
-                    let frame =
-                        difference_frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more difference chunks referenced than compressed"))?;
+                    let frame = frames.next_difference_frame()?;
                     w.write(&Record::Differences { raw_len: differences[*chunk].len, frame }).ctx(|| "writing patch".into())?;
                     current_differences = Some(*chunk);
                 }
@@ -461,15 +454,7 @@ pub fn encode_layer(
             Op::Literal { chunk, .. } | Op::Add { chunk, .. } => {
                 if current_chunk != Some(*chunk) {
                     let plan = &chunks[*chunk];
-                    if frames.is_empty() {
-                        let next: Vec<&ChunkPlan> = to_compress.by_ref().take(batch).collect();
-                        let next_differences: Vec<&DifferencePlan> =
-                            if difference_frames.is_empty() { differences_to_compress.by_ref().take(batch).collect() } else { Vec::new() };
-                        let (c, d) = compress_batches(&next, &next_differences, target, source, params)?;
-                        frames = c;
-                        difference_frames.extend(d);
-                    }
-                    let frame = frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more chunks referenced than compressed"))?;
+                    let frame = frames.next_chunk_frame()?;
                     used.extend(plan.prefix.iter().map(|p| p.layer));
                     w.write(&Record::Chunk { prefix: plan.prefix.clone(), raw_len: plan.literal_len, frame }).ctx(|| "writing patch".into())?;
                     current_chunk = Some(*chunk);
@@ -709,25 +694,57 @@ fn emit_bytes(planner: &mut Planner, source: &SourceIndex<'_>, target: &Unpacked
     Ok(())
 }
 
-/// Compressed frames, in the order the records use them.
-type Frames = VecDeque<Vec<u8>>;
+/// The frames of a layer's chunks and difference chunks, compressed ahead of the record
+/// writer in parallel, a batch at a time in the order the records use them, so that the
+/// frames held at once do not grow with the layer.
+struct Frames<'a, 's> {
+    /// Chunks and difference chunks still to compress, in order.
+    chunks: VecDeque<&'a ChunkPlan>,
+    differences: VecDeque<&'a DifferencePlan>,
+    /// Frames compressed and not yet written, in order.
+    chunk_frames: VecDeque<Vec<u8>>,
+    difference_frames: VecDeque<Vec<u8>>,
+    target: &'a Unpacked,
+    source: &'a SourceIndex<'s>,
+    params: &'a EncodeParams,
+}
 
-/// Compresses a batch of chunks and a batch of difference chunks side by side: a layer
-/// holding one chunk and a few difference chunks (an executable coded by an approximate
-/// match) would otherwise compress its chunk on one thread while the others wait.
-fn compress_batches(
-    chunks: &[&ChunkPlan],
-    differences: &[&DifferencePlan],
-    target: &Unpacked,
-    source: &SourceIndex<'_>,
-    params: &EncodeParams,
-) -> Result<(Frames, Frames)> {
-    let effort = params.difference_chunks.unwrap_or(lzma::Effort::Strong);
-    let (frames, difference_frames) = rayon::join(
-        || chunks.par_iter().map(|c| compress_chunk(c, target, source, params.zstd_level)).collect::<Result<Frames>>(),
-        || differences.par_iter().map(|d| compress_differences(d, target, source, effort)).collect::<Result<Frames>>(),
-    );
-    Ok((frames?, difference_frames?))
+impl Frames<'_, '_> {
+    /// The frame of the next chunk.
+    fn next_chunk_frame(&mut self) -> Result<Vec<u8>> {
+        if self.chunk_frames.is_empty() {
+            self.refill()?;
+        }
+        self.chunk_frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more chunks referenced than compressed"))
+    }
+
+    /// The frame of the next difference chunk.
+    fn next_difference_frame(&mut self) -> Result<Vec<u8>> {
+        if self.difference_frames.is_empty() {
+            self.refill()?;
+        }
+        self.difference_frames.pop_front().ok_or_else(|| Error::malformed("patch plan", "more difference chunks referenced than compressed"))
+    }
+
+    /// Compresses the next batch of each kind whose frames have run out, both at once: a
+    /// layer holding one chunk and a few difference chunks (an executable coded by an
+    /// approximate match) would otherwise compress its chunk on one thread while the others
+    /// wait.
+    fn refill(&mut self) -> Result<()> {
+        let batch = rayon::current_num_threads().max(1) * FRAMES_PER_THREAD;
+        let next = |queue_empty: bool, left: usize| if queue_empty { batch.min(left) } else { 0 };
+        let chunks: Vec<&ChunkPlan> = self.chunks.drain(..next(self.chunk_frames.is_empty(), self.chunks.len())).collect();
+        let differences: Vec<&DifferencePlan> = self.differences.drain(..next(self.difference_frames.is_empty(), self.differences.len())).collect();
+        let (target, source, params) = (self.target, self.source, self.params);
+        let effort = params.difference_chunks.unwrap_or(lzma::Effort::Strong);
+        let (chunk_frames, difference_frames) = rayon::join(
+            || chunks.par_iter().map(|c| compress_chunk(c, target, source, params.zstd_level)).collect::<Result<Vec<_>>>(),
+            || differences.par_iter().map(|d| compress_differences(d, target, source, effort)).collect::<Result<Vec<_>>>(),
+        );
+        self.chunk_frames.extend(chunk_frames?);
+        self.difference_frames.extend(difference_frames?);
+        Ok(())
+    }
 }
 
 /// Compresses one difference chunk: its target bytes minus their source bytes, as an LZMA

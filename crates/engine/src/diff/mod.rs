@@ -22,11 +22,10 @@ use rayon::prelude::*;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::format::lzma::Effort;
-use crate::format::plan::PatchStats;
 use crate::format::plan::{
-    DeltaPlan, Encoding, LayerPlan, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_AARCH64_CODE, FEATURE_ADD_RANGES, FEATURE_DEFLATE_MEMBERS,
-    FEATURE_DIFFERENCE_CHUNKS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS, FEATURE_X86_64_CALL_FRAMES,
-    FEATURE_X86_64_CODE,
+    DeltaPlan, Encoding, LayerPlan, PatchStats, SourceIdentity, SourceMembers, TargetIdentity, FEATURE_AARCH64_CODE, FEATURE_ADD_RANGES,
+    FEATURE_DEFLATE_MEMBERS, FEATURE_DIFFERENCE_CHUNKS, FEATURE_EXACT_GZIP, FEATURE_GZIP_CORRECTIONS, FEATURE_GZIP_MEMBERS, FEATURE_RETIMED_HEADERS,
+    FEATURE_X86_64_CALL_FRAMES, FEATURE_X86_64_CODE,
 };
 use crate::format::{FORMAT_VERSION, MAX_PREFIX_BYTES, RECORD_STREAM_WINDOW_LOG};
 use crate::image::{Image, Layout, LayoutWriter};
