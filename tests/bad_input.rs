@@ -9,7 +9,7 @@ use common::*;
 use fleetdelta::format::records::{PatchHeader, Record, RecordWriter, SourceRange};
 use fleetdelta::image::Layout;
 use fleetdelta::layer::Compression;
-use fleetdelta::{apply, diff, info, ApplyOptions, DiffOptions, Error, Level, Silent};
+use fleetdelta::{apply, diff, info, ApplyOptions, DiffOptions, Error, LayerOutput, Level, Silent};
 use serde_json::Value;
 
 struct Fixture {
@@ -250,14 +250,17 @@ fn a_damaged_uncompressed_source_layer_is_caught_by_the_rebuilt_layers_diff_id()
 }
 
 /// Source and target layers over the layer limit: refused by name, whichever the applier
-/// meets first (source layers are decompressed while the rebuild runs); nothing is written.
+/// meets first (source layers are decompressed while the rebuild runs), whether layers are
+/// written compressed or not; nothing is written.
 #[test]
 fn layers_past_the_limit_are_refused_by_name() {
     let f = Fixture::new();
-    let opts = ApplyOptions { max_layer_bytes: 100_000, ..ApplyOptions::default() };
-    let err = apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &opts, &Silent).unwrap_err();
-    assert!(matches!(&err, Error::TooLarge { what, limit: 100_000 } if what.contains("layer 1")), "{err}");
-    assert!(!f.path("o").exists(), "nothing written");
+    for layers in [LayerOutput::Original, LayerOutput::Uncompressed] {
+        let opts = ApplyOptions { max_layer_bytes: 100_000, layers, ..ApplyOptions::default() };
+        let err = apply(&oci(&f.path("s")), &oci(&f.path("d")), &oci(&f.path("o")), &opts, &Silent).unwrap_err();
+        assert!(matches!(&err, Error::TooLarge { what, limit: 100_000 } if what.contains("layer 1")), "{layers:?}: {err}");
+        assert!(!f.path("o").exists(), "nothing written");
+    }
 }
 
 /// A gzip source layer that inflates past the layer limit (a decompression bomb on the

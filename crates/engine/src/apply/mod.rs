@@ -26,6 +26,7 @@ use crate::layer::Compression;
 use crate::package::{DeltaImage, PayloadReader};
 use crate::progress::Progress;
 use crate::reference::{load_image, ImageRef};
+use pipe::{PipeReader, PipeWriter};
 use source::{Preparer, SourceLayer};
 
 /// How rebuilt layers are stored.
@@ -51,7 +52,8 @@ pub struct ApplyOptions {
     /// Layers rebuilt at once (each needs at most about 24 MiB), and threads compressing the
     /// blocks of byte-exact pgzip layers; at least 1 and at most the number of cores, whatever
     /// is asked. A layer re-encoded byte for byte is patched on one thread and compressed on
-    /// another, as a pipeline.
+    /// another, as a pipeline; a layer written uncompressed is patched on one thread and
+    /// hashed and written on another.
     pub jobs: usize,
 }
 
@@ -289,6 +291,30 @@ fn rewrite_manifest<'a>(raw: &[u8], layers: impl Iterator<Item = &'a BlobRef>) -
     Ok(serde_json::to_vec(&manifest).expect("JSON values serialize"))
 }
 
+/// Runs `body`, writing a layer's tar into a [`pipe::pipe`] on this thread, while `sink`
+/// reads the pipe on a thread of its own: the two work at once, `body` at most a few MiB
+/// ahead, so memory stays bounded. Returns what each returned.
+///
+/// An error of `sink` explains a `body` failure that is a closed pipe; an error of `body` of
+/// its own explains a `sink` failure (the tar it read ended early).
+fn piped<B: Send, T>(what: &str, sink: impl FnOnce(PipeReader) -> Result<B> + Send, body: impl FnOnce(&mut PipeWriter) -> Result<T>) -> Result<(B, T)> {
+    let (writer, reader) = pipe::pipe();
+    let (sunk, written) = std::thread::scope(|scope| {
+        let sink = scope.spawn(move || sink(reader));
+        let mut writer = writer;
+        let result = body(&mut writer);
+        // Flushing and dropping our end of the pipe is the sink's end of input.
+        let closed = writer.flush().map(|()| drop(writer)).map_err(|e| Error::io(format!("writing {what}"), e));
+        let sunk = sink.join().unwrap_or_else(|_| Err(Error::malformed(what, "the thread writing it panicked")));
+        (sunk, result.and_then(|r| closed.map(|()| r)))
+    });
+    match (sunk, written) {
+        (Err(e), Err(Error::Io { source, .. })) if source.kind() == io::ErrorKind::BrokenPipe => Err(e),
+        (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+        (Ok(b), Ok(t)) => Ok((b, t)),
+    }
+}
+
 struct Rebuild<'a> {
     delta: &'a DeltaImage,
     source_layout: &'a Layout,
@@ -346,9 +372,18 @@ impl Rebuild<'_> {
         let compression = self.output_compression(target);
         if compression == Compression::None {
             // The blob is the tar: its digest is the diff_id, hashed once by the blob writer
-            // and checked before the blob is stored.
-            let mut blob = self.writer.blob_limited(self.tar_limit(target), what)?;
-            let result = body(&mut blob)?;
+            // and checked before the blob is stored. The blob writer hashes and writes on a
+            // thread of its own while `body` rebuilds the tar.
+            let blob = self.writer.blob_limited(self.tar_limit(target), what)?;
+            let (blob, result) = piped(
+                what,
+                move |reader| {
+                    let mut blob = blob;
+                    reader.copy_to(&mut blob).map_err(|e| Error::io(format!("writing {what}"), e))?;
+                    Ok(blob)
+                },
+                |pipe| body(pipe),
+            )?;
             let (digest, size) = blob.finish(Some((&target.diff_id, &format!("{what} (rebuilt, uncompressed)"))))?;
             return Ok((BlobRef { media_type: compression.media_type_like(&target.blob.media_type), digest, size }, result));
         }
@@ -365,8 +400,7 @@ impl Rebuild<'_> {
 
     /// [`Rebuild::write_tar`] through a byte-exact `encode` (of the tar it reads into the blob
     /// it writes), named `how` in a digest mismatch. The encoder reads the tar from a pipe on
-    /// its own thread while `body` writes it, through a [`pipe::pipe`] that lets `body` run a
-    /// few MiB ahead: the two work at once, and memory stays bounded.
+    /// its own thread while `body` writes it (see [`piped`]).
     fn write_tar_encoded<T>(
         &self,
         target: &Layer,
@@ -375,34 +409,20 @@ impl Rebuild<'_> {
         encode: impl FnOnce(&mut dyn Read, &mut dyn Write) -> Result<()> + Send,
         body: impl FnOnce(&mut dyn Write) -> Result<T>,
     ) -> Result<(BlobRef, T)> {
-        let (writer, reader) = pipe::pipe();
         let blob = self.writer.blob_limited(target.blob.size, &format!("{what} ({how}), past the target manifest's size"))?;
-        let (encoded, written) = std::thread::scope(|scope| {
-            let encoders = self.encoders;
-            let encoder = scope.spawn(move || {
-                encoders.install(move || {
-                    let mut blob = blob;
-                    let mut reader = reader;
-                    encode(&mut reader, &mut blob).map(|()| blob)
-                })
-            });
-            let mut out = HashingWriter::new(writer);
-            let result = body(&mut out);
-            let (mut writer, diff_id, len) = out.finish();
-            // Flushing and dropping our end of the pipe is the encoder's end of input.
-            let closed = writer.flush().map(|()| drop(writer)).map_err(|e| Error::io(format!("writing {what}"), e));
-            let encoded = encoder.join().unwrap_or_else(|_| Err(Error::malformed(what, "the encoder thread panicked")));
-            (encoded, result.and_then(|r| closed.map(|()| (r, diff_id, len))))
-        });
-        // An encoder failure explains a body failure that is a closed pipe. A body failure of
-        // its own explains an encoder failure (the tar it read ended early).
-        let blob = match (encoded, written) {
-            (Err(e), Err(Error::Io { source, .. })) if source.kind() == io::ErrorKind::BrokenPipe => return Err(e),
-            (_, Err(e)) => return Err(e),
-            (Err(e), Ok(_)) => return Err(e),
-            (Ok(blob), Ok(w)) => (blob, w),
+        let encoders = self.encoders;
+        let encode = move |mut reader: PipeReader| {
+            encoders.install(move || {
+                let mut blob = blob;
+                encode(&mut reader, &mut blob).map(|()| blob)
+            })
         };
-        let (blob, (result, diff_id, len)) = blob;
+        let (blob, (result, diff_id, len)) = piped(what, encode, |pipe| {
+            let mut out = HashingWriter::new(pipe);
+            let result = body(&mut out)?;
+            let (_, diff_id, len) = out.finish();
+            Ok((result, diff_id, len))
+        })?;
         verify(|| format!("{what} (rebuilt, uncompressed)"), &target.diff_id, None, &diff_id, len)?;
         let (digest, size) = blob.finish(Some((&target.blob.digest, &format!("{what} ({how})"))))?;
         Ok((BlobRef { media_type: target.blob.media_type.clone(), digest, size }, result))
@@ -488,5 +508,59 @@ impl Rebuild<'_> {
         let (diff_id, len) = copy_hashed(target.compression.decoder(staged)?, io::sink(), self.tar_limit(target), what)?;
         verify(|| format!("{what} (uncompressed)"), &target.diff_id, None, &diff_id, len)?;
         Ok(BlobRef { media_type: target.blob.media_type.clone(), digest, size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fails(what: &str) -> Error {
+        Error::malformed("test", what)
+    }
+
+    #[test]
+    fn piped_returns_what_both_ends_returned() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let (copied, n) = piped(
+            "layer",
+            |reader| {
+                let mut out = Vec::new();
+                reader.copy_to(&mut out).map_err(|e| Error::io("sink", e))?;
+                Ok(out)
+            },
+            |pipe| pipe.write_all(&data).map(|()| data.len()).map_err(|e| Error::io("body", e)),
+        )
+        .unwrap();
+        assert_eq!((copied, n), (data.clone(), data.len()));
+    }
+
+    #[test]
+    fn a_failing_sink_is_the_error_not_the_closed_pipe_the_body_meets() {
+        let err = piped(
+            "layer",
+            |_reader| -> Result<()> { Err(fails("disk full")) },
+            |pipe| (0..64).try_for_each(|_| pipe.write_all(&[1; 1 << 20])).map_err(|e| Error::io("writing layer", e)),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+    }
+
+    #[test]
+    fn a_failing_body_is_the_error_not_the_short_input_the_sink_meets() {
+        let err = piped(
+            "layer",
+            |mut reader| -> Result<()> {
+                let mut all = Vec::new();
+                reader.read_to_end(&mut all).map_err(|e| Error::io("sink", e))?;
+                Err(fails("tar ended early"))
+            },
+            |pipe| -> Result<()> {
+                pipe.write_all(b"half a tar").map_err(|e| Error::io("body", e))?;
+                Err(fails("patch record out of range"))
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("patch record out of range"), "{err}");
     }
 }

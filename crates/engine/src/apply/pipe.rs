@@ -1,5 +1,5 @@
 //! An in-process pipe with a bounded buffer of 1 MiB: between the thread that patches a
-//! layer's tar and the thread that compresses it byte for byte.
+//! layer's tar and the thread that compresses it byte for byte, or hashes and writes it.
 //!
 //! Through an OS pipe (64 KiB) with a `BufWriter` and a `BufReader` at its ends, each byte was
 //! copied four times, and every 64 KiB cost two system calls and a wake-up of the other
@@ -87,6 +87,24 @@ pub struct PipeReader {
     pos: usize,
 }
 
+impl PipeReader {
+    /// Writes everything still to come from the writer to `out`, each buffer as it arrives
+    /// (one write of up to [`PIPE_BUFFER_BYTES`], no copy through a read buffer), until the
+    /// writer is gone. Returns the number of bytes written. On an error of `out`, dropping
+    /// the reader makes the writer's next write fail.
+    pub fn copy_to(self, out: &mut dyn Write) -> io::Result<u64> {
+        let mut total = (self.buf.len() - self.pos) as u64;
+        out.write_all(&self.buf[self.pos..])?;
+        while let Ok(buf) = self.rx.recv() {
+            out.write_all(&buf)?;
+            total += buf.len() as u64;
+            // Dropped instead when the writer is gone or has enough.
+            let _ = self.back.try_send(buf);
+        }
+        Ok(total)
+    }
+}
+
 impl Read for PipeReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
@@ -136,6 +154,38 @@ mod tests {
             reader.join().unwrap()
         });
         assert_eq!(read, data);
+    }
+
+    #[test]
+    fn copy_to_writes_everything_after_what_was_read() {
+        let data: Vec<u8> = (0..3 * PIPE_BUFFER_BYTES as u32 + 77).map(|i| (i % 251) as u8).collect();
+        let (mut w, mut r) = pipe();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || w.write_all(&sent));
+        let mut head = [0u8; 10];
+        r.read_exact(&mut head).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(r.copy_to(&mut rest).unwrap(), data.len() as u64 - 10);
+        writer.join().unwrap().unwrap();
+        assert_eq!(head[..], data[..10]);
+        assert_eq!(rest, data[10..]);
+    }
+
+    #[test]
+    fn copy_to_a_failing_output_breaks_the_pipe() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut w, r) = pipe();
+        let writer = std::thread::spawn(move || (0..64).try_for_each(|_| w.write_all(&[7; PIPE_BUFFER_BYTES])));
+        assert_eq!(r.copy_to(&mut Full).unwrap_err().to_string(), "disk full");
+        assert_eq!(writer.join().unwrap().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
     }
 
     #[test]

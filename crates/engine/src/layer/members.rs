@@ -262,7 +262,7 @@ struct Current<'a> {
 enum Packer {
     Deflate(MemberEncoder),
     Aarch64Code(RelativeWriter),
-    X8664Code(Converter),
+    X8664Code(Box<Converter>),
 }
 
 impl Packer {
@@ -336,7 +336,7 @@ impl<'a, W: Write> Repacker<'a, W> {
                         .address_map
                         .as_ref()
                         .ok_or_else(|| Error::malformed("delta.json", format!("the x86-64 code at offset {} has no address map", member.member.offset)))?;
-                    Packer::X8664Code(Converter::new(map, member.member.raw_len, x86_64_code::Direction::ToNew)?)
+                    Packer::X8664Code(Box::new(Converter::new(map, member.member.raw_len, x86_64_code::Direction::ToNew)?))
                 }
                 (Wrapping::Gzip | Wrapping::Deflate, Some(descriptor), None) => Packer::Deflate(descriptor.member_encoder()?),
                 (Wrapping::Gzip | Wrapping::Deflate, None, Some(encoder)) => Packer::Deflate(encoder.deflate_encoder()?),
