@@ -95,24 +95,48 @@ enum Effort {
     /// where level 2 takes 0.1% off it, at about 60 MB/s.
     Fast,
     /// The metadata layer: `delta.json` is mostly numbers (member lists can reach thousands
-    /// of entries), which gzip's best level shrinks by a third more than its fastest.
+    /// of entries), which gzip's best level shrinks by a third more than its fastest. Up to
+    /// [`ZOPFLI_MAX_TAR_BYTES`], Zopfli writes it instead.
     Best,
+}
+
+/// The largest metadata tar Zopfli compresses. Where the metadata layer is most of a delta
+/// (an edit of a few bytes), Zopfli's gzip is about 6% smaller than level 9's: 1,059 bytes
+/// instead of 1,132 for config-line's, in about 10 ms. It costs about 3 ms per KiB, so a
+/// larger tar, whose delta has bigger parts than its metadata, gets level 9.
+const ZOPFLI_MAX_TAR_BYTES: u64 = 16 << 10;
+
+/// A tar of `files` (their sizes as given), ended by its two zero blocks.
+fn tar_len<T>(files: &[(String, T, u64)]) -> u64 {
+    files.iter().map(|(_, _, size)| TAR_BLOCK + size.div_ceil(TAR_BLOCK) * TAR_BLOCK).sum::<u64>() + 2 * TAR_BLOCK
+}
+
+/// Writes `files` as a tar into `out`; returns `out` and the tar's digest (the diff_id).
+fn write_tar<W: io::Write>(out: W, files: Vec<(String, Box<dyn Read + '_>, u64)>) -> Result<(W, Digest)> {
+    let mut builder = tar::Builder::new(HashingWriter::new(out));
+    for (name, data, size) in files {
+        builder.append(&tar_header(&name, size), data).ctx(|| format!("writing delta layer entry {name}"))?;
+    }
+    let (out, diff_id, _) = builder.into_inner().ctx(|| "finishing delta layer".into())?.finish();
+    Ok((out, diff_id))
 }
 
 /// Writes a gzip-compressed tar of the given files as a blob; returns its descriptor and
 /// diff_id.
 fn write_tar_blob(writer: &LayoutWriter, files: Vec<(String, Box<dyn Read + '_>, u64)>, effort: Effort) -> Result<(BlobRef, Digest)> {
-    let level = match effort {
-        Effort::Fast => flate2::Compression::new(2),
-        Effort::Best => flate2::Compression::best(),
+    let (blob, diff_id) = if effort == Effort::Best && tar_len(&files) <= ZOPFLI_MAX_TAR_BYTES {
+        let zopfli = |e: io::Error| Error::io("compressing delta layer", e);
+        let encoder = zopfli::GzipEncoder::new_buffered(zopfli::Options::default(), zopfli::BlockType::Dynamic, writer.blob()?).map_err(zopfli)?;
+        let (encoder, diff_id) = write_tar(encoder, files)?;
+        (encoder.into_inner().map_err(|e| zopfli(e.into_error()))?.finish().map_err(zopfli)?, diff_id)
+    } else {
+        let level = match effort {
+            Effort::Fast => flate2::Compression::new(2),
+            Effort::Best => flate2::Compression::best(),
+        };
+        let (encoder, diff_id) = write_tar(flate2::write::GzEncoder::new(writer.blob()?, level), files)?;
+        (encoder.finish().ctx(|| "compressing delta layer".into())?, diff_id)
     };
-    let encoder = crate::layer::compression::Encoder::Gzip(flate2::write::GzEncoder::new(writer.blob()?, level));
-    let mut builder = tar::Builder::new(HashingWriter::new(encoder));
-    for (name, data, size) in files {
-        builder.append(&tar_header(&name, size), data).ctx(|| format!("writing delta layer entry {name}"))?;
-    }
-    let (encoder, diff_id, _) = builder.into_inner().ctx(|| "finishing delta layer".into())?.finish();
-    let blob = encoder.finish().ctx(|| "compressing delta layer".into())?;
     let (digest, size) = blob.finish(None)?;
     Ok((BlobRef { media_type: DELTA_LAYER_MEDIA_TYPE.into(), digest, size }, diff_id))
 }
@@ -420,5 +444,39 @@ mod tests {
         let mut back = Vec::new();
         entry.read_to_end(&mut back).unwrap();
         assert!(back == payload, "the payload comes back as it was");
+    }
+
+    /// Where the metadata layer is most of a delta, it is compressed by Zopfli: smaller than
+    /// gzip's best level, and an ordinary gzip stream holding the tar its diff_id names. A
+    /// metadata tar past the size limit gets level 9, as before.
+    #[test]
+    fn a_small_metadata_layer_is_smaller_than_gzip_best_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = LayoutWriter::create(&dir.path().join("delta")).unwrap();
+        let json: Vec<u8> =
+            (0..120).flat_map(|i| format!("{{\"index\":{i},\"method\":\"patch\",\"tarBytes\":{}}},", i * 7919 % 100_003).into_bytes()).collect();
+        let entries = || -> Vec<(String, Box<dyn Read + '_>, u64)> { vec![("delta.json".into(), Box::new(&json[..]), json.len() as u64)] };
+        assert!(tar_len(&entries()) <= ZOPFLI_MAX_TAR_BYTES);
+        let (blob, diff_id) = write_tar_blob(&writer, entries(), Effort::Best).unwrap();
+        let (tar, level9_diff_id) = write_tar(Vec::new(), entries()).unwrap();
+        assert_eq!(diff_id, level9_diff_id);
+        assert_eq!(tar.len() as u64, tar_len(&entries()));
+        let mut level9 = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        io::Write::write_all(&mut level9, &tar).unwrap();
+        let level9 = level9.finish().unwrap();
+        assert!(blob.size < level9.len() as u64, "{} bytes, level 9 {}", blob.size, level9.len());
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(writer.open_staged_blob(&blob.digest).unwrap()).read_to_end(&mut back).unwrap();
+        assert!(back == tar, "the tar comes back as it was");
+        // Past the limit: gzip's best level, byte for byte.
+        let big = noise(3, ZOPFLI_MAX_TAR_BYTES as usize);
+        let entries = || -> Vec<(String, Box<dyn Read + '_>, u64)> { vec![("layer-0000.patch".into(), Box::new(&big[..]), big.len() as u64)] };
+        let (blob, _) = write_tar_blob(&writer, entries(), Effort::Best).unwrap();
+        let (tar, _) = write_tar(Vec::new(), entries()).unwrap();
+        let mut level9 = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        io::Write::write_all(&mut level9, &tar).unwrap();
+        let mut written = Vec::new();
+        writer.open_staged_blob(&blob.digest).unwrap().read_to_end(&mut written).unwrap();
+        assert!(written == level9.finish().unwrap(), "level 9 past the limit");
     }
 }
