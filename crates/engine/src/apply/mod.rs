@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::digest::{verify, Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
 use crate::format::plan::{Encoding, LayerPlan, Method, FEATURE_ADD_RANGES, FEATURE_DIFFERENCE_CHUNKS, FEATURE_RETIMED_HEADERS};
-use crate::format::records::RecordReader;
+use crate::format::records::{Record, RecordReader, SourceRange};
 use crate::format::MAX_RECORD_STREAM_WINDOW_LOG;
 use crate::image::manifest::BlobRef;
 use crate::image::{Image, Layer, Layout, LayoutWriter};
@@ -132,6 +132,13 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
         }
     }
     let (sources, preparers) = start_sources(&delta, &source_layout, &source_image, &needed, scratch.path(), options.max_layer_bytes)?;
+    let tar_limit =
+        |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| t.compression.max_uncompressed_len(t.blob.size).min(options.max_layer_bytes));
+    for (layer, end) in pool.install(|| source_extents(&delta, tar_limit)) {
+        if let Some(source) = sources.get(&layer) {
+            source.read_no_further_than(end);
+        }
+    }
 
     progress.stage("rebuilding layers", delta.plan.layers.iter().map(target_bytes).sum());
     let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options, encoders: &encoders };
@@ -245,6 +252,67 @@ pub(crate) fn prepare_sources(
     std::thread::scope(|scope| source::prepare(scope, preparers, threads).join())?;
     progress.advance(source_bytes);
     Ok(sources)
+}
+
+/// How far into each source layer the patches of `delta` read: the end of the furthest range
+/// any of their records names (copies, chunks' prefixes, adds). Found by reading the patches'
+/// records once before the rebuild, which costs about as much as decompressing the patches
+/// (their chunks stay compressed), so that the source layers' preparers stop where reading
+/// stops. A source layer that a patch which cannot be read lists gets no extent: the rebuild
+/// reports what is wrong with that patch. `tar_limit` bounds each patch's output, as in the
+/// rebuild.
+fn source_extents(delta: &DeltaImage, tar_limit: impl Fn(&LayerPlan) -> u64 + Sync) -> HashMap<u32, u64> {
+    let patches: Vec<&LayerPlan> = delta.plan.layers.iter().filter(|l| l.method == Method::Patch).collect();
+    let scanned: Vec<_> = patches
+        .par_iter()
+        .with_max_len(1)
+        .map(|plan| {
+            let what = format!("target layer {}", plan.index);
+            let ends = open_patch(delta, plan, tar_limit(plan), &what).and_then(|(mut records, _)| patch_extents(&mut records));
+            (&plan.source_layers_used[..], ends.ok())
+        })
+        .collect();
+    merge_extents(scanned)
+}
+
+/// The end of the furthest range of each source layer that the records of one patch read.
+fn patch_extents<R: Read>(records: &mut RecordReader<R>) -> Result<HashMap<u32, u64>> {
+    let mut ends: HashMap<u32, u64> = HashMap::new();
+    let mut reach = |r: &SourceRange| {
+        let end = ends.entry(r.layer).or_default();
+        *end = (*end).max(r.end());
+    };
+    loop {
+        match records.next_record()? {
+            Record::Copy(r) | Record::Add(r) | Record::AddDifferences(r) | Record::Retimed { range: r, .. } => reach(&r),
+            Record::Chunk { prefix, .. } => prefix.iter().for_each(&mut reach),
+            Record::End => return Ok(ends),
+            Record::Literal(_) | Record::Differences { .. } => {}
+        }
+    }
+}
+
+/// Each source layer's extent over every patch: (the layers a patch's plan lists, the ends its
+/// records read, or `None` when they could not be read). A layer listed but not read needs
+/// nothing; a layer listed by an unreadable patch gets no extent.
+fn merge_extents<'a>(scanned: impl IntoIterator<Item = (&'a [u32], Option<HashMap<u32, u64>>)>) -> HashMap<u32, u64> {
+    let mut extents: HashMap<u32, u64> = HashMap::new();
+    let mut unbounded: BTreeSet<u32> = BTreeSet::new();
+    for (listed, ends) in scanned {
+        let Some(ends) = ends else {
+            unbounded.extend(listed);
+            continue;
+        };
+        for &layer in listed {
+            extents.entry(layer).or_default();
+        }
+        for (layer, end) in ends {
+            let e = extents.entry(layer).or_default();
+            *e = (*e).max(end);
+        }
+    }
+    extents.retain(|layer, _| !unbounded.contains(layer));
+    extents
 }
 
 /// The record stream of `plan`'s patch, whose output may not exceed `limit` bytes, checked
@@ -517,6 +585,38 @@ mod tests {
 
     fn fails(what: &str) -> Error {
         Error::malformed("test", what)
+    }
+
+    #[test]
+    fn a_patch_reaches_the_end_of_its_furthest_range_in_each_source_layer() {
+        use crate::format::records::{PatchHeader, RecordWriter};
+        let range = |layer, offset, len| SourceRange { layer, offset, len };
+        let mut w = RecordWriter::new(Vec::new(), PatchHeader { target_layer: 2, tar_len: 636 }).unwrap();
+        for r in [
+            Record::Copy(range(0, 5000, 100)),
+            Record::Copy(range(0, 10, 20)),
+            Record::Chunk { prefix: vec![range(1, 700, 50), range(0, 6000, 1)], raw_len: 4, frame: zstd::encode_all(&b"abcd"[..], 3).unwrap() },
+            Record::Literal(4),
+            Record::Retimed { range: range(3, 0, 512), shift: 5 },
+            Record::End,
+        ] {
+            w.write(&r).unwrap();
+        }
+        let bytes = w.into_inner();
+        let mut records = RecordReader::new(&bytes[..], 1 << 20).unwrap().allow_retimed(true);
+        let ends = patch_extents(&mut records).unwrap();
+        assert_eq!(ends, HashMap::from([(0, 6001), (1, 750), (3, 512)]));
+    }
+
+    #[test]
+    fn extents_are_the_furthest_over_every_patch_and_none_where_a_patch_is_unreadable() {
+        let merged = merge_extents([
+            (&[0, 1, 4][..], Some(HashMap::from([(0, 100), (1, 7)]))),
+            (&[0, 2][..], Some(HashMap::from([(0, 300), (2, 9)]))),
+            (&[2, 3][..], None),
+        ]);
+        // Layer 4 is listed but not read; 2 and 3 are listed by a patch that cannot be read.
+        assert_eq!(merged, HashMap::from([(0, 300), (1, 7), (4, 0)]));
     }
 
     #[test]

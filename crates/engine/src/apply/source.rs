@@ -13,9 +13,10 @@
 //! decompression instead of waiting for all of it.
 //!
 //! A preparer runs at most [`PREPARE_AHEAD_BYTES`] past the furthest byte its readers have
-//! asked for, and stops when the rebuild is over, so that a layer the patches read only the
-//! start of is not decompressed whole (what is not read cannot reach the output, which is
-//! verified against the target's digests anyway). Each layer has a thread of its own, which
+//! asked for, no further than the layer's extent (the furthest byte the patches read, which the
+//! applier finds before the rebuild) unless a read asks for more, and stops when the rebuild is
+//! over, so that a layer the patches read only the start of is not decompressed whole (what is
+//! not read cannot reach the output, which is verified against the target's digests anyway). Each layer has a thread of its own, which
 //! costs memory only while it works; the work itself is bounded by [`Permits`], one per
 //! `--jobs`, taken for one step (1 MiB of tar, or one member) at a time and never held while
 //! waiting for readers. So a preparer waiting for its readers never keeps another layer, which
@@ -90,10 +91,24 @@ struct Ready {
     /// The furthest byte a reader has asked for; 0 until one asks, and until then the
     /// preparer waits (unless it is among the first, see [`prepare`]).
     wanted: u64,
+    /// No read goes past this byte, as far as the patches say (see
+    /// [`SourceLayer::read_no_further_than`]): the preparer stops there unless a read asks for
+    /// more.
+    extent: Option<u64>,
     /// Preparing failed (its preparer returns the error).
     failed: bool,
     /// The rebuild gave up: the preparer stops.
     cancelled: bool,
+}
+
+impl Ready {
+    /// Where the preparer may pause: [`PREPARE_AHEAD_BYTES`] past what readers asked for, or
+    /// the layer's extent if that comes first. A read past the extent (which a hostile patch
+    /// may ask for) still gets its bytes: the preparer never pauses before what is asked.
+    fn enough(&self) -> u64 {
+        let ahead = self.wanted.saturating_add(PREPARE_AHEAD_BYTES);
+        self.extent.map_or(ahead, |extent| ahead.min(extent.max(self.wanted)))
+    }
 }
 
 impl Readiness {
@@ -102,11 +117,11 @@ impl Readiness {
         self.changed.notify_all();
     }
 
-    /// Waits while the preparer has no reader yet or is [`PREPARE_AHEAD_BYTES`] ahead of
-    /// them; false once it is cancelled.
+    /// Waits while the preparer has no reader yet, is [`PREPARE_AHEAD_BYTES`] ahead of them,
+    /// or has reached the layer's extent and what they asked for; false once it is cancelled.
     fn go_on(&self) -> bool {
         let mut ready = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        while !ready.cancelled && (ready.wanted == 0 || ready.bytes >= ready.wanted.saturating_add(PREPARE_AHEAD_BYTES)) {
+        while !ready.cancelled && (ready.wanted == 0 || ready.bytes >= ready.enough()) {
             ready = self.changed.wait(ready).unwrap_or_else(PoisonError::into_inner);
         }
         !ready.cancelled
@@ -167,6 +182,14 @@ impl SourceLayer {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    /// Says that the patches read no byte of the layer past `end`: its preparer stops there
+    /// rather than running [`PREPARE_AHEAD_BYTES`] ahead of the reads, unless a read asks for
+    /// more. A patch that copies a few bytes from the start of a large base layer no longer
+    /// costs decompressing 32 MiB of it (and writing them to scratch space).
+    pub fn read_no_further_than(&self, end: u64) {
+        self.ready.update(|r| r.extent = Some(end));
     }
 
     /// Lets its preparer write the whole layer, however little of it is read.
@@ -700,6 +723,30 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(500));
             assert!(v.prepared_len().is_none() && bytes() <= 10 + PREPARE_AHEAD_BYTES + PREPARE_STEP_BYTES as u64, "ran to {} bytes", bytes());
             // A read further on lets it go on.
+            let mut end = [0u8; 10];
+            v.read_at(tar.len() as u64 - 10, &mut end).unwrap();
+            assert_eq!(end, tar[tar.len() - 10..]);
+            v.cancel();
+            preparing.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_preparer_stops_at_the_extent_the_patches_read_unless_a_read_asks_for_more() {
+        let tar = text(5, 12 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let (v, p) = gzip_layer(dir.path(), 0, &tar);
+        v.read_no_further_than(2 << 20);
+        std::thread::scope(|scope| {
+            let preparing = prepare(scope, vec![p], 1);
+            let mut start = [0u8; 10];
+            v.read_at(0, &mut start).unwrap();
+            assert_eq!(start, tar[..10]);
+            // Ample time to decompress the whole 12 MiB, were it not held back.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let bytes = || v.ready.state.lock().unwrap().bytes;
+            assert!(bytes() >= 2 << 20 && bytes() <= (2 << 20) + PREPARE_STEP_BYTES as u64, "ran to {} bytes", bytes());
+            // A read past the extent still gets its bytes.
             let mut end = [0u8; 10];
             v.read_at(tar.len() as u64 - 10, &mut end).unwrap();
             assert_eq!(end, tar[tar.len() - 10..]);
