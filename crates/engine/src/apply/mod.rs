@@ -132,8 +132,8 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
         }
     }
     let (sources, preparers) = start_sources(&delta, &source_layout, &source_image, &needed, scratch.path(), options.max_layer_bytes)?;
-    let tar_limit =
-        |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| t.compression.max_uncompressed_len(t.blob.size).min(options.max_layer_bytes));
+    let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options, encoders: &encoders };
+    let tar_limit = |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| ctx.tar_limit(t));
     for (layer, end) in pool.install(|| source_extents(&delta, tar_limit)) {
         if let Some(source) = sources.get(&layer) {
             source.read_no_further_than(end);
@@ -141,7 +141,6 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     }
 
     progress.stage("rebuilding layers", delta.plan.layers.iter().map(target_bytes).sum());
-    let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options, encoders: &encoders };
     let mut outcomes: Vec<(usize, (LayerOutcome, BlobRef))> = std::thread::scope(|scope| {
         let preparing = source::prepare(scope, preparers, jobs);
         let rebuilt = pool.install(|| {
