@@ -261,10 +261,12 @@ pub(crate) fn prepare_sources(
 /// reports what is wrong with that patch. `tar_limit` bounds each patch's output, as in the
 /// rebuild.
 fn source_extents(delta: &DeltaImage, tar_limit: impl Fn(&LayerPlan) -> u64 + Sync) -> HashMap<u32, u64> {
-    let patches: Vec<&LayerPlan> = delta.plan.layers.iter().filter(|l| l.method == Method::Patch).collect();
-    let scanned: Vec<_> = patches
+    let scanned: Vec<_> = delta
+        .plan
+        .layers
         .par_iter()
         .with_max_len(1)
+        .filter(|plan| plan.method == Method::Patch)
         .map(|plan| {
             let what = format!("target layer {}", plan.index);
             let ends = open_patch(delta, plan, tar_limit(plan), &what).and_then(|(mut records, _)| patch_extents(&mut records));

@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 use crate::format::is_zero;
 
 /// The most segments a map may have: the applier holds a map's segments twice with their
-/// search index (about 112 bytes a segment in all), so this bounds its memory at about 7 MiB. The differ needs one per run of
-/// code or data that moved by one amount (about 10,000 for a 33 MB Rust executable).
+/// search index (about 112 bytes a segment in all), so this bounds its memory at about 7 MiB.
+/// The differ needs one per run of code or data that moved by one amount (about 10,000 for a
+/// 33 MB Rust executable).
 pub const MAX_SEGMENTS: usize = 1 << 16;
 
 /// The most pointer ranges a map may list (a real executable has one per writable section and
