@@ -7,7 +7,8 @@
 //! delta or rebuilt image (unpacking, matching, encoding, packaging, verifying).
 //!
 //! A third group measures the gzip encoders on the synthetic target's tar: the applier's
-//! exact re-encoders (one per encoder family it reproduces) beside flate2's fast level, which
+//! exact re-encoders (one per encoder family it reproduces, and GNU gzip -9 as Debian's
+//! packages compress their changelogs) beside flate2's fast level, which
 //! is what `--fidelity content` recompression uses. The synthetic layers are written by the
 //! Go 1.19 encoder port, as docker would, so the engine groups rebuild them bit for bit.
 //!
@@ -359,6 +360,8 @@ fn bench_encoders(c: &mut Criterion, pair: &Pair) {
         ("go1.19-gzip", Encoder::GoGzip { release: GoRelease::Go1_19 }, GzipHeader::go_stdlib_default()),
         ("go1.27-gzip", Encoder::GoGzip { release: GoRelease::Go1_27 }, GzipHeader::go_stdlib_default()),
         ("zlib-6", Encoder::Zlib { level: 6 }, GzipHeader::plain(0, 0, 3)),
+        // What Debian packages' gzip files (changelogs, man pages) are rebuilt with.
+        ("gnu-gzip-9", Encoder::GnuGzip { level: 9 }, GzipHeader::plain(0, 2, 3)),
     ];
     for (name, encoder, header) in encoders {
         let descriptor = Descriptor { encoder, header };
