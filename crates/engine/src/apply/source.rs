@@ -17,9 +17,9 @@
 //! applier finds before the rebuild) unless a read asks for more, and stops when the rebuild is
 //! over, so that a layer the patches read only the start of is not decompressed whole (what is
 //! not read cannot reach the output, which is verified against the target's digests anyway).
-//! Each layer has a thread of its own, which costs memory only while it works; the work itself is bounded by [`Permits`], one per
-//! `--jobs`, taken for one step (1 MiB of tar, or one member) at a time and never held while
-//! waiting for readers. So a preparer waiting for its readers never keeps another layer, which
+//! Each layer has a thread of its own, which costs memory only while it works; the work itself
+//! is bounded by [`Permits`], one per `--jobs`, taken for one step (1 MiB of tar, or one
+//! member) at a time and never held while waiting for readers. So a preparer waiting for its readers never keeps another layer, which
 //! those readers may be waiting for, from being prepared.
 
 use std::fs::File;
