@@ -42,6 +42,21 @@ const REP_3_6: usize = 16;
 const REPZ_3_10: usize = 17;
 const REPZ_11_138: usize = 18;
 
+/// The shortest `chain_length` at which [`Deflater::search`] jumps between chains (levels
+/// 8 and 9): below it, keeping the extra chains cost more than it saved, measured on the
+/// changed gzip members of the debian-update pair.
+const JUMP_CHAIN: usize = 1024;
+
+/// Bytes in the strings of [`Deflater`]'s long chains.
+const LONG: usize = 4;
+
+/// The long chain of the string at `s`: a hash of its first [`LONG`] bytes.
+#[inline(always)]
+fn hash_long(w: &[u8], s: usize) -> usize {
+    let v = u32::from_le_bytes(w[s..s + LONG].try_into().expect("LONG bytes"));
+    (v.wrapping_mul(0x9E37_79B1) >> (32 - HASH_BITS)) as usize
+}
+
 /// One level's tuning (`configuration_table`).
 #[derive(Clone, Copy, Debug)]
 struct Config {
@@ -72,6 +87,20 @@ pub(crate) struct Deflater {
     window: Vec<u8>,
     prev: Vec<u16>,
     head: Vec<u16>,
+    /// Levels that jump between chains only: per window position, how many strings its
+    /// hash chain had received when it was linked (wrapping). Two ranks on one chain
+    /// tell how many links lie between them, which lets [`Deflater::longest_match`] follow
+    /// another chain and still stop where zlib's `chain_length` would have.
+    rank: Vec<u16>,
+    /// Per hash chain, the rank its next string gets.
+    chain_rank: Vec<u16>,
+    /// Levels that jump between chains only: chains of strings by a hash of their first
+    /// [`LONG`] bytes (zlib's hashes three), linked like `prev` and `head`; much shorter in
+    /// text than zlib's.
+    prev_long: Vec<u16>,
+    head_long: Vec<u16>,
+    /// Whether [`Deflater::search`] jumps between chains (and the fields above are kept).
+    jumps: bool,
     ins_h: u32,
     strstart: usize,
     block_start: i64,
@@ -131,6 +160,40 @@ impl Flavor {
     }
 }
 
+/// The best match a search from `scan` has found, and the bytes a longer one must match
+/// where this one ends (zlib's `scan_end1` and `scan_end`).
+struct Best {
+    len: usize,
+    start: usize,
+    end1: u8,
+    end: u8,
+}
+
+impl Best {
+    fn new(w: &[u8], scan: usize, len: usize, start: usize) -> Self {
+        Best { len, start, end1: w[scan + len - 1], end: w[scan + len] }
+    }
+
+    /// zlib's quick test of candidate `m`: the two bytes where a longer match would end,
+    /// then the first two (the third follows from the hash on the scan's chain).
+    #[inline(always)]
+    fn may_beat(&self, w: &[u8], scan: usize, m: usize) -> bool {
+        w[m + self.len] == self.end && w[m + self.len - 1] == self.end1 && w[m] == w[scan] && w[m + 1] == w[scan + 1]
+    }
+
+    /// Takes `m`, whose first three bytes are the scan's, if its match is longer; whether
+    /// it was.
+    #[inline(always)]
+    fn offer(&mut self, w: &[u8], scan: usize, m: usize) -> bool {
+        let len = 3 + match_len(&w[scan + 3..scan + MAX_MATCH], &w[m + 3..m + MAX_MATCH]);
+        if len <= self.len {
+            return false;
+        }
+        *self = Best::new(w, scan, len, m);
+        true
+    }
+}
+
 enum Flush {
     None,
     Finish,
@@ -140,6 +203,7 @@ impl Deflater {
     /// A raw deflate stream as `flavor` writes it at `level` (1-9).
     pub(crate) fn with_flavor(level: u8, flavor: Flavor) -> Self {
         let level = usize::from(level.clamp(1, 9));
+        let jumps = CONFIGS[level].slow && CONFIGS[level].chain >= JUMP_CHAIN;
         let mut d = Deflater {
             cfg: CONFIGS[level],
             // MIN_MATCH bytes of slack: GNU gzip hashes strings up to the end of its data,
@@ -147,6 +211,11 @@ impl Deflater {
             window: vec![0; WINDOW_SIZE + MIN_MATCH],
             prev: vec![0; W_SIZE],
             head: vec![0; HASH_SIZE],
+            rank: if jumps { vec![0; W_SIZE] } else { Vec::new() },
+            chain_rank: if jumps { vec![0; HASH_SIZE] } else { Vec::new() },
+            prev_long: if jumps { vec![0; W_SIZE] } else { Vec::new() },
+            head_long: if jumps { vec![0; HASH_SIZE] } else { Vec::new() },
+            jumps,
             ins_h: 0,
             strstart: 0,
             block_start: 0,
@@ -228,9 +297,27 @@ impl Deflater {
     #[inline(always)]
     fn insert_string(&mut self, s: usize) -> usize {
         self.update_hash(self.window[s + MIN_MATCH - 1]);
-        let head = self.head[self.ins_h as usize];
+        self.link(s)
+    }
+
+    /// Puts string `s` at the head of the chain of `ins_h` (its hash) and, at the levels
+    /// that jump between chains, ranks it there and links it on its long chain; returns the
+    /// previous head.
+    #[inline(always)]
+    fn link(&mut self, s: usize) -> usize {
+        let h = self.ins_h as usize;
+        let head = self.head[h];
         self.prev[s & W_MASK] = head;
-        self.head[self.ins_h as usize] = s as u16;
+        self.head[h] = s as u16;
+        if self.jumps {
+            let rank = self.chain_rank[h].wrapping_add(1);
+            self.chain_rank[h] = rank;
+            self.rank[s & W_MASK] = rank;
+            // The window holds LONG bytes from `s` on: GNU gzip's MIN_MATCH bytes of slack.
+            let h = hash_long(&self.window, s);
+            self.prev_long[s & W_MASK] = self.head_long[h];
+            self.head_long[h] = s as u16;
+        }
         usize::from(head)
     }
 
@@ -238,6 +325,10 @@ impl Deflater {
         let slide = |v: &mut u16| *v = if usize::from(*v) >= W_SIZE { *v - W_SIZE as u16 } else { 0 };
         self.head.iter_mut().for_each(slide);
         self.prev.iter_mut().for_each(slide);
+        if self.jumps {
+            self.head_long.iter_mut().for_each(slide);
+            self.prev_long.iter_mut().for_each(slide);
+        }
     }
 
     fn fill_window(&mut self) {
@@ -271,8 +362,7 @@ impl Deflater {
                 self.update_hash(self.window[s + 1]);
                 while self.insert > 0 {
                     self.update_hash(self.window[s + MIN_MATCH - 1]);
-                    self.prev[s & W_MASK] = self.head[self.ins_h as usize];
-                    self.head[self.ins_h as usize] = s as u16;
+                    self.link(s);
                     s += 1;
                     self.insert -= 1;
                     if self.lookahead + self.insert < MIN_MATCH {
@@ -336,39 +426,138 @@ impl Deflater {
         }
     }
 
-    /// zlib's portable `longest_match` (byte 2 is not compared: equal hashes imply it).
-    fn longest_match(&mut self, mut cur_match: usize) -> usize {
-        let mut chain_length = self.cfg.chain;
+    /// zlib's `longest_match`: of the first `chain_length` strings on the scan's chain
+    /// after the limit, the first with the longest match, if longer than `prev_length`
+    /// (byte 2 is not compared: equal hashes imply it). [`Deflater::search`] finds it.
+    fn longest_match(&mut self, hash_head: usize) -> usize {
+        let (len, start) = if self.jumps {
+            let found = self.search(hash_head);
+            // Every test that encodes at a level that jumps checks it against zlib's walk.
+            #[cfg(test)]
+            assert_eq!(found, self.walk(hash_head), "longest_match at {} ({:?}, chain {})", self.strstart, self.flavor, self.cfg.chain);
+            found
+        } else {
+            self.walk(hash_head)
+        };
+        self.match_start = start;
+        len
+    }
+
+    /// [`Deflater::walk`]'s result found in fewer links, at the levels that link every
+    /// string and have long chains to walk ([`JUMP_CHAIN`]):
+    ///
+    /// - A better match than `best_len` bytes holds the scan's string of [`LONG`] bytes at
+    ///   every offset `i <= best_len + 1 - LONG`; at such a candidate `q`, the string at
+    ///   `q + i` is on that string's long chain. Once a match is found at `m`, the next
+    ///   better candidate lies on the long chain through `m + i`, past it; the offset whose
+    ///   next link lies furthest back skips the most candidates that cannot be better
+    ///   (zlib-ng's `longest_match_slow` jumps the same way). Before any match, the long chain
+    ///   of the string that ends a byte past `prev_length` is walked from its head, once the
+    ///   scan's chain has reached the candidates whose string there is linked already.
+    /// - A candidate from another chain is the scan's when its first three bytes are the
+    ///   scan's (then so is its hash), and zlib would have looked at it only when its rank
+    ///   says that fewer than `chain_length` links separate it from the scan: past such a
+    ///   candidate, the search stops.
+    /// - A long chain walked for as many links as zlib had left is given up: the walk goes
+    ///   back to the scan's chain where it left it and counts as zlib does.
+    fn search(&self, hash_head: usize) -> (usize, usize) {
+        let (chain, limit, nice_match) = self.search_bounds();
         let scan = self.strstart;
-        let mut best_len = self.prev_length;
-        let mut nice_match = self.cfg.nice;
-        let limit = self.strstart.saturating_sub(MAX_DIST);
-        let strend = scan + MAX_MATCH;
-        let w = &self.window;
-        let mut scan_end1 = w[scan + best_len - 1];
-        let mut scan_end = w[scan + best_len];
-        if self.prev_length >= self.cfg.good {
-            chain_length >>= 2;
-        }
-        // zlib stops at a match reaching the end of the data; gzip looks on.
-        if nice_match > self.lookahead && self.flavor == Flavor::Zlib {
-            nice_match = self.lookahead;
-        }
+        let (w, prev, prev_long, rank) = (&self.window, &self.prev, &self.prev_long, &self.rank);
+        let scan_rank = rank[scan & W_MASK];
+        // Links between the scan and `m` on the scan's chain (0 for its head).
+        let links = |m: usize| usize::from(scan_rank.wrapping_sub(rank[m & W_MASK]).wrapping_sub(1));
+        let mut best = Best::new(w, scan, self.prev_length, self.match_start);
+        // The candidate is `link - offset`: `link` is on the scan's chain (offset 0), or on
+        // the long chain of the scan's string at `offset`.
+        let mut link = hash_head;
+        let (mut long, mut offset) = (false, 0);
+        // On the scan's chain: the candidates zlib may still look at, this one included. On
+        // a long one: the links zlib had left, which it may follow.
+        let mut left = chain;
+        // Where the scan's chain is taken up again, and the candidates left there.
+        let mut resume = (0, 0);
+        // Before any match: the offset of the long chain to take from its head.
+        let mut end = (best.len + 1).saturating_sub(LONG);
         loop {
-            let m = cur_match;
-            if w[m + best_len] == scan_end && w[m + best_len - 1] == scan_end1 && w[m] == w[scan] && w[m + 1] == w[scan + 1] {
-                // Compare from byte 3 up to MAX_MATCH (byte 2 follows from the hash, as in
-                // zlib): the first difference, or MAX_MATCH, a word at a time.
-                let len = 3 + match_len(&w[scan + 3..strend], &w[m + 3..m + MAX_MATCH]);
-                if len > best_len {
-                    self.match_start = cur_match;
-                    best_len = len;
-                    if len >= nice_match {
+            if end != 0 && !long && link + end <= scan {
+                resume = (link, left);
+                (link, long, offset, end) = (usize::from(self.head_long[hash_long(w, scan + end)]), true, end, 0);
+                if link <= limit + offset {
+                    break;
+                }
+                continue;
+            }
+            let m = link - offset;
+            if best.may_beat(w, scan, m) && (!long || w[m + 2] == w[scan + 2]) {
+                if long && links(m) >= chain {
+                    break;
+                }
+                if best.offer(w, scan, m) {
+                    if best.len >= nice_match {
                         break;
                     }
-                    scan_end1 = w[scan + best_len - 1];
-                    scan_end = w[scan + best_len];
+                    end = 0;
+                    // The next candidate after `m` on the scan's chain, or on a long chain
+                    // through the match at an offset whose string lies before the scan
+                    // (and so is linked): whichever lies furthest back.
+                    let (mut at, mut bound, mut on_long) = (0, prev[m & W_MASK] as isize, false);
+                    if best.len >= LONG {
+                        for i in 0..=(best.len - LONG).min(scan - 1 - m) {
+                            let b = prev_long[(m + i) & W_MASK] as isize - i as isize;
+                            if b < bound {
+                                (at, bound, on_long) = (i, b, true);
+                            }
+                        }
+                    }
+                    left = chain - 1 - links(m);
+                    resume = (usize::from(prev[m & W_MASK]), left);
+                    if bound <= limit as isize || left == 0 {
+                        break;
+                    }
+                    (link, long, offset) = (bound as usize + at, on_long, at);
+                    continue;
                 }
+            }
+            link = usize::from(if long { prev_long[link & W_MASK] } else { prev[link & W_MASK] });
+            left -= 1;
+            if left == 0 {
+                if !long {
+                    break;
+                }
+                // As many links followed as zlib had left: back to the scan's chain.
+                (link, left) = resume;
+                (long, offset) = (false, 0);
+                if left == 0 {
+                    break;
+                }
+            }
+            if link <= limit + offset {
+                break;
+            }
+        }
+        (best.len.min(self.lookahead), best.start)
+    }
+
+    /// The candidates zlib looks at (`chain_length`), the position a candidate must lie
+    /// past (`limit`) and the length that ends the search (`nice_match`).
+    fn search_bounds(&self) -> (usize, usize, usize) {
+        let chain = if self.prev_length >= self.cfg.good { self.cfg.chain >> 2 } else { self.cfg.chain };
+        // zlib stops at a match reaching the end of the data; gzip looks on.
+        let nice = if self.flavor == Flavor::Zlib { self.cfg.nice.min(self.lookahead) } else { self.cfg.nice };
+        (chain, self.strstart.saturating_sub(MAX_DIST), nice)
+    }
+
+    /// [`Deflater::longest_match`]'s result as zlib finds it, link by link down the scan's
+    /// chain: the match length and where it starts (the previous start when none beats
+    /// `prev_length`).
+    fn walk(&self, mut cur_match: usize) -> (usize, usize) {
+        let (mut chain_length, limit, nice_match) = self.search_bounds();
+        let (w, scan) = (&self.window, self.strstart);
+        let mut best = Best::new(w, scan, self.prev_length, self.match_start);
+        loop {
+            if best.may_beat(w, scan, cur_match) && best.offer(w, scan, cur_match) && best.len >= nice_match {
+                break;
             }
             cur_match = usize::from(self.prev[cur_match & W_MASK]);
             if cur_match <= limit {
@@ -379,7 +568,7 @@ impl Deflater {
                 break;
             }
         }
-        best_len.min(self.lookahead)
+        (best.len.min(self.lookahead), best.start)
     }
 
     #[inline(always)]
@@ -590,6 +779,77 @@ mod tests {
     fn empty_input_is_zlibs_empty_stream() {
         // zlib's Z_FINISH on nothing: one final fixed block holding only end-of-block.
         assert_eq!(deflate(b"", 6), vec![0x03, 0x00]);
+    }
+
+    /// Words of a small vocabulary, lines and indentation: long hash chains, many matches
+    /// and lazy matches to beat, as in changelogs and manual pages.
+    fn prose(len: usize, seed: u64) -> Vec<u8> {
+        const WORDS: [&str; 24] = [
+            "the",
+            "package",
+            "debian",
+            "fix",
+            "security",
+            "update",
+            "version",
+            "upstream",
+            "new",
+            "release",
+            "for",
+            "in",
+            "of",
+            "to",
+            "and",
+            "changelog",
+            "--",
+            "urgency=medium",
+            "  * ",
+            "\n",
+            "\n\n",
+            "CVE-2024-",
+            "bookworm",
+            "0.1.2",
+        ];
+        let mut x = seed;
+        let mut out = Vec::with_capacity(len + 32);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
+            if !x.is_multiple_of(5) {
+                out.push(b' ');
+            }
+            if x.is_multiple_of(97) {
+                // A repeated run, and digits: short and very long matches.
+                out.extend(std::iter::repeat_n(b'=', (x % 300) as usize));
+                out.extend(format!("{}", x % 100_000).bytes());
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn the_search_finds_what_zlibs_walk_finds() {
+        // `longest_match` asserts, in tests, that the search agrees with zlib's walk at every
+        // call: text with long chains, across the window's slides, at the levels that jump,
+        // for both programs, written whole and in small pieces.
+        for (seed, len) in [(1, 300_000), (2, 70_000), (3, 5_000)] {
+            let data = prose(len, seed);
+            for level in 8..=9 {
+                for flavor in [Flavor::Zlib, Flavor::GnuGzip] {
+                    for piece in [len, 4_096] {
+                        let mut d = Deflater::with_flavor(level, flavor);
+                        data.chunks(piece).for_each(|c| d.write(c));
+                        d.finish();
+                        let mut out = Vec::new();
+                        flate2::read::DeflateDecoder::new(&d.take_output()[..]).read_to_end(&mut out).unwrap();
+                        assert!(out == data, "level {level} {flavor:?} pieces of {piece}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
