@@ -7,6 +7,10 @@
 //! smallest, with zlib's heap-built Huffman trees (ties broken by depth) and its
 //! bit-length overflow repair. The window is managed exactly as zlib does it, stale bytes
 //! included, because at the end of the input matches may be probed beyond the data.
+//!
+//! One part is not zlib's code: at levels 8 and 9, where zlib walks hash chains of up to
+//! 1,024 and 4,096 links, `longest_match` finds the same match by jumping between chains
+//! (`Deflater::search`); levels 1-7 walk as zlib does (`Deflater::walk`).
 
 mod trees;
 
