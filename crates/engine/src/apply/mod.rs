@@ -116,8 +116,9 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
     let pool = workers(jobs)?;
     // Byte-exact encoders (pgzip compresses its blocks in parallel) get a pool of their own,
     // as wide: `--jobs` bounds them too. Not the layers' pool: an encoder waiting there for a
-    // worker held by the patch that feeds it would wait for ever.
-    let encoders = workers(jobs)?;
+    // worker held by the patch that feeds it would wait for ever. Only started when a layer
+    // is re-encoded.
+    let encoders = if options.layers == LayerOutput::Original && delta.plan.layers.iter().any(|l| l.encoding.is_some()) { Some(workers(jobs)?) } else { None };
 
     let target_bytes = |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| t.blob.size);
     // Largest first: with fewer workers than layers, the longest rebuild starts at once
@@ -132,11 +133,22 @@ pub fn apply(source: &ImageRef, delta: &ImageRef, output: &ImageRef, options: &A
         }
     }
     let (sources, preparers) = start_sources(&delta, &source_layout, &source_image, &needed, scratch.path(), options.max_layer_bytes)?;
-    let ctx = Rebuild { delta: &delta, source_layout: &source_layout, source: &source_image, sources: &sources, writer: &writer, options, encoders: &encoders };
+    let ctx = Rebuild {
+        delta: &delta,
+        source_layout: &source_layout,
+        source: &source_image,
+        sources: &sources,
+        writer: &writer,
+        options,
+        encoders: encoders.as_ref(),
+    };
     let tar_limit = |l: &LayerPlan| delta.target.layers.get(l.index as usize).map_or(0, |t| ctx.tar_limit(t));
-    for (layer, end) in pool.install(|| source_extents(&delta, tar_limit)) {
-        if let Some(source) = sources.get(&layer) {
-            source.read_no_further_than(end);
+    // Bounds for the preparers that write something; source layers read in place need none.
+    if preparers.iter().any(Preparer::has_work) {
+        for (layer, end) in pool.install(|| source_extents(&delta, tar_limit)) {
+            if let Some(source) = sources.get(&layer) {
+                source.read_no_further_than(end);
+            }
         }
     }
 
@@ -269,7 +281,7 @@ fn source_extents(delta: &DeltaImage, tar_limit: impl Fn(&LayerPlan) -> u64 + Sy
         .filter(|plan| plan.method == Method::Patch)
         .map(|plan| {
             let what = format!("target layer {}", plan.index);
-            let ends = open_patch(delta, plan, tar_limit(plan), &what).and_then(|(mut records, _)| patch_extents(&mut records));
+            let ends = open_patch(delta, plan, tar_limit(plan), &what).and_then(|(records, _)| patch_extents(&mut records.skip_frames(true)));
             (&plan.source_layers_used[..], ends.ok())
         })
         .collect();
@@ -391,8 +403,9 @@ struct Rebuild<'a> {
     sources: &'a HashMap<u32, SourceLayer>,
     writer: &'a LayoutWriter,
     options: &'a ApplyOptions,
-    /// Where byte-exact encoders run.
-    encoders: &'a rayon::ThreadPool,
+    /// Where byte-exact encoders run: started when a layer plan has an encoding and layers
+    /// are written as the target's.
+    encoders: Option<&'a rayon::ThreadPool>,
 }
 
 impl Rebuild<'_> {
@@ -478,8 +491,8 @@ impl Rebuild<'_> {
         encode: impl FnOnce(&mut dyn Read, &mut dyn Write) -> Result<()> + Send,
         body: impl FnOnce(&mut dyn Write) -> Result<T>,
     ) -> Result<(BlobRef, T)> {
+        let encoders = self.encoders.ok_or_else(|| Error::malformed(what, "re-encoded without an encoder pool"))?;
         let blob = self.writer.blob_limited(target.blob.size, &format!("{what} ({how}), past the target manifest's size"))?;
-        let encoders = self.encoders;
         let encode = move |mut reader: PipeReader| {
             encoders.install(move || {
                 let mut blob = blob;

@@ -13,7 +13,9 @@ use crate::format::lzma::DifferenceStream;
 use crate::format::records::{Record, RecordReader, SourceRange};
 use crate::format::retime::Retimer;
 
-const COPY_BUFFER_BYTES: usize = 1 << 20;
+/// Source bytes copied at a time: big enough that a copy costs few reads, small enough that
+/// a small layer does not pay for a megabyte of fresh pages it never fills.
+const COPY_BUFFER_BYTES: usize = 256 << 10;
 /// Difference chunk bytes decoded at a time (the applier's memory, per layer rebuilt at once).
 const DIFFERENCE_BUFFER_BYTES: usize = 64 << 10;
 

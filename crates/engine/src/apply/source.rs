@@ -318,6 +318,12 @@ pub struct Preparer<'a> {
 }
 
 impl Preparer<'_> {
+    /// Whether preparing writes anything: not for a plain-tar blob with no member to
+    /// inflate, which is read in place and ready as soon as it is opened.
+    pub fn has_work(&self) -> bool {
+        !(matches!(self.input, Some(Input::Tar { .. })) && self.members.is_empty())
+    }
+
     /// Writes the layer, publishing what can be read as it goes. Returns early, without
     /// error, when the rebuild gives up ([`SourceLayer::cancel`]).
     pub fn run(mut self, permits: &Permits) -> Result<()> {
@@ -450,13 +456,15 @@ impl Drop for Permit<'_> {
 /// Source layers being prepared on threads of their own (see [`prepare`]).
 #[derive(Debug)]
 pub struct Preparing<'scope> {
+    /// What the preparers run at once returned.
+    done: Result<()>,
     threads: Vec<ScopedJoinHandle<'scope, Result<()>>>,
 }
 
 impl Preparing<'_> {
     /// Waits for every preparer; the first error, if any.
     pub fn join(self) -> Result<()> {
-        let mut first = Ok(());
+        let mut first = self.done;
         for t in self.threads {
             let r = t.join().unwrap_or_else(|_| Err(Error::malformed("source layers", "a thread preparing them panicked")));
             if first.is_ok() {
@@ -469,9 +477,13 @@ impl Preparing<'_> {
 
 /// Runs `preparers`, each on a thread of `scope`, with `jobs` [`Permits`] among them. The
 /// first `jobs` start at once; the others wait for their first reader.
+/// A preparer with nothing to write ([`Preparer::has_work`]) is run at once, on this thread.
 pub fn prepare<'scope, 'env: 'scope>(scope: &'scope Scope<'scope, 'env>, preparers: Vec<Preparer<'env>>, jobs: usize) -> Preparing<'scope> {
     let permits = Arc::new(Permits::new(jobs));
-    let threads = preparers
+    let (busy, idle): (Vec<_>, Vec<_>) = preparers.into_iter().partition(Preparer::has_work);
+    // Each runs, whatever another returned: a layer never prepared would keep its readers waiting.
+    let done = idle.into_iter().map(|p| p.run(&permits)).fold(Ok(()), Result::and);
+    let threads = busy
         .into_iter()
         .enumerate()
         .map(|(i, p)| {
@@ -482,7 +494,7 @@ pub fn prepare<'scope, 'env: 'scope>(scope: &'scope Scope<'scope, 'env>, prepare
             scope.spawn(move || p.run(&permits))
         })
         .collect();
-    Preparing { threads }
+    Preparing { done, threads }
 }
 
 /// The spans of `members` (in order, not overlapping), each ending at most `limit` bytes
@@ -680,6 +692,28 @@ mod tests {
         p.run(&Permits::new(1)).unwrap();
         assert_eq!(v.prepared_len(), None, "stopped before the end");
         assert!(v.read_at(tar.len() as u64 - 1, &mut [0; 1]).unwrap_err().to_string().contains("could not be prepared"));
+    }
+
+    #[test]
+    fn a_plain_tar_with_nothing_to_inflate_is_ready_without_a_thread() {
+        let tar = text(3, 100_000);
+        let (plain, members, _) = layer(&[(text(4, 5000), false), (text(5, 3000), true)]);
+        let dir = tempfile::tempdir().unwrap();
+        let (v, p) = start_blob(blob(dir.path(), &tar, Compression::None), Compression::None, "l".into(), 0, dir.path(), u64::MAX, &[]).unwrap();
+        assert!(!p.has_work());
+        for (compression, listed) in [(Compression::Gzip, &[][..]), (Compression::None, &members[..])] {
+            let (_, other) = start_blob(blob(dir.path(), &plain, compression), compression, "m".into(), 1, dir.path(), u64::MAX, listed).unwrap();
+            assert!(other.has_work(), "{compression:?}, {} members", listed.len());
+        }
+        std::thread::scope(|scope| {
+            let preparing = prepare(scope, vec![p], 1);
+            // Ready when `prepare` returns: it ran here, not on a thread still to be scheduled.
+            assert_eq!(v.prepared_len(), Some(tar.len() as u64));
+            preparing.join().unwrap();
+        });
+        let mut buf = [0u8; 10];
+        v.read_at(tar.len() as u64 - 10, &mut buf).unwrap();
+        assert_eq!(buf, tar[tar.len() - 10..]);
     }
 
     #[test]

@@ -213,6 +213,7 @@ pub struct RecordReader<R: Read> {
     retimed_allowed: bool,
     add_allowed: bool,
     differences_allowed: bool,
+    skip_frames: bool,
 }
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -244,7 +245,16 @@ impl<R: Read> RecordReader<R> {
             retimed_allowed: false,
             add_allowed: false,
             differences_allowed: false,
+            skip_frames: false,
         })
+    }
+
+    /// Reads past the frames of chunks and difference chunks rather than into memory: their
+    /// records come with an empty `frame`. For a scan of what a patch reads, which needs no
+    /// frame, at the cost of a small buffer instead of one allocation per chunk.
+    pub fn skip_frames(mut self, skip: bool) -> Self {
+        self.skip_frames = skip;
+        self
     }
 
     /// Accepts `RETIMED` records, which a delta may use only when it declares
@@ -317,8 +327,15 @@ impl<R: Read> RecordReader<R> {
             return Err(bad(format!("a {what} frame of {frame_len} bytes for {raw_len} bytes, more than zstd's bound of {frame_limit}")));
         }
         let mut frame = Vec::new();
-        (&mut self.input).take(frame_len).read_to_end(&mut frame).map_err(|e| Error::io("reading patch", e))?;
-        if frame.len() as u64 != frame_len {
+        let mut input = (&mut self.input).take(frame_len);
+        let read = if self.skip_frames {
+            io::copy(&mut input, &mut io::sink())
+        } else {
+            // Bounded by the checks above; allocated whole, not grown as it is read.
+            frame.reserve_exact(frame_len as usize);
+            input.read_to_end(&mut frame).map(|n| n as u64)
+        };
+        if read.map_err(|e| Error::io("reading patch", e))? != frame_len {
             return Err(bad(format!("truncated {what} frame")));
         }
         Ok((raw_len, frame))
@@ -530,6 +547,25 @@ mod tests {
                 return Ok(out);
             }
         }
+    }
+
+    #[test]
+    fn skipped_frames_read_as_empty_and_a_truncated_one_still_fails() {
+        let (h, recs) = sample();
+        let bytes = encode(h, &recs);
+        let mut r = RecordReader::new(&bytes[..], u64::MAX).unwrap().allow_retimed(true).allow_add(true).skip_frames(true);
+        for expected in &recs {
+            let expected = match expected.clone() {
+                Record::Chunk { prefix, raw_len, .. } => Record::Chunk { prefix, raw_len, frame: Vec::new() },
+                other => other,
+            };
+            assert_eq!(r.next_record().unwrap(), expected);
+        }
+        // Cut inside the chunk's 3-byte frame.
+        let frame_end = bytes.windows(3).position(|w| w == [1, 2, 3]).unwrap() + 3;
+        let mut r = RecordReader::new(&bytes[..frame_end - 1], u64::MAX).unwrap().allow_retimed(true).allow_add(true).skip_frames(true);
+        let err = (0..3).map(|_| r.next_record()).find_map(Result::err).unwrap();
+        assert!(err.to_string().contains("truncated chunk frame"), "{err}");
     }
 
     #[test]

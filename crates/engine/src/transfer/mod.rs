@@ -61,7 +61,8 @@ const MAX_ENGINE_LAYER_BYTES: u64 = 64 << 30;
 /// (removed on drop) where registry and engine images are staged.
 #[derive(Debug)]
 pub struct Transfer {
-    runtime: tokio::runtime::Runtime,
+    /// Started on first use: a transfer between local layouts never needs one.
+    runtime: OnceLock<tokio::runtime::Runtime>,
     client: Client,
     scratch: OnceLock<ScratchDir>,
     counter: AtomicUsize,
@@ -77,10 +78,9 @@ pub const SCRATCH_PREFIX: &str = "fleetdelta-scratch-";
 impl Transfer {
     /// A transfer with these client options.
     pub fn new(options: ClientOptions) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().ctx(|| "starting the async runtime".into())?;
         let engine_host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| DEFAULT_ENGINE_HOST.to_string());
         Ok(Transfer {
-            runtime,
+            runtime: OnceLock::new(),
             client: Client::new(options)?,
             scratch: OnceLock::new(),
             counter: AtomicUsize::new(0),
@@ -105,7 +105,7 @@ impl Transfer {
         if let Some(engine) = self.engine.get() {
             return Ok(engine);
         }
-        let engine = Engine::connect(&self.engine_host, self.runtime.handle().clone())?;
+        let engine = Engine::connect(&self.engine_host, self.runtime()?.handle().clone())?;
         Ok(self.engine.get_or_init(|| engine))
     }
 
@@ -114,9 +114,19 @@ impl Transfer {
         &self.client
     }
 
-    /// Runs a future of the registry API to completion.
-    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
+    /// Runs a future of the registry API to completion; fails if the async runtime cannot
+    /// be started.
+    pub fn block_on<T, E: From<Error>>(&self, future: impl std::future::Future<Output = std::result::Result<T, E>>) -> std::result::Result<T, E> {
+        self.runtime()?.block_on(future)
+    }
+
+    /// The async runtime, started on first use.
+    fn runtime(&self) -> Result<&tokio::runtime::Runtime> {
+        if let Some(runtime) = self.runtime.get() {
+            return Ok(runtime);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().ctx(|| "starting the async runtime".into())?;
+        Ok(self.runtime.get_or_init(|| runtime))
     }
 
     fn scratch(&self) -> Result<PathBuf> {
@@ -281,5 +291,20 @@ impl Transfer {
         let layout = Layout::open(&dir)?;
         let pushed = self.block_on(push_image(&self.client, &layout, Some("copy"), to, same_registry.then_some(from.repository.as_str()), progress))?;
         Ok(CopyReport { manifest: Some(manifest.digest), fetched: Some(fetched), pushed: Some(pushed), loaded: None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_async_runtime_starts_only_when_a_future_is_run() {
+        let transfer = Transfer::new(ClientOptions::default()).unwrap();
+        let local = ImageRef::parse("oci:/nonexistent/layout").unwrap();
+        assert_eq!(transfer.localize(&local, &crate::progress::Silent).unwrap().0.to_string(), local.to_string());
+        assert!(transfer.runtime.get().is_none(), "a local transfer started the runtime");
+        assert_eq!(transfer.block_on(async { Ok::<_, Error>(7) }).unwrap(), 7);
+        assert!(transfer.runtime.get().is_some());
     }
 }
